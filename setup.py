@@ -1,0 +1,35 @@
+"""Install minift; the top-level kernels/ folder ships as the subpackage minift.kernels."""
+from setuptools import setup
+
+setup(
+    name="minift",
+    version="0.1.0",
+    description="Fine-tune Llama-family models three ways (full, LoRA, QLoRA) with an honest account of memory.",
+    python_requires=">=3.10",
+    packages=["minift", "minift.kernels"],
+    # A top-level `kernels` package would clash with an existing PyPI distribution.
+    package_dir={"minift": "minift", "minift.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.2",
+        "triton>=3.0; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "jinja2>=3.1",
+    ],
+    extras_require={
+        # transformers, peft, bitsandbytes and torchao are test oracles only; minift never imports them.
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6.100",
+            "transformers>=4.45",
+            "peft>=0.13",
+            "bitsandbytes>=0.46",
+            "torchao>=0.10",
+            "matplotlib>=3.7",
+        ],
+        "plot": ["matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["minift=minift.__main__:main"]},
+)

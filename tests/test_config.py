@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from minift.config import PRESETS, ModelConfig
+
+
+@pytest.mark.parametrize("name,billions", [
+    ("llama-2-7b", 6.74), ("llama-2-13b", 13.02), ("llama-3-8b", 8.03), ("llama-3.2-1b", 1.24),
+    ("mistral-7b", 7.24), ("qwen2-7b", 7.62), ("qwen2.5-0.5b", 0.49), ("llama-2-70b", 68.98),
+])
+def test_preset_parameter_counts_match_published_sizes(name, billions):
+    # Published sizes of each checkpoint, to the stated precision.
+    assert ModelConfig.from_name(name).num_parameters() / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ValueError, match="known presets: .*llama-3-8b"):
+        ModelConfig.from_name("llama-9-1b")
+
+
+def test_hf_round_trip(tmp_path):
+    cfg = ModelConfig.from_name("llama-3.2-1b")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_hf_dict()))
+    again = ModelConfig.from_json(tmp_path)
+    assert again == cfg
+    assert json.loads(path.read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_bad_config_errors_name_file_and_key(tmp_path):
+    d = ModelConfig.from_name("tiny").to_hf_dict()
+    d["model_type"] = "gpt2"
+    with pytest.raises(ValueError, match="unsupported architecture.*supported model types: llama"):
+        ModelConfig.from_hf_dict(d, source="x/config.json")
+    d = ModelConfig.from_name("tiny").to_hf_dict()
+    del d["hidden_size"]
+    with pytest.raises(ValueError, match="x/config.json: missing required key 'hidden_size'"):
+        ModelConfig.from_hf_dict(d, source="x/config.json")
+    d = ModelConfig.from_name("tiny").to_hf_dict()
+    d["num_key_value_heads"] = 3
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        ModelConfig.from_hf_dict(d)
+    (tmp_path / "config.json").write_text("{\n  \"a\": 1,\n  oops\n}")
+    with pytest.raises(ValueError, match="line 3"):
+        ModelConfig.from_json(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        ModelConfig.from_json(tmp_path / "missing")
+
+
+def test_all_presets_valid():
+    for name in PRESETS:
+        cfg = ModelConfig.from_name(name)
+        assert cfg.hidden_size > 0 and cfg.num_attention_heads % cfg.num_key_value_heads == 0
