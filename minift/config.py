@@ -119,6 +119,7 @@ class ModelConfig:
         for key in required:
             if key not in d:
                 raise ValueError(f"{source}: missing required key {key!r}")
+        d = _legacy_rope_fields(d)
         kwargs = {k: v for k, v in d.items() if k in names}
         if model_type == "qwen2" and "attention_bias" not in d:
             kwargs["attention_bias"] = True  # Qwen2 always has q/k/v biases
@@ -160,6 +161,20 @@ class ModelConfig:
 
 
 LlamaConfig = ModelConfig
+
+
+def _legacy_rope_fields(d: dict) -> dict:
+    """Map a `rope_parameters` block (transformers >= 5 writes it) onto rope_theta/rope_scaling."""
+    params = d.get("rope_parameters")
+    if not isinstance(params, dict):
+        return d
+    d = {k: v for k, v in d.items() if k != "rope_parameters"}
+    if "rope_theta" in params:
+        d["rope_theta"] = params["rope_theta"]
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        d["rope_scaling"] = scaling
+    return d
 
 _LLAMA3_ROPE_32 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

@@ -52,3 +52,19 @@ def test_all_presets_valid():
     for name in PRESETS:
         cfg = ModelConfig.from_name(name)
         assert cfg.hidden_size > 0 and cfg.num_attention_heads % cfg.num_key_value_heads == 0
+
+
+def test_rope_parameters_block_maps_to_rope_fields():
+    # transformers >= 5 writes rope settings as one "rope_parameters" object.
+    d = ModelConfig.from_name("tiny").to_hf_dict()
+    del d["rope_theta"], d["rope_scaling"]
+    d["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0
+    assert "rope_parameters" not in cfg.extra
+    d["rope_parameters"] = {"rope_theta": 1e6, "rope_type": "default"}
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.rope_theta == 1e6 and cfg.rope_scaling is None

@@ -1,0 +1,287 @@
+"""A Llama-family decoder in plain PyTorch (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5).
+
+Module and parameter names equal the Hugging Face ones (`model.layers.0.self_attn.q_proj.weight`,
+`lm_head.weight`), so checkpoints and adapters map one-to-one without conversion tables. The
+numerics follow the reference implementation step by step (RMSNorm in float32, cos/sin computed
+in float32 and cast to the activation dtype) so logits agree to float rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minift.config import ModelConfig
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class KVCache:
+    """Keys and values of earlier positions, one (k, v) pair per decoder layer.
+
+    Each tensor is (B, n_kv_heads, T_past, head_dim), stored after RoPE; a forward call with this
+    cache appends its new positions by concatenation. Generation creates one per call.
+    """
+
+    def __init__(self, num_layers: int):
+        self.layers: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        first = self.layers[0]
+        return 0 if first is None else first[0].shape[2]
+
+    def update(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past = self.layers[index]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        self.layers[index] = (k, v)
+        return k, v
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the scale, as the reference does, so bf16
+        # models round the same way.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) in float32, with the config's rope_scaling applied."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ValueError(f"config field 'rope_scaling': unsupported rope_type {rope_type!r}; "
+                     f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between the
+    # two wavelength cut-offs is interpolated smoothly.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, T, head_dim) for the given positions, cast to `dtype`."""
+    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, bias = config.hidden_size, config.attention_bias
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(h, config.q_size, bias=bias)
+        self.k_proj = nn.Linear(h, config.kv_size, bias=bias)
+        self.v_proj = nn.Linear(h, config.kv_size, bias=bias)
+        # Qwen2 puts a bias on q/k/v only; Llama's attention_bias covers o_proj as well.
+        self.o_proj = nn.Linear(config.q_size, h, bias=bias and config.model_type != "qwen2")
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer_index=0):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_index, k, v)  # (B, KV, T_past + T, D)
+        gqa = self.n_kv != self.n_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer_index=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack; named `model` inside `Llama` to match the checkpoint keys."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def sliding_window(config: ModelConfig) -> Optional[int]:
+    """The attention window in tokens, or None when every earlier token is visible."""
+    uses_window = config.model_type == "mistral" or config.extra.get("use_sliding_window", False)
+    return config.sliding_window if uses_window else None
+
+
+def attention_mask_4d(q_pos, k_pos, key_valid=None, q_seg=None, k_seg=None, window=None):
+    """Boolean mask (B, 1, Tq, Tk): True where a query may attend to a key.
+
+    Args are index tensors: q_pos (Tq,), k_pos (Tk,) absolute cache positions; key_valid (B, Tk)
+    bool; q_seg (B, Tq), k_seg (B, Tk) packed-sample ids (0 = padding).
+    """
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk) causal
+    if window is not None:
+        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+    allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    if q_seg is not None:
+        same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)  # (B, Tq, Tk)
+        allowed = allowed & same[:, None]
+    # A padding query may see no key at all; letting it see itself keeps softmax finite (its
+    # output is never used).
+    return allowed | (k_pos[None, :] == q_pos[:, None])[None, None]
+
+
+class Llama(nn.Module):
+    """Llama-family causal language model returning logits (B, T, vocab_size).
+
+    Args:
+        config: the architecture; see `minift.config.ModelConfig`.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        rope_inv_freq(config, device="meta")  # reject unsupported rope_scaling early
+        self.config = config
+        self.gradient_checkpointing = False
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Small normal init as in the reference, so a fresh model produces sane logits.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Point lm_head at the embedding again (after the embedding Parameter was replaced)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        # Kept out of the module's buffers so that model.to(bfloat16) cannot round it.
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.config, device)
+        return self._inv_freq[device]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) in the compute dtype.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T_past + T) with 1 for tokens and 0 for padding.
+            position_ids: (B, T) RoPE positions; default T_past + arange(T).
+            segment_ids: (B, T) packed-sample ids (> 0), 0 for padding; tokens attend only within
+                their own sample. Not combinable with `kv_cache`.
+            kv_cache: a `KVCache` extended in place with this call's keys and values.
+        """
+        past = kv_cache.length if kv_cache is not None else 0
+        self._check_inputs(input_ids, attention_mask, position_ids, segment_ids, kv_cache, past)
+        b, t = input_ids.shape
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=device).expand(b, t)
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        cos, sin = rope_cos_sin(self.inv_freq(device), position_ids, x.dtype)
+        mask = self._mask(t, past, attention_mask, segment_ids, device)
+        checkpointing = self.gradient_checkpointing and self.training and kv_cache is None
+        for i, layer in enumerate(self.model.layers):
+            if checkpointing:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, i)
+        return self.lm_head(self.model.norm(x))
+
+    def _mask(self, t, past, attention_mask, segment_ids, device):
+        window = sliding_window(self.config)
+        if window is not None and past + t <= window:
+            window = None  # the window cannot cut anything yet
+        if attention_mask is None and segment_ids is None and window is None and past == 0:
+            return None  # plain causal: SDPA's fused is_causal path
+        k_pos = torch.arange(past + t, device=device)
+        key_valid = attention_mask.bool() if attention_mask is not None else None
+        return attention_mask_4d(k_pos[past:], k_pos, key_valid, segment_ids, segment_ids, window)
+
+    def _check_inputs(self, input_ids, attention_mask, position_ids, segment_ids, kv_cache, past):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, past + t):
+            raise ValueError(f"attention_mask must have shape {(b, past + t)} (batch, cached + new "
+                             f"tokens), got {tuple(attention_mask.shape)}")
+        for name, value in (("position_ids", position_ids), ("segment_ids", segment_ids)):
+            if value is not None and tuple(value.shape) != (b, t):
+                raise ValueError(f"{name} must have the shape of input_ids {(b, t)}, "
+                                 f"got {tuple(value.shape)}")
+        if segment_ids is not None and kv_cache is not None:
+            raise ValueError("segment_ids (packed samples) cannot be combined with kv_cache")

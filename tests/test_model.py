@@ -1,0 +1,170 @@
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings, strategies as st
+
+import minift.model as model_mod
+from minift.config import ModelConfig
+from minift.model import KVCache, Llama, rope_inv_freq
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4)
+LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+# One small random config per family; the Llama 3.2-like one scales RoPE (the short original
+# length makes the scaling change most frequencies) and ties embeddings; the Mistral one has a
+# sliding window shorter than the test sequences.
+FAMILIES = {
+    "llama2": (transformers.LlamaConfig, dict(num_key_value_heads=4, rms_norm_eps=1e-5)),
+    "llama3.2": (transformers.LlamaConfig, dict(num_key_value_heads=2, head_dim=16,
+                                                tie_word_embeddings=True, rope_theta=500000.0,
+                                                rope_scaling=LLAMA3_ROPE)),
+    "mistral": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=6)),
+    "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=2)),
+}
+
+
+def hf_model(family):
+    cls, kw = FAMILIES[family]
+    config = cls(**BASE, **kw, attn_implementation="sdpa")
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def minift_from_hf(hf):
+    model = Llama(ModelConfig.from_hf_dict(hf.config.to_dict()))
+    model.load_state_dict(hf.state_dict(), strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_match_transformers(family):
+    hf = hf_model(family)
+    model = minift_from_hf(hf)
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0  # right padding in row 1
+    with torch.no_grad():
+        diff = (hf(ids).logits - model(ids)).abs().max().item()
+        padded_hf = hf(ids, attention_mask=mask).logits
+        padded = model(ids, attention_mask=mask)
+    assert diff <= 1e-4
+    keep = mask.bool()
+    assert (padded_hf[keep] - padded[keep]).abs().max().item() <= 1e-4
+    # Padding changed nothing for the real tokens of the padded row.
+    assert torch.allclose(padded[1, :7], model(ids[1:, :7])[0], atol=1e-5)
+
+
+def test_parameter_names_are_hf_names():
+    hf = hf_model("qwen2")
+    model = minift_from_hf(hf)
+    assert set(model.state_dict()) == set(hf.state_dict())
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    assert model.model.layers[0].self_attn.o_proj.bias is None
+
+
+def test_tied_embeddings_share_storage():
+    model = minift_from_hf(hf_model("llama3.2"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    names = [n for n, _ in model.named_parameters()]
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+
+
+def test_llama3_rope_scaling_changes_low_frequencies_only():
+    cfg = ModelConfig(**BASE, head_dim=16, rope_theta=500000.0)
+    plain = rope_inv_freq(cfg)
+    # Wavelengths 2*pi*500000**(2i/16): 6.3, 32.4, 167, ... ; cut-offs 64/4 = 16 and 64/1 = 64.
+    cfg.rope_scaling = dict(LLAMA3_ROPE, original_max_position_embeddings=64)
+    scaled = rope_inv_freq(cfg)
+    assert scaled[0] == plain[0]  # short wavelength: untouched
+    assert plain[1] / 32 < scaled[1] < plain[1]  # between the cut-offs: interpolated
+    assert torch.allclose(scaled[2:], plain[2:] / 32)  # long wavelengths: divided by factor
+    cfg.rope_scaling = {"rope_type": "linear", "factor": 4.0}
+    assert torch.allclose(rope_inv_freq(cfg), plain / 4)
+
+
+def test_unsupported_rope_type_lists_supported():
+    cfg = ModelConfig(**BASE, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="rope_type 'yarn'; supported: default, linear, llama3"):
+        Llama(cfg)
+
+
+@settings(max_examples=10, deadline=None)
+@given(lengths=st.lists(st.integers(1, 6), min_size=1, max_size=3), pad=st.integers(0, 3))
+def test_packed_samples_equal_separate_runs(lengths, pad):
+    torch.manual_seed(0)
+    model = Llama(ModelConfig.from_name("tiny")).eval()
+    samples = [torch.randint(0, 256, (n,)) for n in lengths]
+    ids = torch.cat(samples + [torch.zeros(pad, dtype=torch.long)])[None]
+    seg = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)]
+                    + [torch.zeros(pad, dtype=torch.long)])[None]
+    pos = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(pad, dtype=torch.long)])[None]
+    with torch.no_grad():
+        packed = model(ids, position_ids=pos, segment_ids=seg, attention_mask=(seg > 0).long())
+        start = 0
+        for s in samples:
+            alone = model(s[None])
+            assert torch.allclose(packed[0, start:start + len(s)], alone[0], atol=1e-5)
+            start += len(s)
+    assert torch.isfinite(packed).all()  # padding rows stay finite
+
+
+def test_kv_cache_steps_equal_full_forward():
+    model = minift_from_hf(hf_model("mistral"))  # window 6 < 14 tokens: the cache must honour it
+    ids = torch.randint(0, 128, (2, 14))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(len(model.model.layers))
+        parts = [model(ids[:, :5], kv_cache=cache)]
+        for t in range(5, 14):
+            parts.append(model(ids[:, t:t + 1], kv_cache=cache))
+    assert cache.length == 14
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+def test_gradient_checkpointing_same_grads_and_used(monkeypatch):
+    model = Llama(ModelConfig.from_name("tiny")).train()
+    ids = torch.randint(0, 256, (2, 8))
+    model(ids).float().logsumexp(-1).mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    calls = []
+    real = model_mod.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(model_mod, "checkpoint", counting)
+    model.gradient_checkpointing = True
+    model(ids).float().logsumexp(-1).mean().backward()
+    assert calls == [False, False]  # one non-reentrant checkpoint per decoder layer
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[n], atol=1e-6), n
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert calls == []  # inference never recomputes
+
+
+def test_bf16_matches_transformers_bf16():
+    hf = hf_model("llama2").to(torch.bfloat16)
+    model = minift_from_hf(hf).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        ours, ref = model(ids), hf(ids).logits
+    assert ours.dtype == torch.bfloat16
+    assert (ours.float() - ref.float()).abs().max().item() <= 1e-2
+
+
+def test_bad_shapes_name_the_argument():
+    model = Llama(ModelConfig.from_name("tiny"))
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 5\)"):
+        model(ids, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="segment_ids must have the shape of input_ids"):
+        model(ids, segment_ids=torch.ones(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq_len\)"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="segment_ids .* cannot be combined with kv_cache"):
+        model(ids, segment_ids=torch.ones(2, 5, dtype=torch.long), kv_cache=KVCache(2))
