@@ -1,0 +1,311 @@
+"""Training checkpoints: atomic on disk, resumable bit for bit, pickle-free.
+
+A checkpoint is a directory ``<output_dir>/step-N`` holding
+
+    model.safetensors       adapter tensors (lora/qlora) or the whole state dict (full)
+    optimizer.safetensors   every tensor of ``optimizer.state_dict()["state"]``
+    optimizer.json          the rest of the optimizer state (scalars, param_groups)
+    rng.safetensors         torch CPU (and CUDA) generator states
+    trainer_state.json      step, data position, counters, config, model fingerprint, python/numpy RNG
+    manifest.json           file names and byte sizes; written last, it marks the checkpoint complete
+
+It is first written into ``<output_dir>/.tmp-step-N``, every file is fsync'ed, and only then the
+directory is renamed to ``step-N``. A crash mid-save leaves a ``.tmp-`` directory (never read,
+removed on the next save) or a directory without a valid manifest (never taken for a checkpoint).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ---- what goes into a checkpoint ---------------------------------------------------------
+def model_fingerprint(model: torch.nn.Module) -> dict:
+    """Parameter name -> shape, for telling whether a checkpoint belongs to this model."""
+    return {name: list(p.shape) for name, p in model.named_parameters()}
+
+
+def data_fingerprint(examples) -> dict:
+    """Count and hash of tokenized examples, so a resume can tell that the data is the same."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.asarray(ex["input_ids"], dtype=np.int64).tobytes())
+        h.update(np.asarray(ex["labels"], dtype=np.int64).tobytes())
+    return {"examples": len(examples), "sha256": h.hexdigest()}
+
+
+def _model_tensors(model: torch.nn.Module, method: str) -> tuple[dict, dict]:
+    """Tensors to save, plus aliases (name -> saved name) for tensors shared with another name."""
+    if method in ("lora", "qlora"):
+        from minift.lora import lora_state_dict
+
+        state = lora_state_dict(model)
+    else:
+        state = model.state_dict()
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in state.items():
+        # Tied weights (lm_head / embed_tokens) share storage; safetensors refuses duplicates.
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def _load_model_tensors(model, tensors: dict, aliases: dict, path: Path) -> None:
+    for alias, name in aliases.items():
+        tensors[alias] = tensors[name]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ValueError(f"{path}: checkpoint has tensors the model lacks: {', '.join(unexpected[:5])}")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    absent = [n for n in trainable if n not in tensors]
+    if absent:
+        raise ValueError(f"{path}: checkpoint lacks trainable parameters: {', '.join(absent[:5])}")
+
+
+def _split_optimizer_state(sd: dict) -> tuple[dict, dict]:
+    """optimizer.state_dict() -> (tensors for safetensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for idx, pstate in sd["state"].items():
+        rest = {}
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}/{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                rest[key] = _jsonable(value, f"optimizer state[{idx}][{key!r}]")
+        scalars[str(idx)] = rest
+    groups = [_jsonable(g, f"optimizer param_groups[{i}]") for i, g in enumerate(sd["param_groups"])]
+    return tensors, {"state": scalars, "param_groups": groups}
+
+
+def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
+    state = {int(idx): dict(rest) for idx, rest in meta["state"].items()}
+    for name, t in tensors.items():
+        idx, key = name.split("/", 1)
+        state.setdefault(int(idx), {})[key] = t
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _jsonable(value, where: str):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise TypeError(f"{where}: cannot store a {type(value).__name__} in a checkpoint")
+
+
+def rng_state() -> tuple[dict, dict]:
+    """All global RNG states: (tensors, JSON-able)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---- atomic writing ----------------------------------------------------------------------
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def clean_incomplete(output_dir) -> list[str]:
+    """Remove ``.tmp-step-*`` leftovers of interrupted saves; returns what was removed."""
+    root = Path(output_dir)
+    removed = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            if entry.is_dir() and entry.name.startswith((".tmp-step-", ".old-step-")):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(str(entry))
+    return removed
+
+
+def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, trainer_state: dict,
+                    keep_last: Optional[int] = None, rng: Optional[tuple] = None) -> str:
+    """Write ``<output_dir>/step-<step>`` atomically and prune to the last `keep_last`.
+
+    Args:
+        output_dir: run directory.
+        step: optimizer steps completed.
+        model: the model being trained.
+        optimizer: its optimizer.
+        method: "full" (whole state dict) or "lora"/"qlora" (adapter tensors only).
+        trainer_state: JSON-able loop state (data position, counters, config, ...).
+        keep_last: keep only this many newest checkpoints (None keeps all).
+        rng: (tensors, meta) from `rng_state()` taken earlier; default: the RNG states now.
+
+    Returns:
+        The checkpoint directory.
+    """
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    clean_incomplete(root)
+    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    tmp.mkdir()
+    model_tensors, aliases = _model_tensors(model, method)
+    save_file(model_tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
+    opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    _write_json(tmp / "optimizer.json", opt_meta)
+    rng_tensors, rng_meta = rng if rng is not None else rng_state()
+    save_file(rng_tensors, tmp / "rng.safetensors")
+    state = dict(trainer_state, step=step, method=method, rng=rng_meta,
+                 fingerprint=model_fingerprint(model), format_version=FORMAT_VERSION)
+    _write_json(tmp / "trainer_state.json", state)
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync_path(tmp / name)
+    _write_json(tmp / MANIFEST, {"step": step, "files": {n: (tmp / n).stat().st_size for n in files}})
+    _fsync_path(tmp)
+    if final.exists():  # saving the same step again (e.g. after a resume): swap, then drop the old
+        old = root / f".old-step-{step}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_path(root)
+    if keep_last:
+        for _, path in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    return str(final)
+
+
+# ---- finding and reading -----------------------------------------------------------------
+def is_complete(path) -> bool:
+    """True when `path` has a manifest and every file it lists, at the listed size."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all((path / n).is_file() and (path / n).stat().st_size == size
+                   for n, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def list_checkpoints(output_dir) -> list[tuple[int, str]]:
+    """Complete checkpoints under `output_dir` as (step, path), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir() and is_complete(entry):
+            found.append((int(match.group(1)), str(entry)))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir) -> Optional[str]:
+    """The newest complete checkpoint under `output_dir`, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(spec: str, output_dir) -> str:
+    """Turn ``resume_from`` ("latest" or a path) into a complete checkpoint directory."""
+    if spec == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            raise FileNotFoundError(f"resume_from='latest': no complete checkpoint in {output_dir}")
+        return path
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from: checkpoint directory {spec} does not exist")
+    if not is_complete(path):
+        # A run directory rather than a checkpoint: take its newest checkpoint.
+        inner = latest_checkpoint(path)
+        if inner is None:
+            raise ValueError(f"resume_from: {spec} is not a complete checkpoint (no valid {MANIFEST})")
+        return inner
+    return str(path)
+
+
+def read_trainer_state(path) -> dict:
+    return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
+def check_compatible(state: dict, path, *, method: str, model, config: dict, fields=()) -> None:
+    """Raise ValueError naming what differs between a checkpoint and the run resuming it."""
+    if state.get("method") != method:
+        raise ValueError(f"{path}: checkpoint was trained with method {state.get('method')!r}, "
+                         f"this run uses method {method!r}")
+    saved, now = state.get("fingerprint", {}), model_fingerprint(model)
+    diffs = [f"{n}: missing from the model" for n in saved if n not in now]
+    diffs += [f"{n}: not in the checkpoint" for n in now if n not in saved]
+    diffs += [f"{n}: shape {saved[n]} in the checkpoint, {now[n]} in the model"
+              for n in saved if n in now and saved[n] != now[n]]
+    if diffs:
+        raise ValueError(f"{path}: checkpoint is for a different model "
+                         f"({len(diffs)} parameter(s) differ): " + "; ".join(diffs[:3]))
+    old = state.get("config", {})
+    changed = [f"{f} ({old.get(f)!r} -> {config.get(f)!r})" for f in fields if old.get(f) != config.get(f)]
+    if changed:
+        raise ValueError(f"{path}: resuming needs the same data order; changed: {', '.join(changed)}")
+
+
+def load_checkpoint(path, *, model, optimizer) -> dict:
+    """Restore model tensors, optimizer state and RNG states; return the trainer state dict."""
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"{path}: not a complete checkpoint (missing or invalid {MANIFEST})")
+    state = read_trainer_state(path)
+    tensors = load_file(path / "model.safetensors", device="cpu")
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    _load_model_tensors(model, tensors, aliases, path)
+    opt_meta = json.loads((path / "optimizer.json").read_text())
+    opt_state = _join_optimizer_state(load_file(path / "optimizer.safetensors", device="cpu"), opt_meta)
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path}: optimizer state does not fit this optimizer: {e}") from e
+    set_rng_state(load_file(path / "rng.safetensors", device="cpu"), state["rng"])
+    return state

@@ -1,0 +1,493 @@
+"""The training loop: one function, `train`, driven by one flat dataclass, `TrainConfig`.
+
+The model arrives prepared (full, LoRA-wrapped, or NF4-quantized + LoRA-wrapped); the loop only
+trains whatever has ``requires_grad``. One optimizer step = up to ``grad_accum`` micro-batches
+whose summed token losses are divided by the number of trained tokens of the whole step, so the
+gradient does not depend on how a step is split into micro-batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from minift import checkpoint as ckpt
+from minift.schedule import SCHEDULES, Schedule
+
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+BATCHING = ("bucket", "pack")
+# Fields that fix which micro-batches make up step N; a resumed run must keep them.
+DATA_ORDER_FIELDS = ("micro_batch_size", "grad_accum", "batching", "seed", "max_length", "pad_id")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs to know. Flat, with defaults; checked on construction.
+
+    | field | default | meaning |
+    |---|---|---|
+    | method | "lora" | "full", "lora" or "qlora": what the checkpoints hold; recorded in summaries |
+    | learning_rate | 2e-4 | peak learning rate (> 0) |
+    | warmup_ratio | 0.03 | fraction of the steps with linear warm-up, in [0, 1) |
+    | lr_scheduler | "cosine" | decay after warm-up: "cosine", "linear" or "constant" |
+    | epochs | 1 | passes over train_data (ignored when max_steps is set) |
+    | max_steps | None | optimizer steps to run; None = as many as `epochs` take |
+    | micro_batch_size | 4 | examples per forward/backward |
+    | grad_accum | 1 | micro-batches per optimizer step |
+    | max_grad_norm | 1.0 | clip the global gradient norm to this; None = no clipping |
+    | bf16 | True | run forward/backward under bf16 autocast (CPU and CUDA) |
+    | gradient_checkpointing | False | recompute each decoder layer in backward |
+    | optimizer | "adamw" | "adamw" (torch), "adamw8bit" or "paged_adamw8bit" (minift.optim) |
+    | weight_decay | 0.0 | decoupled weight decay on matrices (not on biases or norm weights) |
+    | neftune_alpha | None | NEFTune noise on the token embeddings while training; None = off |
+    | batching | "bucket" | "bucket" (similar lengths together) or "pack" (several samples per row) |
+    | max_length | None | row length for "pack" batching (passed to minift.data.batch_examples) |
+    | pad_id | 0 | token id used for padding (masked out, never trained) |
+    | eval_interval | None | evaluate on eval_data every N steps (and always at the end) |
+    | save_interval | None | write a checkpoint every N steps (and always at the end) |
+    | log_interval | 1 | refresh the progress bar / print a log line every N steps |
+    | keep_last | 2 | keep the newest K checkpoints; None keeps all |
+    | output_dir | "runs/minift" | where metrics.jsonl, summary.json and step-N/ go |
+    | seed | 0 | seeds torch/python/numpy and the data order (epoch e uses seed + e) |
+    | resume_from | None | None, "latest" (newest checkpoint in output_dir) or a checkpoint path |
+    | device | None | "cuda", "cpu", ...; None = cuda when available, else cpu |
+    | progress | True | show a progress bar (only when stdout is a terminal) and print reports |
+    """
+
+    method: str = "lora"
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    neftune_alpha: Optional[float] = None
+    batching: str = "bucket"
+    max_length: Optional[int] = None
+    pad_id: int = 0
+    eval_interval: Optional[int] = None
+    save_interval: Optional[int] = None
+    log_interval: int = 1
+    keep_last: Optional[int] = 2
+    output_dir: str = "runs/minift"
+    seed: int = 0
+    resume_from: Optional[str] = None
+    device: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZERS),
+                              ("lr_scheduler", SCHEDULES), ("batching", BATCHING)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {', '.join(allowed)}; "
+                                 f"got {getattr(self, name)!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        for name in ("epochs", "micro_batch_size", "grad_accum", "log_interval"):
+            _check_int(self, name, optional=False)
+        for name in ("max_steps", "eval_interval", "save_interval", "keep_last", "max_length"):
+            _check_int(self, name, optional=True)
+        for name in ("max_grad_norm", "neftune_alpha"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0 or None, got {value!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_int(cfg, name: str, optional: bool) -> None:
+    value = getattr(cfg, name)
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        kind = "an integer >= 1 or None" if optional else "an integer >= 1"
+        raise ValueError(f"TrainConfig.{name} must be {kind}, got {value!r}")
+
+
+# ---- the loss ----------------------------------------------------------------------------
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed fp32 cross-entropy of next-token predictions: logits[:, t] predicts labels[:, t+1]."""
+    vocab = logits.size(-1)
+    shifted = logits[:, :-1].float().reshape(-1, vocab)  # (B*(T-1), V)
+    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def trained_tokens(batch: dict) -> int:
+    """Number of label positions that contribute to the loss (after the shift)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def accumulate_gradients(model, micro_batches: list, device, bf16: bool = False):
+    """Forward/backward over one optimizer step's micro-batches.
+
+    Each micro-batch's summed token loss is divided by the trained tokens of *all* micro-batches,
+    so the accumulated gradient equals that of one big batch: 1 x 8 and 8 x 1 agree.
+
+    Returns:
+        (loss, n_trained): the step's mean token loss as a 0-dim tensor, and its trained tokens.
+    """
+    n_trained = sum(trained_tokens(b) for b in micro_batches)  # counted before any forward
+    denom = max(n_trained, 1)
+    device = torch.device(device)
+    total = torch.zeros((), device=device)
+    for batch in micro_batches:
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(**inputs)  # (B, T, V)
+        loss = token_loss_sum(logits, batch["labels"].to(device)) / denom
+        loss.backward()
+        total += loss.detach()
+    return total, n_trained
+
+
+@torch.no_grad()
+def evaluate(model, examples: list, config: TrainConfig, device=None) -> dict:
+    """Mean token loss (and perplexity) of `examples`, in eval mode, with the training batching."""
+    from minift.data import batch_examples
+
+    device = torch.device(device or _pick_device(config))
+    was_training = model.training
+    model.eval()
+    batches = batch_examples(examples, config.micro_batch_size, pad_id=config.pad_id,
+                             mode=config.batching, max_length=config.max_length, seed=config.seed,
+                             shuffle=False)
+    total, count = 0.0, 0
+    for batch in batches:
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            logits = model(**inputs)
+        total += float(token_loss_sum(logits, batch["labels"].to(device)))
+        count += trained_tokens(batch)
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+# ---- set-up pieces -----------------------------------------------------------------------
+def _pick_device(config: TrainConfig) -> torch.device:
+    if config.device is not None:
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over the parameters that require grad."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no parameters with requires_grad=True; nothing to train")
+    if config.weight_decay > 0:
+        # Decay matrices only; biases and norm weights (1-D) keep their scale.
+        groups = [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": config.weight_decay},
+                  {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+    else:
+        groups = [{"params": [p for _, p in named], "weight_decay": 0.0}]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.learning_rate)
+    from minift import optim
+
+    cls = optim.AdamW8bit if config.optimizer == "adamw8bit" else optim.PagedAdamW8bit
+    return cls(groups, lr=config.learning_rate)
+
+
+@contextlib.contextmanager
+def _gradient_checkpointing(model, enabled: bool):
+    holders = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    if enabled and not holders:
+        raise ValueError("TrainConfig.gradient_checkpointing=True, but no module of the model has a "
+                         "'gradient_checkpointing' attribute")
+    previous = [m.gradient_checkpointing for m in holders]
+    for m in holders:
+        m.gradient_checkpointing = enabled
+    try:
+        yield
+    finally:
+        for m, value in zip(holders, previous):
+            m.gradient_checkpointing = value
+
+
+@contextlib.contextmanager
+def _neftune(model, alpha: Optional[float]):
+    """NEFTune (Jain et al., 2023): uniform noise of scale alpha / sqrt(T * d) on the embeddings."""
+    if alpha is None:
+        yield
+        return
+    try:
+        embed = model.get_submodule("model.embed_tokens")
+    except AttributeError:
+        raise ValueError("TrainConfig.neftune_alpha is set, but the model has no "
+                         "'model.embed_tokens' module") from None
+
+    def add_noise(module, inputs, output):  # output: (B, T, d)
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.size(-2) * output.size(-1))
+        return output + torch.empty_like(output).uniform_(-scale, scale)
+
+    handle = embed.register_forward_hook(add_noise)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _memory_tracker(model, optimizer):
+    if importlib.util.find_spec("minift.memory") is None:
+        return None
+    from minift.memory import MemoryTracker
+
+    return MemoryTracker(model, optimizer)
+
+
+def _peak_memory(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource  # process peak RSS; ru_maxrss is in KiB on Linux
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _check_examples(examples, name: str) -> None:
+    if not isinstance(examples, (list, tuple)) or not examples:
+        raise ValueError(f"{name} must be a non-empty list of examples, got {type(examples).__name__}"
+                         f"{' (empty)' if isinstance(examples, (list, tuple)) else ''}")
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dict) or "input_ids" not in ex or "labels" not in ex:
+            raise ValueError(f"{name}[{i}] must be a dict with 'input_ids' and 'labels'")
+        if len(ex["input_ids"]) != len(ex["labels"]):
+            raise ValueError(f"{name}[{i}]: input_ids has {len(ex['input_ids'])} tokens but labels "
+                             f"has {len(ex['labels'])}")
+
+
+def _epoch_batches(train_data, config: TrainConfig, epoch: int) -> list:
+    from minift.data import batch_examples
+
+    return batch_examples(train_data, config.micro_batch_size, pad_id=config.pad_id,
+                          mode=config.batching, max_length=config.max_length,
+                          seed=config.seed + epoch)
+
+
+def _step_groups(train_data, config: TrainConfig, epoch: int, index: int):
+    """Yield ((epoch, batch_index) after the step, epochs done after it, micro-batches) forever."""
+    while True:
+        batches = _epoch_batches(train_data, config, epoch)
+        if not batches:
+            raise ValueError(f"train_data gave no batches in epoch {epoch}")
+        for start in range(index, len(batches), config.grad_accum):
+            end = min(start + config.grad_accum, len(batches))
+            after = (epoch, end) if end < len(batches) else (epoch + 1, 0)
+            yield after, epoch + end / len(batches), batches[start:end]
+        epoch, index = epoch + 1, 0
+
+
+def _total_steps(train_data, config: TrainConfig) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    return sum(math.ceil(len(_epoch_batches(train_data, config, e)) / config.grad_accum)
+               for e in range(config.epochs))
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _resume(model, optimizer, config: TrainConfig, data_fp: dict, state: dict) -> Optional[str]:
+    if not config.resume_from:
+        return None
+    path = ckpt.resolve_checkpoint(config.resume_from, config.output_dir)
+    saved = ckpt.read_trainer_state(path)
+    ckpt.check_compatible(saved, path, method=config.method, model=model, config=config.to_dict(),
+                          fields=DATA_ORDER_FIELDS)
+    if saved.get("data") != data_fp:
+        raise ValueError(f"{path}: train_data differs from the data this checkpoint was trained on "
+                         f"({saved.get('data', {}).get('examples')} examples then, {len(data_fp) and data_fp['examples']} now "
+                         f"or different tokens)")
+    ckpt.load_checkpoint(path, model=model, optimizer=optimizer)
+    state.update({k: saved[k] for k in state if k in saved})
+    return path
+
+
+def _reset_metrics(path: Path, keep_until: int) -> None:
+    """Keep metric lines up to the resumed step (a crashed run may have logged past it)."""
+    kept = []
+    if keep_until and path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= keep_until]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
+    """Fine-tune `model` on `train_data`; write metrics, checkpoints and a summary.
+
+    Args:
+        model: a prepared model (full, LoRA-wrapped, or quantized + LoRA-wrapped) whose forward
+            takes the batch keys (input_ids, attention_mask, ...) and returns logits (B, T, V).
+        train_data: tokenized examples, each {"input_ids": [...], "labels": [...]}.
+        config: a TrainConfig.
+        eval_data: optional held-out examples; evaluated every eval_interval steps and at the end.
+
+    Returns:
+        The summary dict, also written to ``<output_dir>/summary.json``.
+
+    Raises:
+        FloatingPointError: a step's loss or gradient norm is NaN/Inf (after a checkpoint of the
+            last good state has been written).
+        ValueError: bad data, or a resume checkpoint from a different method, model or data order.
+    """
+    from tqdm.auto import tqdm
+
+    _check_examples(train_data, "train_data")
+    if eval_data is not None:
+        _check_examples(eval_data, "eval_data")
+    device = _pick_device(config)
+    model.to(device)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_incomplete(out)
+    _seed_everything(config.seed)
+    optimizer = make_optimizer(model, config)
+    data_fp = ckpt.data_fingerprint(train_data)
+    state = {"step": 0, "epoch": 0, "batch_index": 0, "epochs_done": 0.0, "first_loss": None,
+             "last_loss": None, "tokens": 0, "trained_tokens": 0, "train_time": 0.0, "evals": []}
+    resumed = _resume(model, optimizer, config, data_fp, state)
+    total = _total_steps(train_data, config)
+    schedule = Schedule.from_ratio(config.learning_rate, total, config.warmup_ratio, config.lr_scheduler)
+    _reset_metrics(out / "metrics.jsonl", state["step"] if resumed else 0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=total, initial=state["step"], unit="step", dynamic_ncols=True,
+               disable=not (config.progress and sys.stdout.isatty()))
+
+    def say(text: str) -> None:
+        if config.progress:
+            (bar.write if not bar.disable else print)(text)
+
+    def save(rng=None) -> str:
+        trainer_state = dict(state, config=config.to_dict(), data=data_fp, total_steps=total)
+        return ckpt.save_checkpoint(out, state["step"], model=model, optimizer=optimizer,
+                                    method=config.method, trainer_state=trainer_state,
+                                    keep_last=config.keep_last, rng=rng)
+
+    def run_eval() -> dict:
+        result = dict(evaluate(model, eval_data, config, device), step=state["step"])
+        state["evals"].append(result)
+        return result
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    memory, saved_at, last_path = None, resumed and state["step"], resumed
+    model.train()
+    try:
+        with _gradient_checkpointing(model, config.gradient_checkpointing), \
+                _neftune(model, config.neftune_alpha), open(out / "metrics.jsonl", "a") as log:
+            groups = _step_groups(train_data, config, state["epoch"], state["batch_index"])
+            while state["step"] < total:
+                after, epochs_done, group = next(groups)
+                rng_before = ckpt.rng_state()  # for a checkpoint of the last good state
+                step = state["step"] + 1
+                lr = schedule.lr(step - 1)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                tracker = _memory_tracker(model, optimizer) if memory is None else None
+                t0 = time.perf_counter()
+                with tracker.track() if tracker else contextlib.nullcontext():
+                    loss, n_trained = accumulate_gradients(model, group, device, config.bf16)
+                    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+                    loss, norm = float(loss), float(norm)
+                    finite = math.isfinite(loss) and math.isfinite(norm)
+                    if finite:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                seconds = time.perf_counter() - t0
+                if not finite:
+                    path = save(rng=rng_before)
+                    what = "loss" if not math.isfinite(loss) else "gradient norm"
+                    raise FloatingPointError(
+                        f"training {what} is {loss if what == 'loss' else norm} at step {step}; "
+                        f"the last good state (step {step - 1}) is saved in {path}")
+                if tracker is not None:
+                    report = tracker.report()
+                    memory = report.as_dict()
+                    say(report.table())
+                elif memory is None:
+                    memory = {}
+                n_tokens = sum(int(b["attention_mask"].sum()) for b in group)
+                state.update(step=step, epoch=after[0], batch_index=after[1], epochs_done=epochs_done,
+                             last_loss=loss, tokens=state["tokens"] + n_tokens,
+                             trained_tokens=state["trained_tokens"] + n_trained,
+                             train_time=state["train_time"] + seconds)
+                if state["first_loss"] is None:
+                    state["first_loss"] = loss
+                line = {"step": step, "epoch": round(epochs_done, 4), "loss": loss, "lr": lr,
+                        "grad_norm": norm, "tokens": n_tokens, "trained_tokens": n_trained,
+                        "tokens_per_s": n_tokens / seconds, "elapsed": state["train_time"]}
+                if eval_data is not None and config.eval_interval and step % config.eval_interval == 0:
+                    line["eval_loss"] = run_eval()["eval_loss"]
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+                peak = _peak_memory(device)
+                bar.update(1)
+                if step % config.log_interval == 0 or step == total:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / seconds:.0f}",
+                                    mem=f"{peak / 2**20:.0f}MiB", refresh=False)
+                    if bar.disable:
+                        say(f"step {step}/{total} loss {loss:.4f} lr {lr:.2e} "
+                            f"tok/s {n_tokens / seconds:.0f} peak {peak / 2**20:.0f} MiB")
+                if config.save_interval and step % config.save_interval == 0:
+                    last_path, saved_at = save(), step
+            if eval_data is not None and (not state["evals"] or state["evals"][-1]["step"] != state["step"]):
+                run_eval()
+            if saved_at != state["step"]:
+                last_path = save()
+    finally:
+        bar.close()
+    summary = _summary(model, config, state, total, device, memory, last_path, resumed)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _summary(model, config, state, total, device, memory, last_path, resumed) -> dict:
+    from minift.lora import trainable_parameters  # counts NF4 weights by their logical size
+
+    trainable, n_params = trainable_parameters(model)
+    final_eval = state["evals"][-1] if state["evals"] else None
+    return {
+        "method": config.method, "steps": state["step"], "total_steps": total,
+        "epochs": round(state["epochs_done"], 4), "first_loss": state["first_loss"],
+        "last_loss": state["last_loss"], "eval_loss": final_eval and final_eval["eval_loss"],
+        "eval": state["evals"], "tokens": state["tokens"], "trained_tokens": state["trained_tokens"],
+        "train_time_s": state["train_time"],
+        "tokens_per_s": state["tokens"] / state["train_time"] if state["train_time"] else None,
+        "trainable_params": trainable, "total_params": n_params,
+        "peak_memory_bytes": _peak_memory(device),
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        "memory": memory or None, "device": str(device), "optimizer": config.optimizer,
+        "checkpoint": last_path, "resumed_from": resumed, "output_dir": str(config.output_dir),
+    }

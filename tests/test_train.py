@@ -1,0 +1,279 @@
+"""The training loop: config checks, loss normalisation, methods, checkpointing, resume, NaN."""
+import importlib.util
+import json
+import math
+import random
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import minift.checkpoint as ckpt
+from minift.schedule import Schedule
+from minift.train import TrainConfig, accumulate_gradients, token_loss_sum, train
+
+
+# ---- shared helpers (test_checkpoint.py imports them too) ---------------------------------
+class TinyLM(nn.Module):
+    """A few-thousand-parameter causal LM with Llama's forward signature and module names.
+
+    Causal mixing is a running mean over earlier tokens, so right padding never changes the
+    logits of real tokens. `nan_at_call` / `crash_at_call` misbehave on the n-th training forward.
+    """
+
+    def __init__(self, vocab=32, dim=16, dropout=0.1, nan_at_call=None, crash_at_call=None):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.lm_head = nn.Linear(dim, vocab)
+        self.gradient_checkpointing = False
+        self.nan_at_call, self.crash_at_call, self.calls = nan_at_call, crash_at_call, 0
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        steps = torch.arange(1, x.size(1) + 1, device=x.device).view(1, -1, 1)
+        h = x + torch.tanh(self.mix(x.cumsum(1) / steps))
+        logits = self.lm_head(self.norm(self.drop(h)))  # (B, T, V)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.crash_at_call:
+                raise KeyboardInterrupt("simulated crash")
+            if self.calls == self.nan_at_call:
+                logits = logits * float("nan")
+        return logits
+
+
+def tiny_llama(vocab=64):
+    from minift.config import ModelConfig
+    from minift.model import Llama
+
+    return Llama(ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64, torch_dtype="float32"))
+
+
+def make_examples(n, vocab=32, seed=0):
+    """Counting sequences (a, a+1, ...) mod vocab; a prompt of 1-3 tokens is not trained."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        start, length, prompt = rng.randrange(vocab), rng.randint(5, 12), rng.randint(1, 3)
+        ids = [(start + i) % vocab for i in range(length)]
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def collate(examples, pad_id=0):
+    """Right-padded (B, T) batch, the layout minift.data.batch_examples produces."""
+    t = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), t), pad_id, dtype=torch.long),
+             "labels": torch.full((len(examples), t), -100, dtype=torch.long),
+             "attention_mask": torch.zeros((len(examples), t), dtype=torch.long)}
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(e["input_ids"])
+        batch["labels"][i, :n] = torch.tensor(e["labels"])
+        batch["attention_mask"][i, :n] = 1
+    return batch
+
+
+def _batch_examples(examples, batch_size, *, pad_id, mode="bucket", max_length=None, seed=0,
+                    shuffle=True):
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    return [collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+            for i in range(0, len(order), batch_size)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls run ~15x faster on one thread than on two contended ones (measured here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _data_module(monkeypatch):
+    """Stand in for minift.data.batch_examples while that module is not in the tree."""
+    if importlib.util.find_spec("minift.data") is None:
+        stub = types.ModuleType("minift.data")
+        stub.batch_examples = _batch_examples
+        monkeypatch.setitem(sys.modules, "minift.data", stub)
+
+
+def cfg(tmp_path, **kw):
+    base = dict(method="full", learning_rate=3e-2, warmup_ratio=0.0, micro_batch_size=4,
+                bf16=False, progress=False, output_dir=str(tmp_path / "run"), keep_last=None)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def metrics(tmp_path, name="run"):
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- configuration -----------------------------------------------------------------------
+@pytest.mark.parametrize("field,value,match", [
+    ("learning_rate", 0.0, "learning_rate"), ("learning_rate", -1e-4, "learning_rate"),
+    ("warmup_ratio", 1.0, "warmup_ratio"), ("warmup_ratio", -0.1, "warmup_ratio"),
+    ("grad_accum", 0, "grad_accum"), ("micro_batch_size", 0, "micro_batch_size"),
+    ("epochs", 0, "epochs"), ("max_steps", 0, "max_steps"), ("keep_last", 0, "keep_last"),
+    ("max_grad_norm", 0.0, "max_grad_norm"), ("weight_decay", -1.0, "weight_decay"),
+    ("optimizer", "sgd", "optimizer must be one of adamw, adamw8bit, paged_adamw8bit"),
+    ("method", "prefix", "method must be one of full, lora, qlora"),
+    ("lr_scheduler", "step", "lr_scheduler must be one of cosine, linear, constant"),
+    ("batching", "random", "batching must be one of bucket, pack"),
+])
+def test_config_rejects_bad_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_schedule_warmup_then_decay():
+    cos = Schedule.from_ratio(1.0, total_steps=10, warmup_ratio=0.2, kind="cosine")
+    assert cos.warmup_steps == 2
+    assert [cos.lr(0), cos.lr(1), cos.lr(2)] == [0.5, 1.0, 1.0]
+    assert cos.lr(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    lrs = [cos.lr(i) for i in range(2, 10)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 0
+    lin = Schedule(1.0, total_steps=4, warmup_steps=0, kind="linear")
+    assert [lin.lr(i) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert Schedule(0.1, 5, 1, "constant").lr(4) == 0.1
+
+
+# ---- loss normalisation ------------------------------------------------------------------
+def test_accumulation_one_by_eight_equals_eight_by_one():
+    model = TinyLM(dropout=0.0)
+    examples = make_examples(8, seed=3)  # lengths and trained-token counts differ per example
+    one_big = [collate(examples)]
+    eight_small = [collate([e]) for e in examples]
+
+    def grads(batches):
+        model.zero_grad()
+        loss, n = accumulate_gradients(model, batches, "cpu")
+        return float(loss), n, [p.grad.clone() for p in model.parameters()]
+
+    loss_a, n_a, ga = grads(one_big)
+    loss_b, n_b, gb = grads(eight_small)
+    assert n_a == n_b == sum(sum(l != -100 for l in e["labels"][1:]) for e in examples)
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    # A mean of per-micro-batch means would weight short examples up: it must differ here.
+    model.zero_grad()
+    with torch.no_grad():
+        naive = sum(token_loss_sum(model(b["input_ids"]), b["labels"])
+                    / (b["labels"][:, 1:] != -100).sum() for b in eight_small) / 8
+    assert abs(float(naive) - loss_a) > 1e-3
+
+
+# ---- the loop ----------------------------------------------------------------------------
+def test_full_finetune_loss_falls_and_writes_outputs(tmp_path):
+    data, held = make_examples(32, seed=1), make_examples(8, seed=2)
+    summary = train(TinyLM(), data, cfg(tmp_path, epochs=3, eval_interval=10), eval_data=held)
+    steps = 3 * 32 // 4
+    assert summary["steps"] == steps and summary["epochs"] == pytest.approx(3.0)
+    assert summary["last_loss"] < 0.6 * summary["first_loss"]
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"} <= set(rows[0])
+    assert [r["step"] for r in rows if "eval_loss" in r] == [10, 20]
+    assert [e["step"] for e in summary["eval"]] == [10, 20, 24]
+    assert summary["eval"][-1]["eval_loss"] < summary["eval"][0]["eval_loss"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == steps
+    assert summary["checkpoint"].endswith("step-24") and ckpt.is_complete(summary["checkpoint"])
+    assert summary["trainable_params"] == summary["total_params"] > 0
+    assert summary["tokens"] == sum(len(e["input_ids"]) for e in data) * 3
+
+
+def test_max_steps_overrides_epochs_and_lr_follows_schedule(tmp_path):
+    config = cfg(tmp_path, max_steps=10, epochs=1, warmup_ratio=0.2, lr_scheduler="linear")
+    summary = train(TinyLM(), make_examples(16), config)  # 4 batches an epoch -> 2.5 epochs
+    assert summary["steps"] == 10 and summary["epochs"] == pytest.approx(2.5)
+    expected = Schedule.from_ratio(3e-2, 10, 0.2, "linear")
+    assert [r["lr"] for r in metrics(tmp_path)] == pytest.approx([expected.lr(i) for i in range(10)])
+
+
+def test_lora_on_llama_trains_only_adapters(tmp_path):
+    from minift.lora import lora_wrap
+
+    base = tiny_llama()
+    nn.init.normal_(base.lm_head.weight, std=1.0)  # a random base with 0.02-scale logits can't learn
+    model = lora_wrap(base, r=8, alpha=16)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    summary = train(model, make_examples(32, vocab=64), cfg(tmp_path, method="lora", epochs=2,
+                                                            learning_rate=1e-2))
+    assert summary["last_loss"] < 0.5 * summary["first_loss"]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    saved = ckpt.load_file(summary["checkpoint"] + "/model.safetensors")
+    assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_equal_lora_grads_on_frozen_base():
+    from minift.lora import lora_wrap
+
+    model = lora_wrap(tiny_llama(), r=4, alpha=8)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would make every lora_A grad zero
+            nn.init.normal_(p, std=0.1)
+    batch = [collate(make_examples(4, vocab=64, seed=5))]
+
+    def grads(enabled):
+        model.gradient_checkpointing = enabled
+        model.zero_grad()
+        accumulate_gradients(model, batch, "cpu")
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, recomputed = grads(False), grads(True)
+    assert all(g.abs().sum() > 0 for g in recomputed.values())
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_needs_a_model_that_supports_it(tmp_path):
+    model = nn.Sequential(nn.Embedding(32, 8), nn.Linear(8, 32))
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        train(model, make_examples(4), cfg(tmp_path, gradient_checkpointing=True))
+
+
+def test_bf16_autocast_and_neftune_train(tmp_path):
+    model = TinyLM()
+    summary = train(model, make_examples(16), cfg(tmp_path, bf16=True, neftune_alpha=5.0, epochs=3))
+    assert summary["last_loss"] < summary["first_loss"]
+    assert not model.model.embed_tokens._forward_hooks  # the noise hook is gone afterwards
+
+
+def test_nan_loss_stops_with_checkpoint_of_last_good_state(tmp_path):
+    model = TinyLM(nan_at_call=3)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
+        train(model, make_examples(32), cfg(tmp_path, save_interval=100))
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+    path = ckpt.latest_checkpoint(tmp_path / "run")
+    assert path.endswith("step-2")
+    saved = ckpt.load_file(path + "/model.safetensors")
+    for name, p in model.state_dict().items():  # step 3 changed nothing
+        assert torch.equal(saved[name], p)
+    assert ckpt.read_trainer_state(path)["batch_index"] == 2
+
+
+@pytest.mark.parametrize("bad,match", [([], "train_data must be a non-empty list"),
+                                       ([{"input_ids": [1, 2]}], r"train_data\[0\]"),
+                                       ([{"input_ids": [1, 2], "labels": [1]}], r"train_data\[0\]: input_ids")])
+def test_bad_train_data_is_named(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        train(TinyLM(), bad, cfg(tmp_path))
+
+
+def test_no_trainable_parameters_is_an_error(tmp_path):
+    model = TinyLM().requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad"):
+        train(model, make_examples(4), cfg(tmp_path))
