@@ -1,0 +1,183 @@
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from minift.config import ModelConfig
+from minift.loading import load_model, parse_size, save_model
+from minift.model import Llama
+from test_model import FAMILIES, hf_model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Each family saved by transformers; llama2 sharded, the others in one file."""
+    out = {}
+    for family in FAMILIES:
+        hf = hf_model(family)
+        path = tmp_path_factory.mktemp(family.replace(".", ""))
+        shard = "60KB" if family == "llama2" else "50MB"
+        hf.save_pretrained(path, safe_serialization=True, max_shard_size=shard)
+        out[family] = (hf, path)
+    return out
+
+
+def logits_diff(a, b, ids):
+    with torch.no_grad():
+        la, lb = a(ids), b(ids)
+    la = la.logits if hasattr(la, "logits") else la
+    lb = lb.logits if hasattr(lb, "logits") else lb
+    return (la.float() - lb.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_load_transformers_checkpoint(checkpoints, family):
+    hf, path = checkpoints[family]
+    model = load_model(path, dtype=torch.float32)
+    assert not model.training
+    assert all(not p.is_meta for p in model.parameters())
+    assert logits_diff(model, hf, torch.randint(0, 128, (2, 11))) <= 1e-4
+    if family == "llama2":
+        assert (path / "model.safetensors.index.json").exists()  # the sharded path was exercised
+
+
+def test_dtype_and_tied_head(checkpoints):
+    _, path = checkpoints["llama3.2"]
+    model = load_model(path)  # default bfloat16
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head.weight" not in load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("family", ["llama3.2", "qwen2"])
+def test_save_loads_in_transformers_with_same_logits(checkpoints, tmp_path, family):
+    hf, path = checkpoints[family]
+    model = load_model(path, dtype=torch.float32)
+    save_model(model, tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / s).exists() for s in shards)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                             attn_implementation="eager")
+    assert type(back).__name__ == type(hf).__name__
+    assert logits_diff(model, back.eval(), torch.randint(0, 128, (2, 9))) <= 1e-4
+    again = load_model(tmp_path, dtype=torch.float32)
+    assert logits_diff(model, again, torch.randint(0, 128, (1, 5))) == 0.0
+
+
+def test_resave_replaces_old_shards_and_leaves_no_temp_files(tmp_path):
+    model = Llama(ModelConfig.from_name("tiny"))
+    save_model(model, tmp_path, max_shard_size="30KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    save_model(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json",
+                                            "model.safetensors"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["torch_dtype"] == "float32" and config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("200MiB") == 200 * 2**20
+    assert parse_size(1234) == 1234
+    with pytest.raises(ValueError, match="max_shard_size .* got '5 parsecs'"):
+        parse_size("5 parsecs")
+
+
+class StoredAsNF4(torch.nn.Module):
+    """Writes the state_dict keys of a bitsandbytes-style NF4 layer."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = torch.zeros(8, 1, dtype=torch.uint8)
+        destination[prefix + "weight.absmax"] = torch.zeros(1, dtype=torch.uint8)
+
+
+def test_save_refuses_lora_and_quantized_models(tmp_path):
+    model = Llama(ModelConfig.from_name("tiny"))
+    layer = model.model.layers[0].self_attn
+    layer.lora_A = torch.nn.Linear(64, 4)  # any parameter named lora_* marks an unmerged adapter
+    with pytest.raises(ValueError, match="LoRA adapters .*lora_A.*minift.merge_lora"):
+        save_model(model, tmp_path)
+    del layer.lora_A
+    layer.q_proj = StoredAsNF4()
+    with pytest.raises(ValueError, match="NF4-quantized weights .*q_proj.weight"):
+        save_model(model, tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+
+def write_tiny(path, tensors=None, config=None):
+    model = Llama(ModelConfig.from_name("tiny"))
+    save_model(model, path)
+    if tensors is not None:
+        save_file(tensors(load_file(path / "model.safetensors")), path / "model.safetensors")
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config(json.loads((path / "config.json").read_text()))))
+    return model
+
+
+def test_missing_config_and_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+    write_tiny(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
+        load_model(tmp_path)
+
+
+def test_missing_shard_named_in_index(tmp_path):
+    save_model(Llama(ModelConfig.from_name("tiny")), tmp_path, max_shard_size="30KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    os.remove(shards[1])
+    with pytest.raises(FileNotFoundError, match=f"shard {shards[1].name} named in "
+                                                ".*model.safetensors.index.json does not exist"):
+        load_model(tmp_path)
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    write_tiny(tmp_path, config=lambda c: dict(c, model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"]))
+    with pytest.raises(ValueError, match="model_type='gpt_neox'.*supported model types: llama, mistral, qwen2"):
+        load_model(tmp_path)
+
+
+def test_missing_unexpected_and_misshaped_tensors(tmp_path):
+    write_tiny(tmp_path, tensors=lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up" not in k})
+    with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): model.layers.1.mlp.up_proj.weight"):
+        load_model(tmp_path)
+    write_tiny(tmp_path, tensors=lambda t: dict(t, **{"model.layers.0.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match="unexpected tensor.*model.layers.0.extra.weight"):
+        load_model(tmp_path)
+    write_tiny(tmp_path, tensors=lambda t: dict(t, **{"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(65,\) .* expects \(64,\)"):
+        load_model(tmp_path)
+
+
+def test_truncated_and_corrupt_files_are_named(tmp_path):
+    write_tiny(tmp_path)
+    file = tmp_path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors: truncated or corrupt safetensors"):
+        load_model(tmp_path)
+    file.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="model.safetensors: truncated or corrupt safetensors"):
+        load_model(tmp_path)
+
+
+def test_old_checkpoints_with_rope_tables_load(tmp_path):
+    ref = write_tiny(tmp_path, tensors=lambda t: dict(
+        t, **{"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    model = load_model(tmp_path, dtype=torch.float32)
+    assert logits_diff(model, ref.eval(), torch.randint(0, 256, (1, 6))) == 0.0
+
+
+def test_bad_quantize_argument(tmp_path):
+    with pytest.raises(ValueError, match="quantize must be None or 'nf4', got 'int8'"):
+        load_model(tmp_path, quantize="int8")
