@@ -1,0 +1,311 @@
+"""Memory of a training step from first principles: parameter counts times bytes per element.
+
+The formulas (docs/memory.md explains them; N = batch_size * seq_len tokens, e = bytes of the
+compute dtype, h = hidden size, i = intermediate size):
+
+* weights: every tensor of `minift.model.Llama` at its storage format: `dtype` for full and LoRA,
+  NF4 for QLoRA's decoder linears (n/2 packed bytes + one uint8 absmax code per 64 values + one
+  float32 per 256 codes + the 16- and 256-entry code books: ~4.127 bits per parameter).
+* LoRA adapters: r * (in + out) per adapted linear, in `adapter_dtype` (float32).
+* gradients: one per trainable value, in the trainable tensor's dtype.
+* optimizer states: "adamw" (torch.optim.AdamW) keeps two moments in the parameter's dtype;
+  "adamw8bit" / "paged_adamw8bit" keep two uint8 codes per value plus a float32 absmax per 256
+  values, and float32 moments for tensors smaller than 4096 values.
+* activations: what `minift.model.Llama` and `minift.train`'s loss keep for backward, term by
+  term (`_layer_saved`, `_head_saved`), derived by listing the tensors autograd saves.
+* other: the logits and the loss's float32 copy of them, alive while the loss is computed, or the
+  optimizer's temporaries during its step, whichever is larger.
+
+The total is the peak of two moments: the end of the loss (weights + states + activations +
+logits) and the optimizer step (weights + states + gradients + step temporaries).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+from minift.config import ModelConfig
+from minift.memory import CATEGORIES, breakdown_table
+
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated bytes per category for one training step; `total` is the estimated peak."""
+
+    frozen_weights: int
+    trainable_params: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    other: int
+    total: int
+    settings: dict = field(default_factory=dict)
+    terms: dict = field(default_factory=dict)  # named parts of the activations and other
+
+    def as_dict(self) -> dict:
+        out = {c: int(getattr(self, c)) for c in CATEGORIES}
+        out["total"] = int(self.total)
+        return out
+
+    def table(self) -> str:
+        s = self.settings
+        title = (f"{s.get('method')} | batch {s.get('batch_size')} x seq {s.get('seq_len')} | "
+                 f"optimizer {s.get('optimizer')}")
+        return breakdown_table({title: self.as_dict()})
+
+
+def _elem(dtype: torch.dtype) -> int:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    return torch.finfo(dtype).bits // 8
+
+
+def nf4_bytes(n: int, blocksize: int = 64, nested_blocksize: int = 256) -> int:
+    """Bytes of one NF4 double-quantized weight of n values, code books included."""
+    blocks = math.ceil(n / blocksize)
+    nested = math.ceil(blocks / nested_blocksize)
+    # packed nibbles + uint8 absmax codes + float32 nested absmax + 256-entry nested code + the
+    # 16-entry NF4 code (all float32)
+    return math.ceil(n / 2) + blocks + 4 * nested + 4 * 256 + 4 * 16
+
+
+def adam_state_bytes(n: int, elem: int, optimizer: str, min_8bit_size: int = 4096) -> int:
+    """Optimizer-state bytes of one trainable tensor of n values stored with `elem` bytes each."""
+    if optimizer == "adamw":
+        return 2 * n * elem + 4  # exp_avg, exp_avg_sq like the parameter; a float32 step
+    if n < min_8bit_size:
+        return 8 * n  # small tensors keep float32 moments
+    return 2 * n + 2 * 4 * math.ceil(n / 256)
+
+
+def _resolve_config(config_or_preset) -> ModelConfig:
+    if isinstance(config_or_preset, ModelConfig):
+        return config_or_preset
+    if isinstance(config_or_preset, str):
+        return ModelConfig.from_name(config_or_preset)
+    raise TypeError(f"config_or_preset must be a ModelConfig or a preset name, "
+                    f"got {type(config_or_preset).__name__}")
+
+
+def _targets(target_modules) -> tuple:
+    if target_modules == "all-linear":
+        return LINEARS
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    names = tuple(target_modules)
+    unknown = [t for t in names if t not in LINEARS]
+    if unknown or not names:
+        raise ValueError(f"target_modules: unknown names {unknown}; use 'all-linear' or a list "
+                         f"of {', '.join(LINEARS)}")
+    return names
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _layer_tensors(cfg: ModelConfig) -> list:
+    """(name, n_values, is_decoder_linear) of every parameter, as minift.model.Llama holds them."""
+    out = []
+    shapes = cfg.linear_shapes()
+    for _ in range(cfg.num_hidden_layers):
+        for name, (i, o) in shapes.items():
+            out.append((name, i * o, True))
+        if cfg.attention_bias:
+            out += [("q_bias", cfg.q_size, False), ("k_bias", cfg.kv_size, False),
+                    ("v_bias", cfg.kv_size, False)]
+            if cfg.model_type != "qwen2":
+                out.append(("o_bias", cfg.hidden_size, False))
+        if cfg.mlp_bias:
+            out += [("gate_bias", cfg.intermediate_size, False),
+                    ("up_bias", cfg.intermediate_size, False), ("down_bias", cfg.hidden_size, False)]
+        out += [("input_layernorm", cfg.hidden_size, False),
+                ("post_attention_layernorm", cfg.hidden_size, False)]
+    out.append(("embed_tokens", cfg.vocab_size * cfg.hidden_size, False))
+    out.append(("norm", cfg.hidden_size, False))
+    if not cfg.tie_word_embeddings:
+        out.append(("lm_head", cfg.vocab_size * cfg.hidden_size, False))
+    return out
+
+
+def _weights(cfg, method, targets, r, e, ae, blocksize):
+    """(frozen bytes, list of (n, elem) trainable tensors)."""
+    frozen, trainable = 0, []
+    for _, n, is_linear in _layer_tensors(cfg):
+        if method == "full":
+            trainable.append((n, e))
+        elif method == "qlora" and is_linear:
+            frozen += nf4_bytes(n, blocksize)
+        else:
+            frozen += n * e
+    if method != "full":
+        shapes = cfg.linear_shapes()
+        for _ in range(cfg.num_hidden_layers):
+            for name in targets:
+                i, o = shapes[name]
+                trainable += [(r * i, ae), (o * r, ae)]  # lora_A (r, in), lora_B (out, r)
+    return frozen, trainable
+
+
+def _layer_saved(cfg, method, targets, r, e, batch, seq, input_grad, masked=True):
+    """Bytes one decoder layer keeps for backward (minift.model.DecoderLayer), by term."""
+    h, i, q, kv, heads = (cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size,
+                          cfg.num_attention_heads)
+    full = method == "full"
+    shapes = cfg.linear_shapes()
+    n_tok = batch * seq
+    t = {}
+    # RMSNorm: float32 input (or the input itself when e == 4) and rsqrt (N, 1) when the input
+    # needs a gradient; the normalised value cast to e when the norm weight is trained.
+    norm = (4 * h + 4) * n_tok
+    t["input_layernorm"] = (norm if input_grad else 0) + (e * h * n_tok if full else 0)
+    t["post_attention_layernorm"] = norm + (e * h * n_tok if full else 0)
+    # inputs of the projections: the normed x (shared by q/k/v and by gate/up); o_proj's input is
+    # the attention output's storage; down_proj's input is the SwiGLU product.
+    attn_in = full or any(name in targets for name in ("q_proj", "k_proj", "v_proj"))
+    mlp_in = full or any(name in targets for name in ("gate_proj", "up_proj"))
+    t["attn_input"] = e * h * n_tok if attn_in else 0
+    t["mlp_input"] = e * h * n_tok if mlp_in else 0
+    # scaled_dot_product_attention keeps q, k, v (after RoPE), the output and a float32
+    # log-sum-exp per head and token.
+    t["attention"] = (e * (2 * q + 2 * kv) + 4 * heads) * n_tok
+    # it also turns the boolean (B, 1, T, T) padding mask into an additive one in the compute
+    # dtype, in every layer, and keeps it
+    t["attention_mask"] = e * batch * seq * seq if masked else 0
+    # SwiGLU: silu keeps gate's output, the product keeps silu(gate) and up's output.
+    t["swiglu"] = 3 * e * i * n_tok
+    t["down_input"] = e * i * n_tok if (full or "down_proj" in targets) else 0
+    if not full:
+        lora = 0
+        for name in targets:
+            fin, fout = shapes[name]
+            grad_in = input_grad or name not in ("q_proj", "k_proj", "v_proj")
+            # lora_B's input (N, r); the casted copies of B (out, r) and, when the input needs a
+            # gradient, of A (r, in)
+            lora += e * r * n_tok + e * r * fout + (e * r * fin if grad_in else 0)
+        t["lora"] = lora
+    return t
+
+
+def _head_saved(cfg, method, e, batch, seq):
+    """Bytes kept for backward outside the decoder layers, by term."""
+    h, v, d = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
+    n_tok, n_loss = batch * seq, batch * (seq - 1)
+    full = method == "full"
+    t = {
+        "embedding_ids": 8 * n_tok if full else 0,
+        "rope_cos_sin": 2 * e * d * n_tok,
+        "final_norm": (4 * h + 4) * n_tok + (e * h * n_tok if full else 0),
+        "lm_head_input": e * h * n_tok if full else 0,
+        # cross_entropy keeps its float32 log-softmax (B*(T-1), V), the targets and a scalar
+        "loss": 4 * v * n_loss + 8 * n_loss + 4,
+    }
+    return t
+
+
+def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lora",
+                    batch_size: int = 1, seq_len: int = 512, r: int = 16,
+                    target_modules="all-linear", optimizer: str = "adamw",
+                    gradient_checkpointing: bool = False, dtype: torch.dtype = torch.bfloat16, *,
+                    adapter_dtype: torch.dtype = torch.float32, blocksize: int = 64,
+                    attention_mask: bool = True, device: str = "cuda") -> MemoryEstimate:
+    """Estimate the memory of one training step of minift, by category, in bytes.
+
+    Args:
+        config_or_preset: a `ModelConfig` or a preset name from `minift.config.PRESETS`.
+        method: "full", "lora" or "qlora".
+        batch_size: sequences per micro-batch.
+        seq_len: tokens per sequence.
+        r: LoRA rank (lora and qlora).
+        target_modules: "all-linear" or a list of decoder linear names ("q_proj", ...).
+        optimizer: "adamw", "adamw8bit" or "paged_adamw8bit".
+        gradient_checkpointing: recompute each decoder layer in backward.
+        dtype: the dtype the model's weights and activations are stored in.
+        adapter_dtype: dtype of the LoRA weights.
+        blocksize: NF4 block size (QLoRA).
+        attention_mask: whether the batch carries a padding mask (minift.train always passes
+            one), which the model expands to a (B, 1, T, T) boolean mask.
+        device: "cuda" or "cpu"; only the optimizer step's scratch memory depends on it
+            (foreach AdamW and the fused 8-bit kernel on CUDA, per-tensor loops on CPU).
+
+    Returns:
+        A `MemoryEstimate`; `total` is the estimated peak.
+    """
+    cfg = _resolve_config(config_or_preset)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    _positive("batch_size", batch_size)
+    _positive("seq_len", seq_len)
+    _positive("r", r)
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    e, ae = _elem(dtype), _elem(adapter_dtype)
+    targets = LINEARS if method == "full" else _targets(target_modules)
+
+    frozen, trainable = _weights(cfg, method, targets, r, e, ae, blocksize)
+    trainable_bytes = sum(n * s for n, s in trainable)
+    states = sum(adam_state_bytes(n, s, optimizer) for n, s in trainable)
+    if optimizer == "paged_adamw8bit":
+        states = 0  # host memory pages, streamed to the GPU during the step
+
+    n_tok = batch_size * seq_len
+    terms = _head_saved(cfg, method, e, batch_size, seq_len)
+    layers = [_layer_saved(cfg, method, targets, r, e, batch_size, seq_len,
+                           input_grad=(i > 0 or method == "full"), masked=attention_mask)
+              for i in range(cfg.num_hidden_layers)]
+    per_layer = [sum(t.values()) for t in layers]
+    if gradient_checkpointing:
+        # each layer keeps only its input; backward recomputes one layer at a time, after the
+        # loss's tensors are gone
+        terms["layer_inputs"] = cfg.num_hidden_layers * e * cfg.hidden_size * n_tok
+        head = terms.pop("loss")
+        terms["recomputed_layer_or_loss"] = max(head, max(per_layer))
+    else:
+        for name in layers[-1]:
+            terms["layers." + name] = sum(t[name] for t in layers)
+    activations = sum(terms.values())
+
+    n_loss = batch_size * (seq_len - 1)
+    # At the start of backward: the logits (compute dtype), the float32 gradient cross_entropy
+    # hands to log_softmax and the float32 gradient log_softmax returns.
+    loss_buffers = e * cfg.vocab_size * n_tok + 2 * 4 * cfg.vocab_size * n_loss
+    step_tmp = _step_temporaries(trainable, optimizer, device)
+    weights = frozen + trainable_bytes
+    at_loss = weights + states + activations + loss_buffers
+    at_step = weights + states + trainable_bytes + step_tmp
+    other = loss_buffers if at_loss >= at_step else step_tmp
+    settings = dict(model=getattr(cfg, "name", None), method=method, batch_size=batch_size,
+                    seq_len=seq_len, r=r if method != "full" else None, optimizer=optimizer,
+                    gradient_checkpointing=gradient_checkpointing, dtype=str(dtype))
+    terms.update(loss_buffers=loss_buffers, step_temporaries=step_tmp)
+    return MemoryEstimate(frozen_weights=frozen, trainable_params=trainable_bytes,
+                          gradients=trainable_bytes, optimizer_states=states,
+                          activations=activations, other=other, total=max(at_loss, at_step),
+                          settings=settings, terms=terms)
+
+
+def _step_temporaries(trainable, optimizer, device) -> int:
+    """Scratch memory of the optimizer step."""
+    largest = max((n for n, _ in trainable), default=0)
+    if optimizer == "adamw":
+        if device == "cuda":
+            # the foreach implementation (torch's default on CUDA) builds sqrt(v) for all
+            # parameters at once
+            return sum(n * s for n, s in trainable)
+        # the per-tensor loop (the CPU default): sqrt(v) and its scaled copy of one tensor
+        return 2 * max((n * s for n, s in trainable), default=0)
+    if device == "cuda":
+        return 0  # the fused Triton kernel updates codes, absmax and weights in place
+    # the pure-torch reference works on float32 (and int64 index) copies of one tensor at a
+    # time: about 48 bytes per value of the largest tensor, measured with MemoryTracker
+    return 48 * largest

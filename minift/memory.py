@@ -1,0 +1,372 @@
+"""Where the memory of one training step goes: a measured breakdown by category.
+
+`MemoryTracker` watches one step (forward, backward, optimizer step) and files every byte under
+one of six categories (the same keys as `minift.estimate_memory`):
+
+* ``frozen_weights``: parameters without grad plus module buffers (NF4 packed weights, absmax
+  codes, double-quant statistics and code books).
+* ``trainable_params``: parameters with ``requires_grad``.
+* ``gradients``: the ``.grad`` tensors, at their high-water mark during the step.
+* ``optimizer_states``: the tensors in ``optimizer.state`` (fp32 moments, 8-bit codes, absmax).
+* ``activations``: tensors autograd keeps for backward (seen through
+  ``torch.autograd.graph.saved_tensors_hooks``, counted once per storage, parameters and buffers
+  excluded), plus what gradient checkpointing recomputes during backward; high-water mark.
+* ``other``: what else is alive at the peak: logits, the loss's fp32 copy, temporaries.
+
+How it measures. A `TorchDispatchMode` sees every tensor an operator creates during the step and
+holds a weak reference to its storage, so the tracker knows at each operator which bytes are
+alive, on CPU exactly as on CUDA. The peak is the largest live total; on CUDA the reported peak
+is the allocator's ``max_memory_allocated`` instead (it includes rounding and anything allocated
+outside the tracker), and ``other`` is that peak minus the categories at the accounted peak.
+
+Steady state. Optimizer states are created by the first ``step()``; from the second step on they
+are alive during forward and backward too. The peak is reported for that steady state: states
+that appear during the tracked step are added to the moments before the step.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+CATEGORIES = ("frozen_weights", "trainable_params", "gradients", "optimizer_states",
+              "activations", "other")
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in binary units: 512 B, 1.50 KiB, 3.25 MiB, 14.96 GiB."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def breakdown_table(columns: dict, rows=CATEGORIES + ("total",), bytes_fmt=format_bytes) -> str:
+    """A markdown table: one row per category, one column per breakdown (name -> {key: bytes})."""
+    names = list(columns)
+    lines = ["| category | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for row in rows:
+        cells = []
+        for name in names:
+            value = columns[name].get(row)
+            cells.append("" if value is None else bytes_fmt(value))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class MemoryReport:
+    """A measured breakdown (bytes per category) of one training step.
+
+    Categories are each one's own high-water mark during the step (activations peak before
+    backward, gradients at the optimizer step), so they need not add up to ``peak``, the
+    high-water mark of all live bytes together. ``other`` is what was alive at the peak besides
+    the categories.
+    """
+
+    frozen_weights: int = 0
+    trainable_params: int = 0
+    gradients: int = 0
+    optimizer_states: int = 0
+    activations: int = 0
+    other: int = 0
+    peak: int = 0
+    device: str = "cpu"
+    reserved: int | None = None  # CUDA memory_reserved at the end of the step
+    notes: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = {c: int(getattr(self, c)) for c in CATEGORIES}
+        out.update(peak=int(self.peak), device=self.device)
+        return out
+
+    def table(self) -> str:
+        cols = {f"measured ({self.device})": dict(self.as_dict(), total=self.peak)}
+        text = breakdown_table(cols, rows=CATEGORIES + ("total",))
+        text = text.replace("| total |", "| peak |")
+        if self.reserved is not None:
+            text += f"\nreserved by the CUDA allocator: {format_bytes(self.reserved)}"
+        return "\n".join([text] + [f"note: {n}" for n in self.notes])
+
+
+def _storage(t):
+    """The tensor's untyped storage, or None for tensors without one (meta, sparse, ...)."""
+    try:
+        if t.device.type == "meta":
+            return None
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+class _Saved:
+    """What autograd keeps in place of a saved tensor while the tracker listens."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class _Watch(TorchDispatchMode):
+    """Reports every tensor an operator returns to the tracker."""
+
+    def __init__(self, tracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.tracker._created(t)
+        self.tracker._check_peak()
+        return out
+
+
+class MemoryTracker:
+    """Measures where the memory of one training step goes, by category.
+
+    Use ``with tracker.track(): <forward, backward, optimizer step>`` and then ``report()``.
+
+    Args:
+        model: the model being trained (its parameters and buffers are the weights).
+        optimizer: the optimizer whose ``state`` holds the optimizer states; None to leave
+            optimizer states out.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"MemoryTracker: model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"MemoryTracker: optimizer must be a torch.optim.Optimizer or None, "
+                            f"got {type(optimizer).__name__}")
+        self.model, self.optimizer = model, optimizer
+        self._report = None
+
+    # ---- bookkeeping used while tracking --------------------------------------------------
+    def _reset(self):
+        first = next(iter(list(self.model.parameters()) + list(self.model.buffers())), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self._static = {}  # id(storage) -> storage: weights, pre-existing grads and states
+        self._weights = {"frozen_weights": 0, "trainable_params": 0}
+        for p in self.model.parameters():
+            self._add_static(p, "trainable_params" if p.requires_grad else "frozen_weights")
+        for b in self.model.buffers():
+            self._add_static(b, "frozen_weights")
+        self._grad_pre = sum(self._add_static(p.grad, None) for p in self.model.parameters()
+                             if p.grad is not None)
+        self._opt_start = self._optimizer_bytes(register=True)
+        self._live = {}  # id(storage) -> nbytes of storages created during the step
+        self._refs = {}  # id(storage) -> weakref keeping the finalizer alive
+        self._saved = {}  # id(storage) -> [count, nbytes, new?]
+        self._recomputed = set()  # ids created while checkpointing recomputes a forward
+        self._grads = set()  # ids of .grad storages created during the step
+        self.act_live = self.act_max = 0
+        self.grad_max = self._grad_pre
+        self._recomputing = 0
+        self._phase = "pre"  # "pre" until the optimizer's step starts, then "post"
+        self._best = {"pre": (-1, None), "post": (-1, None)}
+
+    def _add_static(self, t, category) -> int:
+        st = _storage(t)
+        if st is None or id(st) in self._static:
+            return 0
+        self._static[id(st)] = st
+        if st.device != self.device:
+            return 0
+        if category is not None:
+            self._weights[category] += st.nbytes()
+        return st.nbytes()
+
+    def _optimizer_tensors(self):
+        if self.optimizer is None:
+            return []
+        tensors = []
+        for state in self.optimizer.state.values():
+            values = state.values() if isinstance(state, dict) else [state]
+            tensors += [v for v in values if isinstance(v, torch.Tensor)]
+        return tensors
+
+    def _optimizer_bytes(self, register=False) -> int:
+        """Device-resident bytes of optimizer state, once per storage."""
+        seen, total = set(), 0
+        for t in self._optimizer_tensors():
+            st = _storage(t)
+            if st is None or id(st) in seen:
+                continue
+            seen.add(id(st))
+            if register:
+                self._static[id(st)] = st
+            if st.device == self.device:
+                total += st.nbytes()
+        return total
+
+    def _created(self, t):
+        st = _storage(t)
+        if st is None or st.device != self.device:
+            return
+        key = id(st)
+        if key in self._static or key in self._live:
+            return
+        self._live[key] = st.nbytes()
+        self._refs[key] = weakref.ref(st, lambda _, k=key: self._freed(k))
+        if self._recomputing:
+            self._recomputed.add(key)
+            self.act_live += st.nbytes()
+            self.act_max = max(self.act_max, self.act_live)
+
+    def _freed(self, key):
+        nbytes = self._live.pop(key, 0)
+        self._refs.pop(key, None)
+        if key in self._recomputed:
+            self._recomputed.discard(key)
+            self.act_live -= nbytes
+
+    def _pack(self, t):
+        st = _storage(t)
+        if st is not None and st.device == self.device and id(st) not in self._static \
+                and id(st) not in self._recomputed:
+            key = id(st)
+            entry = self._saved.get(key)
+            if entry is None:
+                entry = self._saved[key] = [0, st.nbytes(), key in self._live]
+                self.act_live += entry[1]
+                self.act_max = max(self.act_max, self.act_live)
+            entry[0] += 1
+            holder = _Saved(t)
+            weakref.finalize(holder, self._unsaved, key)
+            self._check_peak()
+            return holder
+        return _Saved(t)
+
+    def _unsaved(self, key):
+        entry = self._saved.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._saved[key]
+            self.act_live -= entry[1]
+
+    def _grad_ready(self, p):
+        st = _storage(p.grad)
+        if st is not None and st.device == self.device and id(st) not in self._static:
+            self._grads.add(id(st))
+        live = self._grad_pre + sum(self._live.get(k, 0) for k in self._grads)
+        self.grad_max = max(self.grad_max, live)
+
+    def _check_peak(self):
+        old = sum(e[1] for e in self._saved.values() if not e[2])  # saved, made before the step
+        value = sum(self._live.values()) + old
+        best = self._best[self._phase]
+        if value > best[0]:
+            self._best[self._phase] = (value, self._snapshot(old))
+
+    def _snapshot(self, old_saved):
+        grads = self._grad_pre + sum(self._live.get(k, 0) for k in self._grads)
+        return {"live": dict(self._live), "activations": self.act_live, "gradients": grads,
+                "old_saved": old_saved}
+
+    # ---- hooks ------------------------------------------------------------------------
+    def _install(self, stack):
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.tensor))
+        handles = []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+        for m in self.model.modules():
+            handles.append(m.register_forward_pre_hook(self._enter_forward))
+            handles.append(m.register_forward_hook(self._leave_forward, always_call=True))
+        if self.optimizer is not None:
+            handles.append(self.optimizer.register_step_pre_hook(self._step_starts))
+        stack.callback(lambda: [h.remove() for h in handles])
+
+    def _enter_forward(self, module, args):
+        # A forward that runs inside backward is gradient checkpointing recomputing a layer:
+        # what it creates and keeps is activation memory.
+        if torch._C._current_graph_task_id() != -1:
+            self._recomputing += 1
+
+    def _leave_forward(self, module, args, output):
+        if torch._C._current_graph_task_id() != -1 and self._recomputing:
+            self._recomputing -= 1
+
+    def _step_starts(self, optimizer, args, kwargs):
+        self._phase = "post"
+
+    @contextlib.contextmanager
+    def track(self):
+        """Context manager around exactly one training step (forward, backward, step)."""
+        self._reset()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with contextlib.ExitStack() as stack:
+            self._install(stack)
+            stack.enter_context(_Watch(self))
+            self._check_peak()
+            yield self
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        self._report = self._build_report(cuda)
+
+    # ---- the report ---------------------------------------------------------------------
+    def report(self) -> MemoryReport:
+        """The breakdown of the last tracked step."""
+        if self._report is None:
+            raise RuntimeError("MemoryTracker.report(): no step was tracked; "
+                               "run one step inside `with tracker.track():` first")
+        return self._report
+
+    def _build_report(self, cuda) -> MemoryReport:
+        opt_ids = {id(_storage(t)) for t in self._optimizer_tensors()}
+        opt_end = self._optimizer_bytes()
+        weights = self._weights["frozen_weights"] + self._weights["trainable_params"]
+        # before the first step() the states did not exist yet; from the second step they do
+        extra = max(0, opt_end - self._opt_start)
+        pre, post = self._best["pre"], self._best["post"]
+        peak_pre = weights + self._opt_start + extra + pre[0] if pre[1] else -1
+        peak_post = weights + self._opt_start + post[0] if post[1] else -1
+        at_peak, phase_peak = (pre[1], peak_pre) if peak_pre >= peak_post else (post[1], peak_post)
+        new_opt = sum(n for k, n in at_peak["live"].items() if k in opt_ids)
+        accounted = weights + self._opt_start + at_peak["activations"] + at_peak["gradients"]
+        accounted += new_opt + (extra if at_peak is pre[1] else 0)
+        other = sum(at_peak["live"].values()) + at_peak["old_saved"] - at_peak["activations"] \
+            - (at_peak["gradients"] - self._grad_pre) - new_opt
+        report = MemoryReport(
+            frozen_weights=self._weights["frozen_weights"],
+            trainable_params=self._weights["trainable_params"],
+            gradients=self.grad_max, optimizer_states=opt_end, activations=self.act_max,
+            other=max(0, other), peak=phase_peak, device=str(self.device))
+        if cuda:
+            report.peak = torch.cuda.max_memory_allocated(self.device)
+            report.reserved = torch.cuda.memory_reserved(self.device)
+            report.other = max(0, report.peak - accounted)
+            report.notes.append("peak = torch.cuda.max_memory_allocated; other = peak minus the "
+                                "categories at the accounted peak")
+        else:
+            report.notes.append("peak = largest live total seen by the tracker's accounting")
+        self._describe_optimizer(report)
+        return report
+
+    def _describe_optimizer(self, report):
+        if self.optimizer is None:
+            report.notes.append("no optimizer given: optimizer states not counted")
+            return
+        if getattr(self.optimizer, "paged", False):
+            host = sum(t.nbytes for t in self._optimizer_tensors() if t.device != self.device)
+            report.notes.append(
+                f"paged optimizer: {format_bytes(host)} of 8-bit states live in host memory "
+                "pages, streamed to the device during step(); only device-resident states are "
+                "counted" if self.device.type != "cpu" else
+                "paged optimizer: its 8-bit states live in host memory pages (here the device "
+                "is the CPU, so they are counted)")
