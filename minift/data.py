@@ -112,13 +112,18 @@ def _assistant_spans(tokenizer, messages, where):
     A template that rewrites earlier turns when later ones arrive cannot be split this way;
     that is an error, not a silently wrong mask.
     """
-    text = tokenizer.apply_chat_template(messages)
+    def render(msgs, gen=False):
+        try:
+            return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+
+    text = render(messages)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1])
+        prompt, full = render(messages[:i], gen=True), render(messages[: i + 1])
         if not (full.startswith(prompt) and text.startswith(full)):
             raise ValueError(f"{where}: the chat template does not render the conversation up to "
                              f"message {i} as a prefix of the whole, so the reply cannot be located")

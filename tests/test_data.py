@@ -134,6 +134,14 @@ def test_load_jsonl_errors(tmp_path):
     assert load_jsonl(write_jsonl(tmp_path / "ok.jsonl", [good, "", good])) == [PROMPT, PROMPT]
 
 
+def test_template_error_names_the_line(tok_dir):
+    tokenizer = load_tokenizer(tok_dir, chat_template="llama-2")
+    twice = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                          {"role": "assistant", "content": "c"}]}
+    with pytest.raises(ValueError, match=r"x.jsonl:2: chat template error: .*roles must alternate"):
+        tokenize_rows([PROMPT, twice], tokenizer, 128, source="x.jsonl")
+
+
 def test_template_that_rewrites_history_is_an_error(tok_dir):
     # keeps only the last message, so a later render is not an extension of an earlier one
     tokenizer = load_tokenizer(tok_dir, chat_template="{{ messages[-1]['content'] }}"
