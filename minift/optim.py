@@ -1,0 +1,345 @@
+"""8-bit AdamW: blockwise-quantized moments, a fused step on CUDA, optional CPU paging.
+
+State per parameter (``self.state[p]``), with ``n = p.numel()``:
+
+* ``n >= min_8bit_size``: ``exp_avg_codes`` uint8 (n,) + ``exp_avg_absmax`` float32
+  (ceil(n/256),) on the signed dynamic map; ``exp_avg_sq_codes`` / ``exp_avg_sq_absmax`` on the
+  unsigned map: 2 + 8/256 = 2.03125 bytes per parameter.
+* smaller tensors: ``exp_avg`` / ``exp_avg_sq`` float32 of p's shape (8 bytes per parameter).
+* ``step``: int, the number of updates this parameter received.
+
+The math and its order are in ``minift.quant8``; docs/optim.md has the state-dict format.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+from minift.kernels import HAS_TRITON
+from minift.paging import Pager, host_empty
+from minift.quant8 import (BLOCK, StepScalars, adamw8bit_step_reference, adamw32_step,
+                           nearest_code, num_blocks)
+from minift.quantmaps import dynamic_map
+
+VERSION_KEY = "minift_adamw8bit_version"
+VERSION = 1
+KEYS_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+KEYS_32 = ("exp_avg", "exp_avg_sq")
+
+
+def _check_hparams(lr, betas, eps, weight_decay, where: str) -> None:
+    if not isinstance(lr, (int, float)) or lr < 0:
+        raise ValueError(f"AdamW8bit: lr must be a number >= 0, got {lr!r} ({where})")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"AdamW8bit: betas must be a pair (beta1, beta2), got {betas!r} ({where})")
+    for i, beta in enumerate(betas):
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"AdamW8bit: betas[{i}] must be in [0, 1), got {beta!r} ({where})")
+    if not isinstance(eps, (int, float)) or eps <= 0:
+        raise ValueError(f"AdamW8bit: eps must be > 0, got {eps!r} ({where})")
+    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"AdamW8bit: weight_decay must be >= 0, got {weight_decay!r} ({where})")
+
+
+def _step8(p, g, states, maps, s: StepScalars, offset: int, stochastic: bool) -> None:
+    """One 8-bit step on flat slices: the fused kernel on CUDA, the torch reference elsewhere."""
+    m_codes, m_absmax, v_codes, v_absmax = states
+    if p.is_cuda and HAS_TRITON:
+        from minift.kernels.adamw8bit import adamw8bit_step
+
+        adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset, stochastic)
+    else:
+        adamw8bit_step_reference(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset,
+                                 stochastic)
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW with 8-bit blockwise-quantized moments (decoupled weight decay, as torch's AdamW).
+
+    Args:
+        params: parameters or param-group dicts (lr, betas, eps, weight_decay and
+            stochastic_rounding may differ per group).
+        lr: learning rate (>= 0).
+        betas: (beta1, beta2), each in [0, 1).
+        eps: added to the denominator (> 0).
+        weight_decay: decoupled weight decay (>= 0); p <- p * (1 - lr * weight_decay).
+        min_8bit_size: tensors with fewer elements keep float32 moments.
+        paged: keep 8-bit states in host memory in pages and stream them to the parameter's
+            device during ``step`` (results are bit-identical to ``paged=False``).
+        stochastic_rounding: round updated bfloat16 weights stochastically (reproducible: the
+            random bits are a hash of ``seed``, the step, the parameter and the element).
+        seed: seed of the stochastic rounding.
+        page_size: elements per page (a multiple of 256).
+        device_budget_bytes: device bytes for pages kept resident between steps; ``None`` keeps
+            all of them resident (then paging copies each page in only once).
+        check_finite: skip the whole step (with a warning, counted in ``skipped_steps``) when
+            any gradient has NaN/Inf, so no state is corrupted. ``False`` saves one read of the
+            gradients per step; non-finite gradients then poison the states.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 min_8bit_size=4096, paged=False, stochastic_rounding=False, *, seed=0,
+                 page_size=2**20, device_budget_bytes=None, check_finite=True):
+        _check_hparams(lr, betas, eps, weight_decay, "defaults")
+        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"AdamW8bit: min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        if not isinstance(page_size, int) or page_size <= 0 or page_size % BLOCK:
+            raise ValueError(f"AdamW8bit: page_size must be a positive multiple of {BLOCK}, "
+                             f"got {page_size!r}")
+        if device_budget_bytes is not None and device_budget_bytes < 0:
+            raise ValueError(f"AdamW8bit: device_budget_bytes must be >= 0 or None, "
+                             f"got {device_budget_bytes!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        stochastic_rounding=bool(stochastic_rounding))
+        super().__init__(params, defaults)
+        self.min_8bit_size = min_8bit_size
+        self.paged = bool(paged)
+        self.seed = int(seed)
+        self.page_size = page_size
+        self.device_budget_bytes = device_budget_bytes
+        self.check_finite = bool(check_finite)
+        self.skipped_steps = 0
+        self._maps = {}  # device -> (signed map, unsigned map)
+        self._pagers = {}  # device -> Pager
+        self._pages = {}  # parameter -> list of its Pages
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        _check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"],
+                       f"param group {len(self.param_groups) - 1}")
+
+    # ---- step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW update of every parameter that has a gradient; returns closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        todo = self._params_with_grad()
+        if self.check_finite and not self._grads_finite(todo):
+            return loss
+        streamed = {}  # device -> list of (page, context) for paged parameters
+        for index, group, p in todo:
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state)
+            state["step"] += 1
+            s = StepScalars.make(group["lr"], *group["betas"], group["eps"], group["weight_decay"],
+                                 state["step"], seed=self._step_seed(state["step"], index))
+            stochastic = group["stochastic_rounding"]
+            if "exp_avg" in state:
+                adamw32_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], s, stochastic)
+            elif self.paged:
+                streamed.setdefault(p.device, []).append((p, s, stochastic))
+            else:
+                self._update_flat(p, lambda fp, fg: _step8(
+                    fp, fg, [state[k] for k in KEYS_8BIT], self._maps_on(p.device), s, 0,
+                    stochastic))
+        for device, items in streamed.items():
+            self._paged_update(device, items)
+        return loss
+
+    def _params_with_grad(self):
+        todo, index = [], 0
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise ValueError(f"AdamW8bit does not support sparse gradients: "
+                                         f"param_groups[{gi}]['params'][{pi}] "
+                                         f"(shape {tuple(p.shape)})")
+                    todo.append((index, group, p))
+                index += 1
+        return todo
+
+    def _grads_finite(self, todo) -> bool:
+        if not todo:
+            return True
+        flags = torch.stack([torch.isfinite(p.grad).all().cpu() for _, _, p in todo])
+        if bool(flags.all()):
+            return True
+        bad = [f"#{index} (shape {tuple(p.shape)})" for (index, _, p), ok in zip(todo, flags)
+               if not ok]
+        self.skipped_steps += 1
+        warnings.warn(f"AdamW8bit: skipped the step because of NaN/Inf gradients in parameter "
+                      f"{', '.join(bad)}; states and weights are unchanged "
+                      f"(skipped_steps={self.skipped_steps})", RuntimeWarning, stacklevel=3)
+        return False
+
+    def _step_seed(self, step: int, index: int) -> int:
+        # Distinct per (seed, step, parameter); the kernel hashes it with the element offset.
+        return (self.seed * 1_000_003 + step * 7919 + index * 104_729) % (2**31)
+
+    def _maps_on(self, device):
+        if device not in self._maps:
+            self._maps[device] = (dynamic_map(True, device), dynamic_map(False, device))
+        return self._maps[device]
+
+    def _init_state(self, p, state) -> None:
+        state["step"] = 0
+        n = p.numel()
+        if n < self.min_8bit_size:
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
+                                                memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            return
+        signed, unsigned = dynamic_map(True), dynamic_map(False)
+        for prefix, code in (("exp_avg", signed), ("exp_avg_sq", unsigned)):
+            zero = int(nearest_code(torch.zeros(1), code))  # the map's 0.0 entry
+            codes = host_empty((n,), torch.uint8) if self.paged else \
+                torch.empty(n, dtype=torch.uint8, device=p.device)
+            state[prefix + "_codes"] = codes.fill_(zero)
+            state[prefix + "_absmax"] = host_empty((num_blocks(n),), torch.float32) \
+                if self.paged else torch.zeros(num_blocks(n), device=p.device)
+
+    @staticmethod
+    def _update_flat(p, fn) -> None:
+        """Call fn(flat_param, flat_grad) on contiguous 1-D views; copies back if p is strided."""
+        flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
+        fn(flat, p.grad.reshape(-1).contiguous())
+        if not p.is_contiguous():
+            p.copy_(flat.view_as(p))
+
+    # ---- paging ---------------------------------------------------------------------------
+    def _paged_update(self, device, items) -> None:
+        pager = self._pagers.get(device)
+        if pager is None:
+            pager = self._pagers[device] = Pager(device, self.device_budget_bytes)
+        maps = self._maps_on(device)
+        work = []  # (page, param, flat views, scalars, stochastic)
+        for p, s, stochastic in items:
+            flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
+            grad = p.grad.reshape(-1).contiguous()
+            work += [(page, p, flat, grad, s, stochastic) for page in self._pages_of(p, pager)]
+        by_key = {w[0].key: w for w in work}
+
+        def compute(page, dev):
+            _, p, flat, grad, s, stochastic = by_key[page.key]
+            start = page.key[1] * self.page_size
+            end = min(start + self.page_size, flat.numel())
+            _step8(flat[start:end], grad[start:end], dev, maps, s, start, stochastic)
+
+        pager.run([w[0] for w in work], compute)
+        for p, flat in {id(w[1]): (w[1], w[2]) for w in work}.values():
+            if not p.is_contiguous():
+                p.copy_(flat.view_as(p))
+
+    def _pages_of(self, p, pager):
+        """The pages of p's 8-bit state (registered with the pager on first use)."""
+        if p not in self._pages:
+            st, n, size = self.state[p], p.numel(), self.page_size
+            pid = len(self._pages)
+            self._pages[p] = [
+                pager.add_page((pid, i), (
+                    st["exp_avg_codes"][a:a + size],
+                    st["exp_avg_absmax"][a // BLOCK:num_blocks(min(a + size, n))],
+                    st["exp_avg_sq_codes"][a:a + size],
+                    st["exp_avg_sq_absmax"][a // BLOCK:num_blocks(min(a + size, n))]))
+                for i, a in enumerate(range(0, n, size))]
+        return self._pages[p]
+
+    # ---- state dict -----------------------------------------------------------------------
+    def state_dict(self):
+        """Like torch's (tensors are references, not copies) plus the format version.
+
+        Layout: ``{"state": {index: {"step": int, <KEYS_8BIT or KEYS_32>: Tensor}},
+        "param_groups": [...], "minift_adamw8bit_version": 1, "skipped_steps": int, "seed": int}``.
+        """
+        for pager in self._pagers.values():
+            pager.flush()  # resident pages hold the newest state
+        sd = super().state_dict()
+        sd[VERSION_KEY] = VERSION
+        sd["skipped_steps"] = self.skipped_steps
+        sd["seed"] = self.seed
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict written by ``state_dict`` (any minift version <= this one).
+
+        Raises:
+            ValueError: not a minift AdamW8bit state dict (e.g. torch.optim.AdamW's), a newer
+                version, or groups/parameters/shapes that do not match this optimizer.
+        """
+        new_state, groups = _check_state_dict(self, state_dict)
+        self.state.clear()
+        self.state.update(new_state)
+        for group, saved in zip(self.param_groups, groups):
+            group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self.seed = int(state_dict.get("seed", self.seed))
+        self._pagers, self._pages = {}, {}  # host copies are authoritative again
+
+
+def _check_state_dict(opt: AdamW8bit, sd):
+    """Validate a saved state dict against ``opt``; returns (state by parameter, saved groups)."""
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError("AdamW8bit.load_state_dict: expected a dict with 'state' and "
+                         "'param_groups' keys")
+    version = sd.get(VERSION_KEY)
+    if version is None:
+        raise ValueError(f"AdamW8bit.load_state_dict: the state dict has no '{VERSION_KEY}' key, "
+                         "so it was not written by minift.AdamW8bit (e.g. torch.optim.AdamW)")
+    if not isinstance(version, int) or not 1 <= version <= VERSION:
+        raise ValueError(f"AdamW8bit.load_state_dict: '{VERSION_KEY}' is {version!r}; this minift "
+                         f"reads versions 1..{VERSION}")
+    groups = sd["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"AdamW8bit.load_state_dict: 'param_groups' has {len(groups)} groups, "
+                         f"the optimizer has {len(opt.param_groups)}")
+    params = {}
+    for gi, (mine, saved) in enumerate(zip(opt.param_groups, groups)):
+        if len(saved["params"]) != len(mine["params"]):
+            raise ValueError(f"AdamW8bit.load_state_dict: param_groups[{gi}] has "
+                             f"{len(saved['params'])} params, the optimizer has "
+                             f"{len(mine['params'])}")
+        _check_hparams(saved["lr"], saved["betas"], saved["eps"], saved["weight_decay"],
+                       f"saved param_groups[{gi}]")
+        params.update(zip(saved["params"], mine["params"]))
+    new_state = {}
+    for key, st in sd["state"].items():
+        if key not in params:
+            raise ValueError(f"AdamW8bit.load_state_dict: state[{key!r}] names no parameter "
+                             "of 'param_groups'")
+        p = params[key]
+        new_state[p] = _convert_param_state(opt, p, st, f"state[{key!r}]")
+    return new_state, groups
+
+
+def _convert_param_state(opt: AdamW8bit, p, st, where: str) -> dict:
+    """Check one parameter's saved state (keys, dtypes, shapes) and copy it to its home."""
+    is8 = "exp_avg_codes" in st
+    keys = KEYS_8BIT if is8 else KEYS_32
+    for k in ("step",) + keys:
+        if k not in st:
+            raise ValueError(f"AdamW8bit.load_state_dict: {where} lacks key '{k}' "
+                             f"(has {sorted(st)})")
+    n = p.numel()
+    expected = {"exp_avg_codes": ((n,), torch.uint8), "exp_avg_sq_codes": ((n,), torch.uint8),
+                "exp_avg_absmax": ((num_blocks(n),), torch.float32),
+                "exp_avg_sq_absmax": ((num_blocks(n),), torch.float32),
+                "exp_avg": (tuple(p.shape), torch.float32),
+                "exp_avg_sq": (tuple(p.shape), torch.float32)}
+    out = {"step": int(st["step"])}
+    for k in keys:
+        v, (shape, dtype) = st[k], expected[k]
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape or v.dtype != dtype:
+            got = (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"AdamW8bit.load_state_dict: {where}['{k}'] is {got}, expected "
+                             f"{shape} {dtype} for a parameter of shape {tuple(p.shape)}")
+        home = host_empty(shape, dtype) if (is8 and opt.paged) else \
+            torch.empty(shape, dtype=dtype, device=p.device)
+        out[k] = home.copy_(v)
+    return out
+
+
+class PagedAdamW8bit(AdamW8bit):
+    """``AdamW8bit`` with ``paged=True``: 8-bit states in host pages, streamed during ``step``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 min_8bit_size=4096, stochastic_rounding=False, **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size, True,
+                         stochastic_rounding, **kwargs)

@@ -1,0 +1,151 @@
+"""Pages of optimizer state that live in (pinned) host memory and stream to the compute device.
+
+A page is a fixed-size slice of the state tensors of one parameter (all its tensors sliced over
+the same element range). The ``Pager`` owns the page table and decides, by a device byte budget,
+which pages stay resident on the device between steps (the first pages that fit, in
+registration order). ``run`` walks a list of pages: resident pages are fetched once and then
+updated in place on the device; the others are copied in on a side stream, one page ahead of the
+compute (prefetch), updated, and copied back. Copies are explicit ``Tensor.copy_`` calls, never
+managed memory. The same code runs with a CPU "device" (copies are then synchronous), so the page
+table, budget, resident set, prefetch order and write-back are tested without a GPU.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Page:
+    """One page: host views of the state tensors over one element range of one parameter."""
+
+    key: tuple  # (parameter id, page index) for traces
+    host: tuple  # host tensors (views into the full state tensors)
+    resident: bool = False
+    device: tuple | None = None  # device copies while resident
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.host)
+
+
+@dataclass
+class PagerStats:
+    """Transfer counters (pages and bytes, host->device and device->host) since creation."""
+
+    h2d_pages: int = 0
+    d2h_pages: int = 0
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    trace: list = field(default_factory=list)  # ("fetch"|"compute"|"writeback", key), last run
+
+
+class Pager:
+    """Page table, residency budget and streaming of pages between host and device.
+
+    Args:
+        device: where pages are computed on (``torch.device``); may be the CPU.
+        budget_bytes: device bytes for resident pages; ``None`` = no limit (all resident).
+            Streaming pages use up to three more page-sized buffers beyond the budget.
+    """
+
+    def __init__(self, device, budget_bytes: int | None = None):
+        self.device = torch.device(device)
+        self.budget_bytes = budget_bytes
+        self.pages: list[Page] = []
+        self.resident_bytes = 0
+        self.stats = PagerStats()
+        # A side stream only where there is something to overlap; decided when the pager is built.
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def add_page(self, key, host_tensors) -> Page:
+        """Register a page; it is resident if it still fits in the budget."""
+        page = Page(key, tuple(host_tensors))
+        fits = self.budget_bytes is None or self.resident_bytes + page.nbytes <= self.budget_bytes
+        if fits:
+            page.resident = True
+            self.resident_bytes += page.nbytes
+        self.pages.append(page)
+        return page
+
+    def run(self, pages, compute) -> None:
+        """Call ``compute(page, device_tensors)`` for each page, in order, with pages on device.
+
+        Streaming (non-resident) pages: page i+1 is fetched before page i is computed, and page i
+        is written back right after it is computed. On return every write-back is complete.
+        """
+        self.stats.trace = []
+        pages = list(pages)
+        if not pages:
+            return
+        pending = self._fetch(pages[0])
+        for i, page in enumerate(pages):
+            current = pending
+            if i + 1 < len(pages):
+                pending = self._fetch(pages[i + 1])  # prefetch overlaps this page's compute
+            self._wait(current[1])
+            self.stats.trace.append(("compute", page.key))
+            compute(page, current[0])
+            if not page.resident:
+                self._write_back(page, current[0])
+        if self._side is not None:
+            self._side.synchronize()
+
+    def flush(self) -> None:
+        """Copy every resident page back to the host (before reading or saving host state)."""
+        for page in self.pages:
+            if page.resident and page.device is not None:
+                self._copy(page.host, page.device, "d2h", page.key)
+        if self._side is not None:
+            self._side.synchronize()
+
+    def _fetch(self, page: Page):
+        """Device tensors for ``page`` and the event that marks them ready (None on CPU)."""
+        if page.resident and page.device is not None:
+            return page.device, None
+        dev = tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in page.host)
+        if self._side is not None:
+            # The new buffers may reuse memory the current stream still reads (a freed page).
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
+        event = self._copy(dev, page.host, "h2d", page.key)
+        if page.resident:
+            page.device = dev  # stays on the device from now on
+        return dev, event
+
+    def _write_back(self, page: Page, dev) -> None:
+        if self._side is not None:
+            # The side stream must not copy before the compute on the current stream is done.
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
+            for t in dev:
+                t.record_stream(self._side)  # keep the buffer alive until the copy ran
+        self._copy(page.host, dev, "d2h", page.key)
+
+    def _copy(self, dst, src, direction: str, key):
+        stream_ctx = torch.cuda.stream(self._side) if self._side is not None else nullcontext()
+        nbytes = sum(t.nbytes for t in src)
+        with stream_ctx:
+            for d, s in zip(dst, src):
+                d.copy_(s, non_blocking=self._side is not None)
+            event = torch.cuda.Event() if self._side is not None else None
+            if event is not None:
+                event.record(self._side)
+        if direction == "h2d":
+            self.stats.h2d_pages += 1
+            self.stats.h2d_bytes += nbytes
+            self.stats.trace.append(("fetch", key))
+        else:
+            self.stats.d2h_pages += 1
+            self.stats.d2h_bytes += nbytes
+            self.stats.trace.append(("writeback", key))
+        return event
+
+    def _wait(self, event) -> None:
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+
+def host_empty(shape, dtype) -> torch.Tensor:
+    """A zero host tensor, page-locked when CUDA is present (fast, asynchronous copies)."""
+    return torch.zeros(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
