@@ -1,0 +1,236 @@
+"""NF4 storage: bit-exact parity with bitsandbytes (CPU), state dicts both ways, bad input."""
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minift
+from minift.nf4 import NF4Weight, SUPPORTED_BLOCKSIZES, absmax_fp32, dequantize_nf4, quantize_nf4
+
+bnb = pytest.importorskip("bitsandbytes")
+F = bnb.functional
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(autouse=True)
+def _no_compile():
+    # bitsandbytes' fallback dequantizer is torch.compile'd and recompiles for every new shape;
+    # plain eager execution gives the same numbers in a fraction of the time.
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def _bnb(w, blocksize, double_quant):
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+    return packed, state, F.dequantize_4bit(packed, state, quant_type="nf4").reshape(w.shape)
+
+
+def _assert_same_as_bnb(w, blocksize, double_quant):
+    packed, state, deq = _bnb(w, blocksize, double_quant)
+    q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    assert torch.equal(q.packed, packed)
+    assert q.absmax.dtype == state.absmax.dtype and torch.equal(q.absmax, state.absmax)
+    if double_quant:
+        assert torch.equal(q.nested_absmax, state.state2.absmax)
+        assert torch.equal(q.nested_code, state.state2.code)
+        assert q.offset == state.offset.item()
+    assert torch.equal(q.code, state.code)
+    out = dequantize_nf4(q)
+    assert out.dtype == w.dtype and out.shape == w.shape
+    assert torch.equal(out, deq)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 70), cols=st.integers(1, 150), dtype=st.sampled_from(DTYPES),
+       blocksize=st.sampled_from(SUPPORTED_BLOCKSIZES), double_quant=st.booleans(),
+       log_scale=st.floats(-3, 2), seed=st.integers(0, 2**16))
+def test_bit_exact_with_bitsandbytes(rows, cols, dtype, blocksize, double_quant, log_scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=g) * 10**log_scale).to(dtype)
+    _assert_same_as_bnb(w, blocksize, double_quant)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (63,), (65,), (3, 5, 7), (300, 257)])
+def test_bit_exact_odd_and_nd_shapes(shape):
+    _assert_same_as_bnb(torch.randn(shape, dtype=torch.bfloat16), 64, True)
+
+
+def test_bit_exact_many_blocks_and_zero_blocks():
+    # > 256 absmax blocks (two nested scales), a zero block and exact ties on the NF4 midpoints
+    code = minift.quantmaps.nf4_code()
+    mids = (code[:-1] + code[1:]) / 2
+    w = torch.randn(700, 64)
+    w[3] = 0.0
+    w[5, :15] = mids
+    w[5, 15] = 1.0
+    _assert_same_as_bnb(w, 64, True)
+    _assert_same_as_bnb(w.flatten()[: 64 * 512 + 11], 64, True)  # partial last block
+
+
+def test_ties_go_to_the_lower_level():
+    code = minift.quantmaps.nf4_code()
+    mids = (code[:-1] + code[1:]) / 2  # absmax 1.0 -> scaled value equals the midpoint exactly
+    w = torch.cat([torch.tensor([1.0]), mids])
+    q = quantize_nf4(w, 64, double_quant=False)
+    nibbles = torch.stack([q.packed.view(-1) >> 4, q.packed.view(-1) & 15], 1).view(-1)[: w.numel()]
+    assert nibbles[1:].tolist() == list(range(15))
+
+
+def test_nibble_order_and_padding():
+    w = torch.tensor([-1.0, 1.0, 0.0])  # levels 0, 15, 7; the pad nibble is level 7 (zero)
+    q = quantize_nf4(w, 64, double_quant=False)
+    assert q.packed.shape == (2, 1)
+    assert q.packed.view(-1).tolist() == [0x0F, 0x77]
+
+
+def test_bits_per_param_measured_from_tensors():
+    q = quantize_nf4(torch.randn(1024, 4096), 64, True)
+    n = 1024 * 4096
+    expected_bytes = n // 2 + n // 64 + 4 * (n // 64 // 256) + 4 * 16 + 4 * 256 + 4
+    assert q.nbytes == expected_bytes
+    assert q.bits_per_param == pytest.approx(8 * expected_bytes / n)
+    # without the two code books (1,088 bytes, fixed per tensor): 4 + 8/64 + 32/(64*256) exactly
+    book_bytes = q.code.nbytes + q.nested_code.nbytes
+    assert 8 * (q.nbytes - book_bytes - 4) / n == 4 + 8 / 64 + 32 / (64 * 256)
+    assert 4.126 < q.bits_per_param < 4.13
+    single = quantize_nf4(torch.randn(1024, 4096), 64, double_quant=False)
+    assert single.bits_per_param == pytest.approx(4 + 32 / 64, abs=1e-3)
+
+
+def test_dequantize_other_dtype_and_out_buffer():
+    w = torch.randn(33, 65)
+    q = quantize_nf4(w, 128)
+    out = torch.full((33, 65), float("nan"), dtype=torch.bfloat16)
+    res = dequantize_nf4(q, torch.bfloat16, out=out)
+    assert res is out
+    assert torch.equal(out, (absmax_fp32(q).repeat_interleave(128)[: w.numel()]
+                             * dequantize_nf4(q, torch.float32).view(-1) / absmax_fp32(q).repeat_interleave(128)[: w.numel()]
+                             ).to(torch.bfloat16).view(33, 65))
+    assert minift.dequantize_nf4 is dequantize_nf4 and minift.quantize_nf4 is quantize_nf4
+
+
+def test_quantization_error_bounded_by_half_level_gap():
+    w = torch.randn(64, 64)
+    q = quantize_nf4(w, 64)
+    err = (dequantize_nf4(q) - w).abs().view(-1, 64)
+    true_absmax = w.view(-1, 64).abs().amax(1, keepdim=True)
+    # |w - c a'| <= |w - c a| + |c| |a - a'|: half the largest NF4 gap (1 - 0.6962, /2) of the true
+    # absmax, plus the 8-bit error of the absmax itself
+    bound = 0.1520 * true_absmax + (absmax_fp32(q).view(-1, 1) - true_absmax).abs() + 1e-6
+    assert (err <= bound).all()
+    assert err.max() > 0.05  # and the bound is not vacuous: 4 bits do lose information
+
+
+def test_to_device_keeps_values():
+    q = quantize_nf4(torch.randn(10, 10))
+    moved = q.to("cpu")
+    assert moved is not q and torch.equal(dequantize_nf4(moved), dequantize_nf4(q))
+
+
+# ------------------------------------------------------------------ bitsandbytes state dicts
+
+
+def _bnb_linear(w, bias=None):
+    lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=bias is not None, compute_dtype=w.dtype,
+                            compress_statistics=True, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4")
+    if bias is not None:
+        lin.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    return lin.to("cpu")  # quantizes on the move, as on a GPU
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_state_dict_equals_linear4bit(dtype):
+    w = torch.randn(24, 70).to(dtype)
+    theirs = _bnb_linear(w).state_dict()
+    ours = quantize_nf4(w, 64, True).to_bnb_state_dict("weight")
+    assert set(ours) == set(theirs)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    meta = json.loads(bytes(ours["weight.quant_state.bitsandbytes__nf4"].tolist()))
+    assert meta["dtype"] == str(dtype).removeprefix("torch.") and meta["shape"] == [24, 70]
+
+
+def test_load_linear4bit_state_dict_and_back_into_bnb():
+    w = torch.randn(40, 33, dtype=torch.bfloat16)
+    theirs = _bnb_linear(w).state_dict()
+    q = NF4Weight.from_bnb_state_dict(theirs, "weight")
+    ref = F.dequantize_4bit(theirs["weight"], _bnb(w, 64, True)[1], quant_type="nf4")
+    assert torch.equal(dequantize_nf4(q), ref)
+    ours = quantize_nf4(w).to_bnb_state_dict("weight")
+    stats = {k: v for k, v in ours.items() if k != "weight"}
+    param = bnb.nn.Params4bit.from_prequantized(ours["weight"], stats, device="cpu")
+    assert torch.equal(F.dequantize_4bit(param, param.quant_state, quant_type="nf4"), dequantize_nf4(q))
+
+
+def test_state_dict_without_double_quant_round_trips():
+    q = quantize_nf4(torch.randn(9, 31), 32, double_quant=False)
+    sd = q.to_bnb_state_dict("layer.weight")
+    assert "layer.weight.nested_absmax" not in sd
+    back = NF4Weight.from_bnb_state_dict(sd, "layer.weight")
+    assert not back.double_quant and torch.equal(dequantize_nf4(back), dequantize_nf4(q))
+
+
+@pytest.mark.parametrize("key", ["weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                                 "weight.quant_state.bitsandbytes__nf4"])
+def test_missing_key_is_named(key):
+    sd = quantize_nf4(torch.randn(8, 8)).to_bnb_state_dict()
+    del sd[key]
+    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+        NF4Weight.from_bnb_state_dict(sd)
+
+
+def test_unknown_quant_type_is_named():
+    sd = quantize_nf4(torch.randn(8, 8)).to_bnb_state_dict()
+    sd["weight.quant_state.bitsandbytes__fp4"] = sd.pop("weight.quant_state.bitsandbytes__nf4")
+    with pytest.raises(ValueError, match="fp4"):
+        NF4Weight.from_bnb_state_dict(sd)
+    meta = {"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [8, 8]}
+    sd.pop("weight.quant_state.bitsandbytes__fp4")
+    sd["weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="quant_type 'fp4'"):
+        NF4Weight.from_bnb_state_dict(sd)
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("blocksize", [16, 48, 100, 8192, True])
+def test_unsupported_blocksize(blocksize):
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_nf4(torch.randn(4, 4), blocksize=blocksize)
+
+
+def test_non_floating_input():
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        quantize_nf4(torch.arange(10))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        quantize_nf4([1.0, 2.0])
+
+
+def test_empty_input():
+    with pytest.raises(ValueError, match="empty"):
+        quantize_nf4(torch.empty(0, 4))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input(bad):
+    w = torch.randn(4, 4)
+    w[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        quantize_nf4(w)
+
+
+def test_bad_out_buffer_and_dtype():
+    q = quantize_nf4(torch.randn(6, 10))
+    with pytest.raises(ValueError, match="shape"):
+        dequantize_nf4(q, out=torch.empty(10, 6))
+    with pytest.raises(ValueError, match="dtype"):
+        dequantize_nf4(q, out=torch.empty(6, 10, dtype=torch.float16))
+    with pytest.raises(TypeError, match="dtype"):
+        dequantize_nf4(q, dtype=torch.int32)
+    with pytest.raises(TypeError, match="NF4Weight"):
+        dequantize_nf4(torch.randn(3))
