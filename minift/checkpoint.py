@@ -92,7 +92,10 @@ def _split_optimizer_state(sd: dict) -> tuple[dict, dict]:
                 rest[key] = _jsonable(value, f"optimizer state[{idx}][{key!r}]")
         scalars[str(idx)] = rest
     groups = [_jsonable(g, f"optimizer param_groups[{i}]") for i, g in enumerate(sd["param_groups"])]
-    return tensors, {"state": scalars, "param_groups": groups}
+    # Optimizers may add top-level entries (format version, counters); keep them as they are.
+    extra = {k: _jsonable(v, f"optimizer state_dict[{k!r}]") for k, v in sd.items()
+             if k not in ("state", "param_groups")}
+    return tensors, {"state": scalars, "param_groups": groups, "extra": extra}
 
 
 def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
@@ -100,7 +103,7 @@ def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
     for name, t in tensors.items():
         idx, key = name.split("/", 1)
         state.setdefault(int(idx), {})[key] = t
-    return {"state": state, "param_groups": meta["param_groups"]}
+    return dict(meta.get("extra", {}), state=state, param_groups=meta["param_groups"])
 
 
 def _jsonable(value, where: str):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import sys
@@ -112,6 +111,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be > 0 or None, got {value!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.batching == "pack" and self.max_length is None:
+            raise ValueError("TrainConfig.max_length must be set when batching='pack' (the row length)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,14 +130,20 @@ def _check_int(cfg, name: str, optional: bool) -> None:
 # ---- the loss ----------------------------------------------------------------------------
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed fp32 cross-entropy of next-token predictions: logits[:, t] predicts labels[:, t+1]."""
-    vocab = logits.size(-1)
-    shifted = logits[:, :-1].float().reshape(-1, vocab)  # (B*(T-1), V)
+    shifted = logits[:, :-1].float().reshape(-1, logits.size(-1))  # (B*(T-1), V)
     return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
 
 
 def trained_tokens(batch: dict) -> int:
     """Number of label positions that contribute to the loss (after the shift)."""
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _batch_loss_sum(model, batch: dict, device, bf16: bool) -> torch.Tensor:
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(**inputs)  # (B, T, V)
+    return token_loss_sum(logits, batch["labels"].to(device))
 
 
 def accumulate_gradients(model, micro_batches: list, device, bf16: bool = False):
@@ -149,14 +156,10 @@ def accumulate_gradients(model, micro_batches: list, device, bf16: bool = False)
         (loss, n_trained): the step's mean token loss as a 0-dim tensor, and its trained tokens.
     """
     n_trained = sum(trained_tokens(b) for b in micro_batches)  # counted before any forward
-    denom = max(n_trained, 1)
     device = torch.device(device)
     total = torch.zeros((), device=device)
     for batch in micro_batches:
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(**inputs)  # (B, T, V)
-        loss = token_loss_sum(logits, batch["labels"].to(device)) / denom
+        loss = _batch_loss_sum(model, batch, device, bf16) / max(n_trained, 1)
         loss.backward()
         total += loss.detach()
     return total, n_trained
@@ -171,15 +174,9 @@ def evaluate(model, examples: list, config: TrainConfig, device=None) -> dict:
     was_training = model.training
     model.eval()
     batches = batch_examples(examples, config.micro_batch_size, pad_id=config.pad_id,
-                             mode=config.batching, max_length=config.max_length, seed=config.seed,
-                             shuffle=False)
-    total, count = 0.0, 0
-    for batch in batches:
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            logits = model(**inputs)
-        total += float(token_loss_sum(logits, batch["labels"].to(device)))
-        count += trained_tokens(batch)
+                             mode=config.batching, max_length=config.max_length, shuffle=False)
+    total = sum(float(_batch_loss_sum(model, b, device, config.bf16)) for b in batches)
+    count = sum(trained_tokens(b) for b in batches)
     model.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
@@ -194,16 +191,13 @@ def _pick_device(config: TrainConfig) -> torch.device:
 
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimizer over the parameters that require grad."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
         raise ValueError("model has no parameters with requires_grad=True; nothing to train")
-    if config.weight_decay > 0:
-        # Decay matrices only; biases and norm weights (1-D) keep their scale.
-        groups = [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": config.weight_decay},
-                  {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-    else:
-        groups = [{"params": [p for _, p in named], "weight_decay": 0.0}]
+    # Decay matrices only; biases and norm weights (1-D) keep their scale.
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.learning_rate)
     from minift import optim
@@ -253,14 +247,6 @@ def _neftune(model, alpha: Optional[float]):
         handle.remove()
 
 
-def _memory_tracker(model, optimizer):
-    if importlib.util.find_spec("minift.memory") is None:
-        return None
-    from minift.memory import MemoryTracker
-
-    return MemoryTracker(model, optimizer)
-
-
 def _peak_memory(device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -271,8 +257,8 @@ def _peak_memory(device) -> int:
 
 def _check_examples(examples, name: str) -> None:
     if not isinstance(examples, (list, tuple)) or not examples:
-        raise ValueError(f"{name} must be a non-empty list of examples, got {type(examples).__name__}"
-                         f"{' (empty)' if isinstance(examples, (list, tuple)) else ''}")
+        raise ValueError(f"{name} must be a non-empty list of examples, got "
+                         f"{'an empty list' if isinstance(examples, (list, tuple)) else type(examples).__name__}")
     for i, ex in enumerate(examples):
         if not isinstance(ex, dict) or "input_ids" not in ex or "labels" not in ex:
             raise ValueError(f"{name}[{i}] must be a dict with 'input_ids' and 'labels'")
@@ -281,20 +267,28 @@ def _check_examples(examples, name: str) -> None:
                              f"has {len(ex['labels'])}")
 
 
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- data position -----------------------------------------------------------------------
 def _epoch_batches(train_data, config: TrainConfig, epoch: int) -> list:
     from minift.data import batch_examples
 
     return batch_examples(train_data, config.micro_batch_size, pad_id=config.pad_id,
-                          mode=config.batching, max_length=config.max_length,
-                          seed=config.seed + epoch)
+                          mode=config.batching, max_length=config.max_length, seed=config.seed + epoch)
 
 
 def _step_groups(train_data, config: TrainConfig, epoch: int, index: int):
     """Yield ((epoch, batch_index) after the step, epochs done after it, micro-batches) forever."""
     while True:
         batches = _epoch_batches(train_data, config, epoch)
-        if not batches:
-            raise ValueError(f"train_data gave no batches in epoch {epoch}")
         for start in range(index, len(batches), config.grad_accum):
             end = min(start + config.grad_accum, len(batches))
             after = (epoch, end) if end < len(batches) else (epoch + 1, 0)
@@ -309,41 +303,7 @@ def _total_steps(train_data, config: TrainConfig) -> int:
                for e in range(config.epochs))
 
 
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _resume(model, optimizer, config: TrainConfig, data_fp: dict, state: dict) -> Optional[str]:
-    if not config.resume_from:
-        return None
-    path = ckpt.resolve_checkpoint(config.resume_from, config.output_dir)
-    saved = ckpt.read_trainer_state(path)
-    ckpt.check_compatible(saved, path, method=config.method, model=model, config=config.to_dict(),
-                          fields=DATA_ORDER_FIELDS)
-    if saved.get("data") != data_fp:
-        raise ValueError(f"{path}: train_data differs from the data this checkpoint was trained on "
-                         f"({saved.get('data', {}).get('examples')} examples then, {len(data_fp) and data_fp['examples']} now "
-                         f"or different tokens)")
-    ckpt.load_checkpoint(path, model=model, optimizer=optimizer)
-    state.update({k: saved[k] for k in state if k in saved})
-    return path
-
-
-def _reset_metrics(path: Path, keep_until: int) -> None:
-    """Keep metric lines up to the resumed step (a crashed run may have logged past it)."""
-    kept = []
-    if keep_until and path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= keep_until]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
+# ---- the loop ----------------------------------------------------------------------------
 def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
     """Fine-tune `model` on `train_data`; write metrics, checkpoints and a summary.
 
@@ -362,132 +322,176 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             last good state has been written).
         ValueError: bad data, or a resume checkpoint from a different method, model or data order.
     """
-    from tqdm.auto import tqdm
-
     _check_examples(train_data, "train_data")
     if eval_data is not None:
         _check_examples(eval_data, "eval_data")
-    device = _pick_device(config)
-    model.to(device)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_incomplete(out)
-    _seed_everything(config.seed)
-    optimizer = make_optimizer(model, config)
-    data_fp = ckpt.data_fingerprint(train_data)
-    state = {"step": 0, "epoch": 0, "batch_index": 0, "epochs_done": 0.0, "first_loss": None,
-             "last_loss": None, "tokens": 0, "trained_tokens": 0, "train_time": 0.0, "evals": []}
-    resumed = _resume(model, optimizer, config, data_fp, state)
-    total = _total_steps(train_data, config)
-    schedule = Schedule.from_ratio(config.learning_rate, total, config.warmup_ratio, config.lr_scheduler)
-    _reset_metrics(out / "metrics.jsonl", state["step"] if resumed else 0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=total, initial=state["step"], unit="step", dynamic_ncols=True,
-               disable=not (config.progress and sys.stdout.isatty()))
+    return _Loop(model, train_data, config, eval_data).run()
 
-    def say(text: str) -> None:
-        if config.progress:
-            (bar.write if not bar.disable else print)(text)
 
-    def save(rng=None) -> str:
-        trainer_state = dict(state, config=config.to_dict(), data=data_fp, total_steps=total)
-        return ckpt.save_checkpoint(out, state["step"], model=model, optimizer=optimizer,
-                                    method=config.method, trainer_state=trainer_state,
-                                    keep_last=config.keep_last, rng=rng)
+class _Loop:
+    """State of one `train` call; every method is one phase of the loop."""
 
-    def run_eval() -> dict:
-        result = dict(evaluate(model, eval_data, config, device), step=state["step"])
-        state["evals"].append(result)
+    def __init__(self, model, train_data, config: TrainConfig, eval_data):
+        self.model, self.data, self.config, self.eval_data = model, train_data, config, eval_data
+        self.device = _pick_device(config)
+        model.to(self.device)
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_incomplete(self.out)
+        _seed_everything(config.seed)
+        self.optimizer = make_optimizer(model, config)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.data_fp = ckpt.data_fingerprint(train_data)
+        self.state = {"step": 0, "epoch": 0, "batch_index": 0, "epochs_done": 0.0, "first_loss": None,
+                      "last_loss": None, "tokens": 0, "trained_tokens": 0, "train_time": 0.0,
+                      "evals": []}
+        self.resumed = self._resume()
+        self.saved_at = self.state["step"] if self.resumed else None
+        self.last_path, self.memory = self.resumed, None
+        self.total = _total_steps(train_data, config)
+        self.schedule = Schedule.from_ratio(config.learning_rate, self.total, config.warmup_ratio,
+                                            config.lr_scheduler)
+
+    def _resume(self) -> Optional[str]:
+        if not self.config.resume_from:
+            return None
+        path = ckpt.resolve_checkpoint(self.config.resume_from, self.out)
+        saved = ckpt.read_trainer_state(path)
+        ckpt.check_compatible(saved, path, method=self.config.method, model=self.model,
+                              config=self.config.to_dict(), fields=DATA_ORDER_FIELDS)
+        if saved.get("data") != self.data_fp:
+            raise ValueError(f"{path}: train_data differs from the data this checkpoint was trained on "
+                             f"({saved.get('data', {}).get('examples')} examples then, "
+                             f"{self.data_fp['examples']} now, or other tokens)")
+        ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        self.state.update({k: saved[k] for k in self.state if k in saved})
+        return path
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        metrics = self.out / "metrics.jsonl"
+        kept = []  # a crashed run may have logged past the checkpoint we resume from
+        if self.resumed and metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.state["step"]]
+        metrics.write_text("".join(line + "\n" for line in kept))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.bar = tqdm(total=self.total, initial=self.state["step"], unit="step", dynamic_ncols=True,
+                        disable=not (self.config.progress and sys.stdout.isatty()))
+        self.model.train()
+        try:
+            with _gradient_checkpointing(self.model, self.config.gradient_checkpointing), \
+                    _neftune(self.model, self.config.neftune_alpha), open(metrics, "a") as log:
+                groups = _step_groups(self.data, self.config, self.state["epoch"],
+                                      self.state["batch_index"])
+                while self.state["step"] < self.total:
+                    after, epochs_done, group = next(groups)
+                    line = self._step(group)
+                    self.state.update(epoch=after[0], batch_index=after[1], epochs_done=epochs_done)
+                    self._after_step(line, log)
+                if self.eval_data is not None and \
+                        (not self.state["evals"] or self.state["evals"][-1]["step"] != self.state["step"]):
+                    self._evaluate()
+                if self.saved_at != self.state["step"]:
+                    self._save()
+        finally:
+            self.bar.close()
+        summary = self._summary()
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _step(self, group: list) -> dict:
+        """One optimizer step over `group`'s micro-batches; returns its metrics line."""
+        from minift.memory import MemoryTracker
+
+        rng_before = ckpt.rng_state()  # for a checkpoint of the last good state
+        step = self.state["step"] + 1
+        lr = self.schedule.lr(step - 1)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        tracker = MemoryTracker(self.model, self.optimizer) if self.memory is None else None
+        t0 = time.perf_counter()
+        with tracker.track() if tracker else contextlib.nullcontext():
+            loss, n_trained = accumulate_gradients(self.model, group, self.device, self.config.bf16)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf)
+            loss, norm = float(loss), float(norm)
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            if finite:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        if not finite:
+            path = self._save(rng=rng_before)  # parameters and optimizer are still at step - 1
+            what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+            raise FloatingPointError(f"training {what} is {value} at step {step}; the last good "
+                                     f"state (step {step - 1}) is saved in {path}")
+        if tracker is not None:
+            self.memory = tracker.report().as_dict()
+            self._say(tracker.report().table())
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in group)
+        st = self.state
+        st.update(step=step, last_loss=loss, tokens=st["tokens"] + n_tokens,
+                  trained_tokens=st["trained_tokens"] + n_trained, train_time=st["train_time"] + seconds)
+        if st["first_loss"] is None:
+            st["first_loss"] = loss
+        return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": n_tokens,
+                "trained_tokens": n_trained, "tokens_per_s": n_tokens / seconds,
+                "elapsed": st["train_time"]}
+
+    def _after_step(self, line: dict, log) -> None:
+        step, config = line["step"], self.config
+        line["epoch"] = round(self.state["epochs_done"], 4)
+        if self.eval_data is not None and config.eval_interval and step % config.eval_interval == 0:
+            line["eval_loss"] = self._evaluate()["eval_loss"]
+        log.write(json.dumps(line) + "\n")
+        log.flush()
+        self.bar.update(1)
+        if step % config.log_interval == 0 or step == self.total:
+            peak = f"{_peak_memory(self.device) / 2**20:.0f}MiB"
+            self.bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
+                                 tok_s=f"{line['tokens_per_s']:.0f}", peak=peak, refresh=False)
+            if self.bar.disable:
+                self._say(f"step {step}/{self.total} loss {line['loss']:.4f} lr {line['lr']:.2e} "
+                          f"tok/s {line['tokens_per_s']:.0f} peak {peak}")
+        if config.save_interval and step % config.save_interval == 0:
+            self._save()
+
+    def _say(self, text: str) -> None:
+        if self.config.progress:
+            (print if self.bar.disable else self.bar.write)(text)
+
+    def _evaluate(self) -> dict:
+        result = dict(evaluate(self.model, self.eval_data, self.config, self.device),
+                      step=self.state["step"])
+        self.state["evals"].append(result)
         return result
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    memory, saved_at, last_path = None, resumed and state["step"], resumed
-    model.train()
-    try:
-        with _gradient_checkpointing(model, config.gradient_checkpointing), \
-                _neftune(model, config.neftune_alpha), open(out / "metrics.jsonl", "a") as log:
-            groups = _step_groups(train_data, config, state["epoch"], state["batch_index"])
-            while state["step"] < total:
-                after, epochs_done, group = next(groups)
-                rng_before = ckpt.rng_state()  # for a checkpoint of the last good state
-                step = state["step"] + 1
-                lr = schedule.lr(step - 1)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                tracker = _memory_tracker(model, optimizer) if memory is None else None
-                t0 = time.perf_counter()
-                with tracker.track() if tracker else contextlib.nullcontext():
-                    loss, n_trained = accumulate_gradients(model, group, device, config.bf16)
-                    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
-                    loss, norm = float(loss), float(norm)
-                    finite = math.isfinite(loss) and math.isfinite(norm)
-                    if finite:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                seconds = time.perf_counter() - t0
-                if not finite:
-                    path = save(rng=rng_before)
-                    what = "loss" if not math.isfinite(loss) else "gradient norm"
-                    raise FloatingPointError(
-                        f"training {what} is {loss if what == 'loss' else norm} at step {step}; "
-                        f"the last good state (step {step - 1}) is saved in {path}")
-                if tracker is not None:
-                    report = tracker.report()
-                    memory = report.as_dict()
-                    say(report.table())
-                elif memory is None:
-                    memory = {}
-                n_tokens = sum(int(b["attention_mask"].sum()) for b in group)
-                state.update(step=step, epoch=after[0], batch_index=after[1], epochs_done=epochs_done,
-                             last_loss=loss, tokens=state["tokens"] + n_tokens,
-                             trained_tokens=state["trained_tokens"] + n_trained,
-                             train_time=state["train_time"] + seconds)
-                if state["first_loss"] is None:
-                    state["first_loss"] = loss
-                line = {"step": step, "epoch": round(epochs_done, 4), "loss": loss, "lr": lr,
-                        "grad_norm": norm, "tokens": n_tokens, "trained_tokens": n_trained,
-                        "tokens_per_s": n_tokens / seconds, "elapsed": state["train_time"]}
-                if eval_data is not None and config.eval_interval and step % config.eval_interval == 0:
-                    line["eval_loss"] = run_eval()["eval_loss"]
-                log.write(json.dumps(line) + "\n")
-                log.flush()
-                peak = _peak_memory(device)
-                bar.update(1)
-                if step % config.log_interval == 0 or step == total:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / seconds:.0f}",
-                                    mem=f"{peak / 2**20:.0f}MiB", refresh=False)
-                    if bar.disable:
-                        say(f"step {step}/{total} loss {loss:.4f} lr {lr:.2e} "
-                            f"tok/s {n_tokens / seconds:.0f} peak {peak / 2**20:.0f} MiB")
-                if config.save_interval and step % config.save_interval == 0:
-                    last_path, saved_at = save(), step
-            if eval_data is not None and (not state["evals"] or state["evals"][-1]["step"] != state["step"]):
-                run_eval()
-            if saved_at != state["step"]:
-                last_path = save()
-    finally:
-        bar.close()
-    summary = _summary(model, config, state, total, device, memory, last_path, resumed)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    def _save(self, rng=None) -> str:
+        trainer_state = dict(self.state, config=self.config.to_dict(), data=self.data_fp,
+                             total_steps=self.total)
+        path = ckpt.save_checkpoint(self.out, self.state["step"], model=self.model,
+                                    optimizer=self.optimizer, method=self.config.method,
+                                    trainer_state=trainer_state, keep_last=self.config.keep_last, rng=rng)
+        self.last_path, self.saved_at = path, self.state["step"]
+        return path
 
+    def _summary(self) -> dict:
+        from minift.lora import trainable_parameters  # counts NF4 weights by their logical size
 
-def _summary(model, config, state, total, device, memory, last_path, resumed) -> dict:
-    from minift.lora import trainable_parameters  # counts NF4 weights by their logical size
-
-    trainable, n_params = trainable_parameters(model)
-    final_eval = state["evals"][-1] if state["evals"] else None
-    return {
-        "method": config.method, "steps": state["step"], "total_steps": total,
-        "epochs": round(state["epochs_done"], 4), "first_loss": state["first_loss"],
-        "last_loss": state["last_loss"], "eval_loss": final_eval and final_eval["eval_loss"],
-        "eval": state["evals"], "tokens": state["tokens"], "trained_tokens": state["trained_tokens"],
-        "train_time_s": state["train_time"],
-        "tokens_per_s": state["tokens"] / state["train_time"] if state["train_time"] else None,
-        "trainable_params": trainable, "total_params": n_params,
-        "peak_memory_bytes": _peak_memory(device),
-        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
-        "memory": memory or None, "device": str(device), "optimizer": config.optimizer,
-        "checkpoint": last_path, "resumed_from": resumed, "output_dir": str(config.output_dir),
-    }
+        st, config = self.state, self.config
+        trainable, total = trainable_parameters(self.model)
+        return {
+            "method": config.method, "steps": st["step"], "total_steps": self.total,
+            "epochs": round(st["epochs_done"], 4), "first_loss": st["first_loss"],
+            "last_loss": st["last_loss"], "eval_loss": st["evals"][-1]["eval_loss"] if st["evals"] else None,
+            "eval": st["evals"], "tokens": st["tokens"], "trained_tokens": st["trained_tokens"],
+            "train_time_s": st["train_time"],
+            "tokens_per_s": st["tokens"] / st["train_time"] if st["train_time"] else None,
+            "trainable_params": trainable, "total_params": total,
+            "peak_memory_bytes": _peak_memory(self.device),
+            "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",
+            "memory": self.memory, "device": str(self.device), "optimizer": config.optimizer,
+            "checkpoint": self.last_path, "resumed_from": self.resumed, "output_dir": str(self.out),
+        }

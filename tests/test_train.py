@@ -1,10 +1,7 @@
 """The training loop: config checks, loss normalisation, methods, checkpointing, resume, NaN."""
-import importlib.util
 import json
 import math
 import random
-import sys
-import types
 
 import pytest
 import torch
@@ -82,15 +79,6 @@ def collate(examples, pad_id=0):
     return batch
 
 
-def _batch_examples(examples, batch_size, *, pad_id, mode="bucket", max_length=None, seed=0,
-                    shuffle=True):
-    order = list(range(len(examples)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    return [collate([examples[j] for j in order[i:i + batch_size]], pad_id)
-            for i in range(0, len(order), batch_size)]
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny matmuls run ~15x faster on one thread than on two contended ones (measured here)."""
@@ -98,15 +86,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _data_module(monkeypatch):
-    """Stand in for minift.data.batch_examples while that module is not in the tree."""
-    if importlib.util.find_spec("minift.data") is None:
-        stub = types.ModuleType("minift.data")
-        stub.batch_examples = _batch_examples
-        monkeypatch.setitem(sys.modules, "minift.data", stub)
 
 
 def cfg(tmp_path, **kw):
