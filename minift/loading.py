@@ -167,7 +167,7 @@ class _Filler:
             return
         module = self.model.get_submodule(module_path)
         bias = module.bias if module.bias is not None and not module.bias.is_meta else None
-        layer = NF4Linear.from_bnb_state_dict(pieces, prefix="weight", bias=bias,
+        layer = NF4Linear.from_bnb_state_dict(pieces, prefix="", bias=bias,
                                               compute_dtype=self.dtype)
         want = self.expected[f"{module_path}.weight"]
         if (layer.out_features, layer.in_features) != want:

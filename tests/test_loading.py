@@ -8,7 +8,9 @@ from safetensors.torch import load_file, save_file
 
 from minift.config import ModelConfig
 from minift.loading import load_model, parse_size, save_model
+from minift.loading import _Filler
 from minift.model import Llama
+from minift.nf4_linear import NF4Linear
 from test_model import FAMILIES, hf_model
 
 
@@ -87,14 +89,6 @@ def test_parse_size():
         parse_size("5 parsecs")
 
 
-class StoredAsNF4(torch.nn.Module):
-    """Writes the state_dict keys of a bitsandbytes-style NF4 layer."""
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = torch.zeros(8, 1, dtype=torch.uint8)
-        destination[prefix + "weight.absmax"] = torch.zeros(1, dtype=torch.uint8)
-
-
 def test_save_refuses_lora_and_quantized_models(tmp_path):
     model = Llama(ModelConfig.from_name("tiny"))
     layer = model.model.layers[0].self_attn
@@ -102,8 +96,8 @@ def test_save_refuses_lora_and_quantized_models(tmp_path):
     with pytest.raises(ValueError, match="LoRA adapters .*lora_A.*minift.merge_lora"):
         save_model(model, tmp_path)
     del layer.lora_A
-    layer.q_proj = StoredAsNF4()
-    with pytest.raises(ValueError, match="NF4-quantized weights .*q_proj.weight"):
+    layer.q_proj = NF4Linear.from_linear(layer.q_proj)
+    with pytest.raises(ValueError, match="NF4-quantized weights .*layers.0.self_attn.q_proj.weight"):
         save_model(model, tmp_path)
     assert not (tmp_path / "config.json").exists()
 
@@ -181,3 +175,95 @@ def test_old_checkpoints_with_rope_tables_load(tmp_path):
 def test_bad_quantize_argument(tmp_path):
     with pytest.raises(ValueError, match="quantize must be None or 'nf4', got 'int8'"):
         load_model(tmp_path, quantize="int8")
+
+
+# ---- NF4: quantize on load, bitsandbytes checkpoints ---------------------------------------
+
+
+def bnb_roundtrip(w):
+    """bitsandbytes' NF4 (double quant, blocksize 64) of w: packed tensors and the dequantized w."""
+    bf = pytest.importorskip("bitsandbytes.functional")
+    packed, state = bf.quantize_4bit(w.float().contiguous(), blocksize=64, quant_type="nf4",
+                                     compress_statistics=True)
+    return packed, state, bf.dequantize_4bit(packed, state)
+
+
+def is_quantized_linear(name):
+    return name.endswith("_proj.weight")
+
+
+def dequantized_reference(hf):
+    """A plain minift model whose linear weights went through bitsandbytes' NF4 round trip."""
+    model = Llama(ModelConfig.from_hf_dict(hf.config.to_dict()))
+    sd = {k: bnb_roundtrip(v)[2] if is_quantized_linear(k) else v for k, v in hf.state_dict().items()}
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama3.2", "qwen2"])
+def test_quantize_on_load_matches_bitsandbytes_roundtrip(checkpoints, family):
+    hf, path = checkpoints[family]
+    model = load_model(path, dtype=torch.float32, quantize="nf4")
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if n.endswith("proj") or n == "lm_head"}
+    assert kinds.pop("lm_head") == "Linear"
+    assert set(kinds.values()) == {"NF4Linear"}
+    if family == "qwen2":
+        assert model.model.layers[1].self_attn.k_proj.bias is not None
+    assert not any(b.requires_grad for b in model.buffers())
+    ids = torch.randint(0, 128, (2, 7))
+    assert logits_diff(model, dequantized_reference(hf), ids) <= 1e-4
+
+
+@pytest.mark.parametrize("bias_first", [True, False])
+def test_bias_before_or_after_quantized_weight(bias_first):
+    config = ModelConfig.from_hf_dict(hf_model("qwen2").config.to_dict())
+    with torch.device("meta"):
+        model = Llama(config)
+    filler = _Filler(model, torch.float32, torch.device("cpu"), quantize=True)
+    w, b = torch.randn(config.kv_size, 64), torch.randn(config.kv_size)
+    name = "model.layers.0.self_attn.k_proj"
+    items = [(name + ".bias", b), (name + ".weight", w)]
+    for key, t in items if bias_first else items[::-1]:
+        filler.add(key, t)
+    layer = model.get_submodule(name)
+    assert isinstance(layer, NF4Linear) and torch.equal(layer.bias, b)
+    assert not layer.bias.requires_grad
+
+
+def write_bnb_checkpoint(hf, path, drop=None):
+    tensors = {}
+    for key, value in hf.state_dict().items():
+        if not is_quantized_linear(key):
+            tensors[key] = value.contiguous()
+            continue
+        packed, state, _ = bnb_roundtrip(value)
+        tensors[key] = packed
+        for suffix, t in state.as_dict(packed=True).items():
+            tensors[f"{key}.{suffix}"] = t
+    if hf.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight")
+    if drop:
+        tensors.pop(drop)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = hf.config.to_dict()
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("family", ["llama3.2", "qwen2"])
+def test_load_bnb_4bit_checkpoint(tmp_path, family):
+    hf = hf_model(family)
+    write_bnb_checkpoint(hf, tmp_path)
+    model = load_model(tmp_path, dtype=torch.float32)
+    assert isinstance(model.model.layers[0].mlp.down_proj, NF4Linear)
+    assert model.config.extra["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert logits_diff(model, dequantized_reference(hf), torch.randint(0, 128, (2, 7))) <= 1e-4
+
+
+def test_incomplete_bnb_tensors_are_named(tmp_path):
+    write_bnb_checkpoint(hf_model("llama2"), tmp_path,
+                         drop="model.layers.1.mlp.up_proj.weight.nested_absmax")
+    with pytest.raises(ValueError, match=r"incomplete bitsandbytes NF4 tensors: "
+                                         r"model.layers.1.mlp.up_proj.weight \(.*quant_map"):
+        load_model(tmp_path)
