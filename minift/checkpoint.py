@@ -273,8 +273,19 @@ def read_trainer_state(path) -> dict:
     return json.loads((Path(path) / "trainer_state.json").read_text())
 
 
-def check_compatible(state: dict, path, *, method: str, model, config: dict, fields=()) -> None:
-    """Raise ValueError naming what differs between a checkpoint and the run resuming it."""
+def check_compatible(state: dict, path, *, method: str, model, config: dict, fields=(),
+                     data: Optional[dict] = None) -> None:
+    """Raise ValueError naming what differs between a checkpoint and the run resuming it.
+
+    Args:
+        state: the checkpoint's trainer state (`read_trainer_state`).
+        path: the checkpoint, for messages.
+        method: this run's method.
+        model: this run's model (parameter names and shapes are compared).
+        config: this run's config dict; `fields` of it must equal the checkpoint's.
+        fields: config fields that must not change.
+        data: this run's `data_fingerprint`, if the data must be the same.
+    """
     if state.get("method") != method:
         raise ValueError(f"{path}: checkpoint was trained with method {state.get('method')!r}, "
                          f"this run uses method {method!r}")
@@ -290,6 +301,10 @@ def check_compatible(state: dict, path, *, method: str, model, config: dict, fie
     changed = [f"{f} ({old.get(f)!r} -> {config.get(f)!r})" for f in fields if old.get(f) != config.get(f)]
     if changed:
         raise ValueError(f"{path}: resuming needs the same data order; changed: {', '.join(changed)}")
+    if data is not None and state.get("data") != data:
+        raise ValueError(f"{path}: train_data differs from the data this checkpoint was trained on "
+                         f"({state.get('data', {}).get('examples')} examples then, "
+                         f"{data['examples']} now, or other tokens)")
 
 
 def load_checkpoint(path, *, model, optimizer) -> dict:

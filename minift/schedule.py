@@ -1,7 +1,10 @@
-"""Learning-rate schedules: linear warm-up, then cosine, linear or constant.
+"""What each optimizer step does: its learning rate and the micro-batches it takes.
 
-The schedule is a pure function of the optimizer step, so resuming a run needs nothing but the
-step counter (no scheduler object with hidden state to save).
+Learning rate: linear warm-up, then cosine, linear or constant decay.
+
+Both are pure functions: the learning rate of the step number, the micro-batches of (seed,
+epoch, index). Resuming a run needs nothing but those counters (no scheduler or sampler object
+with hidden state to save).
 """
 from __future__ import annotations
 
@@ -57,3 +60,36 @@ class Schedule:
     def lr(self, step: int) -> float:
         """Learning rate at 0-based step `step`."""
         return self.base_lr * self.factor(step)
+
+
+# ---- which micro-batches make up each optimizer step --------------------------------------
+def epoch_batches(train_data, config, epoch: int) -> list:
+    """Epoch `epoch`'s micro-batches; the order is fixed by config.seed + epoch."""
+    from minift.data import batch_examples
+
+    return batch_examples(train_data, config.micro_batch_size, pad_id=config.pad_id,
+                          mode=config.batching, max_length=config.max_length, seed=config.seed + epoch)
+
+
+def step_groups(train_data, config, epoch: int = 0, index: int = 0):
+    """Yield one item per optimizer step, endlessly, starting at micro-batch `index` of `epoch`.
+
+    Each item is ((epoch, index) after the step, epochs done after it, list of micro-batches).
+    A step takes up to config.grad_accum micro-batches and never spans two epochs, so the last
+    step of an epoch may take fewer.
+    """
+    while True:
+        batches = epoch_batches(train_data, config, epoch)
+        for start in range(index, len(batches), config.grad_accum):
+            end = min(start + config.grad_accum, len(batches))
+            after = (epoch, end) if end < len(batches) else (epoch + 1, 0)
+            yield after, epoch + end / len(batches), batches[start:end]
+        epoch, index = epoch + 1, 0
+
+
+def total_steps(train_data, config) -> int:
+    """config.max_steps, or the steps that config.epochs passes over train_data take."""
+    if config.max_steps is not None:
+        return config.max_steps
+    return sum(math.ceil(len(epoch_batches(train_data, config, e)) / config.grad_accum)
+               for e in range(config.epochs))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from minift import checkpoint as ckpt
-from minift.schedule import SCHEDULES, Schedule
+from minift.schedule import SCHEDULES, Schedule, step_groups, total_steps
 
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
@@ -277,32 +277,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ---- data position -----------------------------------------------------------------------
-def _epoch_batches(train_data, config: TrainConfig, epoch: int) -> list:
-    from minift.data import batch_examples
-
-    return batch_examples(train_data, config.micro_batch_size, pad_id=config.pad_id,
-                          mode=config.batching, max_length=config.max_length, seed=config.seed + epoch)
-
-
-def _step_groups(train_data, config: TrainConfig, epoch: int, index: int):
-    """Yield ((epoch, batch_index) after the step, epochs done after it, micro-batches) forever."""
-    while True:
-        batches = _epoch_batches(train_data, config, epoch)
-        for start in range(index, len(batches), config.grad_accum):
-            end = min(start + config.grad_accum, len(batches))
-            after = (epoch, end) if end < len(batches) else (epoch + 1, 0)
-            yield after, epoch + end / len(batches), batches[start:end]
-        epoch, index = epoch + 1, 0
-
-
-def _total_steps(train_data, config: TrainConfig) -> int:
-    if config.max_steps is not None:
-        return config.max_steps
-    return sum(math.ceil(len(_epoch_batches(train_data, config, e)) / config.grad_accum)
-               for e in range(config.epochs))
-
-
 # ---- the loop ----------------------------------------------------------------------------
 def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
     """Fine-tune `model` on `train_data`; write metrics, checkpoints and a summary.
@@ -348,7 +322,7 @@ class _Loop:
         self.resumed = self._resume()
         self.saved_at = self.state["step"] if self.resumed else None
         self.last_path, self.memory = self.resumed, None
-        self.total = _total_steps(train_data, config)
+        self.total = total_steps(train_data, config)
         self.schedule = Schedule.from_ratio(config.learning_rate, self.total, config.warmup_ratio,
                                             config.lr_scheduler)
 
@@ -358,11 +332,7 @@ class _Loop:
         path = ckpt.resolve_checkpoint(self.config.resume_from, self.out)
         saved = ckpt.read_trainer_state(path)
         ckpt.check_compatible(saved, path, method=self.config.method, model=self.model,
-                              config=self.config.to_dict(), fields=DATA_ORDER_FIELDS)
-        if saved.get("data") != self.data_fp:
-            raise ValueError(f"{path}: train_data differs from the data this checkpoint was trained on "
-                             f"({saved.get('data', {}).get('examples')} examples then, "
-                             f"{self.data_fp['examples']} now, or other tokens)")
+                              config=self.config.to_dict(), fields=DATA_ORDER_FIELDS, data=self.data_fp)
         ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
         self.state.update({k: saved[k] for k in self.state if k in saved})
         return path
@@ -384,7 +354,7 @@ class _Loop:
         try:
             with _gradient_checkpointing(self.model, self.config.gradient_checkpointing), \
                     _neftune(self.model, self.config.neftune_alpha), open(metrics, "a") as log:
-                groups = _step_groups(self.data, self.config, self.state["epoch"],
+                groups = step_groups(self.data, self.config, self.state["epoch"],
                                       self.state["batch_index"])
                 while self.state["step"] < self.total:
                     after, epochs_done, group = next(groups)

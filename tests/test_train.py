@@ -256,3 +256,24 @@ def test_no_trainable_parameters_is_an_error(tmp_path):
     model = TinyLM().requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         train(model, make_examples(4), cfg(tmp_path))
+
+
+def test_qlora_trains_adapters_on_nf4_base_with_checkpointing_and_packing(tmp_path):
+    from minift.lora import lora_wrap, trainable_parameters
+    from minift.nf4_linear import NF4Linear, quantize_model
+
+    base = tiny_llama()
+    nn.init.normal_(base.lm_head.weight, std=1.0)
+    model = lora_wrap(quantize_model(base), r=8, alpha=16)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, NF4Linear)
+    config = cfg(tmp_path, method="qlora", epochs=3, learning_rate=1e-2, gradient_checkpointing=True,
+                 optimizer="adamw8bit", batching="pack", max_length=32, micro_batch_size=2)
+    summary = train(model, make_examples(32, vocab=64), config)
+    assert summary["last_loss"] < 0.5 * summary["first_loss"]
+    assert model.gradient_checkpointing is False  # the loop puts the flag back
+    assert (summary["trainable_params"], summary["total_params"]) == trainable_parameters(model)
+    saved = ckpt.load_file(summary["checkpoint"] + "/model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    assert set(summary["memory"]) >= {"frozen_weights", "trainable_params", "gradients",
+                                      "optimizer_states", "activations", "other", "peak"}
+    assert summary["memory"]["frozen_weights"] > 0 and summary["memory"]["optimizer_states"] > 0
