@@ -1,0 +1,207 @@
+"""NF4Linear: equals nn.Linear on the dequantized weight, saves no float weight, QLoRA trains."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import minift
+from minift.nf4 import dequantize_nf4, quantize_nf4
+from minift.nf4_linear import NF4Linear, quantize_model
+
+
+def _pair(out_f=24, in_f=40, dtype=torch.float32, bias=True):
+    base = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    q = NF4Linear.from_linear(base)
+    ref = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    with torch.no_grad():
+        ref.weight.copy_(q.dequantize(dtype))
+        if bias:
+            ref.bias.copy_(base.bias)
+    return q, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_backward_equal_linear_on_dequantized_weight(dtype):
+    q, ref = _pair(dtype=dtype)
+    x = torch.randn(2, 5, 40, dtype=dtype, requires_grad=True)
+    y = q(x)
+    grad = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    y_ref = ref(x)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, grad)
+    assert y.dtype == dtype and gx.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(gx, gx_ref, rtol=tol, atol=tol)
+    if dtype == torch.float32:  # same kernels, same inputs: bit-equal on CPU
+        assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+
+
+def test_nothing_trainable_and_weight_is_buffers():
+    q, _ = _pair()
+    assert [p.requires_grad for p in q.parameters()] == [False]  # only the frozen bias
+    names = dict(q.named_buffers())
+    assert names["weight"].dtype == torch.uint8 and names["weight"].shape == (24 * 40 // 2, 1)
+    assert (q.in_features, q.out_features) == (40, 24)
+
+
+def test_saved_tensors_hold_no_dequantized_weight():
+    q, _ = _pair(out_f=48, in_f=64)
+    x = torch.randn(4, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(x)
+    y.sum().backward()
+    assert saved, "the Function saves the quantized tensors"
+    assert all(not (shape == (48, 64) and dtype.is_floating_point) for shape, dtype in saved)
+    assert ((48 * 64 // 2, 1), torch.uint8) in saved  # it is the packed weight that is kept
+    assert x.grad is not None and x.grad.shape == (4, 64)
+
+
+def test_cpu_autocast_bf16():
+    q, ref = _pair()
+    x = torch.randn(3, 40, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+        y_ref = ref(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+def test_under_non_reentrant_checkpoint():
+    q, _ = _pair()
+    x = torch.randn(3, 40, requires_grad=True)
+    (g_plain,) = torch.autograd.grad(q(x).pow(2).sum(), x)
+    y = checkpoint(lambda t: q(t).pow(2), x, use_reentrant=False)
+    (g_ckpt,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g_plain, g_ckpt)
+
+
+def test_to_moves_buffers_and_dequantize_dtype():
+    q, _ = _pair()
+    moved = q.to("cpu")
+    assert moved.weight.device.type == "cpu"
+    assert q.dequantize(torch.bfloat16).dtype == torch.bfloat16
+    assert torch.equal(q.dequantize(), dequantize_nf4(q.quant_weight))
+
+
+# ---------------------------------------------------------------------------- state dicts
+
+
+def test_state_dict_keys_and_values_equal_linear4bit():
+    bnb = pytest.importorskip("bitsandbytes")
+    w, b = torch.randn(16, 72, dtype=torch.bfloat16), torch.randn(16, dtype=torch.bfloat16)
+    lin = bnb.nn.Linear4bit(72, 16, bias=True, compute_dtype=torch.bfloat16, compress_statistics=True,
+                            quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4")
+    lin.bias = nn.Parameter(b.clone(), requires_grad=False)
+    theirs = lin.to("cpu").state_dict()
+    ours = NF4Linear.from_weight(w, b).state_dict()
+    assert list(ours) == ["weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                          "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4", "bias"]
+    assert set(ours) == set(theirs)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    loaded = NF4Linear.from_bnb_state_dict(theirs, "")
+    assert torch.equal(loaded.dequantize(), dequantize_nf4(quantize_nf4(w)))
+    assert torch.equal(loaded.bias, b)
+
+
+def test_load_state_dict_round_trip_inside_a_model():
+    src = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 6))
+    quantize_model(src, skip=())
+    dst = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 6))
+    quantize_model(dst, skip=())
+    result = dst.load_state_dict(src.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 10)
+    assert torch.equal(dst(x), src(x))
+
+
+def test_load_state_dict_names_missing_and_unknown_keys():
+    layer, _ = _pair()
+    sd = layer.state_dict()
+    del sd["weight.absmax"]
+    with pytest.raises(RuntimeError, match=r"weight\.absmax"):
+        layer.load_state_dict(sd)
+    sd = layer.state_dict()
+    sd["weight.quant_state.bitsandbytes__fp4"] = sd.pop("weight.quant_state.bitsandbytes__nf4")
+    with pytest.raises(RuntimeError, match="fp4"):
+        layer.load_state_dict(sd)
+    sd = layer.state_dict()
+    sd["weight.extra"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r"weight\.extra"):
+        layer.load_state_dict(sd)
+
+
+def test_bad_constructor_arguments():
+    q = quantize_nf4(torch.randn(4, 8))
+    with pytest.raises(TypeError, match="NF4Weight"):
+        NF4Linear(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="2-D"):
+        NF4Linear(quantize_nf4(torch.randn(4, 8, 2)))
+    with pytest.raises(ValueError, match="bias has shape"):
+        NF4Linear(q, bias=torch.zeros(5))
+    with pytest.raises(TypeError, match="compute_dtype"):
+        NF4Linear(q, compute_dtype=torch.int8)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        NF4Linear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+# ------------------------------------------------------------------ quantize_model + QLoRA
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_quantize_model_replaces_linears_and_reports_bytes():
+    model = _tiny_llama()
+    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    returned = quantize_model(model, blocksize=64)
+    assert returned is model
+    kinds = {name: type(m) for name, m in model.named_modules()}
+    assert kinds["lm_head"] is nn.Linear  # skipped by default
+    assert kinds["model.layers.0.self_attn.q_proj"] is NF4Linear
+    assert sum(k is NF4Linear for k in kinds.values()) == n_linear - 1
+    report = model._minift_quant_report
+    assert report["layers"] == n_linear - 1
+    assert report["bytes_after"] < report["bytes_before"]
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "layers" in n and "proj" in n)
+
+
+def test_qlora_tiny_llama_trains_and_merges():
+    model = _tiny_llama()
+    quantize_model(model)
+    minift.lora_wrap(model, r=8, alpha=16)
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(0, 64, (2, 16))
+    losses = []
+    for _ in range(12):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    model.eval()
+    # merged NF4 bases are bf16 nn.Linear layers; run both sides under the same bf16 autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids).logits
+        minift.merge_lora(model)
+        after = model(input_ids=ids).logits
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(after.float(), before.float(), rtol=0.1, atol=0.1)
