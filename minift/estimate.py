@@ -13,8 +13,9 @@ compute dtype, h = hidden size, i = intermediate size):
   values, and float32 moments for tensors smaller than 4096 values.
 * activations: what `minift.model.Llama` and `minift.train`'s loss keep for backward, term by
   term (`_layer_saved`, `_head_saved`), derived by listing the tensors autograd saves.
-* other: the logits and the loss's float32 copy of them, alive while the loss is computed, or the
-  optimizer's temporaries during its step, whichever is larger.
+* other: the loss's buffers (logits and their float32 copy, or the two float32 logit gradients at
+  the start of backward) or the optimizer's temporaries during its step, whichever moment is
+  the peak.
 
 The total is the peak of two moments: the end of the loss (weights + states + activations +
 logits) and the optimizer step (weights + states + gradients + step temporaries).
@@ -68,12 +69,18 @@ def _elem(dtype: torch.dtype) -> int:
 
 
 def nf4_bytes(n: int, blocksize: int = 64, nested_blocksize: int = 256) -> int:
-    """Bytes of one NF4 double-quantized weight of n values, code books included."""
+    """Bytes of one NF4 double-quantized weight of n values as `minift.nf4` stores it.
+
+    The packed nibbles, one uint8 absmax code per block (stored padded to whole groups of 256
+    blocks), one float32 scale per 256 blocks and the 16-entry float32 NF4 code. The 256-entry
+    nested code book is one tensor shared by every layer (`NF4_SHARED_BYTES`).
+    """
     blocks = math.ceil(n / blocksize)
     nested = math.ceil(blocks / nested_blocksize)
-    # packed nibbles + uint8 absmax codes + float32 nested absmax + 256-entry nested code + the
-    # 16-entry NF4 code (all float32)
-    return math.ceil(n / 2) + blocks + 4 * nested + 4 * 256 + 4 * 16
+    return math.ceil(n / 2) + nested * nested_blocksize + 4 * nested + 4 * 16
+
+
+NF4_SHARED_BYTES = 4 * 256  # the float32 nested code book, one per device
 
 
 def adam_state_bytes(n: int, elem: int, optimizer: str, min_8bit_size: int = 4096) -> int:
@@ -146,6 +153,8 @@ def _weights(cfg, method, targets, r, e, ae, blocksize):
             frozen += nf4_bytes(n, blocksize)
         else:
             frozen += n * e
+    if method == "qlora":
+        frozen += NF4_SHARED_BYTES
     if method != "full":
         shapes = cfg.linear_shapes()
         for _ in range(cfg.num_hidden_layers):
@@ -265,25 +274,41 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
               for i in range(cfg.num_hidden_layers)]
     per_layer = [sum(t.values()) for t in layers]
     if gradient_checkpointing:
-        # each layer keeps only its input; backward recomputes one layer at a time, after the
-        # loss's tensors are gone
-        terms["layer_inputs"] = cfg.num_hidden_layers * e * cfg.hidden_size * n_tok
-        head = terms.pop("loss")
-        terms["recomputed_layer_or_loss"] = max(head, max(per_layer))
+        # Each layer keeps only its inputs (hidden state; cos, sin and the boolean mask are
+        # shared). Backward recomputes one layer at a time after the head's tensors are gone;
+        # while it runs, that layer's saved tensors and its residual sum are alive.
+        hidden = e * cfg.hidden_size * n_tok
+        terms["layer_inputs"] = cfg.num_hidden_layers * hidden
+        terms["attention_mask_bool"] = batch_size * seq_len * seq_len if attention_mask else 0
+        head = sum(terms.pop(k) for k in ("final_norm", "lm_head_input", "loss"))
+        terms["head_or_recomputed_layer"] = max(head, max(per_layer) + hidden)
+        recompute_extra = max(per_layer) + hidden - head  # > 0: the recompute is the high mark
     else:
+        recompute_extra = None
         for name in layers[-1]:
             terms["layers." + name] = sum(t[name] for t in layers)
     activations = sum(terms.values())
 
     n_loss = batch_size * (seq_len - 1)
-    # At the start of backward: the logits (compute dtype), the float32 gradient cross_entropy
-    # hands to log_softmax and the float32 gradient log_softmax returns.
-    loss_buffers = e * cfg.vocab_size * n_tok + 2 * 4 * cfg.vocab_size * n_loss
+    # minift.train drops the logits once the loss is computed. The larger of two moments:
+    # computing the loss (logits in the compute dtype + their float32 copy) and the start of
+    # backward (the float32 gradient cross_entropy hands to log_softmax + the one it returns).
+    v = cfg.vocab_size
+    loss_buffers = max(e * v * n_tok + 4 * v * n_loss, 2 * 4 * v * n_loss)
     step_tmp = _step_temporaries(trainable, optimizer, device)
     weights = frozen + trainable_bytes
-    at_loss = weights + states + activations + loss_buffers
     at_step = weights + states + trainable_bytes + step_tmp
-    other = loss_buffers if at_loss >= at_step else step_tmp
+    if recompute_extra is None or recompute_extra <= 0:
+        at_loss = weights + states + activations + loss_buffers
+    else:
+        # the loss moment holds the head's tensors instead of the recomputed layer; the
+        # recompute moment adds the head's gradients (full) and two hidden-state gradients
+        at_loss = weights + states + activations - recompute_extra + loss_buffers
+        head_grads = e * cfg.hidden_size * (cfg.vocab_size + 1) if method == "full" else 0
+        hidden_grads = 2 * e * cfg.hidden_size * n_tok
+        at_loss = max(at_loss, weights + states + activations + head_grads + hidden_grads)
+        loss_buffers = at_loss - weights - states - activations if at_loss > 0 else loss_buffers
+    other = max(0, loss_buffers) if at_loss >= at_step else step_tmp
     settings = dict(model=getattr(cfg, "name", None), method=method, batch_size=batch_size,
                     seq_len=seq_len, r=r if method != "full" else None, optimizer=optimizer,
                     gradient_checkpointing=gradient_checkpointing, dtype=str(dtype))
