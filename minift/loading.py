@@ -225,6 +225,7 @@ def save_model(model: Llama, path: str | os.PathLike, max_shard_size: int | str 
         _write_json(os.path.join(tmp, "generation_config.json"), _generation_dict(model.config))
         _remove_stale_weights(path, keep=set(os.listdir(tmp)))
         for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last
+            os.chmod(os.path.join(tmp, name), 0o644)  # temp files are created owner-only
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
 
 

@@ -119,3 +119,15 @@ def test_bad_arguments_are_named():
         generate(model, ids[0])
     with pytest.raises(ValueError, match="attention_mask shape"):
         generate(model, ids, attention_mask=mask[:, :2])
+
+
+def test_nf4_model_generates_like_its_dequantized_weights():
+    from minift.nf4_linear import NF4Linear, quantize_model
+    model = quantize_model(tiny_model())
+    plain = tiny_model()
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear):
+            plain.get_submodule(name).weight.data = module.dequantize(torch.float32)
+    ids = torch.randint(3, 256, (2, 5))
+    out = generate(model, ids, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(out, generate(plain, ids, max_new_tokens=8, eos_token_id=[]))

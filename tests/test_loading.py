@@ -77,6 +77,7 @@ def test_resave_replaces_old_shards_and_leaves_no_temp_files(tmp_path):
     save_model(model, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json",
                                             "model.safetensors"]
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["torch_dtype"] == "float32" and config["architectures"] == ["LlamaForCausalLM"]
 
