@@ -14,7 +14,7 @@ import tempfile
 from typing import Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -88,9 +88,7 @@ def _read_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own SafetensorError type
-            if type(e).__name__ != "SafetensorError":
-                raise
+        except SafetensorError as e:
             raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
 
 

@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from minift.config import ModelConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
 
 
 class KVCache:
@@ -67,6 +69,12 @@ def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return inv_freq
+    if rope_type in ("linear", "llama3"):
+        keys = LLAMA3_ROPE_KEYS if rope_type == "llama3" else ("factor",)
+        missing = [k for k in keys if k not in scaling]
+        if missing:
+            raise ValueError(f"config field 'rope_scaling' (rope_type {rope_type!r}) is missing "
+                             f"{', '.join(missing)}")
     if rope_type == "linear":
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":
