@@ -274,6 +274,9 @@ class Llama(nn.Module):
         window = sliding_window(self.config)
         if window is not None and past + t <= window:
             window = None  # the window cannot cut anything yet
+        if (attention_mask is not None and segment_ids is None and past == 0
+                and bool(attention_mask.all())):
+            attention_mask = None  # nothing padded: keep the fused causal kernel
         if attention_mask is None and segment_ids is None and window is None and past == 0:
             return None  # plain causal: SDPA's fused is_causal path
         k_pos = torch.arange(past + t, device=device)

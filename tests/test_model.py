@@ -50,6 +50,8 @@ def test_logits_match_transformers(family):
     assert diff <= 1e-4
     keep = mask.bool()
     assert (padded_hf[keep] - padded[keep]).abs().max().item() <= 1e-4
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=torch.ones_like(ids)), model(ids))
     # Padding changed nothing for the real tokens of the padded row.
     assert torch.allclose(padded[1, :7], model(ids[1:, :7])[0], atol=1e-5)
 
