@@ -97,25 +97,27 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(self, name)!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        _check_number(self, "learning_rate", "> 0", lambda v: v > 0)
+        _check_number(self, "warmup_ratio", "in [0, 1)", lambda v: 0 <= v < 1)
+        _check_number(self, "weight_decay", ">= 0", lambda v: v >= 0)
+        for name in ("max_grad_norm", "neftune_alpha"):
+            if getattr(self, name) is not None:
+                _check_number(self, name, "> 0 or None", lambda v: v > 0)
         for name in ("epochs", "micro_batch_size", "grad_accum", "log_interval"):
             _check_int(self, name, optional=False)
         for name in ("max_steps", "eval_interval", "save_interval", "keep_last", "max_length"):
             _check_int(self, name, optional=True)
-        for name in ("max_grad_norm", "neftune_alpha"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"TrainConfig.{name} must be > 0 or None, got {value!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.batching == "pack" and self.max_length is None:
             raise ValueError("TrainConfig.max_length must be set when batching='pack' (the row length)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_number(cfg, name: str, rule: str, ok) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"TrainConfig.{name} must be a number {rule}, got {value!r}")
 
 
 def _check_int(cfg, name: str, optional: bool) -> None:
@@ -318,7 +320,7 @@ class _Loop:
         self.data_fp = ckpt.data_fingerprint(train_data)
         self.state = {"step": 0, "epoch": 0, "batch_index": 0, "epochs_done": 0.0, "first_loss": None,
                       "last_loss": None, "tokens": 0, "trained_tokens": 0, "train_time": 0.0,
-                      "evals": []}
+                      "timed_tokens": 0, "timed_time": 0.0, "evals": []}
         self.resumed = self._resume()
         self.saved_at = self.state["step"] if self.resumed else None
         self.last_path, self.memory = self.resumed, None
@@ -355,7 +357,7 @@ class _Loop:
             with _gradient_checkpointing(self.model, self.config.gradient_checkpointing), \
                     _neftune(self.model, self.config.neftune_alpha), open(metrics, "a") as log:
                 groups = step_groups(self.data, self.config, self.state["epoch"],
-                                      self.state["batch_index"])
+                                     self.state["batch_index"])
                 while self.state["step"] < self.total:
                     after, epochs_done, group = next(groups)
                     line = self._step(group)
@@ -406,6 +408,8 @@ class _Loop:
                   trained_tokens=st["trained_tokens"] + n_trained, train_time=st["train_time"] + seconds)
         if st["first_loss"] is None:
             st["first_loss"] = loss
+        if tracker is None:  # the tracked step is slowed by tracking and one-time warm-up
+            st.update(timed_tokens=st["timed_tokens"] + n_tokens, timed_time=st["timed_time"] + seconds)
         return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": n_tokens,
                 "trained_tokens": n_trained, "tokens_per_s": n_tokens / seconds,
                 "elapsed": st["train_time"]}
@@ -420,8 +424,8 @@ class _Loop:
         self.bar.update(1)
         if step % config.log_interval == 0 or step == self.total:
             peak = f"{_peak_memory(self.device) / 2**20:.0f}MiB"
-            self.bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
-                                 tok_s=f"{line['tokens_per_s']:.0f}", peak=peak, refresh=False)
+            self.bar.set_postfix({"loss": f"{line['loss']:.4f}", "lr": f"{line['lr']:.2e}",
+                                  "tok/s": f"{line['tokens_per_s']:.0f}", "peak": peak}, refresh=False)
             if self.bar.disable:
                 self._say(f"step {step}/{self.total} loss {line['loss']:.4f} lr {line['lr']:.2e} "
                           f"tok/s {line['tokens_per_s']:.0f} peak {peak}")
@@ -458,10 +462,26 @@ class _Loop:
             "last_loss": st["last_loss"], "eval_loss": st["evals"][-1]["eval_loss"] if st["evals"] else None,
             "eval": st["evals"], "tokens": st["tokens"], "trained_tokens": st["trained_tokens"],
             "train_time_s": st["train_time"],
-            "tokens_per_s": st["tokens"] / st["train_time"] if st["train_time"] else None,
+            "tokens_per_s": (st["timed_tokens"] / st["timed_time"] if st["timed_time"] else
+                             st["tokens"] / st["train_time"] if st["train_time"] else None),
             "trainable_params": trainable, "total_params": total,
             "peak_memory_bytes": _peak_memory(self.device),
             "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",
             "memory": self.memory, "device": str(self.device), "optimizer": config.optimizer,
             "checkpoint": self.last_path, "resumed_from": self.resumed, "output_dir": str(self.out),
         }
+
+
+class _CallableModule(type(sys)):
+    """`minift.train` names both this module and the function in it.
+
+    Importing the module (``from minift.train import TrainConfig``) makes ``minift.train`` the
+    module, which would then shadow the public function; calling the module runs `train`, so
+    ``minift.train(model, data, config)`` works whichever of the two the name holds.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

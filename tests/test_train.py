@@ -106,14 +106,18 @@ def metrics(tmp_path, name="run"):
     ("grad_accum", 0, "grad_accum"), ("micro_batch_size", 0, "micro_batch_size"),
     ("epochs", 0, "epochs"), ("max_steps", 0, "max_steps"), ("keep_last", 0, "keep_last"),
     ("max_grad_norm", 0.0, "max_grad_norm"), ("weight_decay", -1.0, "weight_decay"),
+    ("learning_rate", "1e-4", "learning_rate must be a number > 0, got '1e-4'"),
+    ("warmup_ratio", None, "warmup_ratio"), ("micro_batch_size", 2.0, "micro_batch_size"),
+    ("max_length", None, "max_length must be set when batching='pack'"),
     ("optimizer", "sgd", "optimizer must be one of adamw, adamw8bit, paged_adamw8bit"),
     ("method", "prefix", "method must be one of full, lora, qlora"),
     ("lr_scheduler", "step", "lr_scheduler must be one of cosine, linear, constant"),
     ("batching", "random", "batching must be one of bucket, pack"),
 ])
 def test_config_rejects_bad_values(field, value, match):
+    extra = {"batching": "pack"} if field == "max_length" else {}
     with pytest.raises(ValueError, match=match):
-        TrainConfig(**{field: value})
+        TrainConfig(**{field: value}, **extra)
 
 
 def test_schedule_warmup_then_decay():
@@ -224,6 +228,16 @@ def test_gradient_checkpointing_needs_a_model_that_supports_it(tmp_path):
         train(model, make_examples(4), cfg(tmp_path, gradient_checkpointing=True))
 
 
+def test_without_a_terminal_progress_prints_log_lines_and_memory_table(tmp_path, capsys):
+    train(TinyLM(), make_examples(16), cfg(tmp_path, progress=True, log_interval=2))
+    out = capsys.readouterr().out
+    assert [line.split(" loss")[0] for line in out.splitlines() if line.startswith("step ")] == \
+        ["step 2/4", "step 4/4"]
+    assert "activations" in out and "optimizer_states" in out  # the first step's breakdown
+    train(TinyLM(), make_examples(16), cfg(tmp_path, progress=False))
+    assert capsys.readouterr().out == ""
+
+
 def test_bf16_autocast_and_neftune_train(tmp_path):
     model = TinyLM()
     summary = train(model, make_examples(16), cfg(tmp_path, bf16=True, neftune_alpha=5.0, epochs=3))
@@ -277,3 +291,12 @@ def test_qlora_trains_adapters_on_nf4_base_with_checkpointing_and_packing(tmp_pa
     assert set(summary["memory"]) >= {"frozen_weights", "trainable_params", "gradients",
                                       "optimizer_states", "activations", "other", "peak"}
     assert summary["memory"]["frozen_weights"] > 0 and summary["memory"]["optimizer_states"] > 0
+
+
+def test_minift_train_is_callable_after_importing_the_module(tmp_path):
+    import minift
+    import minift.train  # noqa: F401  (makes the package attribute the module)
+
+    with pytest.raises(ValueError, match="train_data must be a non-empty list"):
+        minift.train(TinyLM(), [], cfg(tmp_path))
+    assert minift.TrainConfig is TrainConfig
