@@ -240,8 +240,8 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
         dtype: the dtype the model's weights and activations are stored in.
         adapter_dtype: dtype of the LoRA weights.
         blocksize: NF4 block size (QLoRA).
-        attention_mask: whether the batch carries a padding mask (minift.train always passes
-            one), which the model expands to a (B, 1, T, T) boolean mask.
+        attention_mask: whether batches carry padding (or packed samples), which the model
+            expands to a (B, 1, T, T) mask; batches without padding take the fused causal path.
         device: "cuda" or "cpu"; only the optimizer step's scratch memory depends on it
             (foreach AdamW and the fused 8-bit kernel on CUDA, per-tensor loops on CPU).
 
