@@ -157,14 +157,25 @@ def _write_json(path: Path, obj) -> None:
 
 
 def clean_incomplete(output_dir) -> list[str]:
-    """Remove ``.tmp-step-*`` leftovers of interrupted saves; returns what was removed."""
+    """Tidy up after interrupted saves; returns the directories removed.
+
+    A ``.tmp-step-N`` whose manifest is complete (the crash came after writing it) becomes
+    ``step-N`` if there is none; so does an ``.old-step-N`` left by a crash in the middle of
+    replacing ``step-N``. Everything else of that kind is deleted.
+    """
     root = Path(output_dir)
     removed = []
-    if root.is_dir():
-        for entry in root.iterdir():
-            if entry.is_dir() and entry.name.startswith((".tmp-step-", ".old-step-")):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(str(entry))
+    if not root.is_dir():
+        return removed
+    for entry in sorted(root.iterdir()):
+        for prefix in (".tmp-", ".old-"):
+            if entry.is_dir() and entry.name.startswith(prefix + "step-"):
+                final = root / entry.name[len(prefix):]
+                if not final.exists() and is_complete(entry):
+                    os.rename(entry, final)
+                else:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(str(entry))
     return removed
 
 

@@ -126,6 +126,15 @@ def test_crash_mid_save_leaves_previous_checkpoint_whole(tmp_path, monkeypatch):
     assert not (tmp_path / ".tmp-step-2").exists()  # the next save clears leftovers
 
 
+def test_complete_temp_directory_is_promoted_not_lost(tmp_path):
+    model, optimizer, good = _saved_model(tmp_path, step=1)
+    os.rename(good, tmp_path / ".old-step-1")  # crash between the two renames of a re-save
+    (tmp_path / ".tmp-step-2").mkdir()  # crash before anything of step 2 was written
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    assert ckpt.clean_incomplete(tmp_path) == [str(tmp_path / ".tmp-step-2")]
+    assert ckpt.latest_checkpoint(tmp_path) == good
+
+
 def test_truncated_file_makes_checkpoint_incomplete(tmp_path):
     _, _, path = _saved_model(tmp_path)
     assert ckpt.is_complete(path)
