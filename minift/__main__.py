@@ -52,17 +52,17 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--model", default="examples/base", help="base checkpoint directory")
     parser.add_argument("--data", default="examples/data",
                         help="directory with train.jsonl and eval.jsonl (or one train .jsonl file)")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per method")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per method")
     parser.add_argument("--batch-size", type=int, default=4, dest="batch_size")
     parser.add_argument("--max-length", type=int, default=256, dest="max_length")
     parser.add_argument("--lr-full", type=float, default=1e-4, dest="lr_full")
     parser.add_argument("--lr-lora", type=float, default=1e-3, dest="lr_lora")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
-    parser.add_argument("--eval-samples", type=int, default=16, dest="eval_samples",
+    parser.add_argument("--eval-samples", type=int, default=8, dest="eval_samples",
                         help="eval prompts answered greedily for exact match")
     # step time and tokens/s are medians over the steps after the first: the first step runs
     # under the memory tracker, which watches every operator
-    parser.add_argument("--max-new-tokens", type=int, default=48, dest="max_new_tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=12, dest="max_new_tokens")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--output-dir", default="runs/bench", dest="output_dir",
                         help="training runs, results.json, results.md and memory_breakdown.png")
