@@ -1,0 +1,253 @@
+"""Fine-tune a Llama-family checkpoint on a chat JSONL file: full, LoRA or QLoRA.
+
+    python examples/train_llama.py                      # LoRA on the shipped base and data
+    python examples/train_llama.py --method qlora --merge
+    python examples/train_llama.py --model path/to/hf-checkpoint --data my.jsonl --eval-data held.jsonl
+
+It evaluates the held-out split before and after training (exact match of greedy replies, and
+the loss on the replies), trains with minift.train, prints both evaluations side by side and
+saves what was trained: the adapter (PEFT format) for LoRA/QLoRA, the whole model for full
+fine-tuning, and with --merge the merged model in Hugging Face format. Bad input ends the run
+with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import minift
+from minift import checkpoint as ckpt
+from minift.data import load_dataset, load_jsonl
+from minift.train import DATA_ORDER_FIELDS, METHODS, OPTIMIZERS, TrainConfig, evaluate
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
+
+
+class UsageError(Exception):
+    """Bad input found by this script: reported as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _number(kind, minimum, strict=False):
+    """argparse type: a number of `kind` that is >= minimum (> minimum when strict)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = OneLineParser(prog="train_llama.py", description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--model", default=str(HERE / "base"), help="Hugging Face checkpoint folder")
+    add("--data", default=str(HERE / "data" / "train.jsonl"), help="training chat JSONL")
+    add("--eval-data", default=str(HERE / "data" / "eval.jsonl"), help="held-out chat JSONL")
+    add("--method", default="lora", choices=METHODS)
+    add("--r", type=_number(int, 1), default=8, help="LoRA rank")
+    add("--alpha", type=_number(float, 0, strict=True), default=16.0, help="LoRA alpha")
+    add("--target-modules", default="all-linear",
+        help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj")
+    add("--lr", type=_number(float, 0, strict=True), default=None,
+        help="peak learning rate (default: 1e-3 full, 3e-3 lora/qlora)")
+    add("--max-steps", type=_number(int, 1), default=None, help="optimizer steps (overrides --epochs)")
+    add("--epochs", type=_number(int, 1), default=8)
+    add("--seq-len", type=_number(int, 2), default=64, help="longest example in tokens")
+    add("--batch-size", type=_number(int, 1), default=16, help="examples per micro-batch")
+    add("--grad-accum", type=_number(int, 1), default=1, help="micro-batches per optimizer step")
+    add("--optimizer", default="adamw", choices=OPTIMIZERS)
+    add("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
+    add("--output", default="runs/train_llama", help="output folder")
+    add("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+        help="resume from the newest checkpoint in --output, or from CHECKPOINT")
+    add("--merge", action="store_true", help="also save the merged model in Hugging Face format")
+    add("--seed", type=int, default=0)
+    add("--eval-samples", type=_number(int, 1), default=None,
+        help="evaluate on the first N held-out rows (default: all)")
+    add("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+# ---- loading -----------------------------------------------------------------------------
+def load_base(args, device):
+    """The tokenizer and the prepared model: full, LoRA-wrapped, or NF4 + LoRA-wrapped."""
+    path = Path(args.model)
+    if not path.is_dir():
+        raise UsageError(f"--model {path}: not a directory")
+    try:
+        # fp32 weights; on CUDA the loop computes in bf16 autocast.
+        model = minift.load_model(path, dtype=torch.float32, device=device,
+                                  quantize="nf4" if args.method == "qlora" else None)
+        tokenizer = minift.load_tokenizer(path)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        raise UsageError(f"--model {path} is not a usable checkpoint: {err}") from err
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UsageError(f"--model {path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
+                         f"only {model.config.vocab_size}")
+    if args.method == "full":
+        model.requires_grad_(True)
+        return tokenizer, model
+    targets = args.target_modules
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    try:
+        model = minift.lora_wrap(model, r=args.r, alpha=args.alpha, target_modules=targets)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--target-modules {args.target_modules!r}: {err}") from err
+    return tokenizer, model
+
+
+def load_rows(flag, path, tokenizer, seq_len, limit=None):
+    """(raw rows, tokenized examples) of a chat JSONL file; errors name the flag and line."""
+    if not Path(path).is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        rows = load_jsonl(path)
+        examples, stats = load_dataset(path, tokenizer, seq_len)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{flag}: {err}") from err
+    if stats.dropped or stats.truncated:
+        raise UsageError(f"{flag} {path}: {stats.truncated} row(s) longer than --seq-len {seq_len}"
+                         f" and {stats.dropped} without a reply; raise --seq-len")
+    return rows[:limit], examples[:limit]
+
+
+def check_resume(args, model, config):
+    """Fail before any work when --resume points at a checkpoint of another method or model."""
+    if config.resume_from is None:
+        return
+    try:
+        path = ckpt.resolve_checkpoint(config.resume_from, config.output_dir)
+        state = ckpt.read_trainer_state(path)
+        ckpt.check_compatible(state, path, method=config.method, model=model,
+                              config=config.to_dict(), fields=DATA_ORDER_FIELDS)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise UsageError(f"--resume: {err}") from err
+
+
+# ---- evaluation --------------------------------------------------------------------------
+def replies(model, tokenizer, rows, device, batch_size=64):
+    """Greedy replies to the conversation of each row minus its last (assistant) message."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        prompts = [tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True,
+                                                 tokenize=True) for r in chunk]
+        longest = max(len(tokenizer.encode(r["messages"][-1]["content"])) for r in chunk)
+        width = max(map(len, prompts))
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        gen = minift.generate(model, ids, max_new_tokens=longest + 4, attention_mask=mask,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        out += [tokenizer.decode(row[width:]).strip() for row in gen]
+    return out
+
+
+def evaluate_all(model, tokenizer, rows, examples, config, device) -> dict:
+    """Exact match of greedy replies and mean loss on the reply tokens."""
+    got = replies(model, tokenizer, rows, device)
+    want = [r["messages"][-1]["content"].strip() for r in rows]
+    hits = sum(g == w for g, w in zip(got, want))
+    loss = evaluate(model, examples, config, device)["eval_loss"]
+    return {"exact_match": hits / len(rows), "correct": hits, "total": len(rows),
+            "eval_loss": loss, "samples": [{"want": w, "got": g} for w, g in zip(want[:3], got[:3])]}
+
+
+def report(before: dict, after: dict) -> str:
+    rows = [("", "before", "after"),
+            ("exact match (held-out)", f"{before['correct']}/{before['total']} = {before['exact_match']:.0%}",
+             f"{after['correct']}/{after['total']} = {after['exact_match']:.0%}"),
+            ("eval loss (reply tokens)", f"{before['eval_loss']:.4f}", f"{after['eval_loss']:.4f}")]
+    lines = [f"{a:<26}{b:>18}{c:>18}" for a, b, c in rows]
+    for i, (b, a) in enumerate(zip(before["samples"], after["samples"])):
+        lines.append(f"sample {i + 1}: want {b['want']!r}; before {b['got']!r}; after {a['got']!r}")
+    return "\n".join(lines)
+
+
+# ---- the run -----------------------------------------------------------------------------
+def make_config(args, pad_id) -> TrainConfig:
+    try:
+        return TrainConfig(
+            method=args.method, learning_rate=args.lr or DEFAULT_LR[args.method], warmup_ratio=0.05,
+            epochs=args.epochs, max_steps=args.max_steps, micro_batch_size=args.batch_size,
+            grad_accum=args.grad_accum, bf16=args.device_type == "cuda",
+            gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+            pad_id=pad_id, output_dir=args.output, seed=args.seed, resume_from=args.resume,
+            device=args.device, log_interval=10, save_interval=None, keep_last=2)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def save_outputs(model, tokenizer, args) -> dict:
+    out, saved = Path(args.output), {}
+    if args.method == "full":
+        minift.save_model(model, out / "model")
+        tokenizer.save(out / "model")
+        saved["model"] = str(out / "model")
+        return saved
+    minift.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.model))
+    saved["adapter"] = str(out / "adapter")
+    if args.merge:
+        merged = minift.merge_lora(model).float()
+        minift.save_model(merged, out / "merged")
+        tokenizer.save(out / "merged")
+        saved["merged"] = str(out / "merged")
+    return saved
+
+
+def run(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device_type = device.type
+    torch.manual_seed(args.seed)
+    tokenizer, model = load_base(args, device)
+    config = make_config(args, tokenizer.pad_token_id)
+    train_rows, train_data = load_rows("--data", args.data, tokenizer, args.seq_len)
+    eval_rows, eval_data = load_rows("--eval-data", args.eval_data, tokenizer, args.seq_len,
+                                     args.eval_samples)
+    check_resume(args, model, config)
+    print(f"model {args.model}: {minift.trainable_summary(model)}")
+    print(f"data: {len(train_data)} training examples, {len(eval_data)} held-out; "
+          f"method {args.method}, device {device}")
+    before = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device)
+    print(f"before: exact match {before['exact_match']:.0%}, eval loss {before['eval_loss']:.4f}")
+    try:
+        summary = minift.train(model, train_data, config)
+    except (ValueError, FileNotFoundError) as err:  # e.g. --resume with other training data
+        raise UsageError(str(err)) from err
+    after = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device)
+    print(f"\n{report(before, after)}")
+    saved = save_outputs(model, tokenizer, args)
+    summary.update(before=before, after=after, saved=saved, base_model=str(args.model))
+    (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("saved: " + ", ".join(f"{k} -> {v}" for k, v in saved.items()))
+    return summary
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(argv))
+    except UsageError as err:
+        print(f"train_llama.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"train_llama.py: training stopped: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
