@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--optimizer", default="adamw", choices=OPTIMIZERS)
     add("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
     add("--output", default="runs/train_llama", help="output folder")
+    add("--save-interval", type=_number(int, 1), default=100,
+        help="write a checkpoint every N steps (and at the end), for --resume")
     add("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
         help="resume from the newest checkpoint in --output, or from CHECKPOINT")
     add("--merge", action="store_true", help="also save the merged model in Hugging Face format")
@@ -136,6 +138,7 @@ def check_resume(args, model, config):
                               config=config.to_dict(), fields=DATA_ORDER_FIELDS)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise UsageError(f"--resume: {err}") from err
+    print(f"resuming from {path} (step {state.get('step')})")
 
 
 # ---- evaluation --------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def make_config(args, pad_id) -> TrainConfig:
             grad_accum=args.grad_accum, bf16=args.device_type == "cuda",
             gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
             pad_id=pad_id, output_dir=args.output, seed=args.seed, resume_from=args.resume,
-            device=args.device, log_interval=10, save_interval=None, keep_last=2)
+            device=args.device, log_interval=10, save_interval=args.save_interval, keep_last=2)
     except ValueError as err:
         raise UsageError(str(err)) from err
 
@@ -243,6 +246,10 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"train_llama.py: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("train_llama.py: interrupted; run the same command with --resume to continue from "
+              "the last checkpoint", file=sys.stderr)
+        return 130
     except FloatingPointError as err:
         print(f"train_llama.py: training stopped: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
