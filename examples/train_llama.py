@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -118,12 +119,16 @@ def load_rows(flag, path, tokenizer, seq_len, limit=None):
         raise UsageError(f"{flag} {path}: no such file")
     try:
         rows = load_jsonl(path)
-        examples, stats = load_dataset(path, tokenizer, seq_len)
+        with warnings.catch_warnings(record=True) as caught:  # dropped rows: reported below
+            warnings.simplefilter("always")
+            examples, stats = load_dataset(path, tokenizer, seq_len)
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{flag}: {err}") from err
-    if stats.dropped or stats.truncated:
-        raise UsageError(f"{flag} {path}: {stats.truncated} row(s) longer than --seq-len {seq_len}"
-                         f" and {stats.dropped} without a reply; raise --seq-len")
+    if stats.truncated:
+        raise UsageError(f"{flag} {path}: {stats.truncated} row(s) longer than --seq-len {seq_len} "
+                         f"tokens; raise --seq-len")
+    if stats.dropped:  # a row whose reply was empty or cut away: nothing to train or score
+        raise UsageError(f"{flag}: {caught[-1].message if caught else f'{stats.dropped} row(s) dropped'}")
     return rows[:limit], examples[:limit]
 
 
