@@ -22,7 +22,7 @@ import torch
 
 import minift
 from minift import checkpoint as ckpt
-from minift.data import load_dataset, load_jsonl
+from minift.data import load_dataset, load_jsonl, row_to_messages
 from minift.train import DATA_ORDER_FIELDS, METHODS, OPTIMIZERS, TrainConfig, evaluate
 
 HERE = Path(__file__).resolve().parent
@@ -129,7 +129,12 @@ def load_rows(flag, path, tokenizer, seq_len, limit=None):
                          f"tokens; raise --seq-len")
     if stats.dropped:  # a row whose reply was empty or cut away: nothing to train or score
         raise UsageError(f"{flag}: {caught[-1].message if caught else f'{stats.dropped} row(s) dropped'}")
-    return rows[:limit], examples[:limit]
+    # every row shape (chat, alpaca, prompt/completion) as messages, for exact match
+    conversations = [{"messages": row_to_messages(row)} for row in rows[:limit]]
+    for i, conversation in enumerate(conversations):
+        if conversation["messages"][-1]["role"] != "assistant":
+            raise UsageError(f"{flag} {path}: row {i + 1} does not end with an assistant reply")
+    return conversations, examples[:limit]
 
 
 def check_resume(args, model, config):
