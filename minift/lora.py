@@ -125,9 +125,9 @@ class LoRALinear(nn.Module):
     def _fold(self, sign):
         if not isinstance(self.base_layer, nn.Linear):
             raise TypeError(
-                f"cannot merge into a {type(self.base_layer).__name__} base in place: its weight is "
-                "quantized; use minift.merge_lora(model), which dequantizes and builds a new "
-                "nn.Linear")
+                f"cannot merge into a {type(self.base_layer).__name__} base in place: its "
+                "weight is quantized; use minift.merge_lora(model), which dequantizes and builds "
+                "a new nn.Linear")
         w = self.base_layer.weight
         with torch.no_grad():
             w.copy_((w.float() + sign * self.delta_weight()).to(w.dtype))

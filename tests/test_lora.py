@@ -342,3 +342,56 @@ def test_lora_state_dict_holds_only_adapters():
     assert sorted(sd) == [f"layers.{i}.v_proj.lora_{m}.weight" for i in range(2) for m in "AB"]
     assert sd["layers.0.v_proj.lora_A.weight"].shape == (2, 8)
     assert sd["layers.0.v_proj.lora_B.weight"].shape == (8, 2)
+
+
+# ---- NF4 bases (QLoRA) -----------------------------------------------------------------------
+
+def quantized_tiny(compute_dtype=None):
+    from minift.nf4_linear import quantize_model
+    return quantize_model(Tiny(d=16, vocab=11), compute_dtype=compute_dtype)
+
+
+def test_all_linear_wraps_nf4_layers_and_starts_at_base():
+    from minift.nf4_linear import NF4Linear
+    model = quantized_tiny(torch.float32)
+    ids = torch.randint(0, 11, (2, 5))
+    before = model(ids)
+    lora_wrap(model, r=4)
+    assert len(wrapped_names(model)) == 6
+    assert all(isinstance(m.base_layer, NF4Linear) for m in model.modules()
+               if isinstance(m, LoRALinear))
+    assert torch.equal(model(ids), before)
+    model(ids).sum().backward()
+    assert all((p.grad is not None) == ("lora_" in n) for n, p in model.named_parameters())
+    assert not any(b.requires_grad for b in model.buffers())
+
+
+def test_nf4_counts_match_unquantized_counts():
+    plain, quant = Tiny(d=16, vocab=11), quantized_tiny()
+    assert minift.trainable_parameters(quant)[1] == minift.trainable_parameters(plain)[1]
+    lora_wrap(plain, r=4)
+    lora_wrap(quant, r=4)
+    assert minift.trainable_parameters(quant) == minift.trainable_parameters(plain)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.float32])
+def test_merge_lora_dequantizes_nf4(compute_dtype):
+    from minift.nf4_linear import NF4Linear
+    torch.manual_seed(0)
+    nf4 = NF4Linear.from_linear(nn.Linear(32, 8), compute_dtype=compute_dtype)
+    model = lora_wrap(nn.Sequential(nn.Identity(), nf4), r=2, alpha=4)
+    layer = model[1]
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    with pytest.raises(TypeError, match="merge_lora"):
+        layer.merge()
+    dtype = compute_dtype or torch.bfloat16
+    expected = (nf4.dequantize(dtype).float() + layer.delta_weight()).to(dtype)
+    x = torch.randn(3, 32, dtype=dtype)
+    adapted = model(x)
+    merge_lora(model)
+    assert type(model[1]) is nn.Linear and model[1].weight.dtype == dtype
+    assert torch.equal(model[1].weight, expected)
+    assert torch.equal(model[1].bias, nf4.bias.to(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(model(x), adapted, rtol=tol, atol=tol)
