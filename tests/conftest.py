@@ -16,6 +16,12 @@ if not _HAS_CUDA:
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# CI draws the same hypothesis examples every run, so a red build is reproducible from its log;
+# local runs keep drawing new ones (HYPOTHESIS_PROFILE=ci gives the CI behaviour).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
 
 try:
     import triton  # noqa: F401

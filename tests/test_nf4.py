@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import minift
 from minift.nf4 import NF4Weight, SUPPORTED_BLOCKSIZES, absmax_fp32, dequantize_nf4, quantize_nf4
+from oracles import bnb_dequantize
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
@@ -25,7 +26,7 @@ def _no_compile():
 
 def _bnb(w, blocksize, double_quant):
     packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
-    return packed, state, F.dequantize_4bit(packed, state, quant_type="nf4").reshape(w.shape)
+    return packed, state, bnb_dequantize(packed, state).reshape(w.shape)
 
 
 def _assert_same_as_bnb(w, blocksize, double_quant):
@@ -158,12 +159,12 @@ def test_load_linear4bit_state_dict_and_back_into_bnb():
     w = torch.randn(40, 33, dtype=torch.bfloat16)
     theirs = _bnb_linear(w).state_dict()
     q = NF4Weight.from_bnb_state_dict(theirs, "weight")
-    ref = F.dequantize_4bit(theirs["weight"], _bnb(w, 64, True)[1], quant_type="nf4")
+    ref = bnb_dequantize(theirs["weight"], _bnb(w, 64, True)[1])
     assert torch.equal(dequantize_nf4(q), ref)
     ours = quantize_nf4(w).to_bnb_state_dict("weight")
     stats = {k: v for k, v in ours.items() if k != "weight"}
     param = bnb.nn.Params4bit.from_prequantized(ours["weight"], stats, device="cpu")
-    assert torch.equal(F.dequantize_4bit(param, param.quant_state, quant_type="nf4"), dequantize_nf4(q))
+    assert torch.equal(bnb_dequantize(param, param.quant_state), dequantize_nf4(q))
 
 
 def test_state_dict_without_double_quant_round_trips():
