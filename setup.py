@@ -10,7 +10,7 @@ setup(
     # A top-level `kernels` package would clash with an existing PyPI distribution.
     package_dir={"minift": "minift", "minift.kernels": "kernels"},
     install_requires=[
-        "torch>=2.2",
+        "torch>=2.5",  # F.scaled_dot_product_attention(enable_gqa=...) is new in 2.5
         "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",
         "tokenizers>=0.19",
