@@ -135,6 +135,21 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return NF4MatMul.apply(x, self.quant_weight, self.bias, self._pick_dtype(x))
 
+    def _apply(self, fn, recurse=True):
+        # The quantization tensors are a fixed format, not float weights: letting a dtype
+        # conversion (module.to(torch.bfloat16), .half(), .double(), .type(...)) reach them would
+        # round the fp32 scales and code books, change every dequantized value and write a
+        # quant_map bitsandbytes never wrote. So whatever fn does to them, a changed dtype is
+        # replaced by an exact copy of the original on the device fn chose; device moves and
+        # dtype-preserving operations apply as usual. The bias is an ordinary parameter and follows.
+        kept = {name: self._buffers[name] for name in _BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.blocksize}, double_quant={self.offset is not None}, "

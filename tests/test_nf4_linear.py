@@ -92,6 +92,59 @@ def test_to_moves_buffers_and_dequantize_dtype():
     assert torch.equal(q.dequantize(), dequantize_nf4(q.quant_weight))
 
 
+CONVERSIONS = {
+    "to_bf16": lambda m: m.to(torch.bfloat16),
+    "half": lambda m: m.half(),
+    "double": lambda m: m.double(),
+    "to_device_and_fp16": lambda m: m.to("cpu", torch.float16),
+    "type_fp16": lambda m: m.type(torch.float16),  # reaches the uint8 buffers too
+}
+QUANT_BUFFERS = ("weight", "weight_absmax", "weight_quant_map", "weight_nested_absmax",
+                 "weight_nested_quant_map")
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("convert", CONVERSIONS.values(), ids=CONVERSIONS.keys())
+def test_dtype_conversion_leaves_quantization_untouched(convert, double_quant):
+    layer = NF4Linear.from_linear(nn.Linear(40, 24), blocksize=32, double_quant=double_quant)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    deq = layer.dequantize(torch.float32)
+    buffers = {n: (b.dtype, b.clone()) for n, b in layer.named_buffers() if b is not None}
+    assert convert(layer) is layer
+    assert torch.equal(layer.dequantize(torch.float32), deq)
+    for name, (dtype, value) in buffers.items():
+        now = getattr(layer, name)
+        assert now.dtype == dtype and torch.equal(now, value), name
+    after = layer.state_dict()
+    assert list(after) == list(before)
+    for key in before:
+        if key == "bias":  # an ordinary parameter: it follows the conversion
+            assert after[key].dtype != torch.float32
+            assert torch.equal(after[key], before[key].to(after[key].dtype))
+        else:
+            assert after[key].dtype == before[key].dtype and torch.equal(after[key], before[key]), key
+    x = torch.randn(3, 40, dtype=torch.float16)
+    expected = nn.functional.linear(x, deq.half(), layer.bias.half())
+    assert torch.equal(layer(x), expected)
+
+
+def test_model_to_bf16_keeps_nf4_layers_and_converts_the_rest():
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8))
+    quantize_model(model, skip=("2",))
+    minift.lora_wrap(model, r=2, target_modules=["0"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deq = model[0].base_layer.dequantize(torch.float32)
+    model.to(torch.bfloat16)
+    assert torch.equal(model[0].base_layer.dequantize(torch.float32), deq)
+    after = model.state_dict()
+    for key, value in before.items():
+        quantized = key.startswith("0.base_layer.weight")
+        assert after[key].dtype == (value.dtype if quantized else torch.bfloat16), key
+        assert torch.equal(after[key], value.to(after[key].dtype)), key
+    assert model[0].base_layer.weight_quant_map.dtype == torch.float32
+    assert model(torch.randn(2, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------------------- state dicts
 
 
