@@ -102,11 +102,15 @@ class LoRALinear(nn.Module):
     def bias(self):
         return self.base_layer.bias
 
-    def lora_branch(self, x):
-        """``dropout(x) @ A^T @ B^T * scale`` computed in x's dtype: (..., in) -> (..., out)."""
+    def _update(self, x):
+        """``x @ A^T @ B^T * scale`` in x's dtype, without dropout: (..., in) -> (..., out)."""
         a = self.lora_A.weight.to(x.dtype)  # (r, in)
         b = self.lora_B.weight.to(x.dtype)  # (out, r)
-        return F.linear(F.linear(self.lora_dropout(x), a), b) * self.scale
+        return F.linear(F.linear(x, a), b) * self.scale
+
+    def lora_branch(self, x):
+        """``dropout(x) @ A^T @ B^T * scale`` computed in x's dtype: (..., in) -> (..., out)."""
+        return self._update(self.lora_dropout(x))
 
     def forward(self, x):
         y = self.base_layer(x)
@@ -115,7 +119,9 @@ class LoRALinear(nn.Module):
         if self.enabled and not self.merged:
             return y + self.lora_branch(x).to(y.dtype)
         if self.merged and not self.enabled:
-            return y - self.lora_branch(x).to(y.dtype)
+            # the merged weight holds the whole update, not a dropped-out sample of it, so the
+            # subtraction must not apply dropout (which is active in train mode)
+            return y - self._update(x).to(y.dtype)
         return y
 
     def delta_weight(self):

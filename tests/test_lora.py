@@ -175,6 +175,22 @@ def test_enabled_switch_and_merged_disabled_give_base():
     torch.testing.assert_close(layer(x), base_out, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_merged_and_disabled_gives_base_with_dropout(train):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12), r=4, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(6, 16)
+    base_out = layer.base_layer(x)
+    layer.merge()
+    layer.train(train)
+    layer.enabled = False
+    torch.testing.assert_close(layer(x), base_out, rtol=1e-5, atol=1e-5)
+    layer.enabled = True  # merged and enabled: the full update, no dropout either
+    torch.testing.assert_close(layer(x), base_out + x @ layer.delta_weight().t(), rtol=1e-5, atol=1e-5)
+
+
 def test_merge_is_idempotent():
     layer = LoRALinear(nn.Linear(5, 3), r=2)
     with torch.no_grad():
