@@ -101,18 +101,26 @@ class NF4Weight:
 # ---------------------------------------------------------------------------------- checks
 
 
-def _check_weight(w, blocksize: int) -> None:
+def check_blocksize(blocksize, what: str = "quantize_nf4") -> None:
+    """Raise unless ``blocksize`` is an int (not a bool) in ``SUPPORTED_BLOCKSIZES``."""
+    # 64.0 == 64 would pass the membership test and then fail deep inside as a slice index
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"{what}: blocksize must be an int, got {blocksize!r} ({type(blocksize).__name__})")
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"{what}: unsupported blocksize {blocksize!r}; use one of {SUPPORTED_BLOCKSIZES}")
+
+
+def check_weight(w, what: str = "quantize_nf4") -> None:
+    """Raise unless ``w`` is a non-empty, finite float32 / bfloat16 / float16 tensor."""
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"quantize_nf4: w must be a torch.Tensor, got {type(w).__name__}")
+        raise TypeError(f"{what}: w must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"quantize_nf4: w must be float32, bfloat16 or float16, got dtype {w.dtype}")
-    if isinstance(blocksize, bool) or blocksize not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"quantize_nf4: unsupported blocksize {blocksize!r}; use one of {SUPPORTED_BLOCKSIZES}")
+        raise TypeError(f"{what}: w must be float32, bfloat16 or float16, got dtype {w.dtype}")
     if w.numel() == 0:
-        raise ValueError(f"quantize_nf4: w is empty (shape {tuple(w.shape)})")
+        raise ValueError(f"{what}: w is empty (shape {tuple(w.shape)})")
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"quantize_nf4: w holds {bad} NaN/Inf value(s); they would poison the block absmax")
+        raise ValueError(f"{what}: w holds {bad} NaN/Inf value(s); they would poison the block absmax")
 
 
 # -------------------------------------------------------------------------------- quantize
@@ -176,7 +184,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     Returns:
         An ``NF4Weight`` on ``w``'s device.
     """
-    _check_weight(w, blocksize)
+    check_blocksize(blocksize)
+    check_weight(w)
     code = nf4_code(w.device)
     flat = w.detach().reshape(-1).float()
     packed, absmax = _quantize_4bit(flat, blocksize, code)

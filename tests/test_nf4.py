@@ -199,9 +199,15 @@ def test_unknown_quant_type_is_named():
 # ------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("blocksize", [16, 48, 100, 8192, True])
+@pytest.mark.parametrize("blocksize", [16, 48, 100, 8192])
 def test_unsupported_blocksize(blocksize):
-    with pytest.raises(ValueError, match="blocksize"):
+    with pytest.raises(ValueError, match=f"unsupported blocksize {blocksize}"):
+        quantize_nf4(torch.randn(4, 4), blocksize=blocksize)
+
+
+@pytest.mark.parametrize("blocksize", [64.0, True, "64", None])
+def test_blocksize_must_be_an_int(blocksize):
+    with pytest.raises(TypeError, match=r"blocksize must be an int, got " + repr(blocksize).replace(".", r"\.")):
         quantize_nf4(torch.randn(4, 4), blocksize=blocksize)
 
 
