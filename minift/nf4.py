@@ -110,17 +110,20 @@ def check_blocksize(blocksize, what: str = "quantize_nf4") -> None:
         raise ValueError(f"{what}: unsupported blocksize {blocksize!r}; use one of {SUPPORTED_BLOCKSIZES}")
 
 
-def check_weight(w, what: str = "quantize_nf4") -> None:
-    """Raise unless ``w`` is a non-empty, finite float32 / bfloat16 / float16 tensor."""
+def check_weight(w, what: str = "quantize_nf4", name: str = "w") -> None:
+    """Raise unless ``w`` is a non-empty, finite float32 / bfloat16 / float16 tensor.
+
+    Messages read ``"{what}: {name} ..."``, so callers can name the layer the tensor belongs to.
+    """
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{what}: w must be a torch.Tensor, got {type(w).__name__}")
+        raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what}: w must be float32, bfloat16 or float16, got dtype {w.dtype}")
+        raise TypeError(f"{what}: {name} must be float32, bfloat16 or float16, got dtype {w.dtype}")
     if w.numel() == 0:
-        raise ValueError(f"{what}: w is empty (shape {tuple(w.shape)})")
+        raise ValueError(f"{what}: {name} is empty (shape {tuple(w.shape)})")
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"{what}: w holds {bad} NaN/Inf value(s); they would poison the block absmax")
+        raise ValueError(f"{what}: {name} holds {bad} NaN/Inf value(s); they would poison the block absmax")
 
 
 # -------------------------------------------------------------------------------- quantize

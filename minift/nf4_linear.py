@@ -12,8 +12,8 @@ import logging
 import torch
 from torch import nn
 
-from minift.nf4 import (FLOAT_DTYPES, MissingKeyError, NF4Weight, dequantize_nf4, from_bnb_state_dict,
-                        quantize_nf4)
+from minift.nf4 import (FLOAT_DTYPES, MissingKeyError, NF4Weight, check_blocksize, check_weight, dequantize_nf4,
+                        from_bnb_state_dict, quantize_nf4)
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,10 @@ def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, dou
                    compute_dtype=None) -> nn.Module:
     """Replace every ``nn.Linear`` (outside ``skip``) by an ``NF4Linear``, in place.
 
-    Layers are converted one at a time and each replaced ``nn.Linear`` is dropped right away, so
+    Every target layer's weight is checked first (float32 / bfloat16 / float16, non-empty, finite)
+    together with ``blocksize`` and ``compute_dtype``, so bad input raises before anything is
+    converted and the model is left as it was; the error names the layer. Layers are then
+    converted one at a time and each replaced ``nn.Linear`` is dropped right away, so
     peak memory stays near the final size plus one layer. LoRA adapter layers (``lora_A``,
     ``lora_B``) are left in full precision. The bytes of parameters and buffers before and after
     are logged and stored as ``model._minift_quant_report = {"bytes_before", "bytes_after",
@@ -222,12 +225,25 @@ def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, dou
 
     Returns:
         The same model.
+
+    Raises:
+        TypeError: a non-int ``blocksize``, a bad ``compute_dtype``, or a target weight that is
+            not float32 / bfloat16 / float16 (the message names the layer).
+        ValueError: an unsupported ``blocksize``, or an empty or non-finite target weight (the
+            message names the layer).
     """
     if isinstance(skip, str):
         skip = (skip,)
-    before = _model_bytes(model)
+    check_blocksize(blocksize, "quantize_model")
+    if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"quantize_model: compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
     targets = [name for name, m in model.named_modules()
                if type(m) is nn.Linear and not _skipped(name, skip) and "lora_" not in name]
+    # All checks before the first conversion: a bad layer found halfway would otherwise leave
+    # the model half quantized.
+    for name in targets:
+        check_weight(model.get_submodule(name).weight, "quantize_model", f"layer {name!r} weight")
+    before = _model_bytes(model)
     for name in targets:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -233,6 +233,62 @@ def test_quantize_model_replaces_linears_and_reports_bytes():
     assert not any(p.requires_grad for n, p in model.named_parameters() if "layers" in n and "proj" in n)
 
 
+def _three_layers():
+    return nn.Sequential(nn.Linear(8, 8), nn.ModuleDict({"fc": nn.Linear(8, 8)}), nn.Linear(8, 4))
+
+
+def _spoil_nan(layer):
+    with torch.no_grad():
+        layer.weight[1, 2] = float("nan")
+
+
+def _spoil_inf(layer):
+    with torch.no_grad():
+        layer.weight[0, 0] = -float("inf")
+
+
+def _spoil_empty(layer):
+    layer.weight = nn.Parameter(torch.empty(8, 0))
+
+
+def _spoil_int(layer):
+    layer.weight = nn.Parameter(torch.ones(8, 8, dtype=torch.int32), requires_grad=False)
+
+
+def _spoil_float64(layer):
+    layer.weight = nn.Parameter(layer.weight.detach().double())
+
+
+@pytest.mark.parametrize("spoil, error, match", [
+    (_spoil_nan, ValueError, r"layer '1\.fc' weight holds 1 NaN/Inf"),
+    (_spoil_inf, ValueError, r"layer '1\.fc' weight holds 1 NaN/Inf"),
+    (_spoil_empty, ValueError, r"layer '1\.fc' weight is empty \(shape \(8, 0\)\)"),
+    (_spoil_int, TypeError, r"layer '1\.fc' weight must be float32, bfloat16 or float16, got dtype torch\.int32"),
+    (_spoil_float64, TypeError, r"layer '1\.fc' weight .* got dtype torch\.float64"),
+])
+def test_quantize_model_checks_every_layer_before_converting(spoil, error, match):
+    model = _three_layers()
+    spoil(model[1]["fc"])  # the second of three targets: the first would be converted already
+    params = {n: p for n, p in model.named_parameters()}
+    with pytest.raises(error, match="quantize_model: " + match):
+        quantize_model(model, skip=())
+    assert [type(m) for m in model.modules()] == [type(m) for m in _three_layers().modules()]
+    assert all(model.get_parameter(n) is p for n, p in params.items())  # the very same tensors
+    assert not hasattr(model, "_minift_quant_report")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(blocksize=48), ValueError, "unsupported blocksize 48"),
+    (dict(blocksize=64.0), TypeError, r"blocksize must be an int, got 64\.0"),
+    (dict(compute_dtype=torch.int8), TypeError, "compute_dtype must be .* got torch.int8"),
+])
+def test_quantize_model_bad_settings_leave_model_unchanged(kwargs, error, match):
+    model = _three_layers()
+    with pytest.raises(error, match="quantize_model: " + match):
+        quantize_model(model, skip=(), **kwargs)
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+
+
 def test_qlora_tiny_llama_trains_and_merges():
     model = _tiny_llama()
     quantize_model(model)
