@@ -13,6 +13,8 @@ The math and its order are in ``minift.quant8``; docs/optim.md has the state-dic
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import warnings
 
 import torch
@@ -29,17 +31,36 @@ KEYS_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_
 KEYS_32 = ("exp_avg", "exp_avg_sq")
 
 
+def _check_real(name: str, value, where: str) -> None:
+    """A real, finite number; bools are rejected (True would silently act as 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"AdamW8bit: {name} must be a real number, got {type(value).__name__} "
+                        f"{value!r} ({where})")
+    # NaN fails every comparison, so range checks alone would let it through
+    if not math.isfinite(value):
+        raise ValueError(f"AdamW8bit: {name} must be finite, got {value!r} ({where})")
+
+
 def _check_hparams(lr, betas, eps, weight_decay, where: str) -> None:
-    if not isinstance(lr, (int, float)) or lr < 0:
+    """Raise naming the first bad hyper-parameter and `where` it is (defaults, param group i).
+
+    Runs for every group at every step() (schedulers and users write param_groups[i]["lr"]),
+    so it is kept to a few type checks and comparisons per group.
+    """
+    _check_real("lr", lr, where)
+    if lr < 0:
         raise ValueError(f"AdamW8bit: lr must be a number >= 0, got {lr!r} ({where})")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"AdamW8bit: betas must be a pair (beta1, beta2), got {betas!r} ({where})")
     for i, beta in enumerate(betas):
-        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+        _check_real(f"betas[{i}]", beta, where)
+        if not 0.0 <= beta < 1.0:
             raise ValueError(f"AdamW8bit: betas[{i}] must be in [0, 1), got {beta!r} ({where})")
-    if not isinstance(eps, (int, float)) or eps <= 0:
+    _check_real("eps", eps, where)
+    if eps <= 0:
         raise ValueError(f"AdamW8bit: eps must be > 0, got {eps!r} ({where})")
-    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+    _check_real("weight_decay", weight_decay, where)
+    if weight_decay < 0:
         raise ValueError(f"AdamW8bit: weight_decay must be >= 0, got {weight_decay!r} ({where})")
 
 
@@ -83,12 +104,16 @@ class AdamW8bit(torch.optim.Optimizer):
                  min_8bit_size=4096, paged=False, stochastic_rounding=False, *, seed=0,
                  page_size=2**20, device_budget_bytes=None, check_finite=True):
         _check_hparams(lr, betas, eps, weight_decay, "defaults")
-        if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) \
+                or min_8bit_size < 0:
             raise ValueError(f"AdamW8bit: min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
         if not isinstance(page_size, int) or page_size <= 0 or page_size % BLOCK:
             raise ValueError(f"AdamW8bit: page_size must be a positive multiple of {BLOCK}, "
                              f"got {page_size!r}")
-        if device_budget_bytes is not None and device_budget_bytes < 0:
+        if device_budget_bytes is not None and (
+                isinstance(device_budget_bytes, bool)
+                or not isinstance(device_budget_bytes, numbers.Real)
+                or not device_budget_bytes >= 0):  # written so that NaN fails too
             raise ValueError(f"AdamW8bit: device_budget_bytes must be >= 0 or None, "
                              f"got {device_budget_bytes!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -119,6 +144,11 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Re-checked every step: a scheduler or user may have written a bad value into a
+        # group since construction, and a NaN lr would silently turn every weight into NaN.
+        for gi, group in enumerate(self.param_groups):
+            _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                           f"param group {gi}")
         todo = self._params_with_grad()
         if self.check_finite and not self._grads_finite(todo):
             return loss
@@ -323,17 +353,40 @@ def _convert_param_state(opt: AdamW8bit, p, st, where: str) -> dict:
                 "exp_avg_sq_absmax": ((num_blocks(n),), torch.float32),
                 "exp_avg": (tuple(p.shape), torch.float32),
                 "exp_avg_sq": (tuple(p.shape), torch.float32)}
-    out = {"step": int(st["step"])}
+    out = {"step": _saved_step(st["step"], where)}
     for k in keys:
         v, (shape, dtype) = st[k], expected[k]
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape or v.dtype != dtype:
             got = (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"AdamW8bit.load_state_dict: {where}['{k}'] is {got}, expected "
                              f"{shape} {dtype} for a parameter of shape {tuple(p.shape)}")
+        if dtype == torch.float32:
+            # a NaN/Inf scale or moment would turn the parameter into NaN at the next step
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"AdamW8bit.load_state_dict: {where}['{k}'] holds NaN or Inf "
+                                 "values (states written with check_finite=False after a "
+                                 "non-finite gradient?)")
+            if k != "exp_avg" and bool((v < 0).any()):  # scales and second moments are >= 0
+                raise ValueError(f"AdamW8bit.load_state_dict: {where}['{k}'] holds negative "
+                                 "values; it must be >= 0")
         home = host_empty(shape, dtype) if (is8 and opt.paged) else \
             torch.empty(shape, dtype=dtype, device=p.device)
         out[k] = home.copy_(v)
     return out
+
+
+def _saved_step(step, where: str) -> int:
+    """The saved update count: a non-negative integer (an int or an integer 0-d tensor)."""
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point() \
+            and step.dtype != torch.bool:
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise ValueError(f"AdamW8bit.load_state_dict: {where}['step'] must be an integer >= 0, "
+                         f"got {type(step).__name__} {step!r}")
+    if step < 0:
+        raise ValueError(f"AdamW8bit.load_state_dict: {where}['step'] must be an integer >= 0, "
+                         f"got {step!r}")
+    return int(step)
 
 
 class PagedAdamW8bit(AdamW8bit):

@@ -41,6 +41,141 @@ def test_bad_hyperparameters(kwargs, match):
         AdamW8bit([torch.nn.Parameter(torch.zeros(3))], **kwargs)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=NAN), r"lr must be finite, got nan \(defaults\)"),
+    (dict(lr=INF), r"lr must be finite, got inf \(defaults\)"),
+    (dict(eps=NAN), r"eps must be finite, got nan \(defaults\)"),
+    (dict(eps=INF), r"eps must be finite, got inf \(defaults\)"),
+    (dict(weight_decay=NAN), r"weight_decay must be finite, got nan \(defaults\)"),
+    (dict(weight_decay=-INF), r"weight_decay must be finite, got -inf \(defaults\)"),
+    (dict(betas=(NAN, 0.999)), r"betas\[0\] must be finite, got nan \(defaults\)"),
+    (dict(betas=(0.9, NAN)), r"betas\[1\] must be finite, got nan \(defaults\)"),
+    (dict(device_budget_bytes=NAN), "device_budget_bytes must be >= 0 or None, got nan"),
+])
+def test_non_finite_hyperparameters_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_non_finite_value_in_a_param_group_names_the_group():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"lr must be finite, got nan \(param group 1\)"):
+        AdamW8bit([{"params": [a]}, {"params": [b], "lr": NAN}])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=True), "lr must be a real number, got bool"),
+    (dict(eps=True), "eps must be a real number, got bool"),
+    (dict(weight_decay=False), "weight_decay must be a real number, got bool"),
+    (dict(betas=(0.9, True)), r"betas\[1\] must be a real number, got bool"),
+    (dict(lr="1e-3"), "lr must be a real number, got str"),
+    (dict(lr=None), "lr must be a real number, got NoneType"),
+])
+def test_bool_and_non_number_hyperparameters_are_type_errors(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        AdamW8bit([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_hyperparameters():
+    np = pytest.importorskip("numpy")
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdamW8bit([p], lr=np.float32(0.1), betas=(np.float64(0.9), 0.999), eps=np.float32(1e-8))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.all(p < 1)
+
+
+@pytest.mark.parametrize("key,value,error,match", [
+    ("lr", -1.0, ValueError, r"lr must be a number >= 0, got -1.0 \(param group 1\)"),
+    ("lr", NAN, ValueError, r"lr must be finite, got nan \(param group 1\)"),
+    ("lr", True, TypeError, r"lr must be a real number, got bool True \(param group 1\)"),
+    ("eps", 0.0, ValueError, r"eps must be > 0, got 0.0 \(param group 1\)"),
+    ("weight_decay", INF, ValueError, r"weight_decay must be finite.*param group 1"),
+    ("betas", (0.9, 1.0), ValueError, r"betas\[1\] must be in \[0, 1\).*param group 1"),
+])
+def test_hyperparameters_written_after_construction_are_checked_at_step(key, value, error, match):
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = AdamW8bit([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    opt.param_groups[1][key] = value
+    with pytest.raises(error, match=match):
+        opt.step()
+    # checked before any update: neither group moved, no state was created
+    assert torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(3))
+    assert not opt.state
+
+
+def test_scheduler_written_learning_rates_are_accepted():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdamW8bit([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 4)
+    assert torch.isfinite(p).all()
+
+
+def _saved_state(**kw):
+    ps, opt = _model_and_opt(**kw)
+    _grads(ps, 0)
+    opt.step()
+    return ps, opt, copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize("index,key,value,match", [
+    (0, "step", -1, r"state\[0\]\['step'\] must be an integer >= 0, got -1"),
+    (0, "step", 1.5, r"state\[0\]\['step'\] must be an integer >= 0, got float 1.5"),
+    (1, "step", "3", r"state\[1\]\['step'\] must be an integer >= 0, got str '3'"),
+    (1, "step", True, r"state\[1\]\['step'\] must be an integer >= 0, got bool"),
+    (0, "step", torch.tensor(2.0), r"state\[0\]\['step'\] must be an integer"),
+])
+def test_load_rejects_bad_step(index, key, value, match):
+    _, opt, sd = _saved_state()
+    sd["state"][index][key] = value
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+
+
+def test_load_accepts_an_integer_tensor_step():
+    _, opt, sd = _saved_state()
+    sd["state"][0]["step"] = torch.tensor(1)
+    opt.load_state_dict(sd)
+    assert opt.state_dict()["state"][0]["step"] == 1 and isinstance(opt.state[
+        opt.param_groups[0]["params"][0]]["step"], int)
+
+
+@pytest.mark.parametrize("index,key,bad,match", [
+    (0, "exp_avg_absmax", NAN, "NaN or Inf"),
+    (0, "exp_avg_sq_absmax", INF, "NaN or Inf"),
+    (0, "exp_avg_absmax", -1.0, "negative"),
+    (1, "exp_avg", NAN, "NaN or Inf"),
+    (1, "exp_avg_sq", -INF, "NaN or Inf"),
+    (1, "exp_avg_sq", -0.5, "negative"),
+])
+def test_load_rejects_non_finite_or_negative_states(index, key, bad, match):
+    ps, opt, sd = _saved_state()
+    sd["state"][index][key][0] = bad
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=rf"state\[{index}\]\['{key}'\] holds {match}"):
+        opt.load_state_dict(sd)
+    _grads(ps, 1)
+    opt.step()  # the optimizer kept its own, finite states
+    assert all(torch.isfinite(p.float()).all() for p in ps)
+    assert not all(torch.equal(a, b) for a, b in zip(ps, before))
+
+
+def test_load_rejects_bad_saved_hyperparameters():
+    _, opt, sd = _saved_state()
+    sd["param_groups"][0]["lr"] = NAN
+    with pytest.raises(ValueError, match=r"lr must be finite.*saved param_groups\[0\]"):
+        opt.load_state_dict(sd)
+
+
 def test_bad_hyperparameter_in_param_group_names_the_group():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match=r"eps.*param group 1"):
