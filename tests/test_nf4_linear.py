@@ -1,4 +1,6 @@
 """NF4Linear: equals nn.Linear on the dequantized weight, saves no float weight, QLoRA trains."""
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -211,26 +213,68 @@ def test_bad_constructor_arguments():
 # ------------------------------------------------------------------ quantize_model + QLoRA
 
 
-def _tiny_llama():
+def _tiny_llama(bias=False):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attention_bias=bias, mlp_bias=bias)
     return transformers.LlamaForCausalLM(cfg)
 
 
+NESTED_CODE_BYTES = 4 * 256  # the fp32 256-entry dynamic map
+
+
+def _nf4_bytes(out_f, in_f, blocksize=64):
+    """Bytes of a double-quantized NF4 (out, in) weight, from the format: packed nibbles, 8-bit
+    absmax codes, fp32 nested scales, the 16-entry fp32 NF4 code and the nested code book."""
+    n = out_f * in_f
+    n_blocks = -(-n // blocksize)
+    return -(-n // 2) + n_blocks + 4 * -(-n_blocks // 256) + 4 * 16 + NESTED_CODE_BYTES
+
+
 def test_quantize_model_replaces_linears_and_reports_bytes():
-    model = _tiny_llama()
-    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    model = _tiny_llama(bias=True)
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear and name != "lm_head"}
+    biases = {name: m.bias for name, m in linears.items()}
+    # no tied or shared tensors in this model, so plain sums are the unique bytes
+    bytes_before = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    bytes_after = bytes_before + sum(_nf4_bytes(*m.weight.shape) - m.weight.nbytes for m in linears.values())
+    # quantized on the CPU, every layer's nested code book is one shared tensor, counted once
+    bytes_after -= (len(linears) - 1) * NESTED_CODE_BYTES
+    del linears
     returned = quantize_model(model, blocksize=64)
     assert returned is model
     kinds = {name: type(m) for name, m in model.named_modules()}
     assert kinds["lm_head"] is nn.Linear  # skipped by default
     assert kinds["model.layers.0.self_attn.q_proj"] is NF4Linear
-    assert sum(k is NF4Linear for k in kinds.values()) == n_linear - 1
-    report = model._minift_quant_report
-    assert report["layers"] == n_linear - 1
-    assert report["bytes_after"] < report["bytes_before"]
-    assert not any(p.requires_grad for n, p in model.named_parameters() if "layers" in n and "proj" in n)
+    assert sorted(n for n, k in kinds.items() if k is NF4Linear) == sorted(biases)
+    for name, bias in biases.items():
+        layer = model.get_submodule(name)
+        assert layer.bias is not None and not layer.bias.requires_grad, name
+        assert torch.equal(layer.bias, bias), name
+        assert sum(t.nbytes for t in layer.quant_weight.tensors()) == _nf4_bytes(*layer.quant_weight.shape)
+    nested_codes = {model.get_submodule(name).weight_nested_quant_map.data_ptr() for name in biases}
+    assert len(nested_codes) == 1
+    assert model._minift_quant_report == {"bytes_before": bytes_before, "bytes_after": bytes_after,
+                                          "layers": len(biases)}
+
+
+def test_quantize_model_frees_each_weight_as_it_goes(monkeypatch):
+    model = _three_layers()
+    originals = [weakref.ref(m.weight) for m in model.modules() if type(m) is nn.Linear]
+    dead_at_each_call = []
+    from_linear = NF4Linear.from_linear.__func__
+
+    def counting(cls, linear, *args, **kwargs):
+        dead_at_each_call.append(sum(ref() is None for ref in originals))
+        return from_linear(cls, linear, *args, **kwargs)
+
+    monkeypatch.setattr(NF4Linear, "from_linear", classmethod(counting))
+    quantize_model(model, skip=())
+    # converting layer k starts with exactly the k layers before it gone: each full-precision
+    # weight is released right after its replacement, not all together at the end
+    assert dead_at_each_call == [0, 1, 2]
+    assert all(ref() is None for ref in originals)
 
 
 def _three_layers():
