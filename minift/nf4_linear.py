@@ -7,6 +7,7 @@ for the duration of one matmul. Its ``state_dict`` uses bitsandbytes' serialized
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -23,6 +24,13 @@ _BUFFERS = {"weight": "", "weight_absmax": ".absmax", "weight_quant_map": ".quan
 _QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
 
 
+def _autocast_off(device_type: str):
+    """A context with autocast disabled for ``device_type`` (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class NF4MatMul(torch.autograd.Function):
     """y = x @ dequant(W).T + b with a frozen NF4 weight W of shape (out, in).
 
@@ -30,6 +38,10 @@ class NF4MatMul(torch.autograd.Function):
         dL/dx = dL/dy @ dequant(W)    # (..., out) @ (out, in) -> (..., in)
     Only the quantized tensors of W are saved for backward; the dequantized matrix is rebuilt
     there and freed right after, so no (out, in) float tensor lives between forward and backward.
+
+    Both passes run with autocast off: ``compute_dtype`` was already chosen by the caller (which
+    accounts for autocast), and autocast would otherwise recast the matmul, overriding an
+    explicit ``NF4Linear(compute_dtype=torch.float32)``.
     """
 
     @staticmethod
@@ -37,9 +49,10 @@ class NF4MatMul(torch.autograd.Function):
         ctx.weight_meta = weight  # metadata only; its tensors go through save_for_backward below
         ctx.save_for_backward(*weight.tensors())
         ctx.x_dtype, ctx.compute_dtype = x.dtype, compute_dtype
-        w = dequantize_nf4(weight, compute_dtype)  # (out, in), freed when forward returns
-        b = None if bias is None else bias.to(compute_dtype)
-        return torch.nn.functional.linear(x.to(compute_dtype), w, b)
+        with _autocast_off(x.device.type):
+            w = dequantize_nf4(weight, compute_dtype)  # (out, in), freed when forward returns
+            b = None if bias is None else bias.to(compute_dtype)
+            return torch.nn.functional.linear(x.to(compute_dtype), w, b)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -52,8 +65,9 @@ class NF4MatMul(torch.autograd.Function):
             fields.update(nested_absmax=next(saved), nested_code=next(saved))
         weight = NF4Weight(**fields, shape=meta.shape, dtype=meta.dtype, blocksize=meta.blocksize,
                            offset=meta.offset, nested_blocksize=meta.nested_blocksize)
-        w = dequantize_nf4(weight, ctx.compute_dtype)  # (out, in)
-        grad_x = grad_out.to(ctx.compute_dtype) @ w  # (..., in)
+        with _autocast_off(grad_out.device.type):
+            w = dequantize_nf4(weight, ctx.compute_dtype)  # (out, in)
+            grad_x = grad_out.to(ctx.compute_dtype) @ w  # (..., in)
         return grad_x.to(ctx.x_dtype), None, None, None
 
 
@@ -133,6 +147,11 @@ class NF4Linear(nn.Module):
         return x.dtype if x.dtype in FLOAT_DTYPES else self.weight_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"NF4Linear: input must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            # nn.Linear refuses integer input too; casting it would hide a wrong tensor (token ids)
+            raise TypeError(f"NF4Linear: input must be a floating-point tensor, got dtype {x.dtype}")
         return NF4MatMul.apply(x, self.quant_weight, self.bias, self._pick_dtype(x))
 
     def _apply(self, fn, recurse=True):

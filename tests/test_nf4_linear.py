@@ -77,6 +77,34 @@ def test_cpu_autocast_bf16():
     assert x.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float16, None])
+def test_autocast_respects_explicit_compute_dtype(compute_dtype):
+    base = nn.Linear(40, 24)
+    q = NF4Linear.from_linear(base, compute_dtype=compute_dtype)
+    dtype = compute_dtype or torch.bfloat16  # None: the autocast dtype
+    w = q.dequantize(dtype)
+    x = torch.randn(3, 40, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+        g = torch.randn(3, 24, dtype=y.dtype)
+        (gx,) = torch.autograd.grad(y, x, g)  # backward under autocast as well
+    assert y.dtype == dtype and gx.dtype == torch.float32
+    # the same ops in the chosen dtype with autocast off: bit-equal
+    expected = nn.functional.linear(x.detach().to(dtype), w, base.bias.detach().to(dtype))
+    assert torch.equal(y, expected)
+    assert torch.equal(gx, (g.to(dtype) @ w).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_input_is_a_type_error(dtype):
+    q, ref = _pair()
+    x = torch.ones(2, 40, dtype=dtype)
+    with pytest.raises(RuntimeError):
+        ref(x)  # nn.Linear refuses it as well
+    with pytest.raises(TypeError, match=f"NF4Linear: input must be a floating-point tensor, got dtype {dtype}"):
+        q(x)
+
+
 def test_under_non_reentrant_checkpoint():
     q, _ = _pair()
     x = torch.randn(3, 40, requires_grad=True)
