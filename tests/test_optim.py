@@ -342,3 +342,59 @@ def test_regression_loss_within_two_percent_of_torch_and_bnb_band():
         bnb = final["bnb_adamw8bit"]
         band = max(abs(bnb / ref - 1), 0.005)
         assert abs(ours / bnb - 1) <= 2 * band
+
+
+def _quality_ok(final: dict, name: str) -> bool:
+    """The quality criterion: within 2% of fp32 torch AdamW's final loss and, when bitsandbytes
+    is installed, within twice the oracle's own distance to torch AdamW (at least 0.5%) of the
+    oracle's."""
+    ours, ref = final[name], final["torch_adamw"]
+    if not abs(ours / ref - 1) < 0.02:
+        return False
+    if "bnb_adamw8bit" in final:
+        bnb = final["bnb_adamw8bit"]
+        band = max(abs(bnb / ref - 1), 0.005)
+        return abs(ours / bnb - 1) <= 2 * band
+    return True
+
+
+@pytest.fixture(scope="module")
+def lm_problem():
+    """examples/optim_quality.py's LM problem, fine-tune cut from 60 to 40 steps (~1 s each)."""
+    q = _quality_module()
+    # one thread, as the example runs: the summation order then does not depend on the core
+    # count, and these small matmuls are faster without threading on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield q, q.pretrained_lm(seed=0, steps=30)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _lm_final(q, base, make):
+    return q.tail_mean(q.lm_finetune(make, steps=40, seed=0, base=base))
+
+
+def test_lm_finetune_loss_within_two_percent_of_torch_and_bnb_band(lm_problem):
+    q, base = lm_problem
+    losses = {name: q.lm_finetune(make, steps=40, seed=0, base=base)
+              for name, make in q.optimizer_factories(3e-3, 0.01).items()}
+    final = {name: q.tail_mean(x) for name, x in losses.items()}
+    # the fine-tune does learn (the loss falls well below its start), so agreement means something
+    assert final["torch_adamw"] < 0.8 * losses["torch_adamw"][0]
+    assert _quality_ok(final, "minift_adamw8bit"), final
+
+
+@pytest.mark.parametrize("broken", [dict(betas=(0.0, 0.999)), dict(lr=6e-3)],
+                         ids=["beta1=0", "lr x2"])
+def test_lm_quality_criterion_catches_a_wrong_update(lm_problem, broken):
+    # The criterion above must be able to fail: an optimizer that ignores momentum or takes
+    # twice the step lands measurably elsewhere on the same problem.
+    q, base = lm_problem
+    makers = q.optimizer_factories(3e-3, 0.01)
+    final = {name: _lm_final(q, base, makers[name]) for name in makers if name != "minift_adamw8bit"}
+    kw = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    kw.update(broken)
+    final["broken"] = _lm_final(q, base, lambda ps: AdamW8bit(ps, **kw))
+    assert not _quality_ok(final, "broken"), final
