@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -161,7 +162,10 @@ def main(argv=None):
     except ImportError:
         bnb_version = None
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    results = {"command": f"python examples/optim_quality.py {argv_text}".strip(),
+    # torch's kernel choice can be forced (ATEN_CPU_CAPABILITY=avx2): part of the command
+    env = f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} " \
+        if os.environ.get("ATEN_CPU_CAPABILITY") else ""
+    results = {"command": f"{env}python examples/optim_quality.py {argv_text}".strip(),
                "machine": machine_info(), "torch": torch.__version__,
                "bitsandbytes": bnb_version, "git_commit": git_commit(),
                "git_modified": git_modified(), "settings": settings, "problems": problems}
