@@ -44,13 +44,19 @@ def _assert_same_as_bnb(w, blocksize, double_quant):
     assert torch.equal(out, deq)
 
 
+# 1-D, 2-D and 3-D shapes, most of them not a multiple of any blocksize; 1-D ones reach past
+# 256 blocks of 32 (two nested scales)
+SHAPES = st.one_of(st.tuples(st.integers(1, 9000)),
+                   st.tuples(st.integers(1, 70), st.integers(1, 150)),
+                   st.tuples(st.integers(1, 12), st.integers(1, 20), st.integers(1, 40)))
+
+
 @settings(max_examples=25, deadline=None)
-@given(rows=st.integers(1, 70), cols=st.integers(1, 150), dtype=st.sampled_from(DTYPES),
-       blocksize=st.sampled_from(SUPPORTED_BLOCKSIZES), double_quant=st.booleans(),
-       log_scale=st.floats(-3, 2), seed=st.integers(0, 2**16))
-def test_bit_exact_with_bitsandbytes(rows, cols, dtype, blocksize, double_quant, log_scale, seed):
+@given(shape=SHAPES, dtype=st.sampled_from(DTYPES), blocksize=st.sampled_from(SUPPORTED_BLOCKSIZES),
+       double_quant=st.booleans(), log_scale=st.floats(-3, 2), seed=st.integers(0, 2**16))
+def test_bit_exact_with_bitsandbytes(shape, dtype, blocksize, double_quant, log_scale, seed):
     g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(rows, cols, generator=g) * 10**log_scale).to(dtype)
+    w = (torch.randn(shape, generator=g) * 10**log_scale).to(dtype)
     _assert_same_as_bnb(w, blocksize, double_quant)
 
 
