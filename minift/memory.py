@@ -79,12 +79,14 @@ class MemoryReport:
     other: int = 0
     peak: int = 0
     device: str = "cpu"
-    reserved: int | None = None  # CUDA memory_reserved at the end of the step
+    reserved: int | None = None  # CUDA max_memory_reserved during the step (peak)
     notes: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         out = {c: int(getattr(self, c)) for c in CATEGORIES}
         out.update(peak=int(self.peak), device=self.device)
+        if self.reserved is not None:  # CUDA only
+            out["reserved"] = int(self.reserved)
         return out
 
     def table(self) -> str:
@@ -92,7 +94,7 @@ class MemoryReport:
         text = breakdown_table(cols, rows=CATEGORIES + ("total",))
         text = text.replace("| total |", "| peak |")
         if self.reserved is not None:
-            text += f"\nreserved by the CUDA allocator: {format_bytes(self.reserved)}"
+            text += f"\npeak reserved by the CUDA allocator: {format_bytes(self.reserved)}"
         return "\n".join([text] + [f"note: {n}" for n in self.notes])
 
 
@@ -349,7 +351,9 @@ class MemoryTracker:
             other=max(0, other), peak=phase_peak, device=str(self.device))
         if cuda:
             report.peak = torch.cuda.max_memory_allocated(self.device)
-            report.reserved = torch.cuda.memory_reserved(self.device)
+            # the allocator's high-water mark since reset_peak_memory_stats in track(): what the
+            # step needed reserved, not what happens to be cached when it ends
+            report.reserved = torch.cuda.max_memory_reserved(self.device)
             report.other = max(0, report.peak - accounted)
             report.notes.append("peak = torch.cuda.max_memory_allocated; other = peak minus the "
                                 "categories at the accounted peak")

@@ -133,3 +133,25 @@ def test_table_and_format():
     assert "| frozen_weights | 3.00 GiB |" in table and "| activations | 1.50 KiB |" in table
     assert "| peak |" in table
     assert format_bytes(512) == "512 B" and format_bytes(5 * 2**20) == "5.00 MiB"
+
+
+def test_cuda_report_uses_peak_reserved(monkeypatch):
+    # No GPU here: feed the CUDA branch of the report fake allocator statistics. `reserved` must
+    # be the high-water mark (max_memory_reserved), not what is cached at the end of the step.
+    model, x = _stack(), torch.randn(16, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tracker = MemoryTracker(model, opt)
+    with tracker.track():
+        _step(model, opt, x)
+    cpu = tracker.report()
+    assert cpu.reserved is None and "reserved" not in cpu.as_dict()
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 10 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 24 * 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 12 * 2**20)
+    rep = tracker._build_report(cuda=True)
+    assert rep.peak == 10 * 2**20 and rep.reserved == 24 * 2**20
+    assert rep.as_dict()["reserved"] == 24 * 2**20
+    assert "peak reserved by the CUDA allocator: 24.00 MiB" in rep.table()
+    # everything but peak, other and reserved is the tracker's own accounting, as on CPU
+    for c in ("frozen_weights", "trainable_params", "gradients", "optimizer_states", "activations"):
+        assert getattr(rep, c) == getattr(cpu, c)
