@@ -292,7 +292,7 @@ class MissingKeyError(KeyError):
         self.key = key
 
 
-def _read_meta(sd: dict, prefix: str) -> dict:
+def _read_meta(sd: dict, prefix: str) -> tuple[str, dict]:
     key = f"{prefix}.quant_state.bitsandbytes__nf4"
     if key not in sd:
         others = [k for k in sd if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
@@ -300,40 +300,86 @@ def _read_meta(sd: dict, prefix: str) -> dict:
             kind = others[0].rsplit("__", 1)[-1]
             raise ValueError(f"{others[0]}: unsupported quant_type {kind!r}; only 'nf4' is supported")
         raise MissingKeyError(key)
+    raw = sd[key]
+    if not isinstance(raw, torch.Tensor):
+        raise ValueError(f"{key}: expected a uint8 tensor of JSON bytes, got {type(raw).__name__}")
     try:
-        meta = json.loads(bytes(sd[key].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        meta = json.loads(bytes(raw.cpu().to(torch.uint8).tolist()).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{key}: not a JSON quant state ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{key}: quant state must be a JSON object, got {type(meta).__name__}")
     if meta.get("quant_type") != "nf4":
         raise ValueError(f"{key}: unsupported quant_type {meta.get('quant_type')!r}; only 'nf4' is supported")
     for field in ("blocksize", "dtype", "shape"):
         if field not in meta:
-            raise KeyError(f"{key}: quant state has no field {field!r}")
-    return meta
+            raise ValueError(f"{key}: quant state has no field {field!r}")
+    for field, default in (("blocksize", None), ("nested_blocksize", NESTED_BLOCKSIZE)):
+        value = meta.get(field, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value not in SUPPORTED_BLOCKSIZES:
+            raise ValueError(f"{key}: unsupported {field} {value!r}; expected one of {SUPPORTED_BLOCKSIZES}")
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ValueError(f"{key}: field 'shape' must be a list of non-negative ints, got {shape!r}")
+    offset = meta.get("nested_offset")
+    if "nested_offset" in meta and (isinstance(offset, bool) or not isinstance(offset, (int, float))):
+        raise ValueError(f"{key}: field 'nested_offset' must be a number, got {offset!r}")
+    return key, meta
 
 
-def _require(sd: dict, key: str) -> torch.Tensor:
+def _require(sd: dict, key: str, numel: int, dtype: torch.dtype, why: str = "") -> torch.Tensor:
+    """``sd[key]`` flattened, after checking it holds ``numel`` elements of ``dtype``."""
     if key not in sd:
         raise MissingKeyError(key)
-    return sd[key]
+    t = sd[key]
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{key}: expected a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise ValueError(f"{key}: expected dtype {dtype}{why}, got {t.dtype}")
+    if t.numel() != numel:
+        raise ValueError(f"{key}: expected {numel} elements, got {t.numel()} (shape {tuple(t.shape)})")
+    return t.reshape(-1)
 
 
 def from_bnb_state_dict(sd: dict, prefix: str = "weight") -> NF4Weight:
-    """Rebuild an ``NF4Weight`` from bitsandbytes' serialized names (no re-quantization)."""
-    meta = _read_meta(sd, prefix)
+    """Rebuild an ``NF4Weight`` from bitsandbytes' serialized names (no re-quantization).
+
+    Every tensor is checked against the quant state before use: the absmax count must match the
+    shape and blocksize, the absmax dtype must match the quant state (uint8 codes with double
+    quantization, float32 without), the code books must hold 16 / 256 float32 levels. A problem
+    raises ``ValueError`` naming the key and the expected and actual size or dtype; a missing key
+    raises ``MissingKeyError`` (a ``KeyError``) naming it.
+    """
+    meta_key, meta = _read_meta(sd, prefix)
     dtype = getattr(torch, str(meta["dtype"]), None)
     if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{prefix}.quant_state: unsupported dtype {meta['dtype']!r}")
-    if meta["blocksize"] not in SUPPORTED_BLOCKSIZES:
-        raise ValueError(f"{prefix}.quant_state: unsupported blocksize {meta['blocksize']!r}")
-    packed = _require(sd, prefix).view(torch.uint8).reshape(-1, 1)
+        raise ValueError(f"{meta_key}: unsupported dtype {meta['dtype']!r}; expected 'float32', 'bfloat16' "
+                         "or 'float16'")
     shape = torch.Size(meta["shape"])
+    blocksize = meta["blocksize"]
+    n_blocks = -(-shape.numel() // blocksize)
+    if prefix not in sd:
+        raise MissingKeyError(prefix)
+    if not isinstance(sd[prefix], torch.Tensor):
+        raise ValueError(f"{prefix}: expected a tensor, got {type(sd[prefix]).__name__}")
+    # bitsandbytes may store the packed bytes in another dtype (quant_storage); the bytes count
+    packed = sd[prefix].reshape(-1).view(torch.uint8).reshape(-1, 1)
     if packed.shape[0] != -(-shape.numel() // 2):
         raise ValueError(f"{prefix}: {packed.shape[0]} packed bytes do not fit shape {tuple(shape)}")
-    q = NF4Weight(packed=packed, absmax=_require(sd, f"{prefix}.absmax"), shape=shape, dtype=dtype,
-                  blocksize=int(meta["blocksize"]), code=_require(sd, f"{prefix}.quant_map").float())
-    if "nested_offset" not in meta:
-        return replace(q, absmax=q.absmax.float())
-    return replace(q, nested_absmax=_require(sd, f"{prefix}.nested_absmax").float(),
-                   nested_code=_require(sd, f"{prefix}.nested_quant_map").float(),
-                   offset=float(meta["nested_offset"]), nested_blocksize=int(meta.get("nested_blocksize", 256)))
+    double_quant = "nested_offset" in meta
+    if not double_quant:
+        stray = [k for k in (f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map") if k in sd]
+        if stray:
+            raise ValueError(f"{stray[0]}: present, but {meta_key} has no nested_offset (no double quantization)")
+    absmax = _require(sd, f"{prefix}.absmax", n_blocks, torch.uint8 if double_quant else torch.float32,
+                      " (double quantization)" if double_quant else " (no double quantization)")
+    code = _require(sd, f"{prefix}.quant_map", 16, torch.float32)
+    q = NF4Weight(packed=packed, absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize, code=code)
+    if not double_quant:
+        return q
+    nested_blocksize = meta.get("nested_blocksize", NESTED_BLOCKSIZE)
+    nested_absmax = _require(sd, f"{prefix}.nested_absmax", -(-n_blocks // nested_blocksize), torch.float32)
+    nested_code = _require(sd, f"{prefix}.nested_quant_map", 256, torch.float32)
+    return replace(q, nested_absmax=nested_absmax, nested_code=nested_code, offset=float(meta["nested_offset"]),
+                   nested_blocksize=nested_blocksize)

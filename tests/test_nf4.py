@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import minift
 from minift.nf4 import NF4Weight, SUPPORTED_BLOCKSIZES, absmax_fp32, dequantize_nf4, quantize_nf4
-from oracles import bnb_dequantize
+from oracles import bnb_dequantize, nf4_with_nested_blocksize
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
@@ -182,7 +182,7 @@ def test_state_dict_without_double_quant_round_trips():
 
 
 @pytest.mark.parametrize("key", ["weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
-                                 "weight.quant_state.bitsandbytes__nf4"])
+                                 "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"])
 def test_missing_key_is_named(key):
     sd = quantize_nf4(torch.randn(8, 8)).to_bnb_state_dict()
     del sd[key]
@@ -200,6 +200,110 @@ def test_unknown_quant_type_is_named():
     sd["weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     with pytest.raises(ValueError, match="quant_type 'fp4'"):
         NF4Weight.from_bnb_state_dict(sd)
+
+
+META_KEY = "weight.quant_state.bitsandbytes__nf4"
+
+
+def _small_sd(double_quant=True):
+    # 8 x 40 = 320 elements in blocks of 32: 10 absmax blocks, one nested scale
+    return quantize_nf4(torch.randn(8, 40), 32, double_quant).to_bnb_state_dict()
+
+
+def _set(sd, key, value):
+    sd[key] = value
+
+
+def _edit_meta(sd, edit):
+    meta = json.loads(bytes(sd[META_KEY].tolist()))
+    edit(meta)
+    sd[META_KEY] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+
+
+BAD_STATE_DICTS = {
+    "truncated absmax": (True, lambda sd: _set(sd, "weight.absmax", sd["weight.absmax"][:-1]),
+                         r"weight\.absmax: expected 10 elements, got 9"),
+    "absmax too long": (False, lambda sd: _set(sd, "weight.absmax", torch.ones(11)),
+                        r"weight\.absmax: expected 10 elements, got 11"),
+    "short quant_map": (True, lambda sd: _set(sd, "weight.quant_map", sd["weight.quant_map"][:4]),
+                        r"weight\.quant_map: expected 16 elements, got 4"),
+    "bf16 quant_map": (True, lambda sd: _set(sd, "weight.quant_map", sd["weight.quant_map"].bfloat16()),
+                       r"weight\.quant_map: expected dtype torch\.float32, got torch\.bfloat16"),
+    "fp32 absmax with double quant": (
+        True, lambda sd: _set(sd, "weight.absmax", sd["weight.absmax"].float()),
+        r"weight\.absmax: expected dtype torch\.uint8 \(double quantization\), got torch\.float32"),
+    "uint8 absmax without double quant": (
+        False, lambda sd: _set(sd, "weight.absmax", torch.zeros(10, dtype=torch.uint8)),
+        r"weight\.absmax: expected dtype torch\.float32 \(no double quantization\), got torch\.uint8"),
+    "nested tensors without nested_offset": (
+        True, lambda sd: _edit_meta(sd, lambda m: m.pop("nested_offset")),
+        r"weight\.nested_absmax: present, but .* has no nested_offset"),
+    "nested_absmax too long": (True, lambda sd: _set(sd, "weight.nested_absmax", torch.ones(2)),
+                               r"weight\.nested_absmax: expected 1 elements, got 2"),
+    "short nested_quant_map": (True, lambda sd: _set(sd, "weight.nested_quant_map", torch.zeros(255)),
+                               r"weight\.nested_quant_map: expected 256 elements, got 255"),
+    "packed is not a tensor": (True, lambda sd: _set(sd, "weight", [1, 2]), r"weight: expected a tensor, got list"),
+    "no shape": (True, lambda sd: _edit_meta(sd, lambda m: m.pop("shape")),
+                 rf"{META_KEY}: quant state has no field 'shape'"),
+    "bad shape": (True, lambda sd: _edit_meta(sd, lambda m: m.update(shape=[8, "40"])),
+                  r"field 'shape' must be a list of non-negative ints, got \[8, '40'\]"),
+    "shape of another size": (True, lambda sd: _edit_meta(sd, lambda m: m.update(shape=[8, 42])),
+                              r"weight: 160 packed bytes do not fit shape \(8, 42\)"),
+    "unsupported blocksize": (True, lambda sd: _edit_meta(sd, lambda m: m.update(blocksize=48)),
+                              rf"{META_KEY}: unsupported blocksize 48"),
+    "float blocksize": (True, lambda sd: _edit_meta(sd, lambda m: m.update(blocksize=32.0)),
+                        r"unsupported blocksize 32\.0"),
+    "unsupported nested_blocksize": (True, lambda sd: _edit_meta(sd, lambda m: m.update(nested_blocksize=100)),
+                                     r"unsupported nested_blocksize 100"),
+    "bad nested_offset": (True, lambda sd: _edit_meta(sd, lambda m: m.update(nested_offset="0.5")),
+                          r"field 'nested_offset' must be a number, got '0\.5'"),
+    "bad dtype": (True, lambda sd: _edit_meta(sd, lambda m: m.update(dtype="int8")),
+                  rf"{META_KEY}: unsupported dtype 'int8'"),
+    "not JSON": (True, lambda sd: _set(sd, META_KEY, torch.tensor(list(b"\xff{nf4"), dtype=torch.uint8)),
+                 rf"{META_KEY}: not a JSON quant state"),
+    "JSON list": (True, lambda sd: _set(sd, META_KEY, torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)),
+                  rf"{META_KEY}: quant state must be a JSON object, got list"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_STATE_DICTS.values(), ids=BAD_STATE_DICTS.keys())
+def test_bad_state_dict_names_key_and_expectation(case):
+    double_quant, spoil, match = case
+    sd = _small_sd(double_quant)
+    NF4Weight.from_bnb_state_dict(dict(sd))  # the untouched dict loads
+    spoil(sd)
+    with pytest.raises(ValueError, match=match):
+        NF4Weight.from_bnb_state_dict(sd)
+
+
+def test_bad_state_dict_is_a_load_error_in_nf4linear():
+    from minift.nf4_linear import NF4Linear
+
+    layer = NF4Linear(quantize_nf4(torch.randn(8, 40), 32))
+    sd = layer.state_dict()
+    sd["weight.absmax"] = sd["weight.absmax"][:-1]
+    with pytest.raises(RuntimeError, match=r"weight\.absmax: expected 10 elements, got 9"):
+        layer.load_state_dict(sd)
+
+
+def test_nested_blocksize_other_than_256_round_trips():
+    # 300 blocks of 32: three nested scales at 128, two at 256; the second half is 20x larger, so
+    # decoding with the wrong nested blocksize would put badly wrong scales on many blocks
+    w = torch.randn(9600)
+    w[4800:] *= 20
+    q = nf4_with_nested_blocksize(w, 32, 128)
+    assert q.nested_absmax.numel() == 3
+    sd = q.to_bnb_state_dict()
+    assert json.loads(bytes(sd[META_KEY].tolist()))["nested_blocksize"] == 128
+    back = NF4Weight.from_bnb_state_dict(sd)
+    assert back.nested_blocksize == 128 and torch.equal(dequantize_nf4(back), dequantize_nf4(q))
+    true_absmax = w.view(-1, 32).abs().amax(1)
+    # the 8-bit code of (absmax - offset) is off by at most about half the dynamic map's largest
+    # gap (0.014) times its nested scale
+    scale = q.nested_absmax.repeat_interleave(128)[:300]
+    assert ((absmax_fp32(back) - true_absmax).abs() <= 0.008 * scale).all()
+    wrong = NF4Weight(**{**back.__dict__, "nested_blocksize": 256})
+    assert ((absmax_fp32(wrong) - true_absmax).abs() > 0.1 * scale).any()
 
 
 # ------------------------------------------------------------------------------- bad input
