@@ -23,6 +23,7 @@ logits) and the optimizer step (weights + states + gradients + step temporaries)
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -106,17 +107,41 @@ def _targets(target_modules) -> tuple:
         return LINEARS
     if isinstance(target_modules, str):
         target_modules = [target_modules]
-    names = tuple(target_modules)
+    try:
+        names = tuple(target_modules)
+    except TypeError:
+        raise TypeError(f"target_modules must be 'all-linear' or a list of names, got "
+                        f"{type(target_modules).__name__}") from None
+    if not names:
+        raise ValueError(f"target_modules is empty: nothing would be adapted; use 'all-linear' or "
+                         f"a list of {', '.join(LINEARS)}")
     unknown = [t for t in names if t not in LINEARS]
-    if unknown or not names:
+    if unknown:
         raise ValueError(f"target_modules: unknown names {unknown}; use 'all-linear' or a list "
                          f"of {', '.join(LINEARS)}")
-    return names
+    # lora_wrap adapts a module once however often it is named, so count it once
+    return tuple(dict.fromkeys(names))
 
 
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+def _positive(name: str, value) -> int:
+    """`value` as an int if it is a positive integer of any integral type (int, numpy ints)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive integer, got bool {value!r}")
+    try:
+        n = operator.index(value)  # int, numpy integers, ...; not floats
+    except TypeError:
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} "
+                        f"{value!r}") from None
+    if n <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return n
+
+
+def _flag(name: str, value) -> bool:
+    # a string such as "no" is truthy: demand a real bool rather than guess
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _layer_tensors(cfg: ModelConfig) -> list:
@@ -234,7 +259,8 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
         batch_size: sequences per micro-batch.
         seq_len: tokens per sequence.
         r: LoRA rank (lora and qlora).
-        target_modules: "all-linear" or a list of decoder linear names ("q_proj", ...).
+        target_modules: "all-linear" or a list of decoder linear names ("q_proj", ...); a name
+            given twice counts once, as `lora_wrap` adapts each module once.
         optimizer: "adamw", "adamw8bit" or "paged_adamw8bit".
         gradient_checkpointing: recompute each decoder layer in backward.
         dtype: the dtype the model's weights and activations are stored in.
@@ -247,19 +273,33 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
 
     Returns:
         A `MemoryEstimate`; `total` is the estimated peak.
+
+    Raises:
+        TypeError: batch_size, seq_len or r not an integer (any integral type such as numpy
+            ints is accepted; bools and floats are not), gradient_checkpointing or
+            attention_mask not a bool, a bad dtype or config type.
+        ValueError: an unknown method, optimizer, device or target module name, an empty
+            target_modules, a non-positive size, or seq_len beyond the model's
+            max_position_embeddings. Each message names the argument.
     """
     cfg = _resolve_config(config_or_preset)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    _positive("batch_size", batch_size)
-    _positive("seq_len", seq_len)
-    _positive("r", r)
+    batch_size = _positive("batch_size", batch_size)
+    seq_len = _positive("seq_len", seq_len)
+    r = _positive("r", r)
+    gradient_checkpointing = _flag("gradient_checkpointing", gradient_checkpointing)
+    attention_mask = _flag("attention_mask", attention_mask)
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     e, ae = _elem(dtype), _elem(adapter_dtype)
     targets = LINEARS if method == "full" else _targets(target_modules)
+    # checked last: the arguments themselves first, then whether the model can take them
+    if seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings "
+                         f"({cfg.max_position_embeddings})")
 
     frozen, trainable = _weights(cfg, method, targets, r, e, ae, blocksize)
     trainable_bytes = sum(n * s for n, s in trainable)

@@ -7,7 +7,9 @@ highest-quality method that fits (full > LoRA > QLoRA).
 
 Memory sizes: ``KB/MB/GB/TB`` are decimal (10^3 steps: "24GB" = 24e9 bytes), ``KiB/MiB/GiB/TiB``
 binary (2^10 steps), and a bare ``K/M/G/T`` is binary as in nvidia-smi and most command-line
-tools ("24G" = 24 GiB). Spaces between number and unit are allowed; case does not matter.
+tools ("24G" = 24 GiB). Spaces between number and unit are allowed and the prefix may be either
+case ("24gB", "24kB"), but the B of bytes must be upper-case: a lower-case b means bits ("24Gb"
+is 3 GB), so it is refused rather than misread.
 """
 from __future__ import annotations
 
@@ -30,31 +32,61 @@ LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
 MAX_BATCH = 1 << 16
 
 
-def parse_memory(text: str, name: str = "memory") -> int:
+def parse_memory(text: str, name: str = "memory", allow_zero: bool = False) -> int:
     """Bytes in a memory size such as "24GB", "24 GB", "24GiB", "24000MB" or "24G".
 
     Args:
         text: the size; see the module docstring for the units.
         name: what the value is, for the error message (e.g. "--gpu-memory").
+        allow_zero: accept a size of 0 (e.g. no reserve); otherwise it must be positive.
 
     Raises:
-        ValueError: naming `name` and the text when it is not a positive size with a unit.
+        ValueError: naming `name` and the text when it is not a size with a unit, when its unit
+            ends in a lower-case b (bits), or when it is 0 and `allow_zero` is False.
     """
     hint = "write e.g. 24GB (10^9 bytes), 24GiB or 24G (2^30 bytes), 24000MB"
     match = _MEMORY.match(str(text))
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"{name}: cannot read {text!r} as a memory size; {hint}")
-    unit = _UNITS[match.group(2).lower()]
+    unit_text = match.group(2)
+    if unit_text.endswith("b"):
+        number, prefix = match.group(1), unit_text[:-1].rstrip("iI").upper()
+        fix = f"{number}{prefix}B or {number}{prefix}iB" if prefix else f"{number}B"
+        raise ValueError(f"{name}: {text!r} ends in a lower-case b, which means bits; for bytes "
+                         f"write {fix}")
+    unit = _UNITS[unit_text.lower()]
     if unit is None:
         raise ValueError(f"{name}: {text!r} has no unit; {hint}")
     value = float(match.group(1)) * unit
+    if value == 0 and allow_zero:
+        return 0
     if value < 1:
-        raise ValueError(f"{name}: {text!r} must be a positive memory size; {hint}")
+        what = "a memory size >= 0" if allow_zero else "a positive memory size"
+        raise ValueError(f"{name}: {text!r} must be {what}; {hint}")
     return int(value)
 
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def unit_for(largest: float) -> tuple:
+    """(name, bytes) of the binary unit that shows `largest` with at least one whole unit."""
+    for name, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if largest >= size:
+            return name, size
+    return "KiB", 2**10
+
+
+def fmt_in(unit: tuple):
+    """A formatter of byte counts in one fixed unit (one table reads in one unit)."""
+    name, size = unit
+    return lambda n: f"{n / size:.2f} {name}"
+
+
+def fmt_auto(n: float) -> str:
+    """Bytes in the largest binary unit that holds at least one whole unit ("0 B" for zero)."""
+    return "0 B" if n == 0 else fmt_in(unit_for(n))(n)
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str]:
@@ -100,8 +132,12 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
     """
     budget = gpu_memory - reserve
     if budget <= 0:
-        raise ValueError(f"--reserve ({gib(reserve)}) leaves nothing of --gpu-memory ({gib(gpu_memory)})")
+        raise ValueError(f"--reserve ({fmt_auto(reserve)}) leaves nothing of --gpu-memory "
+                         f"({fmt_auto(gpu_memory)})")
     max_pos = cfg.max_position_embeddings
+    if seq_len > max_pos:
+        raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings "
+                         f"({max_pos})")
     out = {}
     for method in METHODS:
         def total(b, t, m=method):
@@ -130,11 +166,14 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     ckpt = "on" if gradient_checkpointing else "off"
     lines = [f"model {model_name} | batch {batch_size} x seq {seq_len} | optimizer {optimizer} | "
              f"LoRA r={r} | gradient checkpointing {ckpt}",
-             f"GPU memory {gib(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
-             f"{gib(reserve)} for the CUDA context: {gib(result['budget'])} usable",
+             f"GPU memory {fmt_auto(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
+             f"{fmt_auto(reserve)} for the CUDA context: {fmt_auto(result['budget'])} usable",
              ""]
     columns = {LABELS[m]: methods[m]["estimate"].as_dict() for m in METHODS}
-    lines.append(breakdown_table(columns, rows=CATEGORIES + ("total",), bytes_fmt=gib))
+    # one unit for the whole table, picked by the largest total: GiB for 7B models, MiB (not
+    # "0.00 GiB") for small ones
+    unit = unit_for(max(c["total"] for c in columns.values()))
+    lines.append(breakdown_table(columns, rows=CATEGORIES + ("total",), bytes_fmt=fmt_in(unit)))
     lines.append("| fits | " + " | ".join("yes" if methods[m]["fits"] else "no" for m in METHODS) + " |")
     lines.append(f"| largest batch at seq {seq_len} | "
                  + " | ".join(_count(methods[m]["max_batch_size"], 1, MAX_BATCH) for m in METHODS) + " |")
@@ -159,8 +198,8 @@ def _recommend(result, batch_size, seq_len, gradient_checkpointing) -> str:
     methods = result["methods"]
     if best is not None:
         return (f"Recommendation: {LABELS[best]} — the highest-quality method that fits batch "
-                f"{batch_size} x seq {seq_len} ({gib(methods[best]['estimate'].total)} of "
-                f"{gib(result['budget'])}).")
+                f"{batch_size} x seq {seq_len} ({fmt_auto(methods[best]['estimate'].total)} of "
+                f"{fmt_auto(result['budget'])}).")
     smaller = [m for m in METHODS if methods[m]["max_batch_size"] >= 1]
     if smaller:
         m = smaller[0]
@@ -193,12 +232,15 @@ def run_plan(args, parser) -> int:
     """Run ``minift plan`` for parsed `args`; errors go through `parser.error` (exit code 2)."""
     try:
         gpu = parse_memory(args.gpu_memory, "--gpu-memory")
-        reserve = parse_memory(args.reserve, "--reserve")
+        reserve = parse_memory(args.reserve, "--reserve", allow_zero=True)
         for name in ("batch_size", "seq_len", "r"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
                                  f"got {getattr(args, name)}")
         cfg, name = resolve_model(args.model)
+        if args.seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"--seq-len {args.seq_len} is longer than {name}'s "
+                             f"max_position_embeddings ({cfg.max_position_embeddings})")
         dtype = getattr(torch, args.dtype)
         result = plan(cfg, gpu, batch_size=args.batch_size, seq_len=args.seq_len, r=args.r,
                       optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,

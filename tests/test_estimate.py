@@ -56,10 +56,13 @@ def test_checkpointing_and_longer_sequences():
     (dict(method="dora"), "method must be one of full, lora, qlora"),
     (dict(optimizer="sgd"), "optimizer must be one of adamw, adamw8bit"),
     (dict(target_modules=["qkv"]), "target_modules: unknown names \\['qkv'\\]"),
+    (dict(target_modules=[]), "target_modules is empty: nothing would be adapted"),
+    (dict(target_modules=()), "target_modules is empty"),
+    (dict(seq_len=257), r"seq_len 257 is longer than the model's max_position_embeddings \(256\)"),
     (dict(device="tpu"), "device must be 'cuda' or 'cpu'"),
 ])
 def test_bad_input(kwargs, match):
-    args = dict(config_or_preset="tiny")
+    args = dict(config_or_preset="tiny", seq_len=64)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         estimate_memory(**args)
@@ -70,6 +73,41 @@ def test_bad_types():
         estimate_memory(42)
     with pytest.raises(TypeError, match="dtype"):
         estimate_memory("tiny", dtype=torch.int8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=2.0), "batch_size must be a positive integer, got float 2.0"),
+    (dict(batch_size=True), "batch_size must be a positive integer, got bool True"),
+    (dict(seq_len="64"), "seq_len must be a positive integer, got str '64'"),
+    (dict(r=8.5), "r must be a positive integer, got float 8.5"),
+    (dict(gradient_checkpointing="no"), "gradient_checkpointing must be True or False, got str 'no'"),
+    (dict(gradient_checkpointing=1), "gradient_checkpointing must be True or False, got int 1"),
+    (dict(attention_mask=None), "attention_mask must be True or False, got NoneType"),
+    (dict(target_modules=7), "target_modules must be 'all-linear' or a list of names, got int"),
+])
+def test_bad_types_name_the_argument(kwargs, match):
+    kwargs.setdefault("seq_len", 64)
+    with pytest.raises(TypeError, match=match):
+        estimate_memory("tiny", **kwargs)
+
+
+def test_numpy_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    a = estimate_memory("tiny", "lora", np.int64(2), np.int32(64), r=np.int16(8))
+    assert a.as_dict() == estimate_memory("tiny", "lora", 2, 64, r=8).as_dict()
+    assert a.settings["batch_size"] == 2 and type(a.settings["batch_size"]) is int
+
+
+def test_duplicate_target_modules_count_once():
+    once = estimate_memory("tiny", "lora", 2, 64, target_modules=["q_proj", "v_proj"])
+    twice = estimate_memory("tiny", "lora", 2, 64, target_modules=["q_proj", "v_proj", "q_proj"])
+    assert twice.as_dict() == once.as_dict()
+    three = estimate_memory("tiny", "lora", 2, 64, target_modules=["q_proj", "v_proj", "k_proj"])
+    assert once.trainable_params < three.trainable_params
+
+
+def test_seq_len_up_to_the_model_limit():
+    assert estimate_memory("tiny", "lora", 1, 256).total > estimate_memory("tiny", "lora", 1, 255).total
 
 
 def _measure(cfg, method, batch_size, seq, optimizer, ckpt, padded=True):

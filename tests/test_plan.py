@@ -10,7 +10,8 @@ from minift.config import ModelConfig
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("24GB", 24 * 10**9), ("24 GB", 24 * 10**9), ("24gb", 24 * 10**9), ("24GiB", 24 * 2**30),
+    ("24GB", 24 * 10**9), ("24 GB", 24 * 10**9), ("24gB", 24 * 10**9), ("24GiB", 24 * 2**30),
+    ("24kB", 24_000), ("24giB", 24 * 2**30),
     ("24G", 24 * 2**30), ("24000MB", 24 * 10**9), ("80 GiB", 80 * 2**30), ("1.5TB", 1.5e12),
     ("512MiB", 512 * 2**20),
 ])
@@ -22,6 +23,50 @@ def test_parse_memory(text, expected):
 def test_parse_memory_rejects(text):
     with pytest.raises(ValueError, match="--gpu-memory: .*24GB"):
         parse_memory(text, "--gpu-memory")
+
+
+@pytest.mark.parametrize("text, fix", [
+    ("24Gb", "24GB or 24GiB"), ("24gb", "24GB or 24GiB"), ("24 Gib", "24GB or 24GiB"),
+    ("512mb", "512MB or 512MiB"), ("8b", "8B"),
+])
+def test_parse_memory_rejects_bits(text, fix):
+    with pytest.raises(ValueError, match=rf"--gpu-memory: '{text}' ends in a lower-case b, "
+                                         rf"which means bits; for bytes write {fix}$"):
+        parse_memory(text, "--gpu-memory")
+
+
+def test_parse_memory_zero_only_when_allowed():
+    assert parse_memory("0GB", "--reserve", allow_zero=True) == 0
+    assert parse_memory("0 MiB", "--reserve", allow_zero=True) == 0
+    with pytest.raises(ValueError, match="--reserve: '0GB' must be a positive memory size"):
+        parse_memory("0GB", "--reserve")
+    with pytest.raises(ValueError, match="--reserve: cannot read '-1GB'"):
+        parse_memory("-1GB", "--reserve", allow_zero=True)
+
+
+def test_cli_plan_reserve_zero_leaves_all_memory_usable(capsys):
+    assert main(["plan", "--model", "llama-2-7b", "--gpu-memory", "24GiB", "--seq-len", "512",
+                 "--reserve", "0GB"]) == 0
+    out = capsys.readouterr().out
+    assert "minus a reserve of 0 B for the CUDA context: 24.00 GiB usable" in out
+
+
+def test_cli_plan_small_model_in_mib(capsys):
+    assert main(["plan", "--model", "tiny", "--gpu-memory", "2GB", "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    est = estimate_memory("tiny", "full", 1, 64)
+    assert f"| total | {est.total / 2**20:.2f} MiB |" in out
+    assert "0.00 GiB" not in out
+    usable = (2 * 10**9 - 2**30) / 2**20  # 2GB minus the default 1 GiB reserve
+    assert f"({est.total / 2**20:.2f} MiB of {usable:.2f} MiB)" in out
+
+
+def test_plan_rejects_seq_len_beyond_the_model():
+    cfg = ModelConfig.from_name("llama-2-7b")
+    with pytest.raises(ValueError, match=r"seq_len 4097 is longer than the model's "
+                                         r"max_position_embeddings \(4096\)"):
+        plan(cfg, parse_memory("80GB"), seq_len=4097)
+    assert plan(cfg, parse_memory("80GB"), seq_len=4096)["methods"]["qlora"]["fits"]
 
 
 def test_plan_fits_and_largest_batch_agree_with_the_estimator():
@@ -66,6 +111,10 @@ def test_cli_plan_reads_a_config_dir(tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     (["--seq-len", "-1"], "--seq-len must be a positive integer, got -1"),
     (["--reserve", "30GB"], "--reserve .* leaves nothing"),
+    (["--gpu-memory", "24Gb"], "--gpu-memory: '24Gb' ends in a lower-case b, which means bits"),
+    (["--reserve", "1Gib"], "--reserve: '1Gib' ends in a lower-case b"),
+    (["--seq-len", "8193"], r"--seq-len 8193 is longer than llama-3-8b's "
+                            r"max_position_embeddings \(8192\)"),
 ])
 def test_cli_plan_errors(argv, match, capsys):
     args = {"--model": "llama-3-8b", "--gpu-memory": "24GB"}
