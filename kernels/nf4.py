@@ -1,9 +1,9 @@
 """Triton kernel: NF4 (optionally double-quantized) -> bf16 / fp16 / fp32 in one pass.
 
 Each program reads BLOCK // 2 packed bytes, decodes their block scales in registers (8-bit code
--> ``nested_code[code] * nested_absmax[block // 256] + offset``), looks both nibbles up in the 16
-NF4 levels, multiplies in fp32, rounds once to the output dtype and writes BLOCK contiguous
-elements. Nothing but the output is written to memory, so the traffic is n / 2 bytes in, n *
+-> ``nested_code[code] * nested_absmax[block // nested_blocksize] + offset``), looks both nibbles
+up in the 16 NF4 levels, multiplies in fp32, rounds once to the output dtype and writes BLOCK
+contiguous elements. Nothing but the output is written to memory, so the traffic is n / 2 bytes in, n *
 itemsize bytes out, plus the (cached) scales. The pure-torch reference is
 ``minift.nf4._dequantize_reference``.
 """
@@ -51,11 +51,13 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     tl.store(out_ptr + out_idx, vals.to(out_ptr.dtype.element_ty), mask=out_idx < n)
 
 
-def _check_inputs(packed, absmax, code, blocksize, nested_absmax, nested_code, offset):
+def _check_inputs(packed, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize):
     if packed.dtype != torch.uint8:
         raise TypeError(f"nf4_dequantize: packed must be uint8, got {packed.dtype}")
     if blocksize % 2 or blocksize <= 0:
         raise ValueError(f"nf4_dequantize: blocksize must be a positive even number, got {blocksize}")
+    if isinstance(nested_blocksize, bool) or not isinstance(nested_blocksize, int) or nested_blocksize <= 0:
+        raise ValueError(f"nf4_dequantize: nested_blocksize must be a positive int, got {nested_blocksize!r}")
     if code.numel() != 16:
         raise ValueError(f"nf4_dequantize: code must hold 16 levels, got {code.numel()}")
     if nested_absmax is not None:
@@ -78,8 +80,10 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
         shape: output shape. blocksize: elements per absmax block. dtype: output dtype.
         out: optional contiguous buffer of ``shape`` / ``dtype`` on the same device.
         nested_absmax, nested_code, offset: the double-quantization state, or None.
+        nested_blocksize: absmax codes per nested scale (``NF4Weight.nested_blocksize``; 256 in
+            everything bitsandbytes writes, but its quant state may carry another value).
     """
-    _check_inputs(packed, absmax, code, blocksize, nested_absmax, nested_code, offset)
+    _check_inputs(packed, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize)
     shape = torch.Size(shape)
     n = shape.numel()
     if packed.numel() != (n + 1) // 2:

@@ -236,6 +236,11 @@ def check_out(out: torch.Tensor, q: NF4Weight, dtype: torch.dtype) -> None:
         raise ValueError("out must be contiguous")
 
 
+def _use_kernel(q: NF4Weight) -> bool:
+    """Whether ``dequantize_nf4`` runs the Triton kernel (CUDA tensors with Triton installed)."""
+    return q.packed.is_cuda and HAS_TRITON
+
+
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Undo ``quantize_nf4``: a tensor of the original shape (equal to bitsandbytes' output).
 
@@ -255,11 +260,12 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
         raise TypeError(f"dequantize_nf4: dtype must be float32, bfloat16 or float16, got {dtype}")
     if out is not None:
         check_out(out, q, dtype)
-    if q.packed.is_cuda and HAS_TRITON:
+    if _use_kernel(q):
         from minift.kernels.nf4 import nf4_dequantize
 
         return nf4_dequantize(q.packed, q.absmax, q.code, q.shape, q.blocksize, dtype, out=out,
-                              nested_absmax=q.nested_absmax, nested_code=q.nested_code, offset=q.offset)
+                              nested_absmax=q.nested_absmax, nested_code=q.nested_code, offset=q.offset,
+                              nested_blocksize=q.nested_blocksize)
     result = _dequantize_reference(q, dtype)
     return result if out is None else out.copy_(result)
 
