@@ -43,13 +43,28 @@ def _lora_scale(r, alpha, rslora):
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-def check_settings(r, alpha, dropout):
+def check_rank(r):
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"LoRA alpha must be a positive number, got alpha={alpha!r}")
+
+
+def check_alpha(alpha):
+    # inf or nan would make every update inf/nan (JSON configs can spell both)
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
+            or not alpha > 0):
+        raise ValueError(f"LoRA alpha must be a positive finite number, got alpha={alpha!r}")
+
+
+def check_dropout(dropout):
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
+
+
+def check_settings(r, alpha, dropout):
+    """Raise ValueError unless r is a positive int, alpha positive and finite, dropout in [0, 1)."""
+    check_rank(r)
+    check_alpha(alpha)
+    check_dropout(dropout)
 
 
 class LoRALinear(nn.Module):

@@ -204,6 +204,9 @@ def test_merge_is_idempotent():
 @pytest.mark.parametrize("kwargs, match", [
     ({"r": 0}, "r=0"), ({"r": -2}, "r=-2"), ({"r": 2.5}, "r=2.5"),
     ({"alpha": 0}, "alpha=0"), ({"alpha": -1.0}, "alpha=-1.0"),
+    ({"alpha": float("inf")}, "positive finite number, got alpha=inf"),
+    ({"alpha": float("nan")}, "positive finite number, got alpha=nan"),
+    ({"alpha": -float("inf")}, "alpha=-inf"), ({"alpha": True}, "alpha=True"),
     ({"dropout": 1.0}, r"dropout=1.0"), ({"dropout": -0.1}, r"dropout=-0.1")])
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
