@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minift.lora import (LoRALinear, check_settings, find_targets, is_linear, lora_layers,
-                         lora_state_dict, lora_wrap)
+from minift.lora import (LoRALinear, check_alpha, check_dropout, check_rank, find_targets,
+                         is_linear, lora_layers, lora_state_dict, lora_wrap)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -130,10 +130,18 @@ def read_adapter_config(path):
     for field in ("r", "lora_alpha", "target_modules"):
         if field not in config:
             raise ValueError(f"{file}: missing required field {field!r}")
-    try:
-        check_settings(config["r"], config["lora_alpha"], config.get("lora_dropout") or 0.0)
-    except ValueError as err:
-        raise ValueError(f"{file}: {err}") from None
+    dropout = config.get("lora_dropout")
+    for field, value, check in (("r", config["r"], check_rank),
+                                ("lora_alpha", config["lora_alpha"], check_alpha),
+                                ("lora_dropout", 0.0 if dropout is None else dropout, check_dropout)):
+        try:
+            check(value)
+        except ValueError as err:
+            raise ValueError(f"{file}: field {field!r}: {err}") from None
+    # a JSON string such as "yes" or "false" would be truthy: only true/false mean what they say
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{file}: field 'use_rslora' must be true or false, "
+                         f"got {config['use_rslora']!r}")
     targets = config["target_modules"]
     if not (isinstance(targets, str) or (isinstance(targets, list)
                                          and all(isinstance(t, str) for t in targets))):
