@@ -1,5 +1,6 @@
 """Tests for minift/lora.py: the LoRA layer's math, model surgery, merging and counts."""
 import math
+import re
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ from torch import nn
 import minift
 from minift.lora import LoRALinear, find_targets, lora_state_dict, lora_wrap, merge_lora
 
-DTYPES = [torch.float32, torch.bfloat16]
-EPS = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EPS = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # machine epsilon
 
 layer_cases = st.fixed_dictionaries({
     "n_in": st.integers(1, 24), "n_out": st.integers(1, 24), "r": st.integers(1, 8),
@@ -252,6 +253,66 @@ def test_wrap_freezes_all_but_lora_and_keeps_output():
     assert all((p.grad is not None) == ("lora_" in n) for n, p in model.named_parameters())
     assert "layers.0.q_proj.base_layer.weight" in dict(model.named_parameters())
     assert model._minift_lora["r"] == 2
+
+
+# Random module trees: nested ModuleDicts whose leaves are Linear / LayerNorm / Embedding layers,
+# names drawn from a few HF-like words so that suffixes repeat across branches.
+TREE_NAMES = ["q_proj", "v_proj", "up", "down", "norm", "head", "block", "attn"]
+tree_leaves = st.one_of(
+    st.tuples(st.just("linear"), st.integers(1, 6), st.integers(1, 6), st.booleans()),
+    st.tuples(st.just("norm"), st.integers(1, 6)),
+    st.tuples(st.just("embedding"), st.integers(1, 6), st.integers(1, 6)))
+trees = st.recursive(tree_leaves, lambda kids: st.dictionaries(st.sampled_from(TREE_NAMES), kids, min_size=1,
+                                                                max_size=3), max_leaves=12)
+
+
+def build_tree(spec, frozen):
+    if isinstance(spec, dict):
+        return nn.ModuleDict({name: build_tree(child, frozen) for name, child in spec.items()})
+    kind, *args = spec
+    module = {"linear": lambda i, o, b: nn.Linear(i, o, bias=b), "norm": nn.LayerNorm,
+              "embedding": nn.Embedding}[kind](*args)
+    for p in module.parameters():  # some parameters arrive frozen already
+        p.requires_grad_(not frozen.draw(st.booleans()))
+    return module
+
+
+def _ends_with(name, suffix):
+    return name == suffix or name.endswith("." + suffix)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tree=trees, r=st.integers(1, 4), data=st.data())
+def test_only_lora_parameters_train_on_any_tree(tree, r, data):
+    model = nn.ModuleDict({"body": build_tree(tree, data), "out_proj": nn.Linear(3, 2)})
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    form = data.draw(st.sampled_from(["all-linear", "list", "regex"]))
+    if form == "all-linear":
+        exclude = tuple(data.draw(st.lists(st.sampled_from(suffixes), unique=True)))
+        kwargs = dict(target_modules="all-linear", exclude=exclude)
+        expected = [n for n in linear if not any(_ends_with(n, s) for s in exclude)]
+    elif form == "list":
+        chosen = data.draw(st.lists(st.sampled_from(suffixes), min_size=1, unique=True))
+        kwargs = dict(target_modules=chosen)
+        expected = [n for n in linear if any(_ends_with(n, s) for s in chosen)]
+    else:
+        pattern = r".*\." + re.escape(data.draw(st.sampled_from(suffixes)))
+        kwargs = dict(target_modules=pattern)
+        expected = [n for n in linear if re.fullmatch(pattern, n)]
+    if not expected:
+        with pytest.raises(ValueError, match="matches no linear layer"):
+            lora_wrap(model, r=r, **kwargs)
+        return
+    shapes = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in expected}
+    lora_wrap(model, r=r, **kwargs)
+    assert wrapped_names(model) == expected
+    params = dict(model.named_parameters())
+    assert all(p.requires_grad == ("lora_" in n) for n, p in params.items())
+    lora = {n: tuple(p.shape) for n, p in params.items() if "lora_" in n}
+    assert lora == {**{f"{n}.lora_A.weight": (r, i) for n, (i, o) in shapes.items()},
+                    **{f"{n}.lora_B.weight": (o, r) for n, (i, o) in shapes.items()}}
+    assert minift.trainable_parameters(model)[0] == sum(r * (i + o) for i, o in shapes.values())
 
 
 def test_exclude_and_string_exclude():
