@@ -6,11 +6,22 @@ for memory planning (no weights are needed to plan).
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+# Where the config being built came from, for error messages: `from_hf_dict` sets it around the
+# constructor so that the checks in __post_init__ name the config.json, not just "config".
+_SOURCE = contextvars.ContextVar("minift_config_source", default="config")
+
+# rope_scaling keys each scaling type needs (the model divides or interpolates with them).
+ROPE_REQUIRED_KEYS = {"linear": ("factor",),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                 "original_max_position_embeddings")}
 
 # config.json "model_type" values we implement, and the "architectures" entry we write back.
 SUPPORTED_MODEL_TYPES = {
@@ -49,17 +60,21 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
+        # Derive head_dim only from valid numbers; otherwise validate() names the bad field
+        # (hidden_size or num_attention_heads) instead of a TypeError escaping from here.
+        if self.head_dim is None and _positive_int(self.hidden_size) \
+                and _positive_int(self.num_attention_heads):
             self.head_dim = self.hidden_size // self.num_attention_heads
-        self.validate()
+        self.validate(_SOURCE.get())
 
     def validate(self, source: str = "config") -> None:
-        """Raise ValueError naming the field when the numbers cannot describe a model."""
+        """Raise ValueError naming `source` and the field when a value cannot describe a model
+        (wrong type included: config.json may hold "1e-5" as a string)."""
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _positive_int(value):
                 raise ValueError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -68,8 +83,37 @@ class ModelConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{source}: unknown model_type {self.model_type!r}; supported: "
                              f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"{source}: field 'rms_norm_eps' must be > 0, got {self.rms_norm_eps!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _positive_number(value):
+                raise ValueError(f"{source}: field {name!r} must be a finite number > 0, got {value!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{source}: field {name!r} must be true or false, "
+                                 f"got {getattr(self, name)!r}")
+        if self.sliding_window is not None and not _positive_int(self.sliding_window):
+            raise ValueError(f"{source}: field 'sliding_window' must be a positive integer or null, "
+                             f"got {self.sliding_window!r}")
+        self._validate_rope_scaling(source)
+
+    def _validate_rope_scaling(self, source: str) -> None:
+        # Only the shape is checked here: whether the model implements a rope_type is the model's
+        # business (memory planning reads configs whose scaling minift cannot run).
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        if not isinstance(scaling, dict):
+            raise ValueError(f"{source}: field 'rope_scaling' must be an object or null, got {scaling!r}")
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        keys = ROPE_REQUIRED_KEYS.get(rope_type, ())
+        missing = [k for k in keys if k not in scaling]
+        if missing:
+            raise ValueError(f"{source}: field 'rope_scaling' (rope_type {rope_type!r}) is missing "
+                             f"{', '.join(missing)}")
+        for k in keys:
+            if not _positive_number(scaling[k]):
+                raise ValueError(f"{source}: field 'rope_scaling' (rope_type {rope_type!r}): {k!r} "
+                                 f"must be a finite number > 0, got {scaling[k]!r}")
 
     # ---- parameter counts (used by memory planning) -------------------------------------
     @property
@@ -126,9 +170,11 @@ class ModelConfig:
         kwargs["extra"] = {k: v for k, v in d.items() if k not in names and k != "architectures"}
         if not isinstance(kwargs.get("torch_dtype", ""), str):
             kwargs.pop("torch_dtype")  # some configs write null here
-        cfg = cls(**kwargs)
-        cfg.validate(source)
-        return cfg
+        token = _SOURCE.set(source)
+        try:
+            return cls(**kwargs)
+        finally:
+            _SOURCE.reset(token)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -137,9 +183,13 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
+        with open(path, "rb") as f:
+            data = f.read()
         try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
+            d = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:  # the codec's own message names neither file nor line
+            line = data.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"{path}: not valid UTF-8 (line {line})") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
         return cls.from_hf_dict(d, source=path)
@@ -161,6 +211,15 @@ class ModelConfig:
 
 
 LlamaConfig = ModelConfig
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
 
 
 def _legacy_rope_fields(d: dict) -> dict:

@@ -15,11 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minift.config import ModelConfig
+from minift.config import ROPE_REQUIRED_KEYS, ModelConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
-                    "original_max_position_embeddings")
+LLAMA3_ROPE_KEYS = ROPE_REQUIRED_KEYS["llama3"]
 
 
 class KVCache:
@@ -69,9 +68,8 @@ def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return inv_freq
-    if rope_type in ("linear", "llama3"):
-        keys = LLAMA3_ROPE_KEYS if rope_type == "llama3" else ("factor",)
-        missing = [k for k in keys if k not in scaling]
+    if rope_type in ROPE_REQUIRED_KEYS:  # checked here too: rope_scaling may be set after validation
+        missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if k not in scaling]
         if missing:
             raise ValueError(f"config field 'rope_scaling' (rope_type {rope_type!r}) is missing "
                              f"{', '.join(missing)}")

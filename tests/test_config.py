@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -68,3 +69,41 @@ def test_rope_parameters_block_maps_to_rope_fields():
     d["rope_parameters"] = {"rope_theta": 1e6, "rope_type": "default"}
     cfg = ModelConfig.from_hf_dict(d)
     assert cfg.rope_theta == 1e6 and cfg.rope_scaling is None
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("rms_norm_eps", "1e-5", "field 'rms_norm_eps' must be a finite number > 0, got '1e-5'"),
+    ("rms_norm_eps", float("nan"), "field 'rms_norm_eps' must be a finite number > 0"),
+    ("hidden_size", "64", "field 'hidden_size' must be a positive integer, got '64'"),
+    ("num_attention_heads", 4.0, "field 'num_attention_heads' must be a positive integer"),
+    ("rope_theta", None, "field 'rope_theta' must be a finite number > 0, got None"),
+    ("tie_word_embeddings", "false", "field 'tie_word_embeddings' must be true or false"),
+    ("sliding_window", 0, "field 'sliding_window' must be a positive integer or null"),
+    ("rope_scaling", "llama3", "field 'rope_scaling' must be an object or null"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0},
+     r"field 'rope_scaling' \(rope_type 'llama3'\) is missing high_freq_factor, "
+     r"original_max_position_embeddings"),
+    ("rope_scaling", {"rope_type": "linear", "factor": "4"},
+     r"field 'rope_scaling' \(rope_type 'linear'\): 'factor' must be a finite number > 0, got '4'"),
+])
+def test_wrong_types_name_the_file_and_field(tmp_path, key, value, match):
+    # A config.json value of the wrong type is a ValueError naming the file (not "config", and
+    # not a TypeError from arithmetic on a string).
+    d = ModelConfig.from_name("tiny").to_hf_dict()
+    d[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'config.json'))}: {match}"):
+        ModelConfig.from_json(tmp_path)
+
+
+def test_configs_built_in_code_still_say_config():
+    with pytest.raises(ValueError, match="^config: field 'rms_norm_eps'"):
+        ModelConfig(rms_norm_eps="1e-5")
+    # unsupported rope types pass the config (memory planning reads them); the model refuses
+    assert ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0}).rope_scaling["factor"] == 4.0
+
+
+def test_non_utf8_config_is_named(tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{\n  "model_type": "llama",\n  "x": "\xff"\n}')
+    with pytest.raises(ValueError, match=r"config.json: not valid UTF-8 \(line 3\)"):
+        ModelConfig.from_json(tmp_path)
