@@ -37,8 +37,15 @@ class DataStats:
 def _read_jsonl(path):
     """(line number, row) for each non-blank line; errors name file:line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    # Read bytes and decode line by line, so that a byte that is not UTF-8 is reported with its
+    # line rather than as a bare codec error from deep inside the file iterator.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start:err.start + 1]!r} "
+                                 f"at column {err.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

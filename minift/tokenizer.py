@@ -16,9 +16,14 @@ _ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 def _read_json(path):
     """Reads a JSON file; a syntax error becomes ValueError naming the file and the line."""
+    data = Path(path).read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:  # the codec's own message names neither file nor line
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
 

@@ -134,6 +134,18 @@ def test_load_jsonl_errors(tmp_path):
     assert load_jsonl(write_jsonl(tmp_path / "ok.jsonl", [good, "", good])) == [PROMPT, PROMPT]
 
 
+def test_non_utf8_line_is_named_and_a_bom_is_tolerated(tmp_path, tok):
+    good = json.dumps(PROMPT).encode()
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + '{"prompt": "caf\u00e9", "completion": "x"}'.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not valid UTF-8 \(byte b'\\xe9' at column 16\)"):
+        load_jsonl(path)
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not valid UTF-8"):
+        load_dataset(path, tok, 64)
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n" + good + b"\r\n")  # Windows editors write these
+    assert load_jsonl(path) == [PROMPT, PROMPT]
+
+
 def test_template_error_names_the_line(tok_dir):
     tokenizer = load_tokenizer(tok_dir, chat_template="llama-2")
     twice = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},

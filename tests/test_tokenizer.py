@@ -199,6 +199,13 @@ def test_bad_config_json_names_file_and_line(tmp_path):
         load_tokenizer(folder)
 
 
+def test_non_utf8_config_names_file_and_line(tmp_path):
+    folder = write_checkpoint(tmp_path / "t", None)
+    (folder / "tokenizer_config.json").write_bytes(b'{\n  "bos_token": "<s>",\n  "x": "\xff"\n}')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json:3: not valid UTF-8"):
+        load_tokenizer(folder)
+
+
 def test_bad_special_token_names_key(tmp_path):
     folder = write_checkpoint(tmp_path / "t", {**BASE_CONFIG, "bos_token": {"text": "<s>"}})
     with pytest.raises(ValueError, match=r"tokenizer_config.json: bos_token"):
