@@ -4,7 +4,9 @@ import torch
 from minift.config import ModelConfig
 from minift.generate import generate
 from minift.model import Llama
-from test_model import FAMILIES, hf_model, minift_from_hf
+from test_model import FAMILIES, GENERATION_STD, hf_model, minift_from_hf
+
+MIN_DISTINCT = 8  # of 20 greedy tokens: a continuation that moves on, not one token repeated
 
 
 def left_padded(batch=3, length=8, pads=(3, 0, 5)):
@@ -15,21 +17,37 @@ def left_padded(batch=3, length=8, pads=(3, 0, 5)):
     return ids.masked_fill(mask == 0, 0), mask
 
 
+def varied_reference(hf, make_prompt, new_tokens, tries=20):
+    """(ids, mask, transformers' greedy output) for the first random prompt whose continuation
+    has MIN_DISTINCT distinct tokens in every row. Small random models fall into one-token loops
+    for some prompts (tied ones most), and such a prompt would barely exercise the KV cache."""
+    for _ in range(tries):
+        ids, mask = make_prompt()
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        if all(len(set(row.tolist())) >= MIN_DISTINCT for row in ref[:, ids.shape[1]:]):
+            return ids, mask, ref
+    pytest.fail(f"none of {tries} random prompts gave a varied greedy continuation")
+
+
+def assert_greedy_matches(hf, model, new_tokens=20):
+    """minift's greedy continuation equals transformers' on one prompt and a left-padded batch,
+    each continuation varied enough to exercise the KV cache."""
+    single = lambda: (torch.randint(3, 128, (1, 7)), torch.ones(1, 7, dtype=torch.long))  # noqa: E731
+    ids, _, ref = varied_reference(hf, single, new_tokens)
+    assert torch.equal(generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[]), ref)
+    ids, mask, ref = varied_reference(hf, left_padded, new_tokens)
+    ours = generate(model, ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=[])
+    assert ours.shape == (3, 8 + new_tokens) and torch.equal(ours, ref)
+    # A padded row continues exactly as its prompt alone does.
+    alone = generate(model, ids[2:, 5:], max_new_tokens=new_tokens, eos_token_id=[])
+    assert torch.equal(alone[0], ours[2, 5:])
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_equals_transformers(family):
-    hf = hf_model(family)
-    model = minift_from_hf(hf)
-    ids = torch.randint(3, 128, (1, 7))
-    ref = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(generate(model, ids, max_new_tokens=20, eos_token_id=[]), ref)
-    ids, mask = left_padded()
-    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-    ours = generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
-    assert ours.shape == (3, 28) and torch.equal(ours, ref)
-    # A padded row continues exactly as its prompt alone does.
-    alone = generate(model, ids[2:, 5:], max_new_tokens=20, eos_token_id=[])
-    assert torch.equal(alone[0], ours[2, 5:])
+    hf = hf_model(family, std=GENERATION_STD)
+    assert_greedy_matches(hf, minift_from_hf(hf))
 
 
 def tiny_model():

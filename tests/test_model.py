@@ -11,22 +11,32 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_attention_heads=4)
 LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=16)
-# One small random config per family; the Llama 3.2-like one scales RoPE (the short original
-# length makes the scaling change most frequencies) and ties embeddings; the Mistral one has a
-# sliding window shorter than the test sequences.
+# One small random config per family. The Llama 3.1-like (untied) and 3.2-like (tied, own
+# head_dim) ones scale RoPE (the short original length makes the scaling change most
+# frequencies); the Mistral one has a sliding window shorter than the test sequences; Qwen2 has
+# q/k/v biases, and the Qwen2.5-like one ties its embeddings as the small Qwen2.5 sizes do.
 FAMILIES = {
     "llama2": (transformers.LlamaConfig, dict(num_key_value_heads=4, rms_norm_eps=1e-5)),
+    "llama3.1": (transformers.LlamaConfig, dict(num_key_value_heads=2, rope_theta=500000.0,
+                                                rope_scaling=LLAMA3_ROPE)),
     "llama3.2": (transformers.LlamaConfig, dict(num_key_value_heads=2, head_dim=16,
                                                 tie_word_embeddings=True, rope_theta=500000.0,
                                                 rope_scaling=LLAMA3_ROPE)),
     "mistral": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=6)),
     "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=2)),
+    "qwen2.5": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                               rms_norm_eps=1e-6, rope_theta=1000000.0)),
 }
+# Weight init std for generation tests. At transformers' default 0.02 the logits are nearly flat
+# and a tied model's greedy output repeats one token (its own embedding scores highest), which
+# would leave the KV cache barely exercised; at 0.3 continuations vary (checked by the tests).
+GENERATION_STD = 0.3
 
 
-def hf_model(family):
+def hf_model(family, std=None):
     cls, kw = FAMILIES[family]
-    config = cls(**BASE, **kw, attn_implementation="sdpa")
+    extra = {} if std is None else {"initializer_range": std}
+    config = cls(**BASE, **kw, **extra, attn_implementation="sdpa")
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
