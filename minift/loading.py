@@ -2,8 +2,9 @@
 
 Loading builds the model on the meta device (no memory, no random init) and fills it tensor by
 tensor from `safe_open`, so the full-precision checkpoint never sits in memory at once. With
-quantize="nf4" each linear weight is quantized the moment it is read, which bounds the peak at the
-quantized model plus about one full-precision tensor. Nothing is ever unpickled.
+quantize="nf4" each linear weight is quantized the moment it is read, a slice at a time, which
+bounds the peak at the quantized model plus about one full-precision tensor as stored in the
+checkpoint. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch
@@ -28,6 +30,11 @@ BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
                 "quant_state.bitsandbytes__nf4")
 # Old Llama checkpoints store RoPE tables; they are recomputed from the config.
 IGNORED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
+# Elements of a weight quantized at once on load. quantize_nf4 holds several float32 copies of
+# its input (about 16 bytes per element); slices of 64K elements keep that near 1 MB instead of
+# 7x the largest weight. A multiple of 2 * blocksize, so slices hold whole blocks and whole bytes.
+QUANT_SLICE = 1 << 16
+NF4_BLOCKSIZE = 64
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device=None,
@@ -51,13 +58,20 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, dev
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    config = ModelConfig.from_json(os.path.join(path, "config.json"))
+    config_path = os.path.join(path, "config.json")
+    config = ModelConfig.from_json(config_path)
     device = torch.device(device if device is not None else "cpu")
     with torch.device("meta"):
-        model = Llama(config)
+        try:
+            model = Llama(config)
+        except ValueError as e:  # e.g. a rope_type the model does not implement
+            raise ValueError(f"{config_path}: {e}") from None
     filler = _Filler(model, dtype, device, quantize == "nf4")
     for name, tensor in _read_tensors(path):
         filler.add(name, tensor)
+        # Drop the reference now: a quantized weight's full-precision tensor would otherwise live
+        # on while the next one is read, two such tensors at the peak instead of one.
+        del tensor
     filler.finish()
     return model.eval()
 
@@ -115,6 +129,10 @@ class _Filler:
             self.unexpected.append(name)
         elif leaf == "weight" and tensor.dtype == torch.uint8:
             self._add_bnb_piece(module_path, "weight", tensor)
+        elif not tensor.is_floating_point():
+            raise ValueError(f"tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')} "
+                             f"in the checkpoint; weights must be floating point (or bitsandbytes' "
+                             f"uint8 NF4 weights with their quantization tensors)")
         else:
             self._check_shape(name, tuple(tensor.shape))
             self._set(module_path, leaf, tensor)
@@ -132,17 +150,17 @@ class _Filler:
 
     def _set(self, module_path: str, leaf: str, tensor: torch.Tensor) -> None:
         module = self.model.get_submodule(module_path)
-        if tensor.is_floating_point():
-            tensor = tensor.to(self.device, self.dtype)
         quantizable = (leaf == "weight" and isinstance(module, nn.Linear)
                        and module_path != "lm_head")
         if self.quantize and quantizable:
             from minift.nf4_linear import NF4Linear
             bias = module.bias if module.bias is not None and not module.bias.is_meta else None
-            self._replace(module_path, NF4Linear.from_weight(tensor, bias=bias,
-                                                             compute_dtype=self.dtype))
+            weight = quantize_in_slices(tensor, self.dtype, self.device)
+            self._replace(module_path, NF4Linear(weight, bias=bias, compute_dtype=self.dtype))
             self.loaded.add(f"{module_path}.{leaf}")
             return
+        if tensor.is_floating_point():
+            tensor = tensor.to(self.device, self.dtype)
         # A bias may arrive after its weight was quantized; NF4Linear keeps it frozen.
         frozen = not isinstance(module, (nn.Linear, nn.Embedding)) and hasattr(module, "dequantize")
         setattr(module, leaf, nn.Parameter(tensor, requires_grad=not frozen))
@@ -186,6 +204,39 @@ class _Filler:
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {_names(missing)}")
         self.model.tie_weights()
+
+
+def quantize_in_slices(w: torch.Tensor, dtype: torch.dtype, device, blocksize: int = NF4_BLOCKSIZE,
+                       slice_size: int = QUANT_SLICE):
+    """``quantize_nf4(w.to(device, dtype), blocksize)``, bit for bit, computed a slice at a time.
+
+    Blocks of `blocksize` consecutive elements are quantized independently, so quantizing
+    `slice_size`-element pieces of the flattened weight (whole blocks, whole bytes) and
+    concatenating gives the same packed bytes and per-block absmax; the double quantization of
+    the absmaxes (their mean, then 8-bit blocks of 256) runs once on the whole, as quantize_nf4
+    does. Neither a float32 copy of `w` nor quantize_nf4's float32 temporaries of the whole
+    tensor ever exist; the extra memory is one slice's working set plus the packed result.
+    """
+    from minift import nf4
+    from minift.quantmaps import dynamic_map, nf4_code
+
+    if slice_size % (2 * blocksize):
+        raise ValueError(f"slice_size must be a multiple of 2 * blocksize, got {slice_size}")
+    flat = w.detach().reshape(-1)
+    n = flat.numel()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device)  # filled in place:
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)  # no concat copy
+    for start in range(0, n, slice_size):
+        part = nf4.quantize_nf4(flat[start:start + slice_size].to(device, dtype), blocksize,
+                                double_quant=False)
+        packed[start // 2:start // 2 + part.packed.shape[0]] = part.packed
+        absmax[start // blocksize:start // blocksize + part.absmax.numel()] = part.absmax
+    q = nf4.NF4Weight(packed=packed, absmax=absmax, shape=torch.Size(w.shape), dtype=dtype,
+                      blocksize=blocksize, code=nf4_code(packed.device))
+    offset = absmax.mean()  # the same reduction over the same fp32 values as quantize_nf4
+    codes, nested_absmax = nf4._quantize_8bit(absmax - offset)
+    return replace(q, absmax=codes, nested_absmax=nested_absmax,
+                   nested_code=dynamic_map(True, packed.device), offset=float(offset.item()))
 
 
 def _names(names: list[str], limit: int = 8) -> str:
