@@ -6,7 +6,8 @@ A checkpoint is a directory ``<output_dir>/step-N`` holding
     optimizer.safetensors   every tensor of ``optimizer.state_dict()["state"]``
     optimizer.json          the rest of the optimizer state (scalars, param_groups)
     rng.safetensors         torch CPU (and CUDA) generator states
-    trainer_state.json      step, data position, counters, config, model fingerprint, python/numpy RNG
+    trainer_state.json      step, data position, counters, config, model and base fingerprints,
+                            python/numpy RNG
     manifest.json           file names and byte sizes; written last, it marks the checkpoint complete
 
 It is first written into ``<output_dir>/.tmp-step-N``, every file is fsync'ed, and only then the
@@ -30,6 +31,11 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# Relative tolerance of the base fingerprint. The sums are float64 over float32 (or uint8) values,
+# so another summation order (thread count, CPU vs CUDA) moves them by ~1e-12 relative; another
+# base (other weights, weights scaled, another quantization) moves them by far more than 1e-4.
+BASE_RTOL = 1e-4
+_FINGERPRINT_CHUNK = 1 << 22  # elements converted to float64 at a time
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -37,6 +43,47 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 def model_fingerprint(model: torch.nn.Module) -> dict:
     """Parameter name -> shape, for telling whether a checkpoint belongs to this model."""
     return {name: list(p.shape) for name, p in model.named_parameters()}
+
+
+def base_fingerprint(model: torch.nn.Module) -> dict:
+    """Frozen tensor name -> [numel, sum, sum of squares] (float64), for telling whether a resume
+    runs on the base the checkpoint was trained on.
+
+    LoRA and QLoRA checkpoints hold only the adapters, so a base with the same shapes but other
+    weights would otherwise resume silently. Frozen parameters and buffers (NF4 packed weights,
+    their absmax codes and scales) are summed; a pass over the weights, done once per run.
+    """
+    tensors = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    tensors += list(model.named_buffers())
+    out = {}
+    for name, t in tensors:
+        flat = t.detach().reshape(-1)
+        total = torch.zeros((), dtype=torch.float64, device=flat.device)
+        squares = torch.zeros((), dtype=torch.float64, device=flat.device)
+        for chunk in flat.split(_FINGERPRINT_CHUNK):  # bounded float64 copies, even for 7B models
+            c = chunk.to(torch.float64)
+            total += c.sum()
+            squares += (c * c).sum()
+        out[name] = [flat.numel(), float(total), float(squares)]
+    return out
+
+
+def _base_difference(saved: dict, now: dict, rtol: float = BASE_RTOL) -> Optional[str]:
+    """A description of the first frozen tensor that differs, or None."""
+    for name, (numel, total, squares) in saved.items():
+        if name not in now:
+            return f"frozen tensor {name!r} is not in this run's base"
+        n2, t2, s2 = now[name]
+        if n2 != numel:
+            return f"frozen tensor {name!r} has {numel} elements in the checkpoint's base, {n2} now"
+        scale = max(squares, s2)
+        # |sum| <= sqrt(numel * sum of squares) (Cauchy-Schwarz): the natural scale of a sum that
+        # may itself be near zero.
+        if abs(squares - s2) > rtol * scale or abs(total - t2) > rtol * (numel * scale) ** 0.5:
+            return (f"frozen tensor {name!r} differs (sum {total:.6g}, sum of squares {squares:.6g} "
+                    f"in the checkpoint's base; {t2:.6g}, {s2:.6g} now)")
+    extra = [n for n in now if n not in saved]
+    return f"frozen tensor {extra[0]!r} is not in the checkpoint's base" if extra else None
 
 
 def data_fingerprint(examples) -> dict:
@@ -285,7 +332,7 @@ def read_trainer_state(path) -> dict:
 
 
 def check_compatible(state: dict, path, *, method: str, model, config: dict, fields=(),
-                     data: Optional[dict] = None) -> None:
+                     data: Optional[dict] = None, base: Optional[dict] = None) -> None:
     """Raise ValueError naming what differs between a checkpoint and the run resuming it.
 
     Args:
@@ -296,6 +343,8 @@ def check_compatible(state: dict, path, *, method: str, model, config: dict, fie
         config: this run's config dict; `fields` of it must equal the checkpoint's.
         fields: config fields that must not change.
         data: this run's `data_fingerprint`, if the data must be the same.
+        base: this run's `base_fingerprint`, if the frozen base must be the same (checked when
+            the checkpoint recorded one).
     """
     if state.get("method") != method:
         raise ValueError(f"{path}: checkpoint was trained with method {state.get('method')!r}, "
@@ -316,6 +365,10 @@ def check_compatible(state: dict, path, *, method: str, model, config: dict, fie
         raise ValueError(f"{path}: train_data differs from the data this checkpoint was trained on "
                          f"({state.get('data', {}).get('examples')} examples then, "
                          f"{data['examples']} now, or other tokens)")
+    if base is not None and state.get("base") is not None:
+        difference = _base_difference(state["base"], base)
+        if difference:
+            raise ValueError(f"{path}: checkpoint was trained on a different base model: {difference}")
 
 
 def load_checkpoint(path, *, model, optimizer) -> dict:

@@ -37,7 +37,7 @@ class TrainConfig:
     | field | default | meaning |
     |---|---|---|
     | method | "lora" | "full", "lora" or "qlora": what the checkpoints hold; recorded in summaries |
-    | learning_rate | 2e-4 | peak learning rate (> 0) |
+    | learning_rate | 2e-4 | peak learning rate (finite, > 0) |
     | warmup_ratio | 0.03 | fraction of the steps with linear warm-up, in [0, 1) |
     | lr_scheduler | "cosine" | decay after warm-up: "cosine", "linear" or "constant" |
     | epochs | 1 | passes over train_data (ignored when max_steps is set) |
@@ -58,7 +58,7 @@ class TrainConfig:
     | log_interval | 1 | refresh the progress bar / print a log line every N steps |
     | keep_last | 2 | keep the newest K checkpoints; None keeps all |
     | output_dir | "runs/minift" | where metrics.jsonl, summary.json and step-N/ go |
-    | seed | 0 | seeds torch/python/numpy and the data order (epoch e uses seed + e) |
+    | seed | 0 | seeds torch/python/numpy and the data order (epoch e uses seed + e); in [0, 2**32) |
     | resume_from | None | None, "latest" (newest checkpoint in output_dir) or a checkpoint path |
     | device | None | "cuda", "cpu", ...; None = cuda when available, else cpu |
     | progress | True | show a progress bar (only when stdout is a terminal) and print reports |
@@ -107,6 +107,10 @@ class TrainConfig:
             _check_int(self, name, optional=False)
         for name in ("max_steps", "eval_interval", "save_interval", "keep_last", "max_length"):
             _check_int(self, name, optional=True)
+        # numpy's generator takes seeds in [0, 2**32); checked here rather than at _seed_everything
+        # so that a bad seed fails before any work.
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"TrainConfig.seed must be an integer in [0, 2**32), got {self.seed!r}")
         if self.batching == "pack" and self.max_length is None:
             raise ValueError("TrainConfig.max_length must be set when batching='pack' (the row length)")
 
@@ -115,9 +119,12 @@ class TrainConfig:
 
 
 def _check_number(cfg, name: str, rule: str, ok) -> None:
+    # inf passes every "> 0" test and nan fails them silently in some spellings, so finiteness
+    # is its own check: an infinite learning rate or clipping norm is never meant.
     value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise ValueError(f"TrainConfig.{name} must be a number {rule}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not ok(value):
+        raise ValueError(f"TrainConfig.{name} must be a finite number {rule}, got {value!r}")
 
 
 def _check_int(cfg, name: str, optional: bool) -> None:
@@ -318,9 +325,15 @@ class _Loop:
         self.optimizer = make_optimizer(model, config)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.data_fp = ckpt.data_fingerprint(train_data)
+        # Adapter checkpoints rely on the frozen base they were trained on; "full" checkpoints
+        # hold the whole model, so any base is overwritten on resume. Taken once: it is frozen.
+        self.base_fp = ckpt.base_fingerprint(model) if config.method != "full" else None
+        # batch_tokens / batch_slots: real tokens and (B, T) slots of the micro-batches processed,
+        # for the padding efficiency of the run.
         self.state = {"step": 0, "epoch": 0, "batch_index": 0, "epochs_done": 0.0, "first_loss": None,
                       "last_loss": None, "tokens": 0, "trained_tokens": 0, "train_time": 0.0,
-                      "timed_tokens": 0, "timed_time": 0.0, "evals": []}
+                      "timed_tokens": 0, "timed_time": 0.0, "batch_tokens": 0, "batch_slots": 0,
+                      "evals": []}
         self.resumed = self._resume()
         self.saved_at = self.state["step"] if self.resumed else None
         self.last_path, self.memory = self.resumed, None
@@ -334,7 +347,8 @@ class _Loop:
         path = ckpt.resolve_checkpoint(self.config.resume_from, self.out)
         saved = ckpt.read_trainer_state(path)
         ckpt.check_compatible(saved, path, method=self.config.method, model=self.model,
-                              config=self.config.to_dict(), fields=DATA_ORDER_FIELDS, data=self.data_fp)
+                              config=self.config.to_dict(), fields=DATA_ORDER_FIELDS, data=self.data_fp,
+                              base=self.base_fp)
         ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
         self.state.update({k: saved[k] for k in self.state if k in saved})
         return path
@@ -371,6 +385,9 @@ class _Loop:
         finally:
             self.bar.close()
         summary = self._summary()
+        if summary["padding_efficiency"] is not None:
+            self._say(f"padding efficiency {summary['padding_efficiency']:.1%} (real tokens / "
+                      f"slots of the padded micro-batches of all {summary['steps']} steps)")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -403,9 +420,11 @@ class _Loop:
             self.memory = tracker.report().as_dict()
             self._say(tracker.report().table())
         n_tokens = sum(int(b["attention_mask"].sum()) for b in group)
+        n_slots = sum(b["attention_mask"].numel() for b in group)
         st = self.state
         st.update(step=step, last_loss=loss, tokens=st["tokens"] + n_tokens,
-                  trained_tokens=st["trained_tokens"] + n_trained, train_time=st["train_time"] + seconds)
+                  trained_tokens=st["trained_tokens"] + n_trained, train_time=st["train_time"] + seconds,
+                  batch_tokens=st["batch_tokens"] + n_tokens, batch_slots=st["batch_slots"] + n_slots)
         if st["first_loss"] is None:
             st["first_loss"] = loss
         if tracker is None:  # the tracked step is slowed by tracking and one-time warm-up
@@ -444,7 +463,7 @@ class _Loop:
 
     def _save(self, rng=None) -> str:
         trainer_state = dict(self.state, config=self.config.to_dict(), data=self.data_fp,
-                             total_steps=self.total)
+                             base=self.base_fp, total_steps=self.total)
         path = ckpt.save_checkpoint(self.out, self.state["step"], model=self.model,
                                     optimizer=self.optimizer, method=self.config.method,
                                     trainer_state=trainer_state, keep_last=self.config.keep_last, rng=rng)
@@ -464,6 +483,8 @@ class _Loop:
             "train_time_s": st["train_time"],
             "tokens_per_s": (st["timed_tokens"] / st["timed_time"] if st["timed_time"] else
                              st["tokens"] / st["train_time"] if st["train_time"] else None),
+            "padding_efficiency": (st["batch_tokens"] / st["batch_slots"] if st["batch_slots"]
+                                   else None),
             "trainable_params": trainable, "total_params": total,
             "peak_memory_bytes": _peak_memory(self.device),
             "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",

@@ -8,7 +8,7 @@ import torch
 import minift.checkpoint as ckpt
 from minift.train import TrainConfig, make_optimizer, train
 
-from test_train import TinyLM, _one_thread, make_examples  # noqa: F401  (fixture)
+from test_train import TinyLM, _one_thread, make_examples, tiny_llama  # noqa: F401  (fixture)
 
 
 def cfg(out, **kw):
@@ -65,6 +65,87 @@ def test_resume_gives_identical_losses(tmp_path, optimizer):
         assert torch.equal(a, b), name
     assert summary["steps"] == 8 and summary["resumed_from"].endswith("step-3")
     assert summary["first_loss"] == losses(tmp_path / "whole")[0]
+
+
+def _qlora_llama(adapter_seed, crash_at_call=None):
+    """A QLoRA tiny Llama whose frozen base is always the same (seed 0); its adapters are drawn
+    with `adapter_seed`. lora_A/lora_B of the MLP have 4096 elements: 8-bit optimizer states."""
+    from minift.lora import lora_wrap
+    from minift.nf4_linear import quantize_model
+
+    torch.manual_seed(0)
+    base = tiny_llama(hidden=128, intermediate=256)
+    torch.nn.init.normal_(base.lm_head.weight, std=1.0)
+    torch.manual_seed(adapter_seed)
+    model = lora_wrap(quantize_model(base), r=32, alpha=32, dropout=0.1)
+    if crash_at_call is not None:  # a crash inside the n-th training forward
+        calls = []
+
+        def maybe_crash(module, args):
+            if module.training:
+                calls.append(1)
+                if len(calls) == crash_at_call:
+                    raise KeyboardInterrupt("simulated crash")
+
+        model.register_forward_pre_hook(maybe_crash)
+    return model
+
+
+def test_qlora_paged_adamw8bit_checkpointing_resume_gives_identical_losses(tmp_path):
+    data = make_examples(40, vocab=64, seed=7)  # 10 micro-batches an epoch; 4 steps an epoch
+    settings = dict(method="qlora", optimizer="paged_adamw8bit", gradient_checkpointing=True,
+                    learning_rate=1e-2, max_steps=8, grad_accum=3, save_interval=3, neftune_alpha=2.0)
+    whole = _qlora_llama(adapter_seed=1)
+    train(whole, data, cfg(tmp_path / "whole", **settings))
+    with pytest.raises(KeyboardInterrupt):  # in step 5's first forward, after the step-3 checkpoint
+        train(_qlora_llama(adapter_seed=1, crash_at_call=4 * 3 + 1), data, cfg(tmp_path / "part", **settings))
+    resumed = _qlora_llama(adapter_seed=2)  # other adapters: they must come from the checkpoint
+    summary = train(resumed, data, cfg(tmp_path / "part", resume_from="latest", **settings))
+    saved = ckpt.load_file(summary["checkpoint"] + "/optimizer.safetensors")
+    assert any(k.endswith("exp_avg_codes") for k in saved)  # 8-bit states were saved and restored
+    assert losses(tmp_path / "part") == losses(tmp_path / "whole")
+    assert len(losses(tmp_path / "whole")) == 8
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert summary["resumed_from"].endswith("step-3")
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_resume_refuses_another_base_with_the_same_shapes(tmp_path, method):
+    from minift.lora import lora_wrap
+    from minift.nf4_linear import quantize_model
+
+    def model(scale=1.0):
+        torch.manual_seed(0)
+        base = tiny_llama()
+        with torch.no_grad():
+            for p in base.parameters():
+                p.mul_(scale)
+        return lora_wrap(quantize_model(base) if method == "qlora" else base, r=4, alpha=8)
+
+    data = make_examples(16, vocab=64)
+    train(model(), data, cfg(tmp_path, method=method, max_steps=2))
+    with pytest.raises(ValueError, match=r"step-2: checkpoint was trained on a different base model: "
+                                         r"frozen tensor 'model.embed_tokens.weight' differs"):
+        train(model(0.5), data, cfg(tmp_path, method=method, max_steps=3, resume_from="latest"))
+    summary = train(model(), data, cfg(tmp_path, method=method, max_steps=3, resume_from="latest"))
+    assert summary["steps"] == 3 and summary["resumed_from"].endswith("step-2")
+
+
+def test_base_fingerprint_tolerates_summation_order_not_other_weights():
+    model = tiny_llama().requires_grad_(False)
+    saved = ckpt.base_fingerprint(model)
+    assert set(saved) == {n for n, _ in model.named_parameters()}
+    # the same values summed in float64 in another order differ by far less than BASE_RTOL
+    name, (numel, total, squares) = next(iter(saved.items()))
+    nudged = dict(saved, **{name: [numel, total * (1 + 1e-12), squares * (1 - 1e-12)]})
+    assert ckpt._base_difference(saved, nudged) is None
+    torch.manual_seed(1)
+    other = ckpt.base_fingerprint(tiny_llama().requires_grad_(False))  # same init std, other draw
+    assert "differs" in ckpt._base_difference(saved, other)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1e-3)  # a small change to one tensor is named
+    assert "'model.norm.weight' differs" in ckpt._base_difference(saved, ckpt.base_fingerprint(model))
 
 
 def test_resume_rejects_another_method(tmp_path):

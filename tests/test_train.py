@@ -17,10 +17,12 @@ class TinyLM(nn.Module):
     """A few-thousand-parameter causal LM with Llama's forward signature and module names.
 
     Causal mixing is a running mean over earlier tokens, so right padding never changes the
-    logits of real tokens. `nan_at_call` / `crash_at_call` misbehave on the n-th training forward.
+    logits of real tokens. `nan_at_call` / `crash_at_call` / `bad_grad_at_call` misbehave on the
+    n-th training forward (NaN logits, a KeyboardInterrupt, an infinite gradient).
     """
 
-    def __init__(self, vocab=32, dim=16, dropout=0.1, nan_at_call=None, crash_at_call=None):
+    def __init__(self, vocab=32, dim=16, dropout=0.1, nan_at_call=None, crash_at_call=None,
+                 bad_grad_at_call=None):
         super().__init__()
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(vocab, dim)
@@ -30,6 +32,7 @@ class TinyLM(nn.Module):
         self.lm_head = nn.Linear(dim, vocab)
         self.gradient_checkpointing = False
         self.nan_at_call, self.crash_at_call, self.calls = nan_at_call, crash_at_call, 0
+        self.bad_grad_at_call = bad_grad_at_call
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
@@ -42,14 +45,28 @@ class TinyLM(nn.Module):
                 raise KeyboardInterrupt("simulated crash")
             if self.calls == self.nan_at_call:
                 logits = logits * float("nan")
+            if self.calls == self.bad_grad_at_call:
+                logits = _InfiniteGradient.apply(logits)
         return logits
 
 
-def tiny_llama(vocab=64):
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite); an infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def tiny_llama(vocab=64, hidden=32, intermediate=64):
     from minift.config import ModelConfig
     from minift.model import Llama
 
-    return Llama(ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+    return Llama(ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=64, torch_dtype="float32"))
 
@@ -106,7 +123,14 @@ def metrics(tmp_path, name="run"):
     ("grad_accum", 0, "grad_accum"), ("micro_batch_size", 0, "micro_batch_size"),
     ("epochs", 0, "epochs"), ("max_steps", 0, "max_steps"), ("keep_last", 0, "keep_last"),
     ("max_grad_norm", 0.0, "max_grad_norm"), ("weight_decay", -1.0, "weight_decay"),
-    ("learning_rate", "1e-4", "learning_rate must be a number > 0, got '1e-4'"),
+    ("learning_rate", "1e-4", "learning_rate must be a finite number > 0, got '1e-4'"),
+    ("learning_rate", math.inf, "learning_rate must be a finite number > 0, got inf"),
+    ("learning_rate", math.nan, "learning_rate must be a finite number > 0, got nan"),
+    ("weight_decay", math.inf, "weight_decay must be a finite number"),
+    ("max_grad_norm", math.inf, "max_grad_norm must be a finite number"),
+    ("neftune_alpha", math.nan, "neftune_alpha must be a finite number"),
+    ("seed", -5, r"seed must be an integer in \[0, 2\*\*32\), got -5"),
+    ("seed", 2**32, "seed must be an integer"), ("seed", 1.5, "seed must be an integer"),
     ("warmup_ratio", None, "warmup_ratio"), ("micro_batch_size", 2.0, "micro_batch_size"),
     ("max_length", None, "max_length must be set when batching='pack'"),
     ("optimizer", "sgd", "optimizer must be one of adamw, adamw8bit, paged_adamw8bit"),
@@ -133,8 +157,10 @@ def test_schedule_warmup_then_decay():
 
 
 # ---- loss normalisation ------------------------------------------------------------------
-def test_accumulation_one_by_eight_equals_eight_by_one():
-    model = TinyLM(dropout=0.0)
+@pytest.mark.parametrize("kind", ["toy", "llama"])
+def test_accumulation_one_by_eight_equals_eight_by_one(kind):
+    # The Llama pads the one big batch through its attention mask; the toy model needs none.
+    model = TinyLM(dropout=0.0) if kind == "toy" else tiny_llama(vocab=32)
     examples = make_examples(8, seed=3)  # lengths and trained-token counts differ per example
     one_big = [collate(examples)]
     eight_small = [collate([e]) for e in examples]
@@ -238,6 +264,23 @@ def test_without_a_terminal_progress_prints_log_lines_and_memory_table(tmp_path,
     assert capsys.readouterr().out == ""
 
 
+def test_padding_efficiency_is_reported_once_and_in_the_summary(tmp_path, capsys):
+    from minift.data import padding_efficiency
+    from minift.schedule import epoch_batches
+
+    data = make_examples(32, seed=4)  # lengths 5-12: batches of 4 carry some padding
+    config = cfg(tmp_path, epochs=2, progress=True, log_interval=100)
+    summary = train(TinyLM(), data, config)
+    batches = epoch_batches(data, config, 0) + epoch_batches(data, config, 1)
+    assert summary["padding_efficiency"] == pytest.approx(padding_efficiency(batches), abs=1e-12)
+    assert 0.5 < summary["padding_efficiency"] < 1.0
+    printed = [line for line in capsys.readouterr().out.splitlines() if "padding efficiency" in line]
+    assert printed == [f"padding efficiency {summary['padding_efficiency']:.1%} (real tokens / slots "
+                       f"of the padded micro-batches of all 16 steps)"]
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["padding_efficiency"] == summary["padding_efficiency"]
+
+
 def test_bf16_autocast_and_neftune_train(tmp_path):
     model = TinyLM()
     summary = train(model, make_examples(16), cfg(tmp_path, bf16=True, neftune_alpha=5.0, epochs=3))
@@ -245,9 +288,23 @@ def test_bf16_autocast_and_neftune_train(tmp_path):
     assert not model.model.embed_tokens._forward_hooks  # the noise hook is gone afterwards
 
 
-def test_nan_loss_stops_with_checkpoint_of_last_good_state(tmp_path):
-    model = TinyLM(nan_at_call=3)
-    with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
+@pytest.mark.parametrize("kind,match", [("nan loss", "loss is nan at step 3"),
+                                        ("inf loss", "loss is inf at step 3"),
+                                        ("inf grad", "gradient norm is (inf|nan) at step 3")])
+def test_non_finite_step_stops_with_checkpoint_of_last_good_state(tmp_path, monkeypatch, kind, match):
+    import minift.train as train_mod
+
+    model = TinyLM(nan_at_call=3 if kind == "nan loss" else None,
+                   bad_grad_at_call=3 if kind == "inf grad" else None)
+    if kind == "inf loss":
+        real, calls = train_mod.token_loss_sum, []
+
+        def inf_at_third(logits, labels):
+            calls.append(1)
+            return real(logits, labels) * (math.inf if len(calls) == 3 else 1.0)
+
+        monkeypatch.setattr(train_mod, "token_loss_sum", inf_at_third)
+    with pytest.raises(FloatingPointError, match=match):
         train(model, make_examples(32), cfg(tmp_path, save_interval=100))
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
     path = ckpt.latest_checkpoint(tmp_path / "run")
