@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -38,17 +40,46 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _number(kind, minimum, strict=False):
-    """argparse type: a number of `kind` that is >= minimum (> minimum when strict)."""
+def _number(kind, minimum, strict=False, maximum=None):
+    """argparse type: a finite number of `kind`, >= minimum (> minimum when strict), < maximum."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        # float() accepts "inf" and "nan"; nan fails no comparison below, inf passes "> 0".
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        if maximum is not None and value >= maximum:
+            raise argparse.ArgumentTypeError(f"must be < {maximum}, got {text}")
         return value
     return parse
+
+
+def _device(text):
+    """argparse type: a device that exists on this machine (checked before any work)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda, cuda:N, "
+                                         f"mps, ...") from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("the meta device holds no data; use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} "
+                                             f"CUDA device(s)")
+        return text
+    try:  # other backends (mps, xpu, ...): the cheapest test of being usable is to use it
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise argparse.ArgumentTypeError(f"{text} is not usable on this machine ({first})") from None
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,10 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
         help="resume from the newest checkpoint in --output, or from CHECKPOINT")
     add("--merge", action="store_true", help="also save the merged model in Hugging Face format")
-    add("--seed", type=int, default=0)
+    add("--seed", type=_number(int, 0, maximum=2**32), default=0)
     add("--eval-samples", type=_number(int, 1), default=None,
         help="evaluate on the first N held-out rows (default: all)")
-    add("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add("--device", type=_device, default=None, help="cpu, cuda, ... (default: cuda when available)")
     return p.parse_args(argv)
 
 
@@ -137,15 +168,19 @@ def load_rows(flag, path, tokenizer, seq_len, limit=None):
     return conversations, examples[:limit]
 
 
-def check_resume(args, model, config):
-    """Fail before any work when --resume points at a checkpoint of another method or model."""
+def check_resume(args, model, config, train_data):
+    """Fail before any work when --resume points at a checkpoint of another method, model shape,
+    base model, data order or training data (minift.train checks the same, but only once it
+    runs, after the before-evaluation)."""
     if config.resume_from is None:
         return
     try:
         path = ckpt.resolve_checkpoint(config.resume_from, config.output_dir)
         state = ckpt.read_trainer_state(path)
+        base = ckpt.base_fingerprint(model) if config.method != "full" else None
         ckpt.check_compatible(state, path, method=config.method, model=model,
-                              config=config.to_dict(), fields=DATA_ORDER_FIELDS)
+                              config=config.to_dict(), fields=DATA_ORDER_FIELDS,
+                              data=ckpt.data_fingerprint(train_data), base=base)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise UsageError(f"--resume: {err}") from err
     print(f"resuming from {path} (step {state.get('step')})")
@@ -192,6 +227,14 @@ def report(before: dict, after: dict) -> str:
 
 
 # ---- the run -----------------------------------------------------------------------------
+# TrainConfig field -> the flag that sets it, so that a rejected value names the flag.
+FLAG_OF_FIELD = {"method": "--method", "learning_rate": "--lr", "epochs": "--epochs",
+                 "max_steps": "--max-steps", "micro_batch_size": "--batch-size",
+                 "grad_accum": "--grad-accum", "optimizer": "--optimizer", "seed": "--seed",
+                 "save_interval": "--save-interval", "device": "--device", "output_dir": "--output",
+                 "resume_from": "--resume"}
+
+
 def make_config(args, pad_id) -> TrainConfig:
     try:
         return TrainConfig(
@@ -202,7 +245,20 @@ def make_config(args, pad_id) -> TrainConfig:
             pad_id=pad_id, output_dir=args.output, seed=args.seed, resume_from=args.resume,
             device=args.device, log_interval=10, save_interval=args.save_interval, keep_last=2)
     except ValueError as err:
-        raise UsageError(str(err)) from err
+        field = str(err).split(" ", 1)[0].removeprefix("TrainConfig.")
+        raise UsageError(f"{FLAG_OF_FIELD.get(field, field)}: {err}") from err
+
+
+def check_output(path) -> None:
+    """--output must be a directory or creatable as one; checked before any work."""
+    out = Path(path)
+    for existing in (out, *out.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise UsageError(f"--output {out}: {existing} exists and is not a directory")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise UsageError(f"--output {out}: {existing} is not writable")
+            return
 
 
 def save_outputs(model, tokenizer, args) -> dict:
@@ -225,21 +281,27 @@ def save_outputs(model, tokenizer, args) -> dict:
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device_type = device.type
+    check_output(args.output)
+    make_config(args, pad_id=0)  # every training flag checked before anything is loaded
     torch.manual_seed(args.seed)
     tokenizer, model = load_base(args, device)
+    if tokenizer.pad_token_id is None:
+        raise UsageError(f"--model {args.model}: the tokenizer has neither a pad nor an end token")
     config = make_config(args, tokenizer.pad_token_id)
     train_rows, train_data = load_rows("--data", args.data, tokenizer, args.seq_len)
     eval_rows, eval_data = load_rows("--eval-data", args.eval_data, tokenizer, args.seq_len,
                                      args.eval_samples)
-    check_resume(args, model, config)
+    check_resume(args, model, config, train_data)
     print(f"model {args.model}: {minift.trainable_summary(model)}")
     print(f"data: {len(train_data)} training examples, {len(eval_data)} held-out; "
           f"method {args.method}, device {device}")
     before = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device)
     print(f"before: exact match {before['exact_match']:.0%}, eval loss {before['eval_loss']:.4f}")
     try:
-        summary = minift.train(model, train_data, config)
-    except (ValueError, FileNotFoundError) as err:  # e.g. --resume with other training data
+        # eval_data: the loop evaluates the held-out split at the end, so the summary's "eval" and
+        # "eval_loss" carry the final held-out loss (the same number as "after" below).
+        summary = minift.train(model, train_data, config, eval_data=eval_data)
+    except (ValueError, FileNotFoundError) as err:  # what check_resume cannot see in advance
         raise UsageError(str(err)) from err
     after = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device)
     print(f"\n{report(before, after)}")

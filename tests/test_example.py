@@ -1,6 +1,7 @@
 """examples/train_llama.py end to end (as a subprocess) and the shipped base checkpoint."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_run_prints_before_and_after(lora_run):
 
 
 def test_summary_records_both_evaluations(lora_run):
-    out, _ = lora_run
+    out, proc = lora_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "lora" and summary["steps"] == 3
     for when in ("before", "after"):
@@ -55,6 +56,22 @@ def test_summary_records_both_evaluations(lora_run):
     # three LoRA steps at a high learning rate lower the held-out loss
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     assert summary["saved"]["adapter"] == str(out / "adapter")
+    # the loop's own eval fields hold the final held-out evaluation, the same loss as "after"
+    assert [e["step"] for e in summary["eval"]] == [3]
+    assert summary["eval_loss"] == pytest.approx(summary["after"]["eval_loss"], rel=1e-6)
+    assert 0 < summary["padding_efficiency"] <= 1
+    assert proc.stdout.count("padding efficiency") == 1
+
+
+def test_resume_on_the_same_base_continues(lora_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(lora_run[0], out)
+    proc = run_cli("--max-steps", "4", "--eval-samples", "4", "--device", "cpu", "--output", out,
+                   "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming from {out / 'step-3'} (step 3)" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["resumed_from"] == str(out / "step-3")
 
 
 def test_adapter_loads_and_matches_merged_export(lora_run):
@@ -108,41 +125,107 @@ def test_shipped_tokenizer_renders_chat_rows():
 
 BAD_INPUTS = {  # case -> (arguments, text the error line must contain)
     "negative lr": (["--lr", "-1"], "--lr"),
+    "infinite lr": (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
+    "nan lr": (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    "infinite alpha": (["--alpha", "inf"], "argument --alpha: must be a finite number"),
+    "nan alpha": (["--alpha", "nan"], "argument --alpha: must be a finite number"),
+    "negative seed": (["--seed", "-5"], "argument --seed: must be >= 0, got -5"),
     "zero seq-len": (["--seq-len", "0"], "--seq-len"),
     "unknown method": (["--method", "dora"], "--method"),
     "unknown optimizer": (["--optimizer", "sgd"], "--optimizer"),
+    "unknown device": (["--device", "bogus"], "argument --device: unknown device 'bogus'"),
+    "output is a file": (["--output", "{tmp}/a_file"], "--output {tmp}/a_file: {tmp}/a_file exists "
+                                                        "and is not a directory"),
     "not a checkpoint": (["--model", "{tmp}"], "config.json"),
+    "string in config.json": (["--model", "{tmp}/string_eps"],
+                              "{tmp}/string_eps/config.json: field 'rms_norm_eps' must be a finite "
+                              "number > 0, got '1e-5'"),
+    "integer weight": (["--model", "{tmp}/int_weight"],
+                       "tensor 'model.layers.1.mlp.up_proj.weight' has dtype int64"),
     "bad rows": (["--data", "{tmp}/bad.jsonl"], "bad.jsonl:2"),
+    "data not utf-8": (["--data", "{tmp}/latin1.jsonl"], "--data: {tmp}/latin1.jsonl:2: not valid UTF-8"),
     "resume other method": (["--output", "{run}", "--method", "full", "--resume"],
                             "method 'lora'"),
     "resume other model": (["--output", "{run}", "--r", "4", "--resume"], "different model"),
+    "resume other base": (["--output", "{run}", "--model", "{tmp}/half_base", "--resume"],
+                          "--resume: {run}/step-3: checkpoint was trained on a different base model: "
+                          "frozen tensor 'model.embed_tokens.weight' differs"),
+    "resume other data": (["--output", "{run}", "--data", str(EVAL), "--resume"],
+                          "--resume: {run}/step-3: train_data differs"),
 }
+if not torch.cuda.is_available():
+    BAD_INPUTS["cuda without cuda"] = (["--device", "cuda"], "argument --device: cuda: CUDA is not "
+                                                             "available on this machine")
+
+
+def copy_base(to, weights=None, config=None):
+    """examples/base copied to `to`, with its weights or config.json changed."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(BASE, to)
+    if weights is not None:
+        tensors = load_file(to / "model.safetensors")
+        save_file(weights(tensors), to / "model.safetensors", metadata={"format": "pt"})
+    if config is not None:
+        (to / "config.json").write_text(json.dumps(config(json.loads((to / "config.json").read_text()))))
 
 
 @pytest.fixture(scope="module")
 def bad_runs(lora_run, tmp_path_factory):
-    """Every bad-input case, started at once (each is one interpreter start-up)."""
+    """Every bad-input case, four at a time (each is one interpreter start-up)."""
     tmp = tmp_path_factory.mktemp("bad")
     (tmp / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n'
                                    '{"text": 1}\n')
+    (tmp / "latin1.jsonl").write_bytes(EVAL.read_bytes().splitlines(keepends=True)[0]
+                                       + '{"prompt": "caf\u00e9", "completion": "x"}\n'.encode("latin-1"))
+    (tmp / "a_file").write_text("not a directory\n")
+    copy_base(tmp / "string_eps", config=lambda c: dict(c, rms_norm_eps="1e-5"))
+    copy_base(tmp / "int_weight", weights=lambda t: dict(
+        t, **{"model.layers.1.mlp.up_proj.weight": t["model.layers.1.mlp.up_proj.weight"].long()}))
+    # the same shapes as the base the LoRA run was trained on, other weights
+    copy_base(tmp / "half_base", weights=lambda t: {k: v * 0.5 for k, v in t.items()})
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = {}
-    for case, (args, _) in BAD_INPUTS.items():
-        args = [a.format(tmp=tmp, run=lora_run[0]) for a in args]
-        if "--output" not in args:
-            args += ["--output", str(tmp / "out")]
-        procs[case] = subprocess.Popen([sys.executable, str(SCRIPT), *FAST, *args], cwd=ROOT,
-                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)
-    stderr = {case: p.communicate(timeout=300)[1] for case, p in procs.items()}
-    return {case: (p.returncode, stderr[case]) for case, p in procs.items()}
+    results, pending = {}, list(BAD_INPUTS.items())
+    while pending:
+        batch, pending = pending[:4], pending[4:]
+        procs = {}
+        for case, (args, _) in batch:
+            args = [a.format(tmp=tmp, run=lora_run[0]) for a in args]
+            if "--output" not in args:
+                args += ["--output", str(tmp / "out")]
+            procs[case] = subprocess.Popen([sys.executable, str(SCRIPT), *FAST, *args], cwd=ROOT,
+                                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True)
+        for case, p in procs.items():
+            stdout, stderr = p.communicate(timeout=300)
+            results[case] = (p.returncode, stdout, stderr)
+    return results, {"tmp": tmp, "run": lora_run[0]}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_2(case, bad_runs):
-    code, stderr = bad_runs[case]
+    results, names = bad_runs
+    code, stdout, stderr = results[case]
     assert code == 2, stderr
     assert "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("train_llama.py: error: ")
-    assert BAD_INPUTS[case][1] in stderr
+    assert BAD_INPUTS[case][1].format(**names) in stderr
+    assert "before: exact match" not in stdout  # refused before any evaluation or training
+
+
+def test_config_errors_name_the_flag():
+    # argparse checks each flag's own range; a value TrainConfig still refuses is reported under
+    # the flag that set it, not the TrainConfig field.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_llama", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--device", "cpu"])
+    args.device_type, args.lr = "cpu", float("inf")
+    with pytest.raises(script.UsageError, match=r"^--lr: TrainConfig.learning_rate must be a finite"):
+        script.make_config(args, pad_id=0)
+    args.lr, args.seed = None, -1
+    with pytest.raises(script.UsageError, match=r"^--seed: TrainConfig.seed must be an integer"):
+        script.make_config(args, pad_id=0)
