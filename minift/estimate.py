@@ -218,15 +218,17 @@ def _layer_saved(cfg, method, targets, r, e, batch, seq, input_grad, masked=True
     t["swiglu"] = 3 * e * i * n_tok
     t["down_input"] = e * i * n_tok if (full or "down_proj" in targets) else 0
     if not full:
-        lora = 0
-        for name in targets:
-            fin, fout = shapes[name]
-            grad_in = input_grad or name not in ("q_proj", "k_proj", "v_proj")
-            # lora_B's input (N, r); the casted copies of B (out, r) and, when the input needs a
-            # gradient, of A (r, in)
-            lora += e * r * n_tok + e * r * fout + (e * r * fin if grad_in else 0)
-        t["lora"] = lora
+        t["lora"] = sum(_adapter_saved(shapes[name], r, e, n_tok,
+                                       input_grad or name not in ("q_proj", "k_proj", "v_proj"))
+                        for name in targets)
     return t
+
+
+def _adapter_saved(shape, r, e, n_tok, grad_in) -> int:
+    """Bytes one LoRA adapter keeps: lora_B's input (N, r); the casted copies of B (out, r) and,
+    when the input needs a gradient, of A (r, in)."""
+    fin, fout = shape
+    return e * r * n_tok + e * r * fout + (e * r * fin if grad_in else 0)
 
 
 def _head_saved(cfg, method, e, batch, seq):
@@ -308,55 +310,133 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
         states = 0  # host memory pages, streamed to the GPU during the step
 
     n_tok = batch_size * seq_len
+    n_loss = batch_size * (seq_len - 1)
+    h, v = cfg.hidden_size, cfg.vocab_size
+    hidden = e * h * n_tok  # one hidden state (B, T, h)
     terms = _head_saved(cfg, method, e, batch_size, seq_len)
     layers = [_layer_saved(cfg, method, targets, r, e, batch_size, seq_len,
                            input_grad=(i > 0 or method == "full"), masked=attention_mask)
               for i in range(cfg.num_hidden_layers)]
     per_layer = [sum(t.values()) for t in layers]
+    # the head's saved tensors are alive from the end of the forward to the start of backward
+    head_terms = {k: terms.pop(k) for k in ("final_norm", "lm_head_input", "loss")}
+    head = sum(head_terms.values())
+    shared = sum(terms.values())  # token ids, cos/sin: alive from the embedding to the end
     if gradient_checkpointing:
         # Each layer keeps only its inputs (hidden state; cos, sin and the boolean mask are
         # shared). Backward recomputes one layer at a time after the head's tensors are gone;
-        # while it runs, that layer's saved tensors and its residual sum are alive.
-        hidden = e * cfg.hidden_size * n_tok
+        # what the recompute keeps is that layer's saved set plus its residual sum.
         terms["layer_inputs"] = cfg.num_hidden_layers * hidden
         terms["attention_mask_bool"] = batch_size * seq_len * seq_len if attention_mask else 0
-        head = sum(terms.pop(k) for k in ("final_norm", "lm_head_input", "loss"))
-        terms["head_or_recomputed_layer"] = max(head, max(per_layer) + hidden)
-        recompute_extra = max(per_layer) + hidden - head  # > 0: the recompute is the high mark
+        base = sum(terms.values())
+        # torch stops a recompute once the layer's last saved tensor exists; the frames it
+        # unwinds still hold the residual x + attention and, when down_proj is an adapter
+        # whose lora branch saves last, the base layer's output: both counted as kept
+        adapted_down = method != "full" and "down_proj" in targets
+        recomputed = max(per_layer) + hidden + (hidden if adapted_down else 0)
+        terms["head_or_recomputed_layer"] = max(head, recomputed)
     else:
-        recompute_extra = None
         for name in layers[-1]:
             terms["layers." + name] = sum(t[name] for t in layers)
-    activations = sum(terms.values())
+        base = sum(terms.values())
+        terms.update(head_terms)
+    activations = sum(terms.values())  # the high-water mark; the terms add up to it
 
-    n_loss = batch_size * (seq_len - 1)
-    # minift.train drops the logits once the loss is computed. The larger of two moments:
-    # computing the loss (logits in the compute dtype + their float32 copy) and the start of
-    # backward (the float32 gradient cross_entropy hands to log_softmax + the one it returns).
-    v = cfg.vocab_size
-    loss_buffers = max(e * v * n_tok + 4 * v * n_loss, 2 * 4 * v * n_loss)
-    step_tmp = _step_temporaries(trainable, optimizer, device)
     weights = frozen + trainable_bytes
-    at_step = weights + states + trainable_bytes + step_tmp
-    if recompute_extra is None or recompute_extra <= 0:
-        at_loss = weights + states + activations + loss_buffers
-    else:
-        # the loss moment holds the head's tensors instead of the recomputed layer; the
-        # recompute moment adds the head's gradients (full) and two hidden-state gradients
-        at_loss = weights + states + activations - recompute_extra + loss_buffers
-        head_grads = e * cfg.hidden_size * (cfg.vocab_size + 1) if method == "full" else 0
-        hidden_grads = 2 * e * cfg.hidden_size * n_tok
-        at_loss = max(at_loss, weights + states + activations + head_grads + hidden_grads)
-        loss_buffers = at_loss - weights - states - activations if at_loss > 0 else loss_buffers
-    other = max(0, loss_buffers) if at_loss >= at_step else step_tmp
+    fixed = weights + states
+    step_tmp = _step_temporaries(trainable, optimizer, device)
+    # The moments that can hold the peak: (name, live bytes, of which "other").
+    # minift.train drops the logits once the loss is computed, so the loss has two moments:
+    # computing it (logits in the compute dtype + their float32 copy) and the start of backward
+    # (the float32 gradient cross_entropy hands to log_softmax + the one it returns).
+    logits = e * v * n_tok + 4 * v * n_loss
+    logit_grads = 2 * 4 * v * n_loss
+    moments = [("loss", fixed + base + head + logits, logits),
+               ("backward_start", fixed + base + head + logit_grads, logit_grads),
+               ("optimizer_step", fixed + trainable_bytes + step_tmp, step_tmp)]
+    scratch = _dequant_scratch(cfg, device, e) if method == "qlora" else 0
+    down = _down_proj_saved(cfg, method, targets, r, e, n_tok)
+    if gradient_checkpointing:
+        # recomputing the top layer: the head's gradients (full) and two hidden-state gradients
+        # are alive
+        head_grads = e * h * (v + 1) if method == "full" else 0
+        if scratch:
+            # the recompute's dequantization of the top layer's down_proj: the layer's kept
+            # tensors but down_proj's adapter ones, the residual x + attention, two hidden-state
+            # gradients and the dequantization scratch
+            moments.append(("recompute_dequant", fixed + shared + terms["layer_inputs"]
+                            + terms["attention_mask_bool"] + max(per_layer) - down["adapter"]
+                            + hidden + head_grads + 2 * hidden + scratch,
+                            2 * hidden + scratch))
+        moments.append(("recompute", fixed + base + recomputed + head_grads + 2 * hidden,
+                        2 * hidden))
+        # backward through a recomputed layer's MLP, just after down_proj's weight gradient:
+        # the layer's recomputed tensors (less down_proj's input, now freed), the inputs of
+        # this and the lower layers, the gradients of every layer above, and as scratch the
+        # output's gradient and three (B, T, intermediate) gradients of the SwiGLU. The top
+        # layer has the most inputs alive, the bottom one the most gradients (full).
+        layer_grads = _layer_trainable_bytes(cfg, method, targets, r, e, ae)
+        scratch_bwd = 3 * e * cfg.intermediate_size * n_tok + hidden
+        for k in {0, cfg.num_hidden_layers - 1}:
+            moments.append((f"backward_layer_{k}", fixed + shared
+                            + terms["attention_mask_bool"] + (k + 1) * hidden + per_layer[k]
+                            - _down_proj_saved(cfg, method, targets, r, e, n_tok, freed=True)
+                            + head_grads + (cfg.num_hidden_layers - 1 - k) * layer_grads["layer"]
+                            + layer_grads["down_proj"] + scratch_bwd, scratch_bwd))
+    elif scratch:
+        # NF4 forward of the last layer's down_proj: every earlier saved tensor is alive, its
+        # input (the SwiGLU product) is not saved yet, and the layer's input and its residual
+        # sum are held
+        moments.append(("forward_dequant", fixed + base - down["input"] - down["adapter"]
+                        + e * cfg.intermediate_size * n_tok + 2 * hidden + scratch,
+                        e * cfg.intermediate_size * n_tok + 2 * hidden + scratch))
+    peak_name, total, other = max(moments, key=lambda m: m[1])
     settings = dict(model=getattr(cfg, "name", None), method=method, batch_size=batch_size,
                     seq_len=seq_len, r=r if method != "full" else None, optimizer=optimizer,
-                    gradient_checkpointing=gradient_checkpointing, dtype=str(dtype))
-    terms.update(loss_buffers=loss_buffers, step_temporaries=step_tmp)
+                    gradient_checkpointing=gradient_checkpointing, dtype=str(dtype),
+                    peak_moment=peak_name)
+    terms.update(loss_buffers=max(logits, logit_grads), step_temporaries=step_tmp,
+                 dequant_scratch=scratch)
     return MemoryEstimate(frozen_weights=frozen, trainable_params=trainable_bytes,
                           gradients=trainable_bytes, optimizer_states=states,
-                          activations=activations, other=other, total=max(at_loss, at_step),
+                          activations=activations, other=other, total=total,
                           settings=settings, terms=terms)
+
+
+def _down_proj_saved(cfg, method, targets, r, e, n_tok, freed=False):
+    """What a layer's down_proj saves (its input, its adapter's tensors) after the NF4 matmul
+    of its base weight ran; with `freed`, the bytes its backward has released once its weight
+    gradient exists (its input)."""
+    if freed:
+        return e * cfg.intermediate_size * n_tok if (method == "full" or "down_proj" in targets) \
+            else 0
+    if method == "full" or "down_proj" not in targets:
+        return {"input": 0, "adapter": 0}
+    return {"input": e * cfg.intermediate_size * n_tok,
+            "adapter": _adapter_saved(cfg.linear_shapes()["down_proj"], r, e, n_tok, True)}
+
+
+def _layer_trainable_bytes(cfg, method, targets, r, e, ae) -> dict:
+    """Gradient bytes of one decoder layer ("layer") and of its down_proj alone."""
+    shapes = cfg.linear_shapes()
+    if method == "full":
+        one = {name: e * i * o for name, (i, o) in shapes.items()}
+        norms = 2 * e * cfg.hidden_size  # + biases, small; left out
+        return {"layer": sum(one.values()) + norms, "down_proj": one["down_proj"]}
+    one = {name: ae * r * (i + o) for name, (i, o) in shapes.items() if name in targets}
+    return {"layer": sum(one.values()), "down_proj": one.get("down_proj", 0)}
+
+
+def _dequant_scratch(cfg, device, e) -> int:
+    """Bytes alive while one NF4 weight (the largest decoder linear, n values) is dequantized.
+
+    CPU (the pure-torch reference): at the code-book gather the unpacked nibbles (n uint8), the
+    per-value scale (n float32), the int64 indices (n) and the gathered values (n float32) are
+    alive: 17 n bytes, measured with MemoryTracker. CUDA (the Triton kernel): the output only,
+    e n bytes (not measured: no GPU).
+    """
+    n = max(i * o for i, o in cfg.linear_shapes().values())
+    return 17 * n if device == "cpu" else e * n
 
 
 def _step_temporaries(trainable, optimizer, device) -> int:

@@ -10,7 +10,9 @@ one of six categories (the same keys as `minift.estimate_memory`):
 * ``optimizer_states``: the tensors in ``optimizer.state`` (fp32 moments, 8-bit codes, absmax).
 * ``activations``: tensors autograd keeps for backward (seen through
   ``torch.autograd.graph.saved_tensors_hooks``, counted once per storage, parameters and buffers
-  excluded), plus what gradient checkpointing recomputes during backward; high-water mark.
+  excluded), plus what gradient checkpointing's recompute keeps: the tensors it created that are
+  still alive when the recomputed forward returns (or stops early); high-water mark. What the
+  recompute creates and frees on the way (e.g. a dequantized NF4 weight) is ``other``.
 * ``other``: what else is alive at the peak: logits, the loss's fp32 copy, temporaries.
 
 How it measures. A `TorchDispatchMode` sees every tensor an operator creates during the step and
@@ -169,7 +171,13 @@ class MemoryTracker:
         self._live = {}  # id(storage) -> nbytes of storages created during the step
         self._refs = {}  # id(storage) -> weakref keeping the finalizer alive
         self._saved = {}  # id(storage) -> [count, nbytes, new?]
-        self._recomputed = set()  # ids created while checkpointing recomputes a forward
+        # Checkpointing's recompute: what it creates is "pending" until the recomputed forward
+        # returns; what is still alive then is what it keeps for backward (activations), what
+        # died before is scratch (e.g. a dequantized weight), counted under other.
+        self._pending = {}  # id(storage) -> serial, created during the running recompute
+        self._kept = set()  # ids of recomputed storages that outlived their recompute
+        self._kept_serials = set()
+        self._serial = 0
         self._grads = set()  # ids of .grad storages created during the step
         self.act_live = self.act_max = 0
         self.grad_max = self._grad_pre
@@ -221,21 +229,21 @@ class MemoryTracker:
         self._live[key] = st.nbytes()
         self._refs[key] = weakref.ref(st, lambda _, k=key: self._freed(k))
         if self._recomputing:
-            self._recomputed.add(key)
-            self.act_live += st.nbytes()
-            self.act_max = max(self.act_max, self.act_live)
+            self._serial += 1
+            self._pending[key] = self._serial
 
     def _freed(self, key):
         nbytes = self._live.pop(key, 0)
         self._refs.pop(key, None)
-        if key in self._recomputed:
-            self._recomputed.discard(key)
+        self._pending.pop(key, None)
+        if key in self._kept:
+            self._kept.discard(key)
             self.act_live -= nbytes
 
     def _pack(self, t):
         st = _storage(t)
         if st is not None and st.device == self.device and id(st) not in self._static \
-                and id(st) not in self._recomputed:
+                and id(st) not in self._pending and id(st) not in self._kept:
             key = id(st)
             entry = self._saved.get(key)
             if entry is None:
@@ -275,6 +283,7 @@ class MemoryTracker:
     def _snapshot(self, old_saved):
         grads = self._grad_pre + sum(self._live.get(k, 0) for k in self._grads)
         return {"live": dict(self._live), "activations": self.act_live, "gradients": grads,
+                "pending": dict(self._pending),
                 "old_saved": old_saved}
 
     # ---- hooks ------------------------------------------------------------------------
@@ -293,13 +302,25 @@ class MemoryTracker:
 
     def _enter_forward(self, module, args):
         # A forward that runs inside backward is gradient checkpointing recomputing a layer:
-        # what it creates and keeps is activation memory.
+        # what it creates and still holds when it returns is activation memory.
         if torch._C._current_graph_task_id() != -1:
             self._recomputing += 1
 
     def _leave_forward(self, module, args, output):
         if torch._C._current_graph_task_id() != -1 and self._recomputing:
             self._recomputing -= 1
+            if not self._recomputing:
+                self._recompute_done()
+
+    def _recompute_done(self):
+        # Nothing saved before the recompute is freed while it runs, so activations are at
+        # their highest for this layer right now, with everything it keeps alive.
+        for key, serial in self._pending.items():
+            self._kept.add(key)
+            self._kept_serials.add(serial)
+            self.act_live += self._live.get(key, 0)
+        self._pending = {}
+        self.act_max = max(self.act_max, self.act_live)
 
     def _step_starts(self, optimizer, args, kwargs):
         self._phase = "post"
@@ -339,9 +360,13 @@ class MemoryTracker:
         peak_pre = weights + self._opt_start + extra + pre[0] if pre[1] else -1
         peak_post = weights + self._opt_start + post[0] if post[1] else -1
         at_peak, phase_peak = (pre[1], peak_pre) if peak_pre >= peak_post else (post[1], peak_post)
+        # a peak inside a recompute: what that recompute went on to keep was activation memory
+        at_peak = dict(at_peak, activations=at_peak["activations"] + sum(
+            at_peak["live"].get(k, 0) for k, serial in at_peak["pending"].items()
+            if serial in self._kept_serials))
         new_opt = sum(n for k, n in at_peak["live"].items() if k in opt_ids)
         accounted = weights + self._opt_start + at_peak["activations"] + at_peak["gradients"]
-        accounted += new_opt + (extra if at_peak is pre[1] else 0)
+        accounted += new_opt + (extra if peak_pre >= peak_post else 0)
         other = sum(at_peak["live"].values()) + at_peak["old_saved"] - at_peak["activations"] \
             - (at_peak["gradients"] - self._grad_pre) - new_opt
         report = MemoryReport(
