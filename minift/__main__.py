@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -19,10 +20,18 @@ import time
 BENCH_METHODS = (("full", "adamw8bit"), ("lora", "adamw"), ("qlora", "adamw"))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input ends the run with one line on stderr ("minift bench: error: ...") and exit
+    code 2; the usage is one --help away instead of repeated above every error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from minift.plan import add_plan_arguments
 
-    parser = argparse.ArgumentParser(prog="minift", description="minift command line")
+    parser = OneLineParser(prog="minift", description="minift command line")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="estimate memory of full / LoRA / QLoRA fine-tuning on a GPU",
                        description="Estimate full, LoRA and QLoRA memory side by side and say what fits.")
@@ -52,14 +61,17 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--model", default="examples/base", help="base checkpoint directory")
     parser.add_argument("--data", default="examples/data",
                         help="directory with train.jsonl and eval.jsonl (or one train .jsonl file)")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per method")
-    parser.add_argument("--batch-size", type=int, default=4, dest="batch_size")
+    # Defaults: the shipped examples/base learns the number-words task to a useful held-out
+    # exact match in 300 steps of 16 (as examples/train_llama.py does in 400), a few minutes on
+    # a 2-core CPU for all three methods, so the quality columns compare something.
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method")
+    parser.add_argument("--batch-size", type=int, default=16, dest="batch_size")
     parser.add_argument("--max-length", type=int, default=256, dest="max_length")
-    parser.add_argument("--lr-full", type=float, default=1e-4, dest="lr_full")
-    parser.add_argument("--lr-lora", type=float, default=1e-3, dest="lr_lora")
+    parser.add_argument("--lr-full", type=float, default=1e-3, dest="lr_full")
+    parser.add_argument("--lr-lora", type=float, default=3e-3, dest="lr_lora")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
-    parser.add_argument("--eval-samples", type=int, default=8, dest="eval_samples",
-                        help="eval prompts answered greedily for exact match")
+    parser.add_argument("--eval-samples", type=int, default=100, dest="eval_samples",
+                        help="eval prompts answered greedily for exact match (the first N)")
     # step time and tokens/s are medians over the steps after the first: the first step runs
     # under the memory tracker, which watches every operator
     parser.add_argument("--max-new-tokens", type=int, default=12, dest="max_new_tokens")
@@ -69,6 +81,9 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--chart", default=None, help="chart path (default OUTPUT_DIR/memory_breakdown.png)")
     parser.add_argument("--no-chart", action="store_true", dest="no_chart")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is faster for "
+                             "small models on a CPU shared with other work")
 
 
 def run_bench(args, parser) -> int:
@@ -76,6 +91,14 @@ def run_bench(args, parser) -> int:
     for name in ("steps", "batch_size", "max_length", "r", "eval_samples", "max_new_tokens"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in ("lr_full", "lr_lora"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):  # NaN fails every comparison: test finiteness
+            parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+    if args.device is not None:
+        _check_device(args.device, parser)
+    if args.threads is not None and args.threads <= 0:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         parser.error(f"--model: no config.json in {args.model!r}")
     train_path, eval_path = _data_paths(args.data, parser)
@@ -84,7 +107,12 @@ def run_bench(args, parser) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("the chart needs matplotlib: pip install minift[plot] (or pass --no-chart)")
-    results = compare_methods(args, train_path, eval_path)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    data = load_bench_data(args, train_path, eval_path, parser)
+    results = compare_methods(args, train_path, eval_path, data=data)
     record = {"command": "python -m minift " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
               "machine": machine_info(), "git_commit": git_commit(),
               "git_modified": git_modified(), "settings": vars(args),
@@ -93,17 +121,43 @@ def run_bench(args, parser) -> int:
     return 0
 
 
-def compare_methods(args, train_path, eval_path) -> list:
+def _check_device(device, parser) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device must be cpu or cuda (or cuda:N), got {device!r}")
+    if dev.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available on this machine")
+
+
+def load_bench_data(args, train_path, eval_path, parser=None):
+    """(tokenizer, train examples, eval rows, eval examples); bad files end in parser.error."""
+    import minift
+    from minift.data import load_dataset, load_jsonl
+
+    try:
+        tok = minift.load_tokenizer(args.model)
+        train_ex, _ = load_dataset(train_path, tok, args.max_length)
+        eval_rows = load_jsonl(eval_path)[:args.eval_samples] if eval_path else []
+        eval_ex = load_dataset(eval_path, tok, args.max_length)[0] if eval_path else None
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        if parser is None:
+            raise
+        parser.error(f"--model/--data: {err}")
+    return tok, train_ex, eval_rows, eval_ex
+
+
+def compare_methods(args, train_path, eval_path, data=None) -> list:
     """Fine-tune full / LoRA / QLoRA with the same data and steps; one result dict per method."""
     import torch
 
     import minift
-    from minift.data import load_dataset, load_jsonl
 
-    tok = minift.load_tokenizer(args.model)
-    train_ex, _ = load_dataset(train_path, tok, args.max_length)
-    eval_rows = load_jsonl(eval_path) if eval_path else []
-    eval_ex = load_dataset(eval_path, tok, args.max_length)[0] if eval_path else None
+    tok, train_ex, eval_rows, eval_ex = data or load_bench_data(args, train_path, eval_path)
     results = []
     for method, optimizer in BENCH_METHODS:
         torch.manual_seed(args.seed)
