@@ -169,6 +169,10 @@ class MemoryTracker:
                              if p.grad is not None)
         self._opt_start = self._optimizer_bytes(register=True)
         self._live = {}  # id(storage) -> nbytes of storages created during the step
+        # id() values are reused once an object dies, so anything compared after the moment
+        # it was recorded (the peak's snapshot, gradients) goes by a serial number per storage
+        self._serial_of = {}  # id(storage) -> serial of the live storage with that id
+        self._serial = 0
         self._refs = {}  # id(storage) -> weakref keeping the finalizer alive
         self._saved = {}  # id(storage) -> [count, nbytes, new?]
         # Checkpointing's recompute: what it creates is "pending" until the recomputed forward
@@ -177,8 +181,7 @@ class MemoryTracker:
         self._pending = {}  # id(storage) -> serial, created during the running recompute
         self._kept = set()  # ids of recomputed storages that outlived their recompute
         self._kept_serials = set()
-        self._serial = 0
-        self._grads = set()  # ids of .grad storages created during the step
+        self._grads = {}  # id -> serial of .grad storages created during the step
         self.act_live = self.act_max = 0
         self.grad_max = self._grad_pre
         self._recomputing = 0
@@ -227,13 +230,15 @@ class MemoryTracker:
         if key in self._static or key in self._live:
             return
         self._live[key] = st.nbytes()
+        self._serial += 1
+        self._serial_of[key] = self._serial
         self._refs[key] = weakref.ref(st, lambda _, k=key: self._freed(k))
         if self._recomputing:
-            self._serial += 1
             self._pending[key] = self._serial
 
     def _freed(self, key):
         nbytes = self._live.pop(key, 0)
+        self._serial_of.pop(key, None)
         self._refs.pop(key, None)
         self._pending.pop(key, None)
         if key in self._kept:
@@ -268,10 +273,13 @@ class MemoryTracker:
 
     def _grad_ready(self, p):
         st = _storage(p.grad)
-        if st is not None and st.device == self.device and id(st) not in self._static:
-            self._grads.add(id(st))
-        live = self._grad_pre + sum(self._live.get(k, 0) for k in self._grads)
-        self.grad_max = max(self.grad_max, live)
+        if st is not None and st.device == self.device and id(st) in self._serial_of:
+            self._grads[id(st)] = self._serial_of[id(st)]
+        self.grad_max = max(self.grad_max, self._grads_live())
+
+    def _grads_live(self) -> int:
+        return self._grad_pre + sum(self._live[k] for k, serial in self._grads.items()
+                                    if self._serial_of.get(k) == serial)
 
     def _check_peak(self):
         old = sum(e[1] for e in self._saved.values() if not e[2])  # saved, made before the step
@@ -281,8 +289,8 @@ class MemoryTracker:
             self._best[self._phase] = (value, self._snapshot(old))
 
     def _snapshot(self, old_saved):
-        grads = self._grad_pre + sum(self._live.get(k, 0) for k in self._grads)
-        return {"live": dict(self._live), "activations": self.act_live, "gradients": grads,
+        return {"live": {self._serial_of[k]: n for k, n in self._live.items()},
+                "activations": self.act_live, "gradients": self._grads_live(),
                 "pending": dict(self._pending),
                 "old_saved": old_saved}
 
@@ -351,7 +359,10 @@ class MemoryTracker:
         return self._report
 
     def _build_report(self, cuda) -> MemoryReport:
-        opt_ids = {id(_storage(t)) for t in self._optimizer_tensors()}
+        # optimizer states created during this step, by serial (their id may have belonged to
+        # a temporary alive at the peak)
+        opt_serials = {self._serial_of[id(st)] for st in map(_storage, self._optimizer_tensors())
+                       if st is not None and id(st) in self._serial_of}
         opt_end = self._optimizer_bytes()
         weights = self._weights["frozen_weights"] + self._weights["trainable_params"]
         # before the first step() the states did not exist yet; from the second step they do
@@ -362,9 +373,9 @@ class MemoryTracker:
         at_peak, phase_peak = (pre[1], peak_pre) if peak_pre >= peak_post else (post[1], peak_post)
         # a peak inside a recompute: what that recompute went on to keep was activation memory
         at_peak = dict(at_peak, activations=at_peak["activations"] + sum(
-            at_peak["live"].get(k, 0) for k, serial in at_peak["pending"].items()
+            at_peak["live"].get(serial, 0) for serial in at_peak["pending"].values()
             if serial in self._kept_serials))
-        new_opt = sum(n for k, n in at_peak["live"].items() if k in opt_ids)
+        new_opt = sum(n for serial, n in at_peak["live"].items() if serial in opt_serials)
         accounted = weights + self._opt_start + at_peak["activations"] + at_peak["gradients"]
         accounted += new_opt + (extra if peak_pre >= peak_post else 0)
         other = sum(at_peak["live"].values()) + at_peak["old_saved"] - at_peak["activations"] \
