@@ -229,7 +229,9 @@ def write_outputs(record: dict, args) -> str:
         f.write(md + "\n")
     if not args.no_chart:
         chart = args.chart or os.path.join(args.output_dir, "memory_breakdown.png")
-        memory_chart(record["results"], chart, title=f"one training step on {record['machine']['processor']}")
+        machine = record["machine"]
+        where = machine.get("gpu") or machine.get("cpu_model") or machine["processor"]
+        memory_chart(record["results"], chart, title=f"one training step on {where}")
         md += f"\n\nchart: {chart}"
     return md
 
@@ -266,7 +268,7 @@ def memory_chart(results: list, path: str, title: str = "") -> None:
 
     from minift.memory import CATEGORIES
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     names = [r["method"] for r in results]
     bottom = [0.0] * len(results)
     for cat in CATEGORIES:
@@ -277,7 +279,7 @@ def memory_chart(results: list, path: str, title: str = "") -> None:
     ax.scatter(names, peaks, marker="_", s=900, color="black", zorder=3, label="peak")
     ax.set_ylabel("MiB")
     ax.set_title(f"Where the memory goes: {title}" if title else "Where the memory goes", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
