@@ -4,6 +4,8 @@ The public names below are imported on first use, so ``import minift`` stays che
 that needs an optional dependency only asks for it when it is used.
 """
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -59,3 +61,23 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """The ``minift`` package, whose public functions ``train`` and ``generate`` share their names
+    with the submodules that define them.
+
+    Importing a submodule (``from minift.train import TrainConfig``, anywhere) makes Python bind
+    it as an attribute of the package, which would replace the public function by the module;
+    here such a binding binds the function instead, so ``minift.train(...)`` and
+    ``minift.generate(...)`` work whatever was imported before. The submodules stay reachable
+    under their full names (``sys.modules["minift.train"]``, ``from minift.train import ...``).
+    """
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
