@@ -9,11 +9,16 @@ no training row, so a model that answers them has learned the format and drawn o
     python examples/make_base.py                 # corpus, tokenizer, pretraining, data files
     python examples/make_base.py --data-only     # rewrite examples/data/*.jsonl only
 
-Every step is seeded (--seed, default 0): the data files come out byte-identical on every run,
-the weights identical for the same torch version and thread count. The shipped examples/base
-came from `python examples/make_base.py --threads 1`: 1000 steps of 16 x 64 tokens, 334 s in all
-on a busy shared 2-core CPU (torch 2.13), reaching 0.91 prose-completion accuracy; running the
-command again wrote byte-identical files (207 s at a lighter load).
+Every step is seeded (--seed, default 0). The data files, the tokenizer and config.json come out
+byte-identical on every machine; the weights only on the same CPU type with the same torch build
+and thread count, because float reductions round differently on other vector units (AVX2 vs
+AVX-512) and 1000 training steps amplify the last bits. The shipped examples/base came from
+`python examples/make_base.py --threads 1`: 1000 steps of 16 x 64 tokens, 334 s in all on a busy
+shared 2-core CPU (torch 2.13), reaching 0.91 prose-completion accuracy; running the command again
+on that CPU wrote byte-identical files (207 s at a lighter load). On an AMD EPYC (Zen 4) CPU with
+torch 2.13.0+cpu the same command took 152 s, reached 0.96, and wrote other weights (largest
+elementwise difference 0.40), so use --out to rebuild elsewhere rather than over the shipped base
+that docs/training.md's numbers are for.
 """
 from __future__ import annotations
 
