@@ -292,7 +292,9 @@ def test_bf16_autocast_and_neftune_train(tmp_path):
                                         ("inf loss", "loss is inf at step 3"),
                                         ("inf grad", "gradient norm is (inf|nan) at step 3")])
 def test_non_finite_step_stops_with_checkpoint_of_last_good_state(tmp_path, monkeypatch, kind, match):
-    import minift.train as train_mod
+    import importlib
+
+    train_mod = importlib.import_module("minift.train")  # the module, not the function minift.train
 
     model = TinyLM(nan_at_call=3 if kind == "nan loss" else None,
                    bad_grad_at_call=3 if kind == "inf grad" else None)
