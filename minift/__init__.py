@@ -71,7 +71,9 @@ class _Package(types.ModuleType):
     it as an attribute of the package, which would replace the public function by the module;
     here such a binding binds the function instead, so ``minift.train(...)`` and
     ``minift.generate(...)`` work whatever was imported before. The submodules stay reachable
-    under their full names (``sys.modules["minift.train"]``, ``from minift.train import ...``).
+    under their full names (``sys.modules["minift.train"]``, ``from minift.train import ...``,
+    ``importlib.import_module("minift.train")``); ``import minift.train as m`` reads the package
+    attribute and so gives the function.
     """
 
     def __setattr__(self, name, value):

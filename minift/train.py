@@ -492,17 +492,3 @@ class _Loop:
             "checkpoint": self.last_path, "resumed_from": self.resumed, "output_dir": str(self.out),
         }
 
-
-class _CallableModule(type(sys)):
-    """`minift.train` names both this module and the function in it.
-
-    Importing the module (``from minift.train import TrainConfig``) makes ``minift.train`` the
-    module, which would then shadow the public function; calling the module runs `train`, so
-    ``minift.train(model, data, config)`` works whichever of the two the name holds.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
