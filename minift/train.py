@@ -329,7 +329,9 @@ class _Loop:
         # hold the whole model, so any base is overwritten on resume. Taken once: it is frozen.
         self.base_fp = ckpt.base_fingerprint(model) if config.method != "full" else None
         # batch_tokens / batch_slots: real tokens and (B, T) slots of the micro-batches processed,
-        # for the padding efficiency of the run.
+        # for the padding efficiency of the run. batch_tokens counts what "tokens" counts, but the
+        # two are restored together, so a checkpoint written before batch_slots existed resumes
+        # to 0 / 0 here instead of a ratio of a restored count over a fresh one.
         self.state = {"step": 0, "epoch": 0, "batch_index": 0, "epochs_done": 0.0, "first_loss": None,
                       "last_loss": None, "tokens": 0, "trained_tokens": 0, "train_time": 0.0,
                       "timed_tokens": 0, "timed_time": 0.0, "batch_tokens": 0, "batch_slots": 0,
