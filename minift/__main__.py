@@ -156,9 +156,6 @@ def compare_methods(args, train_path, eval_path, data=None) -> list:
     import torch
 
     import minift
-    # by module path: once the submodule minift.train is imported, the attribute
-    # minift.train is that module, not the function
-    from minift.train import train
 
     tok, train_ex, eval_rows, eval_ex = data or load_bench_data(args, train_path, eval_path)
     results = []
@@ -175,7 +172,7 @@ def compare_methods(args, train_path, eval_path, data=None) -> list:
             pad_id=tok.pad_token_id, output_dir=os.path.join(args.output_dir, method),
             progress=False, keep_last=1)
         t0 = time.perf_counter()
-        summary = train(model, train_ex, config, eval_data=eval_ex)
+        summary = minift.train(model, train_ex, config, eval_data=eval_ex)
         wall = time.perf_counter() - t0
         step_s, tok_s = _untracked_speed(config.output_dir)
         results.append({
@@ -204,8 +201,8 @@ def _exact_match(model, tok, rows, args):
     """Share of rows whose greedy answer equals the reference reply (whitespace-stripped)."""
     import torch
 
+    import minift
     from minift.data import row_to_messages
-    from minift.generate import generate  # not minift.generate: that name is also a module
 
     if not rows:
         return None
@@ -215,7 +212,7 @@ def _exact_match(model, tok, rows, args):
         messages = row_to_messages(row, where=f"eval row {i + 1}")
         prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True)
         ids = torch.tensor([tok.encode(prompt)], device=device)
-        out = generate(model, ids, max_new_tokens=args.max_new_tokens,
+        out = minift.generate(model, ids, max_new_tokens=args.max_new_tokens,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         answer = tok.decode(out[0, ids.shape[1]:].tolist())
         hits += answer.strip() == messages[-1]["content"].strip()
