@@ -25,7 +25,7 @@ import torch
 import minift
 from minift import checkpoint as ckpt
 from minift.data import load_dataset, load_jsonl, row_to_messages
-from minift.train import DATA_ORDER_FIELDS, METHODS, OPTIMIZERS, TrainConfig, evaluate
+from minift.trainer import DATA_ORDER_FIELDS, METHODS, OPTIMIZERS, TrainConfig, evaluate
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}

@@ -3,7 +3,7 @@
 Each program owns one 256-element block, the unit of the absmax scale, so the new absmax is a
 reduction inside the program and the whole step is a single pass over memory: read grad, param,
 two uint8 codes and two absmax; write param, two codes and two absmax. The pure-torch reference
-(same op order, same float32 roundings) is ``minift.quant8.adamw8bit_step_reference``.
+(same op order, same float32 roundings) is ``minift.optim.quant8.adamw8bit_step_reference``.
 """
 import torch
 import triton
@@ -77,7 +77,7 @@ def _adamw8bit_kernel(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, map_m_pt
     vq = tl.load(vq_ptr + offs, mask=mask, other=0).to(tl.int32)
     m = tl.load(map_m_ptr + mq) * tl.load(mabs_ptr + pid)
     v = tl.load(map_v_ptr + vq) * tl.load(vabs_ptr + pid)
-    # Same operation order as minift.quant8.adamw_math (decoupled decay before the Adam update).
+    # Same operation order as minift.optim.quant8.adamw_math (decoupled decay before the Adam update).
     m = m * beta1 + g * one_minus_beta1
     v = v * beta2 + (g * g) * one_minus_beta2
     p = p * decay
@@ -96,7 +96,7 @@ def adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, map_v, s, 
                    stochastic=False):
     """Launch the fused step on a flat contiguous parameter slice; updates everything in place.
 
-    ``s`` carries the step scalars (``minift.quant8.StepScalars``); ``offset`` is the element
+    ``s`` carries the step scalars (``minift.optim.quant8.StepScalars``); ``offset`` is the element
     offset of the slice in its tensor (multiple of 256) so stochastic rounding matches.
     """
     n = p.numel()

@@ -29,7 +29,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minift.plan import add_plan_arguments
+    from minift.memory.plan import add_plan_arguments
 
     parser = OneLineParser(prog="minift", description="minift command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     sub = parser._subparsers._group_actions[0].choices[args.command]
     if args.command == "plan":
-        from minift.plan import run_plan
+        from minift.memory.plan import run_plan
 
         return run_plan(args, sub)
     return run_bench(args, sub)
@@ -238,7 +238,7 @@ def write_outputs(record: dict, args) -> str:
 
 def results_markdown(results: list) -> str:
     """One markdown table: the memory breakdown (MiB) and the quality/speed numbers per method."""
-    from minift.memory import CATEGORIES
+    from minift.memory.tracker import CATEGORIES
 
     head = ["method"] + [c.replace("_", " ") for c in CATEGORIES] + [
         "peak", "step time (s)", "tokens/s", "train loss", "eval loss", "exact match"]
@@ -266,7 +266,7 @@ def memory_chart(results: list, path: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from minift.memory import CATEGORIES
+    from minift.memory.tracker import CATEGORIES
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = [r["method"] for r in results]

@@ -27,7 +27,10 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from minift.lora import lora_state_dict
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -98,8 +101,6 @@ def data_fingerprint(examples) -> dict:
 def _model_tensors(model: torch.nn.Module, method: str) -> tuple[dict, dict]:
     """Tensors to save, plus aliases (name -> saved name) for tensors shared with another name."""
     if method in ("lora", "qlora"):
-        from minift.lora import lora_state_dict
-
         state = lora_state_dict(model)
     else:
         state = model.state_dict()
@@ -378,8 +379,6 @@ def load_checkpoint(path, *, model, optimizer) -> dict:
         raise ValueError(f"{path}: not a complete checkpoint (missing or invalid {MANIFEST})")
     state = read_trainer_state(path)
     tensors = load_file(path / "model.safetensors", device="cpu")
-    from safetensors import safe_open
-
     with safe_open(path / "model.safetensors", framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     _load_model_tensors(model, tensors, aliases, path)

@@ -21,7 +21,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minift.config import ModelConfig
+from minift import nf4
 from minift.model import Llama
+from minift.nf4_linear import NF4Linear
+from minift.quantmaps import dynamic_map, nf4_code
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -153,7 +156,6 @@ class _Filler:
         quantizable = (leaf == "weight" and isinstance(module, nn.Linear)
                        and module_path != "lm_head")
         if self.quantize and quantizable:
-            from minift.nf4_linear import NF4Linear
             bias = module.bias if module.bias is not None and not module.bias.is_meta else None
             weight = quantize_in_slices(tensor, self.dtype, self.device)
             self._replace(module_path, NF4Linear(weight, bias=bias, compute_dtype=self.dtype))
@@ -177,7 +179,6 @@ class _Filler:
             self._build_bnb_linear(module_path, self.pending.pop(module_path))
 
     def _build_bnb_linear(self, module_path: str, pieces: dict) -> None:
-        from minift.nf4_linear import NF4Linear
         if f"{module_path}.weight" not in self.expected:
             self.unexpected.extend(f"{module_path}.{k}" for k in sorted(pieces))
             return
@@ -217,9 +218,6 @@ def quantize_in_slices(w: torch.Tensor, dtype: torch.dtype, device, blocksize: i
     does. Neither a float32 copy of `w` nor quantize_nf4's float32 temporaries of the whole
     tensor ever exist; the extra memory is one slice's working set plus the packed result.
     """
-    from minift import nf4
-    from minift.quantmaps import dynamic_map, nf4_code
-
     if slice_size % (2 * blocksize):
         raise ValueError(f"slice_size must be a multiple of 2 * blocksize, got {slice_size}")
     flat = w.detach().reshape(-1)

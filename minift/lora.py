@@ -13,23 +13,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from minift.nf4_linear import NF4Linear
+
 # name under which lora_wrap records its settings on the wrapped model
 SETTINGS_ATTR = "_minift_lora"
 
 
-def _nf4_linear_class():
-    """NF4Linear when minift.nf4_linear is available, else None (imported late: it is optional)."""
-    try:
-        from minift.nf4_linear import NF4Linear
-    except ImportError:
-        return None
-    return NF4Linear
-
-
 def is_linear(module):
     """True for the layer types LoRA can wrap: nn.Linear and minift's NF4Linear."""
-    nf4 = _nf4_linear_class()
-    return isinstance(module, nn.Linear) or (nf4 is not None and isinstance(module, nf4))
+    return isinstance(module, (nn.Linear, NF4Linear))
 
 
 def _module_device(module):
@@ -344,8 +336,7 @@ def lora_state_dict(model):
 def _logical_numel(module):
     # NF4Linear keeps its weight as packed uint8 buffers; count it as the (out, in) matrix it
     # stands for so LoRA and QLoRA report the same totals
-    nf4 = _nf4_linear_class()
-    if nf4 is not None and isinstance(module, nf4):
+    if isinstance(module, NF4Linear):
         return module.in_features * module.out_features
     return 0
 

@@ -22,6 +22,9 @@ import torch
 from minift.kernels import HAS_TRITON
 from minift.quantmaps import dynamic_map, nf4_code
 
+if HAS_TRITON:  # the CUDA path; the torch reference below serves everywhere else
+    from minift.kernels.nf4 import nf4_dequantize
+
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -261,8 +264,6 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
     if out is not None:
         check_out(out, q, dtype)
     if _use_kernel(q):
-        from minift.kernels.nf4 import nf4_dequantize
-
         return nf4_dequantize(q.packed, q.absmax, q.code, q.shape, q.blocksize, dtype, out=out,
                               nested_absmax=q.nested_absmax, nested_code=q.nested_code, offset=q.offset,
                               nested_blocksize=q.nested_blocksize)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from minift.data import batch_examples
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -65,8 +67,6 @@ class Schedule:
 # ---- which micro-batches make up each optimizer step --------------------------------------
 def epoch_batches(train_data, config, epoch: int) -> list:
     """Epoch `epoch`'s micro-batches; the order is fixed by config.seed + epoch."""
-    from minift.data import batch_examples
-
     return batch_examples(train_data, config.micro_batch_size, pad_id=config.pad_id,
                           mode=config.batching, max_length=config.max_length, seed=config.seed + epoch)
 

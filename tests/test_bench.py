@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minift.__main__ import BENCH_METHODS, main
-from minift.memory import CATEGORIES
+from minift.memory.tracker import CATEGORIES
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

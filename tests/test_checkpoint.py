@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import minift.checkpoint as ckpt
-from minift.train import TrainConfig, make_optimizer, train
+from minift.trainer import TrainConfig, make_optimizer, train
 
-from test_train import TinyLM, _one_thread, make_examples, tiny_llama  # noqa: F401  (fixture)
+from test_trainer import TinyLM, _one_thread, make_examples, tiny_llama  # noqa: F401  (fixture)
 
 
 def cfg(out, **kw):

@@ -6,10 +6,10 @@ import torch
 
 import minift
 from minift.config import ModelConfig
-from minift.estimate import CATEGORIES, adam_state_bytes, estimate_memory, nf4_bytes
-from minift.memory import MemoryTracker
+from minift.memory.estimate import CATEGORIES, adam_state_bytes, estimate_memory, nf4_bytes
+from minift.memory.tracker import MemoryTracker
 from minift.model import Llama
-from minift.train import accumulate_gradients
+from minift.trainer import accumulate_gradients
 
 SMALL = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minift.quant8 import StepScalars, adamw8bit_step_reference, quantize_blockwise
+from minift.optim.quant8 import StepScalars, adamw8bit_step_reference, quantize_blockwise
 from minift.quantmaps import dynamic_map
 
 pytestmark = pytest.mark.triton

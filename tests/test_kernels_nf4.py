@@ -90,7 +90,7 @@ def test_dequantize_nf4_passes_nested_blocksize_to_the_kernel(monkeypatch, kerne
         calls.append(kwargs)
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(kernel, "nf4_dequantize", spy)
+    monkeypatch.setattr(minift.nf4, "nf4_dequantize", spy)  # the name nf4.py calls
     monkeypatch.setattr(minift.nf4, "_use_kernel", lambda q: True)  # the CUDA dispatch, here on any device
     q = _nested_128().to(kernel_device)
     res = dequantize_nf4(q, torch.bfloat16)

@@ -14,7 +14,7 @@ from minift.model import Llama
 from minift.nf4 import quantize_nf4
 from minift.nf4_linear import NF4Linear
 from oracles import bnb_dequantize
-from test_generate import assert_greedy_matches
+from test_generation import assert_greedy_matches
 from test_model import FAMILIES, GENERATION_STD, hf_model
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minift
-from minift.optim import VERSION_KEY, AdamW8bit, PagedAdamW8bit
+from minift.optim.adamw8bit import VERSION_KEY, AdamW8bit, PagedAdamW8bit
 
 
 def _state_bytes(opt, p):

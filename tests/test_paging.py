@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from minift.optim import AdamW8bit
-from minift.paging import Pager
+from minift.optim.adamw8bit import AdamW8bit
+from minift.optim.paging import Pager
 
 CPU = torch.device("cpu")
 

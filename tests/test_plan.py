@@ -4,8 +4,8 @@ import json
 import pytest
 
 from minift.__main__ import main
-from minift.estimate import estimate_memory
-from minift.plan import parse_memory, plan
+from minift.memory.estimate import estimate_memory
+from minift.memory.plan import parse_memory, plan
 from minift.config import ModelConfig
 
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minift.memory import CATEGORIES, MemoryReport, MemoryTracker, format_bytes
+from minift.memory.tracker import CATEGORIES, MemoryReport, MemoryTracker, format_bytes
 
 
 def _stack(bias=False):
@@ -106,7 +106,7 @@ def test_gradient_checkpointing_recompute_is_activation_memory():
 
 
 def test_optimizer_states_of_8bit_adamw():
-    from minift.optim import AdamW8bit
+    from minift.optim.adamw8bit import AdamW8bit
 
     model = nn.Sequential(nn.Linear(128, 64, bias=True))  # 8192 values (8-bit) + 64 (fp32)
     opt = AdamW8bit(model.parameters(), lr=1e-3)
@@ -202,10 +202,10 @@ def test_breakdown_does_not_depend_on_reused_ids(monkeypatch):
         return tracker.report().as_dict()
 
     expected = measure()
-    import minift.memory
+    import minift.memory.tracker
 
     ids = _ReusingIds()
-    monkeypatch.setattr(minift.memory, "id", ids, raising=False)
+    monkeypatch.setattr(minift.memory.tracker, "id", ids, raising=False)
     got = measure()
     assert ids.reused > 0  # numbers of dead storages were handed out again
     assert got == expected

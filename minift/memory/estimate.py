@@ -30,7 +30,7 @@ from typing import Union
 import torch
 
 from minift.config import ModelConfig
-from minift.memory import CATEGORIES, breakdown_table
+from minift.memory.tracker import CATEGORIES, breakdown_table
 
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")

@@ -19,8 +19,8 @@ import re
 import torch
 
 from minift.config import ModelConfig
-from minift.estimate import METHODS, estimate_memory
-from minift.memory import CATEGORIES, breakdown_table
+from minift.memory.estimate import METHODS, estimate_memory
+from minift.memory.tracker import CATEGORIES, breakdown_table
 
 _UNITS = {"": None, "b": 1}
 for _i, _p in enumerate("kmgt", start=1):

@@ -395,7 +395,7 @@ class _Loop:
 
     def _step(self, group: list) -> dict:
         """One optimizer step over `group`'s micro-batches; returns its metrics line."""
-        from minift.memory import MemoryTracker
+        from minift.memory.tracker import MemoryTracker
 
         rng_before = ckpt.rng_state()  # for a checkpoint of the last good state
         step = self.state["step"] + 1

@@ -9,7 +9,7 @@ from torch import nn
 
 import minift.checkpoint as ckpt
 from minift.schedule import Schedule
-from minift.train import TrainConfig, accumulate_gradients, token_loss_sum, train
+from minift.trainer import TrainConfig, accumulate_gradients, token_loss_sum, train
 
 
 # ---- shared helpers (test_checkpoint.py imports them too) ---------------------------------
@@ -292,10 +292,7 @@ def test_bf16_autocast_and_neftune_train(tmp_path):
                                         ("inf loss", "loss is inf at step 3"),
                                         ("inf grad", "gradient norm is (inf|nan) at step 3")])
 def test_non_finite_step_stops_with_checkpoint_of_last_good_state(tmp_path, monkeypatch, kind, match):
-    import importlib
-
-    train_mod = importlib.import_module("minift.train")  # the module, not the function minift.train
-
+    import minift.trainer as train_mod
     model = TinyLM(nan_at_call=3 if kind == "nan loss" else None,
                    bad_grad_at_call=3 if kind == "inf grad" else None)
     if kind == "inf loss":

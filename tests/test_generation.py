@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minift.config import ModelConfig
-from minift.generate import generate
+from minift.generation import generate
 from minift.model import Llama
 from test_model import FAMILIES, GENERATION_STD, hf_model, minift_from_hf
 

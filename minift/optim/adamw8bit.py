@@ -8,7 +8,7 @@ State per parameter (``self.state[p]``), with ``n = p.numel()``:
 * smaller tensors: ``exp_avg`` / ``exp_avg_sq`` float32 of p's shape (8 bytes per parameter).
 * ``step``: int, the number of updates this parameter received.
 
-The math and its order are in ``minift.quant8``; docs/optim.md has the state-dict format.
+The math and its order are in ``minift.optim.quant8``; docs/optim.md has the state-dict format.
 """
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ import warnings
 import torch
 
 from minift.kernels import HAS_TRITON
-from minift.paging import Pager, host_empty
-from minift.quant8 import (BLOCK, StepScalars, adamw8bit_step_reference, adamw32_step,
+from minift.optim.paging import Pager, host_empty
+from minift.optim.quant8 import (BLOCK, StepScalars, adamw8bit_step_reference, adamw32_step,
                            nearest_code, num_blocks)
 from minift.quantmaps import dynamic_map
+
+if HAS_TRITON:  # the CUDA path; the torch reference serves everywhere else
+    from minift.kernels.adamw8bit import adamw8bit_step
 
 VERSION_KEY = "minift_adamw8bit_version"
 VERSION = 1
@@ -68,8 +71,6 @@ def _step8(p, g, states, maps, s: StepScalars, offset: int, stochastic: bool) ->
     """One 8-bit step on flat slices: the fused kernel on CUDA, the torch reference elsewhere."""
     m_codes, m_absmax, v_codes, v_absmax = states
     if p.is_cuda and HAS_TRITON:
-        from minift.kernels.adamw8bit import adamw8bit_step
-
         adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset, stochastic)
     else:
         adamw8bit_step_reference(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset,

@@ -1,0 +1,11 @@
+"""Where the bytes of a training step go: measured, estimated and planned.
+
+* ``tracker``: `MemoryTracker`, which measures one step's peak by category.
+* ``estimate``: `estimate_memory`, the same categories from first principles.
+* ``plan``: what fits on a GPU (``python -m minift plan``).
+"""
+from minift.memory.estimate import MemoryEstimate, estimate_memory
+from minift.memory.tracker import CATEGORIES, MemoryReport, MemoryTracker, breakdown_table, format_bytes
+
+__all__ = ["CATEGORIES", "MemoryEstimate", "MemoryReport", "MemoryTracker", "breakdown_table",
+           "estimate_memory", "format_bytes"]
