@@ -153,7 +153,7 @@ def main(argv=None):
                     final_loss="mean of the last 10 steps")
     problems = compare(args.seed, settings["regression_steps"], settings["lm_steps"],
                        settings["pretrain_steps"], settings["lr"], settings["weight_decay"])
-    from minift.__main__ import git_commit, git_modified, machine_info
+    from minift.runinfo import git_commit, git_modified, machine_info
 
     try:
         import bitsandbytes

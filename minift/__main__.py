@@ -1,23 +1,13 @@
 """Command line: ``python -m minift plan ...`` (will it fit?) and ``python -m minift bench``
-(full vs LoRA vs QLoRA, measured).
-
-``bench`` fine-tunes the same base three ways (full with 8-bit AdamW, LoRA, QLoRA) on the same
-data for the same steps with `minift.train`, then writes one table (markdown on stdout, JSON on
-disk) with the measured memory breakdown of a training step, step time, tokens/s, final train
-loss, eval loss and exact-match accuracy of greedy answers, plus a stacked-bar chart.
-"""
+(full vs LoRA vs QLoRA, measured). Each command lives in its own module; this one parses and
+dispatches."""
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import platform
-import subprocess
 import sys
-import time
 
-BENCH_METHODS = (("full", "adamw8bit"), ("lora", "adamw"), ("qlora", "adamw"))
+from minift import bench
+from minift.memory import plan
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -29,18 +19,20 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minift.memory.plan import add_plan_arguments
-
     parser = OneLineParser(prog="minift", description="minift command line")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="estimate memory of full / LoRA / QLoRA fine-tuning on a GPU",
                        description="Estimate full, LoRA and QLoRA memory side by side and say what fits.")
-    add_plan_arguments(p)
+    plan.add_plan_arguments(p)
     b = sub.add_parser("bench", help="run the same short fine-tune three ways and compare",
                        description="Fine-tune full (8-bit AdamW), LoRA and QLoRA on the same data "
                                    "and steps; write a table, JSON and a memory chart.")
-    add_bench_arguments(b)
+    bench.add_bench_arguments(b)
     return parser
+
+
+# command name -> its runner(args, subparser) -> exit code
+COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench}
 
 
 def main(argv=None) -> int:
@@ -48,317 +40,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sub = parser._subparsers._group_actions[0].choices[args.command]
-    if args.command == "plan":
-        from minift.memory.plan import run_plan
-
-        return run_plan(args, sub)
-    return run_bench(args, sub)
-
-
-# ---- bench -------------------------------------------------------------------------------
-def add_bench_arguments(parser) -> None:
-    """The options of ``minift bench``."""
-    parser.add_argument("--model", default="examples/base", help="base checkpoint directory")
-    parser.add_argument("--data", default="examples/data",
-                        help="directory with train.jsonl and eval.jsonl (or one train .jsonl file)")
-    # Defaults: the shipped examples/base learns the number-words task to a useful held-out
-    # exact match in 300 steps of 16 (as examples/train_llama.py does in 400), a few minutes on
-    # a 2-core CPU for all three methods, so the quality columns compare something.
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method")
-    parser.add_argument("--batch-size", type=int, default=16, dest="batch_size")
-    parser.add_argument("--max-length", type=int, default=256, dest="max_length")
-    parser.add_argument("--lr-full", type=float, default=1e-3, dest="lr_full")
-    parser.add_argument("--lr-lora", type=float, default=3e-3, dest="lr_lora")
-    parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
-    parser.add_argument("--eval-samples", type=int, default=100, dest="eval_samples",
-                        help="eval prompts answered greedily for exact match (the first N)")
-    # step time and tokens/s are medians over the steps after the first: the first step runs
-    # under the memory tracker, which watches every operator
-    parser.add_argument("--max-new-tokens", type=int, default=12, dest="max_new_tokens")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--output-dir", default="runs/bench", dest="output_dir",
-                        help="training runs, results.json, results.md and memory_breakdown.png")
-    parser.add_argument("--chart", default=None, help="chart path (default OUTPUT_DIR/memory_breakdown.png)")
-    parser.add_argument("--no-chart", action="store_true", dest="no_chart")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); 1 is faster for "
-                             "small models on a CPU shared with other work")
-
-
-def run_bench(args, parser) -> int:
-    """Run ``minift bench`` for parsed `args`; bad input goes through `parser.error` (exit 2)."""
-    for name in ("steps", "batch_size", "max_length", "r", "eval_samples", "max_new_tokens"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    for name in ("lr_full", "lr_lora"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value > 0):  # NaN fails every comparison: test finiteness
-            parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
-    if args.device is not None:
-        _check_device(args.device, parser)
-    if args.threads is not None and args.threads <= 0:
-        parser.error(f"--threads must be a positive integer, got {args.threads}")
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        parser.error(f"--model: no config.json in {args.model!r}")
-    train_path, eval_path = _data_paths(args.data, parser)
-    if not args.no_chart:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parser.error("the chart needs matplotlib: pip install minift[plot] (or pass --no-chart)")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    data = load_bench_data(args, train_path, eval_path, parser)
-    results = compare_methods(args, train_path, eval_path, data=data)
-    record = {"command": "python -m minift " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
-              "machine": machine_info(), "git_commit": git_commit(),
-              "git_modified": git_modified(), "settings": vars(args),
-              "results": results}
-    print(write_outputs(record, args))
-    return 0
-
-
-def _check_device(device, parser) -> None:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        parser.error(f"--device must be cpu or cuda (or cuda:N), got {device!r}")
-    if dev.type not in ("cpu", "cuda"):
-        parser.error(f"--device must be cpu or cuda, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {device}: CUDA is not available on this machine")
-
-
-def load_bench_data(args, train_path, eval_path, parser=None):
-    """(tokenizer, train examples, eval rows, eval examples); bad files end in parser.error."""
-    import minift
-    from minift.data import load_dataset, load_jsonl
-
-    try:
-        tok = minift.load_tokenizer(args.model)
-        train_ex, _ = load_dataset(train_path, tok, args.max_length)
-        eval_rows = load_jsonl(eval_path)[:args.eval_samples] if eval_path else []
-        eval_ex = load_dataset(eval_path, tok, args.max_length)[0] if eval_path else None
-    except (ValueError, KeyError, TypeError, OSError) as err:
-        if parser is None:
-            raise
-        parser.error(f"--model/--data: {err}")
-    return tok, train_ex, eval_rows, eval_ex
-
-
-def compare_methods(args, train_path, eval_path, data=None) -> list:
-    """Fine-tune full / LoRA / QLoRA with the same data and steps; one result dict per method."""
-    import torch
-
-    import minift
-
-    tok, train_ex, eval_rows, eval_ex = data or load_bench_data(args, train_path, eval_path)
-    results = []
-    for method, optimizer in BENCH_METHODS:
-        torch.manual_seed(args.seed)
-        model = minift.load_model(args.model, dtype=torch.bfloat16, device=args.device,
-                                  quantize="nf4" if method == "qlora" else None)
-        if method != "full":
-            minift.lora_wrap(model, r=args.r, alpha=2 * args.r)
-        config = minift.TrainConfig(
-            method=method, optimizer=optimizer, max_steps=args.steps,
-            learning_rate=args.lr_full if method == "full" else args.lr_lora,
-            micro_batch_size=args.batch_size, bf16=False, device=args.device, seed=args.seed,
-            pad_id=tok.pad_token_id, output_dir=os.path.join(args.output_dir, method),
-            progress=False, keep_last=1)
-        t0 = time.perf_counter()
-        summary = minift.train(model, train_ex, config, eval_data=eval_ex)
-        wall = time.perf_counter() - t0
-        step_s, tok_s = _untracked_speed(config.output_dir)
-        results.append({
-            "method": method, "optimizer": optimizer, "memory": summary["memory"],
-            "step_time_s": step_s, "tokens_per_s": tok_s, "final_train_loss": summary["last_loss"],
-            "eval_loss": summary["eval_loss"], "trainable_params": summary["trainable_params"],
-            "exact_match": _exact_match(model, tok, eval_rows[:args.eval_samples], args),
-            "eval_samples": min(len(eval_rows), args.eval_samples), "wall_time_s": wall})
-        del model
-    return results
-
-
-def _untracked_speed(run_dir):
-    """Median step time and tokens/s over the steps after the first (the tracked one is slower)."""
-    import statistics
-
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    steps = [x for x in lines if "tokens_per_s" in x]
-    steps = steps[1:] or steps
-    seconds = [x["tokens"] / x["tokens_per_s"] for x in steps]
-    return statistics.median(seconds), statistics.median(x["tokens_per_s"] for x in steps)
-
-
-def _exact_match(model, tok, rows, args):
-    """Share of rows whose greedy answer equals the reference reply (whitespace-stripped)."""
-    import torch
-
-    import minift
-    from minift.data import row_to_messages
-
-    if not rows:
-        return None
-    device = next(model.parameters()).device
-    hits = 0
-    for i, row in enumerate(rows):
-        messages = row_to_messages(row, where=f"eval row {i + 1}")
-        prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True)
-        ids = torch.tensor([tok.encode(prompt)], device=device)
-        out = minift.generate(model, ids, max_new_tokens=args.max_new_tokens,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        answer = tok.decode(out[0, ids.shape[1]:].tolist())
-        hits += answer.strip() == messages[-1]["content"].strip()
-    return hits / len(rows)
-
-
-def write_outputs(record: dict, args) -> str:
-    """Write results.json, results.md and the chart under the output dir; return the markdown."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    md = results_markdown(record["results"])
-    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(md + "\n")
-    if not args.no_chart:
-        chart = args.chart or os.path.join(args.output_dir, "memory_breakdown.png")
-        machine = record["machine"]
-        where = machine.get("gpu") or machine.get("cpu_model") or machine["processor"]
-        memory_chart(record["results"], chart, title=f"one training step on {where}")
-        md += f"\n\nchart: {chart}"
-    return md
-
-
-def results_markdown(results: list) -> str:
-    """One markdown table: the memory breakdown (MiB) and the quality/speed numbers per method."""
-    from minift.memory.tracker import CATEGORIES
-
-    head = ["method"] + [c.replace("_", " ") for c in CATEGORIES] + [
-        "peak", "step time (s)", "tokens/s", "train loss", "eval loss", "exact match"]
-    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
-    for r in results:
-        mem = r["memory"] or {}
-        cells = [f"{r['method']} ({r['optimizer']})"]
-        cells += [f"{mem.get(c, 0) / 2**20:.2f} MiB" for c in CATEGORIES + ("peak",)]
-        cells += [f"{r['step_time_s']:.3f}", f"{r['tokens_per_s']:.0f}", _num(r["final_train_loss"]),
-                  _num(r["eval_loss"]),
-                  "n/a" if r["exact_match"] is None else
-                  f"{r['exact_match']:.2f} ({round(r['exact_match'] * r['eval_samples'])}/{r['eval_samples']})"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _num(x):
-    return "n/a" if x is None else f"{x:.4f}"
-
-
-def memory_chart(results: list, path: str, title: str = "") -> None:
-    """Stacked bars of the memory categories per method (matplotlib, imported here)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from minift.memory.tracker import CATEGORIES
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    names = [r["method"] for r in results]
-    bottom = [0.0] * len(results)
-    for cat in CATEGORIES:
-        values = [(r["memory"] or {}).get(cat, 0) / 2**20 for r in results]
-        ax.bar(names, values, bottom=bottom, label=cat.replace("_", " "))
-        bottom = [b + v for b, v in zip(bottom, values)]
-    peaks = [(r["memory"] or {}).get("peak", 0) / 2**20 for r in results]
-    ax.scatter(names, peaks, marker="_", s=900, color="black", zorder=3, label="peak")
-    ax.set_ylabel("MiB")
-    ax.set_title(f"Where the memory goes: {title}" if title else "Where the memory goes", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _data_paths(data, parser):
-    if os.path.isfile(data):
-        return data, None
-    train = os.path.join(data, "train.jsonl")
-    if not os.path.isfile(train):
-        parser.error(f"--data: no train.jsonl in {data!r}")
-    evalp = os.path.join(data, "eval.jsonl")
-    return train, evalp if os.path.isfile(evalp) else None
-
-
-def machine_info() -> dict:
-    """The machine a measurement ran on, for result files.
-
-    On CPUs the CPU model and its vector extensions matter: torch picks AVX2 or AVX-512 kernels
-    at run time, their reductions sum in different orders, so losses can differ in the last
-    digits between CPU types.
-    """
-    import torch
-
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__}
-    try:
-        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    except AttributeError:  # older torch
-        pass
-    flags = _cpu_flags()
-    if flags:
-        info["cpu_vector_flags"] = sorted(f for f in flags if f.startswith(("avx", "fma", "amx")))
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _cpuinfo_field(name: str):
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == name:
-                    return value.strip()
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_model():
-    return _cpuinfo_field("model name") or platform.processor() or None
-
-
-def _cpu_flags() -> set:
-    return set((_cpuinfo_field("flags") or "").split())
-
-
-def git_commit():
-    """HEAD of the checkout minift runs from, or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def git_modified(paths=("minift", "kernels", "examples")) -> list:
-    """Tracked files under `paths` that differ from HEAD (uncommitted code a result came from)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
-                             capture_output=True, text=True, cwd=root, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line[3:] for line in out.stdout.splitlines() if line.strip()]
+    return COMMANDS[args.command](args, sub)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minift.__main__ import BENCH_METHODS, main
+from minift.__main__ import main
+from minift.bench import BENCH_METHODS
 from minift.memory.tracker import CATEGORIES
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -192,7 +192,7 @@ def _record(out_path):
     import json
     import sys
 
-    from minift.__main__ import git_commit, git_modified, machine_info
+    from minift.runinfo import git_commit, git_modified, machine_info
 
     torch.set_num_threads(1)
     rows = []
