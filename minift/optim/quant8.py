@@ -102,7 +102,11 @@ def adamw_math(p, g, m, v, s: StepScalars):
     m = m * s.beta1 + g * s.one_minus_beta1
     v = v * s.beta2 + (g * g) * s.one_minus_beta2
     p = p * s.decay
-    denom = torch.sqrt(v) * s.inv_bc2_sqrt + s.eps  # a product, never "/ scalar": module doc
+    # sqrt in float64, rounded once to float32: the correctly rounded float32 sqrt, as CUDA and
+    # the kernel's sqrt_rn give. torch's float32 sqrt on an AVX-512 CPU is not always: for
+    # v = 3.9696565e-06 it returned 0.0019923995714634657, one ulp below 0.0019923998042941093.
+    root = torch.sqrt(v.double()).float()
+    denom = root * s.inv_bc2_sqrt + s.eps  # a product, never "/ scalar": see the module doc
     p = p - (m / denom) * s.step_size
     return p, m, v
 
