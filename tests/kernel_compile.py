@@ -61,8 +61,18 @@ def compile_launch(kernel, args, kwargs, arch):
     return compiled, signature, options
 
 
+_USAGE = {}
+
+
 def ptxas_usage(ptx: str, arch: int, fp_fusion: bool) -> dict:
     """Registers, spill bytes and static shared memory from Triton's bundled ptxas -v."""
+    key = (ptx, arch, fp_fusion)  # shapes that specialise alike give the same PTX: ask once
+    if key not in _USAGE:
+        _USAGE[key] = _ptxas_usage(ptx, arch, fp_fusion)
+    return _USAGE[key]
+
+
+def _ptxas_usage(ptx: str, arch: int, fp_fusion: bool) -> dict:
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     path = f"/tmp/minift_kc_{os.getpid()}_{arch}.ptx"
@@ -136,10 +146,57 @@ def _nf4_cases():
         launch(BIG, torch.bfloat16, 4096, False)
 
 
+def _rmsnorm_cases():
+    import torch
+
+    import minift.kernels.rmsnorm as mod
+
+    rows = 2 * 2048  # a batch of 2 x 2048 tokens
+    for hidden, dtype in ((4096, torch.bfloat16), (8192, torch.bfloat16), (8192, torch.float32)):
+        x, w = _meta(rows, hidden, dtype=dtype), _meta(hidden, dtype=dtype)
+        rstd = _meta(rows)
+        label = f"{rows}x{hidden} {str(dtype)[6:]}"
+        yield "rmsnorm_fwd", label, mod, "_rmsnorm_fwd_kernel", (lambda x=x, w=w: mod.rms_norm_forward(x, w, 1e-5))
+        yield "rmsnorm_bwd", label, mod, "_rmsnorm_bwd_kernel", \
+            (lambda x=x, w=w, r=rstd: mod.rms_norm_backward(x, x, w, r, programs=264))
+
+
+def _rope_cases():
+    import torch
+
+    import minift.kernels.rope as mod
+
+    # Llama-3.1-8B (32 q heads, 8 kv heads) and -70B (64, 8); head_dim 128, batch 2 x 2048,
+    # q in the model's layout: (B, T, H, D) viewed as (B, H, T, D)
+    for heads in (32, 64):
+        q = _meta(2, 2048, heads, 128, dtype=torch.bfloat16).transpose(1, 2)
+        k = _meta(2, 8, 2048, 128, dtype=torch.bfloat16)
+        cos = _meta(2, 1, 2048, 128, dtype=torch.bfloat16)
+        for backward in (False, True):
+            label = f"q 2x{heads}x2048x128, k 2x8x2048x128 bfloat16" + (" backward" if backward else "")
+            yield "rope", label, mod, "_rope_kernel", \
+                (lambda q=q, k=k, c=cos, b=backward: mod.rope(q, k, c, c, backward=b))
+
+
+def _swiglu_cases():
+    import torch
+
+    import minift.kernels.swiglu as mod
+
+    for inter in (14336, 28672):
+        g = _meta(2, 2048, inter, dtype=torch.bfloat16)
+        label = f"2x2048x{inter} bfloat16"
+        yield "swiglu_fwd", label, mod, "_swiglu_fwd_kernel", (lambda g=g: mod.swiglu_forward(g, g))
+        yield "swiglu_bwd", label, mod, "_swiglu_bwd_kernel", (lambda g=g: mod.swiglu_backward(g, g, g))
+
+
 def _cases():
     """(kernel name, case label, module, attribute, launch) for every kernel and config."""
     yield from _adamw_cases()
     yield from _nf4_cases()
+    yield from _rmsnorm_cases()
+    yield from _rope_cases()
+    yield from _swiglu_cases()
 
 
 def run(archs=ARCHS):

@@ -39,10 +39,11 @@ def test_no_register_spills(report):
     assert all(0 < r["registers"] <= 255 for r in report["records"])
 
 
-def test_exact_kernels_have_no_fused_multiply_add(report):
+def test_no_kernel_uses_fused_multiply_add(report):
     # the 8-bit AdamW step and NF4 dequantization must equal their torch references bit for bit
-    exact = [r for r in report["records"] if r["kernel"] in ("adamw8bit", "nf4_dequant")]
-    assert exact and all(not r["fp_fusion"] and r["fma_f32"] == 0 for r in exact)
+    # (torch rounds every product and sum); the others then compute as the interpreter does
+    assert {r["kernel"] for r in report["records"]} >= {"adamw8bit", "nf4_dequant"}
+    assert all(not r["fp_fusion"] and r["fma_f32"] == 0 for r in report["records"])
 
 
 def test_adamw_offsets_go_64_bit_past_two_to_the_31(report):
