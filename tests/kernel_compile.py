@@ -202,11 +202,11 @@ def _cases():
 def run(archs=ARCHS):
     records = []
     for kname, label, module, attr, launch in _cases():
-        for kernel, grid, args, kwargs in record(module, attr, launch):
+        for i, (kernel, grid, args, kwargs) in enumerate(record(module, attr, launch)):
             for arch in archs:
                 compiled, signature, options = compile_launch(kernel, args, kwargs, arch)
                 ptx = compiled.asm["ptx"]
-                rec = {"kernel": kname, "entry": f"{module.__name__.split('.')[-1]}.{attr}", "case": label, "arch": f"sm_{arch}", "grid": list(grid),
+                rec = {"kernel": kname, "entry": f"{module.__name__.split('.')[-1]}.{attr}", "case": label, "launch": i, "arch": f"sm_{arch}", "grid": list(grid),
                        "num_warps": options.num_warps, "fp_fusion": options.enable_fp_fusion,
                        "shared_dynamic": compiled.metadata.shared,
                        "int_args": {k: v for k, v in signature.items() if v in ("i32", "i64")},
