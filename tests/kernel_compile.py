@@ -199,22 +199,30 @@ def _cases():
     yield from _swiglu_cases()
 
 
+def _record(kname, label, entry, launch_index, grid, arch, compiled, signature, options):
+    """What the docs and tests read about one compiled launch."""
+    ptx = compiled.asm["ptx"]
+    rec = {"kernel": kname, "entry": entry, "case": label, "launch": launch_index,
+           "arch": f"sm_{arch}", "grid": list(grid), "num_warps": options.num_warps,
+           "fp_fusion": options.enable_fp_fusion, "shared_dynamic": compiled.metadata.shared,
+           "int_args": {k: v for k, v in signature.items() if v in ("i32", "i64")},
+           "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
+           "ld_global_u8": len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]8\b", ptx)),
+           "ld_global": len(re.findall(r"\bld\.global\b", ptx))}
+    rec.update(ptxas_usage(ptx, arch, options.enable_fp_fusion))
+    return rec
+
+
 def run(archs=ARCHS):
+    """One record per (case, launch, architecture)."""
     records = []
     for kname, label, module, attr, launch in _cases():
+        entry = f"{module.__name__.split('.')[-1]}.{attr}"  # e.g. "nf4._nf4_dequant_kernel"
         for i, (kernel, grid, args, kwargs) in enumerate(record(module, attr, launch)):
             for arch in archs:
                 compiled, signature, options = compile_launch(kernel, args, kwargs, arch)
-                ptx = compiled.asm["ptx"]
-                rec = {"kernel": kname, "entry": f"{module.__name__.split('.')[-1]}.{attr}", "case": label, "launch": i, "arch": f"sm_{arch}", "grid": list(grid),
-                       "num_warps": options.num_warps, "fp_fusion": options.enable_fp_fusion,
-                       "shared_dynamic": compiled.metadata.shared,
-                       "int_args": {k: v for k, v in signature.items() if v in ("i32", "i64")},
-                       "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
-                       "ld_global_u8": len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]8\b", ptx)),
-                       "ld_global": len(re.findall(r"\bld\.global\b", ptx))}
-                rec.update(ptxas_usage(ptx, arch, options.enable_fp_fusion))
-                records.append(rec)
+                records.append(_record(kname, label, entry, i, grid, arch, compiled, signature,
+                                       options))
     return records
 
 
