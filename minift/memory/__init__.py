@@ -5,7 +5,8 @@
 * ``plan``: what fits on a GPU (``python -m minift plan``).
 """
 from minift.memory.estimate import MemoryEstimate, estimate_memory
-from minift.memory.tracker import CATEGORIES, MemoryReport, MemoryTracker, breakdown_table, format_bytes
+from minift._util import format_bytes
+from minift.memory.tracker import CATEGORIES, MemoryReport, MemoryTracker, breakdown_table
 
 __all__ = ["CATEGORIES", "MemoryEstimate", "MemoryReport", "MemoryTracker", "breakdown_table",
            "estimate_memory", "format_bytes"]
