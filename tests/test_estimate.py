@@ -6,7 +6,8 @@ import torch
 
 import minift
 from minift.config import ModelConfig
-from minift.memory.estimate import CATEGORIES, adam_state_bytes, estimate_memory, nf4_bytes
+from minift.memory.estimate import CATEGORIES, estimate_memory
+from minift.memory.formulas import adam_state_bytes, nf4_bytes
 from minift.memory.tracker import MemoryTracker
 from minift.model import Llama
 from minift.trainer import accumulate_gradients
