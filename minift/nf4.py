@@ -197,12 +197,33 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     packed, absmax = _quantize_4bit(flat, blocksize, code)
     q = NF4Weight(packed=packed, absmax=absmax, shape=torch.Size(w.shape), dtype=w.dtype,
                   blocksize=blocksize, code=code)
-    if not double_quant:
-        return q
-    offset = absmax.mean()  # same reduction as bitsandbytes, so the same fp32 value
-    codes, nested_absmax = _quantize_8bit(absmax - offset)
-    return replace(q, absmax=codes, nested_absmax=nested_absmax, nested_code=dynamic_map(True, w.device),
-                   offset=float(offset.item()))
+    return double_quantize(q) if double_quant else q
+
+
+def double_quantize(q: NF4Weight, nested_blocksize: int = NESTED_BLOCKSIZE) -> NF4Weight:
+    """Quantize the float32 absmaxes of a single-quantized weight to 8 bits (double quantization).
+
+    The absmaxes lose their mean (``offset``), then are quantized with the signed dynamic map in
+    blocks of ``nested_blocksize``, keeping one float32 scale per block (bitsandbytes'
+    ``compress_statistics``). The packed nibbles are shared with ``q``, not copied.
+
+    Args:
+        q: an ``NF4Weight`` with float32 absmaxes (``q.double_quant`` False).
+        nested_blocksize: absmax codes per float32 scale; bitsandbytes writes 256 and reads any
+            supported block size.
+
+    Returns:
+        A new ``NF4Weight`` whose ``absmax`` holds uint8 codes into ``nested_code``.
+    """
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"double_quantize: q must be an NF4Weight, got {type(q).__name__}")
+    if q.double_quant:
+        raise ValueError("double_quantize: q is already double-quantized (its absmax holds 8-bit codes)")
+    check_blocksize(nested_blocksize, "double_quantize")
+    offset = q.absmax.mean()  # same reduction as bitsandbytes, so the same fp32 value
+    codes, nested_absmax = _quantize_8bit(q.absmax - offset, nested_blocksize)
+    return replace(q, absmax=codes, nested_absmax=nested_absmax, nested_code=dynamic_map(True, q.device),
+                   offset=float(offset.item()), nested_blocksize=nested_blocksize)
 
 
 # ------------------------------------------------------------------------------ dequantize
