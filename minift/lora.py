@@ -7,12 +7,15 @@ files; trainability is decided by one predicate, ``"lora_" in name``.
 """
 import contextlib
 import math
+import numbers
 import re
+from typing import Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from minift._util import check_int, check_number
 from minift.nf4_linear import NF4Linear
 
 # name under which lora_wrap records its settings on the wrapped model
@@ -35,28 +38,40 @@ def _lora_scale(r, alpha, rslora):
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-def check_rank(r):
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}")
+# The rules are _util's (any integral r, any real finite alpha and dropout; never a bool); the
+# messages keep the name=value form that adapter_config.json errors quote after the field name.
+def check_rank(r) -> int:
+    """`r` as an int if it is a positive integer (int, numpy ints; not bool or float)."""
+    try:
+        return check_int("r", r)
+    except ValueError:
+        raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}") from None
 
 
-def check_alpha(alpha):
+def check_alpha(alpha) -> Union[int, float]:
+    """`alpha` as an int or float if it is a positive finite real number."""
     # inf or nan would make every update inf/nan (JSON configs can spell both)
-    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
-            or not alpha > 0):
-        raise ValueError(f"LoRA alpha must be a positive finite number, got alpha={alpha!r}")
+    try:
+        check_number("alpha", alpha, "> 0", lambda v: v > 0)
+    except ValueError:
+        raise ValueError(f"LoRA alpha must be a positive finite number, got alpha={alpha!r}") from None
+    # a plain Python number, so the settings stay JSON-writable (numpy's float32 is not)
+    return int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
 
 
-def check_dropout(dropout):
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
+def check_dropout(dropout) -> float:
+    """`dropout` as a float if it is a real number in [0, 1)."""
+    try:
+        check_number("dropout", dropout, "in [0, 1)", lambda v: 0 <= v < 1)
+    except ValueError:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}") from None
+    return float(dropout)
 
 
-def check_settings(r, alpha, dropout):
-    """Raise ValueError unless r is a positive int, alpha positive and finite, dropout in [0, 1)."""
-    check_rank(r)
-    check_alpha(alpha)
-    check_dropout(dropout)
+def check_settings(r, alpha, dropout) -> tuple:
+    """(r, alpha, dropout) as plain Python numbers; ValueError unless r is a positive integer,
+    alpha positive and finite, dropout in [0, 1)."""
+    return check_rank(r), check_alpha(alpha), check_dropout(dropout)
 
 
 class LoRALinear(nn.Module):
@@ -79,7 +94,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base, r=8, alpha=16, dropout=0.0, rslora=False,
                  adapter_dtype=torch.float32):
         super().__init__()
-        check_settings(r, alpha, dropout)
+        r, alpha, dropout = check_settings(r, alpha, dropout)
         if not is_linear(base):
             raise TypeError(f"LoRALinear wraps nn.Linear or NF4Linear, got {type(base).__name__}")
         self.base_layer = base
@@ -246,7 +261,7 @@ def lora_wrap(model, r=8, alpha=16, dropout=0.0, target_modules="all-linear",
     Returns:
         The same model, with only ``lora_`` parameters requiring grad.
     """
-    check_settings(r, alpha, dropout)
+    r, alpha, dropout = check_settings(r, alpha, dropout)
     if lora_layers(model) or hasattr(model, SETTINGS_ATTR):
         raise ValueError("model is already LoRA-wrapped; wrapping twice would stack adapters. "
                          "Use the existing adapters, or minift.merge_lora(model) first")
