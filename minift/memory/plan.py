@@ -66,10 +66,6 @@ def parse_memory(text: str, name: str = "memory", allow_zero: bool = False) -> i
     return int(value)
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 def unit_for(largest: float) -> tuple:
     """(name, bytes) of the binary unit that shows `largest` with at least one whole unit."""
     for name, size in (("GiB", 2**30), ("MiB", 2**20)):
