@@ -107,6 +107,21 @@ def test_duplicate_target_modules_count_once():
     assert once.trainable_params < three.trainable_params
 
 
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_terms_add_up_and_the_peak_is_a_named_moment(method, ckpt):
+    est = estimate_memory("llama-3-8b", method, 2, 1024, gradient_checkpointing=ckpt)
+    buffers = ("loss_buffers", "step_temporaries", "dequant_scratch")
+    assert sum(v for k, v in est.terms.items() if k not in buffers) == est.activations
+    assert (est.terms["dequant_scratch"] > 0) == (method == "qlora")
+    moments = {"loss", "backward_start", "optimizer_step", "recompute", "recompute_dequant",
+               "forward_dequant", "backward_layer_0", "backward_layer_31"}
+    assert est.settings["peak_moment"] in moments
+    # the step holds at least what is stored; "other" is the peak moment's scratch
+    stored = est.frozen_weights + est.trainable_params + est.optimizer_states
+    assert est.total > stored and 0 < est.other < est.total - stored
+
+
 def test_seq_len_up_to_the_model_limit():
     assert estimate_memory("tiny", "lora", 1, 256).total > estimate_memory("tiny", "lora", 1, 255).total
 
