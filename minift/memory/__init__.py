@@ -2,6 +2,7 @@
 
 * ``tracker``: `MemoryTracker`, which measures one step's peak by category.
 * ``estimate``: `estimate_memory`, the same categories from first principles.
+* ``formulas``: the byte formulas the estimate sums (stored tensors, tensors saved for backward).
 * ``plan``: what fits on a GPU (``python -m minift plan``).
 """
 from minift.memory.estimate import MemoryEstimate, estimate_memory
