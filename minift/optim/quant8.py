@@ -12,8 +12,13 @@ The step, per element, all in float32 (``p`` is the parameter, ``g`` its gradien
     m = m * beta1 + g * (1 - beta1)
     v = v * beta2 + (g * g) * (1 - beta2)
     p = p * (1 - lr * weight_decay)                    # decoupled decay first, as torch AdamW
-    p = p - (m / (sqrt(v) / sqrt(1 - beta2**t) + eps)) * (lr / (1 - beta1**t))
+    p = p - (m / (sqrt(v) * (1 / sqrt(1 - beta2**t)) + eps)) * (lr / (1 - beta1**t))
     m8 = quant(m) ; v8 = quant(v)                      # fresh absmax per block
+
+The bias correction of v is a multiplication by ``1 / sqrt(1 - beta2**t)`` (computed on the host
+in float64, rounded once to float32), not a division by ``sqrt(1 - beta2**t)``: torch on CUDA
+turns a division by a Python scalar into a multiplication by its reciprocal while the CPU
+divides, so only the multiplication gives the same bits on CPU, on CUDA and in the kernel.
 """
 from __future__ import annotations
 
@@ -83,13 +88,13 @@ class StepScalars:
     eps: float
     decay: float  # 1 - lr * weight_decay
     step_size: float  # lr / (1 - beta1**t)
-    bc2_sqrt: float  # sqrt(1 - beta2**t)
+    inv_bc2_sqrt: float  # 1 / sqrt(1 - beta2**t)
     seed: int  # stochastic-rounding seed for this step and tensor, in [0, 2**31)
 
     @classmethod
     def make(cls, lr, beta1, beta2, eps, weight_decay, step, seed=0):
         return cls(beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, 1.0 - lr * weight_decay, lr / (1.0 - beta1**step),
-                   math.sqrt(1.0 - beta2**step), int(seed))
+                   1.0 / math.sqrt(1.0 - beta2**step), int(seed))
 
 
 def adamw_math(p, g, m, v, s: StepScalars):
@@ -97,7 +102,11 @@ def adamw_math(p, g, m, v, s: StepScalars):
     m = m * s.beta1 + g * s.one_minus_beta1
     v = v * s.beta2 + (g * g) * s.one_minus_beta2
     p = p * s.decay
-    denom = torch.sqrt(v) / s.bc2_sqrt + s.eps
+    # sqrt in float64, rounded once to float32: the correctly rounded float32 sqrt, as CUDA and
+    # the kernel's sqrt_rn give. torch's float32 sqrt on an AVX-512 CPU is not always: for
+    # v = 3.9696565e-06 it returned 0.0019923995714634657, one ulp below 0.0019923998042941093.
+    root = torch.sqrt(v.double()).float()
+    denom = root * s.inv_bc2_sqrt + s.eps  # a product, never "/ scalar": see the module doc
     p = p - (m / denom) * s.step_size
     return p, m, v
 
