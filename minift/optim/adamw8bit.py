@@ -22,7 +22,7 @@ import torch
 from minift._util import check_int, check_number
 from minift.kernels import HAS_TRITON
 from minift.optim.paging import Pager, host_empty
-from minift.optim.quant8 import (BLOCK, StepScalars, adamw8bit_step_reference, adamw32_step,
+from minift.optim.quant8 import (BLOCK, StepScalars, adamw8bit_step_cpu, adamw32_step,
                            nearest_code, num_blocks)
 from minift.quantmaps import dynamic_map
 
@@ -52,13 +52,13 @@ def _check_hparams(lr, betas, eps, weight_decay, where: str) -> None:
 
 
 def _step8(p, g, states, maps, s: StepScalars, offset: int, stochastic: bool) -> None:
-    """One 8-bit step on flat slices: the fused kernel on CUDA, the torch reference elsewhere."""
+    """One 8-bit step on flat slices: the fused kernel on CUDA, the fast torch step elsewhere."""
     m_codes, m_absmax, v_codes, v_absmax = states
     if p.is_cuda and HAS_TRITON:
         adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset, stochastic)
     else:
-        adamw8bit_step_reference(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset,
-                                 stochastic)
+        adamw8bit_step_cpu(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset,
+                           stochastic)
 
 
 class AdamW8bit(torch.optim.Optimizer):
