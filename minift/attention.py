@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
-from typing import Optional
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +27,10 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 ATTENTION_IMPLS = ("auto", "sdpa", "flex")
 
 
-@dataclass
-class BatchMask:
-    """How every layer of one forward attends.
-
-    Exactly one of `dense` (bool (B, 1, Tq, Tk), True = may attend) and `block` (a flex
-    `BlockMask`) is set, or neither for plain causal attention.
-    """
-
-    dense: Optional[torch.Tensor] = None
-    block: Optional[BlockMask] = None
+# What every layer of one forward attends with: None (plain causal), a dense boolean mask
+# (B, 1, Tq, Tk), True = may attend, or a flex BlockMask. The dense mask stays a plain tensor so
+# that gradient checkpointing sees it as an input of each layer, as before.
+BatchMask = Union[None, torch.Tensor, BlockMask]
 
 
 def attention_mask_4d(q_pos, k_pos, key_valid=None, q_seg=None, k_seg=None, window=None):
@@ -112,12 +105,12 @@ def flex_attend(q, k, v, block: BlockMask) -> torch.Tensor:
 
 def attend(q, k, v, mask: BatchMask) -> torch.Tensor:
     """Attention of q (B, H, Tq, D) over k, v (B, KV, Tk, D) under `mask` -> (B, H, Tq, D)."""
-    if mask.block is not None:
-        return flex_attend(q, k, v, mask.block)
+    if isinstance(mask, BlockMask):
+        return flex_attend(q, k, v, mask)
     gqa = k.shape[1] != q.shape[1]
-    if mask.dense is None:
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def batch_mask(t: int, past: int, attention_mask, segment_ids, window, device,
@@ -140,12 +133,11 @@ def batch_mask(t: int, past: int, attention_mask, segment_ids, window, device,
             and attention_mask.device.type == "cpu" and bool(attention_mask.all())):
         attention_mask = None  # nothing padded (read on the host): keep the fused causal kernel
     if attention_mask is None and segment_ids is None and window is None and past == 0:
-        return BatchMask()  # plain causal: SDPA's is_causal path
+        return None  # plain causal: SDPA's is_causal path
     key_valid = attention_mask.bool() if attention_mask is not None else None
     if use_flex and past == 0:
         b = attention_mask.shape[0] if attention_mask is not None else \
             segment_ids.shape[0] if segment_ids is not None else 1
-        return BatchMask(block=flex_block_mask(b, t, key_valid, segment_ids, window, device))
+        return flex_block_mask(b, t, key_valid, segment_ids, window, device)
     k_pos = torch.arange(past + t, device=device)
-    return BatchMask(dense=attention_mask_4d(k_pos[past:], k_pos, key_valid, segment_ids,
-                                             segment_ids, window))
+    return attention_mask_4d(k_pos[past:], k_pos, key_valid, segment_ids, segment_ids, window)

@@ -5,8 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minift.attention import (BatchMask, attend, attention_mask_4d, batch_mask, flex_attend,
-                              flex_block_mask)
+from torch.nn.attention.flex_attention import BlockMask
+
+from minift.attention import attend, attention_mask_4d, batch_mask, flex_attend, flex_block_mask
 from minift.config import ModelConfig
 from minift.model import Llama
 
@@ -40,7 +41,7 @@ def test_flex_equals_dense_mask(rows, packed, window, kv, dtype):
     k, v = torch.randn(2, b, kv, t, d, dtype=dtype)
     segs = seg if packed else None
     pos = torch.arange(t)
-    dense = attend(q, k, v, BatchMask(dense=attention_mask_4d(pos, pos, valid, segs, segs, window)))
+    dense = attend(q, k, v, attention_mask_4d(pos, pos, valid, segs, segs, window))
     flex = flex_attend(q, k, v, flex_block_mask(b, t, valid, segs, window))
     assert flex.dtype == dtype and flex.shape == (b, h, t, d)
     assert (flex.float() - dense.float()).abs().max() <= TOL[dtype]  # padding queries included
@@ -93,21 +94,25 @@ def test_which_path_a_batch_takes():
     padded[1, 4:] = 0
     seg = torch.ones(2, 6, dtype=torch.long)
     cpu = torch.device("cpu")
-    assert batch_mask(t, 0, None, None, None, cpu, use_flex=True) == BatchMask()  # is_causal
-    assert batch_mask(t, 0, ones, None, None, cpu, use_flex=True) == BatchMask()  # host all-ones
-    assert batch_mask(t, 0, padded, None, None, cpu, use_flex=True).block is not None
-    assert batch_mask(t, 0, ones, seg, None, cpu, use_flex=True).block is not None
-    assert batch_mask(t, 0, None, None, 4, cpu, use_flex=True).block is not None  # window cuts
-    assert batch_mask(t, 0, None, None, 6, cpu, use_flex=True) == BatchMask()  # window too long
-    dense = batch_mask(t, 0, padded, None, None, cpu, use_flex=False).dense
+
+    def path(t, past, attention_mask, segment_ids, window, use_flex=True):
+        return batch_mask(t, past, attention_mask, segment_ids, window, cpu, use_flex)
+
+    assert path(t, 0, None, None, None) is None  # plain causal: is_causal
+    assert path(t, 0, ones, None, None) is None  # all ones, read on the host
+    assert isinstance(path(t, 0, padded, None, None), BlockMask)
+    assert isinstance(path(t, 0, ones, seg, None), BlockMask)
+    assert isinstance(path(t, 0, None, None, 4), BlockMask)  # the window cuts
+    assert path(t, 0, None, None, 6) is None  # the window is as long as the batch
+    dense = path(t, 0, padded, None, None, False)
     assert dense.shape == (2, 1, 6, 6) and not dense[1, 0, 5, 4] and dense[1, 0, 3, 2]
     # decoding after a cache always uses the dense mask: one query row per step
-    step = batch_mask(1, 5, ones, None, None, cpu, use_flex=True)
-    assert step.block is None and step.dense.shape == (2, 1, 1, 6)
+    step = path(1, 5, ones, None, None)
+    assert isinstance(step, torch.Tensor) and step.shape == (2, 1, 1, 6)
     # a mask on the device is never read: its all-ones values would have to be fetched (the
     # meta device has no values, so any read would raise)
     meta = batch_mask(t, 0, ones.to("meta"), None, None, torch.device("meta"), use_flex=False)
-    assert meta.dense is not None and meta.dense.device.type == "meta"
+    assert meta.shape == (2, 1, 6, 6) and meta.device.type == "meta"
 
 
 def test_bad_attention_impl_is_named():
