@@ -63,9 +63,11 @@ class Sizes:
 DRY_SIZES = Sizes(nf4_shapes=((64, 64), (64, 192), (128, 256)), adam_numel=4096, copy_mib=1,
                   matmul_n=64, tokens=32, hidden=64, intermediate=128, heads=4, head_dim=16,
                   preset="tiny", batch=2, seq_len=16, iters=2)
-# Seconds per part on a GPU (480 in all); a part stops timing when its budget is spent.
-BUDGETS = {"copy_bandwidth": 10, "matmul_flops": 10, "kernel_checks": 30, "nf4_dequant": 40,
-           "adamw8bit": 50, "fused_ops": 60, "train_steps": 180, "peer_steps": 100}
+# Seconds of timing per part on a GPU (365 in all); a part stops timing when its budget is
+# spent. The rest of the 480-second default is left for what is not timed: building the 8B
+# models, quantizing them, compiling the eager-vs-compiled ops.
+BUDGETS = {"copy_bandwidth": 5, "matmul_flops": 5, "kernel_checks": 10, "nf4_dequant": 30,
+           "adamw8bit": 30, "fused_ops": 45, "train_steps": 150, "peer_steps": 90}
 
 
 class Clock:
@@ -249,10 +251,13 @@ PARTS = (("copy_bandwidth", part_copy_bandwidth), ("matmul_flops", part_matmul_f
 
 
 def run_suite(device: torch.device, dry_run: bool, budget_s: float, only=None) -> dict:
-    """Every part in order, each guarded and within its share of `budget_s`; the results."""
+    """Every part in order, each guarded and within its share of `budget_s`; the results. A part
+    that would start after `budget_s` seconds of wall time is skipped."""
     sizes = DRY_SIZES if dry_run else Sizes()
     ctx = Context(device, sizes, dry_run, Clock(device, sizes.iters, warmup=1 if dry_run else 2))
-    scale, deadline, results = budget_s / sum(BUDGETS.values()), time.monotonic() + budget_s, {}
+    # a smaller --budget-s shrinks every part's share; the wall-clock deadline covers the rest
+    scale = min(1.0, budget_s / 480.0)
+    deadline, results = time.monotonic() + budget_s, {}
     for name, fn in PARTS:
         if only and name not in only:
             continue
