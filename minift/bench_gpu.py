@@ -309,6 +309,7 @@ def run_bench_gpu(args, parser) -> int:
     finally:
         torch.set_num_threads(threads)
     record = {"command": " ".join(["python -m minift"] + sys.argv[1:]), "dry_run": args.dry_run,
+              "arguments": {k: getattr(args, k) for k in ("out", "dry_run", "budget_s", "only")},
               "machine": machine_info(), "versions": _versions(), "git_commit": git_commit(),
               "git_modified": git_modified(), "device": _device_info(device),
               "sizes": asdict(DRY_SIZES if args.dry_run else Sizes()), "budget_s": args.budget_s,

@@ -26,6 +26,7 @@ def test_dry_run_runs_every_part(dry_run):
     assert code == 0 and record["dry_run"] is True
     assert {"command", "machine", "versions", "git_commit", "device", "sizes", "results"} <= set(record)
     assert record["versions"]["torch"] == torch.__version__ and record["device"]["type"] == "cpu"
+    assert record["arguments"]["dry_run"] is True and record["arguments"]["budget_s"] == 480.0
     results = record["results"]
     assert list(results) == PARTS
     assert not [name for name, r in results.items() if "error" in r]
