@@ -19,7 +19,6 @@ from minift.attention import ATTENTION_IMPLS, BatchMask, attend, batch_mask
 from minift.config import ROPE_REQUIRED_KEYS, ModelConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-LLAMA3_ROPE_KEYS = ROPE_REQUIRED_KEYS["llama3"]
 
 
 class KVCache:
