@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from minift import checkpoint as ckpt
 from minift._util import METHODS, OPTIMIZERS  # noqa: F401  (re-exported for callers)
+from minift.compile import compiled_layers
 from minift.data import batch_examples
 from minift.lora import trainable_parameters
 from minift.memory.tracker import MemoryTracker
@@ -30,6 +31,7 @@ from minift.schedule import Schedule, step_groups, total_steps
 from minift.train_config import DATA_ORDER_FIELDS, TrainConfig
 from minift.train_setup import (check_examples, gradient_checkpointing, make_optimizer, neftune,
                                 peak_memory, pick_device, seed_everything)
+from minift.transfer import to_device
 
 __all__ = ["DATA_ORDER_FIELDS", "METHODS", "OPTIMIZERS", "RunState", "TrainConfig",
            "accumulate_gradients", "check_resume", "evaluate", "make_optimizer", "token_loss_sum",
@@ -49,10 +51,11 @@ def trained_tokens(batch: dict) -> int:
 
 
 def _batch_loss_sum(model, batch: dict, device, bf16: bool) -> torch.Tensor:
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    inputs = to_device(batch, device)  # labels too, before the forward is queued
+    labels = inputs.pop("labels")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(**inputs)  # (B, T, V)
-    return token_loss_sum(logits, batch["labels"].to(device))
+    return token_loss_sum(logits, labels)
 
 
 def accumulate_gradients(model, micro_batches: list, device, bf16: bool = False):
@@ -268,6 +271,7 @@ class _Run:
         self.model.train()
         try:
             with gradient_checkpointing(self.model, self.config.gradient_checkpointing), \
+                    compiled_layers(self.model, self.config.compile), \
                     neftune(self.model, self.config.neftune_alpha), open(metrics, "a") as log:
                 yield log
         finally:
