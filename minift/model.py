@@ -240,7 +240,7 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+                kv_cache: Optional[KVCache] = None, return_hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab_size) in the compute dtype.
 
         Args:
@@ -250,6 +250,9 @@ class Llama(nn.Module):
             segment_ids: (B, T) packed-sample ids (> 0), 0 for padding; tokens attend only within
                 their own sample. Not combinable with `kv_cache`.
             kv_cache: a `KVCache` extended in place with this call's keys and values.
+            return_hidden: return the final-norm hidden states (B, T, hidden) instead of the
+                logits, for a loss that applies `lm_head` a chunk of tokens at a time
+                (`minift.loss`).
         """
         past = kv_cache.length if kv_cache is not None else 0
         self._check_inputs(input_ids, attention_mask, position_ids, segment_ids, kv_cache, past)
@@ -266,7 +269,8 @@ class Llama(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, i)
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)  # (B, T, hidden)
+        return x if return_hidden else self.lm_head(x)
 
     def _mask(self, t, past, attention_mask, segment_ids, device):
         window = sliding_window(self.config)
