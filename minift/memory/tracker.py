@@ -272,6 +272,8 @@ class MemoryTracker:
             self.act_live -= entry[1]
 
     def _grad_ready(self, p):
+        if p.grad is None:  # already consumed and freed by an optimizer step inside backward
+            return
         st = _storage(p.grad)
         if st is not None and st.device == self.device and id(st) in self._serial_of:
             self._grads[id(st)] = self._serial_of[id(st)]
@@ -331,6 +333,13 @@ class MemoryTracker:
         self.act_max = max(self.act_max, self.act_live)
 
     def _step_starts(self, optimizer, args, kwargs):
+        if torch._C._current_graph_task_id() != -1:
+            # a step inside backward (minift.backward_step): the one gradient it consumes is
+            # counted before the step frees it; forward and backward are still under way
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    self._grad_ready(p)
+            return
         self._phase = "post"
 
     @contextlib.contextmanager
