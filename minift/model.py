@@ -7,6 +7,7 @@ in float32 and cast to the activation dtype) so logits agree to float rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -16,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minift.config import ROPE_REQUIRED_KEYS, ModelConfig
+from minift.offload import ActivationOffload
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LLAMA3_ROPE_KEYS = ROPE_REQUIRED_KEYS["llama3"]
@@ -211,6 +213,9 @@ class Llama(nn.Module):
         rope_inv_freq(config, device="meta")  # reject unsupported rope_scaling early
         self.config = config
         self.gradient_checkpointing = False
+        # With checkpointing on: each checkpointed layer input waits for backward in host memory
+        self.activation_offload = False
+        self._offload: dict[torch.device, ActivationOffload] = {}
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -236,6 +241,12 @@ class Llama(nn.Module):
         if device not in self._inv_freq:
             self._inv_freq[device] = rope_inv_freq(self.config, device)
         return self._inv_freq[device]
+
+    def offloader(self, device: torch.device) -> ActivationOffload:
+        """The activation offloader of `device` (its pooled host buffers are reused)."""
+        if device not in self._offload:
+            self._offload[device] = ActivationOffload(device)
+        return self._offload[device]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
@@ -264,9 +275,11 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq(device), position_ids, x.dtype)
         mask = self._mask(t, past, attention_mask, segment_ids, device)
         checkpointing = self.gradient_checkpointing and self.training and kv_cache is None
+        offload = self.offloader(device) if checkpointing and self.activation_offload else None
         for i, layer in enumerate(self.model.layers):
             if checkpointing:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                with offload.layer(i, x) if offload else contextlib.nullcontext():
+                    x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, i)
         x = self.model.norm(x)  # (B, T, hidden)
