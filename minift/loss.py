@@ -14,6 +14,7 @@ embedding's two gradients before its leaf is updated once.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -122,3 +123,15 @@ def model_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
                          "set loss_chunk_size=None for models that only return logits")
     hidden = model(**inputs, return_hidden=True)  # (B, T, H)
     return chunked_loss_sum(hidden, model.lm_head, labels, chunk_size)
+
+
+def supports_chunked_loss(model: nn.Module) -> bool:
+    """Whether ``model`` can return hidden states (``return_hidden=True``) and has an ``lm_head``.
+
+    Models that only return logits (e.g. a user's own module) keep the full-logits loss.
+    """
+    try:
+        takes = "return_hidden" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return takes and isinstance(getattr(model, "lm_head", None), nn.Module)

@@ -122,3 +122,20 @@ class ActivationOffload:
         if below is not None and below.ready is None:
             below.ready = self._fetch(below)  # layer i-1's input arrives during layer i's backward
         return dev
+
+
+@contextlib.contextmanager
+def offloading(model: torch.nn.Module, enabled: bool):
+    """Set every module's ``activation_offload`` flag for the block, then restore it."""
+    holders = [m for m in model.modules() if hasattr(m, "activation_offload")]
+    if enabled and not holders:
+        raise ValueError("TrainConfig.activation_offload=True, but no module of the model has an "
+                         "'activation_offload' attribute (minift's Llama has)")
+    previous = [m.activation_offload for m in holders]
+    for m in holders:
+        m.activation_offload = enabled
+    try:
+        yield
+    finally:
+        for m, value in zip(holders, previous):
+            m.activation_offload = value
