@@ -159,10 +159,25 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp_tile_size: Optional[int] = None  # tokens per MLP tile; None = whole sequence
 
     def forward(self, x, cos, sin, mask, kv_cache=None, layer_index=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_index)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self._mlp(self.post_attention_layernorm(x))
+
+    def _mlp(self, h):
+        # At 80k tokens one (T, intermediate) bf16 tensor of Llama-3.1-8B is 2.1 GiB and the MLP
+        # keeps four (gate, up, silu, product). Tiles of the sequence, each checkpointed, keep
+        # only their (B, tile, hidden) input; backward recomputes one tile at a time.
+        tile = self.mlp_tile_size
+        if tile is None or h.shape[1] <= tile:
+            return self.mlp(h)
+        parts = h.split(tile, dim=1)  # (B, tile, hidden) views
+        if torch.is_grad_enabled():
+            outs = [checkpoint(self.mlp, p, use_reentrant=False) for p in parts]
+        else:
+            outs = [self.mlp(p) for p in parts]
+        return torch.cat(outs, dim=1)
 
 
 class LlamaModel(nn.Module):

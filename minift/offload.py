@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from typing import Optional
 
 import torch
 
@@ -139,3 +140,20 @@ def offloading(model: torch.nn.Module, enabled: bool):
     finally:
         for m, value in zip(holders, previous):
             m.activation_offload = value
+
+
+@contextlib.contextmanager
+def mlp_tiling(model: torch.nn.Module, tile: Optional[int]):
+    """Set every decoder layer's ``mlp_tile_size`` (tokens per MLP tile) for the block."""
+    holders = [m for m in model.modules() if hasattr(m, "mlp_tile_size")]
+    if tile is not None and not holders:
+        raise ValueError("TrainConfig.mlp_tile_size is set, but no module of the model has an "
+                         "'mlp_tile_size' attribute (minift's Llama decoder layers have)")
+    previous = [m.mlp_tile_size for m in holders]
+    for m in holders:
+        m.mlp_tile_size = tile
+    try:
+        yield
+    finally:
+        for m, value in zip(holders, previous):
+            m.mlp_tile_size = value

@@ -49,6 +49,7 @@ class TrainConfig:
     | loss_chunk_size | 1024 | tokens per chunk of the lm_head + loss (no (B, T, V) logits); None = full logits |
     | activation_offload | False | checkpointed layer inputs wait in host memory (needs gradient_checkpointing) |
     | optimizer_in_backward | False | step each parameter in backward and free its gradient (needs max_grad_norm=None, grad_accum=1) |
+    | mlp_tile_size | None | tokens per MLP tile (each checkpointed) for long sequences; None = whole sequence |
     | paged_device_budget | 2**30 | paged_adamw8bit: device bytes of resident state pages; None = all resident |
     """
 
@@ -82,6 +83,7 @@ class TrainConfig:
     activation_offload: bool = False
     optimizer_in_backward: bool = False
     paged_device_budget: Optional[int] = 2**30
+    mlp_tile_size: Optional[int] = None
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZERS),
@@ -103,6 +105,7 @@ class TrainConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise ValueError(f"TrainConfig.seed must be an integer in [0, 2**32), got {self.seed!r}")
         check_int("TrainConfig.loss_chunk_size", self.loss_chunk_size, optional=True)
+        check_int("TrainConfig.mlp_tile_size", self.mlp_tile_size, optional=True)
         check_int("TrainConfig.paged_device_budget", self.paged_device_budget, minimum=0,
                   optional=True)
         for name in ("activation_offload", "optimizer_in_backward"):

@@ -28,7 +28,7 @@ from minift.data import batch_examples
 from minift.lora import trainable_parameters
 from minift.loss import model_loss_sum, supports_chunked_loss
 from minift.memory.tracker import MemoryTracker
-from minift.offload import offloading
+from minift.offload import mlp_tiling, offloading
 from minift.schedule import Schedule, step_groups, total_steps
 from minift.train_config import DATA_ORDER_FIELDS, TrainConfig
 from minift.train_setup import (check_examples, gradient_checkpointing, make_optimizer, neftune,
@@ -285,6 +285,7 @@ class _Run:
         try:
             with gradient_checkpointing(self.model, self.config.gradient_checkpointing), \
                     offloading(self.model, self.config.activation_offload), \
+                    mlp_tiling(self.model, self.config.mlp_tile_size), \
                     self.stepper or contextlib.nullcontext(), \
                     neftune(self.model, self.config.neftune_alpha), open(metrics, "a") as log:
                 yield log

@@ -7,7 +7,7 @@ from minift.lora import lora_wrap
 from minift.loss import IGNORE, model_loss_sum
 from minift.memory.tracker import MemoryTracker
 from minift.model import Llama
-from minift.offload import ActivationOffload
+from minift.offload import ActivationOffload, mlp_tiling
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -116,3 +116,39 @@ def test_tracker_moves_layer_inputs_to_host():
     # the device keeps no layer input between forward and backward any more
     assert reports[False].activations - reports[True].activations >= \
         (CFG.num_hidden_layers - 1) * layer_input
+
+
+@pytest.mark.parametrize("tile", [5, 12, 100])
+def test_mlp_tiles_match_the_whole_sequence(tile):
+    model = Llama(CFG)
+    ids, labels = batch()
+    loss_ref, grads_ref = run(model, ids, labels, False)
+    with mlp_tiling(model, tile):
+        assert all(layer.mlp_tile_size == tile for layer in model.model.layers)
+        loss, grads = run(model, ids, labels, True)
+    assert all(layer.mlp_tile_size is None for layer in model.model.layers)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for name in grads_ref:  # weight gradients are sums over tiles: rounding order differs
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_mlp_tiles_keep_no_whole_sequence_intermediate():
+    model = Llama(CFG)
+    ids, labels = batch()
+    largest = {}
+    for tile in (None, 4):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Widest(TorchDispatchMode):
+            most = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[-1] == 96:
+                    self.most = max(self.most, out.shape[1])  # tokens of a (B, T, intermediate)
+                return out
+
+        with mlp_tiling(model, tile), Widest() as seen:
+            run(model, ids, labels, False)
+        largest[tile] = seen.most
+    assert largest == {None: T, 4: 4}
