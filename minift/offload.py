@@ -62,12 +62,17 @@ class ActivationOffload:
     @contextlib.contextmanager
     def layer(self, index: int, x: torch.Tensor):
         """Around one checkpointed layer call whose input is ``x`` (B, T, hidden)."""
+        # autograd keeps the hooks with every tensor they packed, so the hooks must not hold x
+        # itself (that would keep every layer input on the device): a weak reference only
+        target = weakref.ref(x)
+
         def pack(t):
-            return self._offload(index, t) if t is x else t
+            return self._offload(index, t) if t is target() else t
 
         def unpack(saved):
             return self._restore(saved) if isinstance(saved, _Saved) else saved
 
+        del x
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
 

@@ -152,3 +152,21 @@ def test_mlp_tiles_keep_no_whole_sequence_intermediate():
             run(model, ids, labels, False)
         largest[tile] = seen.most
     assert largest == {None: T, 4: 4}
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_device_layer_inputs_are_freed_after_forward(offload):
+    import weakref
+
+    model = Llama(CFG)
+    ids, labels = batch()
+    model.train()
+    model.gradient_checkpointing, model.activation_offload = True, offload
+    inputs = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0])))
+    loss = model_loss_sum(model, {"input_ids": ids}, labels, 16)
+    alive = [r() is not None for r in inputs]
+    # without offload the checkpoint keeps every layer input until backward; with it none
+    assert alive == [not offload] * CFG.num_hidden_layers
+    loss.backward()

@@ -435,7 +435,11 @@ class MemoryTracker:
         # before the first step() the states did not exist yet; from the second step they do
         extra = max(0, opt_end - self._opt_start)
         pre, post = self._best["pre"], self._best["post"]
-        peak_pre = weights + self._opt_start + extra + pre[0] if pre[1] else -1
+        # states a step inside backward created before the pre-step peak are in its live bytes
+        # already; `extra` counts them for the steady state, so they are taken out once
+        new_pre = sum(n for serial, n in pre[1]["live"].items() if serial in opt_serials) \
+            if pre[1] else 0
+        peak_pre = weights + self._opt_start + extra + pre[0] - new_pre if pre[1] else -1
         peak_post = weights + self._opt_start + post[0] if post[1] else -1
         at_peak, phase_peak = (pre[1], peak_pre) if peak_pre >= peak_post else (post[1], peak_post)
         # a peak inside a recompute: what that recompute went on to keep was activation memory
@@ -444,7 +448,7 @@ class MemoryTracker:
             if serial in self._kept_serials))
         new_opt = sum(n for serial, n in at_peak["live"].items() if serial in opt_serials)
         accounted = weights + self._opt_start + at_peak["activations"] + at_peak["gradients"]
-        accounted += new_opt + (extra if peak_pre >= peak_post else 0)
+        accounted += extra if peak_pre >= peak_post else new_opt
         other = sum(at_peak["live"].values()) + at_peak["old_saved"] - at_peak["activations"] \
             - (at_peak["gradients"] - self._grad_pre) - new_opt
         report = MemoryReport(
