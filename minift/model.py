@@ -7,6 +7,7 @@ in float32 and cast to the activation dtype) so logits agree to float rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -17,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minift.attention import ATTENTION_IMPLS, BatchMask, attend, batch_mask
 from minift.config import ROPE_REQUIRED_KEYS, ModelConfig
+from minift.offload import ActivationOffload
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -153,10 +155,25 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp_tile_size: Optional[int] = None  # tokens per MLP tile; None = whole sequence
 
     def forward(self, x, cos, sin, mask, kv_cache=None, layer_index=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_index)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self._mlp(self.post_attention_layernorm(x))
+
+    def _mlp(self, h):
+        # At 80k tokens one (T, intermediate) bf16 tensor of Llama-3.1-8B is 2.1 GiB and the MLP
+        # keeps four (gate, up, silu, product). Tiles of the sequence, each checkpointed, keep
+        # only their (B, tile, hidden) input; backward recomputes one tile at a time.
+        tile = self.mlp_tile_size
+        if tile is None or h.shape[1] <= tile:
+            return self.mlp(h)
+        parts = h.split(tile, dim=1)  # (B, tile, hidden) views
+        if torch.is_grad_enabled():
+            outs = [checkpoint(self.mlp, p, use_reentrant=False) for p in parts]
+        else:
+            outs = [self.mlp(p) for p in parts]
+        return torch.cat(outs, dim=1)
 
 
 class LlamaModel(nn.Module):
@@ -190,6 +207,9 @@ class Llama(nn.Module):
         # "auto": FlexAttention for padded, packed or windowed batches on CUDA, dense SDPA masks
         # elsewhere; "sdpa" / "flex" force one (flex without a cache only; see minift.attention).
         self.attention_impl = "auto"
+        # With checkpointing on: each checkpointed layer input waits for backward in host memory
+        self.activation_offload = False
+        self._offload: dict[torch.device, ActivationOffload] = {}
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -216,10 +236,16 @@ class Llama(nn.Module):
             self._inv_freq[device] = rope_inv_freq(self.config, device)
         return self._inv_freq[device]
 
+    def offloader(self, device: torch.device) -> ActivationOffload:
+        """The activation offloader of `device` (its pooled host buffers are reused)."""
+        if device not in self._offload:
+            self._offload[device] = ActivationOffload(device)
+        return self._offload[device]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+                kv_cache: Optional[KVCache] = None, return_hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab_size) in the compute dtype.
 
         Args:
@@ -229,6 +255,9 @@ class Llama(nn.Module):
             segment_ids: (B, T) packed-sample ids (> 0), 0 for padding; tokens attend only within
                 their own sample. Not combinable with `kv_cache`.
             kv_cache: a `KVCache` extended in place with this call's keys and values.
+            return_hidden: return the final-norm hidden states (B, T, hidden) instead of the
+                logits, for a loss that applies `lm_head` a chunk of tokens at a time
+                (`minift.loss`).
         """
         past = kv_cache.length if kv_cache is not None else 0
         self._check_inputs(input_ids, attention_mask, position_ids, segment_ids, kv_cache, past)
@@ -240,12 +269,15 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq(device), position_ids, x.dtype)
         mask = self._mask(t, past, attention_mask, segment_ids, device)
         checkpointing = self.gradient_checkpointing and self.training and kv_cache is None
+        offload = self.offloader(device) if checkpointing and self.activation_offload else None
         for i, layer in enumerate(self.model.layers):
             if checkpointing:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                with offload.layer(i, x) if offload else contextlib.nullcontext():
+                    x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, i)
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)  # (B, T, hidden)
+        return x if return_hidden else self.lm_head(x)
 
     def _mask(self, t, past, attention_mask, segment_ids, device) -> BatchMask:
         impl = self.attention_impl
