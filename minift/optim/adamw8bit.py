@@ -21,8 +21,8 @@ import torch
 
 from minift._util import check_int, check_number
 from minift.kernels import HAS_TRITON
-from minift.optim.paging import Pager, host_empty
-from minift.optim.quant8 import (BLOCK, StepScalars, adamw8bit_step_reference, adamw32_step,
+from minift.optim.paging import DEFAULT_BUDGET_BYTES, Pager, host_empty
+from minift.optim.quant8 import (BLOCK, StepScalars, adamw8bit_step_cpu, adamw32_step,
                            nearest_code, num_blocks)
 from minift.quantmaps import dynamic_map
 
@@ -52,13 +52,13 @@ def _check_hparams(lr, betas, eps, weight_decay, where: str) -> None:
 
 
 def _step8(p, g, states, maps, s: StepScalars, offset: int, stochastic: bool) -> None:
-    """One 8-bit step on flat slices: the fused kernel on CUDA, the torch reference elsewhere."""
+    """One 8-bit step on flat slices: the fused kernel on CUDA, the fast torch step elsewhere."""
     m_codes, m_absmax, v_codes, v_absmax = states
     if p.is_cuda and HAS_TRITON:
         adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset, stochastic)
     else:
-        adamw8bit_step_reference(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset,
-                                 stochastic)
+        adamw8bit_step_cpu(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset,
+                           stochastic)
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -78,8 +78,10 @@ class AdamW8bit(torch.optim.Optimizer):
             random bits are a hash of ``seed``, the step, the parameter and the element).
         seed: seed of the stochastic rounding.
         page_size: elements per page (a multiple of 256).
-        device_budget_bytes: device bytes for pages kept resident between steps; ``None`` keeps
-            all of them resident (then paging copies each page in only once).
+        device_budget_bytes: device bytes for pages kept resident between steps (default
+            1 GiB, ``minift.optim.paging.DEFAULT_BUDGET_BYTES``); the other pages stream from
+            host memory every step. ``None`` keeps all of them resident (then paging copies
+            each page in only once and saves no device memory).
         check_finite: skip the whole step (with a warning, counted in ``skipped_steps``) when
             any gradient has NaN/Inf, so no state is corrupted. ``False`` saves one read of the
             gradients per step; non-finite gradients then poison the states.
@@ -87,7 +89,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  min_8bit_size=4096, paged=False, stochastic_rounding=False, *, seed=0,
-                 page_size=2**20, device_budget_bytes=None, check_finite=True):
+                 page_size=2**20, device_budget_bytes=DEFAULT_BUDGET_BYTES, check_finite=True):
         _check_hparams(lr, betas, eps, weight_decay, "defaults")
         check_int("AdamW8bit: min_8bit_size", min_8bit_size, minimum=0)
         check_int("AdamW8bit: page_size", page_size)
@@ -220,6 +222,17 @@ class AdamW8bit(torch.optim.Optimizer):
             p.copy_(flat.view_as(p))
 
     # ---- paging ---------------------------------------------------------------------------
+    @property
+    def host_bytes(self) -> int:
+        """Host memory of the paged 8-bit states (0 when not paged)."""
+        if not self.paged:
+            return 0
+        return sum(st[k].nbytes for st in self.state.values() for k in KEYS_8BIT if k in st)
+
+    def resident_tensors(self) -> list:
+        """Device copies of the pages kept resident between steps (within the budget)."""
+        return [t for pager in self._pagers.values() for t in pager.resident_tensors()]
+
     def _paged_update(self, device, items) -> None:
         pager = self._pagers.get(device)
         if pager is None:
