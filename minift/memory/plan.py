@@ -123,7 +123,7 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
                               for m in METHODS) + " |")
     if "features" in result:
         lines.append(format_feature_plan(result["features"], result["budget"],
-                                         result["max_position_embeddings"], fmt_auto))
+                                         result["max_position_embeddings"], format_bytes))
     lines.append("")
     lines.append(_recommend(result, batch_size, seq_len, gradient_checkpointing))
     lines.append("Estimates from first principles (minift.estimate_memory), checked against "
