@@ -1,0 +1,278 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) and IPO (Azar et al. 2023).
+
+For a pair (x, y_w chosen, y_l rejected), a policy pi and a fixed reference pi_ref, DPO's loss
+(paper eq. 7) is
+
+    -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+where log pi(y|x) sums the log-probabilities of the reply's tokens only. The implicit reward of a
+reply is beta * (log pi - log pi_ref); "reward accuracy" is the share of pairs whose chosen reward
+is above the rejected one. IPO (eq. 17) replaces the logistic loss by the square
+(h - 1 / (2 beta))^2 of the same log-ratio difference h, on length-averaged log-probabilities.
+
+The reference costs no second copy with LoRA/QLoRA: it is the same model with its adapters
+switched off (`AdapterReference`). Full fine-tuning needs a frozen copy (`ModelReference`,
+optionally NF4-quantized) or log-probabilities computed once before training and stored on disk
+(`precompute_reference`, read back through the batch's "ref_logps").
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minift._util import atomic_write, check_choice, check_number
+from minift.lora import disable_adapters, lora_layers
+from minift.nf4_linear import quantize_model
+from minift.preference import IGNORE, check_pairs, pair_batches, pairs_fingerprint
+
+LOSS_TYPES = ("sigmoid", "ipo")
+REFERENCE_FILE = "reference_logps.safetensors"
+MODEL_KEYS = ("input_ids", "attention_mask")
+
+
+# ---- the math ----------------------------------------------------------------------------
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor):
+    """Summed log-probabilities of the labelled tokens of each row, and how many there are.
+
+    Args:
+        logits: (N, T, V); logits[:, t] predicts labels[:, t + 1].
+        labels: (N, T), -100 where a token is not scored (prompt, padding).
+
+    Returns:
+        (logps, counts): float32 (N,) sums of log p(label) and (N,) token counts.
+    """
+    targets = labels[:, 1:]  # (N, T-1)
+    n, t = targets.shape
+    # cross_entropy per token = -log p(target); it never materializes a (N, T, V) log-softmax
+    # copy beyond the float32 logits, and ignore_index gives 0 on unscored positions
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(n * t, -1), targets.reshape(-1),
+                          ignore_index=IGNORE, reduction="none").view(n, t)
+    return -nll.sum(-1), (targets != IGNORE).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
+             loss_type="sigmoid", counts=None):
+    """Per-pair loss and implicit rewards.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: (B,) summed reply log-probs.
+        beta: strength of the pull towards the reference (> 0).
+        loss_type: "sigmoid" (DPO) or "ipo".
+        counts: (chosen_counts, rejected_counts), (B,) each; IPO divides the log-probs by them.
+
+    Returns:
+        (losses, chosen_rewards, rejected_rewards), each (B,) float32; rewards are detached.
+    """
+    chosen_ratio = policy_chosen.float() - ref_chosen.float()  # (B,) log pi/pi_ref of y_w
+    rejected_ratio = policy_rejected.float() - ref_rejected.float()
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    elif loss_type == "ipo":
+        if counts is None:
+            raise ValueError("dpo_loss: loss_type='ipo' needs the reply token counts")
+        h = chosen_ratio / counts[0] - rejected_ratio / counts[1]
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo_loss: loss_type must be one of {', '.join(LOSS_TYPES)}; "
+                         f"got {loss_type!r}")
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def model_logps(model, batch: dict, device, bf16: bool = False):
+    """(logps, counts) of every row of a (2B, T) pair batch under `model`."""
+    inputs = {k: batch[k].to(device) for k in MODEL_KEYS}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(**inputs)  # (2B, T, V)
+    return sequence_logps(logits, batch["labels"].to(device))
+
+
+# ---- the reference -----------------------------------------------------------------------
+class AdapterReference:
+    """The policy with its LoRA adapters switched off: the base it started from, no copy.
+
+    Only valid when the adapters start at zero (a fresh `lora_wrap`), or when the intended
+    reference is the base model itself. Dropout is off (eval mode) while it runs.
+    """
+
+    kind = "adapters_disabled"
+
+    def __init__(self, model):
+        if not lora_layers(model):
+            raise ValueError("AdapterReference needs a LoRA-wrapped model; with full fine-tuning "
+                             "use ModelReference(frozen copy) or precompute_reference")
+        self.model = model
+
+    @torch.no_grad()
+    def logps(self, batch, device, bf16=False):
+        with _eval(self.model), disable_adapters(self.model):
+            return model_logps(self.model, batch, device, bf16)[0]
+
+
+class ModelReference:
+    """A separate frozen model (the policy's copy before training, optionally NF4)."""
+
+    kind = "frozen_copy"
+
+    def __init__(self, model):
+        self.model = model.eval().requires_grad_(False)
+
+    @classmethod
+    def copy_of(cls, model, nf4: bool = False):
+        """A frozen deep copy of `model`; with nf4=True its linears (lm_head aside) are stored as
+        NF4, about 0.52 bytes per weight instead of 2-4."""
+        frozen = copy.deepcopy(model)
+        ref = cls(quantize_model(frozen) if nf4 else frozen)
+        ref.kind = "frozen_copy_nf4" if nf4 else cls.kind
+        return ref
+
+    @torch.no_grad()
+    def logps(self, batch, device, bf16=False):
+        self.model.to(device)
+        return model_logps(self.model, batch, device, bf16)[0]
+
+
+class StoredReference:
+    """Reference log-probabilities stored with the pairs (see `precompute_reference`)."""
+
+    kind = "precomputed"
+
+    def logps(self, batch, device, bf16=False):
+        if "ref_logps" not in batch:
+            raise ValueError("StoredReference: the batch has no 'ref_logps'; run "
+                             "precompute_reference on the pairs first")
+        return batch["ref_logps"].to(device)
+
+
+@contextlib.contextmanager
+def _eval(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _read_stored(path, fingerprint):
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read stored reference log-probs: {err}") from None
+    if tensors.get("sha256") is None or bytes(tensors["sha256"].tolist()).hex() != fingerprint["sha256"]:
+        return None  # another data set: computed again
+    return tensors["logps"]
+
+
+@torch.no_grad()
+def precompute_reference(reference, pairs, path=None, *, batch_size=8, pad_id=0, device="cpu",
+                         bf16=False):
+    """Score every pair once with `reference` and store the result in the pairs (and on disk).
+
+    Args:
+        reference: an AdapterReference or ModelReference.
+        pairs: tokenized pairs; each gets "ref_logps" = (chosen, rejected).
+        path: a safetensors file; when it exists and was written for the same pairs it is read
+            instead of running the reference, else it is (re)written.
+
+    Returns:
+        The same pairs.
+    """
+    check_pairs(pairs, "pairs")
+    fingerprint = pairs_fingerprint(pairs)
+    stored = _read_stored(path, fingerprint) if path is not None and Path(path).exists() else None
+    if stored is None:
+        stored = torch.zeros(len(pairs), 2, dtype=torch.float64)  # (N, [chosen, rejected])
+        device = torch.device(device)
+        for batch in pair_batches(pairs, batch_size, pad_id=pad_id, shuffle=False):
+            logps = reference.logps(batch, device, bf16).double().cpu()  # (2B,)
+            b = len(batch["pair_index"])
+            stored[batch["pair_index"]] = torch.stack([logps[:b], logps[b:]], dim=1)
+        if path is not None:
+            digest = torch.tensor(list(bytes.fromhex(fingerprint["sha256"])), dtype=torch.uint8)
+            atomic_write(path, lambda tmp: save_file({"logps": stored, "sha256": digest}, tmp))
+    for pair, (c, r) in zip(pairs, stored.tolist()):
+        pair["ref_logps"] = (c, r)
+    return pairs
+
+
+# ---- the objective the loop calls ----------------------------------------------------------
+class DPOObjective:
+    """What one DPO optimizer step computes; the training loop asks it for batches and losses.
+
+    Args:
+        reference: where pi_ref comes from (AdapterReference, ModelReference, StoredReference).
+        beta: DPO's beta (> 0).
+        loss_type: "sigmoid" or "ipo".
+    """
+
+    name = "dpo"
+
+    def __init__(self, reference, beta=0.1, loss_type="sigmoid"):
+        self.reference = reference
+        self.beta = check_number("dpo_beta", beta, "> 0", lambda v: v > 0)
+        self.loss_type = check_choice("dpo_loss_type", loss_type, LOSS_TYPES)
+
+    def batches(self, pairs, batch_size, pad_id, seed=0, shuffle=True):
+        return pair_batches(pairs, batch_size, pad_id=pad_id, seed=seed, shuffle=shuffle)
+
+    def pair_terms(self, model, batch, device, bf16=False):
+        """(losses, chosen rewards, rejected rewards, policy logps) of one batch, each (B,)/(2B,)."""
+        ref = self.reference.logps(batch, device, bf16)  # reference first: no graph is held
+        logps, counts = model_logps(model, batch, device, bf16)  # (2B,) with grad
+        b = logps.shape[0] // 2
+        losses, cr, rr = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], self.beta,
+                                  self.loss_type, counts=(counts[:b], counts[b:]))
+        return losses, cr, rr, logps.detach()
+
+    def step(self, model, micro_batches, device, bf16=False):
+        """Forward/backward over one step's micro-batches; the loss is the mean over all pairs
+        of the step, so splitting a step into micro-batches does not change the gradient.
+
+        Returns:
+            (loss, n_pairs, metrics): the step's mean loss (0-dim tensor), its pairs, and
+            reward / log-prob means.
+        """
+        n_pairs = sum(len(b["pair_index"]) for b in micro_batches)
+        sums = torch.zeros(6, dtype=torch.float64)
+        total = torch.zeros((), device=device)
+        for batch in micro_batches:
+            losses, cr, rr, logps = self.pair_terms(model, batch, device, bf16)
+            loss = losses.sum() / n_pairs
+            loss.backward()
+            total += loss.detach()
+            sums += _metric_sums(cr, rr, logps)
+        return total, n_pairs, _metric_means(sums, n_pairs)
+
+    @torch.no_grad()
+    def evaluate(self, model, pairs, batch_size, pad_id, device, bf16=False):
+        """Mean loss, reward accuracy and margins over `pairs`, in eval mode."""
+        sums, loss = torch.zeros(6, dtype=torch.float64), 0.0
+        with _eval(model):
+            for batch in self.batches(pairs, batch_size, pad_id, shuffle=False):
+                losses, cr, rr, logps = self.pair_terms(model, batch, device, bf16)
+                loss += float(losses.sum())
+                sums += _metric_sums(cr, rr, logps)
+        out = _metric_means(sums, len(pairs))
+        return {"eval_loss": loss / len(pairs), **{f"eval_{k}": v for k, v in out.items()}}
+
+
+def _metric_sums(chosen_rewards, rejected_rewards, logps):
+    b = chosen_rewards.shape[0]
+    return torch.stack([chosen_rewards.sum(), rejected_rewards.sum(),
+                        (chosen_rewards > rejected_rewards).sum(),
+                        (chosen_rewards - rejected_rewards).sum(),
+                        logps[:b].sum(), logps[b:].sum()]).double().cpu()
+
+
+METRICS = ("chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin", "chosen_logp",
+           "rejected_logp")
+
+
+def _metric_means(sums, n):
+    return {name: float(v) / max(n, 1) for name, v in zip(METRICS, sums)}
