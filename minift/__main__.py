@@ -1,12 +1,12 @@
-"""Command line: ``python -m minift plan ...`` (will it fit?) and ``python -m minift bench``
-(full vs LoRA vs QLoRA, measured). Each command lives in its own module; this one parses and
-dispatches."""
+"""Command line: ``python -m minift plan ...`` (will it fit?), ``python -m minift bench``
+(full vs LoRA vs QLoRA, measured) and ``python -m minift soup a b c --out d`` (adapter soup).
+Each command lives in its own module; this one parses and dispatches."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from minift import bench
+from minift import bench, soup
 from minift.memory import plan
 
 
@@ -28,11 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune full (8-bit AdamW), LoRA and QLoRA on the same data "
                                    "and steps; write a table, JSON and a memory chart.")
     bench.add_bench_arguments(b)
+    s = sub.add_parser("soup", help="average several LoRA adapters of one base (PEFT format)",
+                       description="Average PEFT-format LoRA adapters tensor by tensor into a new "
+                                   "adapter; adapters of other bases, ranks or targets are refused.")
+    soup.add_soup_arguments(s)
     return parser
 
 
 # command name -> its runner(args, subparser) -> exit code
-COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench}
+COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "soup": soup.run_soup}
 
 
 def main(argv=None) -> int:
