@@ -13,14 +13,15 @@ from minift.nf4_linear import NF4Linear, quantize_model
 from minift.optim import AdamW8bit, PagedAdamW8bit
 from minift.soup import average_adapters
 from minift.tokenizer import load_tokenizer
-from minift.trainer import TrainConfig, train
+from minift.trainer import TrainConfig, check_resume, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdamW8bit", "Llama", "LlamaConfig", "LoRALinear", "MemoryEstimate", "MemoryTracker",
     "ModelConfig", "NF4Linear", "NF4Weight", "PRESETS", "PagedAdamW8bit", "TrainConfig",
-    "average_adapters", "dequantize_nf4", "disable_adapters", "estimate_memory", "evaluate",
-    "generate", "load_adapter", "load_model", "load_tokenizer", "lora_wrap", "merge_lora",
-    "quantize_model", "quantize_nf4", "save_adapter", "save_model", "train", "trainable_parameters", "trainable_summary",
+    "average_adapters", "check_resume", "dequantize_nf4", "disable_adapters", "estimate_memory",
+    "evaluate", "generate", "load_adapter", "load_model", "load_tokenizer", "lora_wrap",
+    "merge_lora", "quantize_model", "quantize_nf4", "save_adapter", "save_model", "train",
+    "trainable_parameters", "trainable_summary",
 ]
