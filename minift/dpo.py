@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ from safetensors.torch import load_file, save_file
 from minift._util import atomic_write, check_choice, check_number
 from minift.lora import disable_adapters, lora_layers
 from minift.nf4_linear import quantize_model
-from minift.preference import IGNORE, check_pairs, pair_batches, pairs_fingerprint
+from minift.checkpoint import data_fingerprint
+from minift.preference import IGNORE, check_pairs, pair_batches
+from minift.train_setup import pick_device
 
 LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -184,7 +187,7 @@ def precompute_reference(reference, pairs, path=None, *, batch_size=8, pad_id=0,
         The same pairs.
     """
     check_pairs(pairs, "pairs")
-    fingerprint = pairs_fingerprint(pairs)
+    fingerprint = data_fingerprint(pairs)
     stored = _read_stored(path, fingerprint) if path is not None and Path(path).exists() else None
     if stored is None:
         stored = torch.zeros(len(pairs), 2, dtype=torch.float64)  # (N, [chosen, rejected])
@@ -218,6 +221,10 @@ class DPOObjective:
         self.beta = check_number("dpo_beta", beta, "> 0", lambda v: v > 0)
         self.loss_type = check_choice("dpo_loss_type", loss_type, LOSS_TYPES)
 
+    @staticmethod
+    def check(pairs, name):
+        check_pairs(pairs, name)
+
     def batches(self, pairs, batch_size, pad_id, seed=0, shuffle=True):
         return pair_batches(pairs, batch_size, pad_id=pad_id, seed=seed, shuffle=shuffle)
 
@@ -235,10 +242,11 @@ class DPOObjective:
         of the step, so splitting a step into micro-batches does not change the gradient.
 
         Returns:
-            (loss, n_pairs, metrics): the step's mean loss (0-dim tensor), its pairs, and
-            reward / log-prob means.
+            (loss, n_scored, metrics): the step's mean loss (0-dim tensor), the reply tokens
+            scored, and the pairs with their reward / log-prob means.
         """
         n_pairs = sum(len(b["pair_index"]) for b in micro_batches)
+        n_scored = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
         sums = torch.zeros(6, dtype=torch.float64)
         total = torch.zeros((), device=device)
         for batch in micro_batches:
@@ -247,15 +255,17 @@ class DPOObjective:
             loss.backward()
             total += loss.detach()
             sums += _metric_sums(cr, rr, logps)
-        return total, n_pairs, _metric_means(sums, n_pairs)
+        return total, n_scored, dict(pairs=n_pairs, **_metric_means(sums, n_pairs))
 
     @torch.no_grad()
-    def evaluate(self, model, pairs, batch_size, pad_id, device, bf16=False):
-        """Mean loss, reward accuracy and margins over `pairs`, in eval mode."""
+    def evaluate(self, model, pairs, config, device):
+        """Mean loss, reward accuracy and margins over `pairs`, in eval mode, batched as the
+        config (a TrainConfig) batches training."""
         sums, loss = torch.zeros(6, dtype=torch.float64), 0.0
+        device = torch.device(device)
         with _eval(model):
-            for batch in self.batches(pairs, batch_size, pad_id, shuffle=False):
-                losses, cr, rr, logps = self.pair_terms(model, batch, device, bf16)
+            for batch in self.batches(pairs, config.micro_batch_size, config.pad_id, shuffle=False):
+                losses, cr, rr, logps = self.pair_terms(model, batch, device, config.bf16)
                 loss += float(losses.sum())
                 sums += _metric_sums(cr, rr, logps)
         out = _metric_means(sums, len(pairs))
@@ -276,3 +286,36 @@ METRICS = ("chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin
 
 def _metric_means(sums, n):
     return {name: float(v) / max(n, 1) for name, v in zip(METRICS, sums)}
+
+
+def objective_for(model, config, train_data, eval_data=None):
+    """The DPOObjective a TrainConfig asks for, built before any checkpoint is loaded (so a full
+    fine-tune's frozen copy and precomputed log-probs come from the model as given).
+
+    LoRA/QLoRA: the adapters switched off, unless dpo_reference="copy_nf4". Full: a frozen copy
+    (NF4 with "copy_nf4"). With precompute_reference, that reference scores train and eval
+    pairs once into ``<output_dir>/reference_logps*.safetensors`` and is then dropped.
+    """
+    if config.dpo_reference == "copy_nf4":
+        reference = ModelReference.copy_of(model, nf4=True)
+    elif lora_layers(model):
+        reference = AdapterReference(model)
+        if any(bool(m.lora_B.weight.any()) for _, m in lora_layers(model)):
+            # DPO's reference is the policy it starts from; switched-off trained adapters give the
+            # base instead. Merge a starting (SFT) adapter first and wrap a fresh one on top.
+            warnings.warn("DPO with adapters that are not zero: the reference (adapters off) is "
+                          "the base model, not the starting policy; merge_lora the starting "
+                          "adapter and lora_wrap a fresh one to use it as the reference",
+                          stacklevel=3)
+    else:
+        reference = ModelReference.copy_of(model)
+    if config.precompute_reference:
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        device = pick_device(config)
+        for data, name in ((train_data, REFERENCE_FILE), (eval_data, "eval_" + REFERENCE_FILE)):
+            if data is not None:
+                precompute_reference(reference, data, out / name, batch_size=config.micro_batch_size,
+                                     pad_id=config.pad_id, device=device, bf16=config.bf16)
+        reference = StoredReference()
+    return DPOObjective(reference, beta=config.dpo_beta, loss_type=config.dpo_loss)

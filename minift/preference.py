@@ -11,13 +11,13 @@ the rejected ones in the same order, so one forward scores both halves of every 
 """
 from __future__ import annotations
 
-import hashlib
 import random
 
-import numpy as np
 import torch
 
 from minift.data import IGNORE, _assistant_spans, _bucket_groups, _read_jsonl, row_to_messages
+
+PAIR_KEYS = ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
 
 
 def _reply(row, key, where) -> str:
@@ -134,15 +134,6 @@ def check_pairs(pairs, name="train_data"):
             if len(p[f"{half}_ids"]) != len(p[f"{half}_labels"]) or len(p[f"{half}_ids"]) < 2:
                 raise ValueError(f"{name}[{i}]: {half}_ids and {half}_labels must have the same "
                                  f"length, at least 2")
-
-
-def pairs_fingerprint(pairs) -> dict:
-    """Count and hash of tokenized pairs (what a resume or a stored reference must match)."""
-    h = hashlib.sha256()
-    for p in pairs:
-        for key in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
-            h.update(np.asarray(p[key], dtype=np.int64).tobytes())
-    return {"examples": len(pairs), "sha256": h.hexdigest()}
 
 
 def collate_pairs(pairs, pad_id, indices=None):

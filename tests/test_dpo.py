@@ -80,7 +80,8 @@ def test_loss_and_gradients_equal_the_paper_formula():
     # two micro-batches of one step (3 + 1 pairs, right-padded): the mean is over all 4 pairs
     micro = [collate_pairs(pairs[:3], 0, range(3)), collate_pairs(pairs[3:], 0, [3])]
     loss, n, metrics = objective.step(policy, micro, torch.device("cpu"))
-    assert n == 4
+    assert metrics["pairs"] == 4
+    assert n == sum(sum(t != -100 for t in p[f"{h}_labels"]) for p in pairs for h in ("chosen", "rejected"))
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     got = lora_grads(policy)
     assert set(got) == set(want) and len(got) > 0
@@ -198,7 +199,8 @@ def test_evaluate_reports_loss_and_accuracy_in_eval_mode():
     policy, frozen = tiny_policy()
     pairs = random_pairs(6)
     objective = DPOObjective(ModelReference(frozen), beta=BETA)
-    result = objective.evaluate(policy, pairs, 4, 0, torch.device("cpu"))
+    config = minift.TrainConfig(micro_batch_size=4, pad_id=0, bf16=False)
+    result = objective.evaluate(policy, pairs, config, "cpu")
     expected = paper_loss(policy.eval(), frozen, pairs, BETA)
     assert result["eval_loss"] == pytest.approx(float(expected.detach()), rel=1e-5)
     assert {"eval_reward_accuracy", "eval_reward_margin", "eval_chosen_logp"} <= set(result)

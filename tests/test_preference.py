@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import minift
-from minift.preference import (collate_pairs, load_preferences, pair_batches, pairs_fingerprint,
-                               tokenize_preferences)
+from minift.checkpoint import data_fingerprint
+from minift.preference import collate_pairs, load_preferences, pair_batches, tokenize_preferences
 
 BASE = Path(__file__).resolve().parents[1] / "examples" / "base"
 
@@ -114,4 +114,7 @@ def test_pair_batches_cover_every_pair_once_and_are_seeded():
     assert [b["pair_index"].tolist() for b in again] == [b["pair_index"].tolist() for b in batches]
     other = pair_batches(pairs, 3, pad_id=0, seed=2)
     assert [b["pair_index"].tolist() for b in other] != [b["pair_index"].tolist() for b in batches]
-    assert pairs_fingerprint(pairs) != pairs_fingerprint(pairs[:-1])
+    assert data_fingerprint(pairs) != data_fingerprint(pairs[:-1])
+    changed = [dict(p) for p in pairs]
+    changed[3] = dict(changed[3], rejected_labels=[-100, 2])
+    assert data_fingerprint(changed) != data_fingerprint(pairs)
