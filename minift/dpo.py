@@ -247,7 +247,7 @@ class DPOObjective:
         """
         n_pairs = sum(len(b["pair_index"]) for b in micro_batches)
         n_scored = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
-        sums = torch.zeros(6, dtype=torch.float64)
+        sums = torch.zeros(N_METRICS, dtype=torch.float64)
         total = torch.zeros((), device=device)
         for batch in micro_batches:
             losses, cr, rr, logps = self.pair_terms(model, batch, device, bf16)
@@ -261,7 +261,7 @@ class DPOObjective:
     def evaluate(self, model, pairs, config, device):
         """Mean loss, reward accuracy and margins over `pairs`, in eval mode, batched as the
         config (a TrainConfig) batches training."""
-        sums, loss = torch.zeros(6, dtype=torch.float64), 0.0
+        sums, loss = torch.zeros(N_METRICS, dtype=torch.float64), 0.0
         device = torch.device(device)
         with _eval(model):
             for batch in self.batches(pairs, config.micro_batch_size, config.pad_id, shuffle=False):
@@ -277,11 +277,15 @@ def _metric_sums(chosen_rewards, rejected_rewards, logps):
     return torch.stack([chosen_rewards.sum(), rejected_rewards.sum(),
                         (chosen_rewards > rejected_rewards).sum(),
                         (chosen_rewards - rejected_rewards).sum(),
-                        logps[:b].sum(), logps[b:].sum()]).double().cpu()
+                        logps[:b].sum(), logps[b:].sum(),
+                        (logps[:b] > logps[b:]).sum()]).double().cpu()
 
 
+# reward_accuracy: chosen reward > rejected reward (0 while the policy is the reference: ties);
+# logp_accuracy: the policy gives the chosen reply the higher log-probability (meaningful at once)
 METRICS = ("chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin", "chosen_logp",
-           "rejected_logp")
+           "rejected_logp", "logp_accuracy")
+N_METRICS = len(METRICS)
 
 
 def _metric_means(sums, n):
