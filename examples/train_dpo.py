@@ -60,8 +60,8 @@ def parse_args(argv=None):
 
 
 def sft_policy(args, device):
-    """(tokenizer, SFT model with a fresh LoRA adapter on top), training the SFT adapter first
-    when it does not exist."""
+    """The SFT model with a fresh LoRA adapter on top, training the SFT adapter first when it
+    does not exist."""
     adapter = Path(args.sft_adapter)
     if not adapter.exists():
         print(f"{adapter} is missing: training it first with examples/train_llama.py")
@@ -72,13 +72,11 @@ def sft_policy(args, device):
         sft.run(sft.parse_args(flags))
     try:
         model = minift.load_model(args.model, dtype=torch.float32, device=device)
-        tokenizer = minift.load_tokenizer(args.model)
         minift.load_adapter(model, adapter)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
         raise UsageError(f"--model {args.model} / --sft-adapter {adapter}: {err}") from err
     # the merged SFT model is DPO's reference: the adapter below starts at zero on top of it
-    model = minift.lora_wrap(minift.merge_lora(model), r=args.r, alpha=args.alpha)
-    return tokenizer, model
+    return minift.lora_wrap(minift.merge_lora(model), r=args.r, alpha=args.alpha)
 
 
 def load_pairs(flag, path, tokenizer, seq_len, limit=None):
@@ -130,7 +128,11 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_output(args.output)
     torch.manual_seed(args.seed)
-    tokenizer, model = sft_policy(args, device)
+    try:
+        tokenizer = minift.load_tokenizer(args.model)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        raise UsageError(f"--model {args.model}: {err}") from err
+    # every input is read and checked before any training (the SFT run included)
     pairs = load_pairs("--data", args.data, tokenizer, args.seq_len)
     eval_pairs = load_pairs("--eval-data", args.eval_data, tokenizer, args.seq_len, args.eval_samples)
     chat, _ = sft.load_rows("--chat-eval", args.chat_eval, tokenizer, args.seq_len, args.eval_samples)
@@ -144,6 +146,7 @@ def run(args) -> dict:
             device=str(device), log_interval=10, save_interval=100)
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from err
+    model = sft_policy(args, device)
     print(f"policy: SFT model ({args.sft_adapter} merged into {args.model}) + fresh LoRA: "
           f"{minift.trainable_summary(model)}")
     print(f"data: {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs, {len(chat)} "
