@@ -18,7 +18,9 @@ import re
 
 import torch
 
+from minift._util import check_choice
 from minift.config import ModelConfig
+from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import METHODS, estimate_memory
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
@@ -115,7 +117,7 @@ def _largest(fits, low: int, high: int) -> int:
 def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int = 2048,
          r: int = 16, optimizer: str = "adamw", gradient_checkpointing: bool = False,
          dtype: torch.dtype = torch.bfloat16, reserve: int = 2**30,
-         target_modules="all-linear") -> dict:
+         target_modules="all-linear", objective: str = "sft") -> dict:
     """Estimates and fits for the three methods.
 
     Args:
@@ -125,6 +127,8 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
         r, optimizer, gradient_checkpointing, dtype, target_modules: as for `estimate_memory`.
         reserve: bytes kept free for the CUDA context and allocator slack (a margin chosen by
             the user, not a measurement).
+        objective: "sft", or "dpo" (batch_size counts pairs; `estimate_dpo_memory` with its
+            default reference: adapters off for LoRA/QLoRA, a frozen copy for full).
 
     Returns:
         {"methods": {method: {"estimate", "fits", "max_batch_size", "max_seq_len"}},
@@ -139,14 +143,16 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
         raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings "
                          f"({max_pos})")
     out = {}
+    check_choice("objective", objective, ("sft", "dpo"))
+    estimator = estimate_dpo_memory if objective == "dpo" else estimate_memory
     for method in METHODS:
         def total(b, t, m=method):
-            return estimate_memory(cfg, m, b, t, r=r, target_modules=target_modules,
-                                   optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-                                   dtype=dtype).total
-        est = estimate_memory(cfg, method, batch_size, seq_len, r=r, target_modules=target_modules,
-                              optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-                              dtype=dtype)
+            return estimator(cfg, m, b, t, r=r, target_modules=target_modules,
+                             optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
+                             dtype=dtype).total
+        est = estimator(cfg, method, batch_size, seq_len, r=r, target_modules=target_modules,
+                        optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
+                        dtype=dtype)
         out[method] = {
             "estimate": est,
             "fits": est.total <= budget,
@@ -155,7 +161,7 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
         }
     fitting = [m for m in METHODS if out[m]["fits"]]
     return {"methods": out, "recommendation": fitting[0] if fitting else None, "budget": budget,
-            "max_position_embeddings": max_pos}
+            "max_position_embeddings": max_pos, "objective": objective}
 
 
 def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
@@ -165,7 +171,9 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     methods = result["methods"]
     ckpt = "on" if gradient_checkpointing else "off"
     lines = [f"model {model_name} | batch {batch_size} x seq {seq_len} | optimizer {optimizer} | "
-             f"LoRA r={r} | gradient checkpointing {ckpt}",
+             f"LoRA r={r} | gradient checkpointing {ckpt}"
+             + (" | DPO: batch = pairs, 2x sequences + reference forward"
+                if result.get("objective") == "dpo" else ""),
              f"GPU memory {fmt_auto(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
              f"{fmt_auto(reserve)} for the CUDA context: {fmt_auto(result['budget'])} usable",
              ""]
@@ -224,6 +232,9 @@ def add_plan_arguments(parser) -> None:
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
     parser.add_argument("--gradient-checkpointing", action="store_true", dest="gradient_checkpointing")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--objective", default="sft", choices=("sft", "dpo"),
+                        help="sft, or dpo (--batch-size counts preference pairs: 2x the sequences, "
+                             "plus the reference forward; a frozen copy for full)")
     parser.add_argument("--reserve", default="1GiB",
                         help="memory kept free for the CUDA context and allocator slack (default 1GiB)")
 
@@ -244,7 +255,7 @@ def run_plan(args, parser) -> int:
         dtype = getattr(torch, args.dtype)
         result = plan(cfg, gpu, batch_size=args.batch_size, seq_len=args.seq_len, r=args.r,
                       optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
-                      dtype=dtype, reserve=reserve)
+                      dtype=dtype, reserve=reserve, objective=args.objective)
     except (ValueError, FileNotFoundError, TypeError) as err:
         parser.error(str(err))
     print(format_plan(result, model_name=name, gpu_memory=gpu, reserve=reserve,
