@@ -110,3 +110,58 @@ def test_planner_plans_the_dpo_stage():
         want = estimate_dpo_memory(cfg, m, 1, 1024, r=16, gradient_checkpointing=True)
         assert dpo["methods"][m]["estimate"].total == want.total
         assert dpo["methods"][m]["max_batch_size"] <= sft["methods"][m]["max_batch_size"]
+
+
+def _record(out_path):
+    """The docs/memory.md DPO table as JSON: estimates for 7B/8B (SFT vs DPO, LoRA and QLoRA,
+    full with each reference) and the small-model tracked-vs-estimated cases.
+
+    python tests/test_memory_dpo.py --out docs/benchmarks/dpo_memory.json
+    """
+    import json
+    import sys
+
+    from minift.runinfo import git_commit, git_modified, machine_info
+
+    torch.set_num_threads(1)
+    settings = dict(seq_len=1024, r=16, gradient_checkpointing=True, dtype="bfloat16",
+                    optimizer="adamw (lora, qlora); paged_adamw8bit (full)", batch="1 example "
+                    "(SFT) vs 1 pair (DPO)")
+    big = []
+    for preset in ("llama-2-7b", "llama-3-8b"):
+        for method in ("lora", "qlora", "full"):
+            opt = "paged_adamw8bit" if method == "full" else "adamw"
+            kw = dict(r=16, optimizer=opt, gradient_checkpointing=True)
+            row = {"model": preset, "method": method,
+                   "sft": estimate_memory(preset, method, 1, 1024, **kw).as_dict()}
+            refs = ("copy", "copy_nf4", "precomputed") if method == "full" else ("adapters",)
+            for ref in refs:
+                est = estimate_dpo_memory(preset, method, 1, 1024, reference=ref, **kw)
+                row[f"dpo_{ref}"] = dict(est.as_dict(), peak_moment=est.settings["peak_moment"],
+                                         reference_weights=est.terms["reference_weights"],
+                                         reference_forward=est.terms["reference_forward"])
+            big.append(row)
+    small = []
+    for method, pairs, seq in (("lora", 1, 64), ("lora", 2, 128), ("qlora", 1, 64),
+                               ("qlora", 2, 128)):
+        measured = measure(method, pairs, seq)
+        est = estimate_dpo_memory(SMALL, method, pairs, seq, r=8, device="cpu").as_dict()
+        small.append({"method": method, "pairs": pairs, "seq_len": seq, "measured": measured,
+                      "estimate": est, "relative_difference": est["total"] / measured["peak"] - 1})
+    record = {"command": "python tests/test_memory_dpo.py " + " ".join(sys.argv[1:]),
+              "machine": machine_info(), "git_commit": git_commit(), "git_modified": git_modified(),
+              "what": "DPO step memory: estimate_dpo_memory for 7B/8B presets (bytes) and "
+                      "estimate vs MemoryTracker on the second DPO step of a small bf16 model "
+                      "(hidden 128, 3 layers, vocab 512) on CPU",
+              "settings_7b_8b": settings, "estimates_7b_8b": big, "tracked_small_cpu": small}
+    with open(out_path, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="record the DPO memory table as JSON")
+    parser.add_argument("--out", required=True)
+    _record(parser.parse_args().out)
