@@ -43,6 +43,8 @@ def parse_args(argv=None):
     add("--general", default=str(DATA / "general.jsonl"), help="general text (forgetting check)")
     add("--beta", type=_number(float, 0, strict=True), default=0.1, help="DPO beta")
     add("--loss", default="sigmoid", choices=("sigmoid", "ipo"))
+    add("--sft-weight", type=_number(float, 0), default=0.0,
+        help="weight of the chosen replies' per-token NLL added to the DPO loss (RPO); 0 = DPO")
     add("--lr", type=_number(float, 0, strict=True), default=1e-3)
     add("--epochs", type=_number(int, 1), default=1)
     add("--max-steps", type=_number(int, 1), default=None)
@@ -140,6 +142,7 @@ def run(args) -> dict:
         general = load_texts(args.general)
         config = minift.TrainConfig(
             method="lora", objective="dpo", dpo_beta=args.beta, dpo_loss=args.loss,
+            dpo_sft_weight=args.sft_weight,
             learning_rate=args.lr, warmup_ratio=0.1, epochs=args.epochs, max_steps=args.max_steps,
             micro_batch_size=args.batch_size, bf16=device.type == "cuda",
             pad_id=tokenizer.pad_token_id, output_dir=args.output, seed=args.seed,
@@ -151,6 +154,7 @@ def run(args) -> dict:
           f"{minift.trainable_summary(model)}")
     print(f"data: {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs, {len(chat)} "
           f"held-out questions; beta {args.beta}, loss {args.loss}, device {device}")
+    # the before/after pair metrics are plain DPO's, whatever --sft-weight trains with
     objective = DPOObjective(AdapterReference(model), beta=args.beta, loss_type=args.loss)
     before = measure(model, objective, tokenizer, eval_pairs, chat, general, config, device)
     summary = minift.train(model, pairs, config, eval_data=eval_pairs)

@@ -212,14 +212,18 @@ class DPOObjective:
         reference: where pi_ref comes from (AdapterReference, ModelReference, StoredReference).
         beta: DPO's beta (> 0).
         loss_type: "sigmoid" or "ipo".
+        sft_weight: adds sft_weight * (-log pi(y_w|x) / |y_w|), the chosen reply's per-token NLL,
+            to each pair's loss (RPO, Pang et al. 2024): it keeps DPO from lowering the
+            likelihood of the chosen replies along with the rejected ones. 0 = plain DPO.
     """
 
     name = "dpo"
 
-    def __init__(self, reference, beta=0.1, loss_type="sigmoid"):
+    def __init__(self, reference, beta=0.1, loss_type="sigmoid", sft_weight=0.0):
         self.reference = reference
         self.beta = check_number("dpo_beta", beta, "> 0", lambda v: v > 0)
         self.loss_type = check_choice("dpo_loss_type", loss_type, LOSS_TYPES)
+        self.sft_weight = check_number("dpo_sft_weight", sft_weight, ">= 0", lambda v: v >= 0)
 
     @staticmethod
     def check(pairs, name):
@@ -235,6 +239,8 @@ class DPOObjective:
         b = logps.shape[0] // 2
         losses, cr, rr = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], self.beta,
                                   self.loss_type, counts=(counts[:b], counts[b:]))
+        if self.sft_weight:
+            losses = losses - self.sft_weight * logps[:b] / counts[:b].clamp(min=1)
         return losses, cr, rr, logps.detach()
 
     def step(self, model, micro_batches, device, bf16=False):
@@ -322,4 +328,5 @@ def objective_for(model, config, train_data, eval_data=None):
                 precompute_reference(reference, data, out / name, batch_size=config.micro_batch_size,
                                      pad_id=config.pad_id, device=device, bf16=config.bf16)
         reference = StoredReference()
-    return DPOObjective(reference, beta=config.dpo_beta, loss_type=config.dpo_loss)
+    return DPOObjective(reference, beta=config.dpo_beta, loss_type=config.dpo_loss,
+                        sft_weight=config.dpo_sft_weight)

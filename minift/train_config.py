@@ -49,6 +49,7 @@ class TrainConfig:
     | objective | "sft" | "sft" (token cross-entropy) or "dpo" (train_data holds preference pairs) |
     | dpo_beta | 0.1 | DPO's beta: how strongly the policy is held near the reference |
     | dpo_loss | "sigmoid" | "sigmoid" (DPO) or "ipo" |
+    | dpo_sft_weight | 0.0 | weight of the chosen replies' per-token NLL added to the loss (RPO) |
     | dpo_reference | "auto" | "auto" (LoRA/QLoRA: adapters off; full: a frozen copy) or "copy_nf4" |
     | precompute_reference | False | score the pairs with the reference once, before step 1 (on disk) |
     """
@@ -82,6 +83,7 @@ class TrainConfig:
     objective: str = "sft"
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"
+    dpo_sft_weight: float = 0.0
     dpo_reference: str = "auto"
     precompute_reference: bool = False
 
@@ -97,7 +99,8 @@ class TrainConfig:
                 ("weight_decay", ">= 0", lambda v: v >= 0, False),
                 ("max_grad_norm", "> 0", lambda v: v > 0, True),
                 ("neftune_alpha", "> 0", lambda v: v > 0, True),
-                ("dpo_beta", "> 0", lambda v: v > 0, False)):
+                ("dpo_beta", "> 0", lambda v: v > 0, False),
+                ("dpo_sft_weight", ">= 0", lambda v: v >= 0, False)):
             check_number(f"TrainConfig.{name}", getattr(self, name), rule, ok, optional=optional)
         for name in ("epochs", "micro_batch_size", "grad_accum", "log_interval"):
             check_int(f"TrainConfig.{name}", getattr(self, name))

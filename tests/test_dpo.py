@@ -206,6 +206,21 @@ def test_evaluate_reports_loss_and_accuracy_in_eval_mode():
     assert {"eval_reward_accuracy", "eval_reward_margin", "eval_chosen_logp"} <= set(result)
 
 
+def test_sft_weight_adds_the_chosen_per_token_nll():
+    policy, frozen = tiny_policy()
+    pairs = random_pairs(3)
+    batch = collate_pairs(pairs, 0)
+    plain = DPOObjective(ModelReference(frozen), beta=BETA)
+    rpo = DPOObjective(ModelReference(frozen), beta=BETA, sft_weight=0.5)
+    with torch.no_grad():
+        base, _, _, logps = plain.pair_terms(policy, batch, torch.device("cpu"))
+        with_nll, _, _, _ = rpo.pair_terms(policy, batch, torch.device("cpu"))
+    lengths = torch.tensor([sum(t != -100 for t in p["chosen_labels"]) for p in pairs])
+    torch.testing.assert_close(with_nll, base - 0.5 * logps[:3] / lengths)
+    with pytest.raises(ValueError, match="dpo_sft_weight"):
+        DPOObjective(StoredReference(), sft_weight=-1)
+
+
 @pytest.mark.parametrize("beta, loss_type, words", [
     (0.0, "sigmoid", "dpo_beta must be a finite number > 0"),
     (float("nan"), "sigmoid", "dpo_beta"), (0.1, "orpo", "dpo_loss_type must be one of")])
