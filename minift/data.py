@@ -6,12 +6,13 @@ Labels equal the input ids on the assistant's replies (with the token that ends 
 -100 everywhere else, so the loss trains only what the model should say.
 """
 import bisect
-import json
 import random
 import warnings
 from dataclasses import asdict, dataclass
 
 import torch
+
+from minift._util import read_jsonl
 
 IGNORE = -100  # label of tokens the loss skips
 
@@ -36,25 +37,7 @@ class DataStats:
 
 def _read_jsonl(path):
     """(line number, row) for each non-blank line; errors name file:line."""
-    rows = []
-    # Read bytes and decode line by line, so that a byte that is not UTF-8 is reported with its
-    # line rather than as a bare codec error from deep inside the file iterator.
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start:err.start + 1]!r} "
-                                 f"at column {err.start + 1}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+    rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path}: empty dataset (no rows)")
     return rows

@@ -4,28 +4,14 @@ The vocabulary and the text <-> id mapping come from tokenizer.json through the 
 library; tokenizer_config.json and special_tokens_map.json say which tokens are BOS/EOS/PAD/UNK,
 whether encoding adds BOS, and carry the chat template.
 """
-import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer as _BackendTokenizer, processors
 
 from minift import chat_templates
+from minift._util import read_json, write_json
 
 _ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
-
-
-def _read_json(path):
-    """Reads a JSON file; a syntax error becomes ValueError naming the file and the line."""
-    data = Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:  # the codec's own message names neither file nor line
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
 
 
 def _token_content(value, where):
@@ -203,8 +189,7 @@ class Tokenizer:
             for i, t in sorted(self.backend.get_added_tokens_decoder().items())}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        with open(path / "tokenizer_config.json", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
+        write_json(path / "tokenizer_config.json", config, ensure_ascii=False)
 
 
 def _special_tokens(config, config_file, tokens_map, map_file):
@@ -269,8 +254,8 @@ def load_tokenizer(path, chat_template=None):
     except Exception as err:  # the Rust library raises a bare Exception on bad files
         raise ValueError(f"{tokenizer_file}: cannot be read as a tokenizers file ({err})") from err
     config_file, map_file = path / "tokenizer_config.json", path / "special_tokens_map.json"
-    config = _read_json(config_file) if config_file.is_file() else {}
-    tokens_map = _read_json(map_file) if map_file.is_file() else {}
+    config = read_json(config_file) if config_file.is_file() else {}
+    tokens_map = read_json(map_file) if map_file.is_file() else {}
     for name, data in ((config_file, config), (map_file, tokens_map)):
         if not isinstance(data, dict):
             raise ValueError(f"{name}: expected a JSON object, got {type(data).__name__}")

@@ -7,7 +7,8 @@
 """
 from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import MemoryEstimate, estimate_memory
-from minift.memory.tracker import CATEGORIES, MemoryReport, MemoryTracker, breakdown_table, format_bytes
+from minift._util import format_bytes
+from minift.memory.tracker import CATEGORIES, MemoryReport, MemoryTracker, breakdown_table
 
 __all__ = ["CATEGORIES", "MemoryEstimate", "MemoryReport", "MemoryTracker", "breakdown_table",
            "estimate_dpo_memory", "estimate_memory", "format_bytes"]

@@ -5,90 +5,26 @@ estimates full fine-tuning, LoRA and QLoRA side by side with `minift.estimate_me
 fit, finds the largest batch size and the longest sequence that fit for each, and recommends the
 highest-quality method that fits (full > LoRA > QLoRA).
 
-Memory sizes: ``KB/MB/GB/TB`` are decimal (10^3 steps: "24GB" = 24e9 bytes), ``KiB/MiB/GiB/TiB``
-binary (2^10 steps), and a bare ``K/M/G/T`` is binary as in nvidia-smi and most command-line
-tools ("24G" = 24 GiB). Spaces between number and unit are allowed and the prefix may be either
-case ("24gB", "24kB"), but the B of bytes must be upper-case: a lower-case b means bits ("24Gb"
-is 3 GB), so it is refused rather than misread.
+Memory sizes are read by `minift._util.parse_bytes`, the one size grammar of minift: "24GB" is
+24e9 bytes, "24GiB" and "24G" are 24 * 2^30.
 """
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
-from minift._util import check_choice
+from minift._util import check_choice, fmt_in, format_bytes, parse_bytes, unit_for
 from minift.config import ModelConfig
 from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import METHODS, estimate_memory
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
-_UNITS = {"": None, "b": 1}
-for _i, _p in enumerate("kmgt", start=1):
-    _UNITS[_p + "b"] = 1000 ** _i
-    _UNITS[_p + "ib"] = 1024 ** _i
-    _UNITS[_p] = 1024 ** _i
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
 MAX_BATCH = 1 << 16
 
 
-def parse_memory(text: str, name: str = "memory", allow_zero: bool = False) -> int:
-    """Bytes in a memory size such as "24GB", "24 GB", "24GiB", "24000MB" or "24G".
-
-    Args:
-        text: the size; see the module docstring for the units.
-        name: what the value is, for the error message (e.g. "--gpu-memory").
-        allow_zero: accept a size of 0 (e.g. no reserve); otherwise it must be positive.
-
-    Raises:
-        ValueError: naming `name` and the text when it is not a size with a unit, when its unit
-            ends in a lower-case b (bits), or when it is 0 and `allow_zero` is False.
-    """
-    hint = "write e.g. 24GB (10^9 bytes), 24GiB or 24G (2^30 bytes), 24000MB"
-    match = _MEMORY.match(str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{name}: cannot read {text!r} as a memory size; {hint}")
-    unit_text = match.group(2)
-    if unit_text.endswith("b"):
-        number, prefix = match.group(1), unit_text[:-1].rstrip("iI").upper()
-        fix = f"{number}{prefix}B or {number}{prefix}iB" if prefix else f"{number}B"
-        raise ValueError(f"{name}: {text!r} ends in a lower-case b, which means bits; for bytes "
-                         f"write {fix}")
-    unit = _UNITS[unit_text.lower()]
-    if unit is None:
-        raise ValueError(f"{name}: {text!r} has no unit; {hint}")
-    value = float(match.group(1)) * unit
-    if value == 0 and allow_zero:
-        return 0
-    if value < 1:
-        what = "a memory size >= 0" if allow_zero else "a positive memory size"
-        raise ValueError(f"{name}: {text!r} must be {what}; {hint}")
-    return int(value)
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def unit_for(largest: float) -> tuple:
-    """(name, bytes) of the binary unit that shows `largest` with at least one whole unit."""
-    for name, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if largest >= size:
-            return name, size
-    return "KiB", 2**10
-
-
-def fmt_in(unit: tuple):
-    """A formatter of byte counts in one fixed unit (one table reads in one unit)."""
-    name, size = unit
-    return lambda n: f"{n / size:.2f} {name}"
-
-
-def fmt_auto(n: float) -> str:
-    """Bytes in the largest binary unit that holds at least one whole unit ("0 B" for zero)."""
-    return "0 B" if n == 0 else fmt_in(unit_for(n))(n)
+parse_memory = parse_bytes  # sizes read as everywhere in minift (see minift._util)
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str]:
@@ -136,8 +72,8 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
     """
     budget = gpu_memory - reserve
     if budget <= 0:
-        raise ValueError(f"--reserve ({fmt_auto(reserve)}) leaves nothing of --gpu-memory "
-                         f"({fmt_auto(gpu_memory)})")
+        raise ValueError(f"--reserve ({format_bytes(reserve)}) leaves nothing of --gpu-memory "
+                         f"({format_bytes(gpu_memory)})")
     max_pos = cfg.max_position_embeddings
     if seq_len > max_pos:
         raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings "
@@ -174,8 +110,8 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
              f"LoRA r={r} | gradient checkpointing {ckpt}"
              + (" | DPO: batch = pairs, 2x sequences + reference forward"
                 if result.get("objective") == "dpo" else ""),
-             f"GPU memory {fmt_auto(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
-             f"{fmt_auto(reserve)} for the CUDA context: {fmt_auto(result['budget'])} usable",
+             f"GPU memory {format_bytes(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
+             f"{format_bytes(reserve)} for the CUDA context: {format_bytes(result['budget'])} usable",
              ""]
     columns = {LABELS[m]: methods[m]["estimate"].as_dict() for m in METHODS}
     # one unit for the whole table, picked by the largest total: GiB for 7B models, MiB (not
@@ -206,8 +142,8 @@ def _recommend(result, batch_size, seq_len, gradient_checkpointing) -> str:
     methods = result["methods"]
     if best is not None:
         return (f"Recommendation: {LABELS[best]} — the highest-quality method that fits batch "
-                f"{batch_size} x seq {seq_len} ({fmt_auto(methods[best]['estimate'].total)} of "
-                f"{fmt_auto(result['budget'])}).")
+                f"{batch_size} x seq {seq_len} ({format_bytes(methods[best]['estimate'].total)} of "
+                f"{format_bytes(result['budget'])}).")
     smaller = [m for m in METHODS if methods[m]["max_batch_size"] >= 1]
     if smaller:
         m = smaller[0]
