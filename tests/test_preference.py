@@ -68,7 +68,7 @@ def test_load_preferences_reads_file_and_skips_blank_lines(tok, tmp_path):
       "chosen": "1", "rejected": "2"}, "must end with the user's turn"),
     ({"messages": [{"role": "user"}], "chosen": "1", "rejected": "2"}, "messages[0]"),
     ("[1, 2]", "expected a JSON object"),
-    ("{not json", "malformed JSON"),
+    ("{not json", "invalid JSON"),
 ])
 def test_bad_rows_name_file_and_line(tok, tmp_path, row, words):
     path = write_rows(tmp_path, [{"prompt": "ok", "chosen": "1", "rejected": "2"}, row])
