@@ -43,9 +43,10 @@ def parse_args(argv=None):
     add("--general", default=str(DATA / "general.jsonl"), help="general text (forgetting check)")
     add("--beta", type=_number(float, 0, strict=True), default=0.1, help="DPO beta")
     add("--loss", default="sigmoid", choices=("sigmoid", "ipo"))
-    add("--sft-weight", type=_number(float, 0), default=0.0,
-        help="weight of the chosen replies' per-token NLL added to the DPO loss (RPO); 0 = DPO")
-    add("--lr", type=_number(float, 0, strict=True), default=1e-3)
+    add("--sft-weight", type=_number(float, 0), default=1.0,
+        help="weight of the chosen replies' per-token NLL added to the DPO loss (RPO); 0 = "
+             "plain DPO, which cost exact match on the shipped task (docs/dpo.md)")
+    add("--lr", type=_number(float, 0, strict=True), default=3e-4)
     add("--epochs", type=_number(int, 1), default=1)
     add("--max-steps", type=_number(int, 1), default=None)
     add("--batch-size", type=_number(int, 1), default=16, help="pairs per micro-batch")
