@@ -140,6 +140,21 @@ class ModelReference:
         return model_logps(self.model, batch, device, bf16)[0]
 
 
+class SelfReference:
+    """The model as it is now, in eval mode and without autograd: the reference of a full
+    fine-tune for the one pass of `precompute_reference` before training, without a copy."""
+
+    kind = "self"
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def logps(self, batch, device, bf16=False):
+        with _eval(self.model):
+            return model_logps(self.model, batch, device, bf16)[0]
+
+
 class StoredReference:
     """Reference log-probabilities stored with the pairs (see `precompute_reference`)."""
 
@@ -317,6 +332,8 @@ def objective_for(model, config, train_data, eval_data=None):
                           "the base model, not the starting policy; merge_lora the starting "
                           "adapter and lora_wrap a fresh one to use it as the reference",
                           stacklevel=3)
+    elif config.precompute_reference:
+        reference = SelfReference(model)  # scored before step 1: the model is still the start
     else:
         reference = ModelReference.copy_of(model)
     if config.precompute_reference:
