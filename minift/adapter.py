@@ -6,9 +6,14 @@ A PEFT LoRA adapter is a directory with two files:
 and ``...lora_B.weight`` (out, r). Because minift's module names equal Hugging Face's, the module
 paths need no conversion.
 """
+from __future__ import annotations
+
+import os
 from pathlib import Path
+from typing import Optional
 
 import torch
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -46,7 +51,7 @@ def _target_names(model, wrapped):
     return suffixes if selected == set(wrapped) else sorted(wrapped)
 
 
-def adapter_config(model, base_model_name_or_path=None):
+def adapter_config(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict:
     """The adapter_config.json contents describing a LoRA-wrapped model."""
     layers = lora_layers(model)
     if not layers:
@@ -72,7 +77,8 @@ def adapter_config(model, base_model_name_or_path=None):
     return config
 
 
-def save_adapter(model, path, base_model_name_or_path=None):
+def save_adapter(model: nn.Module, path: str | os.PathLike,
+                 base_model_name_or_path: Optional[str] = None) -> None:
     """Write a LoRA-wrapped model's adapters as a PEFT adapter directory.
 
     Args:
@@ -93,7 +99,7 @@ def save_adapter(model, path, base_model_name_or_path=None):
     write_json(path / CONFIG_NAME, config, sort_keys=True)
 
 
-def read_adapter_config(path):
+def read_adapter_config(path: str | os.PathLike) -> dict:
     """Read and check adapter_config.json in ``path``; returns the parsed dict."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
@@ -179,7 +185,7 @@ def _check_settings_match(file, model, config):
                                  f"has {field}={mine!r}")
 
 
-def load_adapter(model, path):
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format LoRA adapter into a model.
 
     An unwrapped model is first wrapped with the adapter's r, lora_alpha, lora_dropout,

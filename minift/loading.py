@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch
@@ -24,7 +23,7 @@ from minift import nf4
 from minift._util import parse_bytes, read_json, write_json
 from minift.model import Llama
 from minift.nf4_linear import NF4Linear
-from minift.quantmaps import dynamic_map, nf4_code
+from minift.quantmaps import nf4_code
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -228,12 +227,10 @@ def quantize_in_slices(w: torch.Tensor, dtype: torch.dtype, device, blocksize: i
                                 double_quant=False)
         packed[start // 2:start // 2 + part.packed.shape[0]] = part.packed
         absmax[start // blocksize:start // blocksize + part.absmax.numel()] = part.absmax
-    q = nf4.NF4Weight(packed=packed, absmax=absmax, shape=torch.Size(w.shape), dtype=dtype,
-                      blocksize=blocksize, code=nf4_code(packed.device))
-    offset = absmax.mean()  # the same reduction over the same fp32 values as quantize_nf4
-    codes, nested_absmax = nf4._quantize_8bit(absmax - offset)
-    return replace(q, absmax=codes, nested_absmax=nested_absmax,
-                   nested_code=dynamic_map(True, packed.device), offset=float(offset.item()))
+    # the same double quantization over the same fp32 absmaxes as quantize_nf4
+    return nf4.double_quantize(nf4.NF4Weight(packed=packed, absmax=absmax, shape=torch.Size(w.shape),
+                                             dtype=dtype, blocksize=blocksize,
+                                             code=nf4_code(packed.device)))
 
 
 def _names(names: list[str], limit: int = 8) -> str:

@@ -4,7 +4,11 @@ The vocabulary and the text <-> id mapping come from tokenizer.json through the 
 library; tokenizer_config.json and special_tokens_map.json say which tokens are BOS/EOS/PAD/UNK,
 whether encoding adds BOS, and carry the chat template.
 """
+from __future__ import annotations
+
+import os
 from pathlib import Path
+from typing import Optional
 
 from tokenizers import AddedToken, Tokenizer as _BackendTokenizer, processors
 
@@ -80,38 +84,38 @@ class Tokenizer:
                                                                     special_tokens=special)
 
     @property
-    def chat_template(self):
+    def chat_template(self) -> Optional[str]:
         return self._chat_template
 
     @chat_template.setter
-    def chat_template(self, source):
+    def chat_template(self, source: Optional[str]) -> None:
         self._chat_template = source
         self._compiled = chat_templates.compile_template(source) if source is not None else None
 
-    def token_to_id(self, token):
+    def token_to_id(self, token: str) -> Optional[int]:
         """Id of a token string, or None when the vocabulary has no such token."""
         return None if token is None else self.backend.token_to_id(token)
 
     @property
-    def bos_token_id(self):
+    def bos_token_id(self) -> Optional[int]:
         return self.token_to_id(self.bos_token)
 
     @property
-    def eos_token_id(self):
+    def eos_token_id(self) -> Optional[int]:
         return self.token_to_id(self.eos_token)
 
     @property
-    def unk_token_id(self):
+    def unk_token_id(self) -> Optional[int]:
         return self.token_to_id(self.unk_token)
 
     @property
-    def pad_token_id(self):
+    def pad_token_id(self) -> Optional[int]:
         """PAD's id; checkpoints without a PAD token (Llama) pad with EOS, masked out anyway."""
         pad = self.token_to_id(self.pad_token)
         return pad if pad is not None else self.eos_token_id
 
     @property
-    def vocab_size(self):
+    def vocab_size(self) -> int:
         """Number of ids the tokenizer can produce, added tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
@@ -119,14 +123,14 @@ class Tokenizer:
         return self.vocab_size
 
     @property
-    def special_tokens(self):
+    def special_tokens(self) -> dict:
         """Role -> token string for every special token that is set (what templates see)."""
         out = {r: getattr(self, r) for r in _ROLES if getattr(self, r) is not None}
         if self.extra_special_tokens:
             out["additional_special_tokens"] = list(self.extra_special_tokens)
         return out
 
-    def encode(self, text, add_special_tokens=False):
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Text -> token ids.
 
         Args:
@@ -138,12 +142,12 @@ class Tokenizer:
             raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_with_offsets(self, text):
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and (start, end) character offsets of each token in `text`, no special tokens added."""
         enc = self.backend.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Token ids -> text.
 
         Args:
@@ -153,7 +157,8 @@ class Tokenizer:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False) -> str | list[int]:
         """Renders a conversation with the chat template.
 
         Args:
@@ -170,7 +175,7 @@ class Tokenizer:
         text = chat_templates.render(self._compiled, messages, add_generation_prompt, self.special_tokens)
         return self.encode(text) if tokenize else text
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Writes tokenizer.json and tokenizer_config.json into the folder `path`.
 
         The files load back with `load_tokenizer` and with transformers' AutoTokenizer.
@@ -226,7 +231,7 @@ def _resolve_template(path, config, config_file, chat_template, vocab):
     return chat_templates.BUILTIN_TEMPLATES[chat_templates.default_template_name(vocab)]
 
 
-def load_tokenizer(path, chat_template=None):
+def load_tokenizer(path: str | os.PathLike, chat_template: Optional[str] = None) -> Tokenizer:
     """Loads the tokenizer of a Hugging Face checkpoint folder.
 
     Args:
