@@ -67,12 +67,12 @@ def test_non_finite_value_in_a_param_group_names_the_group():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=True), "lr must be a finite number >= 0, got True"),
-    (dict(eps=True), "eps must be a finite number > 0, got True"),
-    (dict(weight_decay=False), "weight_decay must be a finite number >= 0, got False"),
-    (dict(betas=(0.9, True)), r"betas\[1\] must be a finite number in \[0, 1\), got True"),
-    (dict(lr="1e-3"), "lr must be a finite number >= 0, got '1e-3'"),
-    (dict(lr=None), "lr must be a finite number >= 0, got None"),
+    (dict(lr=True), "lr must be a finite number >= 0, got bool True"),
+    (dict(eps=True), "eps must be a finite number > 0, got bool True"),
+    (dict(weight_decay=False), "weight_decay must be a finite number >= 0, got bool False"),
+    (dict(betas=(0.9, True)), r"betas\[1\] must be a finite number in \[0, 1\), got bool True"),
+    (dict(lr="1e-3"), "lr must be a finite number >= 0, got str '1e-3'"),
+    (dict(lr=None), "lr must be a finite number >= 0, got NoneType None"),
 ])
 def test_bool_and_non_number_hyperparameters_are_type_errors(kwargs, match):
     with pytest.raises(TypeError, match=match):
@@ -91,7 +91,7 @@ def test_numpy_scalars_are_accepted_as_hyperparameters():
 @pytest.mark.parametrize("key,value,error,match", [
     ("lr", -1.0, ValueError, r"\(param group 1\): lr must be a finite number >= 0, got -1.0"),
     ("lr", NAN, ValueError, r"\(param group 1\): lr must be a finite number >= 0, got nan"),
-    ("lr", True, TypeError, r"\(param group 1\): lr must be a finite number >= 0, got True"),
+    ("lr", True, TypeError, r"\(param group 1\): lr must be a finite number >= 0, got bool True"),
     ("eps", 0.0, ValueError, r"\(param group 1\): eps must be a finite number > 0, got 0.0"),
     ("weight_decay", INF, ValueError, r"\(param group 1\): weight_decay must be a finite number"),
     ("betas", (0.9, 1.0), ValueError, r"\(param group 1\): betas\[1\] must be a finite number in \[0, 1\)"),
