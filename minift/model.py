@@ -20,7 +20,6 @@ from minift.config import ROPE_REQUIRED_KEYS, ModelConfig
 from minift.offload import ActivationOffload
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-LLAMA3_ROPE_KEYS = ROPE_REQUIRED_KEYS["llama3"]
 
 
 class KVCache:

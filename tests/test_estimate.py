@@ -6,7 +6,8 @@ import torch
 
 import minift
 from minift.config import ModelConfig
-from minift.memory.estimate import CATEGORIES, adam_state_bytes, estimate_memory, nf4_bytes
+from minift.memory.estimate import CATEGORIES, estimate_memory
+from minift.memory.formulas import adam_state_bytes, nf4_bytes
 from minift.memory.tracker import MemoryTracker
 from minift.model import Llama
 from minift.trainer import accumulate_gradients
@@ -38,7 +39,14 @@ def test_llama2_7b_full_weights_and_qlora_base():
     assert q.frozen_weights == pytest.approx(linear * 4.127 / 8 + 2 * rest, rel=1e-3)
     lora_values = cfg.num_hidden_layers * sum(16 * (a + b) for a, b in cfg.linear_shapes().values())
     assert q.trainable_params == 4 * lora_values  # float32 adapters
-    assert estimate_memory("llama-2-7b", "lora", optimizer="paged_adamw8bit").optimizer_states == 0
+    # paged 8-bit states live in host pages; the device keeps up to the budget resident (default
+    # 1 GiB, more than these LoRA states) and the float32 moments of small tensors
+    paged = estimate_memory("llama-2-7b", "lora", optimizer="paged_adamw8bit")
+    eight_bit = estimate_memory("llama-2-7b", "lora", optimizer="adamw8bit")
+    assert paged.optimizer_states == eight_bit.optimizer_states == paged.host
+    none_resident = estimate_memory("llama-2-7b", "lora", optimizer="paged_adamw8bit",
+                                    paged_device_budget=0)
+    assert none_resident.optimizer_states == 0 and none_resident.host == paged.host
 
 
 def test_checkpointing_and_longer_sequences():
@@ -104,6 +112,21 @@ def test_duplicate_target_modules_count_once():
     assert twice.as_dict() == once.as_dict()
     three = estimate_memory("tiny", "lora", 2, 64, target_modules=["q_proj", "v_proj", "k_proj"])
     assert once.trainable_params < three.trainable_params
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_terms_add_up_and_the_peak_is_a_named_moment(method, ckpt):
+    est = estimate_memory("llama-3-8b", method, 2, 1024, gradient_checkpointing=ckpt)
+    buffers = ("loss_buffers", "step_temporaries", "dequant_scratch")
+    assert sum(v for k, v in est.terms.items() if k not in buffers) == est.activations
+    assert (est.terms["dequant_scratch"] > 0) == (method == "qlora")
+    moments = {"loss", "backward_start", "optimizer_step", "recompute", "recompute_dequant",
+               "forward_dequant", "backward_layer_0", "backward_layer_31"}
+    assert est.settings["peak_moment"] in moments
+    # the step holds at least what is stored; "other" is the peak moment's scratch
+    stored = est.frozen_weights + est.trainable_params + est.optimizer_states
+    assert est.total > stored and 0 < est.other < est.total - stored
 
 
 def test_seq_len_up_to_the_model_limit():

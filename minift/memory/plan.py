@@ -5,89 +5,26 @@ estimates full fine-tuning, LoRA and QLoRA side by side with `minift.estimate_me
 fit, finds the largest batch size and the longest sequence that fit for each, and recommends the
 highest-quality method that fits (full > LoRA > QLoRA).
 
-Memory sizes: ``KB/MB/GB/TB`` are decimal (10^3 steps: "24GB" = 24e9 bytes), ``KiB/MiB/GiB/TiB``
-binary (2^10 steps), and a bare ``K/M/G/T`` is binary as in nvidia-smi and most command-line
-tools ("24G" = 24 GiB). Spaces between number and unit are allowed and the prefix may be either
-case ("24gB", "24kB"), but the B of bytes must be upper-case: a lower-case b means bits ("24Gb"
-is 3 GB), so it is refused rather than misread.
+Memory sizes are read by `minift._util.parse_bytes`, the one size grammar of minift: "24GB" is
+24e9 bytes, "24GiB" and "24G" are 24 * 2^30.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 
 import torch
 
+from minift._util import fmt_in, format_bytes, parse_bytes, unit_for
 from minift.config import ModelConfig
 from minift.memory.estimate import METHODS, estimate_memory
-from minift.memory.features import format_feature_plan, plan_features
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
-_UNITS = {"": None, "b": 1}
-for _i, _p in enumerate("kmgt", start=1):
-    _UNITS[_p + "b"] = 1000 ** _i
-    _UNITS[_p + "ib"] = 1024 ** _i
-    _UNITS[_p] = 1024 ** _i
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
 MAX_BATCH = 1 << 16
 
 
-def parse_memory(text: str, name: str = "memory", allow_zero: bool = False) -> int:
-    """Bytes in a memory size such as "24GB", "24 GB", "24GiB", "24000MB" or "24G".
-
-    Args:
-        text: the size; see the module docstring for the units.
-        name: what the value is, for the error message (e.g. "--gpu-memory").
-        allow_zero: accept a size of 0 (e.g. no reserve); otherwise it must be positive.
-
-    Raises:
-        ValueError: naming `name` and the text when it is not a size with a unit, when its unit
-            ends in a lower-case b (bits), or when it is 0 and `allow_zero` is False.
-    """
-    hint = "write e.g. 24GB (10^9 bytes), 24GiB or 24G (2^30 bytes), 24000MB"
-    match = _MEMORY.match(str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{name}: cannot read {text!r} as a memory size; {hint}")
-    unit_text = match.group(2)
-    if unit_text.endswith("b"):
-        number, prefix = match.group(1), unit_text[:-1].rstrip("iI").upper()
-        fix = f"{number}{prefix}B or {number}{prefix}iB" if prefix else f"{number}B"
-        raise ValueError(f"{name}: {text!r} ends in a lower-case b, which means bits; for bytes "
-                         f"write {fix}")
-    unit = _UNITS[unit_text.lower()]
-    if unit is None:
-        raise ValueError(f"{name}: {text!r} has no unit; {hint}")
-    value = float(match.group(1)) * unit
-    if value == 0 and allow_zero:
-        return 0
-    if value < 1:
-        what = "a memory size >= 0" if allow_zero else "a positive memory size"
-        raise ValueError(f"{name}: {text!r} must be {what}; {hint}")
-    return int(value)
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def unit_for(largest: float) -> tuple:
-    """(name, bytes) of the binary unit that shows `largest` with at least one whole unit."""
-    for name, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if largest >= size:
-            return name, size
-    return "KiB", 2**10
-
-
-def fmt_in(unit: tuple):
-    """A formatter of byte counts in one fixed unit (one table reads in one unit)."""
-    name, size = unit
-    return lambda n: f"{n / size:.2f} {name}"
-
-
-def fmt_auto(n: float) -> str:
-    """Bytes in the largest binary unit that holds at least one whole unit ("0 B" for zero)."""
-    return "0 B" if n == 0 else fmt_in(unit_for(n))(n)
+parse_memory = parse_bytes  # sizes read as everywhere in minift (see minift._util)
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str]:
@@ -133,8 +70,8 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
     """
     budget = gpu_memory - reserve
     if budget <= 0:
-        raise ValueError(f"--reserve ({fmt_auto(reserve)}) leaves nothing of --gpu-memory "
-                         f"({fmt_auto(gpu_memory)})")
+        raise ValueError(f"--reserve ({format_bytes(reserve)}) leaves nothing of --gpu-memory "
+                         f"({format_bytes(gpu_memory)})")
     max_pos = cfg.max_position_embeddings
     if seq_len > max_pos:
         raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings "
@@ -170,8 +107,8 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     ckpt = "on" if gradient_checkpointing else "off"
     lines = [f"model {model_name} | batch {batch_size} x seq {seq_len} | optimizer {optimizer} | "
              f"LoRA r={r} | gradient checkpointing {ckpt}",
-             f"GPU memory {fmt_auto(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
-             f"{fmt_auto(reserve)} for the CUDA context: {fmt_auto(result['budget'])} usable",
+             f"GPU memory {format_bytes(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
+             f"{format_bytes(reserve)} for the CUDA context: {format_bytes(result['budget'])} usable",
              ""]
     columns = {LABELS[m]: methods[m]["estimate"].as_dict() for m in METHODS}
     # one unit for the whole table, picked by the largest total: GiB for 7B models, MiB (not
@@ -186,7 +123,7 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
                               for m in METHODS) + " |")
     if "features" in result:
         lines.append(format_feature_plan(result["features"], result["budget"],
-                                         result["max_position_embeddings"], fmt_auto))
+                                         result["max_position_embeddings"], format_bytes))
     lines.append("")
     lines.append(_recommend(result, batch_size, seq_len, gradient_checkpointing))
     lines.append("Estimates from first principles (minift.estimate_memory), checked against "
@@ -205,8 +142,8 @@ def _recommend(result, batch_size, seq_len, gradient_checkpointing) -> str:
     methods = result["methods"]
     if best is not None:
         return (f"Recommendation: {LABELS[best]} — the highest-quality method that fits batch "
-                f"{batch_size} x seq {seq_len} ({fmt_auto(methods[best]['estimate'].total)} of "
-                f"{fmt_auto(result['budget'])}).")
+                f"{batch_size} x seq {seq_len} ({format_bytes(methods[best]['estimate'].total)} of "
+                f"{format_bytes(result['budget'])}).")
     smaller = [m for m in METHODS if methods[m]["max_batch_size"] >= 1]
     if smaller:
         m = smaller[0]
@@ -258,3 +195,80 @@ def run_plan(args, parser) -> int:
                       batch_size=args.batch_size, seq_len=args.seq_len, optimizer=args.optimizer,
                       r=args.r, gradient_checkpointing=args.gradient_checkpointing))
     return 0
+
+
+# ---- the memory features -------------------------------------------------------------------
+# What the planner turns on, one step at a time, until a method fits (gradient checkpointing is
+# on throughout). Each rung keeps the ones before it.
+LADDER = (
+    ("chunked loss (loss_chunk_size=1024)", dict(loss_chunk_size=1024)),
+    ("activation offload", dict(activation_offload=True)),
+    ("smaller loss chunks (256) and MLP tiles of 1024 tokens",
+     dict(loss_chunk_size=256, mlp_tile_size=1024)),
+    ("paged 8-bit AdamW, nothing resident (paged_device_budget=0)",
+     dict(optimizer="paged_adamw8bit", paged_device_budget=0)),
+    ("optimizer step in backward (max_grad_norm=None, grad_accum=1)",
+     dict(optimizer_in_backward=True)),
+)
+LONGEST_LIMIT = 1 << 22  # 4M tokens: the search's upper bound
+
+
+def plan_features(cfg: ModelConfig, budget: int, method: str, batch_size: int, seq_len: int,
+                  **common) -> dict:
+    """The fewest rungs of `LADDER` with which `method` fits `budget` device bytes.
+
+    Returns {"fits", "features" (names of the rungs used), "settings" (estimate_memory
+    keywords), "estimate", "longest_seq_batch_1"}; `common` holds r, optimizer, dtype, ...
+    """
+    settings, used = dict(common, loss_chunk_size=None), []
+    est = _feature_estimate(cfg, method, batch_size, seq_len, settings)
+    for name, change in LADDER:
+        if est.total <= budget:
+            break
+        settings.update(change)
+        used.append(name)
+        est = _feature_estimate(cfg, method, batch_size, seq_len, settings)
+    full_set = dict(settings)
+    for _, change in LADDER:
+        full_set.update(change)
+    return {"fits": est.total <= budget, "features": used, "settings": settings, "estimate": est,
+            "longest_seq_batch_1": longest_seq(cfg, budget, method, **full_set)}
+
+
+def _feature_estimate(cfg, method, batch_size, seq_len, settings):
+    # rows without padding (the fused causal attention; packed rows are the same size)
+    return estimate_memory(cfg, method, batch_size, seq_len, gradient_checkpointing=True,
+                           attention_mask=False, **settings)
+
+
+def longest_seq(cfg: ModelConfig, budget: int, method: str, **settings) -> int:
+    """Longest sequence at batch 1 whose estimate fits `budget` (0 if none), memory only: the
+    search goes past max_position_embeddings (the caller says when the answer is beyond it)."""
+    roomy = dataclasses.replace(cfg, max_position_embeddings=LONGEST_LIMIT)
+
+    def fits(t):
+        return _feature_estimate(roomy, method, 1, t, settings).total <= budget
+
+    if not fits(2):
+        return 0
+    good, bad = 2, LONGEST_LIMIT + 1
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def format_feature_plan(results: dict, budget: int, max_pos: int, fmt) -> str:
+    """Lines for ``python -m minift plan``: per method, the features needed, device and host
+    (``fmt`` writes a byte count)."""
+    lines = ["", "With the memory features (gradient checkpointing on), per method:"]
+    for method, res in results.items():
+        est = res["estimate"]
+        what = ", ".join(res["features"]) or "none needed"
+        status = "fits" if res["fits"] else "does not fit even with every feature"
+        longest = res["longest_seq_batch_1"]
+        beyond = f" (beyond max_position_embeddings {max_pos})" if longest > max_pos else ""
+        lines.append(f"- {method}: {status} with {what}: device {fmt(est.total)} of "
+                     f"{fmt(budget)}, host RAM {fmt(est.host)}; longest sequence at batch 1 "
+                     f"with every feature: {longest}{beyond}")
+    return "\n".join(lines)

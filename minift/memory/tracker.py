@@ -41,6 +41,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from minift._util import format_bytes
+
 # State keys a paged optimizer (minift.optim.AdamW8bit(paged=True)) keeps in host pages.
 PAGED_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
 CATEGORIES = ("frozen_weights", "trainable_params", "gradients", "optimizer_states",
@@ -58,16 +60,6 @@ def host_side():
         yield
     finally:
         _HOST_SIDE.reset(token)
-
-
-def format_bytes(n: float) -> str:
-    """Bytes in binary units: 512 B, 1.50 KiB, 3.25 MiB, 14.96 GiB."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
 
 
 def breakdown_table(columns: dict, rows=CATEGORIES + ("total",), bytes_fmt=format_bytes) -> str:
