@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minift.attention import ATTENTION_IMPLS, BatchMask, attend, batch_mask
 from minift.config import ROPE_REQUIRED_KEYS, ModelConfig
 from minift.offload import ActivationOffload
 
@@ -123,7 +124,7 @@ class Attention(nn.Module):
         # Qwen2 puts a bias on q/k/v only; Llama's attention_bias covers o_proj as well.
         self.o_proj = nn.Linear(config.q_size, h, bias=bias and config.model_type != "qwen2")
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer_index=0):
+    def forward(self, x, cos, sin, mask: BatchMask, kv_cache=None, layer_index=0):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -131,11 +132,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_index, k, v)  # (B, KV, T_past + T, D)
-        gqa = self.n_kv != self.n_heads
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -195,26 +192,6 @@ def sliding_window(config: ModelConfig) -> Optional[int]:
     return config.sliding_window if uses_window else None
 
 
-def attention_mask_4d(q_pos, k_pos, key_valid=None, q_seg=None, k_seg=None, window=None):
-    """Boolean mask (B, 1, Tq, Tk): True where a query may attend to a key.
-
-    Args are index tensors: q_pos (Tq,), k_pos (Tk,) absolute cache positions; key_valid (B, Tk)
-    bool; q_seg (B, Tq), k_seg (B, Tk) packed-sample ids (0 = padding).
-    """
-    allowed = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk) causal
-    if window is not None:
-        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
-    allowed = allowed[None, None]  # (1, 1, Tq, Tk)
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :]
-    if q_seg is not None:
-        same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)  # (B, Tq, Tk)
-        allowed = allowed & same[:, None]
-    # A padding query may see no key at all; letting it see itself keeps softmax finite (its
-    # output is never used).
-    return allowed | (k_pos[None, :] == q_pos[:, None])[None, None]
-
-
 class Llama(nn.Module):
     """Llama-family causal language model returning logits (B, T, vocab_size).
 
@@ -227,6 +204,9 @@ class Llama(nn.Module):
         rope_inv_freq(config, device="meta")  # reject unsupported rope_scaling early
         self.config = config
         self.gradient_checkpointing = False
+        # "auto": FlexAttention for padded, packed or windowed batches on CUDA, dense SDPA masks
+        # elsewhere; "sdpa" / "flex" force one (flex without a cache only; see minift.attention).
+        self.attention_impl = "auto"
         # With checkpointing on: each checkpointed layer input waits for backward in host memory
         self.activation_offload = False
         self._offload: dict[torch.device, ActivationOffload] = {}
@@ -299,18 +279,14 @@ class Llama(nn.Module):
         x = self.model.norm(x)  # (B, T, hidden)
         return x if return_hidden else self.lm_head(x)
 
-    def _mask(self, t, past, attention_mask, segment_ids, device):
-        window = sliding_window(self.config)
-        if window is not None and past + t <= window:
-            window = None  # the window cannot cut anything yet
-        if (attention_mask is not None and segment_ids is None and past == 0
-                and bool(attention_mask.all())):
-            attention_mask = None  # nothing padded: keep the fused causal kernel
-        if attention_mask is None and segment_ids is None and window is None and past == 0:
-            return None  # plain causal: SDPA's fused is_causal path
-        k_pos = torch.arange(past + t, device=device)
-        key_valid = attention_mask.bool() if attention_mask is not None else None
-        return attention_mask_4d(k_pos[past:], k_pos, key_valid, segment_ids, segment_ids, window)
+    def _mask(self, t, past, attention_mask, segment_ids, device) -> BatchMask:
+        impl = self.attention_impl
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"Llama.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+                             f"got {impl!r}")
+        use_flex = impl == "flex" or (impl == "auto" and device.type == "cuda")
+        return batch_mask(t, past, attention_mask, segment_ids, sliding_window(self.config),
+                          device, use_flex)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, segment_ids, kv_cache, past):
         if input_ids.dim() != 2:

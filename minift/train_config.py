@@ -31,6 +31,7 @@ class TrainConfig:
     | max_grad_norm | 1.0 | clip the global gradient norm to this; None = no clipping |
     | bf16 | True | run forward/backward under bf16 autocast (CPU and CUDA) |
     | gradient_checkpointing | False | recompute each decoder layer in backward |
+    | compile | False | run the decoder layers through torch.compile while training |
     | optimizer | "adamw" | "adamw" (torch), "adamw8bit" or "paged_adamw8bit" (minift.optim) |
     | weight_decay | 0.0 | decoupled weight decay on matrices (not on biases or norm weights) |
     | neftune_alpha | None | NEFTune noise on the token embeddings while training; None = off |
@@ -64,6 +65,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     bf16: bool = True
     gradient_checkpointing: bool = False
+    compile: bool = False
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     neftune_alpha: Optional[float] = None
@@ -100,6 +102,7 @@ class TrainConfig:
             check_int(f"TrainConfig.{name}", getattr(self, name))
         for name in ("max_steps", "eval_interval", "save_interval", "keep_last", "max_length"):
             check_int(f"TrainConfig.{name}", getattr(self, name), optional=True)
+        check_flag("TrainConfig.compile", self.compile)
         # numpy's generator takes seeds in [0, 2**32); checked here rather than where the run
         # seeds its generators, so that a bad seed fails before any work.
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:

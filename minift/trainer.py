@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from minift import checkpoint as ckpt
 from minift._util import METHODS, OPTIMIZERS  # noqa: F401  (re-exported for callers)
+from minift.compile import compiled_layers
 from minift.backward_step import StepInBackward
 from minift.data import batch_examples
 from minift.lora import trainable_parameters
@@ -33,6 +34,7 @@ from minift.schedule import Schedule, step_groups, total_steps
 from minift.train_config import DATA_ORDER_FIELDS, TrainConfig
 from minift.train_setup import (check_examples, gradient_checkpointing, make_optimizer, neftune,
                                 peak_memory, pick_device, seed_everything)
+from minift.transfer import to_device
 
 __all__ = ["DATA_ORDER_FIELDS", "METHODS", "OPTIMIZERS", "RunState", "TrainConfig",
            "accumulate_gradients", "check_resume", "evaluate", "make_optimizer", "token_loss_sum",
@@ -52,8 +54,8 @@ def trained_tokens(batch: dict) -> int:
 
 
 def _batch_loss_sum(model, batch: dict, device, bf16: bool, chunk=None) -> torch.Tensor:
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    labels = batch["labels"].to(device)
+    inputs = to_device(batch, device)  # labels too, before the forward is queued
+    labels = inputs.pop("labels")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         if chunk is not None and supports_chunked_loss(model):  # no (B, T, V) logits
             return model_loss_sum(model, inputs, labels, chunk)
@@ -284,6 +286,7 @@ class _Run:
         self.model.train()
         try:
             with gradient_checkpointing(self.model, self.config.gradient_checkpointing), \
+                    compiled_layers(self.model, self.config.compile), \
                     offloading(self.model, self.config.activation_offload), \
                     mlp_tiling(self.model, self.config.mlp_tile_size), \
                     self.stepper or contextlib.nullcontext(), \
