@@ -192,10 +192,10 @@ def down_proj_saved(cfg, method, targets, r, e, n_tok, freed=False):
 def dequant_scratch(cfg: ModelConfig, device: str, e: int) -> int:
     """Bytes alive while one NF4 weight (the largest decoder linear, n values) is dequantized.
 
-    CPU (the pure-torch reference): at the code-book gather the unpacked nibbles (n uint8), the
-    per-value scale (n float32), the int64 indices (n) and the gathered values (n float32) are
-    alive: 17 n bytes, measured with MemoryTracker. CUDA (the Triton kernel): the output only,
-    e n bytes (not measured: no GPU).
+    CPU (`minift.nf4_dequant`, slices of m = min(n, 2**18) values): the output (e n), the
+    slice's int32 byte indices (2 m) and, for a non-float32 output, its int64 pair words (4 m).
+    CUDA (the Triton kernel): the output only, e n bytes (not measured: no GPU).
     """
     n = max(i * o for i, o in cfg.linear_shapes().values())
-    return 17 * n if device == "cpu" else e * n
+    m = min(n, 1 << 18)
+    return e * n + 2 * m + (4 * m if e != 4 else 0) if device == "cpu" else e * n
