@@ -56,9 +56,12 @@ def step_temporaries(trainable, optimizer, device) -> int:
         return 2 * max((n * s for n, s in trainable), default=0)
     if device == "cuda":
         return 0  # the fused Triton kernel updates codes, absmax and weights in place
-    # the pure-torch reference works on float32 (and int64 index) copies of one tensor at a
-    # time: about 48 bytes per value of the largest tensor, measured with MemoryTracker
-    return 48 * largest
+    # minift.optim.quant8's CPU step walks a tensor in chunks of 2**16 values with float32
+    # m, v, d, int32 indices, a bool mask (17 B), the float64 sqrt and its input (16 B), and
+    # float32 copies of a bf16/fp16 parameter and gradient (8 B): 41 B per chunk value,
+    # measured with MemoryTracker
+    elem = max(trainable, default=(0, 4))[1]
+    return (33 + (8 if elem != 4 else 0)) * min(largest, 1 << 16)
 
 
 def layer_tensors(cfg: ModelConfig) -> list:
