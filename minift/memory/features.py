@@ -87,6 +87,8 @@ def feature_estimate(base, cfg: ModelConfig, method: str, targets: tuple, r: int
     restored = 2 * hid if activation_offload else 0
     scratch_bwd = 3 * e * cfg.intermediate_size * tile_tok + hid
     step_tmp = base.terms.get("step_temporaries", 0)
+    if host_states:  # a paged step brings one tensor's pages to the device at a time
+        step_tmp += max(adam_state_bytes(n, s, optimizer) for n, s in trainable if n >= 4096)
     if optimizer_in_backward:
         step_tmp = min(step_tmp, 2 * largest)  # one tensor's step at a time
     moments = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 from minift.config import ModelConfig
+from minift.nf4_dequant import SLICE as DEQUANT_SLICE
+from minift.optim.quant8 import CHUNK as CPU_CHUNK
 
 
 # ---- what a step stores ------------------------------------------------------------------
@@ -56,12 +58,10 @@ def step_temporaries(trainable, optimizer, device) -> int:
         return 2 * max((n * s for n, s in trainable), default=0)
     if device == "cuda":
         return 0  # the fused Triton kernel updates codes, absmax and weights in place
-    # minift.optim.quant8's CPU step walks a tensor in chunks of 2**16 values with float32
-    # m, v, d, int32 indices, a bool mask (17 B), the float64 sqrt and its input (16 B), and
-    # float32 copies of a bf16/fp16 parameter and gradient (8 B): 41 B per chunk value,
-    # measured with MemoryTracker
-    elem = max(trainable, default=(0, 4))[1]
-    return (33 + (8 if elem != 4 else 0)) * min(largest, 1 << 16)
+    # the CPU step (minift.optim.quant8.adamw8bit_step_cpu) works on float32, int32 and bool
+    # buffers of one chunk of CPU_CHUNK values at a time: 33 bytes per value of the chunk,
+    # measured with MemoryTracker (float32 and bf16 parameters alike)
+    return 33 * min(largest, CPU_CHUNK)
 
 
 def layer_tensors(cfg: ModelConfig) -> list:
@@ -195,10 +195,9 @@ def down_proj_saved(cfg, method, targets, r, e, n_tok, freed=False):
 def dequant_scratch(cfg: ModelConfig, device: str, e: int) -> int:
     """Bytes alive while one NF4 weight (the largest decoder linear, n values) is dequantized.
 
-    CPU (`minift.nf4_dequant`, slices of m = min(n, 2**18) values): the output (e n), the
-    slice's int32 byte indices (2 m) and, for a non-float32 output, its int64 pair words (4 m).
-    CUDA (the Triton kernel): the output only, e n bytes (not measured: no GPU).
+    CPU (`minift.nf4_dequant`): the output (e n bytes) plus one slice's int32 byte indices and
+    int64 pair words, 6 bytes per value of a slice of at most DEQUANT_SLICE values. CUDA (the
+    Triton kernel): the output only, e n bytes (not measured: no GPU).
     """
     n = max(i * o for i, o in cfg.linear_shapes().values())
-    m = min(n, 1 << 18)
-    return e * n + 2 * m + (4 * m if e != 4 else 0) if device == "cpu" else e * n
+    return e * n + (6 * min(n, DEQUANT_SLICE) if device == "cpu" else 0)
