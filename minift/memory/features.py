@@ -27,6 +27,7 @@ from minift.config import ModelConfig
 from minift.memory.formulas import adam_state_bytes, layer_saved, weight_bytes
 
 DEFAULT_BUDGET = 2**30
+PAGE_VALUES = 2**20  # AdamW8bit's default page_size
 
 
 def paged_states(trainable, optimizer, budget) -> tuple[int, int]:
@@ -87,8 +88,12 @@ def feature_estimate(base, cfg: ModelConfig, method: str, targets: tuple, r: int
     restored = 2 * hid if activation_offload else 0
     scratch_bwd = 3 * e * cfg.intermediate_size * tile_tok + hid
     step_tmp = base.terms.get("step_temporaries", 0)
-    if host_states:  # a paged step brings one tensor's pages to the device at a time
-        step_tmp += max(adam_state_bytes(n, s, optimizer) for n, s in trainable if n >= 4096)
+    if host_states:
+        # a paged step streams one tensor's pages, at most three pages of 2**20 values (codes
+        # and absmax of both moments) on the device at once (minift.optim.paging.Pager.run)
+        page = adam_state_bytes(PAGE_VALUES, 2, optimizer)
+        step_tmp += min(3 * page, max(adam_state_bytes(n, s, optimizer) for n, s in trainable
+                                      if n >= 4096))
     if optimizer_in_backward:
         step_tmp = min(step_tmp, 2 * largest)  # one tensor's step at a time
     moments = {
