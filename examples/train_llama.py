@@ -107,6 +107,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--grad-accum", type=_number(int, 1), default=1, help="micro-batches per optimizer step")
     add("--optimizer", default="adamw", choices=OPTIMIZERS)
     add("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
+    add("--max-grad-norm", type=_number(float, 0), default=1.0,
+        help="clip the global gradient norm to this; 0 = no clipping (default 1.0)")
+    add("--loss-chunk-size", type=_number(int, 0), default=1024,
+        help="tokens per chunk of the lm_head + loss; 0 = full logits (default 1024)")
+    add("--activation-offload", action="store_true",
+        help="keep checkpointed layer inputs in host memory (with --gradient-checkpointing)")
+    add("--optimizer-in-backward", action="store_true",
+        help="step each parameter in backward and free its gradient (with --max-grad-norm 0)")
     add("--output", default="runs/train_llama", help="output folder")
     add("--save-interval", type=_number(int, 1), default=100,
         help="write a checkpoint every N steps (and at the end), for --resume")
@@ -252,7 +260,10 @@ FLAG_OF_FIELD = {"method": "--method", "learning_rate": "--lr", "epochs": "--epo
                  "max_steps": "--max-steps", "micro_batch_size": "--batch-size",
                  "grad_accum": "--grad-accum", "optimizer": "--optimizer", "seed": "--seed",
                  "save_interval": "--save-interval", "device": "--device", "output_dir": "--output",
-                 "resume_from": "--resume"}
+                 "resume_from": "--resume", "max_grad_norm": "--max-grad-norm",
+                 "loss_chunk_size": "--loss-chunk-size",
+                 "activation_offload": "--activation-offload",
+                 "optimizer_in_backward": "--optimizer-in-backward"}
 
 
 def make_config(args, pad_id) -> TrainConfig:
@@ -262,10 +273,13 @@ def make_config(args, pad_id) -> TrainConfig:
             epochs=args.epochs, max_steps=args.max_steps, micro_batch_size=args.batch_size,
             grad_accum=args.grad_accum, bf16=args.device_type == "cuda",
             gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+            max_grad_norm=args.max_grad_norm or None, loss_chunk_size=args.loss_chunk_size or None,
+            activation_offload=args.activation_offload,
+            optimizer_in_backward=args.optimizer_in_backward,
             pad_id=pad_id, output_dir=args.output, seed=args.seed, resume_from=args.resume,
             device=args.device, log_interval=10, save_interval=args.save_interval, keep_last=2)
     except ValueError as err:
-        field = str(err).split(" ", 1)[0].removeprefix("TrainConfig.")
+        field = str(err).split(" ", 1)[0].removeprefix("TrainConfig.").split("=")[0]
         raise UsageError(f"{FLAG_OF_FIELD.get(field, field)}: {err}") from err
 
 

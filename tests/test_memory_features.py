@@ -102,3 +102,31 @@ def test_paged_optimizer_with_every_feature_resumes_exactly(tmp_path):
 def test_config_refuses_what_cannot_work(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw)
+
+
+def test_evaluation_uses_the_chunked_loss():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from minift.trainer import evaluate
+
+    class Widest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # the head weight transposed for the matmul (aten.t) is no logits
+            if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-1] == VOCAB \
+                    and func is not torch.ops.aten.t.default:
+                self.most = max(self.most, out.numel() // VOCAB)  # rows of logits at once
+            return out
+
+    model = model_for("full")
+    data = examples(8)
+    results = {}
+    for chunk in (None, 5):
+        cfg = TrainConfig(micro_batch_size=4, bf16=False, progress=False, loss_chunk_size=chunk)
+        with Widest() as seen:
+            results[chunk] = evaluate(model, data, cfg, "cpu")
+        results[chunk]["rows"] = seen.most
+    assert results[5]["eval_loss"] == pytest.approx(results[None]["eval_loss"], rel=1e-6)
+    assert results[5]["rows"] == 5 and results[None]["rows"] > 20  # (B, T, V) logits unchunked

@@ -26,14 +26,15 @@ size what autograd keeps, take the largest moment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from minift._util import LINEARS, METHODS, OPTIMIZERS, check_choice, check_flag, check_int
 from minift.config import ModelConfig
+from minift.memory.features import DEFAULT_BUDGET, feature_estimate, paged_states
 from minift.memory.formulas import (dequant_scratch, down_proj_saved, head_saved,
-                                    layer_gradient_bytes, layer_saved, optimizer_state_bytes,
+                                    layer_gradient_bytes, layer_saved,
                                     step_temporaries, weight_bytes)
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
@@ -51,10 +52,13 @@ class MemoryEstimate:
     total: int
     settings: dict = field(default_factory=dict)
     terms: dict = field(default_factory=dict)  # named parts of the activations and other
+    host: int = 0  # host memory, apart from `total`: paged optimizer states, offloaded inputs
+    host_terms: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         out = {c: int(getattr(self, c)) for c in CATEGORIES}
         out["total"] = int(self.total)
+        out["host"] = int(self.host)
         return out
 
     def table(self) -> str:
@@ -105,7 +109,10 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
                     target_modules="all-linear", optimizer: str = "adamw",
                     gradient_checkpointing: bool = False, dtype: torch.dtype = torch.bfloat16, *,
                     adapter_dtype: torch.dtype = torch.float32, blocksize: int = 64,
-                    attention_mask: bool = True, device: str = "cuda") -> MemoryEstimate:
+                    attention_mask: bool = True, device: str = "cuda",
+                    loss_chunk_size: Optional[int] = None, activation_offload: bool = False,
+                    optimizer_in_backward: bool = False, mlp_tile_size: Optional[int] = None,
+                    paged_device_budget: Optional[int] = DEFAULT_BUDGET) -> MemoryEstimate:
     """Estimate the memory of one training step of minift, by category, in bytes.
 
     Args:
@@ -125,6 +132,11 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
             expands to a (B, 1, T, T) mask; batches without padding take the fused causal path.
         device: "cuda" or "cpu"; only the optimizer step's scratch memory depends on it
             (foreach AdamW and the fused 8-bit kernel on CUDA, per-tensor loops on CPU).
+        loss_chunk_size, activation_offload, optimizer_in_backward, mlp_tile_size,
+            paged_device_budget: the memory features, as `minift.TrainConfig`'s fields of the
+            same names. With any of them set (or paged_adamw8bit with a budget) the step is
+            estimated with gradient checkpointing (`minift.memory.features`), device bytes in
+            the categories and host bytes in `host` (paged states, offloaded layer inputs).
 
     Returns:
         A `MemoryEstimate`; `total` is the estimated peak.
@@ -142,10 +154,29 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
                     gradient_checkpointing=gradient_checkpointing, dtype=dtype,
                     adapter_dtype=adapter_dtype, blocksize=blocksize,
                     attention_mask=attention_mask, device=device)
+    features = dict(loss_chunk_size=check_int("loss_chunk_size", loss_chunk_size, optional=True),
+                    activation_offload=check_flag("activation_offload", activation_offload),
+                    optimizer_in_backward=check_flag("optimizer_in_backward",
+                                                     optimizer_in_backward),
+                    mlp_tile_size=check_int("mlp_tile_size", mlp_tile_size, optional=True),
+                    paged_device_budget=check_int("paged_device_budget", paged_device_budget,
+                                                  minimum=0, optional=True))
+    if any(v for k, v in features.items() if k != "paged_device_budget"):
+        if not gradient_checkpointing:
+            raise ValueError("the memory features are estimated for gradient-checkpointed steps; "
+                             "set gradient_checkpointing=True with them")
+        base = estimate_memory(s.cfg, method, batch_size, seq_len, r, target_modules,
+                               optimizer, True, dtype, adapter_dtype=adapter_dtype,
+                               blocksize=blocksize, attention_mask=attention_mask,
+                               device=device, paged_device_budget=paged_device_budget)
+        f = feature_estimate(base, s.cfg, s.method, s.targets, s.r, s.e, s.batch_size,
+                             s.seq_len, s.optimizer, s.attention_mask, **features)
+        settings = dict(base.settings, peak_moment=f.pop("peak_moment"), **features)
+        return MemoryEstimate(settings=settings, terms=base.terms, **f)
     # what is stored: weights, adapters, optimizer states
     frozen, trainable = weight_bytes(s.cfg, s.method, s.targets, s.r, s.e, s.ae, s.blocksize)
     trainable_bytes = sum(n * elem for n, elem in trainable)
-    states = optimizer_state_bytes(trainable, s.optimizer)
+    states, host_states = paged_states(trainable, s.optimizer, paged_device_budget)
     fixed = frozen + trainable_bytes + states  # alive at every moment of the step
     # what autograd keeps, then the moments of the step that can hold the peak
     saved = _saved_for_backward(s)
@@ -162,7 +193,8 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
     return MemoryEstimate(frozen_weights=frozen, trainable_params=trainable_bytes,
                           gradients=trainable_bytes, optimizer_states=states,
                           activations=activations, other=other, total=total,
-                          settings=settings, terms=terms)
+                          settings=settings, terms=terms, host=host_states,
+                          host_terms={"optimizer_states": host_states})
 
 
 # ---- arguments ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Memory sizes are read by `minift._util.parse_bytes`, the one size grammar of min
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -18,7 +19,6 @@ from minift._util import check_choice, fmt_in, format_bytes, parse_bytes, unit_f
 from minift.config import ModelConfig
 from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import METHODS, estimate_memory
-from minift.memory.features import format_feature_plan, plan_features
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
 LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
@@ -205,3 +205,80 @@ def run_plan(args, parser) -> int:
                       batch_size=args.batch_size, seq_len=args.seq_len, optimizer=args.optimizer,
                       r=args.r, gradient_checkpointing=args.gradient_checkpointing))
     return 0
+
+
+# ---- the memory features -------------------------------------------------------------------
+# What the planner turns on, one step at a time, until a method fits (gradient checkpointing is
+# on throughout). Each rung keeps the ones before it.
+LADDER = (
+    ("chunked loss (loss_chunk_size=1024)", dict(loss_chunk_size=1024)),
+    ("activation offload", dict(activation_offload=True)),
+    ("smaller loss chunks (256) and MLP tiles of 1024 tokens",
+     dict(loss_chunk_size=256, mlp_tile_size=1024)),
+    ("paged 8-bit AdamW, nothing resident (paged_device_budget=0)",
+     dict(optimizer="paged_adamw8bit", paged_device_budget=0)),
+    ("optimizer step in backward (max_grad_norm=None, grad_accum=1)",
+     dict(optimizer_in_backward=True)),
+)
+LONGEST_LIMIT = 1 << 22  # 4M tokens: the search's upper bound
+
+
+def plan_features(cfg: ModelConfig, budget: int, method: str, batch_size: int, seq_len: int,
+                  **common) -> dict:
+    """The fewest rungs of `LADDER` with which `method` fits `budget` device bytes.
+
+    Returns {"fits", "features" (names of the rungs used), "settings" (estimate_memory
+    keywords), "estimate", "longest_seq_batch_1"}; `common` holds r, optimizer, dtype, ...
+    """
+    settings, used = dict(common, loss_chunk_size=None), []
+    est = _feature_estimate(cfg, method, batch_size, seq_len, settings)
+    for name, change in LADDER:
+        if est.total <= budget:
+            break
+        settings.update(change)
+        used.append(name)
+        est = _feature_estimate(cfg, method, batch_size, seq_len, settings)
+    full_set = dict(settings)
+    for _, change in LADDER:
+        full_set.update(change)
+    return {"fits": est.total <= budget, "features": used, "settings": settings, "estimate": est,
+            "longest_seq_batch_1": longest_seq(cfg, budget, method, **full_set)}
+
+
+def _feature_estimate(cfg, method, batch_size, seq_len, settings):
+    # rows without padding (the fused causal attention; packed rows are the same size)
+    return estimate_memory(cfg, method, batch_size, seq_len, gradient_checkpointing=True,
+                           attention_mask=False, **settings)
+
+
+def longest_seq(cfg: ModelConfig, budget: int, method: str, **settings) -> int:
+    """Longest sequence at batch 1 whose estimate fits `budget` (0 if none), memory only: the
+    search goes past max_position_embeddings (the caller says when the answer is beyond it)."""
+    roomy = dataclasses.replace(cfg, max_position_embeddings=LONGEST_LIMIT)
+
+    def fits(t):
+        return _feature_estimate(roomy, method, 1, t, settings).total <= budget
+
+    if not fits(2):
+        return 0
+    good, bad = 2, LONGEST_LIMIT + 1
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def format_feature_plan(results: dict, budget: int, max_pos: int, fmt) -> str:
+    """Lines for ``python -m minift plan``: per method, the features needed, device and host
+    (``fmt`` writes a byte count)."""
+    lines = ["", "With the memory features (gradient checkpointing on), per method:"]
+    for method, res in results.items():
+        est = res["estimate"]
+        what = ", ".join(res["features"]) or "none needed"
+        status = "fits" if res["fits"] else "does not fit even with every feature"
+        longest = res["longest_seq_batch_1"]
+        beyond = f" (beyond max_position_embeddings {max_pos})" if longest > max_pos else ""
+        lines.append(f"- {method}: {status} with {what}: device {fmt(est.total)} of "
+                     f"{fmt(budget)}, host RAM {fmt(est.host)}; longest sequence at batch 1 "
+                     f"with every feature: {longest}{beyond}")
+    return "\n".join(lines)
