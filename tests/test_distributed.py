@@ -1,0 +1,328 @@
+"""Two-process gloo runs of minift/distributed.py, minift/nf4_fsdp.py and minift/dist_checkpoint.py.
+
+One spawn of 2 CPU processes (module fixture) runs every case; the tests compare what the ranks
+wrote with 1-process runs of the same code in this process. Cases: FSDP2 full / LoRA / QLoRA and
+DDP LoRA, 3 optimizer steps each, a sharded checkpoint after step 2 and a resume from it, the
+consolidated exports, and the NF4 all-gather (bit equality and bytes on the wire).
+"""
+import json
+import math
+import os
+import random
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+import minift
+from minift import dist_checkpoint as dckpt
+from minift import distributed as mdist
+from minift.config import ModelConfig
+from minift.model import Llama
+from minift.nf4_fsdp import ShardedNF4Linear, shardable_nf4
+from minift.nf4_linear import NF4Linear
+from minift.schedule import step_groups
+from minift.trainer import TrainConfig, token_loss_sum, trained_tokens
+
+WORLD = 2
+STEPS = 3
+# (parallel, method, grad_accum): grad_accum 2 hands whole micro-batches to the ranks; 1 splits
+# each micro-batch (3 rows) by rows, 2 + 1.
+CASES = [("fsdp", "full", 2), ("fsdp", "lora", 2), ("fsdp", "qlora", 2), ("ddp", "lora", 1)]
+# Same samples, same math, another summation order (per-rank partial sums, then an all-reduce):
+# measured differences on this CPU stay below 1e-6 relative; 1e-5 leaves room across CPUs.
+LOSS_RTOL = 1e-5
+
+
+def _case_name(parallel, method, accum):
+    return f"{parallel}-{method}-a{accum}"
+
+
+def _examples(n=24, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(5, 14)
+        ids = [rng.randrange(3, 256) for _ in range(length)]
+        prompt = rng.randint(1, length - 2)
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def _config(accum):
+    return TrainConfig(micro_batch_size=3 if accum == 1 else 2, grad_accum=accum, bf16=False, seed=0,
+                       progress=False, device="cpu")
+
+
+def _model(method):
+    torch.manual_seed(0)
+    model = Llama(ModelConfig.from_name("tiny"))
+    if method == "qlora":
+        minift.quantize_model(model)
+    if method != "full":
+        minift.lora_wrap(model, r=4, alpha=8)
+        with torch.no_grad():  # B != 0 so the adapters change the output from step 1
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02)
+    return model
+
+
+def _loss_sum(model, batch, device):
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    return token_loss_sum(model(**inputs), batch["labels"].to(device))
+
+
+def _prepared(parallel, method, world):
+    model = _model(method)
+    if world > 1:
+        model = mdist.apply_parallel(model, SimpleNamespace(parallel=parallel, bf16=False),
+                                     device=torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, torch.optim.AdamW(params, lr=1e-2)
+
+
+def _steps(model, params, optimizer, accum, world, rank, first, last):
+    """Run optimizer steps first..last (1-based) of the fixed data order; their losses and norms."""
+    groups = step_groups(_examples(), _config(accum))
+    out = []
+    for step in range(1, last + 1):
+        group = next(groups)[2]
+        if step < first:
+            continue
+        local = mdist.shard_group(group, rank, world)
+        loss, n = mdist.accumulate_gradients(model, local, "cpu", _loss_sum, trained_tokens)
+        norm = mdist.clip_grad_norm(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out.append({"loss": float(loss), "norm": norm, "tokens": n})
+    return out
+
+
+def run_case(out: Path, parallel, method, accum, world, rank):
+    """Steps 1-3 with a sharded checkpoint after 2, then a fresh model resumed from it for step 3."""
+    name = _case_name(parallel, method, accum)
+    trainable_only = method != "full"
+    model, params, opt = _prepared(parallel, method, world)
+    result = {"steps": _steps(model, params, opt, accum, world, rank, 1, 2)}
+    dckpt.save_sharded(out / f"{name}-ckpt", model, opt, trainable_only=trainable_only)
+    result["steps"] += _steps(model, params, opt, accum, world, rank, 3, 3)
+    if method == "full":
+        dckpt.export_model(model, out / f"{name}-export", ModelConfig.from_name("tiny"))
+    else:
+        dckpt.export_adapter(model, out / f"{name}-export")
+    model, params, opt = _prepared(parallel, method, world)
+    dckpt.load_sharded(out / f"{name}-ckpt", model, opt, trainable_only=trainable_only)
+    result["resumed"] = _steps(model, params, opt, accum, world, rank, 3, 3)
+    return result
+
+
+class CountingAllGather(DefaultAllGather):
+    """FSDP2's all-gather, recording the bytes each call sends (this rank's input) and receives."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        self.calls.append({"sent": input_tensor.numel() * input_tensor.element_size(),
+                           "received": output_tensor.numel() * output_tensor.element_size(),
+                           "dtype": str(input_tensor.dtype)})
+        return super().__call__(output_tensor, input_tensor, group, async_op)
+
+
+def _padded_bytes(params, world):
+    """What FSDP2 gathers for these parameters: each padded to a multiple of world on dim 0."""
+    return sum(math.ceil(p.shape[0] / world) * world * (p.numel() // p.shape[0]) * p.element_size()
+               for p in params)
+
+
+def nf4_gather(world):
+    """One NF4 layer sharded and gathered: bit equality with the unsharded layer, bytes counted."""
+    torch.manual_seed(1)
+    result = {}
+    for double_quant in (True, False):
+        layer = NF4Linear.from_weight(torch.randn(96, 80), blocksize=64, double_quant=double_quant)
+        want = {str(dt): layer.dequantize(dt) for dt in (torch.float32, torch.bfloat16)}
+        holder = nn.Sequential(layer)
+        shardable_nf4(holder)
+        full_bytes = holder[0].nf4_bytes.numel()
+        fully_shard(holder, mesh=init_device_mesh("cpu", (world,)))
+        counter = CountingAllGather()
+        holder.set_custom_all_gather(counter)
+        holder.unshard()
+        got = {dt: holder[0].dequantize(getattr(torch, dt.split(".")[1])) for dt in want}
+        holder.reshard()
+        result[f"dq{int(double_quant)}"] = {
+            "equal": all(torch.equal(got[dt], want[dt]) for dt in want), "calls": counter.calls,
+            "nf4_bytes": full_bytes, "local_bytes": holder[0].nf4_bytes.to_local().numel()}
+    return result
+
+
+def qlora_layer_gather(world):
+    """The all-gather of one QLoRA decoder layer in a forward: bytes vs its parameters' sizes."""
+    model, _, _ = _prepared("fsdp", "qlora", world)
+    layer = model.model.layers[0]
+    counter = CountingAllGather()
+    layer.set_custom_all_gather(counter)
+    with torch.no_grad():
+        model(torch.randint(3, 256, (1, 6)))
+    params = [p.to_local() for p in layer.parameters()]
+    return {"calls": counter.calls, "expected": _padded_bytes([p for p in layer.parameters()], world),
+            "nf4_bytes": sum(p.numel() for n, p in layer.named_parameters() if n.endswith("nf4_bytes")),
+            "base_numel": sum(m.in_features * m.out_features for m in layer.modules()
+                              if isinstance(m, ShardedNF4Linear)),
+            "local_numel": sum(p.numel() for p in params)}
+
+
+def _worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    out = Path(out)
+    mdist.init_from_env("cpu")
+    try:
+        results = {"nf4": nf4_gather(WORLD), "qlora_layer": qlora_layer_gather(WORLD),
+                   "world": mdist.world_size(), "rank": mdist.rank()}
+        for parallel, method, accum in CASES:
+            results[_case_name(parallel, method, accum)] = run_case(out, parallel, method, accum, WORLD, rank)
+        (out / f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The same cases on one process, no process group."""
+    out = tmp_path_factory.mktemp("single")
+    return dict({_case_name(*c): run_case(out, *c, 1, 0) for c in CASES}, dir=out)
+
+
+def test_ranks_joined(runs):
+    _, results = runs
+    assert [(r["rank"], r["world"]) for r in results] == [(0, WORLD), (1, WORLD)]
+
+
+@pytest.mark.parametrize("case", [_case_name(*c) for c in CASES])
+def test_two_processes_match_one(runs, single, case):
+    _, results = runs
+    for r in results:  # every rank reports the global loss and token count
+        got, want = r[case]["steps"], single[case]["steps"]
+        assert [s["tokens"] for s in got] == [s["tokens"] for s in want]
+        for g, w in zip(got, want):
+            assert g["loss"] == pytest.approx(w["loss"], rel=LOSS_RTOL)
+            assert g["norm"] == pytest.approx(w["norm"], rel=LOSS_RTOL)
+
+
+@pytest.mark.parametrize("case", [_case_name(*c) for c in CASES])
+def test_resume_same_world_size_is_exact(runs, case):
+    _, results = runs
+    for r in results:
+        assert r[case]["resumed"] == r[case]["steps"][2:]
+
+
+@pytest.mark.parametrize("case", [_case_name(*c) for c in CASES])
+def test_resume_on_one_process_from_two(runs, case):
+    out, results = runs
+    parallel, method, accum = next(c for c in CASES if _case_name(*c) == case)
+    model, params, opt = _prepared(parallel, method, 1)
+    dckpt.load_sharded(out / f"{case}-ckpt", model, opt, trainable_only=method != "full")
+    step3 = _steps(model, params, opt, accum, 1, 0, 3, 3)[0]
+    assert step3["loss"] == pytest.approx(results[0][case]["steps"][2]["loss"], rel=LOSS_RTOL)
+
+
+def test_load_sharded_names_a_missing_checkpoint(tmp_path):
+    model, _, opt = _prepared("fsdp", "lora", 1)
+    with pytest.raises(FileNotFoundError, match="not a sharded checkpoint"):
+        dckpt.load_sharded(tmp_path / "nowhere", model, opt, trainable_only=True)
+
+
+@pytest.mark.parametrize("key", ["dq1", "dq0"])
+def test_nf4_all_gather_is_bit_exact_and_4bit(runs, key):
+    _, results = runs
+    for r in results:
+        got = r["nf4"][key]
+        assert got["equal"]  # fp32 and bf16 dequantization after the gather == unsharded layer
+        (call,) = got["calls"]  # one all-gather for the layer's one parameter
+        assert call["dtype"] == "torch.uint8"
+        assert call["sent"] == math.ceil(got["nf4_bytes"] / WORLD) == got["local_bytes"]
+        assert call["received"] == call["sent"] * WORLD
+        # (96, 80) weight: 3840 packed bytes + scales, against 15360 bytes for a bf16 copy
+        assert got["nf4_bytes"] < 0.3 * 96 * 80 * 2
+
+
+def test_qlora_layer_gathers_its_parameters_as_stored(runs):
+    _, results = runs
+    for r in results:
+        got = r["qlora_layer"]
+        received = sum(c["received"] for c in got["calls"])
+        assert received == got["expected"]  # every parameter at its stored size: nothing upcast
+        assert got["nf4_bytes"] < 0.6 * got["base_numel"]  # ~0.52 bytes per base weight
+        assert got["local_numel"] * WORLD >= got["expected"] // 4  # each rank holds 1/WORLD
+
+
+def _exports(runs, single, case):
+    out, _ = runs
+    return out / f"{case}-export", single["dir"] / f"{case}-export"
+
+
+def test_consolidated_adapter_loads_in_peft(runs, single, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    two, one = _exports(runs, single, "fsdp-lora-a2")
+    assert sorted(p.name for p in two.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    minift.save_model(_model("full"), tmp_path / "base")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf, two).eval()
+    ours = minift.load_adapter(_model("lora"), two).eval()
+    ids = torch.randint(3, 256, (2, 7))
+    with torch.no_grad():
+        want = ours(ids)
+        torch.testing.assert_close(peft_model(ids).logits, want, rtol=1e-5, atol=1e-5)
+        trained_alone = minift.load_adapter(_model("lora"), one).eval()(ids)
+    torch.testing.assert_close(want, trained_alone, rtol=1e-4, atol=1e-4)  # same training, 1 vs 2 ranks
+
+
+@pytest.mark.parametrize("case", ["fsdp-qlora-a2", "ddp-lora-a1"])
+def test_consolidated_adapter_matches_one_process(runs, single, case):
+    from safetensors.torch import load_file
+
+    two, one = _exports(runs, single, case)
+    a, b = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and len(a) == 2 * 7 * 2  # A and B of 7 linears in 2 layers
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_consolidated_full_model_loads_in_transformers(runs, single):
+    transformers = pytest.importorskip("transformers")
+    two, one = _exports(runs, single, "fsdp-full-a2")
+    hf = transformers.LlamaForCausalLM.from_pretrained(two, torch_dtype=torch.float32).eval()
+    ours = minift.load_model(two, dtype=torch.float32).eval()
+    alone = minift.load_model(one, dtype=torch.float32).eval()
+    ids = torch.randint(3, 256, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(ids), alone(ids), rtol=1e-4, atol=1e-4)
+    # the export is the trained model, not the initial one
+    assert not torch.allclose(ours.lm_head.weight, _model("full").lm_head.weight)
