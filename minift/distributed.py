@@ -26,10 +26,9 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from minift._util import check_choice
+from minift._util import PARALLEL, check_choice
 from minift.nf4_fsdp import shardable_nf4
 
-PARALLEL = ("fsdp", "ddp")
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -66,19 +65,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init_from_env(device: Optional[str] = None, timeout_s: float = 1800.0) -> torch.device:
+def launched() -> bool:
+    """True inside a ``torchrun`` launch (its variables are all set), whatever the world size."""
+    return all(v in os.environ for v in _LAUNCH_VARS)
+
+
+def init_from_env(device: Optional[str] = None, *, single: bool = False, timeout_s: float = 1800.0) -> torch.device:
     """Join the process group a ``torchrun`` launch describes and return this rank's device.
 
-    Without a launch (WORLD_SIZE unset or 1) nothing is joined. NCCL serves CUDA devices (this
-    rank uses cuda:LOCAL_RANK), gloo the CPU.
+    Nothing is joined on one process unless ``single`` (FSDP or DDP asked for on
+    ``torchrun --nproc_per_node 1``). NCCL serves CUDA devices (this rank uses cuda:LOCAL_RANK),
+    gloo the CPU.
 
     Args:
         device: "cuda", "cpu" or None (cuda when available).
+        single: join a 1-process group too.
         timeout_s: how long a collective may wait for the other ranks.
     """
     kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
     world = env_world_size()
-    if world == 1 or dist.is_initialized():
+    if (world == 1 and not single) or dist.is_initialized():
         return _rank_device(kind)
     missing = [v for v in _LAUNCH_VARS if v not in os.environ]
     if missing:
@@ -151,8 +157,6 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
           else MixedPrecisionPolicy())
     cpu_offload = bool(getattr(config, "fsdp_cpu_offload", False))
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    if not cpu_offload:
-        model.to(device)
     mesh = init_device_mesh(device.type, (world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from minift._util import METHODS, OPTIMIZERS, check_choice, check_int, check_number
+from minift._util import METHODS, OPTIMIZERS, PARALLEL, check_choice, check_flag, check_int, check_number
 from minift.schedule import SCHEDULES
 
 BATCHING = ("bucket", "pack")
@@ -45,6 +45,8 @@ class TrainConfig:
     | resume_from | None | None, "latest" (newest checkpoint in output_dir) or a checkpoint path |
     | device | None | "cuda", "cpu", ...; None = cuda when available, else cpu |
     | progress | True | show a progress bar (only when stdout is a terminal) and print reports |
+    | parallel | None | "fsdp" or "ddp" under torchrun; None = "fsdp" when the world size is > 1 |
+    | fsdp_cpu_offload | False | FSDP: keep sharded parameters, gradients and optimizer states in host memory |
     """
 
     method: str = "lora"
@@ -73,6 +75,8 @@ class TrainConfig:
     resume_from: Optional[str] = None
     device: Optional[str] = None
     progress: bool = True
+    parallel: Optional[str] = None
+    fsdp_cpu_offload: bool = False
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZERS),
@@ -93,6 +97,9 @@ class TrainConfig:
         # seeds its generators, so that a bad seed fails before any work.
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise ValueError(f"TrainConfig.seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if self.parallel is not None:
+            check_choice("TrainConfig.parallel", self.parallel, PARALLEL)
+        check_flag("TrainConfig.fsdp_cpu_offload", self.fsdp_cpu_offload)
         if self.batching == "pack" and self.max_length is None:
             raise ValueError("TrainConfig.max_length must be set when batching='pack' (the row length)")
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from minift import checkpoint as ckpt
 from minift._util import METHODS, OPTIMIZERS  # noqa: F401  (re-exported for callers)
 from minift.data import batch_examples
+from minift.dist_train import DistRun
 from minift.lora import trainable_parameters
 from minift.memory.tracker import MemoryTracker
 from minift.schedule import Schedule, step_groups, total_steps
@@ -175,7 +177,7 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
     if eval_data is not None:
         check_examples(eval_data, "eval_data")
     run = _Run(model, train_data, config, eval_data)
-    st, opt = run.state, run.optimizer
+    model, st, opt = run.model, run.state, run.optimizer  # model: FSDP/DDP-prepared under torchrun
     with run.session() as log:
         groups = step_groups(train_data, config, st.epoch, st.batch_index)
         while st.step < run.total:
@@ -185,13 +187,15 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             lr = run.schedule.lr(step - 1)
             for g in opt.param_groups:
                 g["lr"] = lr
-            tracker = MemoryTracker(model, opt) if run.memory is None else None  # first step only
+            # first step only; the tracker counts one process's tensors, not a sharded model's
+            tracker = MemoryTracker(model, opt) if run.memory is None and not run.dist.active else None
             t0 = time.perf_counter()
             with tracker.track() if tracker else contextlib.nullcontext():
-                # 2. forward/backward over the step's micro-batches, token-normalised
-                loss, n_trained = accumulate_gradients(model, group, run.device, config.bf16)
+                # 2. forward/backward over the step's micro-batches, token-normalised (under
+                # torchrun: this rank's share of them, normalised by all ranks' tokens)
+                loss, n_trained = run.accumulate(group)
                 # 3. clip the global gradient norm (and learn whether the step is finite)
-                norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm or math.inf)
+                norm = run.dist.clip(run.params, config.max_grad_norm or math.inf)
                 loss, norm = float(loss), float(norm)
                 finite = math.isfinite(loss) and math.isfinite(norm)
                 # 4. optimizer step, only on finite gradients; 5. drop the gradients
@@ -228,29 +232,39 @@ class _Run:
     bar) and the phases around the loop's step: resume, evaluation, saving, the summary."""
 
     def __init__(self, model, train_data, config: TrainConfig, eval_data):
-        self.model, self.data, self.config, self.eval_data = model, train_data, config, eval_data
-        self.device = pick_device(config)
-        model.to(self.device)
+        self.data, self.config, self.eval_data = train_data, config, eval_data
+        self.dist = DistRun(config)  # joins the process group under torchrun; else inactive
+        self.device = self.dist.device or pick_device(config)
         self.out = Path(config.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_incomplete(self.out)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_incomplete(self.out)
         seed_everything(config.seed)
-        self.optimizer = make_optimizer(model, config)
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.data_fp = ckpt.data_fingerprint(train_data)
         # Adapter checkpoints rely on the frozen base they were trained on; "full" checkpoints
-        # hold the whole model. Taken once: the base is frozen.
+        # hold the whole model. Taken once (the base is frozen), before any sharding.
         self.base_fp = ckpt.base_fingerprint(model) if config.method != "full" else None
-        self.state = RunState()
+        self.counts = trainable_parameters(model)  # NF4 weights by their logical size
         self.resumed = check_resume(config, model, train_data)
+        self.model = model = self.dist.prepare(model, self.device)
+        self.optimizer = make_optimizer(model, config)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.state = RunState()
         if self.resumed:
-            saved = ckpt.load_checkpoint(self.resumed, model=model, optimizer=self.optimizer)
+            saved = self.dist.load(self.resumed, model=model, optimizer=self.optimizer, method=config.method)
             self.state = RunState.from_saved(saved)
         self.saved_at = self.state.step if self.resumed else None
         self.last_path, self.memory = self.resumed, None
         self.total = total_steps(train_data, config)
         self.schedule = Schedule.from_ratio(config.learning_rate, self.total, config.warmup_ratio,
                                             config.lr_scheduler)
+
+    def accumulate(self, group: list):
+        if not self.dist.active:
+            return accumulate_gradients(self.model, group, self.device, self.config.bf16)
+        bf16 = self.config.bf16
+        return self.dist.accumulate(self.model, group, self.device,
+                                    lambda m, b, d: _batch_loss_sum(m, b, d, bf16), trained_tokens)
 
     @contextlib.contextmanager
     def session(self):
@@ -260,15 +274,17 @@ class _Run:
         if self.resumed and metrics.exists():
             kept = [line for line in metrics.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.state.step]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        if self.dist.is_main:  # the other ranks write no files but their checkpoint shards
+            metrics.write_text("".join(line + "\n" for line in kept))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.bar = tqdm(total=self.total, initial=self.state.step, unit="step", dynamic_ncols=True,
-                        disable=not (self.config.progress and sys.stdout.isatty()))
+                        disable=not (self.config.progress and sys.stdout.isatty() and self.dist.is_main))
         self.model.train()
         try:
             with gradient_checkpointing(self.model, self.config.gradient_checkpointing), \
-                    neftune(self.model, self.config.neftune_alpha), open(metrics, "a") as log:
+                    neftune(self.model, self.config.neftune_alpha), \
+                    open(metrics if self.dist.is_main else os.devnull, "a") as log:
                 yield log
         finally:
             self.bar.close()
@@ -297,7 +313,7 @@ class _Run:
                          f"tok/s {line['tokens_per_s']:.0f} peak {peak}")
 
     def say(self, text: str) -> None:
-        if self.config.progress:
+        if self.config.progress and self.dist.is_main:
             (print if self.bar.disable else self.bar.write)(text)
 
     def evaluate(self) -> dict:
@@ -309,7 +325,8 @@ class _Run:
     def save(self, rng=None) -> str:
         trainer_state = dict(dataclasses.asdict(self.state), config=self.config.to_dict(),
                              data=self.data_fp, base=self.base_fp, total_steps=self.total)
-        path = ckpt.save_checkpoint(self.out, self.state.step, model=self.model,
+        save = self.dist.save if self.dist.active else ckpt.save_checkpoint
+        path = save(self.out, self.state.step, model=self.model,
                                     optimizer=self.optimizer, method=self.config.method,
                                     trainer_state=trainer_state, keep_last=self.config.keep_last,
                                     rng=rng)
@@ -329,12 +346,13 @@ class _Run:
         if summary["padding_efficiency"] is not None:
             self.say(f"padding efficiency {summary['padding_efficiency']:.1%} (real tokens / "
                      f"slots of the padded micro-batches of all {summary['steps']} steps)")
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.dist.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
     def summary(self) -> dict:
         st, config = self.state, self.config
-        trainable, total = trainable_parameters(self.model)  # NF4 weights by their logical size
+        trainable, total = self.counts
         return {
             "method": config.method, "steps": st.step, "total_steps": self.total,
             "epochs": round(st.epochs_done, 4), "first_loss": st.first_loss,
@@ -349,4 +367,5 @@ class _Run:
             "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",
             "memory": self.memory, "device": str(self.device), "optimizer": config.optimizer,
             "checkpoint": self.last_path, "resumed_from": self.resumed, "output_dir": str(self.out),
+            "world_size": self.dist.world_size, "parallel": self.dist.parallel,
         }

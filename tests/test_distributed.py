@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
 
 import minift
+from minift import checkpoint as ckpt
 from minift import dist_checkpoint as dckpt
 from minift import distributed as mdist
 from minift.config import ModelConfig
@@ -182,6 +184,25 @@ def qlora_layer_gather(world):
             "local_numel": sum(p.numel() for p in params)}
 
 
+TRAIN_CASES = [("fsdp", "qlora"), ("ddp", "full")]
+
+
+def train_config(out: Path, parallel, method, world, **kw):
+    return TrainConfig(method=method, micro_batch_size=2, grad_accum=2, bf16=False, seed=0, progress=False,
+                       device="cpu", output_dir=str(out / f"train-{parallel}-{method}-w{world}"), max_steps=3,
+                       save_interval=2, learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant",
+                       keep_last=None, parallel=parallel if world > 1 else None, **kw)
+
+
+def run_train(out: Path, parallel, method, world):
+    """minift.train for 3 steps (checkpoints at 2 and 3), then again resumed from step 2."""
+    config = train_config(out, parallel, method, world)
+    first = minift.train(_model(method), _examples(), config)
+    again = minift.train(_model(method), _examples(), train_config(out, parallel, method, world,
+                                                                   resume_from=str(Path(config.output_dir) / "step-2")))
+    return {"summary": first, "resumed": again}
+
+
 def _worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
@@ -193,6 +214,8 @@ def _worker(rank, port, out):
                    "world": mdist.world_size(), "rank": mdist.rank()}
         for parallel, method, accum in CASES:
             results[_case_name(parallel, method, accum)] = run_case(out, parallel, method, accum, WORLD, rank)
+        for parallel, method in TRAIN_CASES:
+            results[f"train-{parallel}-{method}"] = run_train(out, parallel, method, WORLD)
         (out / f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
@@ -326,3 +349,44 @@ def test_consolidated_full_model_loads_in_transformers(runs, single):
         torch.testing.assert_close(ours(ids), alone(ids), rtol=1e-4, atol=1e-4)
     # the export is the trained model, not the initial one
     assert not torch.allclose(ours.lm_head.weight, _model("full").lm_head.weight)
+
+
+@pytest.mark.parametrize("parallel,method", TRAIN_CASES)
+def test_train_two_processes(runs, tmp_path, parallel, method):
+    out, results = runs
+    run_dir = out / f"train-{parallel}-{method}-w{WORLD}"
+    got = [r[f"train-{parallel}-{method}"] for r in results]
+    alone = minift.train(_model(method), _examples(), train_config(tmp_path, parallel, method, 1))
+    two = got[0]["summary"]
+    assert (two["world_size"], two["parallel"]) == (WORLD, parallel)
+    assert (alone["world_size"], alone["parallel"]) == (1, None)
+    assert got[1]["summary"]["last_loss"] == two["last_loss"]  # every rank reports the global loss
+    for key in ("first_loss", "last_loss"):
+        assert two[key] == pytest.approx(alone[key], rel=LOSS_RTOL)
+    assert (two["trained_tokens"], two["tokens"]) == (alone["trained_tokens"], alone["tokens"])
+    # rank 0 alone wrote the metrics: one line per step
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == WORLD
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2, 3]
+    # resumed from step 2 on the same world size: the same step 3, bit for bit
+    assert got[0]["resumed"]["last_loss"] == two["last_loss"]
+    assert got[0]["resumed"]["resumed_from"].endswith("step-2")
+
+
+@pytest.mark.parametrize("parallel,method", TRAIN_CASES)
+def test_train_resumes_on_one_process(runs, tmp_path, parallel, method):
+    out, results = runs
+    run_dir = tmp_path / f"train-{parallel}-{method}-w1"
+    shutil.copytree(out / f"train-{parallel}-{method}-w{WORLD}", run_dir)
+    config = train_config(tmp_path, parallel, method, 1, resume_from=str(run_dir / "step-2"))
+    summary = minift.train(_model(method), _examples(), config)
+    assert summary["steps"] == 3 and summary["resumed_from"].endswith("step-2")
+    assert summary["last_loss"] == pytest.approx(results[0][f"train-{parallel}-{method}"]["summary"]["last_loss"],
+                                                 rel=LOSS_RTOL)
+
+
+def test_parallel_without_torchrun_is_refused(tmp_path):
+    config = train_config(tmp_path, "fsdp", "lora", 2)
+    with pytest.raises(ValueError, match="TrainConfig.parallel='fsdp' needs a torchrun launch"):
+        minift.train(_model("lora"), _examples(), config)
