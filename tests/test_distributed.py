@@ -390,3 +390,29 @@ def test_parallel_without_torchrun_is_refused(tmp_path):
     config = train_config(tmp_path, "fsdp", "lora", 2)
     with pytest.raises(ValueError, match="TrainConfig.parallel='fsdp' needs a torchrun launch"):
         minift.train(_model("lora"), _examples(), config)
+
+
+@pytest.mark.slow
+def test_example_under_torchrun_matches_one_process(tmp_path):
+    """examples/train_llama.py under torchrun (2 gloo processes) against the same flags on one."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_llama.py"
+    flags = ["--method", "qlora", "--max-steps", "2", "--eval-samples", "2", "--device", "cpu", "--batch-size", "5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {"two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(_free_port()), str(script)],
+            "one": [sys.executable, str(script)]}
+    summaries = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd + flags + ["--output", str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    two, one = summaries["two"], summaries["one"]
+    assert (two["world_size"], two["parallel"], one["world_size"]) == (2, "fsdp", 1)
+    for key in ("first_loss", "last_loss"):
+        assert two[key] == pytest.approx(one[key], rel=LOSS_RTOL)
+    assert sorted(p.name for p in (tmp_path / "two" / "adapter").iterdir()) == \
+        ["adapter_config.json", "adapter_model.safetensors"]
