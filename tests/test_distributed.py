@@ -416,3 +416,83 @@ def test_example_under_torchrun_matches_one_process(tmp_path):
         assert two[key] == pytest.approx(one[key], rel=LOSS_RTOL)
     assert sorted(p.name for p in (tmp_path / "two" / "adapter").iterdir()) == \
         ["adapter_config.json", "adapter_model.safetensors"]
+
+
+# ---- one-process pieces: no process group needed -------------------------------------------
+def _group(rows_per_batch):
+    return [{"input_ids": torch.arange(n * 4).view(n, 4) + 100 * i, "labels": torch.arange(n * 4).view(n, 4),
+             "attention_mask": torch.ones(n, 4, dtype=torch.long)} for i, n in enumerate(rows_per_batch)]
+
+
+@pytest.mark.parametrize("rows,world", [([2, 2], 2), ([3, 1, 2, 2], 2), ([5], 2), ([3], 3), ([1], 2), ([2, 1, 3], 4)])
+def test_shard_group_hands_out_every_row_once(rows, world):
+    group = _group(rows)
+    parts = [mdist.shard_group(group, r, world) for r in range(world)]
+    assert len({len(p) for p in parts}) == 1  # same number of forwards on every rank
+    seen = sorted(tuple(row.tolist()) for p in parts for b in p
+                  for row, lab in zip(b["input_ids"], b["labels"]) if (lab != -100).any())
+    want = sorted(tuple(row.tolist()) for b in group for row in b["input_ids"])
+    assert seen == want
+    # what the ranks count together is the 1-process count
+    assert sum(trained_tokens(b) for p in parts for b in p) == sum(trained_tokens(b) for b in group)
+
+
+def test_shard_group_on_one_process_is_the_group():
+    group = _group([2, 3])
+    assert mdist.shard_group(group, 0, 1) is group
+
+
+def test_world_size_from_the_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an integer, got 'two'"):
+        mdist.env_world_size()
+    monkeypatch.setenv("WORLD_SIZE", "0")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be >= 1"):
+        mdist.env_world_size()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR.*torchrun --nproc_per_node"):
+        mdist.init_from_env("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert mdist.init_from_env("cpu") == torch.device("cpu") and not dist.is_initialized()
+
+
+def test_resolve_parallel():
+    assert mdist.resolve_parallel(None, 1) is None
+    assert mdist.resolve_parallel(None, 4) == "fsdp"
+    assert mdist.resolve_parallel("ddp", 4) == "ddp"
+    with pytest.raises(ValueError, match="TrainConfig.parallel must be one of fsdp, ddp; got 'zero3'"):
+        mdist.resolve_parallel("zero3", 4)
+
+
+def test_train_config_parallel_fields():
+    assert TrainConfig().parallel is None and TrainConfig().fsdp_cpu_offload is False
+    with pytest.raises(ValueError, match="TrainConfig.parallel"):
+        TrainConfig(parallel="tp")
+    with pytest.raises(TypeError, match="TrainConfig.fsdp_cpu_offload must be True or False"):
+        TrainConfig(fsdp_cpu_offload="yes")
+
+
+def test_apply_parallel_needs_a_process_group_and_decoder_layers():
+    model = _model("lora")
+    assert mdist.apply_parallel(model, SimpleNamespace(parallel=None)) is model  # one process: as is
+    with pytest.raises(RuntimeError, match="needs a process group.*init_from_env"):
+        mdist.apply_parallel(model, SimpleNamespace(parallel="fsdp"))
+    with pytest.raises(TypeError, match="Linear has no model.layers"):
+        mdist.decoder_layers(nn.Linear(2, 2))
+
+
+def test_accumulate_on_one_process_equals_the_loop():
+    from minift.trainer import accumulate_gradients
+
+    group = next(step_groups(_examples(), _config(2)))[2]
+    grads = []
+    for run in ("loop", "distributed"):
+        model = _model("lora")
+        if run == "loop":
+            loss, n = accumulate_gradients(model, group, "cpu", bf16=False)
+        else:
+            loss, n = mdist.accumulate_gradients(model, group, "cpu", _loss_sum, trained_tokens)
+        grads.append(([p.grad for p in model.parameters() if p.requires_grad], float(loss), n))
+    (g1, l1, n1), (g2, l2, n2) = grads
+    assert (l1, n1) == (l2, n2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
