@@ -20,6 +20,7 @@ import torch
 
 from minift.config import ModelConfig
 from minift.memory.estimate import METHODS, estimate_memory
+from minift.memory.parallel import per_gpu
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
 _UNITS = {"": None, "b": 1}
@@ -112,11 +113,22 @@ def _largest(fits, low: int, high: int) -> int:
     return good
 
 
+def _estimate(cfg, method, batch_size, seq_len, *, gpus=1, parallel=None, cpu_offload=False, dtype, **kw):
+    """The 1-GPU estimate, or the per-GPU one on `gpus` GPUs."""
+    est = estimate_memory(cfg, method, batch_size, seq_len, dtype=dtype, **kw)
+    if gpus == 1 and parallel is None:
+        return est
+    return per_gpu(est, cfg, world_size=gpus, parallel=parallel or "fsdp", r=kw.get("r", 16),
+                   target_modules=kw.get("target_modules", "all-linear"), e=torch.finfo(dtype).bits // 8,
+                   cpu_offload=cpu_offload)
+
+
 def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int = 2048,
          r: int = 16, optimizer: str = "adamw", gradient_checkpointing: bool = False,
          dtype: torch.dtype = torch.bfloat16, reserve: int = 2**30,
-         target_modules="all-linear") -> dict:
-    """Estimates and fits for the three methods.
+         target_modules="all-linear", gpus: int = 1, parallel=None, cpu_offload: bool = False,
+         host_memory: int = 128 * 2**30) -> dict:
+    """Estimates and fits for the three methods (per GPU when `gpus` > 1).
 
     Args:
         cfg: the model's architecture.
@@ -125,6 +137,11 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
         r, optimizer, gradient_checkpointing, dtype, target_modules: as for `estimate_memory`.
         reserve: bytes kept free for the CUDA context and allocator slack (a margin chosen by
             the user, not a measurement).
+        gpus, parallel, cpu_offload: GPUs of the job, "fsdp" (default with gpus > 1) or "ddp",
+            and FSDP's CPU offload; with FSDP and no offload, each method is also estimated
+            with offload ("offload": its estimate and whether it fits).
+        host_memory: bytes of host memory of the machine (all its GPUs' offloaded shards must
+            fit; an assumption the user states, 128 GiB unless told).
 
     Returns:
         {"methods": {method: {"estimate", "fits", "max_batch_size", "max_seq_len"}},
@@ -138,24 +155,30 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
     if seq_len > max_pos:
         raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings "
                          f"({max_pos})")
+    if gpus > 1 and parallel is None:
+        parallel = "fsdp"
+    common = dict(r=r, target_modules=target_modules, optimizer=optimizer, dtype=dtype, gpus=gpus,
+                  parallel=parallel, gradient_checkpointing=gradient_checkpointing)
     out = {}
     for method in METHODS:
         def total(b, t, m=method):
-            return estimate_memory(cfg, m, b, t, r=r, target_modules=target_modules,
-                                   optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-                                   dtype=dtype).total
-        est = estimate_memory(cfg, method, batch_size, seq_len, r=r, target_modules=target_modules,
-                              optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-                              dtype=dtype)
+            return _estimate(cfg, m, b, t, cpu_offload=cpu_offload, **common).total
+        est = _estimate(cfg, method, batch_size, seq_len, cpu_offload=cpu_offload, **common)
         out[method] = {
             "estimate": est,
-            "fits": est.total <= budget,
+            # offloaded shards of all the machine's GPUs must fit its host memory too
+            "fits": est.total <= budget and gpus * est.terms.get("host_bytes", 0) <= host_memory,
             "max_batch_size": _largest(lambda b: total(b, seq_len) <= budget, 1, MAX_BATCH),
             "max_seq_len": _largest(lambda t: total(batch_size, t) <= budget, 2, max_pos),
         }
+        if parallel == "fsdp" and not cpu_offload:
+            offloaded = _estimate(cfg, method, batch_size, seq_len, cpu_offload=True, **common)
+            out[method]["offload"] = {"estimate": offloaded, "fits": offloaded.total <= budget
+                                      and gpus * offloaded.terms["host_bytes"] <= host_memory}
     fitting = [m for m in METHODS if out[m]["fits"]]
     return {"methods": out, "recommendation": fitting[0] if fitting else None, "budget": budget,
-            "max_position_embeddings": max_pos}
+            "max_position_embeddings": max_pos, "gpus": gpus, "parallel": parallel, "cpu_offload": cpu_offload,
+            "host_memory": host_memory}
 
 
 def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
@@ -164,8 +187,13 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     """The planner's report as printed by ``python -m minift plan``."""
     methods = result["methods"]
     ckpt = "on" if gradient_checkpointing else "off"
+    gpus = result.get("gpus", 1)
     lines = [f"model {model_name} | batch {batch_size} x seq {seq_len} | optimizer {optimizer} | "
              f"LoRA r={r} | gradient checkpointing {ckpt}",
+             *([f"{gpus} GPUs, {result['parallel'].upper()}"
+                + (" with CPU offload" if result["cpu_offload"] else "")
+                + f": memory per GPU (batch {batch_size} x seq {seq_len} on each GPU)"]
+               if result.get("parallel") else []),
              f"GPU memory {fmt_auto(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
              f"{fmt_auto(reserve)} for the CUDA context: {fmt_auto(result['budget'])} usable",
              ""]
@@ -180,6 +208,17 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     lines.append(f"| longest seq at batch {batch_size} | "
                  + " | ".join(_count(methods[m]["max_seq_len"], 2, result["max_position_embeddings"])
                               for m in METHODS) + " |")
+    host = {m: methods[m]["estimate"].terms.get("host_bytes", 0) for m in METHODS}
+    if any(host.values()):
+        lines.append("| host memory per GPU (offloaded shards) | "
+                     + " | ".join(fmt_auto(host[m]) for m in METHODS) + " |")
+    if all("offload" in methods[m] for m in METHODS):
+        lines.append("| with CPU offload: per GPU | "
+                     + " | ".join(f"{fmt_auto(methods[m]['offload']['estimate'].total)} "
+                                  f"({'fits' if methods[m]['offload']['fits'] else 'no'})" for m in METHODS) + " |")
+        lines.append(f"| with CPU offload: host, all {gpus} GPUs (of {fmt_auto(result['host_memory'])}) | "
+                     + " | ".join(fmt_auto(gpus * methods[m]["offload"]["estimate"].terms["host_bytes"])
+                                  for m in METHODS) + " |")
     lines.append("")
     lines.append(_recommend(result, batch_size, seq_len, gradient_checkpointing))
     lines.append("Estimates from first principles (minift.estimate_memory), checked against "
@@ -200,6 +239,12 @@ def _recommend(result, batch_size, seq_len, gradient_checkpointing) -> str:
         return (f"Recommendation: {LABELS[best]} — the highest-quality method that fits batch "
                 f"{batch_size} x seq {seq_len} ({fmt_auto(methods[best]['estimate'].total)} of "
                 f"{fmt_auto(result['budget'])}).")
+    offload = [m for m in METHODS if methods[m].get("offload", {}).get("fits")]
+    if offload:
+        m, est = offload[0], methods[offload[0]]["offload"]["estimate"]
+        return (f"Recommendation: {LABELS[m]} with FSDP CPU offload (--fsdp-cpu-offload) — nothing fits "
+                f"batch {batch_size} x seq {seq_len} without it; with it {fmt_auto(est.total)} per GPU "
+                f"and {fmt_auto(est.terms['host_bytes'])} of host memory per GPU.")
     smaller = [m for m in METHODS if methods[m]["max_batch_size"] >= 1]
     if smaller:
         m = smaller[0]
@@ -224,6 +269,13 @@ def add_plan_arguments(parser) -> None:
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
     parser.add_argument("--gradient-checkpointing", action="store_true", dest="gradient_checkpointing")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs of the job (memory is per GPU)")
+    parser.add_argument("--parallel", choices=("fsdp", "ddp"), default=None,
+                        help="how the GPUs share the model (default fsdp when --gpus > 1)")
+    parser.add_argument("--cpu-offload", action="store_true", dest="cpu_offload",
+                        help="FSDP: sharded parameters, gradients and optimizer states in host memory")
+    parser.add_argument("--host-memory", default="128GiB", dest="host_memory",
+                        help="host memory of the machine, for CPU offload (default 128GiB)")
     parser.add_argument("--reserve", default="1GiB",
                         help="memory kept free for the CUDA context and allocator slack (default 1GiB)")
 
@@ -233,7 +285,10 @@ def run_plan(args, parser) -> int:
     try:
         gpu = parse_memory(args.gpu_memory, "--gpu-memory")
         reserve = parse_memory(args.reserve, "--reserve", allow_zero=True)
-        for name in ("batch_size", "seq_len", "r"):
+        host = parse_memory(args.host_memory, "--host-memory")
+        if args.cpu_offload and args.parallel == "ddp":
+            raise ValueError("--cpu-offload: applies to --parallel fsdp only")
+        for name in ("batch_size", "seq_len", "r", "gpus"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
                                  f"got {getattr(args, name)}")
@@ -244,7 +299,8 @@ def run_plan(args, parser) -> int:
         dtype = getattr(torch, args.dtype)
         result = plan(cfg, gpu, batch_size=args.batch_size, seq_len=args.seq_len, r=args.r,
                       optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
-                      dtype=dtype, reserve=reserve)
+                      dtype=dtype, reserve=reserve, gpus=args.gpus, parallel=args.parallel,
+                      cpu_offload=args.cpu_offload, host_memory=host)
     except (ValueError, FileNotFoundError, TypeError) as err:
         parser.error(str(err))
     print(format_plan(result, model_name=name, gpu_memory=gpu, reserve=reserve,
