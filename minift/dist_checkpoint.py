@@ -43,13 +43,19 @@ def _dcp_ready(model: nn.Module) -> nn.Module:
     return plain
 
 
+def _optimizer_extras(optimizer) -> dict:
+    """The optimizer state dict's entries besides "state" and "param_groups" (plain values)."""
+    return {k: v for k, v in optimizer.state_dict().items() if k not in ("state", "param_groups")}
+
+
 def save_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool) -> str:
     """Write this rank's shards of the model (all of it, or only what trains) and optimizer.
 
     Every rank must call it. Returns the directory.
     """
     model_sd, optim_sd = get_state_dict(_dcp_ready(model), optimizer, options=_options(trainable_only))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    dcp.save({"model": model_sd, "optim": optim_sd, "optim_extra": _optimizer_extras(optimizer)},
+             checkpoint_id=str(path))
     barrier()
     return str(path)
 
@@ -60,12 +66,20 @@ def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer, *, tr
         raise FileNotFoundError(f"{path}: not a sharded checkpoint (no .metadata file)")
     options = _options(trainable_only)
     model_sd, optim_sd = get_state_dict(_dcp_ready(model), optimizer, options=options)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": model_sd, "optim": optim_sd, "optim_extra": _optimizer_extras(optimizer)}
     dcp.load(state, checkpoint_id=str(path))
-    # the frozen base is not in a trainable-only checkpoint: the model's load must not ask for it
-    # (dcp.load above already failed on any trainable tensor the checkpoint lacks)
-    set_state_dict(_dcp_ready(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options(trainable_only, strict=not trainable_only))
+    # DCP keeps an optimizer's "state" and "param_groups" only; minift.AdamW8bit's state dict
+    # also carries its format version, skipped steps and seed, and refuses a dict without them.
+    # They travel beside it and are put back on the way into load_state_dict.
+    load = optimizer.load_state_dict
+    optimizer.load_state_dict = lambda state_dict: load({**state["optim_extra"], **state_dict})
+    try:
+        # the frozen base is not in a trainable-only checkpoint: the model's load must not ask
+        # for it (dcp.load above already failed on any trainable tensor the checkpoint lacks)
+        set_state_dict(_dcp_ready(model), optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=_options(trainable_only, strict=not trainable_only))
+    finally:
+        del optimizer.load_state_dict
 
 
 def full_state_dict(model: nn.Module, *, trainable_only: bool) -> dict:

@@ -185,9 +185,12 @@ def qlora_layer_gather(world):
 
 
 TRAIN_CASES = [("fsdp", "qlora"), ("ddp", "full")]
+# they compose: gradient checkpointing with FSDP, the 8-bit optimizer (and its checkpoints) with DDP
+TRAIN_EXTRA = {("fsdp", "qlora"): dict(gradient_checkpointing=True), ("ddp", "full"): dict(optimizer="adamw8bit")}
 
 
 def train_config(out: Path, parallel, method, world, **kw):
+    kw = dict(TRAIN_EXTRA.get((parallel, method), {}), **kw)
     return TrainConfig(method=method, micro_batch_size=2, grad_accum=2, bf16=False, seed=0, progress=False,
                        device="cpu", output_dir=str(out / f"train-{parallel}-{method}-w{world}"), max_steps=3,
                        save_interval=2, learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant",
@@ -384,6 +387,16 @@ def test_train_resumes_on_one_process(runs, tmp_path, parallel, method):
     assert summary["steps"] == 3 and summary["resumed_from"].endswith("step-2")
     assert summary["last_loss"] == pytest.approx(results[0][f"train-{parallel}-{method}"]["summary"]["last_loss"],
                                                  rel=LOSS_RTOL)
+
+
+def test_fsdp_refuses_the_8bit_optimizer(tmp_path, monkeypatch):
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(name, value)
+    config = train_config(tmp_path, "fsdp", "lora", 2, optimizer="paged_adamw8bit")
+    with pytest.raises(ValueError, match="optimizer='paged_adamw8bit' with parallel='fsdp'"):
+        minift.train(_model("lora"), _examples(), config)
+    assert not dist.is_initialized()  # refused before joining anything
 
 
 def test_parallel_without_torchrun_is_refused(tmp_path):
