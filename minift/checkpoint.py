@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from minift._util import fsync_path, read_json, write_json
 from minift.lora import lora_state_dict
 
 MANIFEST = "manifest.json"
@@ -188,22 +189,6 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-# ---- atomic writing ----------------------------------------------------------------------
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def clean_incomplete(output_dir) -> list[str]:
     """Tidy up after interrupted saves; returns the directories removed.
 
@@ -253,17 +238,18 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, tra
     save_file(model_tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
     opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
     save_file(opt_tensors, tmp / "optimizer.safetensors")
-    _write_json(tmp / "optimizer.json", opt_meta)
+    write_json(tmp / "optimizer.json", opt_meta, indent=None, atomic=False)
     rng_tensors, rng_meta = rng if rng is not None else rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
     state = dict(trainer_state, step=step, method=method, rng=rng_meta,
                  fingerprint=model_fingerprint(model), format_version=FORMAT_VERSION)
-    _write_json(tmp / "trainer_state.json", state)
+    write_json(tmp / "trainer_state.json", state, indent=None, atomic=False)
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
-        _fsync_path(tmp / name)
-    _write_json(tmp / MANIFEST, {"step": step, "files": {n: (tmp / n).stat().st_size for n in files}})
-    _fsync_path(tmp)
+        fsync_path(tmp / name)
+    write_json(tmp / MANIFEST, {"step": step, "files": {n: (tmp / n).stat().st_size for n in files}},
+               indent=None, atomic=False)
+    fsync_path(tmp)
     if final.exists():  # saving the same step again (e.g. after a resume): swap, then drop the old
         old = root / f".old-step-{step}"
         os.rename(final, old)
@@ -271,7 +257,7 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, tra
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     if keep_last:
         for _, path in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
@@ -329,7 +315,7 @@ def resolve_checkpoint(spec: str, output_dir) -> str:
 
 
 def read_trainer_state(path) -> dict:
-    return json.loads((Path(path) / "trainer_state.json").read_text())
+    return read_json(Path(path) / "trainer_state.json", expect=dict)
 
 
 def check_compatible(state: dict, path, *, method: str, model, config: dict, fields=(),
@@ -382,7 +368,7 @@ def load_checkpoint(path, *, model, optimizer) -> dict:
     with safe_open(path / "model.safetensors", framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     _load_model_tensors(model, tensors, aliases, path)
-    opt_meta = json.loads((path / "optimizer.json").read_text())
+    opt_meta = read_json(path / "optimizer.json", expect=dict)
     opt_state = _join_optimizer_state(load_file(path / "optimizer.safetensors", device="cpu"), opt_meta)
     try:
         optimizer.load_state_dict(opt_state)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from minift._util import read_json
 
 # Where the config being built came from, for error messages: `from_hf_dict` sets it around the
 # constructor so that the checks in __post_init__ name the config.json, not just "config".
@@ -183,15 +184,7 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            d = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as e:  # the codec's own message names neither file nor line
-            line = data.count(b"\n", 0, e.start) + 1
-            raise ValueError(f"{path}: not valid UTF-8 (line {line})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+        d = read_json(path, expect=dict)
         return cls.from_hf_dict(d, source=path)
 
     def to_hf_dict(self) -> dict:

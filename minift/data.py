@@ -5,13 +5,18 @@ Rows are chats ({"messages": [...]}), alpaca ({"instruction", "input", "output"}
 Labels equal the input ids on the assistant's replies (with the token that ends each reply) and
 -100 everywhere else, so the loss trains only what the model should say.
 """
+from __future__ import annotations
+
 import bisect
-import json
+import os
 import random
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
+
+from minift._util import read_jsonl
 
 IGNORE = -100  # label of tokens the loss skips
 
@@ -30,37 +35,19 @@ class DataStats:
     def __getitem__(self, key):
         return getattr(self, key)
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return asdict(self)
 
 
 def _read_jsonl(path):
     """(line number, row) for each non-blank line; errors name file:line."""
-    rows = []
-    # Read bytes and decode line by line, so that a byte that is not UTF-8 is reported with its
-    # line rather than as a bare codec error from deep inside the file iterator.
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start:err.start + 1]!r} "
-                                 f"at column {err.start + 1}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+    rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path}: empty dataset (no rows)")
     return rows
 
 
-def load_jsonl(path):
+def load_jsonl(path: str | os.PathLike) -> list[dict]:
     """Reads a JSONL file into a list of dicts.
 
     Args:
@@ -81,7 +68,7 @@ def _text_field(row, key, where, optional=False):
     return value
 
 
-def row_to_messages(row, where="<row>"):
+def row_to_messages(row: dict, where: str = "<row>") -> list[dict]:
     """Turns one row of any supported shape into a list of {"role", "content"} messages."""
     if "messages" in row:
         messages = row["messages"]
@@ -153,7 +140,8 @@ def _tokenize_messages(tokenizer, messages, where):
     return ids, labels
 
 
-def tokenize_rows(rows, tokenizer, max_length, source="<data>", *, line_numbers=None):
+def tokenize_rows(rows: list[dict], tokenizer, max_length: int, source: str = "<data>", *,
+                  line_numbers: Optional[list[int]] = None) -> tuple[list[dict], DataStats]:
     """Renders rows with the chat template and masks everything but the assistant replies.
 
     Args:
@@ -204,7 +192,7 @@ def tokenize_rows(rows, tokenizer, max_length, source="<data>", *, line_numbers=
     return examples, stats
 
 
-def load_dataset(path, tokenizer, max_length):
+def load_dataset(path: str | os.PathLike, tokenizer, max_length: int) -> tuple[list[dict], DataStats]:
     """`load_jsonl` + `tokenize_rows`, with errors naming the file and line.
 
     Args:
@@ -340,7 +328,7 @@ def batch_examples(examples, batch_size, *, pad_id, mode="bucket", max_length=No
             for j in range(0, len(rows), batch_size)]
 
 
-def padding_efficiency(batches):
+def padding_efficiency(batches: list[dict]) -> float:
     """Share of real tokens among all (B, T) slots of the batches, in (0, 1]."""
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     slots = sum(b["attention_mask"].numel() for b in batches)

@@ -18,7 +18,6 @@ from torch.utils.checkpoint import checkpoint
 from minift.config import ROPE_REQUIRED_KEYS, ModelConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-LLAMA3_ROPE_KEYS = ROPE_REQUIRED_KEYS["llama3"]
 
 
 class KVCache:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from minift._util import LINEARS
 from minift.config import ModelConfig
-from minift.memory.estimate import LINEARS, MemoryEstimate
 
 PARALLEL = ("fsdp", "ddp")
 
@@ -60,9 +60,9 @@ def _root_bytes(cfg: ModelConfig, e: int) -> int:
     return heads * cfg.vocab_size * cfg.hidden_size * e + cfg.hidden_size * e
 
 
-def per_gpu(est: MemoryEstimate, cfg: ModelConfig, *, world_size: int, parallel: str, r: int = 16,
+def per_gpu(est, cfg: ModelConfig, *, world_size: int, parallel: str, r: int = 16,
             target_modules="all-linear", e: int = 2, ae: int = 4, blocksize: int = 64,
-            cpu_offload: bool = False) -> MemoryEstimate:
+            cpu_offload: bool = False):
     """The per-GPU estimate on ``world_size`` GPUs from the 1-GPU estimate ``est``.
 
     Args:
@@ -121,6 +121,6 @@ def per_gpu(est: MemoryEstimate, cfg: ModelConfig, *, world_size: int, parallel:
     step = dict(device, activations=0, other=0 if cpu_offload else shard(step_tmp))
     peak = max((fwd_bwd, step), key=lambda m: sum(m.values()))
     settings["peak_moment"] = "forward_backward" if peak is fwd_bwd else "optimizer_step"
-    return MemoryEstimate(**peak, total=sum(peak.values()), settings=settings,
-                          terms=dict(est.terms, all_gather_buffers=gathered_frozen + gathered_trainable,
+    return replace(est, **peak, total=sum(peak.values()), settings=settings,
+                   terms=dict(est.terms, all_gather_buffers=gathered_frozen + gathered_trainable,
                                      unsharded_layer_grads=layer_grads, ddp_buckets=0, host_bytes=host))

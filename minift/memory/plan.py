@@ -5,89 +5,25 @@ estimates full fine-tuning, LoRA and QLoRA side by side with `minift.estimate_me
 fit, finds the largest batch size and the longest sequence that fit for each, and recommends the
 highest-quality method that fits (full > LoRA > QLoRA).
 
-Memory sizes: ``KB/MB/GB/TB`` are decimal (10^3 steps: "24GB" = 24e9 bytes), ``KiB/MiB/GiB/TiB``
-binary (2^10 steps), and a bare ``K/M/G/T`` is binary as in nvidia-smi and most command-line
-tools ("24G" = 24 GiB). Spaces between number and unit are allowed and the prefix may be either
-case ("24gB", "24kB"), but the B of bytes must be upper-case: a lower-case b means bits ("24Gb"
-is 3 GB), so it is refused rather than misread.
+Memory sizes are read by `minift._util.parse_bytes`, the one size grammar of minift: "24GB" is
+24e9 bytes, "24GiB" and "24G" are 24 * 2^30.
 """
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
+from minift._util import fmt_in, format_bytes, parse_bytes, unit_for
 from minift.config import ModelConfig
 from minift.memory.estimate import METHODS, estimate_memory
-from minift.memory.parallel import per_gpu
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
-_UNITS = {"": None, "b": 1}
-for _i, _p in enumerate("kmgt", start=1):
-    _UNITS[_p + "b"] = 1000 ** _i
-    _UNITS[_p + "ib"] = 1024 ** _i
-    _UNITS[_p] = 1024 ** _i
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
 MAX_BATCH = 1 << 16
 
 
-def parse_memory(text: str, name: str = "memory", allow_zero: bool = False) -> int:
-    """Bytes in a memory size such as "24GB", "24 GB", "24GiB", "24000MB" or "24G".
-
-    Args:
-        text: the size; see the module docstring for the units.
-        name: what the value is, for the error message (e.g. "--gpu-memory").
-        allow_zero: accept a size of 0 (e.g. no reserve); otherwise it must be positive.
-
-    Raises:
-        ValueError: naming `name` and the text when it is not a size with a unit, when its unit
-            ends in a lower-case b (bits), or when it is 0 and `allow_zero` is False.
-    """
-    hint = "write e.g. 24GB (10^9 bytes), 24GiB or 24G (2^30 bytes), 24000MB"
-    match = _MEMORY.match(str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{name}: cannot read {text!r} as a memory size; {hint}")
-    unit_text = match.group(2)
-    if unit_text.endswith("b"):
-        number, prefix = match.group(1), unit_text[:-1].rstrip("iI").upper()
-        fix = f"{number}{prefix}B or {number}{prefix}iB" if prefix else f"{number}B"
-        raise ValueError(f"{name}: {text!r} ends in a lower-case b, which means bits; for bytes "
-                         f"write {fix}")
-    unit = _UNITS[unit_text.lower()]
-    if unit is None:
-        raise ValueError(f"{name}: {text!r} has no unit; {hint}")
-    value = float(match.group(1)) * unit
-    if value == 0 and allow_zero:
-        return 0
-    if value < 1:
-        what = "a memory size >= 0" if allow_zero else "a positive memory size"
-        raise ValueError(f"{name}: {text!r} must be {what}; {hint}")
-    return int(value)
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def unit_for(largest: float) -> tuple:
-    """(name, bytes) of the binary unit that shows `largest` with at least one whole unit."""
-    for name, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if largest >= size:
-            return name, size
-    return "KiB", 2**10
-
-
-def fmt_in(unit: tuple):
-    """A formatter of byte counts in one fixed unit (one table reads in one unit)."""
-    name, size = unit
-    return lambda n: f"{n / size:.2f} {name}"
-
-
-def fmt_auto(n: float) -> str:
-    """Bytes in the largest binary unit that holds at least one whole unit ("0 B" for zero)."""
-    return "0 B" if n == 0 else fmt_in(unit_for(n))(n)
+parse_memory = parse_bytes  # sizes read as everywhere in minift (see minift._util)
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str]:
@@ -111,16 +47,6 @@ def _largest(fits, low: int, high: int) -> int:
         mid = (good + bad) // 2
         good, bad = (mid, bad) if fits(mid) else (good, mid)
     return good
-
-
-def _estimate(cfg, method, batch_size, seq_len, *, gpus=1, parallel=None, cpu_offload=False, dtype, **kw):
-    """The 1-GPU estimate, or the per-GPU one on `gpus` GPUs."""
-    est = estimate_memory(cfg, method, batch_size, seq_len, dtype=dtype, **kw)
-    if gpus == 1 and parallel is None:
-        return est
-    return per_gpu(est, cfg, world_size=gpus, parallel=parallel or "fsdp", r=kw.get("r", 16),
-                   target_modules=kw.get("target_modules", "all-linear"), e=torch.finfo(dtype).bits // 8,
-                   cpu_offload=cpu_offload)
 
 
 def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int = 2048,
@@ -149,21 +75,21 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
     """
     budget = gpu_memory - reserve
     if budget <= 0:
-        raise ValueError(f"--reserve ({fmt_auto(reserve)}) leaves nothing of --gpu-memory "
-                         f"({fmt_auto(gpu_memory)})")
+        raise ValueError(f"--reserve ({format_bytes(reserve)}) leaves nothing of --gpu-memory "
+                         f"({format_bytes(gpu_memory)})")
     max_pos = cfg.max_position_embeddings
     if seq_len > max_pos:
         raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings "
                          f"({max_pos})")
     if gpus > 1 and parallel is None:
         parallel = "fsdp"
-    common = dict(r=r, target_modules=target_modules, optimizer=optimizer, dtype=dtype, gpus=gpus,
+    common = dict(r=r, target_modules=target_modules, optimizer=optimizer, dtype=dtype, world_size=gpus,
                   parallel=parallel, gradient_checkpointing=gradient_checkpointing)
     out = {}
     for method in METHODS:
         def total(b, t, m=method):
-            return _estimate(cfg, m, b, t, cpu_offload=cpu_offload, **common).total
-        est = _estimate(cfg, method, batch_size, seq_len, cpu_offload=cpu_offload, **common)
+            return estimate_memory(cfg, m, b, t, cpu_offload=cpu_offload, **common).total
+        est = estimate_memory(cfg, method, batch_size, seq_len, cpu_offload=cpu_offload, **common)
         out[method] = {
             "estimate": est,
             # offloaded shards of all the machine's GPUs must fit its host memory too
@@ -172,7 +98,7 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
             "max_seq_len": _largest(lambda t: total(batch_size, t) <= budget, 2, max_pos),
         }
         if parallel == "fsdp" and not cpu_offload:
-            offloaded = _estimate(cfg, method, batch_size, seq_len, cpu_offload=True, **common)
+            offloaded = estimate_memory(cfg, method, batch_size, seq_len, cpu_offload=True, **common)
             out[method]["offload"] = {"estimate": offloaded, "fits": offloaded.total <= budget
                                       and gpus * offloaded.terms["host_bytes"] <= host_memory}
     fitting = [m for m in METHODS if out[m]["fits"]]
@@ -194,8 +120,8 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
                 + (" with CPU offload" if result["cpu_offload"] else "")
                 + f": memory per GPU (batch {batch_size} x seq {seq_len} on each GPU)"]
                if result.get("parallel") else []),
-             f"GPU memory {fmt_auto(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
-             f"{fmt_auto(reserve)} for the CUDA context: {fmt_auto(result['budget'])} usable",
+             f"GPU memory {format_bytes(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
+             f"{format_bytes(reserve)} for the CUDA context: {format_bytes(result['budget'])} usable",
              ""]
     columns = {LABELS[m]: methods[m]["estimate"].as_dict() for m in METHODS}
     # one unit for the whole table, picked by the largest total: GiB for 7B models, MiB (not
@@ -211,13 +137,13 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     host = {m: methods[m]["estimate"].terms.get("host_bytes", 0) for m in METHODS}
     if any(host.values()):
         lines.append("| host memory per GPU (offloaded shards) | "
-                     + " | ".join(fmt_auto(host[m]) for m in METHODS) + " |")
+                     + " | ".join(format_bytes(host[m]) for m in METHODS) + " |")
     if all("offload" in methods[m] for m in METHODS):
         lines.append("| with CPU offload: per GPU | "
-                     + " | ".join(f"{fmt_auto(methods[m]['offload']['estimate'].total)} "
+                     + " | ".join(f"{format_bytes(methods[m]['offload']['estimate'].total)} "
                                   f"({'fits' if methods[m]['offload']['fits'] else 'no'})" for m in METHODS) + " |")
-        lines.append(f"| with CPU offload: host, all {gpus} GPUs (of {fmt_auto(result['host_memory'])}) | "
-                     + " | ".join(fmt_auto(gpus * methods[m]["offload"]["estimate"].terms["host_bytes"])
+        lines.append(f"| with CPU offload: host, all {gpus} GPUs (of {format_bytes(result['host_memory'])}) | "
+                     + " | ".join(format_bytes(gpus * methods[m]["offload"]["estimate"].terms["host_bytes"])
                                   for m in METHODS) + " |")
     lines.append("")
     lines.append(_recommend(result, batch_size, seq_len, gradient_checkpointing))
@@ -237,14 +163,14 @@ def _recommend(result, batch_size, seq_len, gradient_checkpointing) -> str:
     methods = result["methods"]
     if best is not None:
         return (f"Recommendation: {LABELS[best]} — the highest-quality method that fits batch "
-                f"{batch_size} x seq {seq_len} ({fmt_auto(methods[best]['estimate'].total)} of "
-                f"{fmt_auto(result['budget'])}).")
+                f"{batch_size} x seq {seq_len} ({format_bytes(methods[best]['estimate'].total)} of "
+                f"{format_bytes(result['budget'])}).")
     offload = [m for m in METHODS if methods[m].get("offload", {}).get("fits")]
     if offload:
         m, est = offload[0], methods[offload[0]]["offload"]["estimate"]
         return (f"Recommendation: {LABELS[m]} with FSDP CPU offload (--fsdp-cpu-offload) — nothing fits "
-                f"batch {batch_size} x seq {seq_len} without it; with it {fmt_auto(est.total)} per GPU "
-                f"and {fmt_auto(est.terms['host_bytes'])} of host memory per GPU.")
+                f"batch {batch_size} x seq {seq_len} without it; with it {format_bytes(est.total)} per GPU "
+                f"and {format_bytes(est.terms['host_bytes'])} of host memory per GPU.")
     smaller = [m for m in METHODS if methods[m]["max_batch_size"] >= 1]
     if smaller:
         m = smaller[0]

@@ -35,18 +35,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from minift._util import format_bytes
+
 CATEGORIES = ("frozen_weights", "trainable_params", "gradients", "optimizer_states",
               "activations", "other")
-
-
-def format_bytes(n: float) -> str:
-    """Bytes in binary units: 512 B, 1.50 KiB, 3.25 MiB, 14.96 GiB."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
 
 
 def breakdown_table(columns: dict, rows=CATEGORIES + ("total",), bytes_fmt=format_bytes) -> str:
