@@ -112,3 +112,16 @@ def test_plan_gpus_errors(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--model", "tiny", "--gpu-memory", "24GB", "--gpus", "2", "--parallel", "ddp", "--cpu-offload"])
     assert "--cpu-offload: applies to --parallel fsdp only" in capsys.readouterr().err
+
+
+def test_estimate_memory_world_size_is_the_per_gpu_estimate():
+    cfg = ModelConfig.from_name("llama-2-7b")
+    one = estimate_memory(cfg, "qlora", 2, 1024)
+    assert estimate_memory(cfg, "qlora", 2, 1024, world_size=1) == one
+    for kw in (dict(world_size=4), dict(world_size=4, parallel="fsdp"), dict(world_size=2, parallel="ddp"),
+               dict(world_size=2, cpu_offload=True), dict(world_size=1, parallel="fsdp")):
+        want = per_gpu(one, cfg, world_size=kw["world_size"], parallel=kw.get("parallel", "fsdp"),
+                       cpu_offload=kw.get("cpu_offload", False))
+        assert estimate_memory(cfg, "qlora", 2, 1024, **kw) == want
+    with pytest.raises(ValueError, match="world_size must be a positive integer"):
+        estimate_memory(cfg, "qlora", world_size=0)
