@@ -12,8 +12,6 @@ re-slices the shards), a 1-process checkpoint by ``minift.checkpoint`` on a 1-pr
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -92,10 +90,7 @@ class DistRun:
             save_file(rng_tensors, tmp / "rng.safetensors")
             state = dict(trainer_state, step=step, method=method, rng=rng_meta, fingerprint=self.fingerprint,
                          format_version=ckpt.FORMAT_VERSION, world_size=self.world_size, parallel=self.parallel)
-            _finish_dir(tmp, final, step, state)
-            if keep_last:
-                for _, path in ckpt.list_checkpoints(root)[:-keep_last]:
-                    shutil.rmtree(path, ignore_errors=True)
+            ckpt.finish_checkpoint(root, tmp, step, state, keep_last)
         mdist.barrier()
         return str(final)
 
@@ -113,20 +108,3 @@ class DistRun:
         ckpt.set_rng_state(load_file(Path(path) / "rng.safetensors", device="cpu"), state["rng"])
         return state
 
-
-def _finish_dir(tmp: Path, final: Path, step: int, state: dict) -> None:
-    """trainer_state.json, then the manifest of every file (DCP's too), then the rename."""
-    ckpt._write_json(tmp / "trainer_state.json", state)
-    files = sorted(p.name for p in tmp.iterdir())
-    for name in files:
-        ckpt._fsync_path(tmp / name)
-    ckpt._write_json(tmp / ckpt.MANIFEST, {"step": step, "files": {n: (tmp / n).stat().st_size for n in files}})
-    ckpt._fsync_path(tmp)
-    if final.exists():  # the same step again after a resume: swap, then drop the old one
-        old = final.with_name(f".old-{final.name}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    ckpt._fsync_path(final.parent)

@@ -156,7 +156,9 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_gpu
           else MixedPrecisionPolicy())
     cpu_offload = bool(getattr(config, "fsdp_cpu_offload", False))
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # pinned host memory makes the host-to-GPU copies asynchronous; it needs an accelerator, so a
+    # CPU-only job (gloo) offloads to plain memory, which runs the same code path
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     mesh = init_device_mesh(device.type, (world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)

@@ -35,6 +35,8 @@ STEPS = 3
 # (parallel, method, grad_accum): grad_accum 2 hands whole micro-batches to the ranks; 1 splits
 # each micro-batch (3 rows) by rows, 2 + 1.
 CASES = [("fsdp", "full", 2), ("fsdp", "lora", 2), ("fsdp", "qlora", 2), ("ddp", "lora", 1)]
+# FSDP LoRA runs with CPUOffloadPolicy (unpinned on CPU): the offload code path, checkpoints included
+OFFLOADED = ("fsdp", "lora")
 # Same samples, same math, another summation order (per-rank partial sums, then an all-reduce):
 # measured differences on this CPU stay below 1e-6 relative; 1e-5 leaves room across CPUs.
 LOSS_RTOL = 1e-5
@@ -82,8 +84,8 @@ def loss_sum(model, batch, device):
 def prepared(parallel, method, world):
     model = make_model(method)
     if world > 1:
-        model = mdist.apply_parallel(model, SimpleNamespace(parallel=parallel, bf16=False),
-                                     device=torch.device("cpu"))
+        config = SimpleNamespace(parallel=parallel, bf16=False, fsdp_cpu_offload=(parallel, method) == OFFLOADED)
+        model = mdist.apply_parallel(model, config, device=torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, torch.optim.AdamW(params, lr=1e-2)
 
