@@ -39,10 +39,12 @@ class DistRun:
         self.parallel = mdist.resolve_parallel(config.parallel, world)
         self.active = self.parallel is not None
         if self.parallel == "fsdp" and config.optimizer != "adamw":
-            # its blockwise 8-bit states over sharded (DTensor) parameters train like the
-            # 1-process run but do not round-trip through a sharded checkpoint yet
+            # minift.AdamW8bit sizes its states by the parameter's numel, which for a sharded
+            # (DTensor) parameter is the global one: every rank would hold full-size states
+            # (unsharded), and they do not load back from a sharded checkpoint
             raise ValueError(f"TrainConfig.optimizer={config.optimizer!r} with parallel='fsdp' is not supported "
-                             "yet; use optimizer='adamw' (LoRA/QLoRA states are small) or parallel='ddp'")
+                             "yet (its states would not be sharded); use optimizer='adamw' (LoRA/QLoRA "
+                             "states are small) or parallel='ddp'")
         if self.active and world == 1 and not mdist.launched():
             raise ValueError(f"TrainConfig.parallel={config.parallel!r} needs a torchrun launch "
                              "(torchrun --nproc_per_node N ...); on one process leave it None")

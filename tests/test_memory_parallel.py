@@ -83,9 +83,10 @@ def test_ddp_replicates_and_adds_the_gradient_buckets():
     (dict(world_size=0), ValueError, "world_size must be a positive integer"),
     (dict(cpu_offload="yes"), TypeError, "cpu_offload must be True or False"),
     (dict(parallel="ddp", cpu_offload=True), ValueError, "parallel='fsdp' only"),
+    (dict(optimizer="adamw8bit"), ValueError, "optimizer 'adamw8bit' with parallel='fsdp'"),
 ])
 def test_per_gpu_rejects_bad_settings(kw, err, match):
-    est = estimate_memory(TINY, "lora", 1, 16)
+    est = estimate_memory(TINY, "lora", 1, 16, optimizer=kw.pop("optimizer", "adamw"))
     args = dict(world_size=2, parallel="fsdp") | kw
     with pytest.raises(err, match=match):
         per_gpu(est, TINY, **args)

@@ -88,6 +88,9 @@ def per_gpu(est, cfg: ModelConfig, *, world_size: int, parallel: str, r: int = 1
     if cpu_offload and parallel != "fsdp":
         raise ValueError("cpu_offload applies to parallel='fsdp' only")
     method = est.settings.get("method")
+    if parallel == "fsdp" and est.settings.get("optimizer", "adamw") != "adamw":
+        raise ValueError(f"optimizer {est.settings['optimizer']!r} with parallel='fsdp': minift trains FSDP with "
+                         "'adamw' only (the 8-bit optimizer's states would not be sharded); see docs/distributed.md")
     settings = dict(est.settings, world_size=world_size, parallel=parallel, cpu_offload=cpu_offload)
     loss = est.terms.get("loss_buffers", 0)
     step_tmp = est.terms.get("step_temporaries", 0)
