@@ -53,7 +53,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     flags = ["--max-steps", str(args.max_steps), "--eval-samples", "1", "--device", "cpu",
              "--batch-size", str(args.batch_size)]
-    cases = []
+    # where the runs come from, taken before they start (the checkout may move on meanwhile)
+    result = {"machine": machine_info(), "git_commit": git_commit(), "git_modified": git_modified(),
+              "command": "python examples/torchrun_agreement.py " + " ".join(argv or sys.argv[1:]),
+              "cases": []}
+    cases = result["cases"]
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
             base = ["--method", method] + flags
@@ -64,9 +68,6 @@ def main(argv=None) -> int:
             rel = max(abs(a - b) / abs(b) for a, b in zip(got["many"]["losses"], got["one"]["losses"]))
             cases.append({"method": method, "flags": base, "nproc": args.nproc, "max_rel_loss_diff": rel, **got})
             print(f"{method}: {args.nproc} processes vs 1, largest relative loss difference {rel:.2e}")
-    result = {"machine": machine_info(), "git_commit": git_commit(), "git_modified": git_modified(),
-              "command": "python examples/torchrun_agreement.py " + " ".join(argv or sys.argv[1:]),
-              "cases": cases}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
