@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -130,7 +130,7 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
 
     FSDP2: every decoder layer is one all-gather unit and the root holds the embedding, final
     norm and lm_head; parameters are resharded after forward (gathered again for backward), which
-    keeps one layer unsharded at a time. On CUDA with bf16 the parameters are gathered in bf16
+    keeps one layer unsharded at a time, plus the next one FSDP2 prefetches. On CUDA with bf16 the parameters are gathered in bf16
     and gradients reduced in fp32; uint8 NF4 bytes are never cast. ``fsdp_cpu_offload`` keeps the
     sharded parameters, gradients and optimizer states in host memory (``CPUOffloadPolicy``).
 
@@ -169,13 +169,6 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (FSDP2 modules are their own module)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def parallel_of(model: nn.Module) -> Optional[str]:
-    """"fsdp", "ddp" or None, from how ``model`` was prepared."""
-    if isinstance(model, DistributedDataParallel):
-        return "ddp"
-    return "fsdp" if isinstance(model, FSDPModule) else None
 
 
 # ---- sharding the data -------------------------------------------------------------------
