@@ -240,6 +240,8 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_incomplete(self.out)
         seed_everything(config.seed)
+        if not self.dist.active:  # one process: on the device before the fingerprint pass
+            model.to(self.device)
         self.data_fp = ckpt.data_fingerprint(train_data)
         # Adapter checkpoints rely on the frozen base they were trained on; "full" checkpoints
         # hold the whole model. Taken once (the base is frozen), before any sharding.
