@@ -45,6 +45,11 @@ class DistRun:
             raise ValueError(f"TrainConfig.optimizer={config.optimizer!r} with parallel='fsdp' is not supported "
                              "yet (its states would not be sharded); use optimizer='adamw' (LoRA/QLoRA "
                              "states are small) or parallel='ddp'")
+        for name, why in (("optimizer_in_backward", "its hooks would step on gradients before they are "
+                                                    "reduced across ranks"),
+                          ("compile", "compiled layers under FSDP/DDP are not tested yet")):
+            if self.active and getattr(config, name, False):
+                raise ValueError(f"TrainConfig.{name}=True with parallel={self.parallel!r} is not supported: {why}")
         if self.active and world == 1 and not mdist.launched():
             raise ValueError(f"TrainConfig.parallel={config.parallel!r} needs a torchrun launch "
                              "(torchrun --nproc_per_node N ...); on one process leave it None")

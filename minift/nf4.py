@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 
 from minift.kernels import HAS_TRITON
+from minift.nf4_dequant import dequantize_packed
 from minift.nf4_format import FLOAT_DTYPES, NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, NF4Weight
 from minift.quantmaps import dynamic_map, nf4_code
 
@@ -216,5 +217,7 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
         return nf4_dequantize(q.packed, q.absmax, q.code, q.shape, q.blocksize, dtype, out=out,
                               nested_absmax=q.nested_absmax, nested_code=q.nested_code, offset=q.offset,
                               nested_blocksize=q.nested_blocksize)
+    if q.packed.device.type == "cpu":  # the reference's bits, a table gather per byte
+        return dequantize_packed(q.packed, absmax_fp32(q), q.code, q.shape, q.blocksize, dtype, out)
     result = _dequantize_reference(q, dtype)
     return result if out is None else out.copy_(result)

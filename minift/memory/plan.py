@@ -17,6 +17,7 @@ import torch
 from minift._util import fmt_in, format_bytes, parse_bytes, unit_for
 from minift.config import ModelConfig
 from minift.memory.estimate import METHODS, estimate_memory
+from minift.memory.features import format_feature_plan, plan_features
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
 LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
@@ -102,9 +103,14 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
             out[method]["offload"] = {"estimate": offloaded, "fits": offloaded.total <= budget
                                       and gpus * offloaded.terms["host_bytes"] <= host_memory}
     fitting = [m for m in METHODS if out[m]["fits"]]
+    # the memory features the loop offers, turned on one at a time until each method fits (on one
+    # GPU; the per-GPU table of a multi-GPU plan has its own offload column instead)
+    features = None if parallel else {
+        m: plan_features(cfg, budget, m, batch_size, seq_len, r=r, optimizer=optimizer, dtype=dtype,
+                         target_modules=target_modules) for m in METHODS}
     return {"methods": out, "recommendation": fitting[0] if fitting else None, "budget": budget,
             "max_position_embeddings": max_pos, "gpus": gpus, "parallel": parallel, "cpu_offload": cpu_offload,
-            "host_memory": host_memory}
+            "host_memory": host_memory, "features": features}
 
 
 def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
@@ -145,6 +151,9 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
         lines.append(f"| with CPU offload: host, all {gpus} GPUs (of {format_bytes(result['host_memory'])}) | "
                      + " | ".join(format_bytes(gpus * methods[m]["offload"]["estimate"].terms["host_bytes"])
                                   for m in METHODS) + " |")
+    if result.get("features"):
+        lines.append(format_feature_plan(result["features"], result["budget"],
+                                         result["max_position_embeddings"], format_bytes))
     lines.append("")
     lines.append(_recommend(result, batch_size, seq_len, gradient_checkpointing))
     lines.append("Estimates from first principles (minift.estimate_memory), checked against "
