@@ -12,6 +12,7 @@ re-slices the shards), a 1-process checkpoint by ``minift.checkpoint`` on a 1-pr
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -34,9 +35,13 @@ class DistRun:
     """The distributed side of one ``train`` call."""
 
     def __init__(self, config):
-        self.config = config
         world = mdist.env_world_size()
         self.parallel = mdist.resolve_parallel(config.parallel, world)
+        if self.parallel == "fsdp" and getattr(config, "loss_chunk_size", None) is not None:
+            # the chunked loss calls lm_head after the model's forward, where FSDP has already
+            # resharded it: under FSDP the loss takes the full logits
+            config = dataclasses.replace(config, loss_chunk_size=None)
+        self.config = config  # what the loop uses: the caller's config, adjusted as above
         self.active = self.parallel is not None
         if self.parallel == "fsdp" and config.optimizer != "adamw":
             # minift.AdamW8bit sizes its states by the parameter's numel, which for a sharded

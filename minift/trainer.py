@@ -248,8 +248,9 @@ class _Run:
     bar) and the phases around the loop's step: resume, evaluation, saving, the summary."""
 
     def __init__(self, model, train_data, config: TrainConfig, eval_data):
-        self.data, self.config, self.eval_data = train_data, config, eval_data
         self.dist = DistRun(config)  # joins the process group under torchrun; else inactive
+        self.data, self.config, self.eval_data = train_data, self.dist.config, eval_data
+        config = self.config
         self.device = self.dist.device or pick_device(config)
         self.out = Path(config.output_dir)
         if self.dist.is_main:
