@@ -50,6 +50,9 @@ class DistRun:
             raise ValueError(f"TrainConfig.optimizer={config.optimizer!r} with parallel='fsdp' is not supported "
                              "yet (its states would not be sharded); use optimizer='adamw' (LoRA/QLoRA "
                              "states are small) or parallel='ddp'")
+        if self.active and getattr(config, "objective", "sft") != "sft":
+            raise ValueError(f"TrainConfig.objective={config.objective!r} with parallel={self.parallel!r} is not "
+                             "supported yet: under torchrun minift trains the token loss (objective='sft')")
         for name, why in (("optimizer_in_backward", "its hooks would step on gradients before they are "
                                                     "reduced across ranks"),
                           ("compile", "compiled layers under FSDP/DDP are not tested yet")):

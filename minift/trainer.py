@@ -28,6 +28,7 @@ from minift.compile import compiled_layers
 from minift.backward_step import StepInBackward
 from minift.data import batch_examples
 from minift.dist_train import DistRun
+from minift.dpo import DPOObjective, objective_for
 from minift.lora import trainable_parameters
 from minift.loss import model_loss_sum, supports_chunked_loss
 from minift.memory.tracker import MemoryTracker
@@ -101,6 +102,24 @@ def evaluate(model, examples: list, config: TrainConfig, device=None) -> dict:
     model.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+class SFTObjective:
+    """The default objective, token cross-entropy; DPO's (minift.dpo.DPOObjective) has the same
+    three methods, which is all the loop asks of an objective."""
+
+    name = "sft"
+    check = staticmethod(check_examples)
+
+    def __init__(self, loss_chunk_size: Optional[int] = None):
+        self.loss_chunk_size = loss_chunk_size
+
+    def step(self, model, micro_batches, device, bf16=False):
+        """(mean loss, trained tokens, extra metrics) of one step, gradients accumulated."""
+        return (*accumulate_gradients(model, micro_batches, device, bf16, self.loss_chunk_size), {})
+
+    def evaluate(self, model, examples, config, device):
+        return evaluate(model, examples, config, device)
 
 
 # ---- the run's state ---------------------------------------------------------------------
@@ -185,9 +204,10 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             last good state has been written).
         ValueError: bad data, or a resume checkpoint from a different method, model or data order.
     """
-    check_examples(train_data, "train_data")
+    check = DPOObjective.check if config.objective == "dpo" else SFTObjective.check
+    check(train_data, "train_data")
     if eval_data is not None:
-        check_examples(eval_data, "eval_data")
+        check(eval_data, "eval_data")
     run = _Run(model, train_data, config, eval_data)
     model, st, opt = run.model, run.state, run.optimizer  # model: FSDP/DDP-prepared under torchrun
     with run.session() as log:
@@ -203,12 +223,12 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             tracker = MemoryTracker(model, opt) if run.memory is None and not run.dist.active else None
             t0 = time.perf_counter()
             with tracker.track() if tracker else contextlib.nullcontext():
-                # 2. forward/backward over the step's micro-batches, token-normalised (with
-                # optimizer_in_backward each parameter is stepped there and its gradient freed;
-                # under torchrun this rank's share of them, normalised by all ranks' tokens)
+                # 2. forward/backward over the step's micro-batches; the objective normalises
+                # (with optimizer_in_backward each parameter is stepped there and its gradient freed)
                 if run.stepper:
                     run.stepper.reset()
-                loss, n_trained = run.accumulate(group)
+                # (under torchrun: this rank's share of them, normalised by all ranks' tokens)
+                loss, n_trained, extra = run.step(group)
                 # 3. clip the global gradient norm (and learn whether the step is finite)
                 norm = run.stepper.grad_norm() if run.stepper else \
                     run.dist.clip(run.params, config.max_grad_norm or math.inf)
@@ -228,7 +248,7 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             st.epochs_done = epochs_done
             line = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                     "tokens": sum(int(b["attention_mask"].sum()) for b in group),
-                    "trained_tokens": n_trained}
+                    "trained_tokens": n_trained, **extra}
             line["tokens_per_s"] = line["tokens"] / seconds
             st.record(line, seconds, sum(b["attention_mask"].numel() for b in group),
                       timed=tracker is None)
@@ -264,6 +284,9 @@ class _Run:
         # hold the whole model. Taken once (the base is frozen), before any sharding.
         self.base_fp = ckpt.base_fingerprint(model) if config.method != "full" else None
         self.counts = trainable_parameters(model)  # NF4 weights by their logical size
+        # before any checkpoint is loaded: a DPO reference is the model as it was passed in
+        self.objective = (objective_for(model, config, train_data, eval_data)
+                          if config.objective == "dpo" else SFTObjective(config.loss_chunk_size))
         self.resumed = check_resume(config, model, train_data)
         self.model = model = self.dist.prepare(model, self.device)
         self.optimizer = make_optimizer(model, config)
@@ -279,13 +302,16 @@ class _Run:
         self.schedule = Schedule.from_ratio(config.learning_rate, self.total, config.warmup_ratio,
                                             config.lr_scheduler)
 
-    def accumulate(self, group: list):
+    def step(self, group: list):
+        """(loss, trained tokens, extra metrics) of one step: the objective's, or under torchrun
+        the token loss over all ranks (`minift.dist_train`)."""
         config = self.config
         if not self.dist.active:
-            return accumulate_gradients(self.model, group, self.device, config.bf16, config.loss_chunk_size)
+            return self.objective.step(self.model, group, self.device, config.bf16)
+
         def loss_sum(model, batch, device):
             return _batch_loss_sum(model, batch, device, config.bf16, config.loss_chunk_size)
-        return self.dist.accumulate(self.model, group, self.device, loss_sum, trained_tokens)
+        return (*self.dist.accumulate(self.model, group, self.device, loss_sum, trained_tokens), {})
 
     @contextlib.contextmanager
     def session(self):
@@ -308,8 +334,7 @@ class _Run:
                     offloading(self.model, self.config.activation_offload), \
                     mlp_tiling(self.model, self.config.mlp_tile_size), \
                     self.stepper or contextlib.nullcontext(), \
-                    neftune(self.model, self.config.neftune_alpha), \
-                    open(metrics if self.dist.is_main else os.devnull, "a") as log:
+                    neftune(self.model, self.config.neftune_alpha), open(metrics if self.dist.is_main else os.devnull, "a") as log:
                 yield log
         finally:
             self.bar.close()
@@ -345,7 +370,7 @@ class _Run:
             (print if self.bar.disable else self.bar.write)(text)
 
     def evaluate(self) -> dict:
-        result = dict(evaluate(self.model, self.eval_data, self.config, self.device),
+        result = dict(self.objective.evaluate(self.model, self.eval_data, self.config, self.device),
                       step=self.state.step)
         self.state.evals.append(result)
         return result
@@ -382,7 +407,7 @@ class _Run:
         st, config = self.state, self.config
         trainable, total = self.counts
         return {
-            "method": config.method, "steps": st.step, "total_steps": self.total,
+            "method": config.method, "objective": config.objective, "steps": st.step, "total_steps": self.total,
             "epochs": round(st.epochs_done, 4), "first_loss": st.first_loss,
             "last_loss": st.last_loss, "eval_loss": st.evals[-1]["eval_loss"] if st.evals else None,
             "eval": st.evals, "tokens": st.tokens, "trained_tokens": st.trained_tokens,

@@ -14,8 +14,9 @@ import os
 
 import torch
 
-from minift._util import fmt_in, format_bytes, parse_bytes, unit_for
+from minift._util import check_choice, fmt_in, format_bytes, parse_bytes, unit_for
 from minift.config import ModelConfig
+from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import METHODS, estimate_memory
 from minift.memory.features import format_feature_plan, plan_features
 from minift.memory.tracker import CATEGORIES, breakdown_table
@@ -53,8 +54,8 @@ def _largest(fits, low: int, high: int) -> int:
 def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int = 2048,
          r: int = 16, optimizer: str = "adamw", gradient_checkpointing: bool = False,
          dtype: torch.dtype = torch.bfloat16, reserve: int = 2**30,
-         target_modules="all-linear", gpus: int = 1, parallel=None, cpu_offload: bool = False,
-         host_memory: int = 128 * 2**30) -> dict:
+         target_modules="all-linear", objective: str = "sft", gpus: int = 1, parallel=None,
+         cpu_offload: bool = False, host_memory: int = 128 * 2**30) -> dict:
     """Estimates and fits for the three methods (per GPU when `gpus` > 1).
 
     Args:
@@ -64,6 +65,8 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
         r, optimizer, gradient_checkpointing, dtype, target_modules: as for `estimate_memory`.
         reserve: bytes kept free for the CUDA context and allocator slack (a margin chosen by
             the user, not a measurement).
+        objective: "sft", or "dpo" (batch_size counts pairs; `estimate_dpo_memory` with its
+            default reference: adapters off for LoRA/QLoRA, a frozen copy for full).
         gpus, parallel, cpu_offload: GPUs of the job, "fsdp" (default with gpus > 1) or "ddp",
             and FSDP's CPU offload; with FSDP and no offload, each method is also estimated
             with offload ("offload": its estimate and whether it fits).
@@ -82,15 +85,23 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
     if seq_len > max_pos:
         raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings "
                          f"({max_pos})")
+    out = {}
+    check_choice("objective", objective, ("sft", "dpo"))
+    estimator = estimate_dpo_memory if objective == "dpo" else estimate_memory
     if gpus > 1 and parallel is None:
         parallel = "fsdp"
-    common = dict(r=r, target_modules=target_modules, optimizer=optimizer, dtype=dtype, world_size=gpus,
-                  parallel=parallel, gradient_checkpointing=gradient_checkpointing)
-    out = {}
+    common = dict(r=r, target_modules=target_modules, optimizer=optimizer, dtype=dtype,
+                  gradient_checkpointing=gradient_checkpointing)
+    if parallel:
+        if objective != "sft":
+            raise ValueError("--gpus: the per-GPU plan covers objective 'sft' (minift trains DPO on one process)")
+        common.update(world_size=gpus, parallel=parallel)
     for method in METHODS:
         def total(b, t, m=method):
-            return estimate_memory(cfg, m, b, t, cpu_offload=cpu_offload, **common).total
-        est = estimate_memory(cfg, method, batch_size, seq_len, cpu_offload=cpu_offload, **common)
+            return estimator(cfg, m, b, t, cpu_offload=cpu_offload, **common).total if parallel else \
+                estimator(cfg, m, b, t, **common).total
+        est = estimator(cfg, method, batch_size, seq_len, **common,
+                        **({"cpu_offload": cpu_offload} if parallel else {}))
         out[method] = {
             "estimate": est,
             # offloaded shards of all the machine's GPUs must fit its host memory too
@@ -99,7 +110,7 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
             "max_seq_len": _largest(lambda t: total(batch_size, t) <= budget, 2, max_pos),
         }
         if parallel == "fsdp" and not cpu_offload:
-            offloaded = estimate_memory(cfg, method, batch_size, seq_len, cpu_offload=True, **common)
+            offloaded = estimator(cfg, method, batch_size, seq_len, cpu_offload=True, **common)
             out[method]["offload"] = {"estimate": offloaded, "fits": offloaded.total <= budget
                                       and gpus * offloaded.terms["host_bytes"] <= host_memory}
     fitting = [m for m in METHODS if out[m]["fits"]]
@@ -109,8 +120,8 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
         m: plan_features(cfg, budget, m, batch_size, seq_len, r=r, optimizer=optimizer, dtype=dtype,
                          target_modules=target_modules) for m in METHODS}
     return {"methods": out, "recommendation": fitting[0] if fitting else None, "budget": budget,
-            "max_position_embeddings": max_pos, "gpus": gpus, "parallel": parallel, "cpu_offload": cpu_offload,
-            "host_memory": host_memory, "features": features}
+            "max_position_embeddings": max_pos, "objective": objective, "features": features,
+            "gpus": gpus, "parallel": parallel, "cpu_offload": cpu_offload, "host_memory": host_memory}
 
 
 def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
@@ -119,10 +130,11 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     """The planner's report as printed by ``python -m minift plan``."""
     methods = result["methods"]
     ckpt = "on" if gradient_checkpointing else "off"
-    gpus = result.get("gpus", 1)
     lines = [f"model {model_name} | batch {batch_size} x seq {seq_len} | optimizer {optimizer} | "
-             f"LoRA r={r} | gradient checkpointing {ckpt}",
-             *([f"{gpus} GPUs, {result['parallel'].upper()}"
+             f"LoRA r={r} | gradient checkpointing {ckpt}"
+             + (" | DPO: batch = pairs, 2x sequences + reference forward"
+                if result.get("objective") == "dpo" else ""),
+             *([f"{result['gpus']} GPUs, {result['parallel'].upper()}"
                 + (" with CPU offload" if result["cpu_offload"] else "")
                 + f": memory per GPU (batch {batch_size} x seq {seq_len} on each GPU)"]
                if result.get("parallel") else []),
@@ -145,6 +157,7 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
         lines.append("| host memory per GPU (offloaded shards) | "
                      + " | ".join(format_bytes(host[m]) for m in METHODS) + " |")
     if all("offload" in methods[m] for m in METHODS):
+        gpus = result["gpus"]
         lines.append("| with CPU offload: per GPU | "
                      + " | ".join(f"{format_bytes(methods[m]['offload']['estimate'].total)} "
                                   f"({'fits' if methods[m]['offload']['fits'] else 'no'})" for m in METHODS) + " |")
@@ -204,6 +217,9 @@ def add_plan_arguments(parser) -> None:
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
     parser.add_argument("--gradient-checkpointing", action="store_true", dest="gradient_checkpointing")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--objective", default="sft", choices=("sft", "dpo"),
+                        help="sft, or dpo (--batch-size counts preference pairs: 2x the sequences, "
+                             "plus the reference forward; a frozen copy for full)")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs of the job (memory is per GPU)")
     parser.add_argument("--parallel", choices=("fsdp", "ddp"), default=None,
                         help="how the GPUs share the model (default fsdp when --gpus > 1)")
@@ -234,8 +250,8 @@ def run_plan(args, parser) -> int:
         dtype = getattr(torch, args.dtype)
         result = plan(cfg, gpu, batch_size=args.batch_size, seq_len=args.seq_len, r=args.r,
                       optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
-                      dtype=dtype, reserve=reserve, gpus=args.gpus, parallel=args.parallel,
-                      cpu_offload=args.cpu_offload, host_memory=host)
+                      dtype=dtype, reserve=reserve, objective=args.objective, gpus=args.gpus,
+                      parallel=args.parallel, cpu_offload=args.cpu_offload, host_memory=host)
     except (ValueError, FileNotFoundError, TypeError) as err:
         parser.error(str(err))
     print(format_plan(result, model_name=name, gpu_memory=gpu, reserve=reserve,
