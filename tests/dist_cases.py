@@ -188,11 +188,11 @@ TRAIN_EXTRA = {("fsdp", "qlora"): dict(gradient_checkpointing=True), ("ddp", "fu
 
 
 def train_config(out: Path, parallel, method, world, **kw):
-    kw = dict(TRAIN_EXTRA.get((parallel, method), {}), **kw)
-    return TrainConfig(method=method, micro_batch_size=2, grad_accum=2, bf16=False, seed=0, progress=False,
-                       device="cpu", output_dir=str(out / f"train-{parallel}-{method}-w{world}"), max_steps=3,
-                       save_interval=2, learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant",
-                       keep_last=None, parallel=parallel if world > 1 else None, **kw)
+    fields = dict(method=method, micro_batch_size=2, grad_accum=2, bf16=False, seed=0, progress=False,
+                  device="cpu", output_dir=str(out / f"train-{parallel}-{method}-w{world}"), max_steps=3,
+                  save_interval=2, learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant",
+                  keep_last=None, parallel=parallel if world > 1 else None)
+    return TrainConfig(**fields | TRAIN_EXTRA.get((parallel, method), {}) | kw)
 
 
 def run_train(out: Path, parallel, method, world):

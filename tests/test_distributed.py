@@ -26,6 +26,7 @@ from dist_cases import (CASES, LOSS_RTOL, TRAIN_CASES, WORLD, case_name, example
 from minift import checkpoint as ckpt
 from minift import dist_checkpoint as dckpt
 from minift import distributed as mdist
+from minift import dist_train as mdist_train
 from minift.schedule import step_groups
 from minift.trainer import TrainConfig, accumulate_gradients, trained_tokens
 
@@ -195,6 +196,19 @@ def test_fsdp_refuses_the_8bit_optimizer(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="optimizer='paged_adamw8bit' with parallel='fsdp'"):
         minift.train(make_model("lora"), examples(), config)
     assert not dist.is_initialized()  # refused before joining anything
+
+
+@pytest.mark.parametrize("kw,match", [(dict(objective="dpo"), "objective='dpo' with parallel='ddp'"),
+                                      (dict(optimizer_in_backward=True, max_grad_norm=None, grad_accum=1),
+                                       "optimizer_in_backward=True with parallel='ddp'")])
+def test_torchrun_refuses_what_it_does_not_run(tmp_path, monkeypatch, kw, match):
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+    config = train_config(tmp_path, "ddp", "lora", 2, **kw)
+    with pytest.raises(ValueError, match=match):
+        mdist_train.DistRun(config)
+    assert not dist.is_initialized()
 
 
 def test_parallel_without_torchrun_is_refused(tmp_path):
