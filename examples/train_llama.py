@@ -3,6 +3,7 @@
     python examples/train_llama.py                      # LoRA on the shipped base and data
     python examples/train_llama.py --method qlora --merge
     python examples/train_llama.py --model path/to/hf-checkpoint --data my.jsonl --eval-data held.jsonl
+    torchrun --nproc_per_node 2 examples/train_llama.py --method qlora    # FSDP over 2 processes
 
 It evaluates the held-out split before and after training (exact match, token F1 and ROUGE-L of
 greedy replies, the loss on the replies, and the perplexity of general text, whose rise measures
@@ -10,11 +11,13 @@ forgetting), trains with minift.train, prints both evaluations side by side and 
 trained: the adapter (PEFT format) for LoRA/QLoRA, the whole model for full fine-tuning, and
 with --merge the merged model in Hugging Face format, after comparing its logits with the
 adapter model's on held-out samples. Bad input ends the run with one line on stderr and exit
-code 2.
+code 2. Under torchrun every rank trains its share of each step (the flags give the global
+batch); rank 0 alone prints and writes the outputs.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -26,10 +29,12 @@ import torch
 
 import minift
 from minift import checkpoint as ckpt
+from minift import dist_checkpoint as dckpt
+from minift import distributed as mdist
 from minift.data import load_dataset, load_jsonl, row_to_messages
 from minift.evaluate import forgetting, load_texts, perplexity, task_metrics
 from minift.merging import describe, merge_and_check
-from minift._util import METHODS, OPTIMIZERS
+from minift._util import METHODS, OPTIMIZERS, PARALLEL
 from minift.trainer import TrainConfig, evaluate
 
 HERE = Path(__file__).resolve().parent
@@ -130,6 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--eval-samples", type=_number(int, 1), default=None,
         help="evaluate on the first N held-out rows (default: all)")
     add("--device", type=_device, default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add("--parallel", choices=PARALLEL, default=None,
+        help="under torchrun: fsdp (default with more than one process) or ddp")
+    add("--fsdp-cpu-offload", action="store_true",
+        help="FSDP: sharded parameters, gradients and optimizer states in host memory")
     return p.parse_args(argv)
 
 
@@ -186,7 +195,7 @@ def load_rows(flag, path, tokenizer, seq_len, limit=None):
     return conversations, examples[:limit]
 
 
-def check_resume(model, config, train_data):
+def check_resume(model, config, train_data, say=print):
     """Fail before any work when --resume points at a checkpoint of another method, model shape,
     base model, data order or training data (minift.train checks the same, but only once it
     runs, after the before-evaluation)."""
@@ -195,7 +204,7 @@ def check_resume(model, config, train_data):
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise UsageError(f"--resume: {err}") from err
     if path is not None:
-        print(f"resuming from {path} (step {ckpt.read_trainer_state(path).get('step')})")
+        say(f"resuming from {path} (step {ckpt.read_trainer_state(path).get('step')})")
 
 
 # ---- evaluation --------------------------------------------------------------------------
@@ -263,7 +272,7 @@ FLAG_OF_FIELD = {"method": "--method", "learning_rate": "--lr", "epochs": "--epo
                  "resume_from": "--resume", "max_grad_norm": "--max-grad-norm",
                  "loss_chunk_size": "--loss-chunk-size",
                  "activation_offload": "--activation-offload",
-                 "optimizer_in_backward": "--optimizer-in-backward"}
+                 "optimizer_in_backward": "--optimizer-in-backward", "parallel": "--parallel"}
 
 
 def make_config(args, pad_id) -> TrainConfig:
@@ -277,7 +286,8 @@ def make_config(args, pad_id) -> TrainConfig:
             activation_offload=args.activation_offload,
             optimizer_in_backward=args.optimizer_in_backward,
             pad_id=pad_id, output_dir=args.output, seed=args.seed, resume_from=args.resume,
-            device=args.device, log_interval=10, save_interval=args.save_interval, keep_last=2)
+            device=args.device, log_interval=10, save_interval=args.save_interval, keep_last=2,
+            parallel=args.parallel, fsdp_cpu_offload=args.fsdp_cpu_offload)
     except ValueError as err:
         field = str(err).split(" ", 1)[0].removeprefix("TrainConfig.").split("=")[0]
         raise UsageError(f"{FLAG_OF_FIELD.get(field, field)}: {err}") from err
@@ -296,6 +306,8 @@ def check_output(path) -> None:
 
 
 def save_outputs(model, tokenizer, args, samples=()) -> dict:
+    if args.distributed:
+        return save_outputs_distributed(model, tokenizer, args)
     out, saved = Path(args.output), {}
     if args.method == "full":
         minift.save_model(model, out / "model")
@@ -317,6 +329,30 @@ def save_outputs(model, tokenizer, args, samples=()) -> dict:
     return saved
 
 
+def save_outputs_distributed(model, tokenizer, args) -> dict:
+    """Gathered to rank 0 and written once there, in the 1-process formats (every rank calls it)."""
+    out, saved = Path(args.output), {}
+    if args.method == "full":
+        dckpt.export_model(model, out / "model", mdist.unwrap(model).config)
+        saved["model"] = str(out / "model")
+    else:
+        dckpt.export_adapter(model, out / "adapter", base_model_name_or_path=str(args.model))
+        saved["adapter"] = str(out / "adapter")
+    if mdist.is_main():
+        if "model" in saved:
+            tokenizer.save(out / "model")
+        if args.merge and args.method != "full":
+            # the merge needs the whole base: rank 0 reloads it, as a 1-process run holds it
+            _, base = load_base(args, torch.device("cpu"))
+            merged = minift.merge_lora(minift.load_adapter(base, out / "adapter")).float()
+            minift.save_model(merged, out / "merged")
+            tokenizer.save(out / "merged")
+    if args.merge and args.method != "full":
+        saved["merged"] = str(out / "merged")
+    mdist.barrier()
+    return saved
+
+
 def load_general(path):
     if not path:
         return None
@@ -327,28 +363,38 @@ def load_general(path):
 
 
 def run(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # under torchrun: join the process group first, so "cuda" is this rank's GPU from here on
+    args.distributed = args.parallel is not None or mdist.env_world_size() > 1
+    if args.distributed and not mdist.launched():
+        raise UsageError("--parallel: needs a torchrun launch (torchrun --nproc_per_node N ...)")
+    device = (mdist.init_from_env(args.device, single=True) if args.distributed else
+              torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     args.device_type = device.type
+    say = print if mdist.is_main() else (lambda *a, **k: None)
     if args.merge_into == "original" and args.method != "qlora":
         raise UsageError("--merge-into original: only a qlora base is quantized; lora and full "
                          "merge into the original weights already")
     check_output(args.output)
     make_config(args, pad_id=0)  # every training flag checked before anything is loaded
     torch.manual_seed(args.seed)
-    tokenizer, model = load_base(args, device)
+    # FSDP places each rank's shards itself: the whole model is only ever held in host memory
+    fsdp = args.distributed and args.parallel != "ddp"
+    tokenizer, model = load_base(args, torch.device("cpu") if fsdp else device)
     if tokenizer.pad_token_id is None:
         raise UsageError(f"--model {args.model}: the tokenizer has neither a pad nor an end token")
     config = make_config(args, tokenizer.pad_token_id)
+    if fsdp:  # as minift.train does under FSDP: the chunked head would meet resharded lm_head weights
+        config = dataclasses.replace(config, loss_chunk_size=None)
     train_rows, train_data = load_rows("--data", args.data, tokenizer, args.seq_len)
     eval_rows, eval_data = load_rows("--eval-data", args.eval_data, tokenizer, args.seq_len,
                                      args.eval_samples)
-    check_resume(model, config, train_data)
-    print(f"model {args.model}: {minift.trainable_summary(model)}")
-    print(f"data: {len(train_data)} training examples, {len(eval_data)} held-out; "
+    check_resume(model, config, train_data, say)
+    say(f"model {args.model}: {minift.trainable_summary(model)}")
+    say(f"data: {len(train_data)} training examples, {len(eval_data)} held-out; "
           f"method {args.method}, device {device}")
     general = load_general(args.general)
-    before = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device, general)
-    print(f"before: exact match {before['exact_match']:.0%}, eval loss {before['eval_loss']:.4f}")
+    before = evaluate_all(model, tokenizer, eval_rows, eval_data, config, "cpu" if fsdp else device, general)
+    say(f"before: exact match {before['exact_match']:.0%}, eval loss {before['eval_loss']:.4f}")
     try:
         # eval_data: the loop evaluates the held-out split at the end, so the summary's "eval" and
         # "eval_loss" carry the final held-out loss (the same number as "after" below).
@@ -356,7 +402,7 @@ def run(args) -> dict:
     except (ValueError, FileNotFoundError) as err:  # what check_resume cannot see in advance
         raise UsageError(str(err)) from err
     after = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device, general)
-    print(f"\n{report(before, after)}")
+    say(f"\n{report(before, after)}")
     samples = [torch.tensor(ex["input_ids"]) for ex in eval_data[:4]]
     saved = save_outputs(model, tokenizer, args, samples)
     check = saved.pop("merge_check", None)
@@ -365,8 +411,9 @@ def run(args) -> dict:
         summary["merge_check"] = check
     if general:
         summary["forgetting"] = forgetting(before["general"], after["general"])
-    (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("saved: " + ", ".join(f"{k} -> {v}" for k, v in saved.items()))
+    if mdist.is_main():
+        (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    say("saved: " + ", ".join(f"{k} -> {v}" for k, v in saved.items()))
     return summary
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Optional
 # ---- names defined once ------------------------------------------------------------------
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+PARALLEL = ("fsdp", "ddp")  # TrainConfig.parallel under torchrun
 # the decoder's linear layers, in the order of a layer's forward
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -90,11 +90,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
     if any(m.merged for _, m in lora_layers(model)):
         raise ValueError("save_adapter: some adapters are merged into their base weights; call "
                          "unmerge() on them first so the base stays the original")
-    config = adapter_config(model, base_model_name_or_path)
+    write_adapter(path, adapter_config(model, base_model_name_or_path), lora_state_dict(model))
+
+
+def write_adapter(path, config: dict, lora_tensors: dict):
+    """Write an adapter directory from its config and its ``...lora_A/B.weight`` tensors, keyed as
+    in the model's state_dict (``save_adapter`` and the consolidated distributed export share it)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous()
-               for k, v in lora_state_dict(model).items()}
+    tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_tensors.items()}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json(path / CONFIG_NAME, config, sort_keys=True)
 

@@ -245,6 +245,14 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, tra
     save_file(rng_tensors, tmp / "rng.safetensors")
     state = dict(trainer_state, step=step, method=method, rng=rng_meta,
                  fingerprint=model_fingerprint(model), format_version=FORMAT_VERSION)
+    return finish_checkpoint(root, tmp, step, state, keep_last)
+
+
+def finish_checkpoint(root: Path, tmp: Path, step: int, state: dict, keep_last: Optional[int]) -> str:
+    """Write trainer_state.json into the filled ``tmp`` directory, fsync every file, write the
+    manifest last, rename ``tmp`` to ``step-<step>`` and prune to the last `keep_last`
+    (the distributed checkpoints of `minift.dist_train` end the same way)."""
+    final = root / f"step-{step}"
     write_json(tmp / "trainer_state.json", state, indent=None, atomic=False)
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:

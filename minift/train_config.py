@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from minift._util import METHODS, OPTIMIZERS, check_choice, check_flag, check_int, check_number
+from minift._util import METHODS, OPTIMIZERS, PARALLEL, check_choice, check_flag, check_int, check_number
 from minift.backward_step import check_step_in_backward
 from minift.schedule import SCHEDULES
 
@@ -48,6 +48,8 @@ class TrainConfig:
     | resume_from | None | None, "latest" (newest checkpoint in output_dir) or a checkpoint path |
     | device | None | "cuda", "cpu", ...; None = cuda when available, else cpu |
     | progress | True | show a progress bar (only when stdout is a terminal) and print reports |
+    | parallel | None | "fsdp" or "ddp" under torchrun; None = "fsdp" when the world size is > 1 |
+    | fsdp_cpu_offload | False | FSDP: keep sharded parameters, gradients and optimizer states in host memory |
     | objective | "sft" | "sft" (token cross-entropy) or "dpo" (train_data holds preference pairs) |
     | dpo_beta | 0.1 | DPO's beta: how strongly the policy is held near the reference |
     | dpo_loss | "sigmoid" | "sigmoid" (DPO) or "ipo" |
@@ -88,6 +90,8 @@ class TrainConfig:
     resume_from: Optional[str] = None
     device: Optional[str] = None
     progress: bool = True
+    parallel: Optional[str] = None
+    fsdp_cpu_offload: bool = False
     objective: str = "sft"
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"
@@ -139,6 +143,9 @@ class TrainConfig:
                              "checkpointing keeps; set gradient_checkpointing=True as well")
         if self.optimizer_in_backward:
             check_step_in_backward(max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum)
+        if self.parallel is not None:
+            check_choice("TrainConfig.parallel", self.parallel, PARALLEL)
+        check_flag("TrainConfig.fsdp_cpu_offload", self.fsdp_cpu_offload)
         if self.batching == "pack" and self.max_length is None:
             raise ValueError("TrainConfig.max_length must be set when batching='pack' (the row length)")
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from minift._util import METHODS, OPTIMIZERS  # noqa: F401  (re-exported for cal
 from minift.compile import compiled_layers
 from minift.backward_step import StepInBackward
 from minift.data import batch_examples
+from minift.dist_train import DistRun
 from minift.dpo import DPOObjective, objective_for
 from minift.lora import trainable_parameters
 from minift.loss import model_loss_sum, supports_chunked_loss
@@ -207,7 +209,7 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
     if eval_data is not None:
         check(eval_data, "eval_data")
     run = _Run(model, train_data, config, eval_data)
-    st, opt = run.state, run.optimizer
+    model, st, opt = run.model, run.state, run.optimizer  # model: FSDP/DDP-prepared under torchrun
     with run.session() as log:
         groups = step_groups(train_data, config, st.epoch, st.batch_index)
         while st.step < run.total:
@@ -217,17 +219,19 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             lr = run.schedule.lr(step - 1)
             for g in opt.param_groups:
                 g["lr"] = lr
-            tracker = MemoryTracker(model, opt) if run.memory is None else None  # first step only
+            # first step only; the tracker counts one process's tensors, not a sharded model's
+            tracker = MemoryTracker(model, opt) if run.memory is None and not run.dist.active else None
             t0 = time.perf_counter()
             with tracker.track() if tracker else contextlib.nullcontext():
                 # 2. forward/backward over the step's micro-batches; the objective normalises
                 # (with optimizer_in_backward each parameter is stepped there and its gradient freed)
                 if run.stepper:
                     run.stepper.reset()
-                loss, n_trained, extra = run.objective.step(model, group, run.device, config.bf16)
+                # (under torchrun: this rank's share of them, normalised by all ranks' tokens)
+                loss, n_trained, extra = run.step(group)
                 # 3. clip the global gradient norm (and learn whether the step is finite)
                 norm = run.stepper.grad_norm() if run.stepper else \
-                    torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm or math.inf)
+                    run.dist.clip(run.params, config.max_grad_norm or math.inf)
                 loss, norm = float(loss), float(norm)
                 finite = math.isfinite(loss) and math.isfinite(norm)
                 # 4. optimizer step, only on finite gradients; 5. drop the gradients
@@ -264,33 +268,50 @@ class _Run:
     bar) and the phases around the loop's step: resume, evaluation, saving, the summary."""
 
     def __init__(self, model, train_data, config: TrainConfig, eval_data):
-        self.model, self.data, self.config, self.eval_data = model, train_data, config, eval_data
-        self.device = pick_device(config)
-        model.to(self.device)
+        self.dist = DistRun(config)  # joins the process group under torchrun; else inactive
+        self.data, self.config, self.eval_data = train_data, self.dist.config, eval_data
+        config = self.config
+        self.device = self.dist.device or pick_device(config)
         self.out = Path(config.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_incomplete(self.out)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_incomplete(self.out)
         seed_everything(config.seed)
-        self.optimizer = make_optimizer(model, config)
-        self.stepper = StepInBackward(self.optimizer) if config.optimizer_in_backward else None
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.dist.active:  # one process: on the device before the fingerprint pass
+            model.to(self.device)
         self.data_fp = ckpt.data_fingerprint(train_data)
         # Adapter checkpoints rely on the frozen base they were trained on; "full" checkpoints
-        # hold the whole model. Taken once: the base is frozen.
+        # hold the whole model. Taken once (the base is frozen), before any sharding.
         self.base_fp = ckpt.base_fingerprint(model) if config.method != "full" else None
-        self.state = RunState()
+        self.counts = trainable_parameters(model)  # NF4 weights by their logical size
         # before any checkpoint is loaded: a DPO reference is the model as it was passed in
         self.objective = (objective_for(model, config, train_data, eval_data)
                           if config.objective == "dpo" else SFTObjective(config.loss_chunk_size))
         self.resumed = check_resume(config, model, train_data)
+        self.model = model = self.dist.prepare(model, self.device)
+        self.optimizer = make_optimizer(model, config)
+        self.stepper = StepInBackward(self.optimizer) if config.optimizer_in_backward else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.state = RunState()
         if self.resumed:
-            saved = ckpt.load_checkpoint(self.resumed, model=model, optimizer=self.optimizer)
+            saved = self.dist.load(self.resumed, model=model, optimizer=self.optimizer, method=config.method)
             self.state = RunState.from_saved(saved)
         self.saved_at = self.state.step if self.resumed else None
         self.last_path, self.memory = self.resumed, None
         self.total = total_steps(train_data, config)
         self.schedule = Schedule.from_ratio(config.learning_rate, self.total, config.warmup_ratio,
                                             config.lr_scheduler)
+
+    def step(self, group: list):
+        """(loss, trained tokens, extra metrics) of one step: the objective's, or under torchrun
+        the token loss over all ranks (`minift.dist_train`)."""
+        config = self.config
+        if not self.dist.active:
+            return self.objective.step(self.model, group, self.device, config.bf16)
+
+        def loss_sum(model, batch, device):
+            return _batch_loss_sum(model, batch, device, config.bf16, config.loss_chunk_size)
+        return (*self.dist.accumulate(self.model, group, self.device, loss_sum, trained_tokens), {})
 
     @contextlib.contextmanager
     def session(self):
@@ -300,11 +321,12 @@ class _Run:
         if self.resumed and metrics.exists():
             kept = [line for line in metrics.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.state.step]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        if self.dist.is_main:  # the other ranks write no files but their checkpoint shards
+            metrics.write_text("".join(line + "\n" for line in kept))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.bar = tqdm(total=self.total, initial=self.state.step, unit="step", dynamic_ncols=True,
-                        disable=not (self.config.progress and sys.stdout.isatty()))
+                        disable=not (self.config.progress and sys.stdout.isatty() and self.dist.is_main))
         self.model.train()
         try:
             with gradient_checkpointing(self.model, self.config.gradient_checkpointing), \
@@ -312,7 +334,7 @@ class _Run:
                     offloading(self.model, self.config.activation_offload), \
                     mlp_tiling(self.model, self.config.mlp_tile_size), \
                     self.stepper or contextlib.nullcontext(), \
-                    neftune(self.model, self.config.neftune_alpha), open(metrics, "a") as log:
+                    neftune(self.model, self.config.neftune_alpha), open(metrics if self.dist.is_main else os.devnull, "a") as log:
                 yield log
         finally:
             self.bar.close()
@@ -344,7 +366,7 @@ class _Run:
                          f"tok/s {line['tokens_per_s']:.0f} peak {peak}")
 
     def say(self, text: str) -> None:
-        if self.config.progress:
+        if self.config.progress and self.dist.is_main:
             (print if self.bar.disable else self.bar.write)(text)
 
     def evaluate(self) -> dict:
@@ -356,7 +378,8 @@ class _Run:
     def save(self, rng=None) -> str:
         trainer_state = dict(dataclasses.asdict(self.state), config=self.config.to_dict(),
                              data=self.data_fp, base=self.base_fp, total_steps=self.total)
-        path = ckpt.save_checkpoint(self.out, self.state.step, model=self.model,
+        save = self.dist.save if self.dist.active else ckpt.save_checkpoint
+        path = save(self.out, self.state.step, model=self.model,
                                     optimizer=self.optimizer, method=self.config.method,
                                     trainer_state=trainer_state, keep_last=self.config.keep_last,
                                     rng=rng)
@@ -376,12 +399,13 @@ class _Run:
         if summary["padding_efficiency"] is not None:
             self.say(f"padding efficiency {summary['padding_efficiency']:.1%} (real tokens / "
                      f"slots of the padded micro-batches of all {summary['steps']} steps)")
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.dist.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
     def summary(self) -> dict:
         st, config = self.state, self.config
-        trainable, total = trainable_parameters(self.model)  # NF4 weights by their logical size
+        trainable, total = self.counts
         return {
             "method": config.method, "objective": config.objective, "steps": st.step, "total_steps": self.total,
             "epochs": round(st.epochs_done, 4), "first_loss": st.first_loss,
@@ -396,4 +420,5 @@ class _Run:
             "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",
             "memory": self.memory, "device": str(self.device), "optimizer": config.optimizer,
             "checkpoint": self.last_path, "resumed_from": self.resumed, "output_dir": str(self.out),
+            "world_size": self.dist.world_size, "parallel": self.dist.parallel,
         }

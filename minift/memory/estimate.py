@@ -36,6 +36,7 @@ from minift.memory.features import DEFAULT_BUDGET, feature_estimate, paged_state
 from minift.memory.formulas import (dequant_scratch, down_proj_saved, head_saved,
                                     layer_gradient_bytes, layer_saved,
                                     step_temporaries, weight_bytes)
+from minift.memory.parallel import per_gpu
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
 
@@ -112,7 +113,8 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
                     attention_mask: bool = True, device: str = "cuda",
                     loss_chunk_size: Optional[int] = None, activation_offload: bool = False,
                     optimizer_in_backward: bool = False, mlp_tile_size: Optional[int] = None,
-                    paged_device_budget: Optional[int] = DEFAULT_BUDGET) -> MemoryEstimate:
+                    paged_device_budget: Optional[int] = DEFAULT_BUDGET, world_size: int = 1,
+                    parallel: Optional[str] = None, cpu_offload: bool = False) -> MemoryEstimate:
     """Estimate the memory of one training step of minift, by category, in bytes.
 
     Args:
@@ -137,9 +139,12 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
             same names. With any of them set (or paged_adamw8bit with a budget) the step is
             estimated with gradient checkpointing (`minift.memory.features`), device bytes in
             the categories and host bytes in `host` (paged states, offloaded layer inputs).
+        world_size, parallel, cpu_offload: GPUs of a torchrun job, "fsdp" (the default when
+            world_size > 1) or "ddp", and FSDP's CPU offload; the estimate is then per GPU
+            (`minift.memory.parallel.per_gpu`, docs/distributed.md).
 
     Returns:
-        A `MemoryEstimate`; `total` is the estimated peak.
+        A `MemoryEstimate`; `total` is the estimated peak (of one GPU with world_size > 1).
 
     Raises:
         TypeError: batch_size, seq_len or r not an integer (any integral type such as numpy
@@ -172,7 +177,8 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
         f = feature_estimate(base, s.cfg, s.method, s.targets, s.r, s.e, s.batch_size,
                              s.seq_len, s.optimizer, s.attention_mask, **features)
         settings = dict(base.settings, peak_moment=f.pop("peak_moment"), **features)
-        return MemoryEstimate(settings=settings, terms=base.terms, **f)
+        return _spread(MemoryEstimate(settings=settings, terms=base.terms, **f), s, world_size,
+                       parallel, cpu_offload)
     # what is stored: weights, adapters, optimizer states
     frozen, trainable = weight_bytes(s.cfg, s.method, s.targets, s.r, s.e, s.ae, s.blocksize)
     trainable_bytes = sum(n * elem for n, elem in trainable)
@@ -190,11 +196,22 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
     terms = dict(saved.terms, loss_buffers=max(_loss_buffers(s)),
                  step_temporaries=step_temporaries(trainable, s.optimizer, s.device),
                  dequant_scratch=_qlora_scratch(s))
-    return MemoryEstimate(frozen_weights=frozen, trainable_params=trainable_bytes,
-                          gradients=trainable_bytes, optimizer_states=states,
-                          activations=activations, other=other, total=total,
-                          settings=settings, terms=terms, host=host_states,
-                          host_terms={"optimizer_states": host_states})
+    est = MemoryEstimate(frozen_weights=frozen, trainable_params=trainable_bytes,
+                         gradients=trainable_bytes, optimizer_states=states,
+                         activations=activations, other=other, total=total,
+                         settings=settings, terms=terms, host=host_states,
+                         host_terms={"optimizer_states": host_states})
+    return _spread(est, s, world_size, parallel, cpu_offload)
+
+
+def _spread(est: MemoryEstimate, s: "_Setup", world_size, parallel, cpu_offload) -> MemoryEstimate:
+    """`est` itself on one GPU; per GPU of a torchrun job otherwise (minift.memory.parallel)."""
+    world_size = check_int("world_size", world_size)
+    if world_size == 1 and parallel is None:
+        return est
+    return per_gpu(est, s.cfg, world_size=world_size, parallel=parallel or "fsdp", r=s.r,
+                   target_modules=s.targets, e=s.e, ae=s.ae, blocksize=s.blocksize,
+                   cpu_offload=cpu_offload)
 
 
 # ---- arguments ---------------------------------------------------------------------------

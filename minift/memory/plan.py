@@ -54,8 +54,9 @@ def _largest(fits, low: int, high: int) -> int:
 def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int = 2048,
          r: int = 16, optimizer: str = "adamw", gradient_checkpointing: bool = False,
          dtype: torch.dtype = torch.bfloat16, reserve: int = 2**30,
-         target_modules="all-linear", objective: str = "sft") -> dict:
-    """Estimates and fits for the three methods.
+         target_modules="all-linear", objective: str = "sft", gpus: int = 1, parallel=None,
+         cpu_offload: bool = False, host_memory: int = 128 * 2**30) -> dict:
+    """Estimates and fits for the three methods (per GPU when `gpus` > 1).
 
     Args:
         cfg: the model's architecture.
@@ -66,6 +67,11 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
             the user, not a measurement).
         objective: "sft", or "dpo" (batch_size counts pairs; `estimate_dpo_memory` with its
             default reference: adapters off for LoRA/QLoRA, a frozen copy for full).
+        gpus, parallel, cpu_offload: GPUs of the job, "fsdp" (default with gpus > 1) or "ddp",
+            and FSDP's CPU offload; with FSDP and no offload, each method is also estimated
+            with offload ("offload": its estimate and whether it fits).
+        host_memory: bytes of host memory of the machine (all its GPUs' offloaded shards must
+            fit; an assumption the user states, 128 GiB unless told).
 
     Returns:
         {"methods": {method: {"estimate", "fits", "max_batch_size", "max_seq_len"}},
@@ -82,26 +88,40 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
     out = {}
     check_choice("objective", objective, ("sft", "dpo"))
     estimator = estimate_dpo_memory if objective == "dpo" else estimate_memory
+    if gpus > 1 and parallel is None:
+        parallel = "fsdp"
+    common = dict(r=r, target_modules=target_modules, optimizer=optimizer, dtype=dtype,
+                  gradient_checkpointing=gradient_checkpointing)
+    if parallel:
+        if objective != "sft":
+            raise ValueError("--gpus: the per-GPU plan covers objective 'sft' (minift trains DPO on one process)")
+        common.update(world_size=gpus, parallel=parallel)
     for method in METHODS:
         def total(b, t, m=method):
-            return estimator(cfg, m, b, t, r=r, target_modules=target_modules,
-                             optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-                             dtype=dtype).total
-        est = estimator(cfg, method, batch_size, seq_len, r=r, target_modules=target_modules,
-                        optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-                        dtype=dtype)
+            return estimator(cfg, m, b, t, cpu_offload=cpu_offload, **common).total if parallel else \
+                estimator(cfg, m, b, t, **common).total
+        est = estimator(cfg, method, batch_size, seq_len, **common,
+                        **({"cpu_offload": cpu_offload} if parallel else {}))
         out[method] = {
             "estimate": est,
-            "fits": est.total <= budget,
+            # offloaded shards of all the machine's GPUs must fit its host memory too
+            "fits": est.total <= budget and gpus * est.terms.get("host_bytes", 0) <= host_memory,
             "max_batch_size": _largest(lambda b: total(b, seq_len) <= budget, 1, MAX_BATCH),
             "max_seq_len": _largest(lambda t: total(batch_size, t) <= budget, 2, max_pos),
         }
+        if parallel == "fsdp" and not cpu_offload:
+            offloaded = estimator(cfg, method, batch_size, seq_len, cpu_offload=True, **common)
+            out[method]["offload"] = {"estimate": offloaded, "fits": offloaded.total <= budget
+                                      and gpus * offloaded.terms["host_bytes"] <= host_memory}
     fitting = [m for m in METHODS if out[m]["fits"]]
-    # the memory features the loop offers, turned on one at a time until each method fits
-    features = {m: plan_features(cfg, budget, m, batch_size, seq_len, r=r, optimizer=optimizer,
-                                 dtype=dtype, target_modules=target_modules) for m in METHODS}
+    # the memory features the loop offers, turned on one at a time until each method fits (on one
+    # GPU; the per-GPU table of a multi-GPU plan has its own offload column instead)
+    features = None if parallel else {
+        m: plan_features(cfg, budget, m, batch_size, seq_len, r=r, optimizer=optimizer, dtype=dtype,
+                         target_modules=target_modules) for m in METHODS}
     return {"methods": out, "recommendation": fitting[0] if fitting else None, "budget": budget,
-            "max_position_embeddings": max_pos, "objective": objective, "features": features}
+            "max_position_embeddings": max_pos, "objective": objective, "features": features,
+            "gpus": gpus, "parallel": parallel, "cpu_offload": cpu_offload, "host_memory": host_memory}
 
 
 def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
@@ -114,6 +134,10 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
              f"LoRA r={r} | gradient checkpointing {ckpt}"
              + (" | DPO: batch = pairs, 2x sequences + reference forward"
                 if result.get("objective") == "dpo" else ""),
+             *([f"{result['gpus']} GPUs, {result['parallel'].upper()}"
+                + (" with CPU offload" if result["cpu_offload"] else "")
+                + f": memory per GPU (batch {batch_size} x seq {seq_len} on each GPU)"]
+               if result.get("parallel") else []),
              f"GPU memory {format_bytes(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
              f"{format_bytes(reserve)} for the CUDA context: {format_bytes(result['budget'])} usable",
              ""]
@@ -128,7 +152,19 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     lines.append(f"| longest seq at batch {batch_size} | "
                  + " | ".join(_count(methods[m]["max_seq_len"], 2, result["max_position_embeddings"])
                               for m in METHODS) + " |")
-    if "features" in result:
+    host = {m: methods[m]["estimate"].terms.get("host_bytes", 0) for m in METHODS}
+    if any(host.values()):
+        lines.append("| host memory per GPU (offloaded shards) | "
+                     + " | ".join(format_bytes(host[m]) for m in METHODS) + " |")
+    if all("offload" in methods[m] for m in METHODS):
+        gpus = result["gpus"]
+        lines.append("| with CPU offload: per GPU | "
+                     + " | ".join(f"{format_bytes(methods[m]['offload']['estimate'].total)} "
+                                  f"({'fits' if methods[m]['offload']['fits'] else 'no'})" for m in METHODS) + " |")
+        lines.append(f"| with CPU offload: host, all {gpus} GPUs (of {format_bytes(result['host_memory'])}) | "
+                     + " | ".join(format_bytes(gpus * methods[m]["offload"]["estimate"].terms["host_bytes"])
+                                  for m in METHODS) + " |")
+    if result.get("features"):
         lines.append(format_feature_plan(result["features"], result["budget"],
                                          result["max_position_embeddings"], format_bytes))
     lines.append("")
@@ -151,6 +187,12 @@ def _recommend(result, batch_size, seq_len, gradient_checkpointing) -> str:
         return (f"Recommendation: {LABELS[best]} — the highest-quality method that fits batch "
                 f"{batch_size} x seq {seq_len} ({format_bytes(methods[best]['estimate'].total)} of "
                 f"{format_bytes(result['budget'])}).")
+    offload = [m for m in METHODS if methods[m].get("offload", {}).get("fits")]
+    if offload:
+        m, est = offload[0], methods[offload[0]]["offload"]["estimate"]
+        return (f"Recommendation: {LABELS[m]} with FSDP CPU offload (--fsdp-cpu-offload) — nothing fits "
+                f"batch {batch_size} x seq {seq_len} without it; with it {format_bytes(est.total)} per GPU "
+                f"and {format_bytes(est.terms['host_bytes'])} of host memory per GPU.")
     smaller = [m for m in METHODS if methods[m]["max_batch_size"] >= 1]
     if smaller:
         m = smaller[0]
@@ -178,6 +220,13 @@ def add_plan_arguments(parser) -> None:
     parser.add_argument("--objective", default="sft", choices=("sft", "dpo"),
                         help="sft, or dpo (--batch-size counts preference pairs: 2x the sequences, "
                              "plus the reference forward; a frozen copy for full)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs of the job (memory is per GPU)")
+    parser.add_argument("--parallel", choices=("fsdp", "ddp"), default=None,
+                        help="how the GPUs share the model (default fsdp when --gpus > 1)")
+    parser.add_argument("--cpu-offload", action="store_true", dest="cpu_offload",
+                        help="FSDP: sharded parameters, gradients and optimizer states in host memory")
+    parser.add_argument("--host-memory", default="128GiB", dest="host_memory",
+                        help="host memory of the machine, for CPU offload (default 128GiB)")
     parser.add_argument("--reserve", default="1GiB",
                         help="memory kept free for the CUDA context and allocator slack (default 1GiB)")
 
@@ -187,7 +236,10 @@ def run_plan(args, parser) -> int:
     try:
         gpu = parse_memory(args.gpu_memory, "--gpu-memory")
         reserve = parse_memory(args.reserve, "--reserve", allow_zero=True)
-        for name in ("batch_size", "seq_len", "r"):
+        host = parse_memory(args.host_memory, "--host-memory")
+        if args.cpu_offload and args.parallel == "ddp":
+            raise ValueError("--cpu-offload: applies to --parallel fsdp only")
+        for name in ("batch_size", "seq_len", "r", "gpus"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
                                  f"got {getattr(args, name)}")
@@ -198,7 +250,8 @@ def run_plan(args, parser) -> int:
         dtype = getattr(torch, args.dtype)
         result = plan(cfg, gpu, batch_size=args.batch_size, seq_len=args.seq_len, r=args.r,
                       optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
-                      dtype=dtype, reserve=reserve, objective=args.objective)
+                      dtype=dtype, reserve=reserve, objective=args.objective, gpus=args.gpus,
+                      parallel=args.parallel, cpu_offload=args.cpu_offload, host_memory=host)
     except (ValueError, FileNotFoundError, TypeError) as err:
         parser.error(str(err))
     print(format_plan(result, model_name=name, gpu_memory=gpu, reserve=reserve,

@@ -1,0 +1,110 @@
+"""Sharded checkpoints (torch.distributed.checkpoint) and consolidated exports written by rank 0.
+
+A sharded checkpoint is a directory of DCP files: every rank writes its own shards of the model
+and optimizer state, and any world size can read it back (DCP re-slices the saved shards onto
+the loading ranks' layout; one process reads it without a process group). LoRA and QLoRA
+checkpoints leave the frozen base out, as the single-process checkpoints do.
+
+The exports a user keeps — a PEFT adapter or an HF-format model — are gathered to full tensors
+on CPU and written once, by rank 0, in exactly the format a 1-process run writes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+from minift.adapter import adapter_config, write_adapter
+from minift.config import ModelConfig
+from minift.distributed import barrier, is_main, unwrap
+from minift.loading import save_model
+from minift.model import Llama
+from minift.nf4_fsdp import shardable_nf4
+
+
+def _options(trainable_only: bool, **extra) -> StateDictOptions:
+    return StateDictOptions(ignore_frozen_params=trainable_only, **extra)
+
+
+def _dcp_ready(model: nn.Module) -> nn.Module:
+    """The plain module, with NF4 layers in their one-parameter form (same forward).
+
+    DCP maps every state_dict key to a module attribute; ``NF4Linear`` writes bitsandbytes'
+    names (``weight.absmax``, ...), which are not attributes, while ``ShardedNF4Linear`` holds
+    one ``nf4_bytes`` parameter. An FSDP model already has them; a 1-process model gets them
+    here, so it reads and writes the same checkpoints.
+    """
+    plain = unwrap(model)
+    shardable_nf4(plain)
+    return plain
+
+
+def _optimizer_extras(optimizer) -> dict:
+    """The optimizer state dict's entries besides "state" and "param_groups" (plain values)."""
+    return {k: v for k, v in optimizer.state_dict().items() if k not in ("state", "param_groups")}
+
+
+def save_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool) -> str:
+    """Write this rank's shards of the model (all of it, or only what trains) and optimizer.
+
+    Every rank must call it. Returns the directory.
+    """
+    model_sd, optim_sd = get_state_dict(_dcp_ready(model), optimizer, options=_options(trainable_only))
+    dcp.save({"model": model_sd, "optim": optim_sd, "optim_extra": _optimizer_extras(optimizer)},
+             checkpoint_id=str(path))
+    barrier()
+    return str(path)
+
+
+def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool) -> None:
+    """Read a ``save_sharded`` directory into ``model`` and ``optimizer`` (any world size)."""
+    if not (Path(path) / ".metadata").is_file():
+        raise FileNotFoundError(f"{path}: not a sharded checkpoint (no .metadata file)")
+    options = _options(trainable_only)
+    model_sd, optim_sd = get_state_dict(_dcp_ready(model), optimizer, options=options)
+    state = {"model": model_sd, "optim": optim_sd, "optim_extra": _optimizer_extras(optimizer)}
+    dcp.load(state, checkpoint_id=str(path))
+    # DCP keeps an optimizer's "state" and "param_groups" only; minift.AdamW8bit's state dict
+    # also carries its format version, skipped steps and seed, and refuses a dict without them.
+    # They travel beside it and are put back on the way into load_state_dict.
+    load = optimizer.load_state_dict
+    optimizer.load_state_dict = lambda state_dict: load({**state["optim_extra"], **state_dict})
+    try:
+        # the frozen base is not in a trainable-only checkpoint: the model's load must not ask
+        # for it (dcp.load above already failed on any trainable tensor the checkpoint lacks)
+        set_state_dict(_dcp_ready(model), optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=_options(trainable_only, strict=not trainable_only))
+    finally:
+        del optimizer.load_state_dict
+
+
+def full_state_dict(model: nn.Module, *, trainable_only: bool) -> dict:
+    """Full (unsharded) tensors on CPU on rank 0, {} elsewhere; every rank must call it."""
+    sd = get_model_state_dict(_dcp_ready(model), options=_options(trainable_only, full_state_dict=True,
+                                                               cpu_offload=True))
+    return sd if is_main() else {}
+
+
+def export_adapter(model: nn.Module, path, base_model_name_or_path=None) -> None:
+    """The PEFT adapter of a LoRA / QLoRA model, written once by rank 0 (every rank calls it)."""
+    tensors = full_state_dict(model, trainable_only=True)
+    if is_main():
+        config = adapter_config(unwrap(model), base_model_name_or_path)
+        write_adapter(path, config, {k: v for k, v in tensors.items() if "lora_" in k})
+    barrier()
+
+
+def export_model(model: nn.Module, path, config: ModelConfig) -> None:
+    """A fully fine-tuned model in HF format, written once by rank 0 (every rank calls it)."""
+    tensors = full_state_dict(model, trainable_only=False)
+    if is_main():
+        with torch.device("meta"):
+            plain = Llama(config)
+        plain.load_state_dict(tensors, assign=True)
+        plain.tie_weights()
+        save_model(plain, path)
+    barrier()

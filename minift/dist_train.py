@@ -1,0 +1,125 @@
+"""What the training loop does differently under torchrun, in one object the loop consults.
+
+``DistRun(config)`` joins the process group when the job was launched by torchrun with more
+than one process (or with ``parallel`` set on one); otherwise ``active`` is False and every
+method is the 1-process behaviour, so the loop calls them unconditionally.
+
+Checkpoints of a distributed run are ``<output_dir>/step-N`` directories like the 1-process ones
+(trainer_state.json, rng.safetensors, manifest.json written last), with the model and optimizer
+in torch.distributed.checkpoint files instead of safetensors. Either kind can be resumed by a run
+of any world size: a directory with DCP's ``.metadata`` is read with DCP (``load_sharded``
+re-slices the shards), a 1-process checkpoint by ``minift.checkpoint`` on a 1-process run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minift import checkpoint as ckpt
+from minift import dist_checkpoint as dckpt
+from minift import distributed as mdist
+
+_DCP_MARKER = ".metadata"
+
+
+def is_sharded_checkpoint(path) -> bool:
+    """True for a checkpoint written by a distributed run (model and optimizer in DCP files)."""
+    return (Path(path) / _DCP_MARKER).is_file()
+
+
+class DistRun:
+    """The distributed side of one ``train`` call."""
+
+    def __init__(self, config):
+        world = mdist.env_world_size()
+        self.parallel = mdist.resolve_parallel(config.parallel, world)
+        if self.parallel == "fsdp" and getattr(config, "loss_chunk_size", None) is not None:
+            # the chunked loss calls lm_head after the model's forward, where FSDP has already
+            # resharded it: under FSDP the loss takes the full logits
+            config = dataclasses.replace(config, loss_chunk_size=None)
+        self.config = config  # what the loop uses: the caller's config, adjusted as above
+        self.active = self.parallel is not None
+        if self.parallel == "fsdp" and config.optimizer != "adamw":
+            # minift.AdamW8bit sizes its states by the parameter's numel, which for a sharded
+            # (DTensor) parameter is the global one: every rank would hold full-size states
+            # (unsharded), and they do not load back from a sharded checkpoint
+            raise ValueError(f"TrainConfig.optimizer={config.optimizer!r} with parallel='fsdp' is not supported "
+                             "yet (its states would not be sharded); use optimizer='adamw' (LoRA/QLoRA "
+                             "states are small) or parallel='ddp'")
+        if self.active and getattr(config, "objective", "sft") != "sft":
+            raise ValueError(f"TrainConfig.objective={config.objective!r} with parallel={self.parallel!r} is not "
+                             "supported yet: under torchrun minift trains the token loss (objective='sft')")
+        for name, why in (("optimizer_in_backward", "its hooks would step on gradients before they are "
+                                                    "reduced across ranks"),
+                          ("compile", "compiled layers under FSDP/DDP are not tested yet")):
+            if self.active and getattr(config, name, False):
+                raise ValueError(f"TrainConfig.{name}=True with parallel={self.parallel!r} is not supported: {why}")
+        if self.active and world == 1 and not mdist.launched():
+            raise ValueError(f"TrainConfig.parallel={config.parallel!r} needs a torchrun launch "
+                             "(torchrun --nproc_per_node N ...); on one process leave it None")
+        self.device = mdist.init_from_env(config.device, single=True) if self.active else None
+        self.fingerprint: Optional[dict] = None
+
+    @property
+    def world_size(self) -> int:
+        return mdist.world_size() if self.active else 1
+
+    @property
+    def is_main(self) -> bool:
+        return mdist.is_main() if self.active else True
+
+    def prepare(self, model, device: torch.device):
+        """The model to train: sharded / replicated when active, else moved to ``device``."""
+        if not self.active:
+            return model.to(device)
+        self.fingerprint = ckpt.model_fingerprint(model)  # names and shapes before sharding
+        return mdist.apply_parallel(model, self.config, device=device)
+
+    # ---- one step --------------------------------------------------------------------------
+    def accumulate(self, model, group: list, device, loss_sum, count):
+        """(loss, n_trained) of one step over all ranks; this rank runs its share of ``group``."""
+        local = mdist.shard_group(group, mdist.rank(), self.world_size) if self.active else group
+        return mdist.accumulate_gradients(model, local, device, loss_sum, count)
+
+    def clip(self, params: list, max_norm: float) -> float:
+        return mdist.clip_grad_norm(params, max_norm)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save(self, output_dir, step: int, *, model, optimizer, method: str, trainer_state: dict,
+             keep_last: Optional[int], rng=None) -> str:
+        """Write ``step-<step>`` with DCP shards from every rank; rank 0 adds the rest and the manifest."""
+        root = Path(output_dir)
+        tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_incomplete(root)
+            tmp.mkdir()
+        mdist.barrier()
+        dckpt.save_sharded(tmp, model, optimizer, trainable_only=method != "full")
+        if self.is_main:
+            rng_tensors, rng_meta = rng if rng is not None else ckpt.rng_state()
+            save_file(rng_tensors, tmp / "rng.safetensors")
+            state = dict(trainer_state, step=step, method=method, rng=rng_meta, fingerprint=self.fingerprint,
+                         format_version=ckpt.FORMAT_VERSION, world_size=self.world_size, parallel=self.parallel)
+            ckpt.finish_checkpoint(root, tmp, step, state, keep_last)
+        mdist.barrier()
+        return str(final)
+
+    def load(self, path, *, model, optimizer, method: str) -> dict:
+        """Restore a checkpoint of either kind; returns its trainer state."""
+        if not is_sharded_checkpoint(path):
+            if self.active:
+                raise ValueError(f"{path}: a 1-process checkpoint; resume it on one process, or start the "
+                                 "distributed run from its exported adapter / model")
+            return ckpt.load_checkpoint(path, model=model, optimizer=optimizer)
+        if not ckpt.is_complete(path):
+            raise ValueError(f"{path}: not a complete checkpoint (missing or invalid {ckpt.MANIFEST})")
+        dckpt.load_sharded(path, model, optimizer, trainable_only=method != "full")
+        state = ckpt.read_trainer_state(path)
+        ckpt.set_rng_state(load_file(Path(path) / "rng.safetensors", device="cpu"), state["rng"])
+        return state
+

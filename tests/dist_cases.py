@@ -1,0 +1,228 @@
+"""The cases tests/test_distributed.py runs on 2 gloo processes (``worker``) and on one.
+
+FSDP2 full / LoRA / QLoRA and DDP LoRA for 3 optimizer steps with a sharded checkpoint after
+step 2 and a resume from it, the consolidated exports, ``minift.train`` under torchrun-like
+environment variables, and the NF4 all-gather (bit equality and bytes on the wire). Every rank
+writes its results to ``rank<r>.json``.
+"""
+import json
+import math
+import os
+import random
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+import minift
+from minift import dist_checkpoint as dckpt
+from minift import distributed as mdist
+from minift.config import ModelConfig
+from minift.model import Llama
+from minift.nf4_fsdp import ShardedNF4Linear, shardable_nf4
+from minift.nf4_linear import NF4Linear
+from minift.schedule import step_groups
+from minift.trainer import TrainConfig, token_loss_sum, trained_tokens
+
+WORLD = 2
+STEPS = 3
+# (parallel, method, grad_accum): grad_accum 2 hands whole micro-batches to the ranks; 1 splits
+# each micro-batch (3 rows) by rows, 2 + 1.
+CASES = [("fsdp", "full", 2), ("fsdp", "lora", 2), ("fsdp", "qlora", 2), ("ddp", "lora", 1)]
+# FSDP LoRA runs with CPUOffloadPolicy (unpinned on CPU): the offload code path, checkpoints included
+OFFLOADED = ("fsdp", "lora")
+# Same samples, same math, another summation order (per-rank partial sums, then an all-reduce):
+# measured differences on this CPU stay below 1e-6 relative; 1e-5 leaves room across CPUs.
+LOSS_RTOL = 1e-5
+
+
+def case_name(parallel, method, accum):
+    return f"{parallel}-{method}-a{accum}"
+
+
+def examples(n=24, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(5, 14)
+        ids = [rng.randrange(3, 256) for _ in range(length)]
+        prompt = rng.randint(1, length - 2)
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def step_config(accum):
+    return TrainConfig(micro_batch_size=3 if accum == 1 else 2, grad_accum=accum, bf16=False, seed=0,
+                       progress=False, device="cpu")
+
+
+def make_model(method):
+    torch.manual_seed(0)
+    model = Llama(ModelConfig.from_name("tiny"))
+    if method == "qlora":
+        minift.quantize_model(model)
+    if method != "full":
+        minift.lora_wrap(model, r=4, alpha=8)
+        with torch.no_grad():  # B != 0 so the adapters change the output from step 1
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02)
+    return model
+
+
+def loss_sum(model, batch, device):
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    return token_loss_sum(model(**inputs), batch["labels"].to(device))
+
+
+def prepared(parallel, method, world):
+    model = make_model(method)
+    if world > 1:
+        config = SimpleNamespace(parallel=parallel, bf16=False, fsdp_cpu_offload=(parallel, method) == OFFLOADED)
+        model = mdist.apply_parallel(model, config, device=torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, torch.optim.AdamW(params, lr=1e-2)
+
+
+def run_steps(model, params, optimizer, accum, world, rank, first, last):
+    """Run optimizer steps first..last (1-based) of the fixed data order; their losses and norms."""
+    groups = step_groups(examples(), step_config(accum))
+    out = []
+    for step in range(1, last + 1):
+        group = next(groups)[2]
+        if step < first:
+            continue
+        local = mdist.shard_group(group, rank, world)
+        loss, n = mdist.accumulate_gradients(model, local, "cpu", loss_sum, trained_tokens)
+        norm = mdist.clip_grad_norm(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out.append({"loss": float(loss), "norm": norm, "tokens": n})
+    return out
+
+
+def run_case(out: Path, parallel, method, accum, world, rank):
+    """Steps 1-3 with a sharded checkpoint after 2, then a fresh model resumed from it for step 3."""
+    name = case_name(parallel, method, accum)
+    trainable_only = method != "full"
+    model, params, opt = prepared(parallel, method, world)
+    result = {"steps": run_steps(model, params, opt, accum, world, rank, 1, 2)}
+    dckpt.save_sharded(out / f"{name}-ckpt", model, opt, trainable_only=trainable_only)
+    result["steps"] += run_steps(model, params, opt, accum, world, rank, 3, 3)
+    if method == "full":
+        dckpt.export_model(model, out / f"{name}-export", ModelConfig.from_name("tiny"))
+    else:
+        dckpt.export_adapter(model, out / f"{name}-export")
+    model, params, opt = prepared(parallel, method, world)
+    dckpt.load_sharded(out / f"{name}-ckpt", model, opt, trainable_only=trainable_only)
+    result["resumed"] = run_steps(model, params, opt, accum, world, rank, 3, 3)
+    return result
+
+
+class CountingAllGather(DefaultAllGather):
+    """FSDP2's all-gather, recording the bytes each call sends (this rank's input) and receives."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        self.calls.append({"sent": input_tensor.numel() * input_tensor.element_size(),
+                           "received": output_tensor.numel() * output_tensor.element_size(),
+                           "dtype": str(input_tensor.dtype)})
+        return super().__call__(output_tensor, input_tensor, group, async_op)
+
+
+def padded_bytes(params, world):
+    """What FSDP2 gathers for these parameters: each padded to a multiple of world on dim 0."""
+    return sum(math.ceil(p.shape[0] / world) * world * (p.numel() // p.shape[0]) * p.element_size()
+               for p in params)
+
+
+def nf4_gather(world):
+    """One NF4 layer sharded and gathered: bit equality with the unsharded layer, bytes counted."""
+    torch.manual_seed(1)
+    result = {}
+    for double_quant in (True, False):
+        layer = NF4Linear.from_weight(torch.randn(96, 80), blocksize=64, double_quant=double_quant)
+        want = {str(dt): layer.dequantize(dt) for dt in (torch.float32, torch.bfloat16)}
+        holder = nn.Sequential(layer)
+        shardable_nf4(holder)
+        full_bytes = holder[0].nf4_bytes.numel()
+        fully_shard(holder, mesh=init_device_mesh("cpu", (world,)))
+        counter = CountingAllGather()
+        holder.set_custom_all_gather(counter)
+        holder.unshard()
+        got = {dt: holder[0].dequantize(getattr(torch, dt.split(".")[1])) for dt in want}
+        holder.reshard()
+        result[f"dq{int(double_quant)}"] = {
+            "equal": all(torch.equal(got[dt], want[dt]) for dt in want), "calls": counter.calls,
+            "nf4_bytes": full_bytes, "local_bytes": holder[0].nf4_bytes.to_local().numel()}
+    return result
+
+
+def qlora_layer_gather(world):
+    """The all-gather of one QLoRA decoder layer in a forward: bytes vs its parameters' sizes."""
+    model, _, _ = prepared("fsdp", "qlora", world)
+    layer = model.model.layers[0]
+    counter = CountingAllGather()
+    layer.set_custom_all_gather(counter)
+    with torch.no_grad():
+        model(torch.randint(3, 256, (1, 6)))
+    params = [p.to_local() for p in layer.parameters()]
+    return {"calls": counter.calls, "expected": padded_bytes([p for p in layer.parameters()], world),
+            "nf4_bytes": sum(p.numel() for n, p in layer.named_parameters() if n.endswith("nf4_bytes")),
+            "base_numel": sum(m.in_features * m.out_features for m in layer.modules()
+                              if isinstance(m, ShardedNF4Linear)),
+            "local_numel": sum(p.numel() for p in params)}
+
+
+TRAIN_CASES = [("fsdp", "qlora"), ("ddp", "full")]
+# they compose: gradient checkpointing with FSDP, the 8-bit optimizer (and its checkpoints) with DDP
+TRAIN_EXTRA = {("fsdp", "qlora"): dict(gradient_checkpointing=True), ("ddp", "full"): dict(optimizer="adamw8bit")}
+
+
+def train_config(out: Path, parallel, method, world, **kw):
+    fields = dict(method=method, micro_batch_size=2, grad_accum=2, bf16=False, seed=0, progress=False,
+                  device="cpu", output_dir=str(out / f"train-{parallel}-{method}-w{world}"), max_steps=3,
+                  save_interval=2, learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant",
+                  keep_last=None, parallel=parallel if world > 1 else None)
+    return TrainConfig(**fields | TRAIN_EXTRA.get((parallel, method), {}) | kw)
+
+
+def run_train(out: Path, parallel, method, world):
+    """minift.train for 3 steps (checkpoints at 2 and 3), then again resumed from step 2."""
+    config = train_config(out, parallel, method, world)
+    first = minift.train(make_model(method), examples(), config)
+    again = minift.train(make_model(method), examples(), train_config(out, parallel, method, world,
+                                                                   resume_from=str(Path(config.output_dir) / "step-2")))
+    return {"summary": first, "resumed": again}
+
+
+def worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    out = Path(out)
+    mdist.init_from_env("cpu")
+    try:
+        results = {"nf4": nf4_gather(WORLD), "qlora_layer": qlora_layer_gather(WORLD),
+                   "world": mdist.world_size(), "rank": mdist.rank()}
+        for parallel, method, accum in CASES:
+            results[case_name(parallel, method, accum)] = run_case(out, parallel, method, accum, WORLD, rank)
+        for parallel, method in TRAIN_CASES:
+            results[f"train-{parallel}-{method}"] = run_train(out, parallel, method, WORLD)
+        (out / f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

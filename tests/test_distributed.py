@@ -1,0 +1,318 @@
+"""Two-process gloo runs of minift/distributed.py, minift/nf4_fsdp.py, minift/dist_checkpoint.py and
+minift/dist_train.py, against 1-process runs of the same code in this process.
+
+One spawn of 2 CPU processes (the `runs` fixture) runs every case of tests/dist_cases.py; the
+one-process pieces at the end need no process group.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch import nn
+
+import minift
+from dist_cases import (CASES, LOSS_RTOL, TRAIN_CASES, WORLD, case_name, examples, free_port, loss_sum,
+                        make_model, prepared, run_case, run_steps, step_config, train_config, worker)
+from minift import checkpoint as ckpt
+from minift import dist_checkpoint as dckpt
+from minift import distributed as mdist
+from minift import dist_train as mdist_train
+from minift.schedule import step_groups
+from minift.trainer import TrainConfig, accumulate_gradients, trained_tokens
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The same cases on one process, no process group."""
+    out = tmp_path_factory.mktemp("single")
+    return dict({case_name(*c): run_case(out, *c, 1, 0) for c in CASES}, dir=out)
+
+
+def test_ranks_joined(runs):
+    _, results = runs
+    assert [(r["rank"], r["world"]) for r in results] == [(0, WORLD), (1, WORLD)]
+
+
+@pytest.mark.parametrize("case", [case_name(*c) for c in CASES])
+def test_two_processes_match_one(runs, single, case):
+    _, results = runs
+    for r in results:  # every rank reports the global loss and token count
+        got, want = r[case]["steps"], single[case]["steps"]
+        assert [s["tokens"] for s in got] == [s["tokens"] for s in want]
+        for g, w in zip(got, want):
+            assert g["loss"] == pytest.approx(w["loss"], rel=LOSS_RTOL)
+            assert g["norm"] == pytest.approx(w["norm"], rel=LOSS_RTOL)
+
+
+@pytest.mark.parametrize("case", [case_name(*c) for c in CASES])
+def test_resume_same_world_size_is_exact(runs, case):
+    _, results = runs
+    for r in results:
+        assert r[case]["resumed"] == r[case]["steps"][2:]
+
+
+@pytest.mark.parametrize("case", [case_name(*c) for c in CASES])
+def test_resume_on_one_process_from_two(runs, case):
+    out, results = runs
+    parallel, method, accum = next(c for c in CASES if case_name(*c) == case)
+    model, params, opt = prepared(parallel, method, 1)
+    dckpt.load_sharded(out / f"{case}-ckpt", model, opt, trainable_only=method != "full")
+    step3 = run_steps(model, params, opt, accum, 1, 0, 3, 3)[0]
+    assert step3["loss"] == pytest.approx(results[0][case]["steps"][2]["loss"], rel=LOSS_RTOL)
+
+
+def test_load_sharded_names_a_missing_checkpoint(tmp_path):
+    model, _, opt = prepared("fsdp", "lora", 1)
+    with pytest.raises(FileNotFoundError, match="not a sharded checkpoint"):
+        dckpt.load_sharded(tmp_path / "nowhere", model, opt, trainable_only=True)
+
+
+@pytest.mark.parametrize("key", ["dq1", "dq0"])
+def test_nf4_all_gather_is_bit_exact_and_4bit(runs, key):
+    _, results = runs
+    for r in results:
+        got = r["nf4"][key]
+        assert got["equal"]  # fp32 and bf16 dequantization after the gather == unsharded layer
+        (call,) = got["calls"]  # one all-gather for the layer's one parameter
+        assert call["dtype"] == "torch.uint8"
+        assert call["sent"] == math.ceil(got["nf4_bytes"] / WORLD) == got["local_bytes"]
+        assert call["received"] == call["sent"] * WORLD
+        # (96, 80) weight: 3840 packed bytes + scales, against 15360 bytes for a bf16 copy
+        assert got["nf4_bytes"] < 0.3 * 96 * 80 * 2
+
+
+def test_qlora_layer_gathers_its_parameters_as_stored(runs):
+    _, results = runs
+    for r in results:
+        got = r["qlora_layer"]
+        received = sum(c["received"] for c in got["calls"])
+        assert received == got["expected"]  # every parameter at its stored size: nothing upcast
+        assert got["nf4_bytes"] < 0.6 * got["base_numel"]  # ~0.52 bytes per base weight
+        assert got["local_numel"] * WORLD >= got["expected"] // 4  # each rank holds 1/WORLD
+
+
+def _exports(runs, single, case):
+    out, _ = runs
+    return out / f"{case}-export", single["dir"] / f"{case}-export"
+
+
+def test_consolidated_adapter_loads_in_peft(runs, single, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    two, one = _exports(runs, single, "fsdp-lora-a2")
+    assert sorted(p.name for p in two.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    minift.save_model(make_model("full"), tmp_path / "base")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf, two).eval()
+    ours = minift.load_adapter(make_model("lora"), two).eval()
+    ids = torch.randint(3, 256, (2, 7))
+    with torch.no_grad():
+        want = ours(ids)
+        torch.testing.assert_close(peft_model(ids).logits, want, rtol=1e-5, atol=1e-5)
+        trained_alone = minift.load_adapter(make_model("lora"), one).eval()(ids)
+    torch.testing.assert_close(want, trained_alone, rtol=1e-4, atol=1e-4)  # same training, 1 vs 2 ranks
+
+
+@pytest.mark.parametrize("case", ["fsdp-qlora-a2", "ddp-lora-a1"])
+def test_consolidated_adapter_matches_one_process(runs, single, case):
+    two, one = _exports(runs, single, case)
+    a, b = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and len(a) == 2 * 7 * 2  # A and B of 7 linears in 2 layers
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_consolidated_full_model_loads_in_transformers(runs, single):
+    transformers = pytest.importorskip("transformers")
+    two, one = _exports(runs, single, "fsdp-full-a2")
+    hf = transformers.LlamaForCausalLM.from_pretrained(two, torch_dtype=torch.float32).eval()
+    ours = minift.load_model(two, dtype=torch.float32).eval()
+    alone = minift.load_model(one, dtype=torch.float32).eval()
+    ids = torch.randint(3, 256, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(ids), alone(ids), rtol=1e-4, atol=1e-4)
+    # the export is the trained model, not the initial one
+    assert not torch.allclose(ours.lm_head.weight, make_model("full").lm_head.weight)
+
+
+@pytest.mark.parametrize("parallel,method", TRAIN_CASES)
+def test_train_two_processes(runs, tmp_path, parallel, method):
+    out, results = runs
+    run_dir = out / f"train-{parallel}-{method}-w{WORLD}"
+    got = [r[f"train-{parallel}-{method}"] for r in results]
+    alone = minift.train(make_model(method), examples(), train_config(tmp_path, parallel, method, 1))
+    two = got[0]["summary"]
+    assert (two["world_size"], two["parallel"]) == (WORLD, parallel)
+    assert (alone["world_size"], alone["parallel"]) == (1, None)
+    assert got[1]["summary"]["last_loss"] == two["last_loss"]  # every rank reports the global loss
+    for key in ("first_loss", "last_loss"):
+        assert two[key] == pytest.approx(alone[key], rel=LOSS_RTOL)
+    assert (two["trained_tokens"], two["tokens"]) == (alone["trained_tokens"], alone["tokens"])
+    # rank 0 alone wrote the metrics: one line per step
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == WORLD
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2, 3]
+    # resumed from step 2 on the same world size: the same step 3, bit for bit
+    assert got[0]["resumed"]["last_loss"] == two["last_loss"]
+    assert got[0]["resumed"]["resumed_from"].endswith("step-2")
+
+
+@pytest.mark.parametrize("parallel,method", TRAIN_CASES)
+def test_train_resumes_on_one_process(runs, tmp_path, parallel, method):
+    out, results = runs
+    run_dir = tmp_path / f"train-{parallel}-{method}-w1"
+    shutil.copytree(out / f"train-{parallel}-{method}-w{WORLD}", run_dir)
+    config = train_config(tmp_path, parallel, method, 1, resume_from=str(run_dir / "step-2"))
+    summary = minift.train(make_model(method), examples(), config)
+    assert summary["steps"] == 3 and summary["resumed_from"].endswith("step-2")
+    assert summary["last_loss"] == pytest.approx(results[0][f"train-{parallel}-{method}"]["summary"]["last_loss"],
+                                                 rel=LOSS_RTOL)
+
+
+def test_fsdp_refuses_the_8bit_optimizer(tmp_path, monkeypatch):
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+    config = train_config(tmp_path, "fsdp", "lora", 2, optimizer="paged_adamw8bit")
+    with pytest.raises(ValueError, match="optimizer='paged_adamw8bit' with parallel='fsdp'"):
+        minift.train(make_model("lora"), examples(), config)
+    assert not dist.is_initialized()  # refused before joining anything
+
+
+@pytest.mark.parametrize("kw,match", [(dict(objective="dpo"), "objective='dpo' with parallel='ddp'"),
+                                      (dict(optimizer_in_backward=True, max_grad_norm=None, grad_accum=1),
+                                       "optimizer_in_backward=True with parallel='ddp'")])
+def test_torchrun_refuses_what_it_does_not_run(tmp_path, monkeypatch, kw, match):
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+    config = train_config(tmp_path, "ddp", "lora", 2, **kw)
+    with pytest.raises(ValueError, match=match):
+        mdist_train.DistRun(config)
+    assert not dist.is_initialized()
+
+
+def test_parallel_without_torchrun_is_refused(tmp_path):
+    config = train_config(tmp_path, "fsdp", "lora", 2)
+    with pytest.raises(ValueError, match="TrainConfig.parallel='fsdp' needs a torchrun launch"):
+        minift.train(make_model("lora"), examples(), config)
+
+
+@pytest.mark.slow
+def test_example_under_torchrun_matches_one_process(tmp_path):
+    """examples/train_llama.py under torchrun (2 gloo processes) against the same flags on one."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_llama.py"
+    flags = ["--method", "qlora", "--max-steps", "2", "--eval-samples", "1", "--device", "cpu", "--batch-size", "5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {"two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(free_port()), str(script)],
+            "one": [sys.executable, str(script)]}
+    summaries = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd + flags + ["--output", str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    two, one = summaries["two"], summaries["one"]
+    assert (two["world_size"], two["parallel"], one["world_size"]) == (2, "fsdp", 1)
+    for key in ("first_loss", "last_loss"):
+        assert two[key] == pytest.approx(one[key], rel=LOSS_RTOL)
+    assert sorted(p.name for p in (tmp_path / "two" / "adapter").iterdir()) == \
+        ["adapter_config.json", "adapter_model.safetensors"]
+
+
+# ---- one-process pieces: no process group needed -------------------------------------------
+def _group(rows_per_batch):
+    return [{"input_ids": torch.arange(n * 4).view(n, 4) + 100 * i, "labels": torch.arange(n * 4).view(n, 4),
+             "attention_mask": torch.ones(n, 4, dtype=torch.long)} for i, n in enumerate(rows_per_batch)]
+
+
+@pytest.mark.parametrize("rows,world", [([2, 2], 2), ([3, 1, 2, 2], 2), ([5], 2), ([3], 3), ([1], 2), ([2, 1, 3], 4)])
+def test_shard_group_hands_out_every_row_once(rows, world):
+    group = _group(rows)
+    parts = [mdist.shard_group(group, r, world) for r in range(world)]
+    assert len({len(p) for p in parts}) == 1  # same number of forwards on every rank
+    seen = sorted(tuple(row.tolist()) for p in parts for b in p
+                  for row, lab in zip(b["input_ids"], b["labels"]) if (lab != -100).any())
+    want = sorted(tuple(row.tolist()) for b in group for row in b["input_ids"])
+    assert seen == want
+    # what the ranks count together is the 1-process count
+    assert sum(trained_tokens(b) for p in parts for b in p) == sum(trained_tokens(b) for b in group)
+
+
+def test_shard_group_on_one_process_is_the_group():
+    group = _group([2, 3])
+    assert mdist.shard_group(group, 0, 1) is group
+
+
+def test_world_size_from_the_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an integer, got 'two'"):
+        mdist.env_world_size()
+    monkeypatch.setenv("WORLD_SIZE", "0")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be >= 1"):
+        mdist.env_world_size()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR.*torchrun --nproc_per_node"):
+        mdist.init_from_env("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert mdist.init_from_env("cpu") == torch.device("cpu") and not dist.is_initialized()
+
+
+def test_resolve_parallel():
+    assert mdist.resolve_parallel(None, 1) is None
+    assert mdist.resolve_parallel(None, 4) == "fsdp"
+    assert mdist.resolve_parallel("ddp", 4) == "ddp"
+    with pytest.raises(ValueError, match="TrainConfig.parallel must be one of fsdp, ddp; got 'zero3'"):
+        mdist.resolve_parallel("zero3", 4)
+
+
+def test_train_config_parallel_fields():
+    assert TrainConfig().parallel is None and TrainConfig().fsdp_cpu_offload is False
+    with pytest.raises(ValueError, match="TrainConfig.parallel"):
+        TrainConfig(parallel="tp")
+    with pytest.raises(TypeError, match="TrainConfig.fsdp_cpu_offload must be True or False"):
+        TrainConfig(fsdp_cpu_offload="yes")
+
+
+def test_apply_parallel_needs_a_process_group_and_decoder_layers():
+    model = make_model("lora")
+    assert mdist.apply_parallel(model, SimpleNamespace(parallel=None)) is model  # one process: as is
+    with pytest.raises(RuntimeError, match="needs a process group.*init_from_env"):
+        mdist.apply_parallel(model, SimpleNamespace(parallel="fsdp"))
+    with pytest.raises(TypeError, match="Linear has no model.layers"):
+        mdist.decoder_layers(nn.Linear(2, 2))
+
+
+def test_accumulate_on_one_process_equals_the_loop():
+    group = next(step_groups(examples(), step_config(2)))[2]
+    grads = []
+    for run in ("loop", "distributed"):
+        model = make_model("lora")
+        if run == "loop":
+            loss, n = accumulate_gradients(model, group, "cpu", bf16=False)
+        else:
+            loss, n = mdist.accumulate_gradients(model, group, "cpu", loss_sum, trained_tokens)
+        grads.append(([p.grad for p in model.parameters() if p.requires_grad], float(loss), n))
+    (g1, l1, n1), (g2, l2, n2) = grads
+    assert (l1, n1) == (l2, n2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
