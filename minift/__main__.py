@@ -1,12 +1,13 @@
 """Command line: ``python -m minift plan ...`` (will it fit?) and ``python -m minift bench``
-(full vs LoRA vs QLoRA, measured). Each command lives in its own module; this one parses and
+(full vs LoRA vs QLoRA, measured), whose sub-modes (``bench cpu``: minift's CPU paths against
+the peers) time narrower things. Each command lives in its own module; this one parses and
 dispatches."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from minift import bench
+from minift import bench, bench_cpu
 from minift.memory import plan
 
 
@@ -28,18 +29,35 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune full (8-bit AdamW), LoRA and QLoRA on the same data "
                                    "and steps; write a table, JSON and a memory chart.")
     bench.add_bench_arguments(b)
+    # `bench` alone keeps its meaning; a mode word after it picks another benchmark
+    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="MODE")
+    for name, (help_text, add_arguments, _) in BENCH_MODES.items():
+        add_arguments(modes.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
 # command name -> its runner(args, subparser) -> exit code
 COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench}
+# bench mode -> (help, add_arguments(subparser), runner(args, subparser) -> exit code)
+BENCH_MODES = {
+    "cpu": ("time minift's CPU paths (8-bit AdamW, NF4 dequant, train steps) against "
+            "bitsandbytes / transformers + peft, interleaved", bench_cpu.add_cpu_arguments,
+            bench_cpu.run_cpu),
+}
+
+
+def _subparser(parser, name):
+    return parser._subparsers._group_actions[0].choices[name]
 
 
 def main(argv=None) -> int:
     """Entry point of the ``minift`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    sub = parser._subparsers._group_actions[0].choices[args.command]
+    sub = _subparser(parser, args.command)
+    mode = getattr(args, "bench_mode", None)
+    if mode is not None:
+        return BENCH_MODES[mode][2](args, _subparser(sub, mode))
     return COMMANDS[args.command](args, sub)
 
 
