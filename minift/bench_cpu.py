@@ -78,12 +78,10 @@ def run_cpu(args, parser) -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = _write_checkpoint(args, tmp)
-        if "optim" in sections:
-            results["optim"] = bench_optim(checkpoint, args)
-        if "nf4" in sections:
-            results["nf4"] = bench_nf4(checkpoint, args, dtype)
-        if "train" in sections:
-            results["train"] = bench_train(checkpoint, args, dtype)
+        for name, run in (("optim", bench_optim), ("nf4", bench_nf4), ("train", bench_train)):
+            if name in sections:
+                print(f"minift bench cpu: {name} ...", file=sys.stderr, flush=True)
+                results[name] = run(checkpoint, args, dtype)
     record = {"command": "python -m minift " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
               "machine": machine_info(), "torch_threads": torch.get_num_threads(),
               "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
@@ -160,8 +158,9 @@ def _write_checkpoint(args, directory: str) -> str:
 
 
 # ---- sections --------------------------------------------------------------------------------
-def bench_optim(checkpoint: str, args) -> dict:
-    """One optimizer step over every parameter of the model (float32 copies, same gradients)."""
+def bench_optim(checkpoint: str, args, dtype=None) -> dict:
+    """One optimizer step over every parameter of the model (float32 copies, same gradients;
+    ``dtype`` is not used: optimizers step float32 parameters here, as in mixed precision)."""
     model = load_model(checkpoint, dtype=torch.float32)
     shapes = [p.shape for p in model.parameters()]
     del model

@@ -34,6 +34,7 @@ def _check_timing(t, rounds=2):
     assert t["min_s"] <= t["median_s"] <= t["max_s"]
 
 
+@pytest.mark.slow  # the peers' imports and a first optimizer take ~30 s on a busy 2-core CPU
 def test_tiny_run_times_every_side_and_records_the_machine(tiny_run):
     code, stdout, record = tiny_run
     assert code == 0
