@@ -26,7 +26,7 @@ from minift.config import ModelConfig
 from minift.loading import load_model, save_model
 from minift.lora import lora_wrap
 from minift.model import Llama
-from minift.nf4 import dequantize_nf4, quantize_nf4
+from minift.nf4 import _dequantize_reference, dequantize_nf4, quantize_nf4
 from minift.optim.adamw8bit import AdamW8bit
 from minift.runinfo import git_commit, git_modified, machine_info
 from minift.trainer import token_loss_sum
@@ -192,7 +192,9 @@ def bench_nf4(checkpoint: str, args, dtype) -> dict:
     weights = [m.weight.detach() for name, m in model.named_modules() if name.endswith(LINEARS)]
     del model
     ours = [quantize_nf4(w, 64, True) for w in weights]
-    fns = {"minift dequantize_nf4": lambda: [dequantize_nf4(q, dtype) for q in ours]}
+    fns = {"minift dequantize_nf4": lambda: [dequantize_nf4(q, dtype) for q in ours],
+           # the pure-torch reference the CPU used before (kept as the tests' oracle)
+           "minift reference": lambda: [_dequantize_reference(q, dtype) for q in ours]}
     same = None
     if _have("bitsandbytes"):
         import bitsandbytes.functional as bf
@@ -209,7 +211,8 @@ def bench_nf4(checkpoint: str, args, dtype) -> dict:
             "shapes": sorted({tuple(w.shape) for w in weights}), "dtype": args.dtype,
             "bit_identical_outputs": same, "timings": timings,
             "ratio_vs_bitsandbytes": _ratio(timings, "minift dequantize_nf4",
-                                            "bitsandbytes dequantize_4bit")}
+                                            "bitsandbytes dequantize_4bit"),
+            "speedup_vs_reference": 1 / _ratio(timings, "minift dequantize_nf4", "minift reference")}
 
 
 def bench_train(checkpoint: str, args, dtype) -> dict:
