@@ -1,13 +1,13 @@
-"""Command line: ``python -m minift plan ...`` (will it fit?) and ``python -m minift bench``
-(full vs LoRA vs QLoRA, measured), whose sub-modes (``bench cpu``: minift's CPU paths against
-the peers) time narrower things. Each command lives in its own module; this one parses and
-dispatches."""
+"""Command line: ``python -m minift plan ...`` (will it fit?), ``python -m minift bench``
+(full vs LoRA vs QLoRA, measured), ``python -m minift bench gpu --out DIR`` (the GPU suite) and
+``python -m minift bench cpu`` (minift's CPU paths against the peers, interleaved).
+Each command lives in its own module; this one parses and dispatches."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from minift import bench, bench_cpu
+from minift import bench, bench_cpu, bench_gpu
 from minift.memory import plan
 
 
@@ -29,36 +29,35 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune full (8-bit AdamW), LoRA and QLoRA on the same data "
                                    "and steps; write a table, JSON and a memory chart.")
     bench.add_bench_arguments(b)
-    # `bench` alone keeps its meaning; a mode word after it picks another benchmark
-    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="MODE")
-    for name, (help_text, add_arguments, _) in BENCH_MODES.items():
-        add_arguments(modes.add_parser(name, help=help_text, description=help_text))
+    # `bench` alone is the CPU comparison above; `bench gpu` is a mode of its own with its options
+    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="{gpu,cpu}")
+    g = modes.add_parser("gpu", help="the GPU suite: kernels, bandwidth, 8B-shaped training steps",
+                         description="Kernel checks and timings, NF4 dequant and 8-bit AdamW "
+                                     "against bandwidth, Llama-3.1-8B-shaped training steps per "
+                                     "method, in at most 8 minutes; JSON under --out.")
+    bench_gpu.add_bench_gpu_arguments(g)
+    c = modes.add_parser("cpu", help="minift's CPU paths against bitsandbytes / transformers + peft",
+                         description="8-bit AdamW step, NF4 dequant and full / LoRA / QLoRA steps, "
+                                     "minift and the peer in interleaved rounds; JSON and a table.")
+    bench_cpu.add_cpu_arguments(c)
     return parser
 
 
-# command name -> its runner(args, subparser) -> exit code
-COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench}
-# bench mode -> (help, add_arguments(subparser), runner(args, subparser) -> exit code)
-BENCH_MODES = {
-    "cpu": ("time minift's CPU paths (8-bit AdamW, NF4 dequant, train steps) against "
-            "bitsandbytes / transformers + peft, interleaved", bench_cpu.add_cpu_arguments,
-            bench_cpu.run_cpu),
-}
-
-
-def _subparser(parser, name):
-    return parser._subparsers._group_actions[0].choices[name]
+# command name (with its mode) -> its runner(args, subparser) -> exit code
+COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "bench gpu": bench_gpu.run_bench_gpu,
+            "bench cpu": bench_cpu.run_cpu}
 
 
 def main(argv=None) -> int:
     """Entry point of the ``minift`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    sub = _subparser(parser, args.command)
-    mode = getattr(args, "bench_mode", None)
-    if mode is not None:
-        return BENCH_MODES[mode][2](args, _subparser(sub, mode))
-    return COMMANDS[args.command](args, sub)
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    name = args.command
+    if getattr(args, "bench_mode", None):
+        sub = sub._subparsers._group_actions[0].choices[args.bench_mode]
+        name = f"{name} {args.bench_mode}"
+    return COMMANDS[name](args, sub)
 
 
 if __name__ == "__main__":

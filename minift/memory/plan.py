@@ -17,6 +17,7 @@ import torch
 from minift._util import fmt_in, format_bytes, parse_bytes, unit_for
 from minift.config import ModelConfig
 from minift.memory.estimate import METHODS, estimate_memory
+from minift.memory.features import format_feature_plan, plan_features
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
 LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
@@ -91,8 +92,11 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
             "max_seq_len": _largest(lambda t: total(batch_size, t) <= budget, 2, max_pos),
         }
     fitting = [m for m in METHODS if out[m]["fits"]]
+    # the memory features the loop offers, turned on one at a time until each method fits
+    features = {m: plan_features(cfg, budget, m, batch_size, seq_len, r=r, optimizer=optimizer,
+                                 dtype=dtype, target_modules=target_modules) for m in METHODS}
     return {"methods": out, "recommendation": fitting[0] if fitting else None, "budget": budget,
-            "max_position_embeddings": max_pos}
+            "max_position_embeddings": max_pos, "features": features}
 
 
 def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
@@ -117,6 +121,9 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     lines.append(f"| longest seq at batch {batch_size} | "
                  + " | ".join(_count(methods[m]["max_seq_len"], 2, result["max_position_embeddings"])
                               for m in METHODS) + " |")
+    if "features" in result:
+        lines.append(format_feature_plan(result["features"], result["budget"],
+                                         result["max_position_embeddings"], fmt_auto))
     lines.append("")
     lines.append(_recommend(result, batch_size, seq_len, gradient_checkpointing))
     lines.append("Estimates from first principles (minift.estimate_memory), checked against "

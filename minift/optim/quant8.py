@@ -12,8 +12,13 @@ The step, per element, all in float32 (``p`` is the parameter, ``g`` its gradien
     m = m * beta1 + g * (1 - beta1)
     v = v * beta2 + (g * g) * (1 - beta2)
     p = p * (1 - lr * weight_decay)                    # decoupled decay first, as torch AdamW
-    p = p - (m / (sqrt(v) / sqrt(1 - beta2**t) + eps)) * (lr / (1 - beta1**t))
+    p = p - (m / (sqrt(v) * (1 / sqrt(1 - beta2**t)) + eps)) * (lr / (1 - beta1**t))
     m8 = quant(m) ; v8 = quant(v)                      # fresh absmax per block
+
+The bias correction of v is a multiplication by ``1 / sqrt(1 - beta2**t)`` (computed on the host
+in float64, rounded once to float32), not a division by ``sqrt(1 - beta2**t)``: torch on CUDA
+turns a division by a Python scalar into a multiplication by its reciprocal while the CPU
+divides, so only the multiplication gives the same bits on CPU, on CUDA and in the kernel.
 """
 from __future__ import annotations
 
@@ -85,13 +90,13 @@ class StepScalars:
     eps: float
     decay: float  # 1 - lr * weight_decay
     step_size: float  # lr / (1 - beta1**t)
-    bc2_sqrt: float  # sqrt(1 - beta2**t)
+    inv_bc2_sqrt: float  # 1 / sqrt(1 - beta2**t)
     seed: int  # stochastic-rounding seed for this step and tensor, in [0, 2**31)
 
     @classmethod
     def make(cls, lr, beta1, beta2, eps, weight_decay, step, seed=0):
         return cls(beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, 1.0 - lr * weight_decay, lr / (1.0 - beta1**step),
-                   math.sqrt(1.0 - beta2**step), int(seed))
+                   1.0 / math.sqrt(1.0 - beta2**step), int(seed))
 
 
 def adamw_math(p, g, m, v, s: StepScalars):
@@ -99,7 +104,11 @@ def adamw_math(p, g, m, v, s: StepScalars):
     m = m * s.beta1 + g * s.one_minus_beta1
     v = v * s.beta2 + (g * g) * s.one_minus_beta2
     p = p * s.decay
-    denom = torch.sqrt(v) / s.bc2_sqrt + s.eps
+    # sqrt in float64, rounded once to float32: the correctly rounded float32 sqrt, as CUDA and
+    # the kernel's sqrt_rn give. torch's float32 sqrt on an AVX-512 CPU is not always: for
+    # v = 3.9696565e-06 it returned 0.0019923995714634657, one ulp below 0.0019923998042941093.
+    root = torch.sqrt(v.double()).float()
+    denom = root * s.inv_bc2_sqrt + s.eps  # a product, never "/ scalar": see the module doc
     p = p - (m / denom) * s.step_size
     return p, m, v
 
@@ -244,6 +253,7 @@ class _Workspace:
     ge: torch.Tensor  # bool (chunk,): y >= threshold
     scale: torch.Tensor  # float32 (chunk / 256,): absmax with zeros replaced by one
     one: torch.Tensor  # float32 0-dim 1.0
+    root: torch.Tensor  # float64 (chunk,): v for the correctly rounded square root
     p32: torch.Tensor | None  # float32 (chunk,) when p is not float32
     g32: torch.Tensor | None  # float32 (chunk,) when g is not float32
 
@@ -252,6 +262,7 @@ class _Workspace:
         f32 = lambda: torch.empty(size, dtype=torch.float32)  # noqa: E731
         return cls(f32(), f32(), f32(), torch.empty(size, dtype=torch.int32),
                    torch.empty(size, dtype=torch.bool), torch.empty(size // BLOCK), torch.ones(()),
+                   torch.empty(size, dtype=torch.float64),
                    None if p_dtype == torch.float32 else f32(),
                    None if g_dtype == torch.float32 else f32())
 
@@ -292,7 +303,8 @@ def _step_chunk(p, g, states, maps, tables, s: StepScalars, w: _Workspace, offse
     v.mul_(s.beta2).add_(torch.mul(g32, g32, out=d).mul_(s.one_minus_beta2))
     p32 = p if w.p32 is None else w.p32[:k].copy_(p)
     p32.mul_(s.decay)
-    torch.sqrt(v, out=d).div_(s.bc2_sqrt).add_(s.eps)
+    # the correctly rounded float32 sqrt (through float64, as adamw_math), times 1/sqrt(bc2)
+    d.copy_(w.root[:k].copy_(v).sqrt_()).mul_(s.inv_bc2_sqrt).add_(s.eps)
     p32.sub_(torch.div(m, d, out=d).mul_(s.step_size))
     if w.p32 is not None:
         p.copy_(round_to_param(p32, p.dtype, s.seed, offset, stochastic))
