@@ -1,13 +1,14 @@
 """Command line: ``python -m minift plan ...`` (will it fit?), ``python -m minift bench``
-(full vs LoRA vs QLoRA, measured), ``python -m minift bench gpu --out DIR`` (the GPU suite) and
-``python -m minift bench cpu`` (minift's CPU paths against the peers, interleaved).
+(full vs LoRA vs QLoRA, measured), ``python -m minift bench gpu --out DIR`` (the GPU suite),
+``python -m minift bench cpu`` (minift's CPU paths against the peers, interleaved) and
+``python -m minift soup a b c --out d`` (adapter soup).
 Each command lives in its own module; this one parses and dispatches."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from minift import bench, bench_cpu, bench_gpu
+from minift import bench, bench_cpu, bench_gpu, soup
 from minift.memory import plan
 
 
@@ -40,12 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
                          description="8-bit AdamW step, NF4 dequant and full / LoRA / QLoRA steps, "
                                      "minift and the peer in interleaved rounds; JSON and a table.")
     bench_cpu.add_cpu_arguments(c)
+    s = sub.add_parser("soup", help="average several LoRA adapters of one base (PEFT format)",
+                       description="Average PEFT-format LoRA adapters tensor by tensor into a new "
+                                   "adapter; adapters of other bases, ranks or targets are refused.")
+    soup.add_soup_arguments(s)
     return parser
 
 
 # command name (with its mode) -> its runner(args, subparser) -> exit code
 COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "bench gpu": bench_gpu.run_bench_gpu,
-            "bench cpu": bench_cpu.run_cpu}
+            "bench cpu": bench_cpu.run_cpu, "soup": soup.run_soup}
 
 
 def main(argv=None) -> int:
