@@ -1,5 +1,6 @@
 """Command line: ``python -m minift plan ...`` (will it fit?), ``python -m minift bench``
-(full vs LoRA vs QLoRA, measured), ``python -m minift bench gpu --out DIR`` (the GPU suite) and
+(full vs LoRA vs QLoRA, measured), ``python -m minift bench gpu --out DIR`` (the GPU suite),
+``python -m minift bench cpu`` (minift's CPU paths against the peers, interleaved) and
 ``python -m minift soup a b c --out d`` (adapter soup).
 Each command lives in its own module; this one parses and dispatches."""
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minift import bench, bench_gpu, soup
+from minift import bench, bench_cpu, bench_gpu, soup
 from minift.memory import plan
 
 
@@ -30,12 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and steps; write a table, JSON and a memory chart.")
     bench.add_bench_arguments(b)
     # `bench` alone is the CPU comparison above; `bench gpu` is a mode of its own with its options
-    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="{gpu}")
+    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="{gpu,cpu}")
     g = modes.add_parser("gpu", help="the GPU suite: kernels, bandwidth, 8B-shaped training steps",
                          description="Kernel checks and timings, NF4 dequant and 8-bit AdamW "
                                      "against bandwidth, Llama-3.1-8B-shaped training steps per "
                                      "method, in at most 8 minutes; JSON under --out.")
     bench_gpu.add_bench_gpu_arguments(g)
+    c = modes.add_parser("cpu", help="minift's CPU paths against bitsandbytes / transformers + peft",
+                         description="8-bit AdamW step, NF4 dequant and full / LoRA / QLoRA steps, "
+                                     "minift and the peer in interleaved rounds; JSON and a table.")
+    bench_cpu.add_cpu_arguments(c)
     s = sub.add_parser("soup", help="average several LoRA adapters of one base (PEFT format)",
                        description="Average PEFT-format LoRA adapters tensor by tensor into a new "
                                    "adapter; adapters of other bases, ranks or targets are refused.")
@@ -45,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # command name (with its mode) -> its runner(args, subparser) -> exit code
 COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "bench gpu": bench_gpu.run_bench_gpu,
-            "soup": soup.run_soup}
+            "bench cpu": bench_cpu.run_cpu, "soup": soup.run_soup}
 
 
 def main(argv=None) -> int:

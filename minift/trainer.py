@@ -46,9 +46,15 @@ __all__ = ["DATA_ORDER_FIELDS", "METHODS", "OPTIMIZERS", "RunState", "TrainConfi
 
 # ---- the loss ----------------------------------------------------------------------------
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed fp32 cross-entropy of next-token predictions: logits[:, t] predicts labels[:, t+1]."""
-    shifted = logits[:, :-1].float().reshape(-1, logits.size(-1))  # (B*(T-1), V)
-    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    """Summed fp32 cross-entropy of next-token predictions: logits[:, t] predicts labels[:, t+1].
+
+    The labels move, not the logits: slicing logits[:, :-1] would copy the (B, T, V) tensor
+    and zero-fill a full-size gradient in backward. The last position has no next token, so
+    it gets -100 and adds nothing. float32 logits go in as a view; others are upcast once.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                           reduction="sum")
 
 
 def trained_tokens(batch: dict) -> int:

@@ -341,11 +341,13 @@ def _loss_buffers(s: _Setup) -> tuple:
     """(logits, logit gradients): the loss's buffers at its two moments.
 
     minift.train drops the logits once the loss is computed, so computing the loss holds the
-    logits in the compute dtype and their float32 copy, and the start of backward holds the
-    float32 gradient cross_entropy hands to log_softmax and the one that returns.
+    logits in the compute dtype and, unless they are float32 already, their float32 copy; the
+    start of backward holds the float32 gradient cross_entropy hands to log_softmax and the one
+    that returns. The loss shifts the labels, so all of it covers every position (B*T rows).
     """
     v = s.cfg.vocab_size
-    return s.e * v * s.n_tok + 4 * v * s.n_loss, 2 * 4 * v * s.n_loss
+    upcast = 4 * v * s.n_tok if s.e != 4 else 0
+    return s.e * v * s.n_tok + upcast, 2 * 4 * v * s.n_tok
 
 
 def _loss_moment(s: _Setup, fixed: int, saved: _Saved) -> tuple:

@@ -166,15 +166,16 @@ def adapter_saved(shape, r, e, n_tok, grad_in) -> int:
 def head_saved(cfg, method, e, batch, seq):
     """Bytes kept for backward outside the decoder layers, by term."""
     h, v, d = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
-    n_tok, n_loss = batch * seq, batch * (seq - 1)
+    n_tok = batch * seq
     full = method == "full"
     t = {
         "embedding_ids": 8 * n_tok if full else 0,
         "rope_cos_sin": 2 * e * d * n_tok,
         "final_norm": (4 * h + 4) * n_tok + (e * h * n_tok if full else 0),
         "lm_head_input": e * h * n_tok if full else 0,
-        # cross_entropy keeps its float32 log-softmax (B*(T-1), V), the targets and a scalar
-        "loss": 4 * v * n_loss + 8 * n_loss + 4,
+        # cross_entropy keeps its float32 log-softmax (B*T, V: the labels are shifted, the last
+        # position ignored), the targets and a scalar
+        "loss": 4 * v * n_tok + 8 * n_tok + 4,
     }
     return t
 

@@ -260,6 +260,7 @@ class _Workspace:
     ge: torch.Tensor  # bool (chunk,): y >= threshold
     scale: torch.Tensor  # float32 (chunk / 256,): absmax with zeros replaced by one
     one: torch.Tensor  # float32 0-dim 1.0
+    root: torch.Tensor  # float64 (chunk,): v for the correctly rounded square root
     p32: torch.Tensor | None  # float32 (chunk,) when p is not float32
     g32: torch.Tensor | None  # float32 (chunk,) when g is not float32
 
@@ -268,6 +269,7 @@ class _Workspace:
         f32 = lambda: torch.empty(size, dtype=torch.float32)  # noqa: E731
         return cls(f32(), f32(), f32(), torch.empty(size, dtype=torch.int32),
                    torch.empty(size, dtype=torch.bool), torch.empty(size // BLOCK), torch.ones(()),
+                   torch.empty(size, dtype=torch.float64),
                    None if p_dtype == torch.float32 else f32(),
                    None if g_dtype == torch.float32 else f32())
 
@@ -309,7 +311,7 @@ def _step_chunk(p, g, states, maps, tables, s: StepScalars, w: _Workspace, offse
     p32 = p if w.p32 is None else w.p32[:k].copy_(p)
     p32.mul_(s.decay)
     # the correctly rounded float32 sqrt (through float64, as adamw_math), times 1/sqrt(bc2)
-    d.copy_(v.double().sqrt_()).mul_(s.inv_bc2_sqrt).add_(s.eps)
+    d.copy_(w.root[:k].copy_(v).sqrt_()).mul_(s.inv_bc2_sqrt).add_(s.eps)
     p32.sub_(torch.div(m, d, out=d).mul_(s.step_size))
     if w.p32 is not None:
         p.copy_(round_to_param(p32, p.dtype, s.seed, offset, stochastic))
