@@ -35,9 +35,14 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed fp32 cross-entropy of full logits (B, T, V) against unshifted labels (B, T)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                           shift_labels(labels).reshape(-1), ignore_index=IGNORE, reduction="sum")
+    """Summed fp32 cross-entropy of next-token predictions: logits[:, t] predicts labels[:, t+1].
+
+    The labels move, not the logits: slicing logits[:, :-1] would copy the (B, T, V) tensor
+    and zero-fill a full-size gradient in backward. The last position has no next token, so
+    it gets -100 and adds nothing. float32 logits go in as a view; others are upcast once.
+    """
+    return F.cross_entropy(logits.float().flatten(0, 1), shift_labels(labels).flatten(),
+                           ignore_index=IGNORE, reduction="sum")
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

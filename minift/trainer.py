@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minift import checkpoint as ckpt
@@ -30,7 +29,7 @@ from minift.data import batch_examples
 from minift.dist_train import DistRun
 from minift.dpo import DPOObjective, objective_for
 from minift.lora import trainable_parameters
-from minift.loss import model_loss_sum, supports_chunked_loss
+from minift.loss import model_loss_sum, supports_chunked_loss, token_loss_sum
 from minift.memory.tracker import MemoryTracker
 from minift.offload import mlp_tiling, offloading
 from minift.schedule import Schedule, step_groups, total_steps
@@ -45,18 +44,6 @@ __all__ = ["DATA_ORDER_FIELDS", "METHODS", "OPTIMIZERS", "RunState", "TrainConfi
 
 
 # ---- the loss ----------------------------------------------------------------------------
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed fp32 cross-entropy of next-token predictions: logits[:, t] predicts labels[:, t+1].
-
-    The labels move, not the logits: slicing logits[:, :-1] would copy the (B, T, V) tensor
-    and zero-fill a full-size gradient in backward. The last position has no next token, so
-    it gets -100 and adds nothing. float32 logits go in as a view; others are upcast once.
-    """
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                           reduction="sum")
-
-
 def trained_tokens(batch: dict) -> int:
     """Number of label positions that contribute to the loss (after the shift)."""
     return int((batch["labels"][:, 1:] != -100).sum())
