@@ -25,7 +25,8 @@ import torch
 import minift
 from minift import checkpoint as ckpt
 from minift.data import load_dataset, load_jsonl, row_to_messages
-from minift.trainer import DATA_ORDER_FIELDS, METHODS, OPTIMIZERS, TrainConfig, evaluate
+from minift._util import METHODS, OPTIMIZERS
+from minift.trainer import TrainConfig, evaluate
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
@@ -168,22 +169,16 @@ def load_rows(flag, path, tokenizer, seq_len, limit=None):
     return conversations, examples[:limit]
 
 
-def check_resume(args, model, config, train_data):
+def check_resume(model, config, train_data):
     """Fail before any work when --resume points at a checkpoint of another method, model shape,
     base model, data order or training data (minift.train checks the same, but only once it
     runs, after the before-evaluation)."""
-    if config.resume_from is None:
-        return
     try:
-        path = ckpt.resolve_checkpoint(config.resume_from, config.output_dir)
-        state = ckpt.read_trainer_state(path)
-        base = ckpt.base_fingerprint(model) if config.method != "full" else None
-        ckpt.check_compatible(state, path, method=config.method, model=model,
-                              config=config.to_dict(), fields=DATA_ORDER_FIELDS,
-                              data=ckpt.data_fingerprint(train_data), base=base)
+        path = minift.check_resume(config, model, train_data)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise UsageError(f"--resume: {err}") from err
-    print(f"resuming from {path} (step {state.get('step')})")
+    if path is not None:
+        print(f"resuming from {path} (step {ckpt.read_trainer_state(path).get('step')})")
 
 
 # ---- evaluation --------------------------------------------------------------------------
@@ -291,7 +286,7 @@ def run(args) -> dict:
     train_rows, train_data = load_rows("--data", args.data, tokenizer, args.seq_len)
     eval_rows, eval_data = load_rows("--eval-data", args.eval_data, tokenizer, args.seq_len,
                                      args.eval_samples)
-    check_resume(args, model, config, train_data)
+    check_resume(model, config, train_data)
     print(f"model {args.model}: {minift.trainable_summary(model)}")
     print(f"data: {len(train_data)} training examples, {len(eval_data)} held-out; "
           f"method {args.method}, device {device}")

@@ -11,7 +11,7 @@ from minift.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from minift.nf4_linear import NF4Linear, quantize_model
 from minift.optim import AdamW8bit, PagedAdamW8bit
 from minift.tokenizer import load_tokenizer
-from minift.trainer import TrainConfig, train
+from minift.trainer import TrainConfig, check_resume, train
 
 __version__ = "0.1.0"
 
@@ -20,5 +20,5 @@ __all__ = [
     "ModelConfig", "NF4Linear", "NF4Weight", "PRESETS", "PagedAdamW8bit", "TrainConfig",
     "dequantize_nf4", "disable_adapters", "estimate_memory", "generate", "load_adapter",
     "load_model", "load_tokenizer", "lora_wrap", "merge_lora", "quantize_model", "quantize_nf4",
-    "save_adapter", "save_model", "train", "trainable_parameters", "trainable_summary",
+    "save_adapter", "save_model", "train", "check_resume", "trainable_parameters", "trainable_summary",
 ]
