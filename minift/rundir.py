@@ -31,6 +31,22 @@ def new_run_id() -> str:
 
 
 # ---- before the run ----------------------------------------------------------------------
+def check_run(model, train_data, eval_data, config) -> None:
+    """Every rule a run is checked against before its first step (see the module docstring)."""
+    check_output_dir(config.output_dir, config.resume_from)
+    check_method(model, config.method)
+    vocab = vocab_size_of(model)
+    check_token_ids(train_data, vocab, "train_data")
+    if eval_data is not None:
+        check_token_ids(eval_data, vocab, "eval_data")
+
+
+def peak_label(device) -> str:
+    """What the step lines' peak figure measures: the process's peak resident memory on CPU
+    (Python, libraries and all), CUDA's allocated high-water mark on GPU."""
+    return "peak alloc" if device.type == "cuda" else "peak RSS"
+
+
 def check_output_dir(output_dir, resume_from) -> None:
     """Refuse a fresh run into a folder that already holds checkpoints."""
     if resume_from:
@@ -155,19 +171,19 @@ class DeadModelWatch:
         self.pinned, self.warned = 0, set()
 
     def update(self, step: int, loss: float, grad_norm: float) -> Optional[str]:
-        """The warning to show after `step`, once per kind; None otherwise."""
+        """The warning to show after `step` (each kind once); None otherwise."""
+        found = []
         if grad_norm == 0.0 and "norm" not in self.warned:
             self.warned.add("norm")
-            return (f"step {step}: gradient norm is exactly 0, so no weight changes any more; the "
-                    f"model has likely died (a too-high learning rate saturates it); lower the "
-                    f"learning rate and resume from an earlier checkpoint")
-        if self.uniform is None:
-            return None
-        pinned = abs(loss - self.uniform) < self.tolerance * self.uniform
-        self.pinned = self.pinned + 1 if pinned else 0
-        if self.pinned >= self.patience and "loss" not in self.warned:
-            self.warned.add("loss")
-            return (f"step {step}: the loss has stayed at ln(vocab) = {self.uniform:.4f} for "
-                    f"{self.pinned} steps: the model predicts a uniform distribution and has "
-                    f"likely died; lower the learning rate")
-        return None
+            found.append(f"step {step}: gradient norm is exactly 0, so no weight changes any more; "
+                         f"the model has likely died (a too-high learning rate saturates it); lower "
+                         f"the learning rate and resume from an earlier checkpoint")
+        if self.uniform is not None:
+            pinned = abs(loss - self.uniform) < self.tolerance * self.uniform
+            self.pinned = self.pinned + 1 if pinned else 0
+            if self.pinned >= self.patience and "loss" not in self.warned:
+                self.warned.add("loss")
+                found.append(f"step {step}: the loss has stayed at ln(vocab) = {self.uniform:.4f} "
+                             f"for {self.pinned} steps: the model predicts a uniform distribution "
+                             f"and has likely died; lower the learning rate")
+        return "; ".join(found) or None

@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minift import checkpoint as ckpt
+from minift import rundir
 from minift._util import METHODS, OPTIMIZERS  # noqa: F401  (re-exported for callers)
 from minift.data import batch_examples
 from minift.lora import trainable_parameters
@@ -143,6 +145,7 @@ def check_resume(config: TrainConfig, model, data) -> Optional[str]:
     """
     if not config.resume_from:
         return None
+    ckpt.clean_incomplete(config.output_dir)  # a complete .tmp-step-N may be the newest checkpoint
     path = ckpt.resolve_checkpoint(config.resume_from, Path(config.output_dir))
     # "full" checkpoints hold the whole model, so any base is overwritten on resume
     base = ckpt.base_fingerprint(model) if config.method != "full" else None
@@ -167,9 +170,11 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
         The summary dict, also written to ``<output_dir>/summary.json``.
 
     Raises:
-        FloatingPointError: a step's loss or gradient norm is NaN/Inf (after a checkpoint of the
-            last good state has been written).
-        ValueError: bad data, or a resume checkpoint from a different method, model or data order.
+        FloatingPointError: a step's loss or gradient norm is NaN/Inf; nothing is saved, and the
+            message names the newest checkpoint a finite step has used (minift.rundir.divergence).
+        ValueError: bad data (token ids outside the vocabulary), a method that does not match
+            what is trainable, an output_dir holding another run's checkpoints without
+            resume_from, or a resume checkpoint from a different method, model or data order.
     """
     check_examples(train_data, "train_data")
     if eval_data is not None:
@@ -180,7 +185,7 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
         groups = step_groups(train_data, config, st.epoch, st.batch_index)
         while st.step < run.total:
             position, epochs_done, group = next(groups)
-            step, rng_before = st.step + 1, ckpt.rng_state()  # rng: for a last-good checkpoint
+            step = st.step + 1
             # 1. learning rate of this step
             lr = run.schedule.lr(step - 1)
             for g in opt.param_groups:
@@ -200,7 +205,7 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
                 opt.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
             if not finite:
-                run.stop_non_finite(step, loss, norm, rng_before)
+                run.stop_non_finite(step, loss, norm)
             if tracker is not None:
                 run.report_memory(tracker.report())
             # 6. log: totals, the metrics line, the progress bar
@@ -234,6 +239,7 @@ class _Run:
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_incomplete(self.out)
+        rundir.check_run(model, train_data, eval_data, config)
         seed_everything(config.seed)
         self.optimizer = make_optimizer(model, config)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -246,6 +252,9 @@ class _Run:
         if self.resumed:
             saved = ckpt.load_checkpoint(self.resumed, model=model, optimizer=self.optimizer)
             self.state = RunState.from_saved(saved)
+        # checkpoints of this run carry its id: pruning leaves any other run's alone
+        self.run_id = saved.get("run_id") if self.resumed else rundir.new_run_id()
+        self.watch = rundir.DeadModelWatch(rundir.vocab_size_of(model))
         self.saved_at = self.state.step if self.resumed else None
         self.last_path, self.memory = self.resumed, None
         self.total = total_steps(train_data, config)
@@ -256,11 +265,10 @@ class _Run:
     def session(self):
         """Metrics file, progress bar, gradient checkpointing and NEFTune for the loop's span."""
         metrics = self.out / "metrics.jsonl"
-        kept = []  # a crashed run may have logged past the checkpoint we resume from
-        if self.resumed and metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.state.step]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        if self.resumed:  # a crashed run may have logged past the checkpoint we resume from
+            rundir.trim_metrics(metrics, self.state.step)
+        else:
+            metrics.write_text("")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.bar = tqdm(total=self.total, initial=self.state.step, unit="step", dynamic_ncols=True,
@@ -273,28 +281,31 @@ class _Run:
         finally:
             self.bar.close()
 
-    def stop_non_finite(self, step: int, loss: float, norm: float, rng_before) -> None:
-        path = self.save(rng=rng_before)  # parameters and optimizer are still at step - 1
+    def stop_non_finite(self, step: int, loss: float, norm: float) -> None:
+        # nothing is saved: the weights after step - 1 gave this loss, so they are no good state
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
-        raise FloatingPointError(f"training {what} is {value} at step {step}; the last good "
-                                 f"state (step {step - 1}) is saved in {path}")
+        raise FloatingPointError(rundir.divergence(self.out, step, what, value))
 
     def report_memory(self, report) -> None:
         self.memory = report.as_dict()
-        self.say(report.table())
+        self.say(report.table() + f"\n(peak: tensors alive in the first step; the step lines show "
+                 f"{rundir.peak_label(self.device)})")
 
     def log(self, line: dict, log) -> None:
         log.write(json.dumps(line) + "\n")
         log.flush()
         self.bar.update(1)
         step = line["step"]
+        dead = self.watch.update(step, line["loss"], line["grad_norm"])
+        if dead:
+            warnings.warn(dead, stacklevel=2)
         if step % self.config.log_interval == 0 or step == self.total:
-            peak = f"{peak_memory(self.device) / 2**20:.0f}MiB"
+            peak, label = f"{peak_memory(self.device) / 2**20:.0f}MiB", rundir.peak_label(self.device)
             self.bar.set_postfix({"loss": f"{line['loss']:.4f}", "lr": f"{line['lr']:.2e}",
-                                  "tok/s": f"{line['tokens_per_s']:.0f}", "peak": peak}, refresh=False)
+                                  "tok/s": f"{line['tokens_per_s']:.0f}", label: peak}, refresh=False)
             if self.bar.disable:
                 self.say(f"step {step}/{self.total} loss {line['loss']:.4f} lr {line['lr']:.2e} "
-                         f"tok/s {line['tokens_per_s']:.0f} peak {peak}")
+                         f"tok/s {line['tokens_per_s']:.0f} {label} {peak}")
 
     def say(self, text: str) -> None:
         if self.config.progress:
@@ -308,7 +319,7 @@ class _Run:
 
     def save(self, rng=None) -> str:
         trainer_state = dict(dataclasses.asdict(self.state), config=self.config.to_dict(),
-                             data=self.data_fp, base=self.base_fp, total_steps=self.total)
+                             run_id=self.run_id, data=self.data_fp, base=self.base_fp, total_steps=self.total)
         path = ckpt.save_checkpoint(self.out, self.state.step, model=self.model,
                                     optimizer=self.optimizer, method=self.config.method,
                                     trainer_state=trainer_state, keep_last=self.config.keep_last,

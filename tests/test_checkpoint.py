@@ -149,9 +149,12 @@ def test_base_fingerprint_tolerates_summation_order_not_other_weights():
 
 
 def test_resume_rejects_another_method(tmp_path):
+    from minift.lora import lora_wrap
+
     train(TinyLM(), make_examples(8), cfg(tmp_path, max_steps=1))
     with pytest.raises(ValueError, match="method 'full'.*method 'lora'"):
-        train(TinyLM(), make_examples(8), cfg(tmp_path, method="lora", resume_from="latest"))
+        train(lora_wrap(TinyLM(), r=2), make_examples(8),
+              cfg(tmp_path, method="lora", resume_from="latest"))
 
 
 def test_resume_rejects_another_model_shape(tmp_path):
