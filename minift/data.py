@@ -1,9 +1,10 @@
 """From a JSONL file to masked, padded or packed training batches.
 
-Rows are chats ({"messages": [...]}), alpaca ({"instruction", "input", "output"}) or
-{"prompt", "completion"}; each becomes a conversation rendered with the tokenizer's chat template.
-Labels equal the input ids on the assistant's replies (with the token that ends each reply) and
--100 everywhere else, so the loss trains only what the model should say.
+Rows are chats ({"messages": [...]}), ShareGPT ({"conversations": [{"from", "value"}, ...]}),
+alpaca ({"instruction", "input", "output"}) or {"prompt", "completion"}; each becomes a
+conversation rendered with the tokenizer's chat template. Labels equal the input ids on the
+assistant's replies (with the token that ends each reply) and -100 everywhere else, so the loss
+trains only what the model should say. Raw {"text": ...} rows are trained on every token.
 """
 import bisect
 import json
@@ -81,8 +82,38 @@ def _text_field(row, key, where, optional=False):
     return value
 
 
+ROLES = ("system", "user", "assistant")
+# ShareGPT's "from" values and the chat roles they stand for
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+def _check_roles(messages, where, key="messages", field="role", known=ROLES):
+    for i, m in enumerate(messages):
+        if m[field] not in known:
+            raise ValueError(f"{where}: unknown role {m[field]!r} in {key}[{i}]; "
+                             f"{field} must be one of {', '.join(known)}")
+
+
+def _sharegpt(row, where):
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: 'conversations' must be a non-empty list")
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str) \
+                or not isinstance(t.get("value"), str):
+            raise ValueError(f"{where}: conversations[{i}] must have string 'from' and 'value'")
+    _check_roles(turns, where, "conversations", "from", tuple(SHAREGPT_ROLES))
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+
 def row_to_messages(row, where="<row>"):
-    """Turns one row of any supported shape into a list of {"role", "content"} messages."""
+    """Turns one chat row of any supported shape into a list of {"role", "content"} messages.
+
+    Raises:
+        ValueError: naming `where` (file:line): an unknown role, a missing or non-string field,
+            a row of no known shape. Raw ``{"text": ...}`` rows have no messages (see
+            `tokenize_rows`).
+    """
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
@@ -91,7 +122,10 @@ def row_to_messages(row, where="<row>"):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                     or not isinstance(m.get("content"), str):
                 raise ValueError(f"{where}: messages[{i}] must have string 'role' and 'content'")
+        _check_roles(messages, where)
         return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if "conversations" in row:
+        return _sharegpt(row, where)
     if "instruction" in row and "output" in row:
         prompt = _text_field(row, "instruction", where)
         extra = _text_field(row, "input", where, optional=True)
@@ -105,7 +139,20 @@ def row_to_messages(row, where="<row>"):
         return [{"role": "user", "content": _text_field(row, "prompt", where)},
                 {"role": "assistant", "content": _text_field(row, "completion", where)}]
     raise ValueError(f"{where}: unknown row shape with keys {sorted(row)}; expected 'messages', "
-                     "'instruction'+'output' (+'input') or 'prompt'+'completion'")
+                     "'conversations' (ShareGPT), 'instruction'+'output' (+'input'), "
+                     "'prompt'+'completion' or 'text'")
+
+
+def _tokenize_text(tokenizer, text, where):
+    """A raw text row: every token is trained. BOS as the tokenizer adds it; EOS appended so the
+    model learns where a document ends."""
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    if len(ids) < 2:
+        raise ValueError(f"{where}: field 'text' is empty")
+    return ids, list(ids)
 
 
 def _assistant_spans(tokenizer, messages, where):
@@ -176,19 +223,24 @@ def tokenize_rows(rows, tokenizer, max_length, source="<data>", *, line_numbers=
     if not rows:
         raise ValueError(f"{source}: empty dataset (no rows)")
     lines = list(line_numbers) if line_numbers is not None else range(1, len(rows) + 1)
-    stats, examples, first_dropped = DataStats(rows=len(rows)), [], None
+    stats, examples, first_dropped, cut = DataStats(rows=len(rows)), [], None, 0
     for lineno, row in zip(lines, rows):
         where = f"{source}:{lineno}"
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a dict, got {type(row).__name__}")
-        ids, labels = _tokenize_messages(tokenizer, row_to_messages(row, where), where)
-        if len(ids) > max_length:
+        if "text" in row and not {"messages", "conversations", "prompt", "instruction"} & set(row):
+            ids, labels = _tokenize_text(tokenizer, _text_field(row, "text", where), where)
+        else:
+            ids, labels = _tokenize_messages(tokenizer, row_to_messages(row, where), where)
+        was_cut = len(ids) > max_length
+        if was_cut:
             ids, labels = ids[:max_length], labels[:max_length]
             stats.truncated += 1
         # labels[0] is never predicted (the loss shifts by one), so it does not count
         trained = sum(label != IGNORE for label in labels[1:])
         if trained == 0:
             stats.dropped += 1
+            cut += was_cut  # its replies began past max_length
             first_dropped = lineno if first_dropped is None else first_dropped
             continue
         examples.append({"input_ids": ids, "labels": labels})
@@ -196,8 +248,13 @@ def tokenize_rows(rows, tokenizer, max_length, source="<data>", *, line_numbers=
         stats.total_tokens += len(ids)
     stats.examples = len(examples)
     if stats.dropped:
-        warnings.warn(f"{source}: dropped {stats.dropped} row(s) with no trainable tokens after "
-                      f"masking/truncation (first at line {first_dropped})", stacklevel=2)
+        why = []  # the cause of each drop, so the message does not blame truncation for all
+        if cut:
+            why.append(f"{cut} whose replies start after max_length={max_length} tokens")
+        if stats.dropped - cut:
+            why.append(f"{stats.dropped - cut} without an assistant reply to train on")
+        warnings.warn(f"{source}: dropped {stats.dropped} row(s) with no trainable tokens: "
+                      f"{' and '.join(why)} (first at line {first_dropped})", stacklevel=2)
     if not examples:
         raise ValueError(f"{source}: no example with a trainable token is left "
                          f"({stats.dropped} of {stats.rows} rows dropped)")
