@@ -153,11 +153,19 @@ def fsync_path(path) -> None:
         os.close(fd)
 
 
-def atomic_write(path, write: Callable[[str], None], mode: int = 0o644) -> None:
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path, write: Callable[[str], None], mode: Optional[int] = None) -> None:
     """Call ``write(tmp)`` on a temporary file beside `path`, then rename it over `path`.
 
     A reader never sees a half-written file: it sees the old one or the new one. The file is
-    flushed to disk before the rename, and gets `mode` (temporary files are created owner-only).
+    flushed to disk before the rename, and gets `mode`, by default `file_mode()` (temporary
+    files are created owner-only; every file minift writes gets the same mode as a plain one).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -165,7 +173,7 @@ def atomic_write(path, write: Callable[[str], None], mode: int = 0o644) -> None:
     try:
         write(tmp)
         fsync_path(tmp)
-        os.chmod(tmp, mode)
+        os.chmod(tmp, file_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -7,14 +7,14 @@ and ``...lora_B.weight`` (out, r). Because minift's module names equal Hugging F
 paths need no conversion.
 """
 import json
-import os
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from minift._util import atomic_write
 from minift.lora import (LoRALinear, check_alpha, check_dropout, check_rank, find_targets,
                          is_linear, lora_layers, lora_state_dict, lora_wrap)
 
@@ -28,19 +28,6 @@ _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "rank_pattern": {},
                 "exclude_modules": None, "bias": "none", "lora_bias": False,
                 "layer_replication": None, "target_parameters": None,
                 "trainable_token_indices": None, "use_qalora": False}
-
-
-def _atomic_write(path, write):
-    """Write through a temporary file in the same directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _uniform(layers, field):
@@ -104,10 +91,15 @@ def save_adapter(model, path, base_model_name_or_path=None):
     path.mkdir(parents=True, exist_ok=True)
     tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous()
                for k, v in lora_state_dict(model).items()}
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp,
-                                                             metadata={"format": "pt"}))
+    # the base's architecture rides in the safetensors metadata (adapter_config.json has no
+    # field for it): shapes alone cannot tell a llama adapter from a qwen2 one
+    metadata = {"format": "pt"}
+    model_type = _model_type(model)
+    if model_type:
+        metadata["base_model_type"] = model_type
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_adapter_config(path):
@@ -162,6 +154,36 @@ def _load_tensors(path):
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{file}: cannot read safetensors file: {err}") from None
+
+
+def _model_type(model):
+    value = getattr(getattr(model, "config", None), "model_type", None)
+    return value if isinstance(value, str) else None
+
+
+def _adapter_model_type(path, config):
+    """The architecture the adapter was trained on: from its weights' metadata, else from the
+    config.json of its base_model_name_or_path when that is a local folder; None if unknown."""
+    try:
+        with safe_open(str(Path(path) / WEIGHTS_NAME), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("base_model_type")
+    except (SafetensorError, OSError):
+        recorded = None
+    base = config.get("base_model_name_or_path")
+    if recorded is None and isinstance(base, str) and (Path(base) / "config.json").is_file():
+        try:
+            recorded = json.loads((Path(base) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+    return recorded if isinstance(recorded, str) else None
+
+
+def _warn_other_architecture(path, model, config):
+    theirs, mine = _adapter_model_type(path, config), _model_type(model)
+    if theirs and mine and theirs != mine:
+        warnings.warn(f"{path}: the adapter was trained on a {theirs} model, this model is {mine}; "
+                      f"the shapes fit, but the weights were learned for another architecture",
+                      stacklevel=3)
 
 
 def _expected_shapes(model, config):
@@ -232,6 +254,7 @@ def load_adapter(model, path):
     except (TypeError, ValueError) as err:
         raise ValueError(f"{file}: {err}") from None
     _check_tensors(path / WEIGHTS_NAME, tensors, expected)
+    _warn_other_architecture(path, model, config)
     if not wrapped:
         try:
             lora_wrap(model, r=config["r"], alpha=config["lora_alpha"],
