@@ -5,65 +5,28 @@ estimates full fine-tuning, LoRA and QLoRA side by side with `minift.estimate_me
 fit, finds the largest batch size and the longest sequence that fit for each, and recommends the
 highest-quality method that fits (full > LoRA > QLoRA).
 
-Memory sizes: ``KB/MB/GB/TB`` are decimal (10^3 steps: "24GB" = 24e9 bytes), ``KiB/MiB/GiB/TiB``
-binary (2^10 steps), and a bare ``K/M/G/T`` is binary as in nvidia-smi and most command-line
-tools ("24G" = 24 GiB). Spaces between number and unit are allowed and the prefix may be either
-case ("24gB", "24kB"), but the B of bytes must be upper-case: a lower-case b means bits ("24Gb"
-is 3 GB), so it is refused rather than misread.
+Memory sizes follow `minift._util.parse_bytes`: ``KB/MB/GB/TB`` are decimal ("24GB" = 24e9
+bytes), ``KiB/MiB/GiB/TiB`` and a bare ``K/M/G/T`` binary ("24G" = 24 GiB), in any case ("24gb"
+is 24GB).
 """
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
-from minift.config import ModelConfig
+from minift._util import parse_bytes
+from minift.config import PRESETS, ModelConfig
 from minift.memory.estimate import METHODS, estimate_memory
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
-_UNITS = {"": None, "b": 1}
-for _i, _p in enumerate("kmgt", start=1):
-    _UNITS[_p + "b"] = 1000 ** _i
-    _UNITS[_p + "ib"] = 1024 ** _i
-    _UNITS[_p] = 1024 ** _i
-_MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
 MAX_BATCH = 1 << 16
 
 
 def parse_memory(text: str, name: str = "memory", allow_zero: bool = False) -> int:
-    """Bytes in a memory size such as "24GB", "24 GB", "24GiB", "24000MB" or "24G".
-
-    Args:
-        text: the size; see the module docstring for the units.
-        name: what the value is, for the error message (e.g. "--gpu-memory").
-        allow_zero: accept a size of 0 (e.g. no reserve); otherwise it must be positive.
-
-    Raises:
-        ValueError: naming `name` and the text when it is not a size with a unit, when its unit
-            ends in a lower-case b (bits), or when it is 0 and `allow_zero` is False.
-    """
-    hint = "write e.g. 24GB (10^9 bytes), 24GiB or 24G (2^30 bytes), 24000MB"
-    match = _MEMORY.match(str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{name}: cannot read {text!r} as a memory size; {hint}")
-    unit_text = match.group(2)
-    if unit_text.endswith("b"):
-        number, prefix = match.group(1), unit_text[:-1].rstrip("iI").upper()
-        fix = f"{number}{prefix}B or {number}{prefix}iB" if prefix else f"{number}B"
-        raise ValueError(f"{name}: {text!r} ends in a lower-case b, which means bits; for bytes "
-                         f"write {fix}")
-    unit = _UNITS[unit_text.lower()]
-    if unit is None:
-        raise ValueError(f"{name}: {text!r} has no unit; {hint}")
-    value = float(match.group(1)) * unit
-    if value == 0 and allow_zero:
-        return 0
-    if value < 1:
-        what = "a memory size >= 0" if allow_zero else "a positive memory size"
-        raise ValueError(f"{name}: {text!r} must be {what}; {hint}")
-    return int(value)
+    """Bytes in a memory size such as "24GB", "24gb", "24GiB" or "24G" (`parse_bytes`)."""
+    return parse_bytes(text, name, allow_zero)
 
 
 def gib(n: float) -> str:
@@ -154,8 +117,67 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
             "max_seq_len": _largest(lambda t: total(batch_size, t) <= budget, 2, max_pos),
         }
     fitting = [m for m in METHODS if out[m]["fits"]]
+    settings = dict(r=r, target_modules=target_modules, optimizer=optimizer, dtype=dtype,
+                    gradient_checkpointing=gradient_checkpointing)
     return {"methods": out, "recommendation": fitting[0] if fitting else None, "budget": budget,
-            "max_position_embeddings": max_pos}
+            "max_position_embeddings": max_pos,
+            "advice": advice(cfg, out, budget, batch_size, seq_len, settings)}
+
+
+# ---- what a user can do about it ------------------------------------------------------------
+def advice(cfg, methods: dict, budget: int, batch_size: int, seq_len: int, settings: dict) -> list:
+    """Lines of advice with numbers: the host RAM paged states take, a method that fits only
+    with gradient checkpointing, and when nothing fits, what would (sharding over GPUs, states
+    in host RAM, a shorter sequence)."""
+    def est(method, **change):
+        kw = dict(settings, **{k: v for k, v in change.items() if k in settings})
+        return estimate_memory(cfg, method, change.get("b", batch_size), change.get("t", seq_len),
+                               **kw)
+
+    lines = []
+    if settings["optimizer"] == "paged_adamw8bit":  # the same 8-bit states, in pages on the host
+        host = {m: est(m, optimizer="adamw8bit").optimizer_states for m in METHODS}
+        lines.append("paged_adamw8bit keeps the optimizer states in host RAM, not on the GPU: "
+                     + ", ".join(f"{LABELS[m]} {fmt_auto(host[m])}" for m in METHODS) + ".")
+    gc_fits = []
+    if not settings["gradient_checkpointing"]:
+        for m in METHODS:
+            total = est(m, gradient_checkpointing=True).total
+            if not methods[m]["fits"] and total <= budget:
+                gc_fits.append(m)
+                lines.append(f"{LABELS[m]} fits only with --gradient-checkpointing "
+                             f"({fmt_auto(total)} of {fmt_auto(budget)}).")
+    if any(methods[m]["fits"] for m in METHODS) or gc_fits:
+        return lines
+    return lines + _what_would_fit(est, budget, seq_len, cfg.max_position_embeddings)
+
+
+def _what_would_fit(est, budget: int, seq_len: int, max_pos: int) -> list:
+    """Nothing fits one GPU even with gradient checkpointing: the ways out, with numbers."""
+    lines = []
+    for m in METHODS:  # weights, gradients and optimizer states divide over N GPUs; activations not
+        e = est(m, gradient_checkpointing=True)
+        states = e.frozen_weights + e.trainable_params + e.gradients + e.optimizer_states
+        rest = e.total - states
+        if rest < budget:
+            n = -(-states // (budget - rest))
+            lines.append(f"{LABELS[m]} would fit on {n} GPUs of this size with weights, gradients and "
+                         f"optimizer states sharded {n} ways (FSDP) and --gradient-checkpointing.")
+    paged = est("qlora", gradient_checkpointing=True, optimizer="paged_adamw8bit")
+    if paged.total <= budget:
+        host = est("qlora", gradient_checkpointing=True, optimizer="adamw8bit").optimizer_states
+        lines.append(f"QLoRA fits with the optimizer states offloaded to CPU (--optimizer "
+                     f"paged_adamw8bit: {fmt_auto(host)} of host RAM) and --gradient-checkpointing "
+                     f"({fmt_auto(paged.total)} of {fmt_auto(budget)}).")
+    shorter = _largest(lambda t: est("qlora", gradient_checkpointing=True, b=1, t=t).total <= budget,
+                       2, min(seq_len, max_pos))
+    if shorter >= 2:
+        lines.append(f"QLoRA fits at batch 1 with --gradient-checkpointing and --seq-len {shorter} "
+                     f"or shorter.")
+    if not lines:
+        lines.append("No method fits at batch 1 even with 2 tokens: the weights alone exceed "
+                     "this GPU; pick a smaller model.")
+    return lines
 
 
 def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
@@ -182,6 +204,7 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
                               for m in METHODS) + " |")
     lines.append("")
     lines.append(_recommend(result, batch_size, seq_len, gradient_checkpointing))
+    lines += result.get("advice", [])
     lines.append("Estimates from first principles (minift.estimate_memory), checked against "
                  "measured CPU steps; see docs/memory.md.")
     return "\n".join(lines)
@@ -213,19 +236,24 @@ def _recommend(result, batch_size, seq_len, gradient_checkpointing) -> str:
 
 
 def add_plan_arguments(parser) -> None:
-    """The options of ``minift plan``."""
+    """The options of ``minift plan`` (every one with help, so --help shows every default)."""
     parser.add_argument("--model", required=True,
-                        help="a preset name (see minift.config.PRESETS) or a directory with config.json")
+                        help=f"a preset ({', '.join(PRESETS)}) or a directory with config.json")
     parser.add_argument("--gpu-memory", required=True, dest="gpu_memory",
-                        help='GPU memory, e.g. 24GB (10^9 bytes), 24GiB or 24G (2^30 bytes), 80000MB')
-    parser.add_argument("--seq-len", type=int, default=2048, dest="seq_len")
-    parser.add_argument("--batch-size", type=int, default=1, dest="batch_size")
+                        help="GPU memory, e.g. 24GB (10^9 bytes), 24GiB or 24G (2^30 bytes), 80000MB; "
+                             "units in any case (24gb)")
+    parser.add_argument("--seq-len", type=int, default=2048, dest="seq_len", help="tokens per sequence")
+    parser.add_argument("--batch-size", type=int, default=1, dest="batch_size",
+                        help="sequences per micro-batch")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
-    parser.add_argument("--gradient-checkpointing", action="store_true", dest="gradient_checkpointing")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "paged_adamw8bit"),
+                        help="optimizer whose states are counted")
+    parser.add_argument("--gradient-checkpointing", action="store_true", dest="gradient_checkpointing",
+                        help="recompute each layer in backward (less activation memory)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="dtype of the weights and activations")
     parser.add_argument("--reserve", default="1GiB",
-                        help="memory kept free for the CUDA context and allocator slack (default 1GiB)")
+                        help="memory kept free for the CUDA context and allocator slack")
 
 
 def run_plan(args, parser) -> int:
