@@ -24,12 +24,15 @@ import torch
 
 import minift
 from minift import checkpoint as ckpt
+from minift import rundir
+from minift._util import METHODS, OPTIMIZERS, ShowDefaults
 from minift.data import load_dataset, load_jsonl, row_to_messages
-from minift._util import METHODS, OPTIMIZERS
+from minift.loading import as_dtype
 from minift.trainer import TrainConfig, evaluate
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class UsageError(Exception):
@@ -84,12 +87,13 @@ def _device(text):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineParser(prog="train_llama.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="train_llama.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=ShowDefaults)
     add = p.add_argument
     add("--model", default=str(HERE / "base"), help="Hugging Face checkpoint folder")
     add("--data", default=str(HERE / "data" / "train.jsonl"), help="training chat JSONL")
     add("--eval-data", default=str(HERE / "data" / "eval.jsonl"), help="held-out chat JSONL")
-    add("--method", default="lora", choices=METHODS)
+    add("--method", default="lora", choices=METHODS, help="what is trained")
     add("--r", type=_number(int, 1), default=8, help="LoRA rank")
     add("--alpha", type=_number(float, 0, strict=True), default=16.0, help="LoRA alpha")
     add("--target-modules", default="all-linear",
@@ -97,11 +101,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--lr", type=_number(float, 0, strict=True), default=None,
         help="peak learning rate (default: 1e-3 full, 3e-3 lora/qlora)")
     add("--max-steps", type=_number(int, 1), default=None, help="optimizer steps (overrides --epochs)")
-    add("--epochs", type=_number(int, 1), default=8)
+    add("--epochs", type=_number(int, 1), default=8, help="passes over --data")
     add("--seq-len", type=_number(int, 2), default=64, help="longest example in tokens")
     add("--batch-size", type=_number(int, 1), default=16, help="examples per micro-batch")
     add("--grad-accum", type=_number(int, 1), default=1, help="micro-batches per optimizer step")
-    add("--optimizer", default="adamw", choices=OPTIMIZERS)
+    add("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer of the trained weights")
+    add("--dtype", default="auto", choices=DTYPES,
+        help="dtype the base is loaded and trained in; auto: on CUDA the checkpoint's own dtype "
+             "(bf16 autocast), on CPU float32, measured fastest there (docs/training.md). Saved "
+             "models keep the checkpoint's dtype either way")
     add("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
     add("--output", default="runs/train_llama", help="output folder")
     add("--save-interval", type=_number(int, 1), default=100,
@@ -109,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
         help="resume from the newest checkpoint in --output, or from CHECKPOINT")
     add("--merge", action="store_true", help="also save the merged model in Hugging Face format")
-    add("--seed", type=_number(int, 0, maximum=2**32), default=0)
+    add("--seed", type=_number(int, 0, maximum=2**32), default=0, help="seeds init, dropout and data order")
     add("--eval-samples", type=_number(int, 1), default=None,
         help="evaluate on the first N held-out rows (default: all)")
     add("--device", type=_device, default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -120,11 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_base(args, device):
     """The tokenizer and the prepared model: full, LoRA-wrapped, or NF4 + LoRA-wrapped."""
     path = Path(args.model)
-    if not path.is_dir():
-        raise UsageError(f"--model {path}: not a directory")
     try:
-        # fp32 weights; on CUDA the loop computes in bf16 autocast.
-        model = minift.load_model(path, dtype=torch.float32, device=device,
+        model = minift.load_model(path, dtype=compute_dtype(args, path, device), device=device,
                                   quantize="nf4" if args.method == "qlora" else None)
         tokenizer = minift.load_tokenizer(path)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
@@ -145,6 +150,25 @@ def load_base(args, device):
     return tokenizer, model
 
 
+def checkpoint_dtype(path) -> torch.dtype:
+    """The dtype the checkpoint's config.json declares (float32 when it declares none)."""
+    try:
+        declared = minift.ModelConfig.from_json(path).torch_dtype
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"--model {path} is not a usable checkpoint: {err}") from err
+    try:
+        return as_dtype(declared or "float32")
+    except ValueError:
+        return torch.float32
+
+
+def compute_dtype(args, path, device) -> torch.dtype:
+    """--dtype: auto keeps the checkpoint's dtype on CUDA; on CPU float32 (bf16 measured slower)."""
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    return checkpoint_dtype(path) if device.type == "cuda" else torch.float32
+
+
 def load_rows(flag, path, tokenizer, seq_len, limit=None):
     """(raw rows, tokenized examples) of a chat JSONL file; errors name the flag and line."""
     if not Path(path).is_file():
@@ -161,8 +185,10 @@ def load_rows(flag, path, tokenizer, seq_len, limit=None):
                          f"tokens; raise --seq-len")
     if stats.dropped:  # a row whose reply was empty or cut away: nothing to train or score
         raise UsageError(f"{flag}: {caught[-1].message if caught else f'{stats.dropped} row(s) dropped'}")
-    # every row shape (chat, alpaca, prompt/completion) as messages, for exact match
-    conversations = [{"messages": row_to_messages(row)} for row in rows[:limit]]
+    # every chat row shape (chat, ShareGPT, alpaca, prompt/completion) as messages, for exact
+    # match; raw text rows are trained on but have no reply to match
+    conversations = [{"messages": row_to_messages(row)} for row in rows[:limit]
+                     if not (flag == "--data" and set(row) == {"text"})]
     for i, conversation in enumerate(conversations):
         if conversation["messages"][-1]["role"] != "assistant":
             raise UsageError(f"{flag} {path}: row {i + 1} does not end with an assistant reply")
@@ -173,6 +199,10 @@ def check_resume(model, config, train_data):
     """Fail before any work when --resume points at a checkpoint of another method, model shape,
     base model, data order or training data (minift.train checks the same, but only once it
     runs, after the before-evaluation)."""
+    try:  # a fresh run into a folder with another run's checkpoints, refused before any work
+        rundir.check_output_dir(config.output_dir, config.resume_from)
+    except ValueError as err:
+        raise UsageError(f"--output: {err}") from err
     try:
         path = minift.check_resume(config, model, train_data)
     except (FileNotFoundError, ValueError, KeyError) as err:
@@ -258,15 +288,17 @@ def check_output(path) -> None:
 
 def save_outputs(model, tokenizer, args) -> dict:
     out, saved = Path(args.output), {}
+    keep = checkpoint_dtype(args.model)  # the saved model has the dtype the checkpoint had
     if args.method == "full":
-        minift.save_model(model, out / "model")
+        minift.save_model(model.to(keep), out / "model")
         tokenizer.save(out / "model")
         saved["model"] = str(out / "model")
         return saved
-    minift.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.model))
+    minift.save_adapter(model, out / "adapter",
+                        base_model_name_or_path=os.path.abspath(args.model))
     saved["adapter"] = str(out / "adapter")
     if args.merge:
-        merged = minift.merge_lora(model).float()
+        merged = minift.merge_lora(model).to(keep)
         minift.save_model(merged, out / "merged")
         tokenizer.save(out / "merged")
         saved["merged"] = str(out / "merged")
@@ -317,7 +349,7 @@ def main(argv=None) -> int:
         print("train_llama.py: interrupted; run the same command with --resume to continue from "
               "the last checkpoint", file=sys.stderr)
         return 130
-    except FloatingPointError as err:
+    except (FloatingPointError, OSError) as err:  # divergence; a full disk while saving
         print(f"train_llama.py: training stopped: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     return 0
