@@ -13,7 +13,6 @@ with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,7 +24,7 @@ import torch
 import minift
 from minift import checkpoint as ckpt
 from minift import rundir
-from minift._util import METHODS, OPTIMIZERS, ShowDefaults
+from minift._util import METHODS, OPTIMIZERS, ShowDefaults, write_json
 from minift.data import load_dataset, load_jsonl, row_to_messages
 from minift.loading import as_dtype
 from minift.trainer import TrainConfig, evaluate
@@ -334,7 +333,7 @@ def run(args) -> dict:
     print(f"\n{report(before, after)}")
     saved = save_outputs(model, tokenizer, args)
     summary.update(before=before, after=after, saved=saved, base_model=str(args.model))
-    (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(Path(args.output) / "summary.json", summary)
     print("saved: " + ", ".join(f"{k} -> {v}" for k, v in saved.items()))
     return summary
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from minift import checkpoint as ckpt
 from minift import rundir
-from minift._util import METHODS, OPTIMIZERS  # noqa: F401  (re-exported for callers)
+from minift._util import METHODS, OPTIMIZERS, write_json  # noqa: F401  (re-exported for callers)
 from minift.data import batch_examples
 from minift.lora import trainable_parameters
 from minift.memory.tracker import MemoryTracker
@@ -340,7 +340,7 @@ class _Run:
         if summary["padding_efficiency"] is not None:
             self.say(f"padding efficiency {summary['padding_efficiency']:.1%} (real tokens / "
                      f"slots of the padded micro-batches of all {summary['steps']} steps)")
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(self.out / "summary.json", summary)  # atomic: a kill keeps the last summary
         return summary
 
     def summary(self) -> dict:

@@ -415,3 +415,23 @@ def test_minift_train_is_callable_after_importing_the_module(tmp_path):
     with pytest.raises(ValueError, match="train_data must be a non-empty list"):
         minift.train(TinyLM(), [], cfg(tmp_path))
     assert minift.TrainConfig is TrainConfig
+
+
+def test_summary_is_replaced_atomically(tmp_path, monkeypatch):
+    import os
+
+    data = make_examples(8)
+    train(TinyLM(), data, cfg(tmp_path, max_steps=1))
+    before = (tmp_path / "run" / "summary.json").read_text()
+    real = os.replace
+
+    def killed_at_summary(src, dst):
+        if str(dst).endswith("summary.json"):
+            raise KeyboardInterrupt("killed while writing summary.json")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_summary)
+    with pytest.raises(KeyboardInterrupt):
+        train(TinyLM(), data, cfg(tmp_path, max_steps=2, resume_from="latest"))
+    assert (tmp_path / "run" / "summary.json").read_text() == before
+    assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl", "step-1", "step-2", "summary.json"]
