@@ -338,7 +338,13 @@ def run(args) -> dict:
     return summary
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings (a dead model, a skipped corrupt checkpoint, dropped rows) as one line each."""
+    return f"train_llama.py: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv=None) -> int:
+    warnings.formatwarning = _warning_line
     try:
         run(parse_args(argv))
     except UsageError as err:

@@ -313,3 +313,18 @@ def test_a_full_disk_ends_the_run_with_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["train_llama.py: training stopped: [Errno 28] cannot save the checkpoint of step 2 "
                    "in out: No space left on device; the newest intact checkpoint is out/step-1"]
+
+
+def test_warnings_are_one_line(monkeypatch, capsys):
+    import warnings
+
+    script = _script()
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored afterwards
+    monkeypatch.setattr(script, "run", lambda args: warnings.warn(
+        "step 3: gradient norm is exactly 0, so no weight changes any more"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = warnings._showwarning_orig  # print to stderr, as outside pytest
+        assert script.main(["--device", "cpu"]) == 0
+    assert capsys.readouterr().err == ("train_llama.py: warning: step 3: gradient norm is exactly 0, "
+                                       "so no weight changes any more\n")
