@@ -72,8 +72,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, dev
         except ValueError as e:  # e.g. a rope_type the model does not implement
             raise ValueError(f"{config_path}: {e}") from None
     filler = _Filler(model, dtype, device, quantize == "nf4")
-    for name, tensor in _read_tensors(path):
-        filler.add(name, tensor)
+    for file, name, tensor in _read_tensors(path):
+        try:
+            filler.add(name, tensor)
+        except ValueError as e:  # a wrong shape or dtype: say which file holds the tensor
+            raise ValueError(f"{file}: {e}") from None
         # Drop the reference now: a quantized weight's full-precision tensor would otherwise live
         # on while the next one is read, two such tensors at the peak instead of one.
         del tensor
@@ -130,12 +133,13 @@ def _weight_files(path: str) -> list[str]:
                             f"checkpoints are read; pickled .bin files are not)")
 
 
-def _read_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_tensors(path: str) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(file, tensor name, tensor) of every tensor of the checkpoint."""
     for file in _weight_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield file, name, f.get_tensor(name)
         except SafetensorError as e:
             raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
 
