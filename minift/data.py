@@ -7,12 +7,14 @@ assistant's replies (with the token that ends each reply) and -100 everywhere el
 trains only what the model should say. Raw {"text": ...} rows are trained on every token.
 """
 import bisect
-import json
 import random
 import warnings
 from dataclasses import asdict, dataclass
 
 import torch
+
+from minift.rows import (ROLES, SHAREGPT_ROLES, _read_jsonl, _text_field,  # noqa: F401
+                         _tokenize_text, load_jsonl, row_to_messages)
 
 IGNORE = -100  # label of tokens the loss skips
 
@@ -33,126 +35,6 @@ class DataStats:
 
     def as_dict(self):
         return asdict(self)
-
-
-def _read_jsonl(path):
-    """(line number, row) for each non-blank line; errors name file:line."""
-    rows = []
-    # Read bytes and decode line by line, so that a byte that is not UTF-8 is reported with its
-    # line rather than as a bare codec error from deep inside the file iterator.
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start:err.start + 1]!r} "
-                                 f"at column {err.start + 1}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
-    if not rows:
-        raise ValueError(f"{path}: empty dataset (no rows)")
-    return rows
-
-
-def load_jsonl(path):
-    """Reads a JSONL file into a list of dicts.
-
-    Args:
-        path: the file; blank lines are skipped.
-
-    Raises:
-        ValueError: a malformed or non-object line (naming file:line), or no rows at all.
-    """
-    return [row for _, row in _read_jsonl(path)]
-
-
-def _text_field(row, key, where, optional=False):
-    value = row.get(key)
-    if value is None and optional:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-ROLES = ("system", "user", "assistant")
-# ShareGPT's "from" values and the chat roles they stand for
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-
-
-def _check_roles(messages, where, key="messages", field="role", known=ROLES):
-    for i, m in enumerate(messages):
-        if m[field] not in known:
-            raise ValueError(f"{where}: unknown role {m[field]!r} in {key}[{i}]; "
-                             f"{field} must be one of {', '.join(known)}")
-
-
-def _sharegpt(row, where):
-    turns = row["conversations"]
-    if not isinstance(turns, list) or not turns:
-        raise ValueError(f"{where}: 'conversations' must be a non-empty list")
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict) or not isinstance(t.get("from"), str) \
-                or not isinstance(t.get("value"), str):
-            raise ValueError(f"{where}: conversations[{i}] must have string 'from' and 'value'")
-    _check_roles(turns, where, "conversations", "from", tuple(SHAREGPT_ROLES))
-    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
-
-
-def row_to_messages(row, where="<row>"):
-    """Turns one chat row of any supported shape into a list of {"role", "content"} messages.
-
-    Raises:
-        ValueError: naming `where` (file:line): an unknown role, a missing or non-string field,
-            a row of no known shape. Raw ``{"text": ...}`` rows have no messages (see
-            `tokenize_rows`).
-    """
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{where}: 'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                    or not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: messages[{i}] must have string 'role' and 'content'")
-        _check_roles(messages, where)
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    if "conversations" in row:
-        return _sharegpt(row, where)
-    if "instruction" in row and "output" in row:
-        prompt = _text_field(row, "instruction", where)
-        extra = _text_field(row, "input", where, optional=True)
-        if extra:
-            prompt = f"{prompt}\n\n{extra}"
-        system = _text_field(row, "system", where, optional=True)
-        head = [{"role": "system", "content": system}] if system else []
-        return head + [{"role": "user", "content": prompt},
-                       {"role": "assistant", "content": _text_field(row, "output", where)}]
-    if "prompt" in row and "completion" in row:
-        return [{"role": "user", "content": _text_field(row, "prompt", where)},
-                {"role": "assistant", "content": _text_field(row, "completion", where)}]
-    raise ValueError(f"{where}: unknown row shape with keys {sorted(row)}; expected 'messages', "
-                     "'conversations' (ShareGPT), 'instruction'+'output' (+'input'), "
-                     "'prompt'+'completion' or 'text'")
-
-
-def _tokenize_text(tokenizer, text, where):
-    """A raw text row: every token is trained. BOS as the tokenizer adds it; EOS appended so the
-    model learns where a document ends."""
-    ids = tokenizer.encode(text, add_special_tokens=True)
-    eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
-        ids = ids + [eos]
-    if len(ids) < 2:
-        raise ValueError(f"{where}: field 'text' is empty")
-    return ids, list(ids)
 
 
 def _assistant_spans(tokenizer, messages, where):

@@ -171,10 +171,9 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
 
     Raises:
         FloatingPointError: a step's loss or gradient norm is NaN/Inf; nothing is saved, and the
-            message names the newest checkpoint a finite step has used (minift.rundir.divergence).
-        ValueError: bad data (token ids outside the vocabulary), a method that does not match
-            what is trainable, an output_dir holding another run's checkpoints without
-            resume_from, or a resume checkpoint from a different method, model or data order.
+            message names the checkpoint to go back to (minift.rundir.divergence).
+        ValueError: bad data or token ids, a method that does not match what is trainable, another
+            run's output_dir, or a resume checkpoint from another method, model or data order.
     """
     check_examples(train_data, "train_data")
     if eval_data is not None:
