@@ -156,3 +156,18 @@ def test_half_pruned_checkpoints_are_removed(tmp_path):
     removed = ckpt.clean_incomplete(tmp_path)
     assert sorted(removed) == [str(tmp_path / ".del-step-2"), str(half)]
     assert sorted(os.listdir(tmp_path)) == ["step-3"] and ckpt.verify(good) is None
+
+
+def test_train_resumes_from_the_newest_intact_checkpoint(tmp_path):
+    from minift.trainer import train
+    from test_trainer import cfg, make_examples
+
+    data = make_examples(24)
+    train(TinyLM(), data, cfg(tmp_path, max_steps=3, save_interval=1))
+    run = tmp_path / "run"
+    _flip_byte(run / "step-3" / "optimizer.safetensors")
+    with pytest.warns(UserWarning, match=r"skipping .*step-3: optimizer.safetensors is corrupt"):
+        summary = train(TinyLM(), data, cfg(tmp_path, max_steps=4, resume_from="latest"))
+    assert summary["resumed_from"] == str(run / "step-2") and summary["steps"] == 4
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2, 3, 4]
