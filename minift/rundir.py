@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from minift import checkpoint as ckpt
 from minift._util import atomic_write
 from minift.lora import LoRALinear
@@ -99,15 +101,11 @@ def check_token_ids(examples, vocab_size: Optional[int], name: str) -> None:
         return
     for i, ex in enumerate(examples):
         for key in ("input_ids", "labels"):
-            ids = ex[key]
-            if not ids or (max(ids) < vocab_size and min(ids) >= 0):  # the common case, fast
-                continue
-            ok = (lambda t: 0 <= t < vocab_size or t == -100) if key == "labels" else \
-                (lambda t: 0 <= t < vocab_size)
-            bad = next((j, t) for j, t in enumerate(ids) if not ok(t)) if not all(map(ok, ids)) \
-                else None
-            if bad is not None:
-                raise ValueError(f"{name}[{i}]: {key}[{bad[0]}] is token id {bad[1]}, outside the "
+            ids = np.asarray(ex[key], dtype=np.int64)  # one vectorised pass per list
+            wrong = (ids >= vocab_size) | ((ids < 0) & (ids != -100 if key == "labels" else True))
+            if wrong.any():
+                j = int(np.flatnonzero(wrong)[0])
+                raise ValueError(f"{name}[{i}]: {key}[{j}] is token id {int(ids[j])}, outside the "
                                  f"model's vocabulary of {vocab_size} (ids 0..{vocab_size - 1}); "
                                  f"was the data tokenized with this model's tokenizer?")
 
