@@ -244,6 +244,13 @@ def test_config_errors_name_the_flag():
         script.make_config(args, pad_id=0)
 
 
+@pytest.fixture(autouse=True)
+def _keep_warning_format(monkeypatch):
+    """main() installs its one-line warning format for the process; tests get theirs back."""
+    import warnings
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+
+
 def _script():
     import importlib.util
 
@@ -319,7 +326,6 @@ def test_warnings_are_one_line(monkeypatch):
     import warnings
 
     script = _script()
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored afterwards
     monkeypatch.setattr(script, "run", lambda args: None)
     assert script.main(["--device", "cpu"]) == 0
     text = warnings.formatwarning(UserWarning("step 3: gradient norm is exactly 0,\n  so no weight "
