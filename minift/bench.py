@@ -14,9 +14,11 @@ import shutil
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from minift._util import atomic_write, write_json
 from minift.data import load_dataset, load_jsonl, row_to_messages
 from minift.generation import generate
 from minift.loading import load_model
@@ -200,10 +202,10 @@ def write_outputs(record: dict, args) -> str:
     """Write results.json, results.md and the chart under the output dir; return the markdown."""
     os.makedirs(args.output_dir, exist_ok=True)
     md = results_markdown(record["results"])
-    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(md + "\n")
+    # atomic: a bench stopped while writing keeps the previous results whole
+    write_json(os.path.join(args.output_dir, "results.json"), record)
+    atomic_write(os.path.join(args.output_dir, "results.md"),
+                 lambda tmp: Path(tmp).write_text(md + "\n", encoding="utf-8"))
     if not args.no_chart:
         chart = args.chart or os.path.join(args.output_dir, "memory_breakdown.png")
         machine = record["machine"]

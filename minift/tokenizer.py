@@ -10,6 +10,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer as _BackendTokenizer, processors
 
 from minift import chat_templates
+from minift._util import atomic_write
 
 _ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -191,7 +192,9 @@ class Tokenizer:
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path / "tokenizer.json"))
+        # each file through a temporary one renamed over it: a kill mid-save leaves the old file
+        # or the new one, never a truncated tokenizer.json beside a saved model
+        atomic_write(path / "tokenizer.json", lambda tmp: self.backend.save(tmp))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
         config.update(self.special_tokens)
         for key in ("add_bos_token", "add_eos_token"):
@@ -203,8 +206,9 @@ class Tokenizer:
             for i, t in sorted(self.backend.get_added_tokens_decoder().items())}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        with open(path / "tokenizer_config.json", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
+        text = json.dumps(config, indent=2, ensure_ascii=False)
+        atomic_write(path / "tokenizer_config.json",
+                     lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _special_tokens(config, config_file, tokens_map, map_file):

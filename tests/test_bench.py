@@ -159,3 +159,26 @@ def test_bench_bad_data_row_is_one_line(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("minift bench: error: --model/--data: "), err
+
+
+def test_results_are_replaced_atomically(tmp_path, monkeypatch):
+    import argparse
+    import os
+
+    from minift.bench import write_outputs
+
+    args = argparse.Namespace(output_dir=str(tmp_path), no_chart=True, chart=None)
+    result = {"method": "lora", "optimizer": "adamw", "memory": {}, "step_time_s": 0.1,
+              "tokens_per_s": 10.0, "final_train_loss": 1.0, "eval_loss": 1.0,
+              "exact_match": None, "eval_samples": 0}
+    write_outputs({"results": [result]}, args)
+    before = {n: (tmp_path / n).read_text() for n in ("results.json", "results.md")}
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed while writing the results")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs({"results": [dict(result, final_train_loss=0.5)]}, args)
+    monkeypatch.undo()
+    assert {n: (tmp_path / n).read_text() for n in ("results.json", "results.md")} == before
