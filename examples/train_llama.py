@@ -199,6 +199,7 @@ def check_resume(model, config, train_data):
     base model, data order or training data (minift.train checks the same, but only once it
     runs, after the before-evaluation)."""
     try:  # a fresh run into a folder with another run's checkpoints, refused before any work
+        ckpt.clean_incomplete(config.output_dir)  # a complete .tmp-step-N counts as a checkpoint
         rundir.check_output_dir(config.output_dir, config.resume_from)
     except ValueError as err:
         raise UsageError(f"--output: {err}") from err
