@@ -4,10 +4,20 @@ Each program owns one 256-element block, the unit of the absmax scale, so the ne
 reduction inside the program and the whole step is a single pass over memory: read grad, param,
 two uint8 codes and two absmax; write param, two codes and two absmax. The pure-torch reference
 (same op order, same float32 roundings) is ``minift.optim.quant8.adamw8bit_step_reference``.
+
+Bitwise agreement with the reference rests on three choices: the launch has FP fusion off (a
+fused multiply-add rounds once where torch's separate kernels round twice); the bias correction
+of the second moment is a multiplication by a host-computed reciprocal, never a division by a
+scalar (torch's CUDA division by a Python scalar multiplies by its reciprocal, the CPU divides,
+so only the multiplication is the same everywhere); bf16 rounding is done on the bits.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
+
+from minift.kernels.common import device_guard, program_offsets, round_to_bf16
 
 BLOCK = 256  # elements per program = elements per absmax block
 
@@ -52,44 +62,43 @@ def _stochastic_round_bf16(p, offs, seed):
 
 
 @triton.jit
-def _nearest_even_bf16(p):
-    """Round float32 to the nearest bf16 (ties to even) in the bits, leaving the low half zero.
-
-    Written out because the plain cast truncates in Triton's interpreter; with the low 16 bits
-    cleared the final cast is exact on every backend (NaN/Inf inputs are not expected here).
-    """
-    bits = p.to(tl.uint32, bitcast=True)
-    bits = bits + (0x7FFF + ((bits >> 16) & 1))
-    return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _adamw8bit_kernel(p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, map_m_ptr, map_v_ptr, n,
                       beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
-                      bc2_sqrt, seed, offset, STOCHASTIC: tl.constexpr, IS_BF16: tl.constexpr,
+                      inv_bc2_sqrt, seed, offset, STOCHASTIC: tl.constexpr, IS_BF16: tl.constexpr,
                       BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    pid, offs = program_offsets(BLOCK)  # int64, (BLOCK,) int64: slices may pass 2**31 elements
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mq = tl.load(mq_ptr + offs, mask=mask, other=0).to(tl.int32)
     vq = tl.load(vq_ptr + offs, mask=mask, other=0).to(tl.int32)
-    m = tl.load(map_m_ptr + mq) * tl.load(mabs_ptr + pid)
+    m = tl.load(map_m_ptr + mq) * tl.load(mabs_ptr + pid)  # one absmax block per program
     v = tl.load(map_v_ptr + vq) * tl.load(vabs_ptr + pid)
     # Same operation order as minift.optim.quant8.adamw_math (decoupled decay before the Adam update).
     m = m * beta1 + g * one_minus_beta1
     v = v * beta2 + (g * g) * one_minus_beta2
     p = p * decay
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
     p = p - tl.div_rn(m, denom) * step_size
     if STOCHASTIC:
         p = _stochastic_round_bf16(p, offs + offset, seed)
     elif IS_BF16:
-        p = _nearest_even_bf16(p)
+        p = round_to_bf16(p)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
     _requantize(m, mask, map_m_ptr, mq_ptr, mabs_ptr, offs, pid)
     _requantize(v, mask, map_v_ptr, vq_ptr, vabs_ptr, offs, pid)
+
+
+def _check_launch(p, g, m_codes, m_absmax, v_codes, v_absmax, s):
+    # Preconditions of a launch, not user errors: minift.optim checks what users pass (on
+    # construction, add_param_group and load_state_dict), so these only guard the internal calls.
+    n = p.numel()
+    assert p.is_contiguous() and p.dim() == 1 and g.numel() == n and g.is_contiguous()
+    assert m_codes.numel() == v_codes.numel() == n
+    assert m_absmax.numel() == v_absmax.numel() == triton.cdiv(n, BLOCK)
+    assert m_codes.dtype == v_codes.dtype == torch.uint8
+    assert all(math.isfinite(x) for x in (s.beta1, s.beta2, s.eps, s.decay, s.step_size,
+                                          s.inv_bc2_sqrt)), s
 
 
 def adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, map_v, s, offset=0,
@@ -99,13 +108,18 @@ def adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, map_v, s, 
     ``s`` carries the step scalars (``minift.optim.quant8.StepScalars``); ``offset`` is the element
     offset of the slice in its tensor (multiple of 256) so stochastic rounding matches.
     """
+    _check_launch(p, g, m_codes, m_absmax, v_codes, v_absmax, s)
     n = p.numel()
     if n == 0:
         return
     grid = (triton.cdiv(n, BLOCK),)
-    _adamw8bit_kernel[grid](
-        p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, map_v, n,
-        s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps, s.decay, s.step_size,
-        s.bc2_sqrt, s.seed, offset,
-        STOCHASTIC=bool(stochastic and p.dtype == torch.bfloat16),
-        IS_BF16=p.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=2)
+    with device_guard(p.device):
+        _adamw8bit_kernel[grid](
+            p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, map_v, n,
+            s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps, s.decay, s.step_size,
+            s.inv_bc2_sqrt, s.seed, offset,
+            STOCHASTIC=bool(stochastic and p.dtype == torch.bfloat16),
+            IS_BF16=p.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=2,
+            # No fused multiply-add: the reference rounds every product and sum on its own
+            # (with fusion on the sm_90 PTX holds 16 fma.rn.f32: tests/kernel_compile.py).
+            enable_fp_fusion=False)

@@ -1,11 +1,15 @@
 """Triton kernel: NF4 (optionally double-quantized) -> bf16 / fp16 / fp32 in one pass.
 
-Each program reads BLOCK // 2 packed bytes, decodes their block scales in registers (8-bit code
--> ``nested_code[code] * nested_absmax[block // nested_blocksize] + offset``), looks both nibbles
-up in the 16 NF4 levels, multiplies in fp32, rounds once to the output dtype and writes BLOCK
-contiguous elements. Nothing but the output is written to memory, so the traffic is n / 2 bytes in, n *
-itemsize bytes out, plus the (cached) scales. The pure-torch reference is
+Each program reads BLOCK // 2 packed bytes, decodes the scale of each absmax block it covers once
+(8-bit code -> ``nested_code[code] * nested_absmax[block // nested_blocksize] + offset``), looks
+both nibbles up in the 16 NF4 levels, multiplies in fp32, rounds once to the output dtype and
+writes BLOCK contiguous elements. Nothing but the output is written to memory, so the traffic is
+n / 2 bytes in, n * itemsize bytes out, plus the (cached) scales. The pure-torch reference is
 ``minift.nf4._dequantize_reference``.
+
+Compiled for sm_90 (tests/kernel_compile.py), the bf16 double-quant kernel has 12 global loads and
+22 registers, where per-byte scales and a byte mask derived in the kernel gave 24 loads (8 of
+them single bytes) and 30 registers.
 """
 from __future__ import annotations
 
@@ -13,49 +17,62 @@ import torch
 import triton
 import triton.language as tl
 
+from minift.kernels.common import device_guard, program_offsets, round_to_bf16
+
 _BLOCK = 1024  # output elements per program: 512 bytes in, 2 KiB of bf16 out
 
 
 @triton.jit
-def _round_to_bf16(x):
-    # fp32 -> bf16, round to nearest, ties to even, done on the bits (values are finite). An
-    # explicit integer version because Triton's interpreter truncates in `.to(tl.bfloat16)`
-    # while GPUs and torch round; this way both give torch's answer.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, blk, valid, offset,
+                  NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The float32 scale of absmax block(s) ``blk``: ``nested_code[code] * nested + offset``."""
+    if DOUBLE_QUANT:
+        absmax_code = tl.load(absmax_ptr + blk, mask=valid, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=valid, other=0.0)
+        scale = tl.load(nested_code_ptr + absmax_code) * nested + offset
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=valid, other=0.0)
+    return scale
 
 
 @triton.jit
 def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
-                        offset, n, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                        DOUBLE_QUANT: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: weights may pass 2**31 elements
-    byte_idx = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)  # (BLOCK/2,)
-    in_range = byte_idx < (n + 1) // 2
-    byte = tl.load(packed_ptr + byte_idx, mask=in_range, other=0).to(tl.int32)
-    # Both nibbles of a byte sit in the same absmax block because every blocksize is even.
-    blk = (byte_idx * 2) // BLOCKSIZE
-    if DOUBLE_QUANT:
-        absmax_code = tl.load(absmax_ptr + blk, mask=in_range, other=0).to(tl.int32)
-        nested = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
-        scale = tl.load(nested_code_ptr + absmax_code) * nested + offset
-    else:
-        scale = tl.load(absmax_ptr + blk, mask=in_range, other=0.0)
-    hi = tl.load(code_ptr + (byte >> 4)) * scale  # element 2k
-    lo = tl.load(code_ptr + (byte & 15)) * scale  # element 2k + 1
+                        offset, n, n_bytes, n_blocks, BLOCKSIZE: tl.constexpr,
+                        NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                        OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # n_bytes is passed, not derived as (n + 1) // 2 here: Triton specialises an argument that is a
+    # multiple of 16, so the byte mask is known to be 16-aligned and the loads vectorise.
+    pid, byte_idx = program_offsets(BLOCK // 2)  # int64: weights may pass 2**31 elements
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < n_bytes, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (byte >> 4))  # (BLOCK/2,) level of element 2k
+    lo = tl.load(code_ptr + (byte & 15))  # level of element 2k + 1
+    # One scale per absmax block, not per byte: a block covers BLOCKSIZE / 2 >= 16 bytes.
+    if BLOCKSIZE >= BLOCK:  # the whole program sits inside one block (BLOCK divides BLOCKSIZE)
+        scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                              (pid * BLOCK) // BLOCKSIZE, True, offset, NESTED_BLOCKSIZE,
+                              DOUBLE_QUANT)
+        hi = hi * scale
+        lo = lo * scale
+    else:  # BLOCK / BLOCKSIZE blocks: scales (NB,) broadcast over rows of BLOCKSIZE / 2 bytes
+        NB: tl.constexpr = BLOCK // BLOCKSIZE
+        blk = pid * NB + tl.arange(0, NB)
+        scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, blk, blk < n_blocks,
+                              offset, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        hi = tl.reshape(tl.reshape(hi, (NB, BLOCKSIZE // 2)) * scale[:, None], (BLOCK // 2,))
+        lo = tl.reshape(tl.reshape(lo, (NB, BLOCKSIZE // 2)) * scale[:, None], (BLOCK // 2,))
     vals = tl.interleave(hi, lo)  # (BLOCK,) in memory order
     out_idx = pid * BLOCK + tl.arange(0, BLOCK)
     if OUT_BF16:
-        vals = _round_to_bf16(vals)
+        vals = round_to_bf16(vals)
     tl.store(out_ptr + out_idx, vals.to(out_ptr.dtype.element_ty), mask=out_idx < n)
 
 
 def _check_inputs(packed, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize):
     if packed.dtype != torch.uint8:
         raise TypeError(f"nf4_dequantize: packed must be uint8, got {packed.dtype}")
-    if blocksize % 2 or blocksize <= 0:
-        raise ValueError(f"nf4_dequantize: blocksize must be a positive even number, got {blocksize}")
+    # a power of two >= 2: both nibbles of a byte share a block, and blocks tile a program
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"nf4_dequantize: blocksize must be a power of two >= 2, got {blocksize}")
     if isinstance(nested_blocksize, bool) or not isinstance(nested_blocksize, int) or nested_blocksize <= 0:
         raise ValueError(f"nf4_dequantize: nested_blocksize must be a positive int, got {nested_blocksize!r}")
     if code.numel() != 16:
@@ -96,13 +113,17 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     elif not out.is_contiguous():
         raise ValueError("nf4_dequantize: out must be contiguous")
     double_quant = nested_absmax is not None
+    if n == 0:
+        return out
     grid = (triton.cdiv(n, _BLOCK),)
-    _nf4_dequant_kernel[grid](
-        packed.reshape(-1), absmax, nested_absmax if double_quant else absmax,
-        nested_code if double_quant else code, code, out, float(offset) if double_quant else 0.0, n,
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
-        OUT_BF16=dtype == torch.bfloat16, BLOCK=_BLOCK,
-        # No fused multiply-add: the reference rounds the product and the sum separately.
-        enable_fp_fusion=False,
-    )
+    with device_guard(packed.device):
+        _nf4_dequant_kernel[grid](
+            packed.reshape(-1), absmax, nested_absmax if double_quant else absmax,
+            nested_code if double_quant else code, code, out, float(offset) if double_quant else 0.0,
+            n, packed.numel(), triton.cdiv(n, blocksize),
+            BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
+            OUT_BF16=dtype == torch.bfloat16, BLOCK=_BLOCK,
+            # No fused multiply-add: the reference rounds the product and the sum separately.
+            enable_fp_fusion=False,
+        )
     return out

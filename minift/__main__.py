@@ -1,12 +1,12 @@
-"""Command line: ``python -m minift plan ...`` (will it fit?) and ``python -m minift bench``
-(full vs LoRA vs QLoRA, measured). Each command lives in its own module; this one parses and
-dispatches."""
+"""Command line: ``python -m minift plan ...`` (will it fit?), ``python -m minift bench``
+(full vs LoRA vs QLoRA, measured) and ``python -m minift bench gpu --out DIR`` (the GPU suite).
+Each command lives in its own module; this one parses and dispatches."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from minift import bench
+from minift import bench, bench_gpu
 from minift._util import ShowDefaults
 from minift.memory import plan
 
@@ -33,11 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and steps; write a table, JSON and a memory chart.",
                        formatter_class=shown)
     bench.add_bench_arguments(b)
+    # `bench` alone is the CPU comparison above; `bench gpu` is a mode of its own with its options
+    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="{gpu}")
+    g = modes.add_parser("gpu", help="the GPU suite: kernels, bandwidth, 8B-shaped training steps",
+                         description="Kernel checks and timings, NF4 dequant and 8-bit AdamW "
+                                     "against bandwidth, Llama-3.1-8B-shaped training steps per "
+                                     "method, in at most 8 minutes; JSON under --out.")
+    bench_gpu.add_bench_gpu_arguments(g)
     return parser
 
 
-# command name -> its runner(args, subparser) -> exit code
-COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench}
+# command name (with its mode) -> its runner(args, subparser) -> exit code
+COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "bench gpu": bench_gpu.run_bench_gpu}
 
 
 def main(argv=None) -> int:
@@ -45,7 +52,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sub = parser._subparsers._group_actions[0].choices[args.command]
-    return COMMANDS[args.command](args, sub)
+    name = args.command
+    if getattr(args, "bench_mode", None):
+        sub = sub._subparsers._group_actions[0].choices[args.bench_mode]
+        name = f"{name} {args.bench_mode}"
+    return COMMANDS[name](args, sub)
 
 
 if __name__ == "__main__":

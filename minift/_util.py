@@ -189,10 +189,10 @@ def atomic_write(path, write: Callable[[str], None], mode: Optional[int] = None)
 
 
 def write_json(path, obj, *, indent: Optional[int] = 2, sort_keys: bool = False,
-               atomic: bool = True) -> None:
+               ensure_ascii: bool = True, atomic: bool = True) -> None:
     """`obj` as UTF-8 JSON with a final newline; atomically unless `atomic` is False (a file
     inside a temporary directory that is renamed as a whole needs no second rename)."""
-    text = json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n"
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n"
     if atomic:
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         return
@@ -202,22 +202,27 @@ def write_json(path, obj, *, indent: Optional[int] = 2, sort_keys: bool = False,
         os.fsync(f.fileno())
 
 
-def decode_utf8(data: bytes, path) -> str:
-    """`data` as text; a byte that is not UTF-8 is a ValueError naming `path`:line."""
+def decode_utf8(data: bytes, path, first_line: int = 1) -> str:
+    """`data` as text; a byte that is not UTF-8 is a ValueError naming `path`:line and column.
+
+    `first_line` is the line number of the first byte (for a line of a larger file).
+    """
     try:
-        return data.decode("utf-8-sig")  # tolerate a byte-order mark
+        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")  # tolerate a BOM
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte {data[err.start:err.start + 1]!r}); "
-                         f"save the file as UTF-8") from None
+        line = first_line + data.count(b"\n", 0, err.start)
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte {data[err.start:err.start + 1]!r} "
+                         f"at column {column}); save the file as UTF-8") from None
 
 
-def parse_json(text: str, path) -> Any:
-    """JSON text; a syntax error is a ValueError naming `path`:line:column."""
+def parse_json(text: str, path, first_line: int = 1) -> Any:
+    """JSON text; a syntax error is a ValueError naming `path`:line (and the column)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from None
+        raise ValueError(f"{path}:{first_line + err.lineno - 1}: invalid JSON ({err.msg} at "
+                         f"column {err.colno})") from None
 
 
 def read_json(path, *, expect: Optional[type] = None) -> Any:
@@ -237,3 +242,22 @@ def read_json(path, *, expect: Optional[type] = None) -> Any:
         raise ValueError(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}, "
                          f"got {type(value).__name__}")
     return value
+
+
+def read_jsonl(path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; errors name file:line.
+
+    Bytes are decoded a line at a time, so a byte that is not UTF-8 is reported with its line
+    rather than as a bare codec error from deep inside the file iterator.
+    """
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = decode_utf8(raw, path, first_line=lineno)
+            if not line.strip():
+                continue
+            row = parse_json(line.rstrip("\r\n"), path, first_line=lineno)
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append((lineno, row))
+    return rows

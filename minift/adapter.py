@@ -6,15 +6,19 @@ A PEFT LoRA adapter is a directory with two files:
 and ``...lora_B.weight`` (out, r). Because minift's module names equal Hugging Face's, the module
 paths need no conversion.
 """
-import json
+from __future__ import annotations
+
+import os
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from minift._util import atomic_write
+from minift._util import atomic_write, read_json, write_json
 from minift.lora import (LoRALinear, check_alpha, check_dropout, check_rank, find_targets,
                          is_linear, lora_layers, lora_state_dict, lora_wrap)
 
@@ -48,7 +52,7 @@ def _target_names(model, wrapped):
     return suffixes if selected == set(wrapped) else sorted(wrapped)
 
 
-def adapter_config(model, base_model_name_or_path=None):
+def adapter_config(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict:
     """The adapter_config.json contents describing a LoRA-wrapped model."""
     layers = lora_layers(model)
     if not layers:
@@ -74,7 +78,8 @@ def adapter_config(model, base_model_name_or_path=None):
     return config
 
 
-def save_adapter(model, path, base_model_name_or_path=None):
+def save_adapter(model: nn.Module, path: str | os.PathLike,
+                 base_model_name_or_path: Optional[str] = None) -> None:
     """Write a LoRA-wrapped model's adapters as a PEFT adapter directory.
 
     Args:
@@ -98,24 +103,15 @@ def save_adapter(model, path, base_model_name_or_path=None):
     if model_type:
         metadata["base_model_type"] = model_type
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_json(path / CONFIG_NAME, config, sort_keys=True)
 
 
-def read_adapter_config(path):
+def read_adapter_config(path: str | os.PathLike) -> dict:
     """Read and check adapter_config.json in ``path``; returns the parsed dict."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise ValueError(f"{file}: missing; {path} is not a PEFT adapter directory")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: invalid JSON at line {err.lineno}, column {err.colno}: "
-                         f"{err.msg}") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{file}: not UTF-8 text ({err.reason})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    config = read_json(file, expect=dict)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{file}: field 'peft_type' must be \"LORA\", "
                          f"got {config.get('peft_type')!r}")
@@ -172,8 +168,8 @@ def _adapter_model_type(path, config):
     base = config.get("base_model_name_or_path")
     if recorded is None and isinstance(base, str) and (Path(base) / "config.json").is_file():
         try:
-            recorded = json.loads((Path(base) / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError):
+            recorded = read_json(Path(base) / "config.json", expect=dict).get("model_type")
+        except ValueError:
             recorded = None
     return recorded if isinstance(recorded, str) else None
 
@@ -226,7 +222,7 @@ def _check_settings_match(file, model, config):
                                  f"has {field}={mine!r}")
 
 
-def load_adapter(model, path):
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format LoRA adapter into a model.
 
     An unwrapped model is first wrapped with the adapter's r, lora_alpha, lora_dropout,

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minift._util import read_json
+from minift._util import fsync_path, read_json, write_json
 from minift.checkpoint_state import (_join_optimizer_state, _split_optimizer_state,  # noqa: F401
                                      rng_state, set_rng_state)
 from minift.fingerprint import (BASE_RTOL, _base_difference, base_fingerprint,  # noqa: F401
@@ -84,21 +84,6 @@ def _load_model_tensors(model, tensors: dict, aliases: dict, path: Path) -> None
 
 
 # ---- atomic writing ----------------------------------------------------------------------
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def file_crc32(path) -> int:
     """CRC-32 of a file's bytes, read in 4 MiB chunks (measured cost: docs/training.md)."""
     crc = 0
@@ -170,15 +155,15 @@ def _write_files(tmp: Path, step: int, model, optimizer, method, trainer_state, 
     tmp.mkdir()
     save_file(model_tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
     save_file(opt_tensors, tmp / "optimizer.safetensors")
-    _write_json(tmp / "optimizer.json", opt_meta)
+    write_json(tmp / "optimizer.json", opt_meta, indent=None, atomic=False)
     rng_tensors, rng_meta = rng if rng is not None else rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
     state = dict(trainer_state, step=step, method=method, rng=rng_meta,
                  fingerprint=model_fingerprint(model), format_version=FORMAT_VERSION)
-    _write_json(tmp / "trainer_state.json", state)
+    write_json(tmp / "trainer_state.json", state, indent=None, atomic=False)
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
-        _fsync_path(tmp / name)
+        fsync_path(tmp / name)
     return {"step": step, "run_id": trainer_state.get("run_id"),
             "files": {n: (tmp / n).stat().st_size for n in files},
             "crc32": {n: file_crc32(tmp / n) for n in files}}
@@ -214,8 +199,8 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, tra
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     try:
         manifest = _write_files(tmp, step, model, optimizer, method, trainer_state, rng)
-        _write_json(tmp / MANIFEST, manifest)
-        _fsync_path(tmp)
+        write_json(tmp / MANIFEST, manifest, indent=None, atomic=False)
+        fsync_path(tmp)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk needs the space back
         newest = latest_checkpoint(root)
@@ -230,7 +215,7 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, tra
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     if keep_last:
         prune(root, keep_last, step, trainer_state.get("run_id"))
     return str(final)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from minift._util import read_json
 
 # Where the config being built came from, for error messages: `from_hf_dict` sets it around the
 # constructor so that the checks in __post_init__ name the config.json, not just "config".
@@ -199,15 +200,7 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            d = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as e:  # the codec's own message names neither file nor line
-            line = data.count(b"\n", 0, e.start) + 1
-            raise ValueError(f"{path}: not valid UTF-8 (line {line})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+        d = read_json(path, expect=dict)
         return cls.from_hf_dict(d, source=path)
 
     def to_hf_dict(self) -> dict:
@@ -276,10 +269,20 @@ PRESETS: dict[str, dict] = {
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
                        bos_token_id=128000, eos_token_id=128001),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(_LLAMA3_ROPE_32, factor=8.0), tie_word_embeddings=False,
+                         bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
     "llama-3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
                         num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
                         bos_token_id=128000, eos_token_id=128001),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(_LLAMA3_ROPE_32, factor=8.0),
+                         bos_token_id=128000, eos_token_id=128001),
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                          num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                          head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5,
@@ -294,6 +297,16 @@ PRESETS: dict[str, dict] = {
                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5,
                        rope_theta=10000.0, sliding_window=4096),
+    "mistral-7b-v0.3": dict(model_type="mistral", vocab_size=32768, hidden_size=4096,
+                            intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, max_position_embeddings=32768,
+                            rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None,
+                            bos_token_id=1, eos_token_id=2),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, attention_bias=True, sliding_window=131072,
+                       bos_token_id=151643, eos_token_id=151643),
     "qwen2-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
                      intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                      num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,

@@ -6,10 +6,14 @@ conversation rendered with the tokenizer's chat template. Labels equal the input
 assistant's replies (with the token that ends each reply) and -100 everywhere else, so the loss
 trains only what the model should say. Raw {"text": ...} rows are trained on every token.
 """
+from __future__ import annotations
+
 import bisect
+import os
 import random
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
@@ -33,7 +37,7 @@ class DataStats:
     def __getitem__(self, key):
         return getattr(self, key)
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return asdict(self)
 
 
@@ -82,7 +86,8 @@ def _tokenize_messages(tokenizer, messages, where):
     return ids, labels
 
 
-def tokenize_rows(rows, tokenizer, max_length, source="<data>", *, line_numbers=None):
+def tokenize_rows(rows: list[dict], tokenizer, max_length: int, source: str = "<data>", *,
+                  line_numbers: Optional[list[int]] = None) -> tuple[list[dict], DataStats]:
     """Renders rows with the chat template and masks everything but the assistant replies.
 
     Args:
@@ -143,7 +148,7 @@ def tokenize_rows(rows, tokenizer, max_length, source="<data>", *, line_numbers=
     return examples, stats
 
 
-def load_dataset(path, tokenizer, max_length):
+def load_dataset(path: str | os.PathLike, tokenizer, max_length: int) -> tuple[list[dict], DataStats]:
     """`load_jsonl` + `tokenize_rows`, with errors naming the file and line.
 
     Args:
@@ -279,7 +284,7 @@ def batch_examples(examples, batch_size, *, pad_id, mode="bucket", max_length=No
             for j in range(0, len(rows), batch_size)]
 
 
-def padding_efficiency(batches):
+def padding_efficiency(batches: list[dict]) -> float:
     """Share of real tokens among all (B, T) slots of the batches, in (0, 1]."""
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     slots = sum(b["attention_mask"].numel() for b in batches)

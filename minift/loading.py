@@ -8,11 +8,9 @@ checkpoint. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
-from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch
@@ -21,11 +19,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minift import nf4
-from minift._util import file_mode
+from minift._util import file_mode, parse_bytes, read_json, write_json
 from minift.config import ModelConfig
 from minift.model import Llama
 from minift.nf4_linear import NF4Linear
-from minift.quantmaps import dynamic_map, nf4_code
+from minift.quantmaps import nf4_code
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -117,11 +115,10 @@ def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = read_json(index, expect=dict)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
-        files = sorted(set(weight_map.values()))
         for name in files:
             if not os.path.isfile(os.path.join(path, name)):
                 raise FileNotFoundError(f"shard {name} named in {index} does not exist")
@@ -264,12 +261,10 @@ def quantize_in_slices(w: torch.Tensor, dtype: torch.dtype, device, blocksize: i
                                 double_quant=False)
         packed[start // 2:start // 2 + part.packed.shape[0]] = part.packed
         absmax[start // blocksize:start // blocksize + part.absmax.numel()] = part.absmax
-    q = nf4.NF4Weight(packed=packed, absmax=absmax, shape=torch.Size(w.shape), dtype=dtype,
-                      blocksize=blocksize, code=nf4_code(packed.device))
-    offset = absmax.mean()  # the same reduction over the same fp32 values as quantize_nf4
-    codes, nested_absmax = nf4._quantize_8bit(absmax - offset)
-    return replace(q, absmax=codes, nested_absmax=nested_absmax,
-                   nested_code=dynamic_map(True, packed.device), offset=float(offset.item()))
+    # the same double quantization over the same fp32 absmaxes as quantize_nf4
+    return nf4.double_quantize(nf4.NF4Weight(packed=packed, absmax=absmax, shape=torch.Size(w.shape),
+                                             dtype=dtype, blocksize=blocksize,
+                                             code=nf4_code(packed.device)))
 
 
 def _names(names: list[str], limit: int = 8) -> str:
@@ -289,7 +284,7 @@ def save_model(model: Llama, path: str | os.PathLike, max_shard_size: int | str 
         max_shard_size: bytes per shard, as an int or a string like "5GB", "200MB".
     """
     _check_saveable(model)
-    limit = parse_size(max_shard_size)
+    limit = parse_bytes(max_shard_size, "max_shard_size")
     state = {n: t.detach().to("cpu").contiguous() for n, t in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # stored once, as the embedding
@@ -302,9 +297,11 @@ def save_model(model: Llama, path: str | os.PathLike, max_shard_size: int | str 
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
                      "weight_map": {n: f for f, s in zip(files, shards) for n in s}}
-            _write_json(os.path.join(tmp, INDEX_FILE), index)
-        _write_json(os.path.join(tmp, "config.json"), _config_dict(model, state))
-        _write_json(os.path.join(tmp, "generation_config.json"), _generation_dict(model.config))
+            write_json(os.path.join(tmp, INDEX_FILE), index, sort_keys=True, atomic=False)
+        write_json(os.path.join(tmp, "config.json"), _config_dict(model, state), sort_keys=True,
+                   atomic=False)
+        write_json(os.path.join(tmp, "generation_config.json"), _generation_dict(model.config),
+                   sort_keys=True, atomic=False)
         _remove_stale_weights(path, keep=set(os.listdir(tmp)))
         for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last
             os.chmod(os.path.join(tmp, name), file_mode())  # the temp dir is owner-only
@@ -323,19 +320,6 @@ def _check_saveable(model: nn.Module) -> None:
         raise ValueError(f"model has NF4-quantized weights (e.g. {quantized[0][:-len('.absmax')]!r}); "
                          f"save_model writes plain weights only: load the checkpoint without "
                          f"quantize, merge the adapter into it, then save")
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as "5GB", "500MB", "2GiB"."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size) if isinstance(size, str) else None
-    if m is None or m.group(2).upper() not in units or float(m.group(1)) <= 0:
-        raise ValueError(f"max_shard_size must be a positive number of bytes or a string like "
-                         f"'5GB' or '200MB', got {size!r}")
-    return int(float(m.group(1)) * units[m.group(2).upper()])
 
 
 def _split(state: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
@@ -381,9 +365,3 @@ def _generation_dict(config: ModelConfig) -> dict:
     if config.pad_token_id is not None:
         d["pad_token_id"] = config.pad_token_id
     return d
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")

@@ -5,58 +5,77 @@ A LoRA layer adds a trainable low-rank update to a frozen linear layer (Hu et al
 (``base_layer``, ``lora_A``, ``lora_B``, ``lora_dropout``) so adapters map one-to-one onto PEFT
 files; trainability is decided by one predicate, ``"lora_" in name``.
 """
+from __future__ import annotations
+
 import contextlib
 import math
+import numbers
 import re
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from minift._util import check_int, check_number
 from minift.nf4_linear import NF4Linear
 
 # name under which lora_wrap records its settings on the wrapped model
 SETTINGS_ATTR = "_minift_lora"
 
 
-def is_linear(module):
+def is_linear(module: nn.Module) -> bool:
     """True for the layer types LoRA can wrap: nn.Linear and minift's NF4Linear."""
     return isinstance(module, (nn.Linear, NF4Linear))
 
 
-def _module_device(module):
+def _module_device(module: nn.Module) -> torch.device:
     for tensor in list(module.parameters()) + list(module.buffers()):
         return tensor.device
     return torch.device("cpu")
 
 
-def _lora_scale(r, alpha, rslora):
+def _lora_scale(r: int, alpha: float, rslora: bool) -> float:
     # rsLoRA (Kalajdzievski 2023) divides by sqrt(r) so the update's size does not shrink with r
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-def check_rank(r):
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}")
+# The rules are _util's (any integral r, any real finite alpha and dropout; never a bool); the
+# messages keep the name=value form that adapter_config.json errors quote after the field name.
+def check_rank(r: int) -> int:
+    """`r` as an int if it is a positive integer (int, numpy ints; not bool or float)."""
+    try:
+        return check_int("r", r)
+    except ValueError:
+        raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}") from None
 
 
-def check_alpha(alpha):
+def check_alpha(alpha: float) -> int | float:
+    """`alpha` as an int or float if it is a positive finite real number."""
     # inf or nan would make every update inf/nan (JSON configs can spell both)
-    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
-            or not alpha > 0):
-        raise ValueError(f"LoRA alpha must be a positive finite number, got alpha={alpha!r}")
+    try:
+        check_number("alpha", alpha, "> 0", lambda v: v > 0)
+    except ValueError:
+        raise ValueError(f"LoRA alpha must be a positive finite number, "
+                         f"got alpha={alpha!r}") from None
+    # a plain Python number, so the settings stay JSON-writable (numpy's float32 is not)
+    return int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
 
 
-def check_dropout(dropout):
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}")
+def check_dropout(dropout: float) -> float:
+    """`dropout` as a float if it is a real number in [0, 1)."""
+    try:
+        check_number("dropout", dropout, "in [0, 1)", lambda v: 0 <= v < 1)
+    except ValueError:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={dropout!r}") from None
+    return float(dropout)
 
 
-def check_settings(r, alpha, dropout):
-    """Raise ValueError unless r is a positive int, alpha positive and finite, dropout in [0, 1)."""
-    check_rank(r)
-    check_alpha(alpha)
-    check_dropout(dropout)
+def check_settings(r: int, alpha: float,
+                   dropout: float) -> tuple[int, int | float, float]:
+    """(r, alpha, dropout) as plain Python numbers; ValueError unless r is a positive integer,
+    alpha positive and finite, dropout in [0, 1)."""
+    return check_rank(r), check_alpha(alpha), check_dropout(dropout)
 
 
 class LoRALinear(nn.Module):
@@ -76,10 +95,10 @@ class LoRALinear(nn.Module):
         adapter_dtype: dtype of ``lora_A.weight`` and ``lora_B.weight``.
     """
 
-    def __init__(self, base, r=8, alpha=16, dropout=0.0, rslora=False,
-                 adapter_dtype=torch.float32):
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 rslora: bool = False, adapter_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        check_settings(r, alpha, dropout)
+        r, alpha, dropout = check_settings(r, alpha, dropout)
         if not is_linear(base):
             raise TypeError(f"LoRALinear wraps nn.Linear or NF4Linear, got {type(base).__name__}")
         self.base_layer = base
@@ -95,31 +114,31 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.reset_lora_parameters()
 
-    def reset_lora_parameters(self):
+    def reset_lora_parameters(self) -> None:
         """A Kaiming-uniform (a=sqrt(5), nn.Linear's default), B zeros: the update starts at 0."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     @property
-    def weight(self):
+    def weight(self) -> torch.Tensor:
         """The base layer's weight (read by code that inspects ``layer.weight``)."""
         return self.base_layer.weight
 
     @property
-    def bias(self):
+    def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
-    def _update(self, x):
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ A^T @ B^T * scale`` in x's dtype, without dropout: (..., in) -> (..., out)."""
         a = self.lora_A.weight.to(x.dtype)  # (r, in)
         b = self.lora_B.weight.to(x.dtype)  # (out, r)
         return F.linear(F.linear(x, a), b) * self.scale
 
-    def lora_branch(self, x):
+    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         """``dropout(x) @ A^T @ B^T * scale`` computed in x's dtype: (..., in) -> (..., out)."""
         return self._update(self.lora_dropout(x))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         # merged weights already hold the update: add it when unmerged and enabled, take it
         # back out when merged but disabled
@@ -131,11 +150,11 @@ class LoRALinear(nn.Module):
             return y - self._update(x).to(y.dtype)
         return y
 
-    def delta_weight(self):
+    def delta_weight(self) -> torch.Tensor:
         """The dense update ``scale * B @ A`` in float32, shape (out, in)."""
         return self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
-    def _fold(self, sign):
+    def _fold(self, sign: float) -> None:
         if not isinstance(self.base_layer, nn.Linear):
             raise TypeError(
                 f"cannot merge into a {type(self.base_layer).__name__} base in place: its "
@@ -145,33 +164,34 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             w.copy_((w.float() + sign * self.delta_weight()).to(w.dtype))
 
-    def merge(self):
+    def merge(self) -> None:
         """Fold ``scale * B @ A`` into the base weight in place (computed in fp32, then cast)."""
         if not self.merged:
             self._fold(+1.0)
             self.merged = True
 
-    def unmerge(self):
+    def unmerge(self) -> None:
         """Subtract the update from the base weight again, undoing ``merge()``."""
         if self.merged:
             self._fold(-1.0)
             self.merged = False
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, rslora={self.rslora}"
 
 
-def lora_layers(model):
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """(name, LoRALinear) pairs of a model, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _suffix_match(name, suffix):
+def _suffix_match(name: str, suffix: str) -> bool:
     # whole dotted components only: "q_proj" matches "a.q_proj" but not "a.xq_proj"
     return name == suffix or name.endswith("." + suffix)
 
 
-def find_targets(model, target_modules="all-linear", exclude=("lm_head",)):
+def find_targets(model: nn.Module, target_modules: str | Sequence[str] = "all-linear",
+                 exclude: Sequence[str] = ("lm_head",)) -> list[str]:
     """Names of the linear layers that ``lora_wrap`` would adapt.
 
     Args:
@@ -210,14 +230,15 @@ def find_targets(model, target_modules="all-linear", exclude=("lm_head",)):
     return names
 
 
-def _describe(names, limit=40):
+def _describe(names: list[str], limit: int = 40) -> str:
     if not names:
         return "(none: the model has no nn.Linear or NF4Linear layers)"
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _replace(module, prefix, targets, make):
+def _replace(module: nn.Module, prefix: str, targets: set[str],
+             make: Callable[[nn.Module], nn.Module]) -> None:
     """Recursive named_children/setattr walk swapping each targeted layer for make(layer)."""
     for child_name, child in list(module.named_children()):
         full = f"{prefix}.{child_name}" if prefix else child_name
@@ -227,8 +248,10 @@ def _replace(module, prefix, targets, make):
             _replace(child, full, targets, make)
 
 
-def lora_wrap(model, r=8, alpha=16, dropout=0.0, target_modules="all-linear",
-              exclude=("lm_head",), rslora=False, adapter_dtype=torch.float32):
+def lora_wrap(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+              target_modules: str | Sequence[str] = "all-linear",
+              exclude: str | Sequence[str] = ("lm_head",), rslora: bool = False,
+              adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Put a LoRA adapter on the chosen linear layers of any module and freeze everything else.
 
     Args:
@@ -246,7 +269,7 @@ def lora_wrap(model, r=8, alpha=16, dropout=0.0, target_modules="all-linear",
     Returns:
         The same model, with only ``lora_`` parameters requiring grad.
     """
-    check_settings(r, alpha, dropout)
+    r, alpha, dropout = check_settings(r, alpha, dropout)
     if lora_layers(model) or hasattr(model, SETTINGS_ATTR):
         raise ValueError("model is already LoRA-wrapped; wrapping twice would stack adapters. "
                          "Use the existing adapters, or minift.merge_lora(model) first")
@@ -265,7 +288,7 @@ def lora_wrap(model, r=8, alpha=16, dropout=0.0, target_modules="all-linear",
     return model
 
 
-def _require_lora(model, what):
+def _require_lora(model: nn.Module, what: str) -> list[tuple[str, LoRALinear]]:
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{what}: the model has no LoRALinear layers; call minift.lora_wrap first")
@@ -273,7 +296,7 @@ def _require_lora(model, what):
 
 
 @contextlib.contextmanager
-def disable_adapters(model):
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the model as its base inside the block: every adapter is switched off, then restored.
 
     Args:
@@ -293,7 +316,7 @@ def disable_adapters(model):
             m.enabled = state
 
 
-def _merged_linear(layer):
+def _merged_linear(layer: LoRALinear) -> nn.Linear:
     """A plain nn.Linear holding base weight + scale * B @ A (dequantizing an NF4 base)."""
     base = layer.base_layer
     if isinstance(base, nn.Linear):
@@ -312,7 +335,7 @@ def _merged_linear(layer):
     return out
 
 
-def merge_lora(model):
+def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear holding ``W + scale * B @ A``.
 
     Args:
@@ -328,12 +351,12 @@ def merge_lora(model):
     return model
 
 
-def lora_state_dict(model):
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors only, keyed as in ``model.state_dict()``."""
     return {k: v for k, v in model.state_dict().items() if "lora_" in k}
 
 
-def _logical_numel(module):
+def _logical_numel(module: nn.Module) -> int:
     # NF4Linear keeps its weight as packed uint8 buffers; count it as the (out, in) matrix it
     # stands for so LoRA and QLoRA report the same totals
     if isinstance(module, NF4Linear):
@@ -341,7 +364,7 @@ def _logical_numel(module):
     return 0
 
 
-def trainable_parameters(model):
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """Count parameters.
 
     Args:
@@ -357,7 +380,7 @@ def trainable_parameters(model):
     return trainable, total
 
 
-def trainable_summary(model):
+def trainable_summary(model: nn.Module) -> str:
     """One line: ``trainable params: 4,194,304 || all params: ... || trainable%: 0.0622``."""
     trainable, total = trainable_parameters(model)
     percent = 100.0 * trainable / total if total else 0.0

@@ -7,6 +7,7 @@ in float32 and cast to the activation dtype) so logits agree to float rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -15,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minift.attention import ATTENTION_IMPLS, BatchMask, attend, batch_mask
 from minift.config import ROPE_REQUIRED_KEYS, ModelConfig
+from minift.offload import ActivationOffload
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-LLAMA3_ROPE_KEYS = ROPE_REQUIRED_KEYS["llama3"]
 
 
 class KVCache:
@@ -122,7 +124,7 @@ class Attention(nn.Module):
         # Qwen2 puts a bias on q/k/v only; Llama's attention_bias covers o_proj as well.
         self.o_proj = nn.Linear(config.q_size, h, bias=bias and config.model_type != "qwen2")
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer_index=0):
+    def forward(self, x, cos, sin, mask: BatchMask, kv_cache=None, layer_index=0):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -130,11 +132,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_index, k, v)  # (B, KV, T_past + T, D)
-        gqa = self.n_kv != self.n_heads
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -157,10 +155,25 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp_tile_size: Optional[int] = None  # tokens per MLP tile; None = whole sequence
 
     def forward(self, x, cos, sin, mask, kv_cache=None, layer_index=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_index)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self._mlp(self.post_attention_layernorm(x))
+
+    def _mlp(self, h):
+        # At 80k tokens one (T, intermediate) bf16 tensor of Llama-3.1-8B is 2.1 GiB and the MLP
+        # keeps four (gate, up, silu, product). Tiles of the sequence, each checkpointed, keep
+        # only their (B, tile, hidden) input; backward recomputes one tile at a time.
+        tile = self.mlp_tile_size
+        if tile is None or h.shape[1] <= tile:
+            return self.mlp(h)
+        parts = h.split(tile, dim=1)  # (B, tile, hidden) views
+        if torch.is_grad_enabled():
+            outs = [checkpoint(self.mlp, p, use_reentrant=False) for p in parts]
+        else:
+            outs = [self.mlp(p) for p in parts]
+        return torch.cat(outs, dim=1)
 
 
 class LlamaModel(nn.Module):
@@ -179,26 +192,6 @@ def sliding_window(config: ModelConfig) -> Optional[int]:
     return config.sliding_window if uses_window else None
 
 
-def attention_mask_4d(q_pos, k_pos, key_valid=None, q_seg=None, k_seg=None, window=None):
-    """Boolean mask (B, 1, Tq, Tk): True where a query may attend to a key.
-
-    Args are index tensors: q_pos (Tq,), k_pos (Tk,) absolute cache positions; key_valid (B, Tk)
-    bool; q_seg (B, Tq), k_seg (B, Tk) packed-sample ids (0 = padding).
-    """
-    allowed = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk) causal
-    if window is not None:
-        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
-    allowed = allowed[None, None]  # (1, 1, Tq, Tk)
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :]
-    if q_seg is not None:
-        same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)  # (B, Tq, Tk)
-        allowed = allowed & same[:, None]
-    # A padding query may see no key at all; letting it see itself keeps softmax finite (its
-    # output is never used).
-    return allowed | (k_pos[None, :] == q_pos[:, None])[None, None]
-
-
 class Llama(nn.Module):
     """Llama-family causal language model returning logits (B, T, vocab_size).
 
@@ -211,6 +204,12 @@ class Llama(nn.Module):
         rope_inv_freq(config, device="meta")  # reject unsupported rope_scaling early
         self.config = config
         self.gradient_checkpointing = False
+        # "auto": FlexAttention for padded, packed or windowed batches on CUDA, dense SDPA masks
+        # elsewhere; "sdpa" / "flex" force one (flex without a cache only; see minift.attention).
+        self.attention_impl = "auto"
+        # With checkpointing on: each checkpointed layer input waits for backward in host memory
+        self.activation_offload = False
+        self._offload: dict[torch.device, ActivationOffload] = {}
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -237,10 +236,16 @@ class Llama(nn.Module):
             self._inv_freq[device] = rope_inv_freq(self.config, device)
         return self._inv_freq[device]
 
+    def offloader(self, device: torch.device) -> ActivationOffload:
+        """The activation offloader of `device` (its pooled host buffers are reused)."""
+        if device not in self._offload:
+            self._offload[device] = ActivationOffload(device)
+        return self._offload[device]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+                kv_cache: Optional[KVCache] = None, return_hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab_size) in the compute dtype.
 
         Args:
@@ -250,6 +255,9 @@ class Llama(nn.Module):
             segment_ids: (B, T) packed-sample ids (> 0), 0 for padding; tokens attend only within
                 their own sample. Not combinable with `kv_cache`.
             kv_cache: a `KVCache` extended in place with this call's keys and values.
+            return_hidden: return the final-norm hidden states (B, T, hidden) instead of the
+                logits, for a loss that applies `lm_head` a chunk of tokens at a time
+                (`minift.loss`).
         """
         past = kv_cache.length if kv_cache is not None else 0
         self._check_inputs(input_ids, attention_mask, position_ids, segment_ids, kv_cache, past)
@@ -261,25 +269,24 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq(device), position_ids, x.dtype)
         mask = self._mask(t, past, attention_mask, segment_ids, device)
         checkpointing = self.gradient_checkpointing and self.training and kv_cache is None
+        offload = self.offloader(device) if checkpointing and self.activation_offload else None
         for i, layer in enumerate(self.model.layers):
             if checkpointing:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                with offload.layer(i, x) if offload else contextlib.nullcontext():
+                    x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, i)
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)  # (B, T, hidden)
+        return x if return_hidden else self.lm_head(x)
 
-    def _mask(self, t, past, attention_mask, segment_ids, device):
-        window = sliding_window(self.config)
-        if window is not None and past + t <= window:
-            window = None  # the window cannot cut anything yet
-        if (attention_mask is not None and segment_ids is None and past == 0
-                and bool(attention_mask.all())):
-            attention_mask = None  # nothing padded: keep the fused causal kernel
-        if attention_mask is None and segment_ids is None and window is None and past == 0:
-            return None  # plain causal: SDPA's fused is_causal path
-        k_pos = torch.arange(past + t, device=device)
-        key_valid = attention_mask.bool() if attention_mask is not None else None
-        return attention_mask_4d(k_pos[past:], k_pos, key_valid, segment_ids, segment_ids, window)
+    def _mask(self, t, past, attention_mask, segment_ids, device) -> BatchMask:
+        impl = self.attention_impl
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"Llama.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+                             f"got {impl!r}")
+        use_flex = impl == "flex" or (impl == "auto" and device.type == "cuda")
+        return batch_mask(t, past, attention_mask, segment_ids, sliding_window(self.config),
+                          device, use_flex)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, segment_ids, kv_cache, past):
         if input_ids.dim() != 2:

@@ -13,8 +13,8 @@ import logging
 import torch
 from torch import nn
 
-from minift.nf4 import (FLOAT_DTYPES, MissingKeyError, NF4Weight, check_blocksize, check_weight, dequantize_nf4,
-                        from_bnb_state_dict, quantize_nf4)
+from minift.nf4 import check_blocksize, check_weight, dequantize_nf4, quantize_nf4
+from minift.nf4_format import FLOAT_DTYPES, MissingKeyError, NF4Weight, from_bnb_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,16 @@ def _autocast_off(device_type: str):
 class NF4MatMul(torch.autograd.Function):
     """y = x @ dequant(W).T + b with a frozen NF4 weight W of shape (out, in).
 
+    Forward, in the compute dtype c (W_c = dequant(W) as c, an (out, in) matrix):
+        y = x.to(c) @ W_c.T + b.to(c)                  # (..., in) @ (in, out) -> (..., out)
     Backward (W and b are frozen, so only x gets a gradient):
-        dL/dx = dL/dy @ dequant(W)    # (..., out) @ (out, in) -> (..., in)
-    Only the quantized tensors of W are saved for backward; the dequantized matrix is rebuilt
-    there and freed right after, so no (out, in) float tensor lives between forward and backward.
+        dL/dx = (dL/dy.to(c) @ W_c).to(x.dtype)        # (..., out) @ (out, in) -> (..., in)
+        dL/dW = dL/db = None
+    W_c is built again in backward and freed right after, so no (out, in) float tensor lives
+    between forward and backward: only the quantized tensors of W (packed nibbles, absmax codes,
+    code books; about 0.52 bytes per weight value) go through ``ctx.save_for_backward``, where
+    saved-tensor hooks (offloading, checkpointing) see them. ``ctx`` itself holds plain metadata
+    only (shape, dtypes, block sizes, the float offset), never a tensor.
 
     Both passes run with autocast off: ``compute_dtype`` was already chosen by the caller (which
     accounts for autocast), and autocast would otherwise recast the matmul, overriding an
@@ -46,8 +52,11 @@ class NF4MatMul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight: NF4Weight, bias, compute_dtype):
-        ctx.weight_meta = weight  # metadata only; its tensors go through save_for_backward below
-        ctx.save_for_backward(*weight.tensors())
+        # None for the nested pair without double quantization: save_for_backward keeps the slot
+        ctx.save_for_backward(weight.packed, weight.absmax, weight.code, weight.nested_absmax,
+                              weight.nested_code)
+        ctx.shape, ctx.weight_dtype, ctx.blocksize = weight.shape, weight.dtype, weight.blocksize
+        ctx.offset, ctx.nested_blocksize = weight.offset, weight.nested_blocksize
         ctx.x_dtype, ctx.compute_dtype = x.dtype, compute_dtype
         with _autocast_off(x.device.type):
             w = dequantize_nf4(weight, compute_dtype)  # (out, in), freed when forward returns
@@ -58,13 +67,11 @@ class NF4MatMul(torch.autograd.Function):
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        saved = iter(ctx.saved_tensors)
-        meta = ctx.weight_meta
-        fields = {name: next(saved) for name in ("packed", "absmax", "code")}
-        if meta.double_quant:
-            fields.update(nested_absmax=next(saved), nested_code=next(saved))
-        weight = NF4Weight(**fields, shape=meta.shape, dtype=meta.dtype, blocksize=meta.blocksize,
-                           offset=meta.offset, nested_blocksize=meta.nested_blocksize)
+        packed, absmax, code, nested_absmax, nested_code = ctx.saved_tensors
+        weight = NF4Weight(packed=packed, absmax=absmax, code=code, nested_absmax=nested_absmax,
+                           nested_code=nested_code, shape=ctx.shape, dtype=ctx.weight_dtype,
+                           blocksize=ctx.blocksize, offset=ctx.offset,
+                           nested_blocksize=ctx.nested_blocksize)
         with _autocast_off(grad_out.device.type):
             w = dequantize_nf4(weight, ctx.compute_dtype)  # (out, in)
             grad_x = grad_out.to(ctx.compute_dtype) @ w  # (..., in)

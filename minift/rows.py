@@ -1,36 +1,22 @@
 """JSONL rows and their formats: reading a file with errors that name file:line, turning a row
 of any chat shape (chat, ShareGPT, alpaca, prompt/completion) into messages with known roles,
 and tokenizing a raw text row (every token trained)."""
-import json
+from __future__ import annotations
+
+import os
+
+from minift._util import read_jsonl
 
 
 def _read_jsonl(path):
     """(line number, row) for each non-blank line; errors name file:line."""
-    rows = []
-    # Read bytes and decode line by line, so that a byte that is not UTF-8 is reported with its
-    # line rather than as a bare codec error from deep inside the file iterator.
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start:err.start + 1]!r} "
-                                 f"at column {err.start + 1}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+    rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path}: empty dataset (no rows)")
     return rows
 
 
-def load_jsonl(path):
+def load_jsonl(path: str | os.PathLike) -> list[dict]:
     """Reads a JSONL file into a list of dicts.
 
     Args:
@@ -75,7 +61,7 @@ def _sharegpt(row, where):
     return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
 
 
-def row_to_messages(row, where="<row>"):
+def row_to_messages(row: dict, where: str = "<row>") -> list[dict]:
     """Turns one chat row of any supported shape into a list of {"role", "content"} messages.
 
     Raises:

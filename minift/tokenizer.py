@@ -4,29 +4,18 @@ The vocabulary and the text <-> id mapping come from tokenizer.json through the 
 library; tokenizer_config.json and special_tokens_map.json say which tokens are BOS/EOS/PAD/UNK,
 whether encoding adds BOS, and carry the chat template.
 """
-import json
+from __future__ import annotations
+
+import os
 from pathlib import Path
+from typing import Optional
 
 from tokenizers import AddedToken, Tokenizer as _BackendTokenizer, processors
 
 from minift import chat_templates
-from minift._util import atomic_write
+from minift._util import atomic_write, read_json, write_json
 
 _ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
-
-
-def _read_json(path):
-    """Reads a JSON file; a syntax error becomes ValueError naming the file and the line."""
-    data = Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:  # the codec's own message names neither file nor line
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
 
 
 def _token_content(value, where):
@@ -95,38 +84,38 @@ class Tokenizer:
                                                                     special_tokens=special)
 
     @property
-    def chat_template(self):
+    def chat_template(self) -> Optional[str]:
         return self._chat_template
 
     @chat_template.setter
-    def chat_template(self, source):
+    def chat_template(self, source: Optional[str]) -> None:
         self._chat_template = source
         self._compiled = chat_templates.compile_template(source) if source is not None else None
 
-    def token_to_id(self, token):
+    def token_to_id(self, token: str) -> Optional[int]:
         """Id of a token string, or None when the vocabulary has no such token."""
         return None if token is None else self.backend.token_to_id(token)
 
     @property
-    def bos_token_id(self):
+    def bos_token_id(self) -> Optional[int]:
         return self.token_to_id(self.bos_token)
 
     @property
-    def eos_token_id(self):
+    def eos_token_id(self) -> Optional[int]:
         return self.token_to_id(self.eos_token)
 
     @property
-    def unk_token_id(self):
+    def unk_token_id(self) -> Optional[int]:
         return self.token_to_id(self.unk_token)
 
     @property
-    def pad_token_id(self):
+    def pad_token_id(self) -> Optional[int]:
         """PAD's id; checkpoints without a PAD token (Llama) pad with EOS, masked out anyway."""
         pad = self.token_to_id(self.pad_token)
         return pad if pad is not None else self.eos_token_id
 
     @property
-    def vocab_size(self):
+    def vocab_size(self) -> int:
         """Number of ids the tokenizer can produce, added tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
@@ -134,14 +123,14 @@ class Tokenizer:
         return self.vocab_size
 
     @property
-    def special_tokens(self):
+    def special_tokens(self) -> dict:
         """Role -> token string for every special token that is set (what templates see)."""
         out = {r: getattr(self, r) for r in _ROLES if getattr(self, r) is not None}
         if self.extra_special_tokens:
             out["additional_special_tokens"] = list(self.extra_special_tokens)
         return out
 
-    def encode(self, text, add_special_tokens=False):
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Text -> token ids.
 
         Args:
@@ -153,12 +142,12 @@ class Tokenizer:
             raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_with_offsets(self, text):
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and (start, end) character offsets of each token in `text`, no special tokens added."""
         enc = self.backend.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Token ids -> text.
 
         Args:
@@ -168,7 +157,8 @@ class Tokenizer:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False) -> str | list[int]:
         """Renders a conversation with the chat template.
 
         Args:
@@ -185,7 +175,7 @@ class Tokenizer:
         text = chat_templates.render(self._compiled, messages, add_generation_prompt, self.special_tokens)
         return self.encode(text) if tokenize else text
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Writes tokenizer.json and tokenizer_config.json into the folder `path`.
 
         The files load back with `load_tokenizer` and with transformers' AutoTokenizer.
@@ -206,9 +196,7 @@ class Tokenizer:
             for i, t in sorted(self.backend.get_added_tokens_decoder().items())}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        text = json.dumps(config, indent=2, ensure_ascii=False)
-        atomic_write(path / "tokenizer_config.json",
-                     lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_json(path / "tokenizer_config.json", config, ensure_ascii=False)
 
 
 def _special_tokens(config, config_file, tokens_map, map_file):
@@ -245,7 +233,7 @@ def _resolve_template(path, config, config_file, chat_template, vocab):
     return chat_templates.BUILTIN_TEMPLATES[chat_templates.default_template_name(vocab)]
 
 
-def load_tokenizer(path, chat_template=None):
+def load_tokenizer(path: str | os.PathLike, chat_template: Optional[str] = None) -> Tokenizer:
     """Loads the tokenizer of a Hugging Face checkpoint folder.
 
     Args:
@@ -273,8 +261,8 @@ def load_tokenizer(path, chat_template=None):
     except Exception as err:  # the Rust library raises a bare Exception on bad files
         raise ValueError(f"{tokenizer_file}: cannot be read as a tokenizers file ({err})") from err
     config_file, map_file = path / "tokenizer_config.json", path / "special_tokens_map.json"
-    config = _read_json(config_file) if config_file.is_file() else {}
-    tokens_map = _read_json(map_file) if map_file.is_file() else {}
+    config = read_json(config_file) if config_file.is_file() else {}
+    tokens_map = read_json(map_file) if map_file.is_file() else {}
     for name, data in ((config_file, config), (map_file, tokens_map)):
         if not isinstance(data, dict):
             raise ValueError(f"{name}: expected a JSON object, got {type(data).__name__}")

@@ -5,7 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from minift._util import METHODS, OPTIMIZERS, check_choice, check_int, check_number
+from minift._util import METHODS, OPTIMIZERS, check_choice, check_flag, check_int, check_number
+from minift.backward_step import check_step_in_backward
 from minift.schedule import SCHEDULES
 
 BATCHING = ("bucket", "pack")
@@ -30,6 +31,7 @@ class TrainConfig:
     | max_grad_norm | 1.0 | clip the global gradient norm to this; None = no clipping |
     | bf16 | True | run forward/backward under bf16 autocast (CPU and CUDA) |
     | gradient_checkpointing | False | recompute each decoder layer in backward |
+    | compile | False | run the decoder layers through torch.compile while training |
     | optimizer | "adamw" | "adamw" (torch), "adamw8bit" or "paged_adamw8bit" (minift.optim) |
     | weight_decay | 0.0 | decoupled weight decay on matrices (not on biases or norm weights) |
     | neftune_alpha | None | NEFTune noise on the token embeddings while training; None = off |
@@ -45,6 +47,11 @@ class TrainConfig:
     | resume_from | None | None, "latest" (newest checkpoint in output_dir) or a checkpoint path |
     | device | None | "cuda", "cpu", ...; None = cuda when available, else cpu |
     | progress | True | show a progress bar (only when stdout is a terminal) and print reports |
+    | loss_chunk_size | 1024 | tokens per chunk of the lm_head + loss (no (B, T, V) logits); None = full logits |
+    | activation_offload | False | checkpointed layer inputs wait in host memory (needs gradient_checkpointing) |
+    | optimizer_in_backward | False | step each parameter in backward and free its gradient (needs max_grad_norm=None, grad_accum=1) |
+    | mlp_tile_size | None | tokens per MLP tile (each checkpointed) for long sequences; None = whole sequence |
+    | paged_device_budget | 2**30 | paged_adamw8bit: device bytes of resident state pages; None = all resident |
     """
 
     method: str = "lora"
@@ -58,6 +65,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     bf16: bool = True
     gradient_checkpointing: bool = False
+    compile: bool = False
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     neftune_alpha: Optional[float] = None
@@ -73,6 +81,11 @@ class TrainConfig:
     resume_from: Optional[str] = None
     device: Optional[str] = None
     progress: bool = True
+    loss_chunk_size: Optional[int] = 1024
+    activation_offload: bool = False
+    optimizer_in_backward: bool = False
+    paged_device_budget: Optional[int] = 2**30
+    mlp_tile_size: Optional[int] = None
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZERS),
@@ -90,10 +103,22 @@ class TrainConfig:
             check_int(f"TrainConfig.{name}", getattr(self, name))
         for name in ("max_steps", "eval_interval", "save_interval", "keep_last", "max_length"):
             check_int(f"TrainConfig.{name}", getattr(self, name), optional=True)
+        check_flag("TrainConfig.compile", self.compile)
         # numpy's generator takes seeds in [0, 2**32); checked here rather than where the run
         # seeds its generators, so that a bad seed fails before any work.
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise ValueError(f"TrainConfig.seed must be an integer in [0, 2**32), got {self.seed!r}")
+        check_int("TrainConfig.loss_chunk_size", self.loss_chunk_size, optional=True)
+        check_int("TrainConfig.mlp_tile_size", self.mlp_tile_size, optional=True)
+        check_int("TrainConfig.paged_device_budget", self.paged_device_budget, minimum=0,
+                  optional=True)
+        for name in ("activation_offload", "optimizer_in_backward"):
+            check_flag(f"TrainConfig.{name}", getattr(self, name))
+        if self.activation_offload and not self.gradient_checkpointing:
+            raise ValueError("TrainConfig.activation_offload=True moves the inputs that gradient "
+                             "checkpointing keeps; set gradient_checkpointing=True as well")
+        if self.optimizer_in_backward:
+            check_step_in_backward(max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum)
         if self.batching == "pack" and self.max_length is None:
             raise ValueError("TrainConfig.max_length must be set when batching='pack' (the row length)")
 

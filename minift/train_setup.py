@@ -32,8 +32,10 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.learning_rate)
-    cls = AdamW8bit if config.optimizer == "adamw8bit" else PagedAdamW8bit
-    return cls(groups, lr=config.learning_rate)
+    if config.optimizer == "adamw8bit":
+        return AdamW8bit(groups, lr=config.learning_rate)
+    return PagedAdamW8bit(groups, lr=config.learning_rate,
+                          device_budget_bytes=config.paged_device_budget)
 
 
 @contextlib.contextmanager

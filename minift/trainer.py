@@ -25,13 +25,18 @@ from tqdm.auto import tqdm
 from minift import checkpoint as ckpt
 from minift import rundir
 from minift._util import METHODS, OPTIMIZERS, write_json  # noqa: F401  (re-exported for callers)
+from minift.compile import compiled_layers
+from minift.backward_step import StepInBackward
 from minift.data import batch_examples
 from minift.lora import trainable_parameters
+from minift.loss import model_loss_sum, supports_chunked_loss
 from minift.memory.tracker import MemoryTracker
+from minift.offload import mlp_tiling, offloading
 from minift.schedule import Schedule, step_groups, total_steps
 from minift.train_config import DATA_ORDER_FIELDS, TrainConfig
 from minift.train_setup import (check_examples, gradient_checkpointing, make_optimizer, neftune,
                                 peak_memory, pick_device, seed_everything)
+from minift.transfer import to_device
 
 __all__ = ["DATA_ORDER_FIELDS", "METHODS", "OPTIMIZERS", "RunState", "TrainConfig",
            "accumulate_gradients", "check_resume", "evaluate", "make_optimizer", "token_loss_sum",
@@ -50,18 +55,24 @@ def trained_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def _batch_loss_sum(model, batch: dict, device, bf16: bool) -> torch.Tensor:
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+def _batch_loss_sum(model, batch: dict, device, bf16: bool, chunk=None) -> torch.Tensor:
+    inputs = to_device(batch, device)  # labels too, before the forward is queued
+    labels = inputs.pop("labels")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        if chunk is not None and supports_chunked_loss(model):  # no (B, T, V) logits
+            return model_loss_sum(model, inputs, labels, chunk)
         logits = model(**inputs)  # (B, T, V)
-    return token_loss_sum(logits, batch["labels"].to(device))
+    return token_loss_sum(logits, labels)
 
 
-def accumulate_gradients(model, micro_batches: list, device, bf16: bool = False):
+def accumulate_gradients(model, micro_batches: list, device, bf16: bool = False,
+                         loss_chunk_size: Optional[int] = None):
     """Forward/backward over one optimizer step's micro-batches.
 
     Each micro-batch's summed token loss is divided by the trained tokens of *all* micro-batches,
     so the accumulated gradient equals that of one big batch: 1 x 8 and 8 x 1 agree.
+    With ``loss_chunk_size`` (and a model that returns hidden states) the loss is computed a
+    chunk of tokens at a time (``minift.loss``).
 
     Returns:
         (loss, n_trained): the step's mean token loss as a 0-dim tensor, and its trained tokens.
@@ -70,7 +81,7 @@ def accumulate_gradients(model, micro_batches: list, device, bf16: bool = False)
     device = torch.device(device)
     total = torch.zeros((), device=device)
     for batch in micro_batches:
-        loss = _batch_loss_sum(model, batch, device, bf16) / max(n_trained, 1)
+        loss = _batch_loss_sum(model, batch, device, bf16, loss_chunk_size) / max(n_trained, 1)
         loss.backward()
         total += loss.detach()
     return total, n_trained
@@ -84,7 +95,8 @@ def evaluate(model, examples: list, config: TrainConfig, device=None) -> dict:
     model.eval()
     batches = batch_examples(examples, config.micro_batch_size, pad_id=config.pad_id,
                              mode=config.batching, max_length=config.max_length, shuffle=False)
-    total = sum(float(_batch_loss_sum(model, b, device, config.bf16)) for b in batches)
+    total = sum(float(_batch_loss_sum(model, b, device, config.bf16, config.loss_chunk_size))
+                for b in batches)
     count = sum(trained_tokens(b) for b in batches)
     model.train(was_training)
     loss = total / max(count, 1)
@@ -192,14 +204,19 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             tracker = MemoryTracker(model, opt) if run.memory is None else None  # first step only
             t0 = time.perf_counter()
             with tracker.track() if tracker else contextlib.nullcontext():
-                # 2. forward/backward over the step's micro-batches, token-normalised
-                loss, n_trained = accumulate_gradients(model, group, run.device, config.bf16)
+                # 2. forward/backward over the step's micro-batches, token-normalised (with
+                # optimizer_in_backward each parameter is stepped there and its gradient freed)
+                if run.stepper:
+                    run.stepper.reset()
+                loss, n_trained = accumulate_gradients(model, group, run.device, config.bf16,
+                                                       config.loss_chunk_size)
                 # 3. clip the global gradient norm (and learn whether the step is finite)
-                norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm or math.inf)
+                norm = run.stepper.grad_norm() if run.stepper else \
+                    torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm or math.inf)
                 loss, norm = float(loss), float(norm)
                 finite = math.isfinite(loss) and math.isfinite(norm)
                 # 4. optimizer step, only on finite gradients; 5. drop the gradients
-                if finite:
+                if finite and not run.stepper:
                     opt.step()
                 opt.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
@@ -241,6 +258,7 @@ class _Run:
         rundir.check_run(model, train_data, eval_data, config)
         seed_everything(config.seed)
         self.optimizer = make_optimizer(model, config)
+        self.stepper = StepInBackward(self.optimizer) if config.optimizer_in_backward else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.data_fp = ckpt.data_fingerprint(train_data)
         # Adapter checkpoints rely on the frozen base they were trained on; "full" checkpoints
@@ -275,6 +293,10 @@ class _Run:
         self.model.train()
         try:
             with gradient_checkpointing(self.model, self.config.gradient_checkpointing), \
+                    compiled_layers(self.model, self.config.compile), \
+                    offloading(self.model, self.config.activation_offload), \
+                    mlp_tiling(self.model, self.config.mlp_tile_size), \
+                    self.stepper or contextlib.nullcontext(), \
                     neftune(self.model, self.config.neftune_alpha), open(metrics, "a") as log:
                 yield log
         finally:
@@ -283,7 +305,10 @@ class _Run:
     def stop_non_finite(self, step: int, loss: float, norm: float) -> None:
         # nothing is saved: the weights after step - 1 gave this loss, so they are no good state
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
-        raise FloatingPointError(rundir.divergence(self.out, step, what, value))
+        partial = "" if not self.stepper else (
+            " (optimizer_in_backward: parameters whose gradients were finite were already updated "
+            f"in backward; not updated: {', '.join(self.stepper.nonfinite[:3]) or 'none'})")
+        raise FloatingPointError(rundir.divergence(self.out, step, what, value) + partial)
 
     def report_memory(self, report) -> None:
         self.memory = report.as_dict()

@@ -1,10 +1,11 @@
 """Shared test helpers: calls into the oracle libraries, with the workarounds their CPU builds
 need, and NF4 weights in format variants bitsandbytes reads but does not write itself."""
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
+
+from minift.nf4 import double_quantize, quantize_nf4
 
 
 def bnb_dequantize(packed, state):
@@ -27,14 +28,6 @@ def nf4_with_nested_blocksize(w, blocksize, nested_blocksize):
     """Quantize ``w`` to double-quantized NF4 with ``nested_blocksize`` absmax codes per nested scale.
 
     bitsandbytes always writes 256, but its quant state records the value (``nested_blocksize``)
-    and its loader honours it, so a checkpoint may carry another one. Built from minift's own
-    pieces: the fp32 absmaxes minus their mean, 8-bit quantized in blocks of ``nested_blocksize``.
+    and its loader honours it, so a checkpoint may carry another one.
     """
-    from minift.nf4 import _quantize_8bit, quantize_nf4
-    from minift.quantmaps import dynamic_map
-
-    single = quantize_nf4(w, blocksize, double_quant=False)
-    offset = single.absmax.mean()
-    codes, nested_absmax = _quantize_8bit(single.absmax - offset, nested_blocksize)
-    return replace(single, absmax=codes, nested_absmax=nested_absmax, nested_code=dynamic_map(True, w.device),
-                   offset=float(offset), nested_blocksize=nested_blocksize)
+    return double_quantize(quantize_nf4(w, blocksize, double_quant=False), nested_blocksize)

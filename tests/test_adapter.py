@@ -179,7 +179,7 @@ GOOD = dict(peft_type="LORA", r=4, lora_alpha=16, target_modules="all-linear")
 
 
 @pytest.mark.parametrize("text, match", [
-    ('{"peft_type": "LORA",\n "r": 4,\n oops}', r"adapter_config\.json: invalid JSON at line 3"),
+    ('{"peft_type": "LORA",\n "r": 4,\n oops}', r"adapter_config\.json:3: invalid JSON"),
     ("[1, 2]", r"adapter_config\.json: expected a JSON object"),
     (json.dumps(dict(GOOD, peft_type="PREFIX_TUNING")), r"'peft_type' must be \"LORA\""),
     (json.dumps({k: v for k, v in GOOD.items() if k != "peft_type"}), "'peft_type'.*None"),

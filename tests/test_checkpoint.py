@@ -182,18 +182,18 @@ def test_resume_latest_without_checkpoint_is_an_error(tmp_path):
 # ---- atomic writes and pruning -----------------------------------------------------------
 def test_crash_mid_save_leaves_previous_checkpoint_whole(tmp_path, monkeypatch):
     model, optimizer, good = _saved_model(tmp_path, step=1)
-    real = ckpt._write_json
+    real = ckpt.write_json
 
-    def dies_at_manifest(path, obj):  # the process is killed just before the manifest
+    def dies_at_manifest(path, obj, **kwargs):  # the process is killed just before the manifest
         if path.name == ckpt.MANIFEST:
             raise KeyboardInterrupt("killed")
-        real(path, obj)
+        real(path, obj, **kwargs)
 
-    monkeypatch.setattr(ckpt, "_write_json", dies_at_manifest)
+    monkeypatch.setattr(ckpt, "write_json", dies_at_manifest)
     with pytest.raises(KeyboardInterrupt):
         ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, method="full",
                              trainer_state={})
-    monkeypatch.setattr(ckpt, "_write_json", real)
+    monkeypatch.setattr(ckpt, "write_json", real)
     assert (tmp_path / ".tmp-step-2" / "model.safetensors").exists()
     assert not (tmp_path / "step-2").exists()
     # A directory that looks like a checkpoint but has no manifest is not one either.

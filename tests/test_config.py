@@ -9,6 +9,7 @@ from minift.config import PRESETS, ModelConfig
 @pytest.mark.parametrize("name,billions", [
     ("llama-2-7b", 6.74), ("llama-2-13b", 13.02), ("llama-3-8b", 8.03), ("llama-3.2-1b", 1.24),
     ("mistral-7b", 7.24), ("qwen2-7b", 7.62), ("qwen2.5-0.5b", 0.49), ("llama-2-70b", 68.98),
+    ("llama-3.1-8b", 8.03), ("llama-3.2-3b", 3.21), ("mistral-7b-v0.3", 7.25), ("qwen2.5-7b", 7.62),
 ])
 def test_preset_parameter_counts_match_published_sizes(name, billions):
     # Published sizes of each checkpoint, to the stated precision.
@@ -43,7 +44,7 @@ def test_bad_config_errors_name_file_and_key(tmp_path):
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         ModelConfig.from_hf_dict(d)
     (tmp_path / "config.json").write_text("{\n  \"a\": 1,\n  oops\n}")
-    with pytest.raises(ValueError, match="line 3"):
+    with pytest.raises(ValueError, match=r"config.json:3: invalid JSON"):
         ModelConfig.from_json(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         ModelConfig.from_json(tmp_path / "missing")
@@ -105,5 +106,15 @@ def test_configs_built_in_code_still_say_config():
 
 def test_non_utf8_config_is_named(tmp_path):
     (tmp_path / "config.json").write_bytes(b'{\n  "model_type": "llama",\n  "x": "\xff"\n}')
-    with pytest.raises(ValueError, match=r"config.json: not valid UTF-8 \(line 3\)"):
+    with pytest.raises(ValueError, match=r"config.json:3: not valid UTF-8"):
         ModelConfig.from_json(tmp_path)
+
+
+def test_long_context_presets_carry_their_rope_scaling():
+    # Llama 3.1 scales RoPE by 8 from 8192 original positions to 131072; Mistral v0.3 has no
+    # sliding window and a 32768-token vocabulary
+    cfg = ModelConfig.from_name("llama-3.1-8b")
+    assert cfg.rope_scaling["factor"] == 8.0 and cfg.max_position_embeddings == 131072
+    assert cfg.rope_scaling["original_max_position_embeddings"] == 8192
+    v03 = ModelConfig.from_name("mistral-7b-v0.3")
+    assert (v03.vocab_size, v03.sliding_window, v03.rope_theta) == (32768, None, 1e6)

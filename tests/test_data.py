@@ -125,7 +125,7 @@ def test_load_dataset_names_file_and_line(tmp_path, tok):
 
 def test_load_jsonl_errors(tmp_path):
     good = json.dumps(PROMPT)
-    with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: invalid JSON"):
         load_jsonl(write_jsonl(tmp_path / "bad.jsonl", [good, good, '{"prompt": "a",']))
     with pytest.raises(ValueError, match=r"list.jsonl:2: expected a JSON object, got list"):
         load_jsonl(write_jsonl(tmp_path / "list.jsonl", [good, "[1, 2]"]))

@@ -6,7 +6,8 @@ import torch
 
 import minift
 from minift.config import ModelConfig
-from minift.memory.estimate import CATEGORIES, adam_state_bytes, estimate_memory, nf4_bytes
+from minift.memory.estimate import CATEGORIES, estimate_memory
+from minift.memory.formulas import adam_state_bytes, nf4_bytes
 from minift.memory.tracker import MemoryTracker
 from minift.model import Llama
 from minift.trainer import accumulate_gradients
@@ -104,6 +105,21 @@ def test_duplicate_target_modules_count_once():
     assert twice.as_dict() == once.as_dict()
     three = estimate_memory("tiny", "lora", 2, 64, target_modules=["q_proj", "v_proj", "k_proj"])
     assert once.trainable_params < three.trainable_params
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_terms_add_up_and_the_peak_is_a_named_moment(method, ckpt):
+    est = estimate_memory("llama-3-8b", method, 2, 1024, gradient_checkpointing=ckpt)
+    buffers = ("loss_buffers", "step_temporaries", "dequant_scratch")
+    assert sum(v for k, v in est.terms.items() if k not in buffers) == est.activations
+    assert (est.terms["dequant_scratch"] > 0) == (method == "qlora")
+    moments = {"loss", "backward_start", "optimizer_step", "recompute", "recompute_dequant",
+               "forward_dequant", "backward_layer_0", "backward_layer_31"}
+    assert est.settings["peak_moment"] in moments
+    # the step holds at least what is stored; "other" is the peak moment's scratch
+    stored = est.frozen_weights + est.trainable_params + est.optimizer_states
+    assert est.total > stored and 0 < est.other < est.total - stored
 
 
 def test_seq_len_up_to_the_model_limit():

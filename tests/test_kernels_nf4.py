@@ -142,3 +142,22 @@ def test_kernel_rejects_inconsistent_inputs(kernel_device):
         with pytest.raises(ValueError, match=f"nested_blocksize must be a positive int, got {bad!r}"):
             nf4_dequantize(q.packed, q.absmax, q.code, (6, 10), 64, torch.float32, nested_absmax=q.nested_absmax,
                            nested_code=q.nested_code, offset=q.offset, nested_blocksize=bad)
+
+
+def test_launcher_runs_under_the_device_guard_of_the_weight(monkeypatch, kernel_device):
+    import minift.kernels.nf4 as kernel
+    from minift.kernels.common import device_guard
+
+    seen = []
+    monkeypatch.setattr(kernel, "device_guard", lambda device: seen.append(device) or device_guard(device))
+    q = quantize_nf4(torch.randn(6, 10)).to(kernel_device)
+    _launch(q, torch.float32)
+    assert seen == [q.packed.device]
+
+
+def test_kernel_rejects_a_blocksize_that_does_not_tile_a_program(kernel_device):
+    from minift.kernels.nf4 import nf4_dequantize
+
+    q = quantize_nf4(torch.randn(6, 16), 32, double_quant=False).to(kernel_device)
+    with pytest.raises(ValueError, match="blocksize must be a power of two >= 2, got 48"):
+        nf4_dequantize(q.packed, torch.ones(2, device=kernel_device), q.code, (6, 16), 48, torch.float32)

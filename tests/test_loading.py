@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 import minift.loading as loading
 from minift.config import ModelConfig
-from minift.loading import load_model, parse_size, quantize_in_slices, save_model
+from minift._util import parse_bytes
+from minift.loading import load_model, quantize_in_slices, save_model
 from minift.loading import _Filler
 from minift.model import Llama
 from minift.nf4 import quantize_nf4
@@ -90,12 +91,14 @@ def test_resave_replaces_old_shards_and_leaves_no_temp_files(tmp_path):
     assert config["torch_dtype"] == "float32" and config["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("200MiB") == 200 * 2**20
-    assert parse_size(1234) == 1234
-    with pytest.raises(ValueError, match="max_shard_size .* got '5 parsecs'"):
-        parse_size("5 parsecs")
+def test_max_shard_size_uses_the_one_size_grammar(tmp_path):
+    assert parse_bytes("5GB") == 5 * 10**9
+    assert parse_bytes("200MiB") == 200 * 2**20
+    assert parse_bytes("5G") == 5 * 2**30  # a bare prefix is binary, as everywhere in minift
+    assert parse_bytes(1234) == 1234
+    model = Llama(ModelConfig.from_name("tiny"))
+    with pytest.raises(ValueError, match="max_shard_size: cannot read '5 parsecs'"):
+        save_model(model, tmp_path, max_shard_size="5 parsecs")
 
 
 def test_save_refuses_lora_and_quantized_models(tmp_path):

@@ -1,4 +1,5 @@
 """Tests for minift/lora.py: the LoRA layer's math, model surgery, merging and counts."""
+import json
 import math
 import re
 
@@ -214,6 +215,22 @@ def test_bad_settings_raise(kwargs, match):
         LoRALinear(nn.Linear(4, 4), **kwargs)
     with pytest.raises(ValueError, match=match):
         lora_wrap(Tiny(), **kwargs)
+
+
+def test_numpy_settings_become_plain_python_numbers(tmp_path):
+    # the rules are the shared validators' (any integral rank, any real alpha and dropout); the
+    # values are stored as Python numbers, so the saved adapter_config.json can be written
+    np = pytest.importorskip("numpy")
+    layer = LoRALinear(nn.Linear(4, 4), r=np.int64(2), alpha=np.float32(8), dropout=np.float32(0.25))
+    assert (type(layer.r), type(layer.alpha), layer.r, layer.alpha) == (int, float, 2, 8.0)
+    assert layer.scale == 4.0 and layer.lora_dropout.p == 0.25
+    model = lora_wrap(Tiny(), r=np.int32(4), alpha=np.int64(16), dropout=np.float64(0.0))
+    settings = model._minift_lora
+    assert [(type(settings[k]), settings[k]) for k in ("r", "alpha", "dropout")] == \
+        [(int, 4), (int, 16), (float, 0.0)]
+    minift.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 16)
 
 
 def test_wrapping_a_non_linear_raises():

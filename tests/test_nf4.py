@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minift
-from minift.nf4 import NF4Weight, SUPPORTED_BLOCKSIZES, absmax_fp32, dequantize_nf4, quantize_nf4
+from minift.nf4 import (NF4Weight, SUPPORTED_BLOCKSIZES, absmax_fp32, dequantize_nf4, double_quantize,
+                        quantize_nf4)
 from oracles import bnb_dequantize, nf4_with_nested_blocksize
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -304,6 +305,32 @@ def test_nested_blocksize_other_than_256_round_trips():
     assert ((absmax_fp32(back) - true_absmax).abs() <= 0.008 * scale).all()
     wrong = NF4Weight(**{**back.__dict__, "nested_blocksize": 256})
     assert ((absmax_fp32(wrong) - true_absmax).abs() > 0.1 * scale).any()
+
+
+@pytest.mark.parametrize("n", [100, 64 * 300 + 5])  # one nested block; two, the last partial
+def test_double_quantize_of_a_single_quantized_weight_equals_bitsandbytes(n):
+    # double_quantize on its own, from the float32 absmaxes: bitsandbytes' compress_statistics
+    w = torch.randn(n) * torch.linspace(0.1, 5, n)
+    single = quantize_nf4(w, 64, double_quant=False)
+    q = double_quantize(single)
+    _, state, deq = _bnb(w, 64, True)
+    assert q.packed is single.packed  # the nibbles are shared, not copied
+    assert q.absmax.dtype == torch.uint8 and torch.equal(q.absmax, state.absmax)
+    assert torch.equal(q.nested_absmax, state.state2.absmax)
+    assert torch.equal(q.nested_code, state.state2.code)
+    assert q.offset == state.offset.item() and q.nested_blocksize == 256
+    assert torch.equal(dequantize_nf4(q), deq)
+    assert single.absmax.dtype == torch.float32 and not single.double_quant  # left as it was
+
+
+def test_double_quantize_bad_input():
+    single = quantize_nf4(torch.randn(640), 64, double_quant=False)
+    with pytest.raises(TypeError, match="double_quantize: q must be an NF4Weight, got Tensor"):
+        double_quantize(single.absmax)
+    with pytest.raises(ValueError, match="double_quantize: q is already double-quantized"):
+        double_quantize(double_quantize(single))
+    with pytest.raises(ValueError, match="double_quantize: unsupported blocksize 100"):
+        double_quantize(single, nested_blocksize=100)
 
 
 # ------------------------------------------------------------------------------- bad input

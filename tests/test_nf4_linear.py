@@ -1,4 +1,5 @@
 """NF4Linear: equals nn.Linear on the dequantized weight, saves no float weight, QLoRA trains."""
+import gc
 import weakref
 
 import pytest
@@ -8,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 import minift
 from minift.nf4 import dequantize_nf4, quantize_nf4
-from minift.nf4_linear import NF4Linear, quantize_model
+from minift.nf4_linear import NF4Linear, NF4MatMul, quantize_model
 
 
 def _pair(out_f=24, in_f=40, dtype=torch.float32, bias=True):
@@ -63,6 +64,54 @@ def test_saved_tensors_hold_no_dequantized_weight():
     assert all(not (shape == (48, 64) and dtype.is_floating_point) for shape, dtype in saved)
     assert ((48 * 64 // 2, 1), torch.uint8) in saved  # it is the packed weight that is kept
     assert x.grad is not None and x.grad.shape == (4, 64)
+
+
+# what NF4MatMul's ctx may hold besides save_for_backward: plain metadata, never a tensor
+PLAIN = (int, float, type(None), torch.dtype, torch.Size)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_ctx_holds_plain_metadata_and_saves_only_the_quantized_tensors(double_quant):
+    q = NF4Linear.from_weight(torch.randn(48, 64), double_quant=double_quant)
+    x = torch.randn(4, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(x)
+    attrs = vars(y.grad_fn)  # what forward set on ctx
+    assert {"shape", "blocksize", "offset", "compute_dtype"} <= attrs.keys()
+    assert all(isinstance(v, PLAIN) for v in attrs.values()), attrs
+    assert (attrs["offset"] is None) is not double_quant
+    # exactly the weight's quantized tensors went through save_for_backward, in this order
+    expected = q.quant_weight.tensors()
+    assert [(t.data_ptr(), t.shape, t.dtype) for t in saved] == \
+        [(t.data_ptr(), t.shape, t.dtype) for t in expected]
+    assert len(saved) == (5 if double_quant else 3)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_backward_needs_nothing_but_the_saved_tensors(double_quant):
+    # Saved-tensor hooks that move what is saved elsewhere (here: copies, as CPU offloading
+    # does) must leave nothing else holding the weight: once the caller drops it, its packed
+    # nibbles and absmax are freed, and backward rebuilds it from the copies alone.
+    w = torch.randn(40, 72)
+    x = torch.randn(3, 72, requires_grad=True)
+    weight = quantize_nf4(w, double_quant=double_quant)
+    ref = torch.nn.functional.linear(x, dequantize_nf4(weight, torch.float32))
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    alive = [weakref.ref(t) for t in (weight.packed, weight.absmax, weight.nested_absmax)
+             if t is not None]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        y = NF4MatMul.apply(x, weight, None, torch.float32)
+    del weight
+    gc.collect()
+    assert [r() for r in alive] == [None] * len(alive)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(y, ref) and torch.equal(g, g_ref)
 
 
 def test_cpu_autocast_bf16():

@@ -45,15 +45,15 @@ NAN, INF = float("nan"), float("inf")
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=NAN), r"lr must be finite, got nan \(defaults\)"),
-    (dict(lr=INF), r"lr must be finite, got inf \(defaults\)"),
-    (dict(eps=NAN), r"eps must be finite, got nan \(defaults\)"),
-    (dict(eps=INF), r"eps must be finite, got inf \(defaults\)"),
-    (dict(weight_decay=NAN), r"weight_decay must be finite, got nan \(defaults\)"),
-    (dict(weight_decay=-INF), r"weight_decay must be finite, got -inf \(defaults\)"),
-    (dict(betas=(NAN, 0.999)), r"betas\[0\] must be finite, got nan \(defaults\)"),
-    (dict(betas=(0.9, NAN)), r"betas\[1\] must be finite, got nan \(defaults\)"),
-    (dict(device_budget_bytes=NAN), "device_budget_bytes must be >= 0 or None, got nan"),
+    (dict(lr=NAN), r"\(defaults\): lr must be a finite number >= 0, got nan"),
+    (dict(lr=INF), r"\(defaults\): lr must be a finite number >= 0, got inf"),
+    (dict(eps=NAN), r"\(defaults\): eps must be a finite number > 0, got nan"),
+    (dict(eps=INF), r"\(defaults\): eps must be a finite number > 0, got inf"),
+    (dict(weight_decay=NAN), r"\(defaults\): weight_decay must be a finite number >= 0, got nan"),
+    (dict(weight_decay=-INF), r"\(defaults\): weight_decay must be a finite number >= 0, got -inf"),
+    (dict(betas=(NAN, 0.999)), r"\(defaults\): betas\[0\] must be a finite number in \[0, 1\), got nan"),
+    (dict(betas=(0.9, NAN)), r"\(defaults\): betas\[1\] must be a finite number in \[0, 1\), got nan"),
+    (dict(device_budget_bytes=NAN), "device_budget_bytes must be a finite number >= 0 or None, got nan"),
 ])
 def test_non_finite_hyperparameters_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -62,17 +62,17 @@ def test_non_finite_hyperparameters_are_rejected(kwargs, match):
 
 def test_non_finite_value_in_a_param_group_names_the_group():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError, match=r"lr must be finite, got nan \(param group 1\)"):
+    with pytest.raises(ValueError, match=r"\(param group 1\): lr must be a finite number >= 0, got nan"):
         AdamW8bit([{"params": [a]}, {"params": [b], "lr": NAN}])
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=True), "lr must be a real number, got bool"),
-    (dict(eps=True), "eps must be a real number, got bool"),
-    (dict(weight_decay=False), "weight_decay must be a real number, got bool"),
-    (dict(betas=(0.9, True)), r"betas\[1\] must be a real number, got bool"),
-    (dict(lr="1e-3"), "lr must be a real number, got str"),
-    (dict(lr=None), "lr must be a real number, got NoneType"),
+    (dict(lr=True), "lr must be a finite number >= 0, got bool"),
+    (dict(eps=True), "eps must be a finite number > 0, got bool"),
+    (dict(weight_decay=False), "weight_decay must be a finite number >= 0, got bool"),
+    (dict(betas=(0.9, True)), r"betas\[1\] must be a finite number in \[0, 1\), got bool"),
+    (dict(lr="1e-3"), "lr must be a finite number >= 0, got str"),
+    (dict(lr=None), "lr must be a finite number >= 0, got NoneType"),
 ])
 def test_bool_and_non_number_hyperparameters_are_type_errors(kwargs, match):
     with pytest.raises(TypeError, match=match):
@@ -89,23 +89,38 @@ def test_numpy_scalars_are_accepted_as_hyperparameters():
 
 
 @pytest.mark.parametrize("key,value,error,match", [
-    ("lr", -1.0, ValueError, r"lr must be a number >= 0, got -1.0 \(param group 1\)"),
-    ("lr", NAN, ValueError, r"lr must be finite, got nan \(param group 1\)"),
-    ("lr", True, TypeError, r"lr must be a real number, got bool True \(param group 1\)"),
-    ("eps", 0.0, ValueError, r"eps must be > 0, got 0.0 \(param group 1\)"),
-    ("weight_decay", INF, ValueError, r"weight_decay must be finite.*param group 1"),
-    ("betas", (0.9, 1.0), ValueError, r"betas\[1\] must be in \[0, 1\).*param group 1"),
+    ("lr", -1.0, ValueError, r"\(param group 1\): lr must be a finite number >= 0, got -1.0"),
+    ("lr", NAN, ValueError, r"\(param group 1\): lr must be a finite number >= 0, got nan"),
+    ("lr", True, TypeError, r"\(param group 1\): lr must be a finite number >= 0, got bool True"),
+    ("eps", 0.0, ValueError, r"\(param group 1\): eps must be a finite number > 0, got 0.0"),
+    ("weight_decay", INF, ValueError, r"\(param group 1\): weight_decay must be a finite number"),
+    ("betas", (0.9, 1.0), ValueError, r"\(param group 1\): betas\[1\] must be a finite number in \[0, 1\)"),
 ])
-def test_hyperparameters_written_after_construction_are_checked_at_step(key, value, error, match):
+def test_add_param_group_checks_hyperparameters_before_adding(key, value, error, match):
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
-    opt = AdamW8bit([{"params": [a]}, {"params": [b]}], lr=0.1)
-    a.grad, b.grad = torch.ones(3), torch.ones(3)
-    opt.param_groups[1][key] = value
+    opt = AdamW8bit([a], lr=0.1)
     with pytest.raises(error, match=match):
+        opt.add_param_group({"params": [b], key: value})
+    assert len(opt.param_groups) == 1  # the refused group was not added
+    opt.add_param_group({"params": [b], "lr": 0.2})
+    assert opt.param_groups[1]["lr"] == 0.2 and opt.param_groups[1]["eps"] == 1e-8
+
+
+def test_step_does_not_recheck_hyperparameters(monkeypatch):
+    # checked on construction, add_param_group and load_state_dict; a step only reads them
+    import minift.optim.adamw8bit as module
+
+    calls = []
+    check = module._check_hparams
+    monkeypatch.setattr(module, "_check_hparams", lambda *a: calls.append(a) or check(*a))
+    ps, opt = _model_and_opt()
+    assert len(calls) == 2  # the defaults and the one group
+    for i in range(3):
+        _grads(ps, i)
         opt.step()
-    # checked before any update: neither group moved, no state was created
-    assert torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(3))
-    assert not opt.state
+    assert len(calls) == 2
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert len(calls) == 3  # the saved group
 
 
 def test_scheduler_written_learning_rates_are_accepted():
@@ -172,13 +187,13 @@ def test_load_rejects_non_finite_or_negative_states(index, key, bad, match):
 def test_load_rejects_bad_saved_hyperparameters():
     _, opt, sd = _saved_state()
     sd["param_groups"][0]["lr"] = NAN
-    with pytest.raises(ValueError, match=r"lr must be finite.*saved param_groups\[0\]"):
+    with pytest.raises(ValueError, match=r"\(saved param_groups\[0\]\): lr must be a finite number"):
         opt.load_state_dict(sd)
 
 
 def test_bad_hyperparameter_in_param_group_names_the_group():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError, match=r"eps.*param group 1"):
+    with pytest.raises(ValueError, match=r"param group 1.*eps"):
         AdamW8bit([{"params": [a]}, {"params": [b], "eps": -1.0}])
 
 
@@ -295,6 +310,33 @@ def test_nonfinite_gradient_skips_the_step_and_keeps_states():
     assert opt.state[ps[0]]["step"] == 2
     assert torch.isfinite(opt.state[ps[0]]["exp_avg_absmax"]).all()
     assert opt.state_dict()["skipped_steps"] == 1
+
+
+def _host_reads(monkeypatch):
+    """Count the Tensor calls that wait for the device (item, bool, tolist, cpu, ...)."""
+    counts = []
+    for name in ("item", "__bool__", "tolist", "cpu", "__int__", "__float__", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k:
+                            counts.append(_n) or _r(self, *a, **k))
+    return counts
+
+
+@pytest.mark.parametrize("n_params", [3, 30])
+def test_finite_check_reads_the_device_once_per_step(monkeypatch, n_params):
+    ps = [torch.nn.Parameter(torch.randn(64, 80)) for _ in range(n_params)]
+    opt = AdamW8bit(ps, lr=1e-2)
+    _grads(ps, 0)
+    opt.step()  # creates the states
+    _grads(ps, 1)
+    counts = _host_reads(monkeypatch)
+    opt.step()
+    assert counts == ["__bool__"]  # one flag for all gradients, not one read per tensor
+    monkeypatch.undo()
+    ps[-1].grad[0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match=rf"#{n_params - 1} \(shape \(64, 80\)\)"):
+        opt.step()
+    assert opt.skipped_steps == 1
 
 
 def test_bf16_stochastic_rounding_keeps_small_updates():

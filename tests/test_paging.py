@@ -1,11 +1,13 @@
 """Page table, budget, resident set, prefetch order and write-back (minift/paging.py)."""
+import contextlib
 import copy
 
 import pytest
 import torch
 
-from minift.optim.adamw8bit import AdamW8bit
-from minift.optim.paging import Pager
+from minift.memory.tracker import MemoryTracker
+from minift.optim.adamw8bit import AdamW8bit, PagedAdamW8bit
+from minift.optim.paging import DEFAULT_BUDGET_BYTES, Pager
 
 CPU = torch.device("cpu")
 
@@ -123,3 +125,81 @@ def test_paged_resume_after_load_state_dict():
         p.grad = gi
     opt2.step()
     assert all(torch.equal(p, e) for p, e in zip(ps, expected))
+
+
+def test_default_budget_is_one_gib_and_none_is_unlimited():
+    p = [torch.nn.Parameter(torch.randn(5000))]
+    assert AdamW8bit(p, paged=True).device_budget_bytes == DEFAULT_BUDGET_BYTES == 2**30
+    assert PagedAdamW8bit(p).device_budget_bytes == 2**30
+    assert PagedAdamW8bit(p, device_budget_bytes=None).device_budget_bytes is None
+
+
+def test_host_bytes_and_resident_tensors():
+    _, opt = _train(2, paged=True, device_budget_bytes=5000)
+    # 8-bit states: 2 code bytes + 2 fp32 absmax per 256-element block, per element
+    expected = sum(2 * n + 2 * 4 * -(-n // 256) for n in (5000, 4 * 1024 + 300))
+    assert opt.host_bytes == expected
+    pager = opt._pagers[CPU]
+    assert pager.host_bytes == expected
+    resident = opt.resident_tensors()
+    assert resident and sum(t.nbytes for t in resident) == pager.resident_bytes <= 5000
+    assert AdamW8bit([torch.nn.Parameter(torch.randn(5000))]).host_bytes == 0
+
+
+def test_tracker_files_paged_states_under_host():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(100, 60)  # 6000-element weight: 8-bit states, paged
+    opt = PagedAdamW8bit(model.parameters(), lr=1e-2, page_size=1024, device_budget_bytes=2100)
+    x = torch.randn(4, 100)
+    for _ in range(2):
+        tracker = MemoryTracker(model, opt)
+        with tracker.track():
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    report = tracker.report()
+    assert report.host == opt.host_bytes == 2 * 6000 + 2 * 4 * 24
+    resident = sum(t.nbytes for t in opt.resident_tensors())
+    assert 0 < resident <= 2100
+    # on the device: the resident pages plus the bias's fp32 moments (60 elements, unpaged)
+    assert report.optimizer_states == resident + 2 * 60 * 4
+
+
+class _FakeStream:
+    def __init__(self, log):
+        self.log = log
+
+    def wait_stream(self, other):
+        self.log.append(("side waits for", other))
+
+    def synchronize(self):
+        self.log.append("synchronize")
+
+
+def test_flush_orders_the_copy_out_after_the_compute(monkeypatch):
+    # CUDA streams are stood in for by recorders: flush must make the side stream wait for the
+    # current (compute) stream before it copies any resident page out.
+    log = []
+    pager, pages, host = _pager(2, budget=None)
+    pager.run(pages, _add_one)
+    pager._side = _FakeStream(log)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "compute stream")
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    class _Event:
+        def record(self, stream):
+            log.append("event")
+
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    real_copy = Pager._copy
+
+    def copy(self, dst, src, direction, key):
+        log.append(("copy", direction))
+        return real_copy(self, dst, src, direction, key)
+
+    monkeypatch.setattr(Pager, "_copy", copy)
+    pager.flush()
+    assert log[0] == ("side waits for", "compute stream")
+    assert [e for e in log if isinstance(e, tuple) and e[0] == "copy"] == [("copy", "d2h")] * 2
+    assert log[-1] == "synchronize"
+    assert torch.equal(host, torch.arange(128, dtype=torch.float32) + 1)

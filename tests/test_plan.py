@@ -134,6 +134,20 @@ def test_cli_bench_rejects_bad_paths(tmp_path, capsys):
     assert "--model: no config.json in" in capsys.readouterr().err
 
 
+def test_cli_plan_turns_features_on_and_reports_host_and_longest(capsys):
+    # Llama-3.1-8B, batch 2 x 2048 in 24 GiB: full fine-tuning needs every feature; the host RAM
+    # it needs is the paged 8-bit states plus the offloaded layer inputs
+    assert main(["plan", "--model", "llama-3.1-8b", "--gpu-memory", "24GiB", "--batch-size", "2",
+                 "--gradient-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    full = next(line for line in out.splitlines() if line.startswith("- full: fits with"))
+    assert "optimizer step in backward" in full and "activation offload" in full
+    assert "host RAM 16.19 GiB" in full
+    qlora = next(line for line in out.splitlines() if line.startswith("- qlora:"))
+    longest = int(qlora.split("with every feature: ")[1].split()[0])
+    assert longest >= 80_000
+
+
 # ---- advice a user can act on -------------------------------------------------------------
 def _gib(n):
     from minift.memory.plan import fmt_auto

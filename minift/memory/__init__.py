@@ -2,10 +2,12 @@
 
 * ``tracker``: `MemoryTracker`, which measures one step's peak by category.
 * ``estimate``: `estimate_memory`, the same categories from first principles.
+* ``formulas``: the byte formulas the estimate sums (stored tensors, tensors saved for backward).
 * ``plan``: what fits on a GPU (``python -m minift plan``).
 """
 from minift.memory.estimate import MemoryEstimate, estimate_memory
-from minift.memory.tracker import CATEGORIES, MemoryReport, MemoryTracker, breakdown_table, format_bytes
+from minift._util import format_bytes
+from minift.memory.tracker import CATEGORIES, MemoryReport, MemoryTracker, breakdown_table
 
 __all__ = ["CATEGORIES", "MemoryEstimate", "MemoryReport", "MemoryTracker", "breakdown_table",
            "estimate_memory", "format_bytes"]

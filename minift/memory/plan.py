@@ -5,9 +5,8 @@ estimates full fine-tuning, LoRA and QLoRA side by side with `minift.estimate_me
 fit, finds the largest batch size and the longest sequence that fit for each, and recommends the
 highest-quality method that fits (full > LoRA > QLoRA).
 
-Memory sizes follow `minift._util.parse_bytes`: ``KB/MB/GB/TB`` are decimal ("24GB" = 24e9
-bytes), ``KiB/MiB/GiB/TiB`` and a bare ``K/M/G/T`` binary ("24G" = 24 GiB), in any case ("24gb"
-is 24GB).
+Memory sizes are read by `minift._util.parse_bytes`, the one size grammar of minift: "24GB" is
+24e9 bytes, "24GiB" and "24G" are 24 * 2^30, in any case ("24gb" is 24GB).
 """
 from __future__ import annotations
 
@@ -15,41 +14,22 @@ import os
 
 import torch
 
-from minift._util import parse_bytes
+from minift._util import fmt_in, format_bytes, parse_bytes, unit_for
 from minift.config import PRESETS, ModelConfig
 from minift.memory.estimate import METHODS, estimate_memory
+from minift.memory.features import format_feature_plan, plan_features
 from minift.memory.tracker import CATEGORIES, breakdown_table
 
 LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
 MAX_BATCH = 1 << 16
 
 
-def parse_memory(text: str, name: str = "memory", allow_zero: bool = False) -> int:
-    """Bytes in a memory size such as "24GB", "24gb", "24GiB" or "24G" (`parse_bytes`)."""
-    return parse_bytes(text, name, allow_zero)
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def unit_for(largest: float) -> tuple:
-    """(name, bytes) of the binary unit that shows `largest` with at least one whole unit."""
-    for name, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if largest >= size:
-            return name, size
-    return "KiB", 2**10
-
-
-def fmt_in(unit: tuple):
-    """A formatter of byte counts in one fixed unit (one table reads in one unit)."""
-    name, size = unit
-    return lambda n: f"{n / size:.2f} {name}"
+parse_memory = parse_bytes  # sizes read as everywhere in minift (see minift._util)
 
 
 def fmt_auto(n: float) -> str:
     """Bytes in the largest binary unit that holds at least one whole unit ("0 B" for zero)."""
-    return "0 B" if n == 0 else fmt_in(unit_for(n))(n)
+    return "0 B" if n == 0 else format_bytes(n)
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str]:
@@ -95,8 +75,8 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
     """
     budget = gpu_memory - reserve
     if budget <= 0:
-        raise ValueError(f"--reserve ({fmt_auto(reserve)}) leaves nothing of --gpu-memory "
-                         f"({fmt_auto(gpu_memory)})")
+        raise ValueError(f"--reserve ({format_bytes(reserve)}) leaves nothing of --gpu-memory "
+                         f"({format_bytes(gpu_memory)})")
     max_pos = cfg.max_position_embeddings
     if seq_len > max_pos:
         raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings "
@@ -119,8 +99,11 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
     fitting = [m for m in METHODS if out[m]["fits"]]
     settings = dict(r=r, target_modules=target_modules, optimizer=optimizer, dtype=dtype,
                     gradient_checkpointing=gradient_checkpointing)
+    # the memory features the loop offers, turned on one at a time until each method fits
+    features = {m: plan_features(cfg, budget, m, batch_size, seq_len, r=r, optimizer=optimizer,
+                                 dtype=dtype, target_modules=target_modules) for m in METHODS}
     return {"methods": out, "recommendation": fitting[0] if fitting else None, "budget": budget,
-            "max_position_embeddings": max_pos,
+            "max_position_embeddings": max_pos, "features": features,
             "advice": advice(cfg, out, budget, batch_size, seq_len, settings)}
 
 
@@ -188,8 +171,8 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     ckpt = "on" if gradient_checkpointing else "off"
     lines = [f"model {model_name} | batch {batch_size} x seq {seq_len} | optimizer {optimizer} | "
              f"LoRA r={r} | gradient checkpointing {ckpt}",
-             f"GPU memory {fmt_auto(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
-             f"{fmt_auto(reserve)} for the CUDA context: {fmt_auto(result['budget'])} usable",
+             f"GPU memory {format_bytes(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
+             f"{format_bytes(reserve)} for the CUDA context: {format_bytes(result['budget'])} usable",
              ""]
     columns = {LABELS[m]: methods[m]["estimate"].as_dict() for m in METHODS}
     # one unit for the whole table, picked by the largest total: GiB for 7B models, MiB (not
@@ -202,6 +185,9 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     lines.append(f"| longest seq at batch {batch_size} | "
                  + " | ".join(_count(methods[m]["max_seq_len"], 2, result["max_position_embeddings"])
                               for m in METHODS) + " |")
+    if "features" in result:
+        lines.append(format_feature_plan(result["features"], result["budget"],
+                                         result["max_position_embeddings"], fmt_auto))
     lines.append("")
     lines.append(_recommend(result, batch_size, seq_len, gradient_checkpointing))
     lines += result.get("advice", [])
@@ -221,8 +207,8 @@ def _recommend(result, batch_size, seq_len, gradient_checkpointing) -> str:
     methods = result["methods"]
     if best is not None:
         return (f"Recommendation: {LABELS[best]} — the highest-quality method that fits batch "
-                f"{batch_size} x seq {seq_len} ({fmt_auto(methods[best]['estimate'].total)} of "
-                f"{fmt_auto(result['budget'])}).")
+                f"{batch_size} x seq {seq_len} ({format_bytes(methods[best]['estimate'].total)} of "
+                f"{format_bytes(result['budget'])}).")
     smaller = [m for m in METHODS if methods[m]["max_batch_size"] >= 1]
     if smaller:
         m = smaller[0]

@@ -15,6 +15,11 @@ one of six categories (the same keys as `minift.estimate_memory`):
   recompute creates and frees on the way (e.g. a dequantized NF4 weight) is ``other``.
 * ``other``: what else is alive at the peak: logits, the loss's fp32 copy, temporaries.
 
+Host memory is reported apart, as ``host`` (its own high-water mark, not part of the peak):
+tensors created inside ``host_side()`` (offloaded activations, see ``minift.offload``) and the
+host pages of a paged optimizer. On CUDA they live in pinned host memory anyway; on a CPU run
+this keeps them out of the device categories, so the "device" peak falls as it would on a GPU.
+
 How it measures. A `TorchDispatchMode` sees every tensor an operator creates during the step and
 holds a weak reference to its storage, so the tracker knows at each operator which bytes are
 alive, on CPU exactly as on CUDA. The peak is the largest live total; on CUDA the reported peak
@@ -28,6 +33,7 @@ that appear during the tracked step are added to the moments before the step.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import weakref
 from dataclasses import dataclass, field
 
@@ -35,18 +41,25 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from minift._util import format_bytes
+
+# State keys a paged optimizer (minift.optim.AdamW8bit(paged=True)) keeps in host pages.
+PAGED_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
 CATEGORIES = ("frozen_weights", "trainable_params", "gradients", "optimizer_states",
               "activations", "other")
+# True while code moves tensors to host memory on purpose (offload, paging): what it creates is
+# host memory even when the "device" is the CPU.
+_HOST_SIDE = contextvars.ContextVar("minift_host_side", default=False)
 
 
-def format_bytes(n: float) -> str:
-    """Bytes in binary units: 512 B, 1.50 KiB, 3.25 MiB, 14.96 GiB."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
+@contextlib.contextmanager
+def host_side():
+    """Tensors created inside are counted by a running MemoryTracker as host memory."""
+    token = _HOST_SIDE.set(True)
+    try:
+        yield
+    finally:
+        _HOST_SIDE.reset(token)
 
 
 def breakdown_table(columns: dict, rows=CATEGORIES + ("total",), bytes_fmt=format_bytes) -> str:
@@ -80,13 +93,14 @@ class MemoryReport:
     activations: int = 0
     other: int = 0
     peak: int = 0
+    host: int = 0  # host high-water mark: offloaded activations, paged optimizer states
     device: str = "cpu"
     reserved: int | None = None  # CUDA max_memory_reserved during the step (peak)
     notes: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         out = {c: int(getattr(self, c)) for c in CATEGORIES}
-        out.update(peak=int(self.peak), device=self.device)
+        out.update(peak=int(self.peak), host=int(self.host), device=self.device)
         if self.reserved is not None:  # CUDA only
             out["reserved"] = int(self.reserved)
         return out
@@ -95,6 +109,7 @@ class MemoryReport:
         cols = {f"measured ({self.device})": dict(self.as_dict(), total=self.peak)}
         text = breakdown_table(cols, rows=CATEGORIES + ("total",))
         text = text.replace("| total |", "| peak |")
+        text += f"\n| host (apart from the peak) | {format_bytes(self.host)} |"
         if self.reserved is not None:
             text += f"\npeak reserved by the CUDA allocator: {format_bytes(self.reserved)}"
         return "\n".join([text] + [f"note: {n}" for n in self.notes])
@@ -128,9 +143,10 @@ class _Watch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        host = _HOST_SIDE.get()
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                self.tracker._created(t)
+                (self.tracker._created_host if host else self.tracker._created)(t)
         self.tracker._check_peak()
         return out
 
@@ -167,7 +183,11 @@ class MemoryTracker:
             self._add_static(b, "frozen_weights")
         self._grad_pre = sum(self._add_static(p.grad, None) for p in self.model.parameters()
                              if p.grad is not None)
+        self._host_live = {}  # id(storage) -> nbytes of host tensors seen during the step
+        self._host_refs = {}
+        self._host_static = 0  # paged optimizer states in host pages, before the step
         self._opt_start = self._optimizer_bytes(register=True)
+        self.host_max = self._host_static
         self._live = {}  # id(storage) -> nbytes of storages created during the step
         # id() values are reused once an object dies, so anything compared after the moment
         # it was recorded (the peak's snapshot, gradients) goes by a serial number per storage
@@ -199,17 +219,27 @@ class MemoryTracker:
             self._weights[category] += st.nbytes()
         return st.nbytes()
 
-    def _optimizer_tensors(self):
+    def _optimizer_tensors(self, host=False):
+        """Optimizer state tensors on the device side (``host=False``) or in host pages.
+
+        A paged optimizer (``paged`` attribute) keeps its 8-bit states in host pages; the
+        copies of pages it keeps resident on the device (``resident_tensors()``) are device
+        optimizer states.
+        """
         if self.optimizer is None:
             return []
+        paged = getattr(self.optimizer, "paged", False)
         tensors = []
         for state in self.optimizer.state.values():
-            values = state.values() if isinstance(state, dict) else [state]
-            tensors += [v for v in values if isinstance(v, torch.Tensor)]
+            items = state.items() if isinstance(state, dict) else [("", state)]
+            tensors += [v for k, v in items if isinstance(v, torch.Tensor)
+                        and (paged and k in PAGED_KEYS) == host]
+        if paged and not host and hasattr(self.optimizer, "resident_tensors"):
+            tensors += list(self.optimizer.resident_tensors())
         return tensors
 
     def _optimizer_bytes(self, register=False) -> int:
-        """Device-resident bytes of optimizer state, once per storage."""
+        """Device-resident bytes of optimizer state, once per storage (host pages apart)."""
         seen, total = set(), 0
         for t in self._optimizer_tensors():
             st = _storage(t)
@@ -220,14 +250,34 @@ class MemoryTracker:
                 self._static[id(st)] = st
             if st.device == self.device:
                 total += st.nbytes()
+        if register:
+            for t in self._optimizer_tensors(host=True):
+                st = _storage(t)
+                if st is not None and id(st) not in seen:
+                    seen.add(id(st))
+                    self._static[id(st)] = st
+                    self._host_static += st.nbytes()
         return total
+
+    def _created_host(self, t):
+        st = _storage(t)
+        if st is None or id(st) in self._host_live or id(st) in self._static:
+            return
+        key = id(st)
+        self._host_live[key] = st.nbytes()
+        self._host_refs[key] = weakref.ref(st, lambda _, k=key: self._host_freed(k))
+        self.host_max = max(self.host_max, self._host_static + sum(self._host_live.values()))
+
+    def _host_freed(self, key):
+        self._host_live.pop(key, None)
+        self._host_refs.pop(key, None)
 
     def _created(self, t):
         st = _storage(t)
         if st is None or st.device != self.device:
             return
         key = id(st)
-        if key in self._static or key in self._live:
+        if key in self._static or key in self._live or key in self._host_live:
             return
         self._live[key] = st.nbytes()
         self._serial += 1
@@ -272,6 +322,8 @@ class MemoryTracker:
             self.act_live -= entry[1]
 
     def _grad_ready(self, p):
+        if p.grad is None:  # already consumed and freed by an optimizer step inside backward
+            return
         st = _storage(p.grad)
         if st is not None and st.device == self.device and id(st) in self._serial_of:
             self._grads[id(st)] = self._serial_of[id(st)]
@@ -331,6 +383,13 @@ class MemoryTracker:
         self.act_max = max(self.act_max, self.act_live)
 
     def _step_starts(self, optimizer, args, kwargs):
+        if torch._C._current_graph_task_id() != -1:
+            # a step inside backward (minift.backward_step): the one gradient it consumes is
+            # counted before the step frees it; forward and backward are still under way
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    self._grad_ready(p)
+            return
         self._phase = "post"
 
     @contextlib.contextmanager
@@ -368,7 +427,11 @@ class MemoryTracker:
         # before the first step() the states did not exist yet; from the second step they do
         extra = max(0, opt_end - self._opt_start)
         pre, post = self._best["pre"], self._best["post"]
-        peak_pre = weights + self._opt_start + extra + pre[0] if pre[1] else -1
+        # states a step inside backward created before the pre-step peak are in its live bytes
+        # already; `extra` counts them for the steady state, so they are taken out once
+        new_pre = sum(n for serial, n in pre[1]["live"].items() if serial in opt_serials) \
+            if pre[1] else 0
+        peak_pre = weights + self._opt_start + extra + pre[0] - new_pre if pre[1] else -1
         peak_post = weights + self._opt_start + post[0] if post[1] else -1
         at_peak, phase_peak = (pre[1], peak_pre) if peak_pre >= peak_post else (post[1], peak_post)
         # a peak inside a recompute: what that recompute went on to keep was activation memory
@@ -377,14 +440,15 @@ class MemoryTracker:
             if serial in self._kept_serials))
         new_opt = sum(n for serial, n in at_peak["live"].items() if serial in opt_serials)
         accounted = weights + self._opt_start + at_peak["activations"] + at_peak["gradients"]
-        accounted += new_opt + (extra if peak_pre >= peak_post else 0)
+        accounted += extra if peak_pre >= peak_post else new_opt
         other = sum(at_peak["live"].values()) + at_peak["old_saved"] - at_peak["activations"] \
             - (at_peak["gradients"] - self._grad_pre) - new_opt
         report = MemoryReport(
             frozen_weights=self._weights["frozen_weights"],
             trainable_params=self._weights["trainable_params"],
             gradients=self.grad_max, optimizer_states=opt_end, activations=self.act_max,
-            other=max(0, other), peak=phase_peak, device=str(self.device))
+            other=max(0, other), peak=phase_peak, device=str(self.device),
+            host=max(self.host_max, self._host_static))
         if cuda:
             report.peak = torch.cuda.max_memory_allocated(self.device)
             # the allocator's high-water mark since reset_peak_memory_stats in track(): what the
@@ -403,10 +467,8 @@ class MemoryTracker:
             report.notes.append("no optimizer given: optimizer states not counted")
             return
         if getattr(self.optimizer, "paged", False):
-            host = sum(t.nbytes for t in self._optimizer_tensors() if t.device != self.device)
+            host = sum(t.nbytes for t in self._optimizer_tensors(host=True))
             report.notes.append(
                 f"paged optimizer: {format_bytes(host)} of 8-bit states live in host memory "
-                "pages, streamed to the device during step(); only device-resident states are "
-                "counted" if self.device.type != "cpu" else
-                "paged optimizer: its 8-bit states live in host memory pages (here the device "
-                "is the CPU, so they are counted)")
+                "pages (counted under host); optimizer_states are the pages kept resident on "
+                "the device")

@@ -12,12 +12,19 @@ The step, per element, all in float32 (``p`` is the parameter, ``g`` its gradien
     m = m * beta1 + g * (1 - beta1)
     v = v * beta2 + (g * g) * (1 - beta2)
     p = p * (1 - lr * weight_decay)                    # decoupled decay first, as torch AdamW
-    p = p - (m / (sqrt(v) / sqrt(1 - beta2**t) + eps)) * (lr / (1 - beta1**t))
+    p = p - (m / (sqrt(v) * (1 / sqrt(1 - beta2**t)) + eps)) * (lr / (1 - beta1**t))
     m8 = quant(m) ; v8 = quant(v)                      # fresh absmax per block
+
+The bias correction of v is a multiplication by ``1 / sqrt(1 - beta2**t)`` (computed on the host
+in float64, rounded once to float32), not a division by ``sqrt(1 - beta2**t)``: torch on CUDA
+turns a division by a Python scalar into a multiplication by its reciprocal while the CPU
+divides, so only the multiplication gives the same bits on CPU, on CUDA and in the kernel.
 """
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +90,13 @@ class StepScalars:
     eps: float
     decay: float  # 1 - lr * weight_decay
     step_size: float  # lr / (1 - beta1**t)
-    bc2_sqrt: float  # sqrt(1 - beta2**t)
+    inv_bc2_sqrt: float  # 1 / sqrt(1 - beta2**t)
     seed: int  # stochastic-rounding seed for this step and tensor, in [0, 2**31)
 
     @classmethod
     def make(cls, lr, beta1, beta2, eps, weight_decay, step, seed=0):
         return cls(beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, 1.0 - lr * weight_decay, lr / (1.0 - beta1**step),
-                   math.sqrt(1.0 - beta2**step), int(seed))
+                   1.0 / math.sqrt(1.0 - beta2**step), int(seed))
 
 
 def adamw_math(p, g, m, v, s: StepScalars):
@@ -97,7 +104,11 @@ def adamw_math(p, g, m, v, s: StepScalars):
     m = m * s.beta1 + g * s.one_minus_beta1
     v = v * s.beta2 + (g * g) * s.one_minus_beta2
     p = p * s.decay
-    denom = torch.sqrt(v) / s.bc2_sqrt + s.eps
+    # sqrt in float64, rounded once to float32: the correctly rounded float32 sqrt, as CUDA and
+    # the kernel's sqrt_rn give. torch's float32 sqrt on an AVX-512 CPU is not always: for
+    # v = 3.9696565e-06 it returned 0.0019923995714634657, one ulp below 0.0019923998042941093.
+    root = torch.sqrt(v.double()).float()
+    denom = root * s.inv_bc2_sqrt + s.eps  # a product, never "/ scalar": see the module doc
     p = p - (m / denom) * s.step_size
     return p, m, v
 
@@ -165,3 +176,160 @@ def adamw32_step(p, g, exp_avg, exp_avg_sq, s: StepScalars, stochastic: bool = F
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     p.copy_(round_to_param(p32.reshape(-1), p.dtype, s.seed, 0, stochastic).view_as(p))
+
+
+# ---- the fast CPU step ------------------------------------------------------------------
+# The reference spends most of its time in searchsorted over the 256-entry map and in
+# allocating a dozen full-size temporaries. The fast step below gives the same bits (tests
+# compare it with the reference above) by
+#   * requantizing through a table indexed by the top 16 bits of the float32 value y = x/absmax
+#     (sign, exponent, 7 mantissa bits): within such a bucket the reference's answer takes at most
+#     two values, split at one threshold, so one compare replaces the 8-step search;
+#   * walking the tensor in chunks of CHUNK elements with preallocated buffers and in-place ops,
+#     so the temporaries stay in cache and nothing of full size is allocated.
+CHUNK = 1 << 16  # elements per pass: about 8 buffers of 256 KiB, within a core's 2 MiB L2
+_PREFIXES = 1 << 16  # table entries: every value of the top 16 bits of a float32
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # which uint16 of a float32 holds its top bits
+
+
+def _bucket_values(prefix: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Float32: in the bucket of each top-16-bit ``prefix`` (int64), its value of the given rank.
+
+    Rank 0 is the smallest value of the bucket; a negative bucket grows as its low bits shrink.
+    """
+    low = torch.where(prefix >= 0x8000, 0xFFFF - rank, rank)
+    bits = (prefix << 16) | low
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _requant_table_cached(code_bytes: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    nearest = lambda y: nearest_code(y, code).long()  # noqa: E731
+    prefix = torch.arange(_PREFIXES, dtype=torch.int64)
+    low_code = nearest(_bucket_values(prefix, torch.zeros_like(prefix)))
+    high_code = nearest(_bucket_values(prefix, torch.full_like(prefix, 0xFFFF)))
+    # The buckets of inf and NaN are not ordered by rank: decided below by the reference.
+    finite = (prefix & 0x7F80) != 0x7F80
+    split = torch.nonzero((low_code != high_code) & finite)[:, 0]  # ~250 buckets per map
+    # Bisect the split buckets for the first rank whose code differs from the bucket's first.
+    lo, hi = torch.zeros_like(split), torch.full_like(split, 0xFFFF)
+    for _ in range(16):
+        mid = (lo + hi) // 2
+        moved = nearest(_bucket_values(split, mid)) != low_code[split]
+        hi, lo = torch.where(moved, mid, hi), torch.where(moved, lo, mid + 1)
+    threshold = torch.full((_PREFIXES,), math.inf)
+    threshold[split] = _bucket_values(split, hi)
+    if not torch.equal(nearest(threshold[split]), high_code[split]):
+        raise ValueError("quant8: the code map splits a table bucket twice")  # finer than 2**-7
+    high_code = torch.where(threshold < math.inf, high_code, low_code)
+    nan = nearest(torch.tensor([math.nan]))
+    for top, edge in ((0x7F80, math.inf), (0xFF80, -math.inf)):
+        low_code[top:top + 0x80] = high_code[top:top + 0x80] = nan
+        edge_code = nearest(torch.tensor([edge]))
+        if edge_code != nan:  # y >= edge holds for the infinity alone, never for NaN
+            threshold[top], high_code[top] = edge, edge_code
+    return threshold, torch.cat([low_code, high_code]).to(torch.uint8)
+
+
+def requant_table(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables that give ``nearest_code(y, code)`` without a search, for every float32 ``y``.
+
+    Returns (threshold float32 (65536,), codes uint8 (131072,)): with b the top 16 bits of y,
+    ``nearest_code(y) == codes[b + 65536 * (y >= threshold[b])]``. Built once per map (bisection
+    over the reference itself, so ties and the rounding of its subtractions carry over).
+    """
+    return _requant_table_cached(code.detach().float().cpu().contiguous().numpy().tobytes())
+
+
+@dataclass
+class _Workspace:
+    """Chunk buffers of one fast step (allocated per call: no state outlives a step)."""
+
+    m: torch.Tensor  # float32 (chunk,): first moment, then scratch
+    v: torch.Tensor  # float32 (chunk,): second moment
+    d: torch.Tensor  # float32 (chunk,): denominator / update, then y = x / absmax
+    idx: torch.Tensor  # int32 (chunk,): table indices
+    ge: torch.Tensor  # bool (chunk,): y >= threshold
+    scale: torch.Tensor  # float32 (chunk / 256,): absmax with zeros replaced by one
+    one: torch.Tensor  # float32 0-dim 1.0
+    p32: torch.Tensor | None  # float32 (chunk,) when p is not float32
+    g32: torch.Tensor | None  # float32 (chunk,) when g is not float32
+
+    @classmethod
+    def make(cls, size: int, p_dtype, g_dtype) -> "_Workspace":
+        f32 = lambda: torch.empty(size, dtype=torch.float32)  # noqa: E731
+        return cls(f32(), f32(), f32(), torch.empty(size, dtype=torch.int32),
+                   torch.empty(size, dtype=torch.bool), torch.empty(size // BLOCK), torch.ones(()),
+                   None if p_dtype == torch.float32 else f32(),
+                   None if g_dtype == torch.float32 else f32())
+
+
+def _dequantize_into(out, codes, absmax, code, idx) -> None:
+    """out (k,) float32 = code[codes] * absmax per block, k a multiple of 256; idx is scratch."""
+    idx.copy_(codes)  # uint8 -> int32: index_select takes int32 indices
+    torch.index_select(code, 0, idx, out=out)
+    out.view(-1, BLOCK).mul_(absmax[:, None])
+
+
+def _requantize_from(x, codes, absmax, table, w: _Workspace, k: int) -> None:
+    """Quantize x (k,) float32 into codes (k,) and absmax (k/256,); x is overwritten."""
+    threshold, table_codes = table
+    y, idx, ge, scale = w.d[:k], w.idx[:k], w.ge[:k], w.scale[:k // BLOCK]
+    blocks = x.view(-1, BLOCK)
+    torch.amax(torch.abs(blocks, out=y.view(-1, BLOCK)), dim=1, out=absmax)
+    # An all-zero block divides by one and stores exact zeros (as quantize_blockwise).
+    torch.where(absmax > 0, absmax, w.one, out=scale)  # NaN > 0 fails too, as there
+    torch.div(blocks, scale[:, None], out=y.view(-1, BLOCK))
+    idx.copy_(y.view(torch.uint16)[_HIGH_HALF::2])  # the top 16 bits of each float32, 0..65535
+    torch.index_select(threshold, 0, idx, out=x)  # x is free now: it holds the thresholds
+    torch.ge(y, x, out=ge)
+    idx.add_(ge, alpha=_PREFIXES)
+    torch.index_select(table_codes, 0, idx, out=codes)
+
+
+def _step_chunk(p, g, states, maps, tables, s: StepScalars, w: _Workspace, offset, stochastic):
+    """The fast step on one chunk of k elements (k a multiple of 256), every buffer in place."""
+    m_codes, m_absmax, v_codes, v_absmax = states
+    k = p.numel()
+    m, v, d = w.m[:k], w.v[:k], w.d[:k]
+    _dequantize_into(m, m_codes, m_absmax, maps[0], w.idx[:k])
+    _dequantize_into(v, v_codes, v_absmax, maps[1], w.idx[:k])
+    g32 = g if w.g32 is None else w.g32[:k].copy_(g)
+    # Each line is the reference's expression, in its order, one float32 rounding per op.
+    m.mul_(s.beta1).add_(torch.mul(g32, s.one_minus_beta1, out=d))
+    v.mul_(s.beta2).add_(torch.mul(g32, g32, out=d).mul_(s.one_minus_beta2))
+    p32 = p if w.p32 is None else w.p32[:k].copy_(p)
+    p32.mul_(s.decay)
+    torch.sqrt(v, out=d).div_(s.bc2_sqrt).add_(s.eps)
+    p32.sub_(torch.div(m, d, out=d).mul_(s.step_size))
+    if w.p32 is not None:
+        p.copy_(round_to_param(p32, p.dtype, s.seed, offset, stochastic))
+    _requantize_from(m, m_codes, m_absmax, tables[0], w, k)
+    _requantize_from(v, v_codes, v_absmax, tables[1], w, k)
+
+
+def adamw8bit_step_cpu(p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, map_v,
+                       s: StepScalars, offset: int = 0, stochastic: bool = False) -> None:
+    """``adamw8bit_step_reference`` with the same arguments and the same bits, faster on CPU.
+
+    Tensors on other devices go to the reference. The last partial block (n % 256 elements)
+    also runs the reference: its cost is a few hundred elements.
+    """
+    if p.device.type != "cpu":
+        return adamw8bit_step_reference(p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, map_v,
+                                        s, offset, stochastic)
+    n = p.numel()
+    full = n - n % BLOCK
+    tables = (requant_table(map_m), requant_table(map_v))
+    w = _Workspace.make(min(CHUNK, full), p.dtype, g.dtype)
+    for a in range(0, full, CHUNK):
+        b = min(a + CHUNK, full)
+        blk = slice(a // BLOCK, b // BLOCK)
+        _step_chunk(p[a:b], g[a:b], (m_codes[a:b], m_absmax[blk], v_codes[a:b], v_absmax[blk]),
+                    (map_m, map_v), tables, s, w, offset + a, stochastic)
+    if full < n:
+        blk = slice(full // BLOCK, None)
+        adamw8bit_step_reference(p[full:], g[full:], m_codes[full:], m_absmax[blk],
+                                 v_codes[full:], v_absmax[blk], map_m, map_v, s, offset + full,
+                                 stochastic)

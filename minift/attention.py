@@ -1,0 +1,143 @@
+"""Attention masks for every batch shape, decided once per forward and shared by all layers.
+
+A batch is plain causal (no padding, no packed samples, no window in reach), padded, packed
+(several samples per row, `segment_ids` 1..k, 0 = padding) or longer than a sliding window.
+Two ways to run the masked shapes:
+
+- "sdpa": a dense boolean mask (B, 1, Tq, Tk) for `F.scaled_dot_product_attention`. On a GPU,
+  SDPA's fused kernels do not take an explicit mask together with `enable_gqa=True`, so GQA
+  models (Llama 3, Mistral, Qwen2) fall back to the math kernel and materialise B*H*T^2 scores
+  per layer. Used on CPU and for decoding with a KV cache (one query row per step).
+- "flex": FlexAttention with a `BlockMask` built once per forward. The kernel skips every
+  (128 x 128) block with no allowed pair, so a packed row of samples of length L costs
+  O(T * L), not O(T^2), and a sliding window of W costs O(T * W). GQA runs in the kernel.
+
+The plain causal shape always takes SDPA's `is_causal=True` path (flash attention on a GPU).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+ATTENTION_IMPLS = ("auto", "sdpa", "flex")
+
+
+# What every layer of one forward attends with: None (plain causal), a dense boolean mask
+# (B, 1, Tq, Tk), True = may attend, or a flex BlockMask. The dense mask stays a plain tensor so
+# that gradient checkpointing sees it as an input of each layer, as before.
+BatchMask = Union[None, torch.Tensor, BlockMask]
+
+
+def attention_mask_4d(q_pos, k_pos, key_valid=None, q_seg=None, k_seg=None, window=None):
+    """Boolean mask (B, 1, Tq, Tk): True where a query may attend to a key.
+
+    Args are index tensors: q_pos (Tq,), k_pos (Tk,) absolute cache positions; key_valid (B, Tk)
+    bool; q_seg (B, Tq), k_seg (B, Tk) packed-sample ids (0 = padding).
+    """
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk) causal
+    if window is not None:
+        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+    allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    if q_seg is not None:
+        same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)  # (B, Tq, Tk)
+        allowed = allowed & same[:, None]
+    # A padding query may see no key at all; letting it see itself keeps softmax finite (its
+    # output is never used).
+    return allowed | (k_pos[None, :] == q_pos[:, None])[None, None]
+
+
+def flex_block_mask(batch: int, t: int, key_valid=None, segment_ids=None, window=None,
+                    device=None, block_size: int = 128) -> BlockMask:
+    """The `BlockMask` of a forward without a cache: the same pairs as `attention_mask_4d`.
+
+    Args:
+        batch, t: the batch size B and sequence length T (queries = keys, positions 0..T-1).
+        key_valid: (B, T) bool, False at padding; None = no padding.
+        segment_ids: (B, T) packed-sample ids (> 0), 0 at padding; None = one sample per row.
+        window: sliding window in tokens, or None.
+        block_size: flex's tile edge; blocks with no allowed pair are never visited.
+    """
+
+    def mask_mod(b, h, q, k):  # scalar indices, vmapped by flex
+        allowed = k <= q
+        if window is not None:
+            allowed = allowed & (q - k < window)
+        if key_valid is not None:
+            allowed = allowed & key_valid[b, k]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[b, q] == segment_ids[b, k]) & (segment_ids[b, k] > 0)
+        return allowed | (q == k)  # as attention_mask_4d: a padding query sees itself
+
+    per_row = key_valid is not None or segment_ids is not None
+    # create_block_mask evaluates mask_mod on the dense (B, T, T) grid once per forward; the
+    # attention kernel then reads only the compressed block lists.
+    return create_block_mask(mask_mod, batch if per_row else None, None, t, t, device=device,
+                             BLOCK_SIZE=block_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    # flex_attention is fast only compiled (eager materialises the scores). Compiled once per
+    # process; inside a compiled decoder layer dynamo inlines it into the layer's graph.
+    return torch.compile(flex_attention)
+
+
+def flex_attend(q, k, v, block: BlockMask) -> torch.Tensor:
+    """FlexAttention of q (B, H, T, D) over k, v (B, KV, T, D) -> (B, H, T, D).
+
+    On CUDA the compiled kernel; elsewhere flex's eager reference (forward only: torch has no
+    CPU flex backward), which is how the CPU tests check this path against the dense one.
+    """
+    gqa = k.shape[1] != q.shape[1]
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, block_mask=block, enable_gqa=gqa)
+    with warnings.catch_warnings():  # eager flex warns that it is unfused; known and wanted here
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=block, enable_gqa=gqa)
+
+
+def attend(q, k, v, mask: BatchMask) -> torch.Tensor:
+    """Attention of q (B, H, Tq, D) over k, v (B, KV, Tk, D) under `mask` -> (B, H, Tq, D)."""
+    if isinstance(mask, BlockMask):
+        return flex_attend(q, k, v, mask)
+    gqa = k.shape[1] != q.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def batch_mask(t: int, past: int, attention_mask, segment_ids, window, device,
+               use_flex: bool) -> BatchMask:
+    """Choose and build the mask of one forward of T new tokens after `past` cached ones.
+
+    The choice never reads tensor values on the device (no host-device sync): an all-ones
+    `attention_mask` is recognised only when it lives on the host, where reading it is free;
+    callers that know a batch is unpadded pass None instead (the training loop does).
+
+    Args:
+        attention_mask: (B, past + T) 1 = token, 0 = padding, or None.
+        segment_ids: (B, T) packed-sample ids, or None.
+        window: the model's sliding window, or None.
+        use_flex: take FlexAttention for masked shapes without a cache.
+    """
+    if window is not None and past + t <= window:
+        window = None  # the window cannot cut anything yet
+    if (attention_mask is not None and segment_ids is None and past == 0
+            and attention_mask.device.type == "cpu" and bool(attention_mask.all())):
+        attention_mask = None  # nothing padded (read on the host): keep the fused causal kernel
+    if attention_mask is None and segment_ids is None and window is None and past == 0:
+        return None  # plain causal: SDPA's is_causal path
+    key_valid = attention_mask.bool() if attention_mask is not None else None
+    if use_flex and past == 0:
+        b = attention_mask.shape[0] if attention_mask is not None else \
+            segment_ids.shape[0] if segment_ids is not None else 1
+        return flex_block_mask(b, t, key_valid, segment_ids, window, device)
+    k_pos = torch.arange(past + t, device=device)
+    return attention_mask_4d(k_pos[past:], k_pos, key_valid, segment_ids, segment_ids, window)

@@ -1,0 +1,102 @@
+"""`python -m minift bench gpu`: the whole suite in its CPU dry run, its guards, its CLI."""
+import json
+import statistics
+
+import pytest
+import torch
+
+import minift.bench_gpu as bench_gpu
+from minift.__main__ import main
+from minift.bench_gpu_steps import STEP_METHODS, train_flops_per_token
+from minift.config import ModelConfig
+
+PARTS = [name for name, _ in bench_gpu.PARTS]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_gpu")
+    code = main(["bench", "gpu", "--dry-run", "--out", str(out)])
+    return code, json.loads((out / "bench_gpu.json").read_text())
+
+
+@pytest.mark.slow  # the whole suite once (module fixture): ~10-30 s on 2 shared cores
+def test_dry_run_runs_every_part(dry_run):
+    code, record = dry_run
+    assert code == 0 and record["dry_run"] is True
+    assert {"command", "machine", "versions", "git_commit", "device", "sizes", "results"} <= set(record)
+    assert record["versions"]["torch"] == torch.__version__ and record["device"]["type"] == "cpu"
+    assert record["arguments"]["dry_run"] is True and record["arguments"]["budget_s"] == 480.0
+    results = record["results"]
+    assert list(results) == PARTS
+    assert not [name for name, r in results.items() if "error" in r]
+    assert results["copy_bandwidth"]["bytes_per_s"] > 0 and results["matmul_flops"]["flops_per_s"] > 0
+
+
+@pytest.mark.slow  # the whole suite once (module fixture): ~10-30 s on 2 shared cores
+def test_dry_run_checks_the_kernels(dry_run):
+    checks = dry_run[1]["results"]["kernel_checks"]  # the interpreter runs them (conftest)
+    assert {"nf4_dequant", "adamw8bit_float32", "adamw8bit_bfloat16"} <= set(checks)
+    assert all(checks[k]["equal"] for k in ("nf4_dequant", "adamw8bit_float32", "adamw8bit_bfloat16"))
+
+
+@pytest.mark.slow  # the whole suite once (module fixture): ~10-30 s on 2 shared cores
+def test_dry_run_timings_and_ratios(dry_run):
+    r = dry_run[1]["results"]
+    assert set(r["nf4_dequant"]) - {"wall_s"} == {"64x64", "64x192", "128x256"}
+    for row in (v for k, v in r["nf4_dequant"].items() if k != "wall_s"):
+        assert row["ms"] and row["share_of_copy"] == pytest.approx(
+            row["bytes"] / (statistics.median(row["ms"]) / 1e3)
+            / r["copy_bandwidth"]["bytes_per_s"])
+    assert r["adamw8bit"]["adamw8bit"]["floor_bytes"] == 4096 * 16
+    assert r["adamw8bit"]["torch_adamw_fused"]["ms"]
+    assert all(r["fused_ops"][op]["eager_ms"] for op in ("rmsnorm", "rope", "swiglu"))
+    steps = r["train_steps"]
+    for method, optimizer in STEP_METHODS:
+        row = steps[method]
+        assert row["optimizer"] == optimizer and row["ms"] and row["tokens_per_s"] > 0
+        assert row["estimate"]["total"] > 0 and row["mfu"] > 0
+    peer = r["peer_steps"]
+    assert peer["lora"]["ms"] and peer["full"]["ms"]
+    assert "skipped" in peer["qlora"]  # bitsandbytes NF4 needs CUDA
+
+
+def test_a_failing_part_is_recorded_and_the_suite_goes_on(monkeypatch):
+    def out_of_memory(ctx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    parts = list(bench_gpu.PARTS)
+    parts[0] = ("copy_bandwidth", out_of_memory)
+    monkeypatch.setattr(bench_gpu, "PARTS", tuple(parts))
+    results = bench_gpu.run_suite(torch.device("cpu"), True, 60.0,
+                                  only=["copy_bandwidth", "matmul_flops"])
+    assert results["copy_bandwidth"]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert results["matmul_flops"]["flops_per_s"] > 0
+
+
+def test_a_spent_budget_skips_the_remaining_parts():
+    results = bench_gpu.run_suite(torch.device("cpu"), True, 1e-9, only=["copy_bandwidth"])
+    assert results["copy_bandwidth"]["skipped"] == "the suite's time budget is spent"
+
+
+def test_flops_per_token_of_llama_31_8b():
+    config = ModelConfig.from_name("llama-3.1-8b")
+    assert config.num_parameters() == 8_030_261_248  # the published parameter count
+    assert config.rope_scaling["factor"] == 8.0 and config.max_position_embeddings == 131072
+    matmul = 8_030_261_248 - 2 * 128256 * 4096 - 65 * 4096 + 128256 * 4096  # no embedding, norms
+    attention = 12 * 32 * 2048 * 4096
+    assert train_flops_per_token(config, 2048, "full") == 6 * matmul + attention
+    assert train_flops_per_token(config, 2048, "lora") == 4 * matmul + attention
+
+
+def test_bench_gpu_bad_input(capsys, tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "gpu", "--out", str(tmp_path)])
+        assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "gpu", "--dry-run", "--out", str(tmp_path), "--budget-s", "nan"])
+    assert "--budget-s must be a finite number > 0, got nan" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "gpu", "--dry-run"])  # --out is required
+    assert "--out" in capsys.readouterr().err
