@@ -82,7 +82,7 @@ def test_corrupt_json_of_a_checkpoint_without_checksums_is_one_line(tmp_path):
         text = open(os.path.join(path, name)).read()
         open(os.path.join(path, name), "w").write("{" + text[1:-1] + "]")  # same size
         model = TinyLM()
-        with pytest.raises(ValueError, match=rf"{name}:1:\d+: invalid JSON"):
+        with pytest.raises(ValueError, match=rf"{name}:1: invalid JSON \("):
             ckpt.load_checkpoint(path, model=model, optimizer=_opt(model))
         open(os.path.join(path, name), "w").write(text)
 
