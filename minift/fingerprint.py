@@ -8,6 +8,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from minift.preference import PAIR_KEYS
+
 # Relative tolerance of the base fingerprint. The sums are float64 over float32 (or uint8) values,
 # so another summation order (thread count, CPU vs CUDA) moves them by ~1e-12 relative; another
 # base (other weights, weights scaled, another quantization) moves them by far more than 1e-4.
@@ -62,11 +64,12 @@ def _base_difference(saved: dict, now: dict, rtol: float = BASE_RTOL) -> Optiona
 
 
 def data_fingerprint(examples) -> dict:
-    """Count and hash of tokenized examples, so a resume can tell that the data is the same."""
+    """Count and hash of tokenized examples (or preference pairs), so a resume can tell that the
+    data is the same."""
     h = hashlib.sha256()
     for ex in examples:
-        h.update(np.asarray(ex["input_ids"], dtype=np.int64).tobytes())
-        h.update(np.asarray(ex["labels"], dtype=np.int64).tobytes())
+        for key in PAIR_KEYS if "chosen_ids" in ex else ("input_ids", "labels"):
+            h.update(np.asarray(ex[key], dtype=np.int64).tobytes())
     return {"examples": len(examples), "sha256": h.hexdigest()}
 
 

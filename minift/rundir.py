@@ -25,6 +25,7 @@ from minift import checkpoint as ckpt
 from minift._util import atomic_write
 from minift.lora import LoRALinear
 from minift.nf4_linear import NF4Linear
+from minift.preference import PAIR_KEYS
 
 
 def new_run_id() -> str:
@@ -100,9 +101,9 @@ def check_token_ids(examples, vocab_size: Optional[int], name: str) -> None:
     if vocab_size is None:
         return
     for i, ex in enumerate(examples):
-        for key in ("input_ids", "labels"):
+        for key in [k for k in ("input_ids", "labels") + PAIR_KEYS if k in ex]:  # SFT or DPO
             ids = np.asarray(ex[key], dtype=np.int64)  # one vectorised pass per list
-            wrong = (ids >= vocab_size) | ((ids < 0) & (ids != -100 if key == "labels" else True))
+            wrong = (ids >= vocab_size) | ((ids < 0) & (ids != -100 if key.endswith("labels") else True))
             if wrong.any():
                 j = int(np.flatnonzero(wrong)[0])
                 raise ValueError(f"{name}[{i}]: {key}[{j}] is token id {int(ids[j])}, outside the "

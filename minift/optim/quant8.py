@@ -239,6 +239,13 @@ def requant_table(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``nearest_code(y) == codes[b + 65536 * (y >= threshold[b])]``. Built once per map (bisection
     over the reference itself, so ties and the rounding of its subtractions carry over).
     """
+    return _requant_table_of(code)
+
+
+@functools.lru_cache(maxsize=16)
+def _requant_table_of(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Keyed by the map tensor itself (the optimizer keeps one pair of constant maps per device),
+    # so a step reads no map values back to the host; a new map object is keyed by its values.
     return _requant_table_cached(code.detach().float().cpu().contiguous().numpy().tobytes())
 
 
@@ -301,7 +308,8 @@ def _step_chunk(p, g, states, maps, tables, s: StepScalars, w: _Workspace, offse
     v.mul_(s.beta2).add_(torch.mul(g32, g32, out=d).mul_(s.one_minus_beta2))
     p32 = p if w.p32 is None else w.p32[:k].copy_(p)
     p32.mul_(s.decay)
-    d.copy_(torch.sqrt(v.double())).mul_(s.inv_bc2_sqrt).add_(s.eps)  # adamw_math's root
+    # the correctly rounded float32 sqrt (through float64, as adamw_math), times 1/sqrt(bc2)
+    d.copy_(v.double().sqrt_()).mul_(s.inv_bc2_sqrt).add_(s.eps)
     p32.sub_(torch.div(m, d, out=d).mul_(s.step_size))
     if w.p32 is not None:
         p.copy_(round_to_param(p32, p.dtype, s.seed, offset, stochastic))
