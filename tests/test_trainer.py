@@ -123,7 +123,7 @@ def metrics(tmp_path, name="run"):
     ("grad_accum", 0, "grad_accum"), ("micro_batch_size", 0, "micro_batch_size"),
     ("epochs", 0, "epochs"), ("max_steps", 0, "max_steps"), ("keep_last", 0, "keep_last"),
     ("max_grad_norm", 0.0, "max_grad_norm"), ("weight_decay", -1.0, "weight_decay"),
-    ("learning_rate", "1e-4", r"learning_rate must be a finite number in \(0, 3.4e37\), got '1e-4'"),
+    ("learning_rate", "1e-4", r"learning_rate must be a finite number in \(0, 3.4e37\), got str '1e-4'"),
     ("learning_rate", math.inf, r"learning_rate must be a finite number in \(0, 3.4e37\), got inf"),
     ("learning_rate", math.nan, r"learning_rate must be a finite number in \(0, 3.4e37\), got nan"),
     # AdamW's float32 update lr / (1 - beta1) overflows: one line here, not a traceback mid-step
