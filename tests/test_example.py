@@ -312,7 +312,7 @@ def test_saved_models_keep_the_checkpoints_dtype(tmp_path, method):
     args.device_type = "cpu"
     tokenizer, model = script.load_base(args, torch.device("cpu"))
     assert model.lm_head.weight.dtype == torch.float32  # trained in float32 on a CPU
-    saved = script.save_outputs(model, tokenizer, args)
+    saved = script.save_outputs(model, tokenizer, args, [torch.tensor([1, 5, 9, 14])])
     folder = Path(saved["merged" if method == "lora" else "model"])
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
