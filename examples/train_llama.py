@@ -31,14 +31,17 @@ import minift
 from minift import checkpoint as ckpt
 from minift import dist_checkpoint as dckpt
 from minift import distributed as mdist
+from minift import rundir
+from minift._util import METHODS, OPTIMIZERS, PARALLEL, ShowDefaults, write_json
 from minift.data import load_dataset, load_jsonl, row_to_messages
+from minift.loading import as_dtype
 from minift.evaluate import forgetting, load_texts, perplexity, task_metrics
 from minift.merging import describe, merge_and_check
-from minift._util import METHODS, OPTIMIZERS, PARALLEL
 from minift.trainer import TrainConfig, evaluate
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class UsageError(Exception):
@@ -93,12 +96,13 @@ def _device(text):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineParser(prog="train_llama.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="train_llama.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=ShowDefaults)
     add = p.add_argument
     add("--model", default=str(HERE / "base"), help="Hugging Face checkpoint folder")
     add("--data", default=str(HERE / "data" / "train.jsonl"), help="training chat JSONL")
     add("--eval-data", default=str(HERE / "data" / "eval.jsonl"), help="held-out chat JSONL")
-    add("--method", default="lora", choices=METHODS)
+    add("--method", default="lora", choices=METHODS, help="what is trained")
     add("--r", type=_number(int, 1), default=8, help="LoRA rank")
     add("--alpha", type=_number(float, 0, strict=True), default=16.0, help="LoRA alpha")
     add("--target-modules", default="all-linear",
@@ -106,11 +110,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--lr", type=_number(float, 0, strict=True), default=None,
         help="peak learning rate (default: 1e-3 full, 3e-3 lora/qlora)")
     add("--max-steps", type=_number(int, 1), default=None, help="optimizer steps (overrides --epochs)")
-    add("--epochs", type=_number(int, 1), default=8)
+    add("--epochs", type=_number(int, 1), default=8, help="passes over --data")
     add("--seq-len", type=_number(int, 2), default=64, help="longest example in tokens")
     add("--batch-size", type=_number(int, 1), default=16, help="examples per micro-batch")
     add("--grad-accum", type=_number(int, 1), default=1, help="micro-batches per optimizer step")
-    add("--optimizer", default="adamw", choices=OPTIMIZERS)
+    add("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer of the trained weights")
+    add("--dtype", default="auto", choices=DTYPES,
+        help="dtype the base is loaded and trained in; auto: on CUDA the checkpoint's own dtype "
+             "(bf16 autocast), on CPU float32, measured fastest there (docs/training.md). Saved "
+             "models keep the checkpoint's dtype either way")
     add("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
     add("--max-grad-norm", type=_number(float, 0), default=1.0,
         help="clip the global gradient norm to this; 0 = no clipping (default 1.0)")
@@ -131,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
              "on (nf4) or into the original 16-bit weights of --model (original)")
     add("--general", default=str(HERE / "data" / "general.jsonl"),
         help="plain-text JSONL ({\"text\": ...}) whose perplexity tracks forgetting; '' = off")
-    add("--seed", type=_number(int, 0, maximum=2**32), default=0)
+    add("--seed", type=_number(int, 0, maximum=2**32), default=0, help="seeds init, dropout and data order")
     add("--eval-samples", type=_number(int, 1), default=None,
         help="evaluate on the first N held-out rows (default: all)")
     add("--device", type=_device, default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -146,11 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_base(args, device):
     """The tokenizer and the prepared model: full, LoRA-wrapped, or NF4 + LoRA-wrapped."""
     path = Path(args.model)
-    if not path.is_dir():
-        raise UsageError(f"--model {path}: not a directory")
     try:
-        # fp32 weights; on CUDA the loop computes in bf16 autocast.
-        model = minift.load_model(path, dtype=torch.float32, device=device,
+        model = minift.load_model(path, dtype=compute_dtype(args, path, device), device=device,
                                   quantize="nf4" if args.method == "qlora" else None)
         tokenizer = minift.load_tokenizer(path)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
@@ -171,6 +176,25 @@ def load_base(args, device):
     return tokenizer, model
 
 
+def checkpoint_dtype(path) -> torch.dtype:
+    """The dtype the checkpoint's config.json declares (float32 when it declares none)."""
+    try:
+        declared = minift.ModelConfig.from_json(path).torch_dtype
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"--model {path} is not a usable checkpoint: {err}") from err
+    try:
+        return as_dtype(declared or "float32")
+    except ValueError:
+        return torch.float32
+
+
+def compute_dtype(args, path, device) -> torch.dtype:
+    """--dtype: auto keeps the checkpoint's dtype on CUDA; on CPU float32 (bf16 measured slower)."""
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    return checkpoint_dtype(path) if device.type == "cuda" else torch.float32
+
+
 def load_rows(flag, path, tokenizer, seq_len, limit=None):
     """(raw rows, tokenized examples) of a chat JSONL file; errors name the flag and line."""
     if not Path(path).is_file():
@@ -187,8 +211,10 @@ def load_rows(flag, path, tokenizer, seq_len, limit=None):
                          f"tokens; raise --seq-len")
     if stats.dropped:  # a row whose reply was empty or cut away: nothing to train or score
         raise UsageError(f"{flag}: {caught[-1].message if caught else f'{stats.dropped} row(s) dropped'}")
-    # every row shape (chat, alpaca, prompt/completion) as messages, for exact match
-    conversations = [{"messages": row_to_messages(row)} for row in rows[:limit]]
+    # every chat row shape (chat, ShareGPT, alpaca, prompt/completion) as messages, for exact
+    # match; raw text rows are trained on but have no reply to match
+    conversations = [{"messages": row_to_messages(row)} for row in rows[:limit]
+                     if not (flag == "--data" and set(row) == {"text"})]
     for i, conversation in enumerate(conversations):
         if conversation["messages"][-1]["role"] != "assistant":
             raise UsageError(f"{flag} {path}: row {i + 1} does not end with an assistant reply")
@@ -199,6 +225,11 @@ def check_resume(model, config, train_data, say=print):
     """Fail before any work when --resume points at a checkpoint of another method, model shape,
     base model, data order or training data (minift.train checks the same, but only once it
     runs, after the before-evaluation)."""
+    try:  # a fresh run into a folder with another run's checkpoints, refused before any work
+        ckpt.clean_incomplete(config.output_dir)  # a complete .tmp-step-N counts as a checkpoint
+        rundir.check_output_dir(config.output_dir, config.resume_from)
+    except ValueError as err:
+        raise UsageError(f"--output: {err}") from err
     try:
         path = minift.check_resume(config, model, train_data)
     except (FileNotFoundError, ValueError, KeyError) as err:
@@ -309,12 +340,14 @@ def save_outputs(model, tokenizer, args, samples=()) -> dict:
     if args.distributed:
         return save_outputs_distributed(model, tokenizer, args)
     out, saved = Path(args.output), {}
+    keep = checkpoint_dtype(args.model)  # the saved model has the dtype the checkpoint had
     if args.method == "full":
-        minift.save_model(model, out / "model")
+        minift.save_model(model.to(keep), out / "model")
         tokenizer.save(out / "model")
         saved["model"] = str(out / "model")
         return saved
-    minift.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.model))
+    minift.save_adapter(model, out / "adapter",
+                        base_model_name_or_path=os.path.abspath(args.model))
     saved["adapter"] = str(out / "adapter")
     if args.merge:
         # the merged model is checked against the adapter model on held-out samples first
@@ -322,7 +355,7 @@ def save_outputs(model, tokenizer, args, samples=()) -> dict:
         merged, check = merge_and_check(model, list(samples), base_weights=base)
         print(describe(check))
         saved["merge_check"] = check
-        merged = merged.float()
+        merged = merged.to(keep)  # the checkpoint's dtype
         minift.save_model(merged, out / "merged")
         tokenizer.save(out / "merged")
         saved["merged"] = str(out / "merged")
@@ -412,12 +445,18 @@ def run(args) -> dict:
     if general:
         summary["forgetting"] = forgetting(before["general"], after["general"])
     if mdist.is_main():
-        (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(Path(args.output) / "summary.json", summary)
     say("saved: " + ", ".join(f"{k} -> {v}" for k, v in saved.items()))
     return summary
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings (a dead model, a skipped corrupt checkpoint, dropped rows) as one line each."""
+    return f"train_llama.py: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv=None) -> int:
+    warnings.formatwarning = _warning_line
     try:
         run(parse_args(argv))
     except UsageError as err:
@@ -427,7 +466,7 @@ def main(argv=None) -> int:
         print("train_llama.py: interrupted; run the same command with --resume to continue from "
               "the last checkpoint", file=sys.stderr)
         return 130
-    except FloatingPointError as err:
+    except (FloatingPointError, OSError) as err:  # divergence; a full disk while saving
         print(f"train_llama.py: training stopped: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     return 0

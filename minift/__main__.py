@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from minift import bench, bench_cpu, bench_gpu, soup
+from minift._util import ShowDefaults
 from minift.memory import plan
 
 
@@ -23,12 +24,16 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="minift", description="minift command line")
     sub = parser.add_subparsers(dest="command", required=True)
+    # every option has help text, so this formatter shows every default in --help
+    shown = ShowDefaults
     p = sub.add_parser("plan", help="estimate memory of full / LoRA / QLoRA fine-tuning on a GPU",
-                       description="Estimate full, LoRA and QLoRA memory side by side and say what fits.")
+                       description="Estimate full, LoRA and QLoRA memory side by side and say what fits.",
+                       formatter_class=shown)
     plan.add_plan_arguments(p)
     b = sub.add_parser("bench", help="run the same short fine-tune three ways and compare",
                        description="Fine-tune full (8-bit AdamW), LoRA and QLoRA on the same data "
-                                   "and steps; write a table, JSON and a memory chart.")
+                                   "and steps; write a table, JSON and a memory chart.",
+                       formatter_class=shown)
     bench.add_bench_arguments(b)
     # `bench` alone is the CPU comparison above; `bench gpu` is a mode of its own with its options
     modes = b.add_subparsers(dest="bench_mode", required=False, metavar="{gpu,cpu}")

@@ -5,6 +5,7 @@ Nothing here imports another minift module, so any module may import this one.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import numbers
@@ -76,30 +77,42 @@ def check_choice(name: str, value, allowed: Iterable) -> Any:
     return value
 
 
+# ---- command lines -----------------------------------------------------------------------
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every option's default, except where there is none to show (required options,
+    None) or the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 # ---- byte sizes --------------------------------------------------------------------------
 # The one grammar of sizes in minift (save_model's max_shard_size, plan's --gpu-memory, ...):
-# a number, optional spaces, a unit. KB/MB/GB/TB are decimal (10^3 steps: "24GB" = 24e9 bytes);
-# KiB/MiB/GiB/TiB and a bare K/M/G/T are binary (2^10 steps: "24G" = 24 GiB, as nvidia-smi and
-# most command-line tools mean it); B is bytes. The prefix may be of either case, but the B of
-# bytes must be upper-case: a lower-case b means bits ("24Gb" is 3 GB), so it is refused rather
-# than misread. A number without a unit is refused (bytes or GiB?).
+# a number, optional spaces, a unit, in any case. KB/MB/GB/TB are decimal (10^3 steps: "24GB" =
+# "24gb" = 24e9 bytes); KiB/MiB/GiB/TiB and a bare K/M/G/T are binary (2^10 steps: "24G" = 24 GiB,
+# as nvidia-smi and most command-line tools mean it); B is bytes. Nobody sizes GPU memory in
+# bits, so "24gb" and "24Gb" mean bytes like "24GB" rather than being refused. A number without
+# a unit is refused (bytes or GiB?).
 _UNITS = {"": None, "b": 1}
 for _i, _p in enumerate("kmgt", start=1):
     _UNITS[_p + "b"] = 1000 ** _i
     _UNITS[_p + "ib"] = 1024 ** _i
     _UNITS[_p] = 1024 ** _i
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-SIZE_HINT = "write e.g. 24GB (10^9 bytes), 24GiB or 24G (2^30 bytes), 24000MB"
+SIZE_HINT = "write e.g. 24GB (10^9 bytes), 24GiB or 24G (2^30 bytes), 24000MB; any case"
 
 
 def parse_bytes(text, name: str = "size", allow_zero: bool = False) -> int:
-    """Bytes in a size such as "24GB", "24 GB", "24GiB", "24000MB" or "24G" (grammar above).
+    """Bytes in a size such as "24GB", "24 gb", "24GiB", "24000MB" or "24G" (grammar above).
 
     An int (not bool) is taken as a byte count.
 
     Raises:
-        ValueError: naming `name` and the text when it is not a size with a unit, when its unit
-            ends in a lower-case b (bits), or when it is 0 and `allow_zero` is False.
+        ValueError: naming `name` and the text when it is not a size with a unit, or when it is
+            0 and `allow_zero` is False.
     """
     if isinstance(text, numbers.Integral) and not isinstance(text, bool):
         value = int(text)
@@ -107,13 +120,7 @@ def parse_bytes(text, name: str = "size", allow_zero: bool = False) -> int:
         match = _SIZE.match(str(text))
         if not match or match.group(2).lower() not in _UNITS:
             raise ValueError(f"{name}: cannot read {text!r} as a memory size; {SIZE_HINT}")
-        unit_text = match.group(2)
-        if unit_text.endswith("b"):
-            number, prefix = match.group(1), unit_text[:-1].rstrip("iI").upper()
-            fix = f"{number}{prefix}B or {number}{prefix}iB" if prefix else f"{number}B"
-            raise ValueError(f"{name}: {text!r} ends in a lower-case b, which means bits; for "
-                             f"bytes write {fix}")
-        unit = _UNITS[unit_text.lower()]
+        unit = _UNITS[match.group(2).lower()]
         if unit is None:
             raise ValueError(f"{name}: {text!r} has no unit; {SIZE_HINT}")
         value = float(match.group(1)) * unit
@@ -154,11 +161,19 @@ def fsync_path(path) -> None:
         os.close(fd)
 
 
-def atomic_write(path, write: Callable[[str], None], mode: int = 0o644) -> None:
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path, write: Callable[[str], None], mode: Optional[int] = None) -> None:
     """Call ``write(tmp)`` on a temporary file beside `path`, then rename it over `path`.
 
     A reader never sees a half-written file: it sees the old one or the new one. The file is
-    flushed to disk before the rename, and gets `mode` (temporary files are created owner-only).
+    flushed to disk before the rename, and gets `mode`, by default `file_mode()` (temporary
+    files are created owner-only; every file minift writes gets the same mode as a plain one).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -166,7 +181,7 @@ def atomic_write(path, write: Callable[[str], None], mode: int = 0o644) -> None:
     try:
         write(tmp)
         fsync_path(tmp)
-        os.chmod(tmp, mode)
+        os.chmod(tmp, file_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -9,12 +9,13 @@ paths need no conversion.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from minift._util import atomic_write, read_json, write_json
@@ -90,16 +91,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
     if any(m.merged for _, m in lora_layers(model)):
         raise ValueError("save_adapter: some adapters are merged into their base weights; call "
                          "unmerge() on them first so the base stays the original")
-    write_adapter(path, adapter_config(model, base_model_name_or_path), lora_state_dict(model))
+    write_adapter(path, adapter_config(model, base_model_name_or_path), lora_state_dict(model),
+                  model_type=_model_type(model))
 
 
-def write_adapter(path, config: dict, lora_tensors: dict):
+def write_adapter(path, config: dict, lora_tensors: dict, model_type: Optional[str] = None):
     """Write an adapter directory from its config and its ``...lora_A/B.weight`` tensors, keyed as
     in the model's state_dict (``save_adapter`` and the consolidated distributed export share it)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_tensors.items()}
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    # the base's architecture rides in the safetensors metadata (adapter_config.json has no
+    # field for it): shapes alone cannot tell a llama adapter from a qwen2 one
+    metadata = {"format": "pt"}
+    if model_type:
+        metadata["base_model_type"] = model_type
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_json(path / CONFIG_NAME, config, sort_keys=True)
 
 
@@ -147,6 +154,36 @@ def _load_tensors(path):
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{file}: cannot read safetensors file: {err}") from None
+
+
+def _model_type(model):
+    value = getattr(getattr(model, "config", None), "model_type", None)
+    return value if isinstance(value, str) else None
+
+
+def _adapter_model_type(path, config):
+    """The architecture the adapter was trained on: from its weights' metadata, else from the
+    config.json of its base_model_name_or_path when that is a local folder; None if unknown."""
+    try:
+        with safe_open(str(Path(path) / WEIGHTS_NAME), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("base_model_type")
+    except (SafetensorError, OSError):
+        recorded = None
+    base = config.get("base_model_name_or_path")
+    if recorded is None and isinstance(base, str) and (Path(base) / "config.json").is_file():
+        try:
+            recorded = read_json(Path(base) / "config.json", expect=dict).get("model_type")
+        except ValueError:
+            recorded = None
+    return recorded if isinstance(recorded, str) else None
+
+
+def _warn_other_architecture(path, model, config):
+    theirs, mine = _adapter_model_type(path, config), _model_type(model)
+    if theirs and mine and theirs != mine:
+        warnings.warn(f"{path}: the adapter was trained on a {theirs} model, this model is {mine}; "
+                      f"the shapes fit, but the weights were learned for another architecture",
+                      stacklevel=3)
 
 
 def _expected_shapes(model, config):
@@ -217,6 +254,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except (TypeError, ValueError) as err:
         raise ValueError(f"{file}: {err}") from None
     _check_tensors(path / WEIGHTS_NAME, tensors, expected)
+    _warn_other_architecture(path, model, config)
     if not wrapped:
         try:
             lora_wrap(model, r=config["r"], alpha=config["lora_alpha"],

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from minift._util import atomic_write, write_json
 from minift.data import load_dataset, load_jsonl, row_to_messages
 from minift.generation import generate
 from minift.loading import load_model
@@ -26,33 +29,42 @@ from minift.tokenizer import load_tokenizer
 from minift.trainer import TrainConfig, train
 
 BENCH_METHODS = (("full", "adamw8bit"), ("lora", "adamw"), ("qlora", "adamw"))
+# the shipped base and data, found from the package (as examples/train_llama.py finds them from
+# itself), so `python -m minift bench` works from any folder of a source checkout
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 def add_bench_arguments(parser) -> None:
     """The options of ``minift bench``."""
-    parser.add_argument("--model", default="examples/base", help="base checkpoint directory")
-    parser.add_argument("--data", default="examples/data",
+    parser.add_argument("--model", default=os.path.join(EXAMPLES, "base"),
+                        help="base checkpoint directory")
+    parser.add_argument("--data", default=os.path.join(EXAMPLES, "data"),
                         help="directory with train.jsonl and eval.jsonl (or one train .jsonl file)")
     # Defaults: the shipped examples/base learns the number-words task to a useful held-out
     # exact match in 300 steps of 16 (as examples/train_llama.py does in 400), a few minutes on
     # a 2-core CPU for all three methods, so the quality columns compare something.
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per method")
-    parser.add_argument("--batch-size", type=int, default=16, dest="batch_size")
-    parser.add_argument("--max-length", type=int, default=256, dest="max_length")
-    parser.add_argument("--lr-full", type=float, default=1e-3, dest="lr_full")
-    parser.add_argument("--lr-lora", type=float, default=3e-3, dest="lr_lora")
+    parser.add_argument("--batch-size", type=int, default=16, dest="batch_size",
+                        help="examples per micro-batch")
+    parser.add_argument("--max-length", type=int, default=256, dest="max_length",
+                        help="longest example in tokens")
+    parser.add_argument("--lr-full", type=float, default=1e-3, dest="lr_full",
+                        help="learning rate of full fine-tuning")
+    parser.add_argument("--lr-lora", type=float, default=3e-3, dest="lr_lora",
+                        help="learning rate of LoRA and QLoRA")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
     parser.add_argument("--eval-samples", type=int, default=100, dest="eval_samples",
                         help="eval prompts answered greedily for exact match (the first N)")
     # step time and tokens/s are medians over the steps after the first: the first step runs
     # under the memory tracker, which watches every operator
-    parser.add_argument("--max-new-tokens", type=int, default=12, dest="max_new_tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=12, dest="max_new_tokens",
+                        help="longest greedy answer in tokens")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--output-dir", default="runs/bench", dest="output_dir",
                         help="training runs, results.json, results.md and memory_breakdown.png")
     parser.add_argument("--chart", default=None, help="chart path (default OUTPUT_DIR/memory_breakdown.png)")
-    parser.add_argument("--no-chart", action="store_true", dest="no_chart")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-chart", action="store_true", dest="no_chart", help="skip the chart")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights init and data order")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 is faster for "
                              "small models on a CPU shared with other work")
@@ -72,7 +84,9 @@ def run_bench(args, parser) -> int:
     if args.threads is not None and args.threads <= 0:
         parser.error(f"--threads must be a positive integer, got {args.threads}")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
-        parser.error(f"--model: no config.json in {args.model!r}")
+        parser.error(f"--model: no config.json in {args.model!r}"
+                     + (" (the shipped examples come with a source checkout of minift)"
+                        if args.model == os.path.join(EXAMPLES, "base") else ""))
     train_path, eval_path = _data_paths(args.data, parser)
     if not args.no_chart:
         try:
@@ -120,7 +134,11 @@ def compare_methods(args, train_path, eval_path, data=None) -> list:
     """Fine-tune full / LoRA / QLoRA with the same data and steps; one result dict per method."""
     tok, train_ex, eval_rows, eval_ex = data or load_bench_data(args, train_path, eval_path)
     results = []
-    for method, optimizer in BENCH_METHODS:
+    for i, (method, optimizer) in enumerate(BENCH_METHODS, start=1):
+        _progress(f"[{i}/{len(BENCH_METHODS)}] {method} ({optimizer}): {args.steps} steps ...")
+        run_dir = os.path.join(args.output_dir, method)
+        # the bench owns its run folders: a run of an earlier bench is replaced, never resumed
+        shutil.rmtree(run_dir, ignore_errors=True)
         torch.manual_seed(args.seed)
         model = load_model(args.model, dtype=torch.bfloat16, device=args.device,
                                   quantize="nf4" if method == "qlora" else None)
@@ -130,7 +148,7 @@ def compare_methods(args, train_path, eval_path, data=None) -> list:
             method=method, optimizer=optimizer, max_steps=args.steps,
             learning_rate=args.lr_full if method == "full" else args.lr_lora,
             micro_batch_size=args.batch_size, bf16=False, device=args.device, seed=args.seed,
-            pad_id=tok.pad_token_id, output_dir=os.path.join(args.output_dir, method),
+            pad_id=tok.pad_token_id, output_dir=run_dir,
             progress=False, keep_last=1)
         t0 = time.perf_counter()
         summary = train(model, train_ex, config, eval_data=eval_ex)
@@ -142,8 +160,15 @@ def compare_methods(args, train_path, eval_path, data=None) -> list:
             "eval_loss": summary["eval_loss"], "trainable_params": summary["trainable_params"],
             "exact_match": _exact_match(model, tok, eval_rows[:args.eval_samples], args),
             "eval_samples": min(len(eval_rows), args.eval_samples), "wall_time_s": wall})
+        _progress(f"[{i}/{len(BENCH_METHODS)}] {method}: done in {wall:.1f} s, final train loss "
+                  f"{summary['last_loss']:.4f}")
         del model
     return results
+
+
+def _progress(text: str) -> None:
+    """Progress on stderr: stdout carries only the results table."""
+    print(f"minift bench: {text}", file=sys.stderr, flush=True)
 
 
 def _untracked_speed(run_dir):
@@ -177,10 +202,10 @@ def write_outputs(record: dict, args) -> str:
     """Write results.json, results.md and the chart under the output dir; return the markdown."""
     os.makedirs(args.output_dir, exist_ok=True)
     md = results_markdown(record["results"])
-    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(md + "\n")
+    # atomic: a bench stopped while writing keeps the previous results whole
+    write_json(os.path.join(args.output_dir, "results.json"), record)
+    atomic_write(os.path.join(args.output_dir, "results.md"),
+                 lambda tmp: Path(tmp).write_text(md + "\n", encoding="utf-8"))
     if not args.no_chart:
         chart = args.chart or os.path.join(args.output_dir, "memory_breakdown.png")
         machine = record["machine"]

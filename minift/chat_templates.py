@@ -138,3 +138,8 @@ def render(compiled, messages, add_generation_prompt, special_tokens):
                                **special_tokens)
     except jinja2.exceptions.TemplateError as err:
         raise ValueError(f"chat template error: {err}") from err
+    except Exception as err:  # noqa: BLE001  the template is code from the checkpoint: anything
+        # it raises (the sandbox's OverflowError for range(10**9), a ZeroDivisionError, ...) is
+        # an error of the template, reported in one line rather than as a traceback
+        detail = " ".join(str(err).split())[:200]
+        raise ValueError(f"chat template error: {type(err).__name__}: {detail}") from err

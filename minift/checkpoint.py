@@ -8,99 +8,46 @@ A checkpoint is a directory ``<output_dir>/step-N`` holding
     rng.safetensors         torch CPU (and CUDA) generator states
     trainer_state.json      step, data position, counters, config, model and base fingerprints,
                             python/numpy RNG
-    manifest.json           file names and byte sizes; written last, it marks the checkpoint complete
+    manifest.json           file names, byte sizes and CRC-32 checksums, and the run's id;
+                            written last, it marks the checkpoint complete
 
 It is first written into ``<output_dir>/.tmp-step-N``, every file is fsync'ed, and only then the
 directory is renamed to ``step-N``. A crash mid-save leaves a ``.tmp-`` directory (never read,
 removed on the next save) or a directory without a valid manifest (never taken for a checkpoint).
+Pruning renames ``step-N`` to ``.del-step-N`` before deleting it, so a crash mid-prune never
+leaves a half-deleted ``step-N``. Resuming verifies every checksum: a corrupt file (same size,
+other bytes) is found before a single weight is loaded.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import re
 import shutil
+import warnings
+import zlib
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from minift._util import fsync_path, read_json, write_json
+from minift.checkpoint_state import (_join_optimizer_state, _split_optimizer_state,  # noqa: F401
+                                     rng_state, set_rng_state)
+from minift.fingerprint import (BASE_RTOL, _base_difference, base_fingerprint,  # noqa: F401
+                                check_compatible, data_fingerprint, model_fingerprint)
 from minift.lora import lora_state_dict
-from minift.preference import PAIR_KEYS
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-# Relative tolerance of the base fingerprint. The sums are float64 over float32 (or uint8) values,
-# so another summation order (thread count, CPU vs CUDA) moves them by ~1e-12 relative; another
-# base (other weights, weights scaled, another quantization) moves them by far more than 1e-4.
-BASE_RTOL = 1e-4
-_FINGERPRINT_CHUNK = 1 << 22  # elements converted to float64 at a time
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_CRC_CHUNK = 1 << 22  # bytes read at a time for the checksum: bounded memory for any file size
+_verified: dict = {}  # checkpoint path -> (file stats) that last passed `verify`
 
 
 # ---- what goes into a checkpoint ---------------------------------------------------------
-def model_fingerprint(model: torch.nn.Module) -> dict:
-    """Parameter name -> shape, for telling whether a checkpoint belongs to this model."""
-    return {name: list(p.shape) for name, p in model.named_parameters()}
-
-
-def base_fingerprint(model: torch.nn.Module) -> dict:
-    """Frozen tensor name -> [numel, sum, sum of squares] (float64), for telling whether a resume
-    runs on the base the checkpoint was trained on.
-
-    LoRA and QLoRA checkpoints hold only the adapters, so a base with the same shapes but other
-    weights would otherwise resume silently. Frozen parameters and buffers (NF4 packed weights,
-    their absmax codes and scales) are summed; a pass over the weights, done once per run.
-    """
-    tensors = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-    tensors += list(model.named_buffers())
-    out = {}
-    for name, t in tensors:
-        flat = t.detach().reshape(-1)
-        total = torch.zeros((), dtype=torch.float64, device=flat.device)
-        squares = torch.zeros((), dtype=torch.float64, device=flat.device)
-        for chunk in flat.split(_FINGERPRINT_CHUNK):  # bounded float64 copies, even for 7B models
-            c = chunk.to(torch.float64)
-            total += c.sum()
-            squares += (c * c).sum()
-        out[name] = [flat.numel(), float(total), float(squares)]
-    return out
-
-
-def _base_difference(saved: dict, now: dict, rtol: float = BASE_RTOL) -> Optional[str]:
-    """A description of the first frozen tensor that differs, or None."""
-    for name, (numel, total, squares) in saved.items():
-        if name not in now:
-            return f"frozen tensor {name!r} is not in this run's base"
-        n2, t2, s2 = now[name]
-        if n2 != numel:
-            return f"frozen tensor {name!r} has {numel} elements in the checkpoint's base, {n2} now"
-        scale = max(squares, s2)
-        # |sum| <= sqrt(numel * sum of squares) (Cauchy-Schwarz): the natural scale of a sum that
-        # may itself be near zero.
-        if abs(squares - s2) > rtol * scale or abs(total - t2) > rtol * (numel * scale) ** 0.5:
-            return (f"frozen tensor {name!r} differs (sum {total:.6g}, sum of squares {squares:.6g} "
-                    f"in the checkpoint's base; {t2:.6g}, {s2:.6g} now)")
-    extra = [n for n in now if n not in saved]
-    return f"frozen tensor {extra[0]!r} is not in the checkpoint's base" if extra else None
-
-
-def data_fingerprint(examples) -> dict:
-    """Count and hash of tokenized examples (or preference pairs), so a resume can tell that the
-    data is the same."""
-    h = hashlib.sha256()
-    for ex in examples:
-        for key in PAIR_KEYS if "chosen_ids" in ex else ("input_ids", "labels"):
-            h.update(np.asarray(ex[key], dtype=np.int64).tobytes())
-    return {"examples": len(examples), "sha256": h.hexdigest()}
-
-
 def _model_tensors(model: torch.nn.Module, method: str) -> tuple[dict, dict]:
     """Tensors to save, plus aliases (name -> saved name) for tensors shared with another name."""
     if method in ("lora", "qlora"):
@@ -122,6 +69,11 @@ def _model_tensors(model: torch.nn.Module, method: str) -> tuple[dict, dict]:
 def _load_model_tensors(model, tensors: dict, aliases: dict, path: Path) -> None:
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
+    own = model.state_dict()
+    for name, t in tensors.items():  # load_state_dict would list every mismatch in a traceback
+        if name in own and tuple(own[name].shape) != tuple(t.shape):
+            raise ValueError(f"{path / 'model.safetensors'}: tensor {name!r} has shape "
+                             f"{list(t.shape)}, the model's has {list(own[name].shape)}")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise ValueError(f"{path}: checkpoint has tensors the model lacks: {', '.join(unexpected[:5])}")
@@ -131,114 +83,77 @@ def _load_model_tensors(model, tensors: dict, aliases: dict, path: Path) -> None
         raise ValueError(f"{path}: checkpoint lacks trainable parameters: {', '.join(absent[:5])}")
 
 
-def _split_optimizer_state(sd: dict) -> tuple[dict, dict]:
-    """optimizer.state_dict() -> (tensors for safetensors, JSON-able rest)."""
-    tensors, scalars = {}, {}
-    for idx, pstate in sd["state"].items():
-        rest = {}
-        for key, value in pstate.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}/{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                rest[key] = _jsonable(value, f"optimizer state[{idx}][{key!r}]")
-        scalars[str(idx)] = rest
-    groups = [_jsonable(g, f"optimizer param_groups[{i}]") for i, g in enumerate(sd["param_groups"])]
-    # Optimizers may add top-level entries (format version, counters); keep them as they are.
-    extra = {k: _jsonable(v, f"optimizer state_dict[{k!r}]") for k, v in sd.items()
-             if k not in ("state", "param_groups")}
-    return tensors, {"state": scalars, "param_groups": groups, "extra": extra}
+# ---- atomic writing ----------------------------------------------------------------------
+def file_crc32(path) -> int:
+    """CRC-32 of a file's bytes, read in 4 MiB chunks (measured cost: docs/training.md)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CRC_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
-def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
-    state = {int(idx): dict(rest) for idx, rest in meta["state"].items()}
-    for name, t in tensors.items():
-        idx, key = name.split("/", 1)
-        state.setdefault(int(idx), {})[key] = t
-    return dict(meta.get("extra", {}), state=state, param_groups=meta["param_groups"])
-
-
-def _jsonable(value, where: str):
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, where) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
-    raise TypeError(f"{where}: cannot store a {type(value).__name__} in a checkpoint")
-
-
-def rng_state() -> tuple[dict, dict]:
-    """All global RNG states: (tensors, JSON-able)."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    meta = {"python": [version, list(internal), gauss],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-    return tensors, meta
-
-
-def set_rng_state(tensors: dict, meta: dict) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+def _remove_checkpoint(path: Path) -> None:
+    """Rename, then delete: a crash mid-delete leaves a ``.del-`` directory, never a step-N with
+    some of its files gone."""
+    doomed = path.parent / f".del-{path.name}"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def clean_incomplete(output_dir) -> list[str]:
-    """Tidy up after interrupted saves; returns the directories removed.
+    """Tidy up after interrupted saves and prunes; returns the directories removed.
 
     A ``.tmp-step-N`` whose manifest is complete (the crash came after writing it) becomes
     ``step-N`` if there is none; so does an ``.old-step-N`` left by a crash in the middle of
-    replacing ``step-N``. Everything else of that kind is deleted.
+    replacing ``step-N``. Everything else of that kind is deleted, and so are ``.del-step-N``
+    (a prune cut short) and ``step-N`` folders without a manifest (the remains of a prune cut
+    short; a save never renames a folder to step-N before its manifest is written).
     """
     root = Path(output_dir)
     removed = []
     if not root.is_dir():
         return removed
     for entry in sorted(root.iterdir()):
+        if not entry.is_dir():
+            continue
         for prefix in (".tmp-", ".old-"):
-            if entry.is_dir() and entry.name.startswith(prefix + "step-"):
+            if entry.name.startswith(prefix + "step-"):
                 final = root / entry.name[len(prefix):]
                 if not final.exists() and is_complete(entry):
                     os.rename(entry, final)
                 else:
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(str(entry))
+        half_pruned = _STEP_DIR.match(entry.name) and not (entry / MANIFEST).exists()
+        if entry.name.startswith(".del-step-") or half_pruned:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(str(entry))
     return removed
 
 
-def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, trainer_state: dict,
-                    keep_last: Optional[int] = None, rng: Optional[tuple] = None) -> str:
-    """Write ``<output_dir>/step-<step>`` atomically and prune to the last `keep_last`.
+def _first_non_finite(tensors: dict) -> Optional[str]:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
-    Args:
-        output_dir: run directory.
-        step: optimizer steps completed.
-        model: the model being trained.
-        optimizer: its optimizer.
-        method: "full" (whole state dict) or "lora"/"qlora" (adapter tensors only).
-        trainer_state: JSON-able loop state (data position, counters, config, ...).
-        keep_last: keep only this many newest checkpoints (None keeps all).
-        rng: (tensors, meta) from `rng_state()` taken earlier; default: the RNG states now.
 
-    Returns:
-        The checkpoint directory.
-    """
-    root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    clean_incomplete(root)
-    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
-    tmp.mkdir()
+def _write_files(tmp: Path, step: int, model, optimizer, method, trainer_state, rng) -> dict:
+    """Every file of the checkpoint but the manifest; returns the manifest."""
     model_tensors, aliases = _model_tensors(model, method)
-    save_file(model_tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
     opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
+    # A checkpoint is the state to go back to; NaN or Inf in it is never one (resuming it fails
+    # the same way), and it must not push an older, finite checkpoint out of keep_last.
+    for kind, tensors in (("model", model_tensors), ("optimizer", opt_tensors)):
+        bad = _first_non_finite(tensors)
+        if bad is not None:
+            newest = latest_checkpoint(tmp.parent)
+            raise FloatingPointError(
+                f"not saving step {step}: {kind} tensor {bad!r} holds NaN or Inf; the newest "
+                f"finite checkpoint is {newest or 'none (no checkpoint was written)'}")
+    tmp.mkdir()
+    save_file(model_tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     write_json(tmp / "optimizer.json", opt_meta, indent=None, atomic=False)
     rng_tensors, rng_meta = rng if rng is not None else rng_state()
@@ -257,9 +172,50 @@ def finish_checkpoint(root: Path, tmp: Path, step: int, state: dict, keep_last: 
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
         fsync_path(tmp / name)
-    write_json(tmp / MANIFEST, {"step": step, "files": {n: (tmp / n).stat().st_size for n in files}},
-               indent=None, atomic=False)
-    fsync_path(tmp)
+    return {"step": step, "run_id": trainer_state.get("run_id"),
+            "files": {n: (tmp / n).stat().st_size for n in files},
+            "crc32": {n: file_crc32(tmp / n) for n in files}}
+
+
+def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, trainer_state: dict,
+                    keep_last: Optional[int] = None, rng: Optional[tuple] = None) -> str:
+    """Write ``<output_dir>/step-<step>`` atomically and prune this run's older checkpoints.
+
+    Args:
+        output_dir: run directory.
+        step: optimizer steps completed.
+        model: the model being trained.
+        optimizer: its optimizer.
+        method: "full" (whole state dict) or "lora"/"qlora" (adapter tensors only).
+        trainer_state: JSON-able loop state (data position, counters, config, ...); its
+            "run_id" marks the checkpoints this run may prune.
+        keep_last: keep only this many newest checkpoints of this run (None keeps all); the
+            newest one before this step is kept as well (see `prune`).
+        rng: (tensors, meta) from `rng_state()` taken earlier; default: the RNG states now.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        FloatingPointError: a model or optimizer tensor holds NaN/Inf (nothing is written).
+        OSError: the disk is full or not writable; one line naming the newest intact
+            checkpoint (the partial one is removed).
+    """
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    clean_incomplete(root)
+    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    try:
+        manifest = _write_files(tmp, step, model, optimizer, method, trainer_state, rng)
+        write_json(tmp / MANIFEST, manifest, indent=None, atomic=False)
+        fsync_path(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk needs the space back
+        newest = latest_checkpoint(root)
+        hint = (f"the newest intact checkpoint is {newest}; free space, then run again with "
+                f"resume_from='latest' (--resume)" if newest else "no checkpoint was written yet")
+        raise OSError(err.errno, f"cannot save the checkpoint of step {step} in {root}: "
+                                 f"{err.strerror or err}; {hint}") from err
     if final.exists():  # saving the same step again (e.g. after a resume): swap, then drop the old
         old = root / f".old-step-{step}"
         os.rename(final, old)
@@ -269,14 +225,38 @@ def finish_checkpoint(root: Path, tmp: Path, step: int, state: dict, keep_last: 
         os.rename(tmp, final)
     fsync_path(root)
     if keep_last:
-        for _, path in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+        prune(root, keep_last, step, trainer_state.get("run_id"))
     return str(final)
+
+
+def prune(output_dir, keep_last: int, step: int, run_id: Optional[str]) -> list[str]:
+    """Delete this run's checkpoints but the newest `keep_last`; returns those deleted.
+
+    Checkpoints of another run (another ``run_id`` in their manifest) are never touched. The
+    newest checkpoint before `step` is kept too: step `step` computed a finite loss from its
+    weights, while the weights just saved have not been through a forward yet, so with
+    keep_last=1 a divergence at the next step would otherwise leave no usable checkpoint.
+    """
+    mine = [(s, p) for s, p in list_checkpoints(output_dir) if _run_of(p) == run_id]
+    keep = {p for _, p in mine[-keep_last:]}
+    keep.update(p for _, p in [c for c in mine if c[0] < step][-1:])
+    doomed = [p for _, p in mine if p not in keep]
+    for path in doomed:
+        _remove_checkpoint(Path(path))
+    return doomed
+
+
+def _run_of(path) -> Optional[str]:
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ---- finding and reading -----------------------------------------------------------------
 def is_complete(path) -> bool:
-    """True when `path` has a manifest and every file it lists, at the listed size."""
+    """True when `path` has a manifest and every file it lists, at the listed size (a cheap
+    test: `verify` reads the files and checks their checksums)."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -284,6 +264,34 @@ def is_complete(path) -> bool:
                    for n, size in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def verify(path) -> Optional[str]:
+    """None when every file of the checkpoint is there with its size and CRC-32; otherwise what
+    is wrong, in a few words naming the file. A checkpoint that passed once is not read again
+    while its files keep their sizes and modification times."""
+    path = Path(path)
+    try:
+        manifest = read_json(path / MANIFEST, expect=dict)
+        files, sums = dict(manifest["files"]), dict(manifest.get("crc32", {}))
+    except (ValueError, KeyError, TypeError):
+        return f"no valid {MANIFEST}"
+    stats = []
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        st = file.stat()
+        if st.st_size != size:
+            return f"{name} has {st.st_size} bytes, {size} when it was saved"
+        stats.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+    if _verified.get(str(path)) == stats:
+        return None
+    for name in files:
+        if name in sums and file_crc32(path / name) != sums[name]:
+            return f"{name} is corrupt (its CRC-32 differs from the one saved in {MANIFEST})"
+    _verified[str(path)] = stats
+    return None
 
 
 def list_checkpoints(output_dir) -> list[tuple[int, str]]:
@@ -305,84 +313,76 @@ def latest_checkpoint(output_dir) -> Optional[str]:
     return found[-1][1] if found else None
 
 
+def newest_intact(output_dir) -> tuple[Optional[str], list[str]]:
+    """(the newest checkpoint that passes `verify`, descriptions of the newer ones that fail)."""
+    root = Path(output_dir)
+    steps = sorted((int(m.group(1)), e) for e in (root.iterdir() if root.is_dir() else ())
+                   if (m := _STEP_DIR.match(e.name)) and (e / MANIFEST).is_file())
+    failed = []
+    for _, path in reversed(steps):
+        problem = verify(path)
+        if problem is None:
+            return str(path), failed
+        failed.append(f"{path}: {problem}")
+    return None, failed
+
+
 def resolve_checkpoint(spec: str, output_dir) -> str:
-    """Turn ``resume_from`` ("latest" or a path) into a complete checkpoint directory."""
-    if spec == "latest":
-        path = latest_checkpoint(output_dir)
-        if path is None:
-            raise FileNotFoundError(f"resume_from='latest': no complete checkpoint in {output_dir}")
-        return path
-    path = Path(spec)
-    if not path.is_dir():
+    """Turn ``resume_from`` ("latest" or a path) into a verified checkpoint directory.
+
+    "latest" (or a run directory) takes the newest checkpoint whose files pass their checksums;
+    when newer ones fail, one warning names them and the checkpoint taken instead. A path to a
+    checkpoint that fails is an error naming the file and the newest intact checkpoint.
+    """
+    where = Path(output_dir) if spec == "latest" else Path(spec)
+    if spec != "latest" and not where.is_dir():
         raise FileNotFoundError(f"resume_from: checkpoint directory {spec} does not exist")
-    if not is_complete(path):
-        # A run directory rather than a checkpoint: take its newest checkpoint.
-        inner = latest_checkpoint(path)
-        if inner is None:
-            raise ValueError(f"resume_from: {spec} is not a complete checkpoint (no valid {MANIFEST})")
-        return inner
-    return str(path)
+    if spec == "latest" or not (where / MANIFEST).exists() and not _STEP_DIR.match(where.name):
+        path, failed = newest_intact(where)
+        if path is None:
+            detail = f" ({'; '.join(failed)})" if failed else ""
+            raise FileNotFoundError(f"resume_from={spec!r}: no complete checkpoint in {where}{detail}")
+        if failed:
+            warnings.warn(f"skipping {'; '.join(failed)}; resuming from {path}, the newest intact "
+                          f"checkpoint", stacklevel=2)
+        return path
+    problem = verify(where)
+    if problem is not None:
+        newest, _ = newest_intact(where.parent)
+        other = f"; the newest intact checkpoint is {newest}" if newest else ""
+        raise ValueError(f"resume_from: {where}: {problem}{other}")
+    return str(where)
 
 
 def read_trainer_state(path) -> dict:
     return read_json(Path(path) / "trainer_state.json", expect=dict)
 
 
-def check_compatible(state: dict, path, *, method: str, model, config: dict, fields=(),
-                     data: Optional[dict] = None, base: Optional[dict] = None) -> None:
-    """Raise ValueError naming what differs between a checkpoint and the run resuming it.
-
-    Args:
-        state: the checkpoint's trainer state (`read_trainer_state`).
-        path: the checkpoint, for messages.
-        method: this run's method.
-        model: this run's model (parameter names and shapes are compared).
-        config: this run's config dict; `fields` of it must equal the checkpoint's.
-        fields: config fields that must not change.
-        data: this run's `data_fingerprint`, if the data must be the same.
-        base: this run's `base_fingerprint`, if the frozen base must be the same (checked when
-            the checkpoint recorded one).
-    """
-    if state.get("method") != method:
-        raise ValueError(f"{path}: checkpoint was trained with method {state.get('method')!r}, "
-                         f"this run uses method {method!r}")
-    saved, now = state.get("fingerprint", {}), model_fingerprint(model)
-    diffs = [f"{n}: missing from the model" for n in saved if n not in now]
-    diffs += [f"{n}: not in the checkpoint" for n in now if n not in saved]
-    diffs += [f"{n}: shape {saved[n]} in the checkpoint, {now[n]} in the model"
-              for n in saved if n in now and saved[n] != now[n]]
-    if diffs:
-        raise ValueError(f"{path}: checkpoint is for a different model "
-                         f"({len(diffs)} parameter(s) differ): " + "; ".join(diffs[:3]))
-    old = state.get("config", {})
-    changed = [f"{f} ({old.get(f)!r} -> {config.get(f)!r})" for f in fields if old.get(f) != config.get(f)]
-    if changed:
-        raise ValueError(f"{path}: resuming needs the same data order; changed: {', '.join(changed)}")
-    if data is not None and state.get("data") != data:
-        raise ValueError(f"{path}: train_data differs from the data this checkpoint was trained on "
-                         f"({state.get('data', {}).get('examples')} examples then, "
-                         f"{data['examples']} now, or other tokens)")
-    if base is not None and state.get("base") is not None:
-        difference = _base_difference(state["base"], base)
-        if difference:
-            raise ValueError(f"{path}: checkpoint was trained on a different base model: {difference}")
-
-
 def load_checkpoint(path, *, model, optimizer) -> dict:
-    """Restore model tensors, optimizer state and RNG states; return the trainer state dict."""
+    """Restore model tensors, optimizer state and RNG states; return the trainer state dict.
+
+    Raises:
+        ValueError: one line naming the checkpoint and the file (or tensor) at fault: a missing
+            or corrupt file, a tensor of another shape than the model's, unreadable JSON.
+    """
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"{path}: not a complete checkpoint (missing or invalid {MANIFEST})")
+    problem = verify(path)
+    if problem is not None:
+        raise ValueError(f"{path}: not a complete checkpoint: {problem}")
     state = read_trainer_state(path)
     tensors = load_file(path / "model.safetensors", device="cpu")
     with safe_open(path / "model.safetensors", framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     _load_model_tensors(model, tensors, aliases, path)
     opt_meta = read_json(path / "optimizer.json", expect=dict)
-    opt_state = _join_optimizer_state(load_file(path / "optimizer.safetensors", device="cpu"), opt_meta)
     try:
+        opt_state = _join_optimizer_state(load_file(path / "optimizer.safetensors", device="cpu"),
+                                          opt_meta)
         optimizer.load_state_dict(opt_state)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{path}: optimizer state does not fit this optimizer: {e}") from e
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{path}: optimizer state does not fit this optimizer "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+    if not isinstance(state.get("rng"), dict):
+        raise ValueError(f"{path / 'trainer_state.json'}: no 'rng' entry")
     set_rng_state(load_file(path / "rng.safetensors", device="cpu"), state["rng"])
     return state

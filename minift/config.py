@@ -95,7 +95,23 @@ class ModelConfig:
         if self.sliding_window is not None and not _positive_int(self.sliding_window):
             raise ValueError(f"{source}: field 'sliding_window' must be a positive integer or null, "
                              f"got {self.sliding_window!r}")
+        self._validate_token_ids(source)
         self._validate_rope_scaling(source)
+
+    def _validate_token_ids(self, source: str) -> None:
+        # generation and the merged model's config.json copy these as they are: a string or a
+        # float here would be written back out, or compared with token ids and never match
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            several = name == "eos_token_id" and isinstance(value, list)
+            ids = value if several else [value]
+            # old Llama configs write pad_token_id -1 (no padding token): any integer is kept
+            ok = (lambda t: _token_id(t, -1 if name == "pad_token_id" else 0))
+            if value is None or (ids and all(map(ok, ids))):
+                continue
+            what = "an integer token id" + (", a non-empty list of them" if name == "eos_token_id"
+                                            else "")
+            raise ValueError(f"{source}: field {name!r} must be {what} or null, got {value!r}")
 
     def _validate_rope_scaling(self, source: str) -> None:
         # Only the shape is checked here: whether the model implements a rope_type is the model's
@@ -204,6 +220,10 @@ class ModelConfig:
 
 
 LlamaConfig = ModelConfig
+
+
+def _token_id(value, lowest: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lowest
 
 
 def _positive_int(value) -> bool:

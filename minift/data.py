@@ -1,9 +1,10 @@
 """From a JSONL file to masked, padded or packed training batches.
 
-Rows are chats ({"messages": [...]}), alpaca ({"instruction", "input", "output"}) or
-{"prompt", "completion"}; each becomes a conversation rendered with the tokenizer's chat template.
-Labels equal the input ids on the assistant's replies (with the token that ends each reply) and
--100 everywhere else, so the loss trains only what the model should say.
+Rows are chats ({"messages": [...]}), ShareGPT ({"conversations": [{"from", "value"}, ...]}),
+alpaca ({"instruction", "input", "output"}) or {"prompt", "completion"}; each becomes a
+conversation rendered with the tokenizer's chat template. Labels equal the input ids on the
+assistant's replies (with the token that ends each reply) and -100 everywhere else, so the loss
+trains only what the model should say. Raw {"text": ...} rows are trained on every token.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from minift._util import read_jsonl
+from minift.rows import (ROLES, SHAREGPT_ROLES, _read_jsonl, _text_field,  # noqa: F401
+                         _tokenize_text, load_jsonl, row_to_messages)
 
 IGNORE = -100  # label of tokens the loss skips
 
@@ -37,62 +39,6 @@ class DataStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _read_jsonl(path):
-    """(line number, row) for each non-blank line; errors name file:line."""
-    rows = read_jsonl(path)
-    if not rows:
-        raise ValueError(f"{path}: empty dataset (no rows)")
-    return rows
-
-
-def load_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Reads a JSONL file into a list of dicts.
-
-    Args:
-        path: the file; blank lines are skipped.
-
-    Raises:
-        ValueError: a malformed or non-object line (naming file:line), or no rows at all.
-    """
-    return [row for _, row in _read_jsonl(path)]
-
-
-def _text_field(row, key, where, optional=False):
-    value = row.get(key)
-    if value is None and optional:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def row_to_messages(row: dict, where: str = "<row>") -> list[dict]:
-    """Turns one row of any supported shape into a list of {"role", "content"} messages."""
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{where}: 'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                    or not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: messages[{i}] must have string 'role' and 'content'")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    if "instruction" in row and "output" in row:
-        prompt = _text_field(row, "instruction", where)
-        extra = _text_field(row, "input", where, optional=True)
-        if extra:
-            prompt = f"{prompt}\n\n{extra}"
-        system = _text_field(row, "system", where, optional=True)
-        head = [{"role": "system", "content": system}] if system else []
-        return head + [{"role": "user", "content": prompt},
-                       {"role": "assistant", "content": _text_field(row, "output", where)}]
-    if "prompt" in row and "completion" in row:
-        return [{"role": "user", "content": _text_field(row, "prompt", where)},
-                {"role": "assistant", "content": _text_field(row, "completion", where)}]
-    raise ValueError(f"{where}: unknown row shape with keys {sorted(row)}; expected 'messages', "
-                     "'instruction'+'output' (+'input') or 'prompt'+'completion'")
 
 
 def _assistant_spans(tokenizer, messages, where):
@@ -164,19 +110,24 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, source: str = "<
     if not rows:
         raise ValueError(f"{source}: empty dataset (no rows)")
     lines = list(line_numbers) if line_numbers is not None else range(1, len(rows) + 1)
-    stats, examples, first_dropped = DataStats(rows=len(rows)), [], None
+    stats, examples, first_dropped, cut = DataStats(rows=len(rows)), [], None, 0
     for lineno, row in zip(lines, rows):
         where = f"{source}:{lineno}"
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a dict, got {type(row).__name__}")
-        ids, labels = _tokenize_messages(tokenizer, row_to_messages(row, where), where)
-        if len(ids) > max_length:
+        if "text" in row and not {"messages", "conversations", "prompt", "instruction"} & set(row):
+            ids, labels = _tokenize_text(tokenizer, _text_field(row, "text", where), where)
+        else:
+            ids, labels = _tokenize_messages(tokenizer, row_to_messages(row, where), where)
+        was_cut = len(ids) > max_length
+        if was_cut:
             ids, labels = ids[:max_length], labels[:max_length]
             stats.truncated += 1
         # labels[0] is never predicted (the loss shifts by one), so it does not count
         trained = sum(label != IGNORE for label in labels[1:])
         if trained == 0:
             stats.dropped += 1
+            cut += was_cut  # its replies began past max_length
             first_dropped = lineno if first_dropped is None else first_dropped
             continue
         examples.append({"input_ids": ids, "labels": labels})
@@ -184,8 +135,13 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, source: str = "<
         stats.total_tokens += len(ids)
     stats.examples = len(examples)
     if stats.dropped:
-        warnings.warn(f"{source}: dropped {stats.dropped} row(s) with no trainable tokens after "
-                      f"masking/truncation (first at line {first_dropped})", stacklevel=2)
+        why = []  # the cause of each drop, so the message does not blame truncation for all
+        if cut:
+            why.append(f"{cut} whose replies start after max_length={max_length} tokens")
+        if stats.dropped - cut:
+            why.append(f"{stats.dropped - cut} without an assistant reply to train on")
+        warnings.warn(f"{source}: dropped {stats.dropped} row(s) with no trainable tokens: "
+                      f"{' and '.join(why)} (first at line {first_dropped})", stacklevel=2)
     if not examples:
         raise ValueError(f"{source}: no example with a trainable token is left "
                          f"({stats.dropped} of {stats.rows} rows dropped)")

@@ -94,7 +94,8 @@ def export_adapter(model: nn.Module, path, base_model_name_or_path=None) -> None
     tensors = full_state_dict(model, trainable_only=True)
     if is_main():
         config = adapter_config(unwrap(model), base_model_name_or_path)
-        write_adapter(path, config, {k: v for k, v in tensors.items() if "lora_" in k})
+        write_adapter(path, config, {k: v for k, v in tensors.items() if "lora_" in k},
+                      model_type=getattr(unwrap(model).config, "model_type", None))
     barrier()
 
 

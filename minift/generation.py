@@ -40,6 +40,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
     """
     attention_mask = _check_args(input_ids, max_new_tokens, temperature, top_p, attention_mask)
     eos = _eos_ids(model, eos_token_id, input_ids.device)
+    _check_ids(input_ids, model.config.vocab_size)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if len(eos) else 0
     was_training = model.training
@@ -95,6 +96,15 @@ def _eos_ids(model, eos_token_id, device) -> torch.Tensor:
     else:
         ids = [int(i) for i in eos_token_id]
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """One check (one sync on CUDA) before decoding: an out-of-range id would otherwise fail deep
+    inside the embedding with an index error that names nothing."""
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0]
+        raise ValueError(f"input_ids holds token id {int(bad)}, outside the model's vocabulary of "
+                         f"{vocab_size} (ids 0..{vocab_size - 1})")
 
 
 def _check_args(input_ids, max_new_tokens, temperature, top_p, attention_mask) -> torch.Tensor:

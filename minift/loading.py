@@ -18,9 +18,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from minift.config import ModelConfig
 from minift import nf4
-from minift._util import parse_bytes, read_json, write_json
+from minift._util import file_mode, parse_bytes, read_json, write_json
+from minift.config import ModelConfig
 from minift.model import Llama
 from minift.nf4_linear import NF4Linear
 from minift.quantmaps import nf4_code
@@ -58,8 +58,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, dev
     path = os.fspath(path)
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    dtype = as_dtype(dtype)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise FileNotFoundError(_not_a_folder(path))
     config_path = os.path.join(path, "config.json")
     config = ModelConfig.from_json(config_path)
     device = torch.device(device if device is not None else "cpu")
@@ -69,13 +70,45 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, dev
         except ValueError as e:  # e.g. a rope_type the model does not implement
             raise ValueError(f"{config_path}: {e}") from None
     filler = _Filler(model, dtype, device, quantize == "nf4")
-    for name, tensor in _read_tensors(path):
-        filler.add(name, tensor)
+    for file, name, tensor in _read_tensors(path):
+        try:
+            filler.add(name, tensor)
+        except ValueError as e:  # a wrong shape or dtype: say which file holds the tensor
+            raise ValueError(f"{file}: {e}") from None
         # Drop the reference now: a quantized weight's full-precision tensor would otherwise live
         # on while the next one is read, two such tensors at the peak instead of one.
         del tensor
     filler.finish()
+    # what save_adapter records as base_model_name_or_path, so PEFT finds the base offline
+    model.name_or_path = os.path.abspath(path)
     return model.eval()
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """A floating torch dtype from itself or its name ("bfloat16", "torch.float16", "fp32")."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
+             "float": "float32"}
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.").lower()
+        value = getattr(torch, names.get(name, name), None)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    raise ValueError(f"dtype must be a floating torch dtype or its name (float32, bfloat16, "
+                     f"float16), got {dtype!r}")
+
+
+def _not_a_folder(path: str) -> str:
+    if os.path.exists(path):
+        return f"{path} is a file; a checkpoint is a folder with config.json and *.safetensors"
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith(".")
+    if hub_id:
+        return (f"{path!r} is not a folder: minift reads checkpoints from local folders (config.json "
+                f"+ *.safetensors, as on the Hugging Face Hub); download it first, e.g. "
+                f"`huggingface-cli download {path} --local-dir {path.split('/')[-1]}`, then pass "
+                f"that folder")
+    return f"checkpoint folder {path} does not exist"
 
 
 def _weight_files(path: str) -> list[str]:
@@ -97,12 +130,13 @@ def _weight_files(path: str) -> list[str]:
                             f"checkpoints are read; pickled .bin files are not)")
 
 
-def _read_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_tensors(path: str) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(file, tensor name, tensor) of every tensor of the checkpoint."""
     for file in _weight_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield file, name, f.get_tensor(name)
         except SafetensorError as e:
             raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
 
@@ -270,7 +304,7 @@ def save_model(model: Llama, path: str | os.PathLike, max_shard_size: int | str 
                    sort_keys=True, atomic=False)
         _remove_stale_weights(path, keep=set(os.listdir(tmp)))
         for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last
-            os.chmod(os.path.join(tmp, name), 0o644)  # temp files are created owner-only
+            os.chmod(os.path.join(tmp, name), file_mode())  # the temp dir is owner-only
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
 
 

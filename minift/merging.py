@@ -28,7 +28,7 @@ def _original_weights(base_weights, names) -> dict:
     wanted.update({f"{n}.weight": n for n in names})
     if isinstance(base_weights, (str, Path)):
         # the checkpoint holds the unwrapped names (model.layers.0.self_attn.q_proj.weight)
-        found = {wanted[k]: t for k, t in _read_tensors(str(base_weights)) if k in wanted}
+        found = {wanted[k]: t for _, k, t in _read_tensors(str(base_weights)) if k in wanted}
     else:
         found = {wanted[k]: t for k, t in base_weights.items() if k in wanted}
     missing = [n for n in names if n not in found]

@@ -13,7 +13,7 @@ from typing import Optional
 from tokenizers import AddedToken, Tokenizer as _BackendTokenizer, processors
 
 from minift import chat_templates
-from minift._util import read_json, write_json
+from minift._util import atomic_write, read_json, write_json
 
 _ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -182,7 +182,9 @@ class Tokenizer:
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path / "tokenizer.json"))
+        # each file through a temporary one renamed over it: a kill mid-save leaves the old file
+        # or the new one, never a truncated tokenizer.json beside a saved model
+        atomic_write(path / "tokenizer.json", lambda tmp: self.backend.save(tmp))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
         config.update(self.special_tokens)
         for key in ("add_bos_token", "add_eos_token"):

@@ -22,7 +22,7 @@ class TrainConfig:
     | field | default | meaning |
     |---|---|---|
     | method | "lora" | "full", "lora" or "qlora": what the checkpoints hold; recorded in summaries |
-    | learning_rate | 2e-4 | peak learning rate (finite, > 0) |
+    | learning_rate | 2e-4 | peak learning rate, in (0, 3.4e37): above, AdamW's float32 update overflows |
     | warmup_ratio | 0.03 | fraction of the steps with linear warm-up, in [0, 1) |
     | lr_scheduler | "cosine" | decay after warm-up: "cosine", "linear" or "constant" |
     | epochs | 1 | passes over train_data (ignored when max_steps is set) |
@@ -111,7 +111,8 @@ class TrainConfig:
                               ("dpo_reference", ("auto", "copy_nf4"))):
             check_choice(f"TrainConfig.{name}", getattr(self, name), allowed)
         for name, rule, ok, optional in (
-                ("learning_rate", "> 0", lambda v: v > 0, False),
+                # AdamW's update divides the rate by 1 - beta1**t >= 0.1 in float32 (max 3.4e38)
+                ("learning_rate", "in (0, 3.4e37)", lambda v: 0 < v < 3.4e37, False),
                 ("warmup_ratio", "in [0, 1)", lambda v: 0 <= v < 1, False),
                 ("weight_decay", ">= 0", lambda v: v >= 0, False),
                 ("max_grad_norm", "> 0", lambda v: v > 0, True),

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from minift import checkpoint as ckpt
-from minift._util import METHODS, OPTIMIZERS  # noqa: F401  (re-exported for callers)
+from minift import rundir
+from minift._util import METHODS, OPTIMIZERS, write_json  # noqa: F401  (re-exported for callers)
 from minift.compile import compiled_layers
 from minift.backward_step import StepInBackward
 from minift.data import batch_examples
@@ -169,6 +171,7 @@ def check_resume(config: TrainConfig, model, data) -> Optional[str]:
     """
     if not config.resume_from:
         return None
+    ckpt.clean_incomplete(config.output_dir)  # a complete .tmp-step-N may be the newest checkpoint
     path = ckpt.resolve_checkpoint(config.resume_from, Path(config.output_dir))
     # "full" checkpoints hold the whole model, so any base is overwritten on resume
     base = ckpt.base_fingerprint(model) if config.method != "full" else None
@@ -193,9 +196,10 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
         The summary dict, also written to ``<output_dir>/summary.json``.
 
     Raises:
-        FloatingPointError: a step's loss or gradient norm is NaN/Inf (after a checkpoint of the
-            last good state has been written).
-        ValueError: bad data, or a resume checkpoint from a different method, model or data order.
+        FloatingPointError: a step's loss or gradient norm is NaN/Inf; nothing is saved, and the
+            message names the checkpoint to go back to (minift.rundir.divergence).
+        ValueError: bad data or token ids, a method that does not match what is trainable, another
+            run's output_dir, or a resume checkpoint from another method, model or data order.
     """
     check = DPOObjective.check if config.objective == "dpo" else SFTObjective.check
     check(train_data, "train_data")
@@ -207,7 +211,7 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
         groups = step_groups(train_data, config, st.epoch, st.batch_index)
         while st.step < run.total:
             position, epochs_done, group = next(groups)
-            step, rng_before = st.step + 1, ckpt.rng_state()  # rng: for a last-good checkpoint
+            step = st.step + 1
             # 1. learning rate of this step
             lr = run.schedule.lr(step - 1)
             for g in opt.param_groups:
@@ -233,7 +237,7 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
                 opt.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
             if not finite:
-                run.stop_non_finite(step, loss, norm, rng_before)
+                run.stop_non_finite(step, loss, norm)
             if tracker is not None:
                 run.report_memory(tracker.report())
             # 6. log: totals, the metrics line, the progress bar
@@ -269,6 +273,7 @@ class _Run:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_incomplete(self.out)
+        rundir.check_run(model, train_data, eval_data, config)
         seed_everything(config.seed)
         if not self.dist.active:  # one process: on the device before the fingerprint pass
             model.to(self.device)
@@ -289,6 +294,9 @@ class _Run:
         if self.resumed:
             saved = self.dist.load(self.resumed, model=model, optimizer=self.optimizer, method=config.method)
             self.state = RunState.from_saved(saved)
+        # checkpoints of this run carry its id: pruning leaves any other run's alone
+        self.run_id = saved.get("run_id") if self.resumed else rundir.new_run_id()
+        self.watch = rundir.DeadModelWatch(rundir.vocab_size_of(model))
         self.saved_at = self.state.step if self.resumed else None
         self.last_path, self.memory = self.resumed, None
         self.total = total_steps(train_data, config)
@@ -310,12 +318,11 @@ class _Run:
     def session(self):
         """Metrics file, progress bar, gradient checkpointing and NEFTune for the loop's span."""
         metrics = self.out / "metrics.jsonl"
-        kept = []  # a crashed run may have logged past the checkpoint we resume from
-        if self.resumed and metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.state.step]
         if self.dist.is_main:  # the other ranks write no files but their checkpoint shards
-            metrics.write_text("".join(line + "\n" for line in kept))
+            if self.resumed:  # a crashed run may have logged past the checkpoint we resume from
+                rundir.trim_metrics(metrics, self.state.step)
+            else:
+                metrics.write_text("")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.bar = tqdm(total=self.total, initial=self.state.step, unit="step", dynamic_ncols=True,
@@ -332,31 +339,34 @@ class _Run:
         finally:
             self.bar.close()
 
-    def stop_non_finite(self, step: int, loss: float, norm: float, rng_before) -> None:
-        path = self.save(rng=rng_before)  # parameters and optimizer are still at step - 1
+    def stop_non_finite(self, step: int, loss: float, norm: float) -> None:
+        # nothing is saved: the weights after step - 1 gave this loss, so they are no good state
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
         partial = "" if not self.stepper else (
             " (optimizer_in_backward: parameters whose gradients were finite were already updated "
             f"in backward; not updated: {', '.join(self.stepper.nonfinite[:3]) or 'none'})")
-        raise FloatingPointError(f"training {what} is {value} at step {step}; the last good "
-                                 f"state (step {step - 1}) is saved in {path}{partial}")
+        raise FloatingPointError(rundir.divergence(self.out, step, what, value) + partial)
 
     def report_memory(self, report) -> None:
         self.memory = report.as_dict()
-        self.say(report.table())
+        self.say(report.table() + f"\n(peak: tensors alive in the first step; the step lines show "
+                 f"{rundir.peak_label(self.device)})")
 
     def log(self, line: dict, log) -> None:
         log.write(json.dumps(line) + "\n")
         log.flush()
         self.bar.update(1)
         step = line["step"]
+        dead = self.watch.update(step, line["loss"], line["grad_norm"])
+        if dead:
+            warnings.warn(dead, stacklevel=2)
         if step % self.config.log_interval == 0 or step == self.total:
-            peak = f"{peak_memory(self.device) / 2**20:.0f}MiB"
+            peak, label = f"{peak_memory(self.device) / 2**20:.0f}MiB", rundir.peak_label(self.device)
             self.bar.set_postfix({"loss": f"{line['loss']:.4f}", "lr": f"{line['lr']:.2e}",
-                                  "tok/s": f"{line['tokens_per_s']:.0f}", "peak": peak}, refresh=False)
+                                  "tok/s": f"{line['tokens_per_s']:.0f}", label: peak}, refresh=False)
             if self.bar.disable:
                 self.say(f"step {step}/{self.total} loss {line['loss']:.4f} lr {line['lr']:.2e} "
-                         f"tok/s {line['tokens_per_s']:.0f} peak {peak}")
+                         f"tok/s {line['tokens_per_s']:.0f} {label} {peak}")
 
     def say(self, text: str) -> None:
         if self.config.progress and self.dist.is_main:
@@ -370,7 +380,8 @@ class _Run:
 
     def save(self, rng=None) -> str:
         trainer_state = dict(dataclasses.asdict(self.state), config=self.config.to_dict(),
-                             data=self.data_fp, base=self.base_fp, total_steps=self.total)
+                             run_id=self.run_id, data=self.data_fp, base=self.base_fp,
+                             total_steps=self.total)
         save = self.dist.save if self.dist.active else ckpt.save_checkpoint
         path = save(self.out, self.state.step, model=self.model,
                                     optimizer=self.optimizer, method=self.config.method,
@@ -393,7 +404,7 @@ class _Run:
             self.say(f"padding efficiency {summary['padding_efficiency']:.1%} (real tokens / "
                      f"slots of the padded micro-batches of all {summary['steps']} steps)")
         if self.dist.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(self.out / "summary.json", summary)  # atomic: a kill keeps the last summary
         return summary
 
     def summary(self) -> dict:

@@ -31,20 +31,20 @@ def bench_run(small_data, tmp_path_factory):
     pytest.importorskip("matplotlib")
     out = tmp_path_factory.mktemp("bench_out")
     threads = torch.get_num_threads()
-    stdout = io.StringIO()
+    stdout, stderr = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(stdout):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             code = main(["bench", "--model", str(EXAMPLES / "base"), "--data", str(small_data),
                          "--steps", "2", "--batch-size", "4", "--eval-samples", "3",
                          "--max-new-tokens", "6", "--output-dir", str(out), "--threads", "1",
                          "--device", "cpu"])
     finally:
         torch.set_num_threads(threads)  # --threads 1 changed it for the whole process
-    return code, stdout.getvalue(), out
+    return code, stdout.getvalue(), out, stderr.getvalue()
 
 
 def test_bench_prints_the_table(bench_run):
-    code, stdout, out = bench_run
+    code, stdout, out, _ = bench_run
     assert code == 0
     header = ("| method | frozen weights | trainable params | gradients | optimizer states | "
               "activations | other | peak | step time (s) | tokens/s | train loss | eval loss | "
@@ -60,7 +60,7 @@ def test_bench_prints_the_table(bench_run):
 
 
 def test_bench_results_json(bench_run):
-    _, _, out = bench_run
+    _, _, out, _ = bench_run
     record = json.loads((out / "results.json").read_text())
     assert {"command", "machine", "git_commit", "git_modified", "settings", "results"} <= set(record)
     assert record["settings"]["steps"] == 2 and record["settings"]["threads"] == 1
@@ -88,8 +88,40 @@ def test_bench_results_json(bench_run):
         < by["full"]["trainable_params"]
 
 
+def test_bench_shows_progress_on_stderr(bench_run):
+    _, stdout, _, stderr = bench_run
+    lines = stderr.splitlines()
+    assert [line.split(":")[1].strip() for line in lines if "steps ..." in line] == \
+        ["[1/3] full (adamw8bit)", "[2/3] lora (adamw)", "[3/3] qlora (adamw)"]
+    assert sum(" done in " in line for line in lines) == 3 and "minift bench:" not in stdout
+
+
+def test_bench_defaults_work_from_any_folder(tmp_path, monkeypatch):
+    from minift.__main__ import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["bench"])
+    assert Path(args.model, "config.json").is_file() and Path(args.data, "train.jsonl").is_file()
+    assert Path(args.model).resolve() == (EXAMPLES / "base").resolve()
+
+
+@pytest.mark.parametrize("command", ["bench", "plan"])
+def test_help_shows_every_default(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    from minift.__main__ import build_parser
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.default not in (None, "==SUPPRESS==") and not action.required:
+            assert f"(default: {action.default})" in text or "default" in (action.help or ""), \
+                action.dest
+    if command == "plan":
+        assert "llama-3-8b" in text and "qwen2.5-0.5b" in text  # the presets are listed
+
+
 def test_bench_writes_the_chart(bench_run):
-    _, stdout, out = bench_run
+    _, stdout, out, _ = bench_run
     chart = out / "memory_breakdown.png"
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 5000
     assert f"chart: {chart}" in stdout
@@ -127,3 +159,26 @@ def test_bench_bad_data_row_is_one_line(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("minift bench: error: --model/--data: "), err
+
+
+def test_results_are_replaced_atomically(tmp_path, monkeypatch):
+    import argparse
+    import os
+
+    from minift.bench import write_outputs
+
+    args = argparse.Namespace(output_dir=str(tmp_path), no_chart=True, chart=None)
+    result = {"method": "lora", "optimizer": "adamw", "memory": {}, "step_time_s": 0.1,
+              "tokens_per_s": 10.0, "final_train_loss": 1.0, "eval_loss": 1.0,
+              "exact_match": None, "eval_samples": 0}
+    write_outputs({"results": [result]}, args)
+    before = {n: (tmp_path / n).read_text() for n in ("results.json", "results.md")}
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed while writing the results")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs({"results": [dict(result, final_train_loss=0.5)]}, args)
+    monkeypatch.undo()
+    assert {n: (tmp_path / n).read_text() for n in ("results.json", "results.md")} == before

@@ -66,6 +66,9 @@ def test_summary_records_both_evaluations(lora_run):
 def test_resume_on_the_same_base_continues(lora_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(lora_run[0], out)
+    # killed after the manifest of step 3 was written, before its rename: the resume check must
+    # see the recovered step-3, not refuse for want of a checkpoint
+    os.rename(out / "step-3", out / ".tmp-step-3")
     proc = run_cli("--max-steps", "4", "--eval-samples", "4", "--device", "cpu", "--output", out,
                    "--resume")
     assert proc.returncode == 0, proc.stderr
@@ -167,6 +170,14 @@ BAD_INPUTS = {  # case -> (arguments, text the error line must contain)
                           "frozen tensor 'model.embed_tokens.weight' differs"),
     "resume other data": (["--output", "{run}", "--data", str(EVAL), "--resume"],
                           "--resume: {run}/step-3: train_data differs"),
+    "fresh run into another run's folder": (["--output", "{run}"],
+                                            "--output: output_dir {run} holds the checkpoints of an "
+                                            "earlier run (step-3); continue it with"),
+    "hub id": (["--model", "meta-llama/Llama-3.2-1B"],
+               "'meta-llama/Llama-3.2-1B' is not a folder: minift reads checkpoints from local "
+               "folders"),
+    "resume file gone": (["--output", "{tmp}/gone", "--resume", "{tmp}/gone/step-3"],
+                         "--resume: resume_from: {tmp}/gone/step-3: model.safetensors is missing"),
     "merge into original without nf4": (["--merge", "--merge-into", "original"],
                                         "--merge-into original: only a qlora base is quantized"),
     "bad general text": (["--general", "{tmp}/bad.jsonl"], "--general: {tmp}/bad.jsonl:1: field 'text'"),
@@ -202,6 +213,8 @@ def bad_runs(lora_run, tmp_path_factory):
         t, **{"model.layers.1.mlp.up_proj.weight": t["model.layers.1.mlp.up_proj.weight"].long()}))
     # the same shapes as the base the LoRA run was trained on, other weights
     copy_base(tmp / "half_base", weights=lambda t: {k: v * 0.5 for k, v in t.items()})
+    shutil.copytree(lora_run[0], tmp / "gone")
+    os.remove(tmp / "gone" / "step-3" / "model.safetensors")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     results, pending = {}, list(BAD_INPUTS.items())
     while pending:
@@ -270,3 +283,92 @@ def test_feature_flag_errors_name_the_flag():
     proc = run_cli("--device", "cpu", "--optimizer-in-backward", "--max-steps", "1")
     assert proc.returncode == 2
     assert "--optimizer-in-backward: TrainConfig.optimizer_in_backward=True cannot clip" in proc.stderr
+
+
+@pytest.fixture(autouse=True)
+def _keep_warning_format(monkeypatch):
+    """main() installs its one-line warning format for the process; tests get theirs back."""
+    import warnings
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_llama", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_help_shows_every_default(capsys):
+    script = _script()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    parser_defaults = vars(script.parse_args([]))
+    for name, value in parser_defaults.items():
+        if value is not None and not isinstance(value, bool):
+            assert f"(default: {value})" in text, name
+    assert "(default: 1e-3 full, 3e-3 lora/qlora)" in text and "(default: auto)" in text
+
+
+def test_dtype_auto_is_float32_on_cpu_and_the_checkpoints_own_on_cuda(tmp_path):
+    script = _script()
+    copy_base(tmp_path / "bf16", config=lambda c: dict(c, torch_dtype="bfloat16"))
+    args = script.parse_args(["--model", str(tmp_path / "bf16")])
+    assert script.compute_dtype(args, args.model, torch.device("cpu")) == torch.float32
+    assert script.compute_dtype(args, args.model, torch.device("cuda")) == torch.bfloat16
+    args = script.parse_args(["--model", str(tmp_path / "bf16"), "--dtype", "float16"])
+    assert script.compute_dtype(args, args.model, torch.device("cpu")) == torch.float16
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_saved_models_keep_the_checkpoints_dtype(tmp_path, method):
+    from safetensors import safe_open
+
+    script = _script()
+    copy_base(tmp_path / "bf16", weights=lambda t: {k: v.bfloat16() for k, v in t.items()},
+              config=lambda c: dict(c, torch_dtype="bfloat16"))
+    args = script.parse_args(["--model", str(tmp_path / "bf16"), "--method", method, "--merge",
+                              "--output", str(tmp_path / "out")])
+    args.device_type = "cpu"
+    tokenizer, model = script.load_base(args, torch.device("cpu"))
+    assert model.lm_head.weight.dtype == torch.float32  # trained in float32 on a CPU
+    saved = script.save_outputs(model, tokenizer, args, [torch.tensor([1, 5, 9, 14])])
+    folder = Path(saved["merged" if method == "lora" else "model"])
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    size = (folder / "model.safetensors").stat().st_size
+    assert size < 1.01 * (tmp_path / "bf16" / "model.safetensors").stat().st_size  # not doubled
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    if method == "lora":
+        config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(tmp_path / "bf16")
+
+
+def test_a_full_disk_ends_the_run_with_one_line(monkeypatch, capsys):
+    import errno
+
+    script = _script()
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "cannot save the checkpoint of step 2 in out: No space left on "
+                                    "device; the newest intact checkpoint is out/step-1")
+
+    monkeypatch.setattr(script, "run", full)
+    assert script.main(["--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train_llama.py: training stopped: [Errno 28] cannot save the checkpoint of step 2 "
+                   "in out: No space left on device; the newest intact checkpoint is out/step-1"]
+
+
+def test_warnings_are_one_line(monkeypatch):
+    import warnings
+
+    script = _script()
+    monkeypatch.setattr(script, "run", lambda args: None)
+    assert script.main(["--device", "cpu"]) == 0
+    text = warnings.formatwarning(UserWarning("step 3: gradient norm is exactly 0,\n  so no weight "
+                                              "changes"), UserWarning, "trainer.py", 300)
+    assert text == "train_llama.py: warning: step 3: gradient norm is exactly 0, so no weight changes\n"

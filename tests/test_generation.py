@@ -149,3 +149,13 @@ def test_nf4_model_generates_like_its_dequantized_weights():
     ids = torch.randint(3, 256, (2, 5))
     out = generate(model, ids, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(out, generate(plain, ids, max_new_tokens=8, eos_token_id=[]))
+
+
+def test_token_id_outside_the_vocabulary_is_one_line():
+    model = tiny_model()
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"input_ids holds token id {vocab}, outside the model's "
+                                         rf"vocabulary of {vocab} \(ids 0..{vocab - 1}\)"):
+        generate(model, torch.tensor([[1, 2, vocab]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="token id -1"):
+        generate(model, torch.tensor([[1, -1]]), max_new_tokens=2)

@@ -161,7 +161,8 @@ def test_missing_unexpected_and_misshaped_tensors(tmp_path):
     with pytest.raises(ValueError, match="unexpected tensor.*model.layers.0.extra.weight"):
         load_model(tmp_path)
     write_tiny(tmp_path, tensors=lambda t: dict(t, **{"model.norm.weight": torch.ones(65)}))
-    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(65,\) .* expects \(64,\)"):
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.norm.weight' has shape "
+                                         r"\(65,\) .* expects \(64,\)"):
         load_model(tmp_path)
 
 
@@ -281,7 +282,7 @@ def test_quantize_on_load_peak_is_one_weight_not_the_model(tmp_path, monkeypatch
     # Tensors read by safetensors are not allocated by torch's allocator; a clone of each puts
     # the full-precision tensor being read into the count, as it is in real memory.
     read = loading._read_tensors
-    monkeypatch.setattr(loading, "_read_tensors", lambda path: ((n, t.clone()) for n, t in read(path)))
+    monkeypatch.setattr(loading, "_read_tensors", lambda path: ((f, n, t.clone()) for f, n, t in read(path)))
     model, peak = peak_allocated_while(lambda: load_model(tmp_path / "ckpt", quantize="nf4"),
                                        tmp_path / "trace.json")
     if peak is None:

@@ -25,14 +25,12 @@ def test_parse_memory_rejects(text):
         parse_memory(text, "--gpu-memory")
 
 
-@pytest.mark.parametrize("text, fix", [
-    ("24Gb", "24GB or 24GiB"), ("24gb", "24GB or 24GiB"), ("24 Gib", "24GB or 24GiB"),
-    ("512mb", "512MB or 512MiB"), ("8b", "8B"),
+@pytest.mark.parametrize("text, expected", [
+    ("24Gb", 24 * 10**9), ("24gb", 24 * 10**9), ("24 Gib", 24 * 2**30), ("512mb", 512 * 10**6),
+    ("8b", 8), ("24g", 24 * 2**30), ("1.5tb", 1.5e12),
 ])
-def test_parse_memory_rejects_bits(text, fix):
-    with pytest.raises(ValueError, match=rf"--gpu-memory: '{text}' ends in a lower-case b, "
-                                         rf"which means bits; for bytes write {fix}$"):
-        parse_memory(text, "--gpu-memory")
+def test_parse_memory_takes_units_in_any_case(text, expected):
+    assert parse_memory(text, "--gpu-memory") == expected
 
 
 def test_parse_memory_zero_only_when_allowed():
@@ -111,8 +109,7 @@ def test_cli_plan_reads_a_config_dir(tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     (["--seq-len", "-1"], "--seq-len must be a positive integer, got -1"),
     (["--reserve", "30GB"], "--reserve .* leaves nothing"),
-    (["--gpu-memory", "24Gb"], "--gpu-memory: '24Gb' ends in a lower-case b, which means bits"),
-    (["--reserve", "1Gib"], "--reserve: '1Gib' ends in a lower-case b"),
+    (["--gpu-memory", "24Gbit"], "--gpu-memory: cannot read '24Gbit'"),
     (["--seq-len", "8193"], r"--seq-len 8193 is longer than llama-3-8b's "
                             r"max_position_embeddings \(8192\)"),
 ])
@@ -149,3 +146,47 @@ def test_cli_plan_turns_features_on_and_reports_host_and_longest(capsys):
     qlora = next(line for line in out.splitlines() if line.startswith("- qlora:"))
     longest = int(qlora.split("with every feature: ")[1].split()[0])
     assert longest >= 80_000
+
+
+# ---- advice a user can act on -------------------------------------------------------------
+def _gib(n):
+    from minift.memory.plan import fmt_auto
+    return fmt_auto(n)
+
+
+def test_plan_says_when_a_method_fits_only_with_gradient_checkpointing(capsys):
+    assert main(["plan", "--model", "llama-2-7b", "--gpu-memory", "24gb", "--seq-len", "2048",
+                 "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    budget = 24 * 10**9 - 2**30
+    lora = estimate_memory("llama-2-7b", "lora", 2, 2048, gradient_checkpointing=True)
+    assert estimate_memory("llama-2-7b", "lora", 2, 2048).total > budget >= lora.total
+    assert f"LoRA fits only with --gradient-checkpointing ({_gib(lora.total)} of {_gib(budget)})." in out
+
+
+def test_plan_shows_the_host_ram_of_paged_states(capsys):
+    assert main(["plan", "--model", "llama-2-7b", "--gpu-memory", "80GB", "--seq-len", "512",
+                 "--optimizer", "paged_adamw8bit"]) == 0
+    out = capsys.readouterr().out
+    full = estimate_memory("llama-2-7b", "full", 1, 512, optimizer="adamw8bit").optimizer_states
+    assert full > 10 * 2**30
+    assert (f"paged_adamw8bit keeps the optimizer states in host RAM, not on the GPU: full "
+            f"{_gib(full)}, LoRA ") in out
+
+
+def test_plan_says_what_would_fit_when_nothing_does():
+    from minift.memory.plan import plan as run_plan
+    res = run_plan(ModelConfig.from_name("llama-3-70b"), 16 * 2**30)
+    assert res["recommendation"] is None
+    line = next(a for a in res["advice"] if a.startswith("QLoRA would fit on "))
+    n = int(line.split()[4])
+    e = estimate_memory("llama-3-70b", "qlora", 1, 2048, gradient_checkpointing=True)
+    states = e.frozen_weights + e.trainable_params + e.gradients + e.optimizer_states
+    budget = res["budget"]
+    assert states / n + (e.total - states) <= budget < states / (n - 1) + (e.total - states)
+    # a model whose QLoRA base fits: a shorter sequence is offered, with a length that fits
+    res = run_plan(ModelConfig.from_name("llama-2-7b"), 6 * 10**9, seq_len=4096, reserve=0)
+    line = next(a for a in res["advice"] if "--seq-len" in a)
+    t = int(line.split("--seq-len ")[1].split()[0])
+    assert estimate_memory("llama-2-7b", "qlora", 1, t, gradient_checkpointing=True).total <= 6e9
+    assert estimate_memory("llama-2-7b", "qlora", 1, t + 1, gradient_checkpointing=True).total > 6e9

@@ -228,3 +228,21 @@ def test_strftime_now_is_available(tmp_path):
     tok = load_tokenizer(write_checkpoint(tmp_path / "t", BASE_CONFIG),
                          chat_template="{{ strftime_now('%Y') | length }}|{{ messages | length }}")
     assert tok.apply_chat_template(CHATS[1]) == "4|4"
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    import os
+
+    ours = load_tokenizer(write_checkpoint(tmp_path / "t", BASE_CONFIG), chat_template="chatml")
+    ours.save(tmp_path / "saved")
+    before = {n: (tmp_path / "saved" / n).read_bytes() for n in os.listdir(tmp_path / "saved")}
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        load_tokenizer(tmp_path / "t", chat_template="llama-3").save(tmp_path / "saved")
+    monkeypatch.undo()
+    assert {n: (tmp_path / "saved" / n).read_bytes() for n in os.listdir(tmp_path / "saved")} == before
+    assert load_tokenizer(tmp_path / "saved").chat_template == ours.chat_template

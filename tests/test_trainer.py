@@ -123,9 +123,11 @@ def metrics(tmp_path, name="run"):
     ("grad_accum", 0, "grad_accum"), ("micro_batch_size", 0, "micro_batch_size"),
     ("epochs", 0, "epochs"), ("max_steps", 0, "max_steps"), ("keep_last", 0, "keep_last"),
     ("max_grad_norm", 0.0, "max_grad_norm"), ("weight_decay", -1.0, "weight_decay"),
-    ("learning_rate", "1e-4", "learning_rate must be a finite number > 0, got str '1e-4'"),
-    ("learning_rate", math.inf, "learning_rate must be a finite number > 0, got inf"),
-    ("learning_rate", math.nan, "learning_rate must be a finite number > 0, got nan"),
+    ("learning_rate", "1e-4", r"learning_rate must be a finite number in \(0, 3.4e37\), got str '1e-4'"),
+    ("learning_rate", math.inf, r"learning_rate must be a finite number in \(0, 3.4e37\), got inf"),
+    ("learning_rate", math.nan, r"learning_rate must be a finite number in \(0, 3.4e37\), got nan"),
+    # AdamW's float32 update lr / (1 - beta1) overflows: one line here, not a traceback mid-step
+    ("learning_rate", 1e38, r"learning_rate must be a finite number in \(0, 3.4e37\), got 1e\+38"),
     ("weight_decay", math.inf, "weight_decay must be a finite number"),
     ("max_grad_norm", math.inf, "max_grad_norm must be a finite number"),
     ("neftune_alpha", math.nan, "neftune_alpha must be a finite number"),
@@ -260,7 +262,8 @@ def test_without_a_terminal_progress_prints_log_lines_and_memory_table(tmp_path,
     assert [line.split(" loss")[0] for line in out.splitlines() if line.startswith("step ")] == \
         ["step 2/4", "step 4/4"]
     assert "activations" in out and "optimizer_states" in out  # the first step's breakdown
-    train(TinyLM(), make_examples(16), cfg(tmp_path, progress=False))
+    assert "peak RSS" in out and "the step lines show peak RSS" in out  # each peak says what it is
+    train(TinyLM(), make_examples(16), cfg(tmp_path / "quiet", progress=False))
     assert capsys.readouterr().out == ""
 
 
@@ -291,7 +294,8 @@ def test_bf16_autocast_and_neftune_train(tmp_path):
 @pytest.mark.parametrize("kind,match", [("nan loss", "loss is nan at step 3"),
                                         ("inf loss", "loss is inf at step 3"),
                                         ("inf grad", "gradient norm is (inf|nan) at step 3")])
-def test_non_finite_step_stops_with_checkpoint_of_last_good_state(tmp_path, monkeypatch, kind, match):
+def test_non_finite_step_saves_nothing_and_names_the_newest_good_checkpoint(tmp_path, monkeypatch,
+                                                                             kind, match):
     import minift.trainer as train_mod
     model = TinyLM(nan_at_call=3 if kind == "nan loss" else None,
                    bad_grad_at_call=3 if kind == "inf grad" else None)
@@ -303,15 +307,70 @@ def test_non_finite_step_stops_with_checkpoint_of_last_good_state(tmp_path, monk
             return real(logits, labels) * (math.inf if len(calls) == 3 else 1.0)
 
         monkeypatch.setattr(train_mod, "token_loss_sum", inf_at_third)
-    with pytest.raises(FloatingPointError, match=match):
-        train(model, make_examples(32), cfg(tmp_path, save_interval=100))
+    run = tmp_path / "run"
+    # keep_last=1: step-1 survives the save of step 2, whose weights no step had used yet
+    with pytest.raises(FloatingPointError, match=rf"{match}; step-2, whose weights gave it, is "
+                                                 rf"renamed diverged-step-2; .* is {run}/step-1;"):
+        train(model, make_examples(32), cfg(tmp_path, save_interval=1, keep_last=1))
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
-    path = ckpt.latest_checkpoint(tmp_path / "run")
-    assert path.endswith("step-2")
-    saved = ckpt.load_file(path + "/model.safetensors")
+    assert ckpt.latest_checkpoint(run) == str(run / "step-1")
+    assert ckpt.resolve_checkpoint("latest", run) == str(run / "step-1")
+    saved = ckpt.load_file(str(run / "diverged-step-2" / "model.safetensors"))
     for name, p in model.state_dict().items():  # step 3 changed nothing
         assert torch.equal(saved[name], p)
-    assert ckpt.read_trainer_state(path)["batch_index"] == 2
+
+
+def test_huge_learning_rate_never_leaves_a_diverged_checkpoint_to_resume(tmp_path):
+    with pytest.raises(FloatingPointError) as err:
+        train(TinyLM(), make_examples(32), cfg(tmp_path, learning_rate=1e30, optimizer="adamw8bit",
+                                               save_interval=1, keep_last=1))
+    assert "\n" not in str(err.value)
+    for _, path in ckpt.list_checkpoints(tmp_path / "run"):
+        for name, t in ckpt.load_file(path + "/model.safetensors").items():
+            assert torch.isfinite(t).all() and t.abs().max() < 1e6, (path, name)
+
+
+def test_dead_model_warns(tmp_path):
+    model = TinyLM(dropout=0.0)
+    with torch.no_grad():  # a dead model: no weight gets a gradient any more
+        for p in model.parameters():
+            p.zero_()
+    model.lm_head.bias.requires_grad_(False)  # uniform logits, and every gradient is 0
+    with pytest.warns(UserWarning) as caught:
+        train(model, make_examples(16), cfg(tmp_path))
+    messages = [str(w.message) for w in caught]
+    assert any("step 1: gradient norm is exactly 0" in m for m in messages)
+    assert any("step 3: the loss has stayed at ln(vocab) = 3.4657 for 3 steps" in m for m in messages)
+
+
+def test_fresh_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path):
+    train(TinyLM(), make_examples(8), cfg(tmp_path, max_steps=2, save_interval=1))
+    with pytest.raises(ValueError, match=r"holds the checkpoints of an earlier run \(step-1, step-2\)"):
+        train(TinyLM(), make_examples(8), cfg(tmp_path, max_steps=1, keep_last=1))
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [1, 2]
+
+
+def test_lora_method_on_a_model_without_adapters_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="method='lora', but the model has no LoRA adapters"):
+        train(TinyLM(), make_examples(8), cfg(tmp_path, method="lora"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_token_id_outside_the_vocabulary_is_one_line(tmp_path):
+    data = make_examples(8) + [{"input_ids": [1, 2, 40], "labels": [-100, 2, 40]}]
+    with pytest.raises(ValueError, match=r"train_data\[8\]: input_ids\[2\] is token id 40, outside "
+                                         r"the model's vocabulary of 32"):
+        train(TinyLM(), data, cfg(tmp_path))
+
+
+def test_resume_drops_a_torn_metrics_line_and_rewrites_atomically(tmp_path):
+    data = make_examples(16)
+    train(TinyLM(), data, cfg(tmp_path, max_steps=2, save_interval=1))
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "lo')  # killed while writing step 3's line
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:3: dropped a torn last line"):
+        train(TinyLM(), data, cfg(tmp_path, max_steps=4, resume_from="latest"))
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("bad,match", [([], "train_data must be a non-empty list"),
@@ -356,3 +415,23 @@ def test_minift_train_is_callable_after_importing_the_module(tmp_path):
     with pytest.raises(ValueError, match="train_data must be a non-empty list"):
         minift.train(TinyLM(), [], cfg(tmp_path))
     assert minift.TrainConfig is TrainConfig
+
+
+def test_summary_is_replaced_atomically(tmp_path, monkeypatch):
+    import os
+
+    data = make_examples(8)
+    train(TinyLM(), data, cfg(tmp_path, max_steps=1))
+    before = (tmp_path / "run" / "summary.json").read_text()
+    real = os.replace
+
+    def killed_at_summary(src, dst):
+        if str(dst).endswith("summary.json"):
+            raise KeyboardInterrupt("killed while writing summary.json")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_summary)
+    with pytest.raises(KeyboardInterrupt):
+        train(TinyLM(), data, cfg(tmp_path, max_steps=2, resume_from="latest"))
+    assert (tmp_path / "run" / "summary.json").read_text() == before
+    assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl", "step-1", "step-2", "summary.json"]

@@ -6,7 +6,7 @@ fit, finds the largest batch size and the longest sequence that fit for each, an
 highest-quality method that fits (full > LoRA > QLoRA).
 
 Memory sizes are read by `minift._util.parse_bytes`, the one size grammar of minift: "24GB" is
-24e9 bytes, "24GiB" and "24G" are 24 * 2^30.
+24e9 bytes, "24GiB" and "24G" are 24 * 2^30, in any case ("24gb" is 24GB).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import os
 import torch
 
 from minift._util import check_choice, fmt_in, format_bytes, parse_bytes, unit_for
-from minift.config import ModelConfig
+from minift.config import PRESETS, ModelConfig
 from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import METHODS, estimate_memory
 from minift.memory.tracker import CATEGORIES, breakdown_table
@@ -26,6 +26,11 @@ MAX_BATCH = 1 << 16
 
 
 parse_memory = parse_bytes  # sizes read as everywhere in minift (see minift._util)
+
+
+def fmt_auto(n: float) -> str:
+    """Bytes in the largest binary unit that holds at least one whole unit ("0 B" for zero)."""
+    return "0 B" if n == 0 else format_bytes(n)
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str]:
@@ -114,14 +119,75 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
             out[method]["offload"] = {"estimate": offloaded, "fits": offloaded.total <= budget
                                       and gpus * offloaded.terms["host_bytes"] <= host_memory}
     fitting = [m for m in METHODS if out[m]["fits"]]
-    # the memory features the loop offers, turned on one at a time until each method fits (on one
-    # GPU; the per-GPU table of a multi-GPU plan has its own offload column instead)
+    settings = dict(r=r, target_modules=target_modules, optimizer=optimizer, dtype=dtype,
+                    gradient_checkpointing=gradient_checkpointing)
+    # the memory features the loop offers, turned on one at a time until each method fits
+    # (on one GPU; the per-GPU table of a multi-GPU plan has its own offload column instead)
     features = None if parallel else {
         m: plan_features(cfg, budget, m, batch_size, seq_len, r=r, optimizer=optimizer, dtype=dtype,
                          target_modules=target_modules) for m in METHODS}
     return {"methods": out, "recommendation": fitting[0] if fitting else None, "budget": budget,
             "max_position_embeddings": max_pos, "objective": objective, "features": features,
-            "gpus": gpus, "parallel": parallel, "cpu_offload": cpu_offload, "host_memory": host_memory}
+            "gpus": gpus, "parallel": parallel, "cpu_offload": cpu_offload, "host_memory": host_memory,
+            # the advice re-estimates one-GPU SFT steps; a DPO plan has its own estimator
+            "advice": advice(cfg, out, budget, batch_size, seq_len, settings)
+            if objective == "sft" and not parallel else []}
+
+
+# ---- what a user can do about it ------------------------------------------------------------
+def advice(cfg, methods: dict, budget: int, batch_size: int, seq_len: int, settings: dict) -> list:
+    """Lines of advice with numbers: the host RAM paged states take, a method that fits only
+    with gradient checkpointing, and when nothing fits, what would (sharding over GPUs, states
+    in host RAM, a shorter sequence)."""
+    def est(method, **change):
+        kw = dict(settings, **{k: v for k, v in change.items() if k in settings})
+        return estimate_memory(cfg, method, change.get("b", batch_size), change.get("t", seq_len),
+                               **kw)
+
+    lines = []
+    if settings["optimizer"] == "paged_adamw8bit":  # the same 8-bit states, in pages on the host
+        host = {m: est(m, optimizer="adamw8bit").optimizer_states for m in METHODS}
+        lines.append("paged_adamw8bit keeps the optimizer states in host RAM, not on the GPU: "
+                     + ", ".join(f"{LABELS[m]} {format_bytes(host[m])}" for m in METHODS) + ".")
+    gc_fits = []
+    if not settings["gradient_checkpointing"]:
+        for m in METHODS:
+            total = est(m, gradient_checkpointing=True).total
+            if not methods[m]["fits"] and total <= budget:
+                gc_fits.append(m)
+                lines.append(f"{LABELS[m]} fits only with --gradient-checkpointing "
+                             f"({format_bytes(total)} of {format_bytes(budget)}).")
+    if any(methods[m]["fits"] for m in METHODS) or gc_fits:
+        return lines
+    return lines + _what_would_fit(est, budget, seq_len, cfg.max_position_embeddings)
+
+
+def _what_would_fit(est, budget: int, seq_len: int, max_pos: int) -> list:
+    """Nothing fits one GPU even with gradient checkpointing: the ways out, with numbers."""
+    lines = []
+    for m in METHODS:  # weights, gradients and optimizer states divide over N GPUs; activations not
+        e = est(m, gradient_checkpointing=True)
+        states = e.frozen_weights + e.trainable_params + e.gradients + e.optimizer_states
+        rest = e.total - states
+        if rest < budget:
+            n = -(-states // (budget - rest))
+            lines.append(f"{LABELS[m]} would fit on {n} GPUs of this size with weights, gradients and "
+                         f"optimizer states sharded {n} ways (FSDP) and --gradient-checkpointing.")
+    paged = est("qlora", gradient_checkpointing=True, optimizer="paged_adamw8bit")
+    if paged.total <= budget:
+        host = est("qlora", gradient_checkpointing=True, optimizer="adamw8bit").optimizer_states
+        lines.append(f"QLoRA fits with the optimizer states offloaded to CPU (--optimizer "
+                     f"paged_adamw8bit: {format_bytes(host)} of host RAM) and --gradient-checkpointing "
+                     f"({format_bytes(paged.total)} of {format_bytes(budget)}).")
+    shorter = _largest(lambda t: est("qlora", gradient_checkpointing=True, b=1, t=t).total <= budget,
+                       2, min(seq_len, max_pos))
+    if shorter >= 2:
+        lines.append(f"QLoRA fits at batch 1 with --gradient-checkpointing and --seq-len {shorter} "
+                     f"or shorter.")
+    if not lines:
+        lines.append("No method fits at batch 1 even with 2 tokens: the weights alone exceed "
+                     "this GPU; pick a smaller model.")
+    return lines
 
 
 def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
@@ -169,6 +235,7 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
                                          result["max_position_embeddings"], format_bytes))
     lines.append("")
     lines.append(_recommend(result, batch_size, seq_len, gradient_checkpointing))
+    lines += result.get("advice", [])
     lines.append("Estimates from first principles (minift.estimate_memory), checked against "
                  "measured CPU steps; see docs/memory.md.")
     return "\n".join(lines)
@@ -206,17 +273,22 @@ def _recommend(result, batch_size, seq_len, gradient_checkpointing) -> str:
 
 
 def add_plan_arguments(parser) -> None:
-    """The options of ``minift plan``."""
+    """The options of ``minift plan`` (every one with help, so --help shows every default)."""
     parser.add_argument("--model", required=True,
-                        help="a preset name (see minift.config.PRESETS) or a directory with config.json")
+                        help=f"a preset ({', '.join(PRESETS)}) or a directory with config.json")
     parser.add_argument("--gpu-memory", required=True, dest="gpu_memory",
-                        help='GPU memory, e.g. 24GB (10^9 bytes), 24GiB or 24G (2^30 bytes), 80000MB')
-    parser.add_argument("--seq-len", type=int, default=2048, dest="seq_len")
-    parser.add_argument("--batch-size", type=int, default=1, dest="batch_size")
+                        help="GPU memory, e.g. 24GB (10^9 bytes), 24GiB or 24G (2^30 bytes), 80000MB; "
+                             "units in any case (24gb)")
+    parser.add_argument("--seq-len", type=int, default=2048, dest="seq_len", help="tokens per sequence")
+    parser.add_argument("--batch-size", type=int, default=1, dest="batch_size",
+                        help="sequences per micro-batch")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
-    parser.add_argument("--gradient-checkpointing", action="store_true", dest="gradient_checkpointing")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "paged_adamw8bit"),
+                        help="optimizer whose states are counted")
+    parser.add_argument("--gradient-checkpointing", action="store_true", dest="gradient_checkpointing",
+                        help="recompute each layer in backward (less activation memory)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="dtype of the weights and activations")
     parser.add_argument("--objective", default="sft", choices=("sft", "dpo"),
                         help="sft, or dpo (--batch-size counts preference pairs: 2x the sequences, "
                              "plus the reference forward; a frozen copy for full)")
@@ -228,7 +300,7 @@ def add_plan_arguments(parser) -> None:
     parser.add_argument("--host-memory", default="128GiB", dest="host_memory",
                         help="host memory of the machine, for CPU offload (default 128GiB)")
     parser.add_argument("--reserve", default="1GiB",
-                        help="memory kept free for the CUDA context and allocator slack (default 1GiB)")
+                        help="memory kept free for the CUDA context and allocator slack")
 
 
 def run_plan(args, parser) -> int:

@@ -1,0 +1,173 @@
+"""Checkpoint integrity: checksums, falling back to the newest intact checkpoint, never saving
+NaN/Inf, pruning only this run's checkpoints, and one-line errors for damaged files."""
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+import minift.checkpoint as ckpt
+from minift.trainer import TrainConfig, make_optimizer
+
+from test_trainer import TinyLM, _one_thread  # noqa: F401  (fixture)
+
+
+def _opt(model):
+    return make_optimizer(model, TrainConfig(method="full", progress=False))
+
+
+def _save(out, step, model=None, run_id="run-a", keep_last=None):
+    model = model or TinyLM()
+    optimizer = _opt(model)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    optimizer.step()
+    return ckpt.save_checkpoint(out, step, model=model, optimizer=optimizer, method="full",
+                                trainer_state={"run_id": run_id}, keep_last=keep_last)
+
+
+def _flip_byte(path, offset=-5):
+    """Same size, other bytes: what a size-only check cannot see."""
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END)
+        b = f.read(1)
+        f.seek(offset, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_manifest_holds_a_crc32_of_every_file(tmp_path):
+    path = _save(tmp_path, 1)
+    manifest = json.loads(open(os.path.join(path, ckpt.MANIFEST)).read())
+    assert set(manifest["crc32"]) == set(manifest["files"]) and len(manifest["files"]) == 5
+    import zlib
+    data = open(os.path.join(path, "model.safetensors"), "rb").read()
+    assert manifest["crc32"]["model.safetensors"] == zlib.crc32(data)
+    assert manifest["run_id"] == "run-a" and ckpt.verify(path) is None
+
+
+def test_same_size_corruption_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    good = _save(tmp_path, 1)
+    bad = _save(tmp_path, 2)
+    _flip_byte(os.path.join(bad, "model.safetensors"))
+    assert ckpt.is_complete(bad)  # the sizes still match
+    assert ckpt.verify(bad) == ("model.safetensors is corrupt (its CRC-32 differs from the one "
+                                "saved in manifest.json)")
+    with pytest.warns(UserWarning, match=r"step-2: model.safetensors is corrupt.*resuming from "
+                                         r".*step-1, the newest intact") as caught:
+        assert ckpt.resolve_checkpoint("latest", tmp_path) == good
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    # named explicitly: an error naming the file and the intact checkpoint, not a silent load
+    with pytest.raises(ValueError, match=r"step-2: model.safetensors is corrupt.*newest intact "
+                                         r"checkpoint is .*step-1"):
+        ckpt.resolve_checkpoint(bad, tmp_path)
+    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+        ckpt.load_checkpoint(bad, model=TinyLM(), optimizer=_opt(TinyLM()))
+
+
+@pytest.mark.parametrize("name", ["trainer_state.json", "optimizer.json", "optimizer.safetensors"])
+def test_corrupt_state_files_are_named(tmp_path, name):
+    path = _save(tmp_path, 1)
+    _flip_byte(os.path.join(path, name), offset=-2)
+    with pytest.raises(ValueError, match=rf"step-1: {name} is corrupt"):
+        ckpt.resolve_checkpoint(path, tmp_path)
+
+
+def test_corrupt_json_of_a_checkpoint_without_checksums_is_one_line(tmp_path):
+    path = _save(tmp_path, 1)
+    manifest_path = os.path.join(path, ckpt.MANIFEST)
+    manifest = json.load(open(manifest_path))
+    del manifest["crc32"]  # a checkpoint written before checksums existed
+    json.dump(manifest, open(manifest_path, "w"))
+    for name in ("trainer_state.json", "optimizer.json"):
+        text = open(os.path.join(path, name)).read()
+        open(os.path.join(path, name), "w").write("{" + text[1:-1] + "]")  # same size
+        model = TinyLM()
+        with pytest.raises(ValueError, match=rf"{name}:1: invalid JSON \("):
+            ckpt.load_checkpoint(path, model=model, optimizer=_opt(model))
+        open(os.path.join(path, name), "w").write(text)
+
+
+def test_resume_of_a_checkpoint_whose_file_is_gone_names_the_file(tmp_path):
+    path = _save(tmp_path, 6)
+    os.remove(os.path.join(path, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"step-6: model.safetensors is missing$"):
+        ckpt.resolve_checkpoint(path, tmp_path)
+
+
+def test_wrong_shape_tensors_are_one_line(tmp_path):
+    path = _save(tmp_path, 1, model=TinyLM(dim=16))
+    model = TinyLM(dim=8)
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'lm_head.weight' "
+                                         r"has shape \[32, 16\], the model's has \[32, 8\]") as err:
+        ckpt.load_checkpoint(path, model=model, optimizer=_opt(model))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_non_finite_state_is_never_saved(tmp_path, where):
+    good = _save(tmp_path, 1)
+    model = TinyLM()
+    optimizer = _opt(model)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    optimizer.step()
+    if where == "model":
+        with torch.no_grad():
+            model.mix.weight[0, 0] = float("inf")
+    else:
+        optimizer.state[model.mix.weight]["exp_avg_sq"][0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=rf"not saving step 2: {where} tensor .* NaN or Inf; "
+                                                 rf"the newest finite checkpoint is .*step-1"):
+        ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, method="full",
+                             trainer_state={"run_id": "run-a"}, keep_last=1)
+    assert sorted(os.listdir(tmp_path)) == ["step-1"] and ckpt.verify(good) is None
+
+
+def test_disk_full_is_one_line_naming_the_newest_checkpoint(tmp_path, monkeypatch):
+    good = _save(tmp_path, 1)
+
+    def full_disk(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(OSError) as err:
+        _save(tmp_path, 2)
+    message = str(err.value)
+    assert err.value.errno == errno.ENOSPC and "\n" not in message
+    assert "cannot save the checkpoint of step 2" in message and "No space left on device" in message
+    assert f"the newest intact checkpoint is {good}" in message and "resume" in message
+    assert sorted(os.listdir(tmp_path)) == ["step-1"]  # the partial save gave its space back
+
+
+def test_pruning_keeps_other_runs_and_the_newest_checkpoint_a_step_has_used(tmp_path):
+    _save(tmp_path, 5, run_id="earlier")
+    for step in (1, 2, 3):
+        _save(tmp_path, step, run_id="now", keep_last=1)
+    # step-3's weights have not been through a forward yet: step-2 stays as well
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3, 5]
+    assert ckpt.prune(tmp_path, 2, 4, "now") == []
+
+
+def test_half_pruned_checkpoints_are_removed(tmp_path):
+    good = _save(tmp_path, 3)
+    half = tmp_path / "step-1"  # an older prune that stopped after deleting the manifest
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"left over")
+    (tmp_path / ".del-step-2").mkdir()  # a prune that stopped after its rename
+    removed = ckpt.clean_incomplete(tmp_path)
+    assert sorted(removed) == [str(tmp_path / ".del-step-2"), str(half)]
+    assert sorted(os.listdir(tmp_path)) == ["step-3"] and ckpt.verify(good) is None
+
+
+def test_train_resumes_from_the_newest_intact_checkpoint(tmp_path):
+    from minift.trainer import train
+    from test_trainer import cfg, make_examples
+
+    data = make_examples(24)
+    train(TinyLM(), data, cfg(tmp_path, max_steps=3, save_interval=1))
+    run = tmp_path / "run"
+    _flip_byte(run / "step-3" / "optimizer.safetensors")
+    with pytest.warns(UserWarning, match=r"skipping .*step-3: optimizer.safetensors is corrupt"):
+        summary = train(TinyLM(), data, cfg(tmp_path, max_steps=4, resume_from="latest"))
+    assert summary["resumed_from"] == str(run / "step-2") and summary["steps"] == 4
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2, 3, 4]

@@ -1,0 +1,117 @@
+"""Rules of a run's output folder and of what it trains (minift/rundir.py)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import minift.checkpoint as ckpt
+from minift import rundir
+from minift.lora import lora_wrap
+from minift.nf4_linear import quantize_model
+from minift.trainer import TrainConfig, make_optimizer
+
+from test_trainer import TinyLM, _one_thread, tiny_llama  # noqa: F401  (fixture)
+
+
+def _save(out, step, run_id="a"):
+    model = TinyLM()
+    return ckpt.save_checkpoint(out, step, model=model, optimizer=make_optimizer(
+        model, TrainConfig(method="full")), method="full", trainer_state={"run_id": run_id})
+
+
+def test_fresh_run_into_a_folder_with_checkpoints_is_refused(tmp_path):
+    rundir.check_output_dir(tmp_path / "new", None)  # nothing there: fine
+    _save(tmp_path, 3)
+    _save(tmp_path, 6)
+    with pytest.raises(ValueError, match=r"output_dir .* holds the checkpoints of an earlier run "
+                                         r"\(step-3, step-6\); continue it with resume_from='latest' "
+                                         r"\(--resume\), or train into a new output_dir \(--output\)"):
+        rundir.check_output_dir(tmp_path, None)
+    rundir.check_output_dir(tmp_path, "latest")
+
+
+def test_method_must_match_what_is_trainable():
+    torch.manual_seed(0)
+    plain = tiny_llama()
+    with pytest.raises(ValueError, match="method='lora', but the model has no LoRA adapters"):
+        rundir.check_method(plain, "lora")
+    rundir.check_method(plain, "full")
+    wrapped = lora_wrap(tiny_llama(), r=2)
+    rundir.check_method(wrapped, "lora")
+    with pytest.raises(ValueError, match="method='full', but the model has LoRA adapters"):
+        rundir.check_method(wrapped, "full")
+    with pytest.raises(ValueError, match="method='qlora', but the base is not NF4-quantized"):
+        rundir.check_method(wrapped, "qlora")
+    wrapped.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"1 other parameter\(s\) require grad \(first: "
+                                         r"'lm_head.weight'\)"):
+        rundir.check_method(wrapped, "lora")
+    quantized = lora_wrap(quantize_model(tiny_llama()), r=2)
+    rundir.check_method(quantized, "qlora")
+    with pytest.raises(ValueError, match="base is NF4-quantized; use method='qlora'"):
+        rundir.check_method(quantized, "lora")
+
+
+def test_token_ids_outside_the_vocabulary_name_example_and_position():
+    good = {"input_ids": [1, 2, 31], "labels": [-100, 2, 31]}
+    rundir.check_token_ids([good], 32, "train_data")
+    with pytest.raises(ValueError, match=r"train_data\[1\]: input_ids\[2\] is token id 32, outside "
+                                         r"the model's vocabulary of 32 \(ids 0..31\)"):
+        rundir.check_token_ids([good, {"input_ids": [1, 2, 32], "labels": [-100, 2, 3]}], 32,
+                               "train_data")
+    with pytest.raises(ValueError, match=r"eval_data\[0\]: labels\[0\] is token id -5"):
+        rundir.check_token_ids([{"input_ids": [1, 2], "labels": [-5, 2]}], 32, "eval_data")
+    assert rundir.vocab_size_of(TinyLM(vocab=40)) == 40
+    assert rundir.vocab_size_of(torch.nn.Linear(2, 2)) is None
+
+
+def test_trim_metrics_drops_later_steps_and_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + '\n{"step": 5, "lo')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:5: dropped a torn last line"):
+        assert rundir.trim_metrics(path, 3) == 3
+    assert path.read_text() == "".join(line + "\n" for line in lines[:3])
+    path.write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record"):
+        rundir.trim_metrics(path, 3)
+
+
+def test_trim_metrics_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3))
+    path.write_text(text)
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed during the rename")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.trim_metrics(path, 1)
+    assert path.read_text() == text and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_divergence_sets_aside_the_checkpoint_that_gave_the_loss(tmp_path):
+    first = _save(tmp_path, 2)
+    _save(tmp_path, 4)
+    message = rundir.divergence(tmp_path, 5, "loss", float("nan"))
+    assert message == (f"training loss is nan at step 5; step-4, whose weights gave it, is renamed "
+                       f"diverged-step-4; the newest checkpoint with finite weights that a finite "
+                       f"step has used is {first}; lower the learning rate and resume from it")
+    assert ckpt.resolve_checkpoint("latest", tmp_path) == first
+    assert (tmp_path / "diverged-step-4" / ckpt.MANIFEST).exists()
+
+
+def test_dead_model_watch():
+    watch = rundir.DeadModelWatch(vocab_size=32)
+    assert watch.update(1, 3.0, 0.5) is None
+    assert "gradient norm is exactly 0" in watch.update(2, 3.0, 0.0)
+    assert watch.update(3, 3.0, 0.0) is None  # once
+    uniform = math.log(32)
+    # a random-init model hovers near ln(V), but moves by far more than 1e-4 relative
+    assert [watch.update(s, uniform + d, 0.1) for s, d in enumerate((0.01, -0.02, 0.015, 0.01))] \
+        == [None] * 4
+    assert watch.update(10, uniform, 0.1) is None and watch.update(11, uniform + 1e-6, 0.1) is None
+    assert "stayed at ln(vocab) = 3.4657 for 3 steps" in watch.update(12, uniform, 0.1)
