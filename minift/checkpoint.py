@@ -160,21 +160,43 @@ def _write_files(tmp: Path, step: int, model, optimizer, method, trainer_state, 
     save_file(rng_tensors, tmp / "rng.safetensors")
     state = dict(trainer_state, step=step, method=method, rng=rng_meta,
                  fingerprint=model_fingerprint(model), format_version=FORMAT_VERSION)
-    return finish_checkpoint(root, tmp, step, state, keep_last)
+    return _seal(tmp, step, state)
 
 
-def finish_checkpoint(root: Path, tmp: Path, step: int, state: dict, keep_last: Optional[int]) -> str:
-    """Write trainer_state.json into the filled ``tmp`` directory, fsync every file, write the
-    manifest last, rename ``tmp`` to ``step-<step>`` and prune to the last `keep_last`
-    (the distributed checkpoints of `minift.dist_train` end the same way)."""
-    final = root / f"step-{step}"
+def _seal(tmp: Path, step: int, state: dict) -> dict:
+    """Write trainer_state.json into the filled ``tmp``, fsync every file; return the manifest
+    (each file's size and CRC-32, the run it belongs to)."""
     write_json(tmp / "trainer_state.json", state, indent=None, atomic=False)
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
         fsync_path(tmp / name)
-    return {"step": step, "run_id": trainer_state.get("run_id"),
+    return {"step": step, "run_id": state.get("run_id"),
             "files": {n: (tmp / n).stat().st_size for n in files},
             "crc32": {n: file_crc32(tmp / n) for n in files}}
+
+
+def _install(root: Path, tmp: Path, step: int, keep_last: Optional[int], run_id) -> str:
+    """Rename the sealed ``tmp`` (manifest written) to ``step-<step>`` and prune this run."""
+    final = root / f"step-{step}"
+    if final.exists():  # saving the same step again (e.g. after a resume): swap, then drop the old
+        old = root / f".old-step-{step}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_path(root)
+    if keep_last:
+        prune(root, keep_last, step, run_id)
+    return str(final)
+
+
+def finish_checkpoint(root: Path, tmp: Path, step: int, state: dict, keep_last: Optional[int]) -> str:
+    """Seal a ``tmp`` directory whose other files are written (the distributed checkpoints of
+    `minift.dist_train`), write its manifest last, install it as ``step-<step>`` and prune."""
+    write_json(tmp / MANIFEST, _seal(tmp, step, state), indent=None, atomic=False)
+    fsync_path(tmp)
+    return _install(Path(root), tmp, step, keep_last, state.get("run_id"))
 
 
 def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, trainer_state: dict,
@@ -204,7 +226,7 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, tra
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     clean_incomplete(root)
-    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
     try:
         manifest = _write_files(tmp, step, model, optimizer, method, trainer_state, rng)
         write_json(tmp / MANIFEST, manifest, indent=None, atomic=False)
@@ -216,17 +238,7 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, tra
                 f"resume_from='latest' (--resume)" if newest else "no checkpoint was written yet")
         raise OSError(err.errno, f"cannot save the checkpoint of step {step} in {root}: "
                                  f"{err.strerror or err}; {hint}") from err
-    if final.exists():  # saving the same step again (e.g. after a resume): swap, then drop the old
-        old = root / f".old-step-{step}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    fsync_path(root)
-    if keep_last:
-        prune(root, keep_last, step, trainer_state.get("run_id"))
-    return str(final)
+    return _install(root, tmp, step, keep_last, trainer_state.get("run_id"))
 
 
 def prune(output_dir, keep_last: int, step: int, run_id: Optional[str]) -> list[str]:
