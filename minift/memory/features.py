@@ -28,8 +28,9 @@ from typing import Optional, Union
 import torch
 
 from minift.config import ModelConfig
-from minift.memory.estimate import (LINEARS, _elem, _layer_saved, _resolve_config, _targets,
-                                    _weights, adam_state_bytes, estimate_memory)
+from minift._util import LINEARS
+from minift.memory.estimate import _elem, _resolve_config, _targets, estimate_memory
+from minift.memory.formulas import adam_state_bytes, layer_saved, weight_bytes
 
 DEFAULT_BUDGET = 2**30
 
@@ -98,7 +99,7 @@ def estimate_features(config_or_preset: Union[ModelConfig, str], method: str = "
                            True, dtype, attention_mask=attention_mask, device=device)
     e = _elem(dtype)
     targets = LINEARS if method == "full" else _targets(target_modules)
-    frozen, trainable = _weights(cfg, method, targets, r, e, 4, 64)
+    frozen, trainable = weight_bytes(cfg, method, targets, r, e, 4, 64)
     trainable_bytes = sum(n * s for n, s in trainable)
     states, host_states = _states(trainable, optimizer, paged_device_budget)
     n_tok = batch_size * seq_len
@@ -107,7 +108,7 @@ def estimate_features(config_or_preset: Union[ModelConfig, str], method: str = "
     shared = base.terms.get("embedding_ids", 0) + base.terms.get("rope_cos_sin", 0) \
         + base.terms.get("attention_mask_bool", 0)
     inputs_dev = 0 if activation_offload else L * hid
-    layer = sum(_layer_saved(cfg, method, targets, r, e, batch_size, seq_len, True,
+    layer = sum(layer_saved(cfg, method, targets, r, e, batch_size, seq_len, True,
                              attention_mask).values())
     tiled = mlp_tile_size is not None and mlp_tile_size < seq_len
     tile_tok = batch_size * (mlp_tile_size if tiled else seq_len)
@@ -127,6 +128,8 @@ def estimate_features(config_or_preset: Union[ModelConfig, str], method: str = "
     step_tmp = base.terms.get("step_temporaries", 0)
     if optimizer_in_backward:
         step_tmp = min(step_tmp, 2 * largest)  # one tensor's step at a time
+    if host_states:  # a paged step brings one tensor's pages to the device at a time
+        step_tmp += max(adam_state_bytes(n, s, optimizer) for n, s in trainable if n >= 4096)
     moments = {
         "loss": (fixed + shared + inputs_dev + head_nonloss + at_loss,
                  inputs_dev + head_nonloss + saved_loss, 0),

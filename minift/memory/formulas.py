@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 from minift.config import ModelConfig
+from minift.nf4_dequant import SLICE as DEQUANT_SLICE
+from minift.optim.quant8 import CHUNK as CPU_CHUNK
 
 
 # ---- what a step stores ------------------------------------------------------------------
@@ -56,9 +58,10 @@ def step_temporaries(trainable, optimizer, device) -> int:
         return 2 * max((n * s for n, s in trainable), default=0)
     if device == "cuda":
         return 0  # the fused Triton kernel updates codes, absmax and weights in place
-    # the pure-torch reference works on float32 (and int64 index) copies of one tensor at a
-    # time: about 48 bytes per value of the largest tensor, measured with MemoryTracker
-    return 48 * largest
+    # the CPU step (minift.optim.quant8.adamw8bit_step_cpu) works on float32, int32 and bool
+    # buffers of one chunk of CPU_CHUNK values at a time: 33 bytes per value of the chunk,
+    # measured with MemoryTracker (float32 and bf16 parameters alike)
+    return 33 * min(largest, CPU_CHUNK)
 
 
 def layer_tensors(cfg: ModelConfig) -> list:
@@ -192,10 +195,9 @@ def down_proj_saved(cfg, method, targets, r, e, n_tok, freed=False):
 def dequant_scratch(cfg: ModelConfig, device: str, e: int) -> int:
     """Bytes alive while one NF4 weight (the largest decoder linear, n values) is dequantized.
 
-    CPU (the pure-torch reference): at the code-book gather the unpacked nibbles (n uint8), the
-    per-value scale (n float32), the int64 indices (n) and the gathered values (n float32) are
-    alive: 17 n bytes, measured with MemoryTracker. CUDA (the Triton kernel): the output only,
-    e n bytes (not measured: no GPU).
+    CPU (`minift.nf4_dequant`): the output (e n bytes) plus one slice's int32 byte indices and
+    int64 pair words, 6 bytes per value of a slice of at most DEQUANT_SLICE values. CUDA (the
+    Triton kernel): the output only, e n bytes (not measured: no GPU).
     """
     n = max(i * o for i, o in cfg.linear_shapes().values())
-    return 17 * n if device == "cpu" else e * n
+    return e * n + (6 * min(n, DEQUANT_SLICE) if device == "cpu" else 0)

@@ -301,7 +301,8 @@ def _step_chunk(p, g, states, maps, tables, s: StepScalars, w: _Workspace, offse
     v.mul_(s.beta2).add_(torch.mul(g32, g32, out=d).mul_(s.one_minus_beta2))
     p32 = p if w.p32 is None else w.p32[:k].copy_(p)
     p32.mul_(s.decay)
-    torch.sqrt(v, out=d).div_(s.bc2_sqrt).add_(s.eps)
+    # the correctly rounded float32 sqrt (through float64, as adamw_math), times 1/sqrt(bc2)
+    d.copy_(v.double().sqrt_()).mul_(s.inv_bc2_sqrt).add_(s.eps)
     p32.sub_(torch.div(m, d, out=d).mul_(s.step_size))
     if w.p32 is not None:
         p.copy_(round_to_param(p32, p.dtype, s.seed, offset, stochastic))
