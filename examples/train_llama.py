@@ -4,11 +4,13 @@
     python examples/train_llama.py --method qlora --merge
     python examples/train_llama.py --model path/to/hf-checkpoint --data my.jsonl --eval-data held.jsonl
 
-It evaluates the held-out split before and after training (exact match of greedy replies, and
-the loss on the replies), trains with minift.train, prints both evaluations side by side and
-saves what was trained: the adapter (PEFT format) for LoRA/QLoRA, the whole model for full
-fine-tuning, and with --merge the merged model in Hugging Face format. Bad input ends the run
-with one line on stderr and exit code 2.
+It evaluates the held-out split before and after training (exact match, token F1 and ROUGE-L of
+greedy replies, the loss on the replies, and the perplexity of general text, whose rise measures
+forgetting), trains with minift.train, prints both evaluations side by side and saves what was
+trained: the adapter (PEFT format) for LoRA/QLoRA, the whole model for full fine-tuning, and
+with --merge the merged model in Hugging Face format, after comparing its logits with the
+adapter model's on held-out samples. Bad input ends the run with one line on stderr and exit
+code 2.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import torch
 import minift
 from minift import checkpoint as ckpt
 from minift.data import load_dataset, load_jsonl, row_to_messages
+from minift.evaluate import forgetting, load_texts, perplexity, task_metrics
+from minift.merging import describe, merge_and_check
 from minift._util import METHODS, OPTIMIZERS
 from minift.trainer import TrainConfig, evaluate
 
@@ -109,6 +113,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
         help="resume from the newest checkpoint in --output, or from CHECKPOINT")
     add("--merge", action="store_true", help="also save the merged model in Hugging Face format")
+    add("--merge-into", default="nf4", choices=("nf4", "original"),
+        help="qlora --merge: fold the adapter into the dequantized 4-bit weights it was trained "
+             "on (nf4) or into the original 16-bit weights of --model (original)")
+    add("--general", default=str(HERE / "data" / "general.jsonl"),
+        help="plain-text JSONL ({\"text\": ...}) whose perplexity tracks forgetting; '' = off")
     add("--seed", type=_number(int, 0, maximum=2**32), default=0)
     add("--eval-samples", type=_number(int, 1), default=None,
         help="evaluate on the first N held-out rows (default: all)")
@@ -200,22 +209,38 @@ def replies(model, tokenizer, rows, device, batch_size=64):
     return out
 
 
-def evaluate_all(model, tokenizer, rows, examples, config, device) -> dict:
-    """Exact match of greedy replies and mean loss on the reply tokens."""
+def evaluate_all(model, tokenizer, rows, examples, config, device, general=None) -> dict:
+    """Exact match, token F1 and ROUGE-L of greedy replies, mean loss on the reply tokens, and
+    the perplexity of general text (what the model knew before; for forgetting)."""
     got = replies(model, tokenizer, rows, device)
     want = [r["messages"][-1]["content"].strip() for r in rows]
     hits = sum(g == w for g, w in zip(got, want))
     loss = evaluate(model, examples, config, device)["eval_loss"]
-    return {"exact_match": hits / len(rows), "correct": hits, "total": len(rows),
-            "eval_loss": loss, "samples": [{"want": w, "got": g} for w, g in zip(want[:3], got[:3])]}
+    task = task_metrics(got, want)
+    out = {"exact_match": hits / len(rows), "correct": hits, "total": len(rows),
+           "token_f1": task["token_f1"], "rouge_l": task["rouge_l"], "eval_loss": loss,
+           "samples": [{"want": w, "got": g} for w, g in zip(want[:3], got[:3])]}
+    if general:
+        out["general"] = perplexity(model, tokenizer, general, device, bf16=config.bf16)
+    return out
 
 
 def report(before: dict, after: dict) -> str:
     rows = [("", "before", "after"),
             ("exact match (held-out)", f"{before['correct']}/{before['total']} = {before['exact_match']:.0%}",
              f"{after['correct']}/{after['total']} = {after['exact_match']:.0%}"),
+            ("token F1 / ROUGE-L", f"{before['token_f1']:.3f} / {before['rouge_l']:.3f}",
+             f"{after['token_f1']:.3f} / {after['rouge_l']:.3f}"),
             ("eval loss (reply tokens)", f"{before['eval_loss']:.4f}", f"{after['eval_loss']:.4f}")]
+    if "general" in before:
+        rows.append(("general-text perplexity", f"{before['general']['perplexity']:.3f}",
+                     f"{after['general']['perplexity']:.3f}"))
     lines = [f"{a:<26}{b:>18}{c:>18}" for a, b, c in rows]
+    if "general" in before:
+        change = forgetting(before["general"], after["general"])
+        lines.append(f"general-text perplexity change {change['relative_change']:+.2%} "
+                     f"({'within' if change['within_budget'] else 'OVER'} the "
+                     f"{change['budget']:.0%} forgetting budget)")
     for i, (b, a) in enumerate(zip(before["samples"], after["samples"])):
         lines.append(f"sample {i + 1}: want {b['want']!r}; before {b['got']!r}; after {a['got']!r}")
     return "\n".join(lines)
@@ -256,7 +281,7 @@ def check_output(path) -> None:
             return
 
 
-def save_outputs(model, tokenizer, args) -> dict:
+def save_outputs(model, tokenizer, args, samples=()) -> dict:
     out, saved = Path(args.output), {}
     if args.method == "full":
         minift.save_model(model, out / "model")
@@ -266,16 +291,33 @@ def save_outputs(model, tokenizer, args) -> dict:
     minift.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.model))
     saved["adapter"] = str(out / "adapter")
     if args.merge:
-        merged = minift.merge_lora(model).float()
+        # the merged model is checked against the adapter model on held-out samples first
+        base = args.model if args.merge_into == "original" else None
+        merged, check = merge_and_check(model, list(samples), base_weights=base)
+        print(describe(check))
+        saved["merge_check"] = check
+        merged = merged.float()
         minift.save_model(merged, out / "merged")
         tokenizer.save(out / "merged")
         saved["merged"] = str(out / "merged")
     return saved
 
 
+def load_general(path):
+    if not path:
+        return None
+    try:
+        return load_texts(path)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"--general: {err}") from err
+
+
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device_type = device.type
+    if args.merge_into == "original" and args.method != "qlora":
+        raise UsageError("--merge-into original: only a qlora base is quantized; lora and full "
+                         "merge into the original weights already")
     check_output(args.output)
     make_config(args, pad_id=0)  # every training flag checked before anything is loaded
     torch.manual_seed(args.seed)
@@ -290,7 +332,8 @@ def run(args) -> dict:
     print(f"model {args.model}: {minift.trainable_summary(model)}")
     print(f"data: {len(train_data)} training examples, {len(eval_data)} held-out; "
           f"method {args.method}, device {device}")
-    before = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device)
+    general = load_general(args.general)
+    before = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device, general)
     print(f"before: exact match {before['exact_match']:.0%}, eval loss {before['eval_loss']:.4f}")
     try:
         # eval_data: the loop evaluates the held-out split at the end, so the summary's "eval" and
@@ -298,10 +341,16 @@ def run(args) -> dict:
         summary = minift.train(model, train_data, config, eval_data=eval_data)
     except (ValueError, FileNotFoundError) as err:  # what check_resume cannot see in advance
         raise UsageError(str(err)) from err
-    after = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device)
+    after = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device, general)
     print(f"\n{report(before, after)}")
-    saved = save_outputs(model, tokenizer, args)
+    samples = [torch.tensor(ex["input_ids"]) for ex in eval_data[:4]]
+    saved = save_outputs(model, tokenizer, args, samples)
+    check = saved.pop("merge_check", None)
     summary.update(before=before, after=after, saved=saved, base_model=str(args.model))
+    if check is not None:
+        summary["merge_check"] = check
+    if general:
+        summary["forgetting"] = forgetting(before["general"], after["general"])
     (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("saved: " + ", ".join(f"{k} -> {v}" for k, v in saved.items()))
     return summary

@@ -1,6 +1,7 @@
 """minift: fine-tune Llama-family models three ways (full, LoRA, QLoRA) on the GPU you have."""
 from minift.adapter import load_adapter, save_adapter
 from minift.config import PRESETS, LlamaConfig, ModelConfig
+from minift.evaluate import evaluate
 from minift.generation import generate
 from minift.loading import load_model, save_model
 from minift.lora import (LoRALinear, disable_adapters, lora_wrap, merge_lora, trainable_parameters,
@@ -10,6 +11,7 @@ from minift.model import Llama
 from minift.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from minift.nf4_linear import NF4Linear, quantize_model
 from minift.optim import AdamW8bit, PagedAdamW8bit
+from minift.soup import average_adapters
 from minift.tokenizer import load_tokenizer
 from minift.trainer import TrainConfig, check_resume, train
 
@@ -18,7 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamW8bit", "Llama", "LlamaConfig", "LoRALinear", "MemoryEstimate", "MemoryTracker",
     "ModelConfig", "NF4Linear", "NF4Weight", "PRESETS", "PagedAdamW8bit", "TrainConfig",
-    "dequantize_nf4", "disable_adapters", "estimate_memory", "generate", "load_adapter",
-    "load_model", "load_tokenizer", "lora_wrap", "merge_lora", "quantize_model", "quantize_nf4",
-    "save_adapter", "save_model", "train", "check_resume", "trainable_parameters", "trainable_summary",
+    "average_adapters", "check_resume", "dequantize_nf4", "disable_adapters", "estimate_memory",
+    "evaluate", "generate", "load_adapter", "load_model", "load_tokenizer", "lora_wrap",
+    "merge_lora", "quantize_model", "quantize_nf4", "save_adapter", "save_model", "train",
+    "trainable_parameters", "trainable_summary",
 ]

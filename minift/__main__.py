@@ -1,12 +1,13 @@
 """Command line: ``python -m minift plan ...`` (will it fit?), ``python -m minift bench``
-(full vs LoRA vs QLoRA, measured) and ``python -m minift bench gpu --out DIR`` (the GPU suite).
+(full vs LoRA vs QLoRA, measured), ``python -m minift bench gpu --out DIR`` (the GPU suite) and
+``python -m minift soup a b c --out d`` (adapter soup).
 Each command lives in its own module; this one parses and dispatches."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from minift import bench, bench_gpu
+from minift import bench, bench_gpu, soup
 from minift.memory import plan
 
 
@@ -35,11 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      "against bandwidth, Llama-3.1-8B-shaped training steps per "
                                      "method, in at most 8 minutes; JSON under --out.")
     bench_gpu.add_bench_gpu_arguments(g)
+    s = sub.add_parser("soup", help="average several LoRA adapters of one base (PEFT format)",
+                       description="Average PEFT-format LoRA adapters tensor by tensor into a new "
+                                   "adapter; adapters of other bases, ranks or targets are refused.")
+    soup.add_soup_arguments(s)
     return parser
 
 
 # command name (with its mode) -> its runner(args, subparser) -> exit code
-COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "bench gpu": bench_gpu.run_bench_gpu}
+COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "bench gpu": bench_gpu.run_bench_gpu,
+            "soup": soup.run_soup}
 
 
 def main(argv=None) -> int:

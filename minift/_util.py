@@ -54,7 +54,7 @@ def check_number(name: str, value, rule: str = "", ok: Callable[[float], bool] =
         return None
     what = f"a finite number {rule}".rstrip() + (" or None" if optional else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise error(f"{name} must be {what}, got {value!r}")
+        raise error(f"{name} must be {what}, got {type(value).__name__} {value!r}")
     if not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return value

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from minift._util import fsync_path, read_json, write_json
 from minift.lora import lora_state_dict
+from minift.preference import PAIR_KEYS
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -91,11 +92,12 @@ def _base_difference(saved: dict, now: dict, rtol: float = BASE_RTOL) -> Optiona
 
 
 def data_fingerprint(examples) -> dict:
-    """Count and hash of tokenized examples, so a resume can tell that the data is the same."""
+    """Count and hash of tokenized examples (or preference pairs), so a resume can tell that the
+    data is the same."""
     h = hashlib.sha256()
     for ex in examples:
-        h.update(np.asarray(ex["input_ids"], dtype=np.int64).tobytes())
-        h.update(np.asarray(ex["labels"], dtype=np.int64).tobytes())
+        for key in PAIR_KEYS if "chosen_ids" in ex else ("input_ids", "labels"):
+            h.update(np.asarray(ex[key], dtype=np.int64).tobytes())
     return {"examples": len(examples), "sha256": h.hexdigest()}
 
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from minift.data import batch_examples
+from minift.preference import pair_batches
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -67,6 +68,9 @@ class Schedule:
 # ---- which micro-batches make up each optimizer step --------------------------------------
 def epoch_batches(train_data, config, epoch: int) -> list:
     """Epoch `epoch`'s micro-batches; the order is fixed by config.seed + epoch."""
+    if getattr(config, "objective", "sft") == "dpo":  # (2B, T) batches of preference pairs
+        return pair_batches(train_data, config.micro_batch_size, pad_id=config.pad_id,
+                            seed=config.seed + epoch)
     return batch_examples(train_data, config.micro_batch_size, pad_id=config.pad_id,
                           mode=config.batching, max_length=config.max_length, seed=config.seed + epoch)
 

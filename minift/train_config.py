@@ -10,6 +10,7 @@ from minift.backward_step import check_step_in_backward
 from minift.schedule import SCHEDULES
 
 BATCHING = ("bucket", "pack")
+OBJECTIVES = ("sft", "dpo")
 # Fields that fix which micro-batches make up step N; a resumed run must keep them.
 DATA_ORDER_FIELDS = ("micro_batch_size", "grad_accum", "batching", "seed", "max_length", "pad_id")
 
@@ -47,6 +48,12 @@ class TrainConfig:
     | resume_from | None | None, "latest" (newest checkpoint in output_dir) or a checkpoint path |
     | device | None | "cuda", "cpu", ...; None = cuda when available, else cpu |
     | progress | True | show a progress bar (only when stdout is a terminal) and print reports |
+    | objective | "sft" | "sft" (token cross-entropy) or "dpo" (train_data holds preference pairs) |
+    | dpo_beta | 0.1 | DPO's beta: how strongly the policy is held near the reference |
+    | dpo_loss | "sigmoid" | "sigmoid" (DPO) or "ipo" |
+    | dpo_sft_weight | 0.0 | weight of the chosen replies' per-token NLL added to the loss (RPO) |
+    | dpo_reference | "auto" | "auto" (LoRA/QLoRA: adapters off; full: a frozen copy) or "copy_nf4" |
+    | precompute_reference | False | score the pairs with the reference once, before step 1 (on disk) |
     | loss_chunk_size | 1024 | tokens per chunk of the lm_head + loss (no (B, T, V) logits); None = full logits |
     | activation_offload | False | checkpointed layer inputs wait in host memory (needs gradient_checkpointing) |
     | optimizer_in_backward | False | step each parameter in backward and free its gradient (needs max_grad_norm=None, grad_accum=1) |
@@ -81,6 +88,12 @@ class TrainConfig:
     resume_from: Optional[str] = None
     device: Optional[str] = None
     progress: bool = True
+    objective: str = "sft"
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"
+    dpo_sft_weight: float = 0.0
+    dpo_reference: str = "auto"
+    precompute_reference: bool = False
     loss_chunk_size: Optional[int] = 1024
     activation_offload: bool = False
     optimizer_in_backward: bool = False
@@ -89,14 +102,18 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZERS),
-                              ("lr_scheduler", SCHEDULES), ("batching", BATCHING)):
+                              ("lr_scheduler", SCHEDULES), ("batching", BATCHING),
+                              ("objective", OBJECTIVES), ("dpo_loss", ("sigmoid", "ipo")),
+                              ("dpo_reference", ("auto", "copy_nf4"))):
             check_choice(f"TrainConfig.{name}", getattr(self, name), allowed)
         for name, rule, ok, optional in (
                 ("learning_rate", "> 0", lambda v: v > 0, False),
                 ("warmup_ratio", "in [0, 1)", lambda v: 0 <= v < 1, False),
                 ("weight_decay", ">= 0", lambda v: v >= 0, False),
                 ("max_grad_norm", "> 0", lambda v: v > 0, True),
-                ("neftune_alpha", "> 0", lambda v: v > 0, True)):
+                ("neftune_alpha", "> 0", lambda v: v > 0, True),
+                ("dpo_beta", "> 0", lambda v: v > 0, False),
+                ("dpo_sft_weight", ">= 0", lambda v: v >= 0, False)):
             check_number(f"TrainConfig.{name}", getattr(self, name), rule, ok, optional=optional)
         for name in ("epochs", "micro_batch_size", "grad_accum", "log_interval"):
             check_int(f"TrainConfig.{name}", getattr(self, name))
@@ -107,6 +124,10 @@ class TrainConfig:
         # seeds its generators, so that a bad seed fails before any work.
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise ValueError(f"TrainConfig.seed must be an integer in [0, 2**32), got {self.seed!r}")
+        check_flag("TrainConfig.precompute_reference", self.precompute_reference)
+        if self.objective == "dpo" and self.batching != "bucket":
+            raise ValueError("TrainConfig.batching must be 'bucket' with objective='dpo' (a pair's "
+                             "two sequences are padded side by side, never packed)")
         check_int("TrainConfig.loss_chunk_size", self.loss_chunk_size, optional=True)
         check_int("TrainConfig.mlp_tile_size", self.mlp_tile_size, optional=True)
         check_int("TrainConfig.paged_device_budget", self.paged_device_budget, minimum=0,

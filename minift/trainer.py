@@ -26,6 +26,7 @@ from minift._util import METHODS, OPTIMIZERS  # noqa: F401  (re-exported for cal
 from minift.compile import compiled_layers
 from minift.backward_step import StepInBackward
 from minift.data import batch_examples
+from minift.dpo import DPOObjective, objective_for
 from minift.lora import trainable_parameters
 from minift.loss import model_loss_sum, supports_chunked_loss
 from minift.memory.tracker import MemoryTracker
@@ -99,6 +100,24 @@ def evaluate(model, examples: list, config: TrainConfig, device=None) -> dict:
     model.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+class SFTObjective:
+    """The default objective, token cross-entropy; DPO's (minift.dpo.DPOObjective) has the same
+    three methods, which is all the loop asks of an objective."""
+
+    name = "sft"
+    check = staticmethod(check_examples)
+
+    def __init__(self, loss_chunk_size: Optional[int] = None):
+        self.loss_chunk_size = loss_chunk_size
+
+    def step(self, model, micro_batches, device, bf16=False):
+        """(mean loss, trained tokens, extra metrics) of one step, gradients accumulated."""
+        return (*accumulate_gradients(model, micro_batches, device, bf16, self.loss_chunk_size), {})
+
+    def evaluate(self, model, examples, config, device):
+        return evaluate(model, examples, config, device)
 
 
 # ---- the run's state ---------------------------------------------------------------------
@@ -183,9 +202,10 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             last good state has been written).
         ValueError: bad data, or a resume checkpoint from a different method, model or data order.
     """
-    check_examples(train_data, "train_data")
+    check = DPOObjective.check if config.objective == "dpo" else SFTObjective.check
+    check(train_data, "train_data")
     if eval_data is not None:
-        check_examples(eval_data, "eval_data")
+        check(eval_data, "eval_data")
     run = _Run(model, train_data, config, eval_data)
     st, opt = run.state, run.optimizer
     with run.session() as log:
@@ -200,12 +220,11 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             tracker = MemoryTracker(model, opt) if run.memory is None else None  # first step only
             t0 = time.perf_counter()
             with tracker.track() if tracker else contextlib.nullcontext():
-                # 2. forward/backward over the step's micro-batches, token-normalised (with
-                # optimizer_in_backward each parameter is stepped there and its gradient freed)
+                # 2. forward/backward over the step's micro-batches; the objective normalises
+                # (with optimizer_in_backward each parameter is stepped there and its gradient freed)
                 if run.stepper:
                     run.stepper.reset()
-                loss, n_trained = accumulate_gradients(model, group, run.device, config.bf16,
-                                                       config.loss_chunk_size)
+                loss, n_trained, extra = run.objective.step(model, group, run.device, config.bf16)
                 # 3. clip the global gradient norm (and learn whether the step is finite)
                 norm = run.stepper.grad_norm() if run.stepper else \
                     torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm or math.inf)
@@ -225,7 +244,7 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             st.epochs_done = epochs_done
             line = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                     "tokens": sum(int(b["attention_mask"].sum()) for b in group),
-                    "trained_tokens": n_trained}
+                    "trained_tokens": n_trained, **extra}
             line["tokens_per_s"] = line["tokens"] / seconds
             st.record(line, seconds, sum(b["attention_mask"].numel() for b in group),
                       timed=tracker is None)
@@ -260,6 +279,9 @@ class _Run:
         # hold the whole model. Taken once: the base is frozen.
         self.base_fp = ckpt.base_fingerprint(model) if config.method != "full" else None
         self.state = RunState()
+        # before any checkpoint is loaded: a DPO reference is the model as it was passed in
+        self.objective = (objective_for(model, config, train_data, eval_data)
+                          if config.objective == "dpo" else SFTObjective(config.loss_chunk_size))
         self.resumed = check_resume(config, model, train_data)
         if self.resumed:
             saved = ckpt.load_checkpoint(self.resumed, model=model, optimizer=self.optimizer)
@@ -326,7 +348,7 @@ class _Run:
             (print if self.bar.disable else self.bar.write)(text)
 
     def evaluate(self) -> dict:
-        result = dict(evaluate(self.model, self.eval_data, self.config, self.device),
+        result = dict(self.objective.evaluate(self.model, self.eval_data, self.config, self.device),
                       step=self.state.step)
         self.state.evals.append(result)
         return result
@@ -361,7 +383,7 @@ class _Run:
         st, config = self.state, self.config
         trainable, total = trainable_parameters(self.model)  # NF4 weights by their logical size
         return {
-            "method": config.method, "steps": st.step, "total_steps": self.total,
+            "method": config.method, "objective": config.objective, "steps": st.step, "total_steps": self.total,
             "epochs": round(st.epochs_done, 4), "first_loss": st.first_loss,
             "last_loss": st.last_loss, "eval_loss": st.evals[-1]["eval_loss"] if st.evals else None,
             "eval": st.evals, "tokens": st.tokens, "trained_tokens": st.trained_tokens,

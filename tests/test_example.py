@@ -74,6 +74,21 @@ def test_resume_on_the_same_base_continues(lora_run, tmp_path):
     assert summary["steps"] == 4 and summary["resumed_from"] == str(out / "step-3")
 
 
+def test_summary_has_the_merge_check_and_the_forgetting_check(lora_run):
+    out, proc = lora_run
+    summary = json.loads((out / "summary.json").read_text())
+    check = summary["merge_check"]
+    assert check["merged_into"] == "weights" and check["samples"] == 4
+    assert check["max_abs_logit_diff"] < 1e-3 < check["max_logit"]
+    assert "merge check: adapter merged into the base weights" in proc.stdout
+    change = summary["forgetting"]
+    for when in ("before", "after"):
+        assert summary[when]["general"]["perplexity"] == change[when] > 1
+        assert 0 <= summary[when]["token_f1"] <= 1 and 0 <= summary[when]["rouge_l"] <= 1
+    assert change["relative_change"] == pytest.approx(change["after"] / change["before"] - 1)
+    assert "general-text perplexity change" in proc.stdout and "token F1 / ROUGE-L" in proc.stdout
+
+
 def test_adapter_loads_and_matches_merged_export(lora_run):
     out, _ = lora_run
     assert (out / "adapter" / "adapter_config.json").is_file()
@@ -152,6 +167,9 @@ BAD_INPUTS = {  # case -> (arguments, text the error line must contain)
                           "frozen tensor 'model.embed_tokens.weight' differs"),
     "resume other data": (["--output", "{run}", "--data", str(EVAL), "--resume"],
                           "--resume: {run}/step-3: train_data differs"),
+    "merge into original without nf4": (["--merge", "--merge-into", "original"],
+                                        "--merge-into original: only a qlora base is quantized"),
+    "bad general text": (["--general", "{tmp}/bad.jsonl"], "--general: {tmp}/bad.jsonl:1: field 'text'"),
 }
 if not torch.cuda.is_available():
     BAD_INPUTS["cuda without cuda"] = (["--device", "cuda"], "argument --device: cuda: CUDA is not "

@@ -40,7 +40,9 @@ def test_package_is_a_plain_module():
 
 def test_functions_survive_importing_their_modules_first():
     # a fresh interpreter, so the defining modules are imported before the package attributes are read
-    code = ("import minift.generation, minift.trainer, minift\n"
+    code = ("import minift.generation, minift.trainer, minift.evaluate, minift\n"
+            "from minift.evaluate import evaluate\n"
+            "assert minift.evaluate is evaluate, minift.evaluate\n"
             "from minift.generation import generate\n"
             "from minift.trainer import train\n"
             "assert minift.generate is generate, minift.generate\n"

@@ -123,7 +123,7 @@ def metrics(tmp_path, name="run"):
     ("grad_accum", 0, "grad_accum"), ("micro_batch_size", 0, "micro_batch_size"),
     ("epochs", 0, "epochs"), ("max_steps", 0, "max_steps"), ("keep_last", 0, "keep_last"),
     ("max_grad_norm", 0.0, "max_grad_norm"), ("weight_decay", -1.0, "weight_decay"),
-    ("learning_rate", "1e-4", "learning_rate must be a finite number > 0, got '1e-4'"),
+    ("learning_rate", "1e-4", "learning_rate must be a finite number > 0, got str '1e-4'"),
     ("learning_rate", math.inf, "learning_rate must be a finite number > 0, got inf"),
     ("learning_rate", math.nan, "learning_rate must be a finite number > 0, got nan"),
     ("weight_decay", math.inf, "weight_decay must be a finite number"),

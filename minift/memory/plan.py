@@ -14,8 +14,9 @@ import os
 
 import torch
 
-from minift._util import fmt_in, format_bytes, parse_bytes, unit_for
+from minift._util import check_choice, fmt_in, format_bytes, parse_bytes, unit_for
 from minift.config import ModelConfig
+from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import METHODS, estimate_memory
 from minift.memory.features import format_feature_plan, plan_features
 from minift.memory.tracker import CATEGORIES, breakdown_table
@@ -53,7 +54,7 @@ def _largest(fits, low: int, high: int) -> int:
 def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int = 2048,
          r: int = 16, optimizer: str = "adamw", gradient_checkpointing: bool = False,
          dtype: torch.dtype = torch.bfloat16, reserve: int = 2**30,
-         target_modules="all-linear") -> dict:
+         target_modules="all-linear", objective: str = "sft") -> dict:
     """Estimates and fits for the three methods.
 
     Args:
@@ -63,6 +64,8 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
         r, optimizer, gradient_checkpointing, dtype, target_modules: as for `estimate_memory`.
         reserve: bytes kept free for the CUDA context and allocator slack (a margin chosen by
             the user, not a measurement).
+        objective: "sft", or "dpo" (batch_size counts pairs; `estimate_dpo_memory` with its
+            default reference: adapters off for LoRA/QLoRA, a frozen copy for full).
 
     Returns:
         {"methods": {method: {"estimate", "fits", "max_batch_size", "max_seq_len"}},
@@ -77,14 +80,16 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
         raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings "
                          f"({max_pos})")
     out = {}
+    check_choice("objective", objective, ("sft", "dpo"))
+    estimator = estimate_dpo_memory if objective == "dpo" else estimate_memory
     for method in METHODS:
         def total(b, t, m=method):
-            return estimate_memory(cfg, m, b, t, r=r, target_modules=target_modules,
-                                   optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-                                   dtype=dtype).total
-        est = estimate_memory(cfg, method, batch_size, seq_len, r=r, target_modules=target_modules,
-                              optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-                              dtype=dtype)
+            return estimator(cfg, m, b, t, r=r, target_modules=target_modules,
+                             optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
+                             dtype=dtype).total
+        est = estimator(cfg, method, batch_size, seq_len, r=r, target_modules=target_modules,
+                        optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
+                        dtype=dtype)
         out[method] = {
             "estimate": est,
             "fits": est.total <= budget,
@@ -96,7 +101,7 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
     features = {m: plan_features(cfg, budget, m, batch_size, seq_len, r=r, optimizer=optimizer,
                                  dtype=dtype, target_modules=target_modules) for m in METHODS}
     return {"methods": out, "recommendation": fitting[0] if fitting else None, "budget": budget,
-            "max_position_embeddings": max_pos, "features": features}
+            "max_position_embeddings": max_pos, "objective": objective, "features": features}
 
 
 def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
@@ -106,7 +111,9 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     methods = result["methods"]
     ckpt = "on" if gradient_checkpointing else "off"
     lines = [f"model {model_name} | batch {batch_size} x seq {seq_len} | optimizer {optimizer} | "
-             f"LoRA r={r} | gradient checkpointing {ckpt}",
+             f"LoRA r={r} | gradient checkpointing {ckpt}"
+             + (" | DPO: batch = pairs, 2x sequences + reference forward"
+                if result.get("objective") == "dpo" else ""),
              f"GPU memory {format_bytes(gpu_memory)} ({gpu_memory / 1e9:.2f} GB), minus a reserve of "
              f"{format_bytes(reserve)} for the CUDA context: {format_bytes(result['budget'])} usable",
              ""]
@@ -123,7 +130,7 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
                               for m in METHODS) + " |")
     if "features" in result:
         lines.append(format_feature_plan(result["features"], result["budget"],
-                                         result["max_position_embeddings"], fmt_auto))
+                                         result["max_position_embeddings"], format_bytes))
     lines.append("")
     lines.append(_recommend(result, batch_size, seq_len, gradient_checkpointing))
     lines.append("Estimates from first principles (minift.estimate_memory), checked against "
@@ -168,6 +175,9 @@ def add_plan_arguments(parser) -> None:
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
     parser.add_argument("--gradient-checkpointing", action="store_true", dest="gradient_checkpointing")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--objective", default="sft", choices=("sft", "dpo"),
+                        help="sft, or dpo (--batch-size counts preference pairs: 2x the sequences, "
+                             "plus the reference forward; a frozen copy for full)")
     parser.add_argument("--reserve", default="1GiB",
                         help="memory kept free for the CUDA context and allocator slack (default 1GiB)")
 
@@ -188,7 +198,7 @@ def run_plan(args, parser) -> int:
         dtype = getattr(torch, args.dtype)
         result = plan(cfg, gpu, batch_size=args.batch_size, seq_len=args.seq_len, r=args.r,
                       optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
-                      dtype=dtype, reserve=reserve)
+                      dtype=dtype, reserve=reserve, objective=args.objective)
     except (ValueError, FileNotFoundError, TypeError) as err:
         parser.error(str(err))
     print(format_plan(result, model_name=name, gpu_memory=gpu, reserve=reserve,

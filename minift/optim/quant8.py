@@ -239,6 +239,13 @@ def requant_table(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``nearest_code(y) == codes[b + 65536 * (y >= threshold[b])]``. Built once per map (bisection
     over the reference itself, so ties and the rounding of its subtractions carry over).
     """
+    return _requant_table_of(code)
+
+
+@functools.lru_cache(maxsize=16)
+def _requant_table_of(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Keyed by the map tensor itself (the optimizer keeps one pair of constant maps per device),
+    # so a step reads no map values back to the host; a new map object is keyed by its values.
     return _requant_table_cached(code.detach().float().cpu().contiguous().numpy().tobytes())
 
 

@@ -1,0 +1,349 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) and IPO (Azar et al. 2023).
+
+For a pair (x, y_w chosen, y_l rejected), a policy pi and a fixed reference pi_ref, DPO's loss
+(paper eq. 7) is
+
+    -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+where log pi(y|x) sums the log-probabilities of the reply's tokens only. The implicit reward of a
+reply is beta * (log pi - log pi_ref); "reward accuracy" is the share of pairs whose chosen reward
+is above the rejected one. IPO (eq. 17) replaces the logistic loss by the square
+(h - 1 / (2 beta))^2 of the same log-ratio difference h, on length-averaged log-probabilities.
+
+The reference costs no second copy with LoRA/QLoRA: it is the same model with its adapters
+switched off (`AdapterReference`). Full fine-tuning needs a frozen copy (`ModelReference`,
+optionally NF4-quantized) or log-probabilities computed once before training and stored on disk
+(`precompute_reference`, read back through the batch's "ref_logps").
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minift._util import atomic_write, check_choice, check_number
+from minift.lora import disable_adapters, lora_layers
+from minift.nf4_linear import quantize_model
+from minift.checkpoint import data_fingerprint
+from minift.preference import IGNORE, check_pairs, pair_batches
+from minift.train_setup import pick_device
+
+LOSS_TYPES = ("sigmoid", "ipo")
+REFERENCE_FILE = "reference_logps.safetensors"
+MODEL_KEYS = ("input_ids", "attention_mask")
+
+
+# ---- the math ----------------------------------------------------------------------------
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor):
+    """Summed log-probabilities of the labelled tokens of each row, and how many there are.
+
+    Args:
+        logits: (N, T, V); logits[:, t] predicts labels[:, t + 1].
+        labels: (N, T), -100 where a token is not scored (prompt, padding).
+
+    Returns:
+        (logps, counts): float32 (N,) sums of log p(label) and (N,) token counts.
+    """
+    targets = labels[:, 1:]  # (N, T-1)
+    n, t = targets.shape
+    # cross_entropy per token = -log p(target); it never materializes a (N, T, V) log-softmax
+    # copy beyond the float32 logits, and ignore_index gives 0 on unscored positions
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(n * t, -1), targets.reshape(-1),
+                          ignore_index=IGNORE, reduction="none").view(n, t)
+    return -nll.sum(-1), (targets != IGNORE).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
+             loss_type="sigmoid", counts=None):
+    """Per-pair loss and implicit rewards.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: (B,) summed reply log-probs.
+        beta: strength of the pull towards the reference (> 0).
+        loss_type: "sigmoid" (DPO) or "ipo".
+        counts: (chosen_counts, rejected_counts), (B,) each; IPO divides the log-probs by them.
+
+    Returns:
+        (losses, chosen_rewards, rejected_rewards), each (B,) float32; rewards are detached.
+    """
+    chosen_ratio = policy_chosen.float() - ref_chosen.float()  # (B,) log pi/pi_ref of y_w
+    rejected_ratio = policy_rejected.float() - ref_rejected.float()
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    elif loss_type == "ipo":
+        if counts is None:
+            raise ValueError("dpo_loss: loss_type='ipo' needs the reply token counts")
+        h = chosen_ratio / counts[0] - rejected_ratio / counts[1]
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo_loss: loss_type must be one of {', '.join(LOSS_TYPES)}; "
+                         f"got {loss_type!r}")
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def model_logps(model, batch: dict, device, bf16: bool = False):
+    """(logps, counts) of every row of a (2B, T) pair batch under `model`."""
+    inputs = {k: batch[k].to(device) for k in MODEL_KEYS}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(**inputs)  # (2B, T, V)
+    return sequence_logps(logits, batch["labels"].to(device))
+
+
+# ---- the reference -----------------------------------------------------------------------
+class AdapterReference:
+    """The policy with its LoRA adapters switched off: the base it started from, no copy.
+
+    Only valid when the adapters start at zero (a fresh `lora_wrap`), or when the intended
+    reference is the base model itself. Dropout is off (eval mode) while it runs.
+    """
+
+    kind = "adapters_disabled"
+
+    def __init__(self, model):
+        if not lora_layers(model):
+            raise ValueError("AdapterReference needs a LoRA-wrapped model; with full fine-tuning "
+                             "use ModelReference(frozen copy) or precompute_reference")
+        self.model = model
+
+    @torch.no_grad()
+    def logps(self, batch, device, bf16=False):
+        with _eval(self.model), disable_adapters(self.model):
+            return model_logps(self.model, batch, device, bf16)[0]
+
+
+class ModelReference:
+    """A separate frozen model (the policy's copy before training, optionally NF4)."""
+
+    kind = "frozen_copy"
+
+    def __init__(self, model):
+        self.model = model.eval().requires_grad_(False)
+
+    @classmethod
+    def copy_of(cls, model, nf4: bool = False):
+        """A frozen deep copy of `model`; with nf4=True its linears (lm_head aside) are stored as
+        NF4, about 0.52 bytes per weight instead of 2-4."""
+        frozen = copy.deepcopy(model)
+        ref = cls(quantize_model(frozen) if nf4 else frozen)
+        ref.kind = "frozen_copy_nf4" if nf4 else cls.kind
+        return ref
+
+    @torch.no_grad()
+    def logps(self, batch, device, bf16=False):
+        self.model.to(device)
+        return model_logps(self.model, batch, device, bf16)[0]
+
+
+class SelfReference:
+    """The model as it is now, in eval mode and without autograd: the reference of a full
+    fine-tune for the one pass of `precompute_reference` before training, without a copy."""
+
+    kind = "self"
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def logps(self, batch, device, bf16=False):
+        with _eval(self.model):
+            return model_logps(self.model, batch, device, bf16)[0]
+
+
+class StoredReference:
+    """Reference log-probabilities stored with the pairs (see `precompute_reference`)."""
+
+    kind = "precomputed"
+
+    def logps(self, batch, device, bf16=False):
+        if "ref_logps" not in batch:
+            raise ValueError("StoredReference: the batch has no 'ref_logps'; run "
+                             "precompute_reference on the pairs first")
+        return batch["ref_logps"].to(device)
+
+
+@contextlib.contextmanager
+def _eval(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _read_stored(path, fingerprint):
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read stored reference log-probs: {err}") from None
+    if tensors.get("sha256") is None or bytes(tensors["sha256"].tolist()).hex() != fingerprint["sha256"]:
+        return None  # another data set: computed again
+    return tensors["logps"]
+
+
+@torch.no_grad()
+def precompute_reference(reference, pairs, path=None, *, batch_size=8, pad_id=0, device="cpu",
+                         bf16=False):
+    """Score every pair once with `reference` and store the result in the pairs (and on disk).
+
+    Args:
+        reference: an AdapterReference or ModelReference.
+        pairs: tokenized pairs; each gets "ref_logps" = (chosen, rejected).
+        path: a safetensors file; when it exists and was written for the same pairs it is read
+            instead of running the reference, else it is (re)written.
+
+    Returns:
+        The same pairs.
+    """
+    check_pairs(pairs, "pairs")
+    fingerprint = data_fingerprint(pairs)
+    stored = _read_stored(path, fingerprint) if path is not None and Path(path).exists() else None
+    if stored is None:
+        stored = torch.zeros(len(pairs), 2, dtype=torch.float64)  # (N, [chosen, rejected])
+        device = torch.device(device)
+        for batch in pair_batches(pairs, batch_size, pad_id=pad_id, shuffle=False):
+            logps = reference.logps(batch, device, bf16).double().cpu()  # (2B,)
+            b = len(batch["pair_index"])
+            stored[batch["pair_index"]] = torch.stack([logps[:b], logps[b:]], dim=1)
+        if path is not None:
+            digest = torch.tensor(list(bytes.fromhex(fingerprint["sha256"])), dtype=torch.uint8)
+            atomic_write(path, lambda tmp: save_file({"logps": stored, "sha256": digest}, tmp))
+    for pair, (c, r) in zip(pairs, stored.tolist()):
+        pair["ref_logps"] = (c, r)
+    return pairs
+
+
+# ---- the objective the loop calls ----------------------------------------------------------
+class DPOObjective:
+    """What one DPO optimizer step computes; the training loop asks it for batches and losses.
+
+    Args:
+        reference: where pi_ref comes from (AdapterReference, ModelReference, StoredReference).
+        beta: DPO's beta (> 0).
+        loss_type: "sigmoid" or "ipo".
+        sft_weight: adds sft_weight * (-log pi(y_w|x) / |y_w|), the chosen reply's per-token NLL,
+            to each pair's loss (RPO, Pang et al. 2024): it keeps DPO from lowering the
+            likelihood of the chosen replies along with the rejected ones. 0 = plain DPO.
+    """
+
+    name = "dpo"
+
+    def __init__(self, reference, beta=0.1, loss_type="sigmoid", sft_weight=0.0):
+        self.reference = reference
+        self.beta = check_number("dpo_beta", beta, "> 0", lambda v: v > 0)
+        self.loss_type = check_choice("dpo_loss_type", loss_type, LOSS_TYPES)
+        self.sft_weight = check_number("dpo_sft_weight", sft_weight, ">= 0", lambda v: v >= 0)
+
+    @staticmethod
+    def check(pairs, name):
+        check_pairs(pairs, name)
+
+    def batches(self, pairs, batch_size, pad_id, seed=0, shuffle=True):
+        return pair_batches(pairs, batch_size, pad_id=pad_id, seed=seed, shuffle=shuffle)
+
+    def pair_terms(self, model, batch, device, bf16=False):
+        """(losses, chosen rewards, rejected rewards, policy logps) of one batch, each (B,)/(2B,)."""
+        ref = self.reference.logps(batch, device, bf16)  # reference first: no graph is held
+        logps, counts = model_logps(model, batch, device, bf16)  # (2B,) with grad
+        b = logps.shape[0] // 2
+        losses, cr, rr = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], self.beta,
+                                  self.loss_type, counts=(counts[:b], counts[b:]))
+        if self.sft_weight:
+            losses = losses - self.sft_weight * logps[:b] / counts[:b].clamp(min=1)
+        return losses, cr, rr, logps.detach()
+
+    def step(self, model, micro_batches, device, bf16=False):
+        """Forward/backward over one step's micro-batches; the loss is the mean over all pairs
+        of the step, so splitting a step into micro-batches does not change the gradient.
+
+        Returns:
+            (loss, n_scored, metrics): the step's mean loss (0-dim tensor), the reply tokens
+            scored, and the pairs with their reward / log-prob means.
+        """
+        n_pairs = sum(len(b["pair_index"]) for b in micro_batches)
+        n_scored = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+        sums = torch.zeros(N_METRICS, dtype=torch.float64)
+        total = torch.zeros((), device=device)
+        for batch in micro_batches:
+            losses, cr, rr, logps = self.pair_terms(model, batch, device, bf16)
+            loss = losses.sum() / n_pairs
+            loss.backward()
+            total += loss.detach()
+            sums += _metric_sums(cr, rr, logps)
+        return total, n_scored, dict(pairs=n_pairs, **_metric_means(sums, n_pairs))
+
+    @torch.no_grad()
+    def evaluate(self, model, pairs, config, device):
+        """Mean loss, reward accuracy and margins over `pairs`, in eval mode, batched as the
+        config (a TrainConfig) batches training."""
+        sums, loss = torch.zeros(N_METRICS, dtype=torch.float64), 0.0
+        device = torch.device(device)
+        with _eval(model):
+            for batch in self.batches(pairs, config.micro_batch_size, config.pad_id, shuffle=False):
+                losses, cr, rr, logps = self.pair_terms(model, batch, device, config.bf16)
+                loss += float(losses.sum())
+                sums += _metric_sums(cr, rr, logps)
+        out = _metric_means(sums, len(pairs))
+        return {"eval_loss": loss / len(pairs), **{f"eval_{k}": v for k, v in out.items()}}
+
+
+def _metric_sums(chosen_rewards, rejected_rewards, logps):
+    b = chosen_rewards.shape[0]
+    return torch.stack([chosen_rewards.sum(), rejected_rewards.sum(),
+                        (chosen_rewards > rejected_rewards).sum(),
+                        (chosen_rewards - rejected_rewards).sum(),
+                        logps[:b].sum(), logps[b:].sum(),
+                        (logps[:b] > logps[b:]).sum()]).double().cpu()
+
+
+# reward_accuracy: chosen reward > rejected reward (0 while the policy is the reference: ties);
+# logp_accuracy: the policy gives the chosen reply the higher log-probability (meaningful at once)
+METRICS = ("chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin", "chosen_logp",
+           "rejected_logp", "logp_accuracy")
+N_METRICS = len(METRICS)
+
+
+def _metric_means(sums, n):
+    return {name: float(v) / max(n, 1) for name, v in zip(METRICS, sums)}
+
+
+def objective_for(model, config, train_data, eval_data=None):
+    """The DPOObjective a TrainConfig asks for, built before any checkpoint is loaded (so a full
+    fine-tune's frozen copy and precomputed log-probs come from the model as given).
+
+    LoRA/QLoRA: the adapters switched off, unless dpo_reference="copy_nf4". Full: a frozen copy
+    (NF4 with "copy_nf4"). With precompute_reference, that reference scores train and eval
+    pairs once into ``<output_dir>/reference_logps*.safetensors`` and is then dropped.
+    """
+    if config.dpo_reference == "copy_nf4":
+        reference = ModelReference.copy_of(model, nf4=True)
+    elif lora_layers(model):
+        reference = AdapterReference(model)
+        if any(bool(m.lora_B.weight.any()) for _, m in lora_layers(model)):
+            # DPO's reference is the policy it starts from; switched-off trained adapters give the
+            # base instead. Merge a starting (SFT) adapter first and wrap a fresh one on top.
+            warnings.warn("DPO with adapters that are not zero: the reference (adapters off) is "
+                          "the base model, not the starting policy; merge_lora the starting "
+                          "adapter and lora_wrap a fresh one to use it as the reference",
+                          stacklevel=3)
+    elif config.precompute_reference:
+        reference = SelfReference(model)  # scored before step 1: the model is still the start
+    else:
+        reference = ModelReference.copy_of(model)
+    if config.precompute_reference:
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        device = pick_device(config)
+        for data, name in ((train_data, REFERENCE_FILE), (eval_data, "eval_" + REFERENCE_FILE)):
+            if data is not None:
+                precompute_reference(reference, data, out / name, batch_size=config.micro_batch_size,
+                                     pad_id=config.pad_id, device=device, bf16=config.bf16)
+        reference = StoredReference()
+    return DPOObjective(reference, beta=config.dpo_beta, loss_type=config.dpo_loss,
+                        sft_weight=config.dpo_sft_weight)
