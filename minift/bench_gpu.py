@@ -26,8 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from minift import bench_gpu_steps
-from minift.model import RMSNorm, apply_rope
+from minift import bench_gpu_steps, fused
 from minift.nf4 import _dequantize_reference, dequantize_nf4, quantize_nf4
 from minift.optim import AdamW8bit
 from minift.optim.quant8 import StepScalars, adamw8bit_step_reference, quantize_blockwise
@@ -151,6 +150,7 @@ def part_kernel_checks(ctx) -> dict:
         diffs = [int((a != b).sum()) for a, b in zip(ref_t, got_t)]
         out[f"adamw8bit_{str(dtype).split('.')[-1]}"] = {"equal": not any(diffs),
                                                          "differing_elements": diffs}
+    out["fused"] = _fused_checks(ctx.device)  # bf16: rounding differences, not equality, expected
     return out
 
 
@@ -204,31 +204,61 @@ def part_adamw8bit(ctx) -> dict:
     return out
 
 
-def _swiglu(gate, up):
-    return F.silu(gate) * up
+def _fused_inputs(sizes, device, requires_grad=False):
+    """(reference, fused, args) per op at a training step's shapes, bf16; k has a quarter of
+    q's heads (GQA 4:1)."""
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16, requires_grad=requires_grad)
+
+    s = sizes
+    x, w = rand(s.tokens, s.hidden), torch.randn(s.hidden, device=device, dtype=torch.bfloat16)
+    q, k = rand(1, s.heads, s.tokens, s.head_dim), rand(1, s.heads // 4, s.tokens, s.head_dim)
+    cos, sin = torch.randn(2, 1, 1, s.tokens, s.head_dim, device=device, dtype=torch.bfloat16)
+    gate, up = rand(s.tokens, s.intermediate), rand(s.tokens, s.intermediate)
+    return {"rmsnorm": (fused.rms_norm_reference, fused.rms_norm, (x, w, 1e-5)),
+            "rope": (fused.apply_rope_reference, fused.apply_rope, (q, k, cos, sin)),
+            "swiglu": (fused.swiglu_reference, fused.swiglu, (gate, up))}
 
 
 def part_fused_ops(ctx) -> dict:
-    """RMSNorm, RoPE and SwiGLU at a training step's shapes: torch eager and torch.compile (and
-    minift's fused kernels once the build has them)."""
-    s, dev = ctx.sizes, ctx.device
-    x = torch.randn(s.tokens, s.hidden, device=dev, dtype=torch.bfloat16)
-    norm = RMSNorm(s.hidden, 1e-5).to(dev, torch.bfloat16)
-    q = torch.randn(1, s.heads, s.tokens, s.head_dim, device=dev, dtype=torch.bfloat16)
-    cos, sin = torch.randn(2, 1, 1, s.tokens, s.head_dim, device=dev, dtype=torch.bfloat16)
-    gate, up = torch.randn(2, s.tokens, s.intermediate, device=dev, dtype=torch.bfloat16)
-    ops = {"rmsnorm": (norm, (x,)), "rope": (apply_rope, (q, cos, sin)),
-           "swiglu": (_swiglu, (gate, up))}
-    out = {"fused_kernels": "not in this build (minift.fused absent)"}
-    for name, (fn, args) in ops.items():
-        row = {"eager_ms": ctx.clock.times_ms(lambda: fn(*args), ctx.seconds / 6)}
+    """RMSNorm, RoPE (q and k, GQA 4:1) and SwiGLU at a training step's shapes: minift's fused
+    kernels against torch eager and torch.compile of the same reference, forward only."""
+    out = {}
+    for name, (reference, fast, args) in _fused_inputs(ctx.sizes, ctx.device).items():
+        share = ctx.seconds / 9
+        row = {"eager_ms": ctx.clock.times_ms(lambda: reference(*args), share)}
         if ctx.dry_run:
             row["compiled_ms"] = "skipped in the dry run (compiling takes tens of seconds on CPU)"
         else:
-            compiled = torch.compile(fn)
-            row["compiled_ms"] = ctx.clock.times_ms(lambda: compiled(*args), ctx.seconds / 6)
+            compiled = torch.compile(reference)
+            row["compiled_ms"] = ctx.clock.times_ms(lambda: compiled(*args), share)
+        if fused.use_fused(args[0]):
+            row["fused_ms"] = ctx.clock.times_ms(lambda: fast(*args), share)
+        else:
+            row["fused_ms"] = "not on this device (the reference serves off CUDA)"
         out[name] = row
     return out
+
+
+def _fused_checks(device) -> dict:
+    """Each fused op's forward and input gradients against its reference (bf16, small shapes)."""
+    out = {}
+    for name, (reference, fast, args) in _fused_inputs(DRY_SIZES, device, requires_grad=True).items():
+        ref, got = _as_tuple(reference(*args)), _as_tuple(fast(*args))
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        grads_ref = torch.autograd.grad(sum(r.float().sum() for r in ref), leaves)
+        grads_got = torch.autograd.grad(sum(g.float().sum() for g in got), leaves)
+        out[name] = {"forward_max_abs_diff": _max_diff(ref, got),
+                     "grad_max_abs_diff": _max_diff(grads_ref, grads_got)}
+    return out
+
+
+def _as_tuple(t):
+    return (t,) if isinstance(t, torch.Tensor) else tuple(t)
+
+
+def _max_diff(a, b) -> float:
+    return max(float((x.detach().float() - y.detach().float()).abs().max()) for x, y in zip(a, b))
 
 
 # ---- the suite -----------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Each layer is compiled in place (`nn.Module.compile`), so parameter names, state dicts,
 checkpoints and adapters stay exactly as without compilation; all layers share one graph per
 input shape, as they run the same code. The training loop's first step runs under the memory
-tracker and so eagerly; the compiled layers take over from the second. Embedding, final norm and head stay eager: the head's
-(B, T, vocab) logits dominate their memory, and compiling them gains little.
+tracker and so eagerly; the compiled layers take over from the second. Embedding, final norm
+and head stay eager: the head's (B, T, vocab) logits dominate their memory, and compiling them
+gains little. The fused RMSNorm / RoPE / SwiGLU kernels are torch.library ops with fake
+implementations, so dynamo traces the layers through them on CUDA.
 """
 from __future__ import annotations
 

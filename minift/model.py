@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minift import fused
 from minift.attention import ATTENTION_IMPLS, BatchMask, attend, batch_mask
 from minift.config import ROPE_REQUIRED_KEYS, ModelConfig
+from minift.fused import use_fused
 from minift.offload import ActivationOffload
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -54,6 +56,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused(x):  # one kernel: read x once, write y and one float32 rstd per row
+            return fused.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 and cast back before the scale, as the reference does, so bf16
         # models round the same way.
         h = x.float()
@@ -129,7 +133,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if use_fused(q) and q.dtype == k.dtype == cos.dtype:  # q and k in one launch
+            q, k = fused.apply_rope(q, k, cos, sin)
+        else:  # also where autocast leaves q, k in bf16 beside fp32 cos/sin (torch promotes)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_index, k, v)  # (B, KV, T_past + T, D)
         out = attend(q, k, v, mask)  # (B, H, T, D)
@@ -145,7 +152,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, intermediate) each
+        if use_fused(gate) and gate.dtype == up.dtype:
+            return self.down_proj(fused.swiglu(gate, up))  # silu(gate) is never stored
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
