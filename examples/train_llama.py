@@ -121,9 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
              "models keep the checkpoint's dtype either way")
     add("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
     add("--max-grad-norm", type=_number(float, 0), default=1.0,
-        help="clip the global gradient norm to this; 0 = no clipping (default 1.0)")
+        help="clip the global gradient norm to this; 0 = no clipping")
     add("--loss-chunk-size", type=_number(int, 0), default=1024,
-        help="tokens per chunk of the lm_head + loss; 0 = full logits (default 1024)")
+        help="tokens per chunk of the lm_head + loss; 0 = full logits")
     add("--activation-offload", action="store_true",
         help="keep checkpointed layer inputs in host memory (with --gradient-checkpointing)")
     add("--optimizer-in-backward", action="store_true",
@@ -147,7 +147,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="under torchrun: fsdp (default with more than one process) or ddp")
     add("--fsdp-cpu-offload", action="store_true",
         help="FSDP: sharded parameters, gradients and optimizer states in host memory")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # a torchrun launch, or --parallel asked for one (refused later when not launched)
+    args.distributed = args.parallel is not None or mdist.env_world_size() > 1
+    return args
 
 
 # ---- loading -----------------------------------------------------------------------------
@@ -397,7 +400,6 @@ def load_general(path):
 
 def run(args) -> dict:
     # under torchrun: join the process group first, so "cuda" is this rank's GPU from here on
-    args.distributed = args.parallel is not None or mdist.env_world_size() > 1
     if args.distributed and not mdist.launched():
         raise UsageError("--parallel: needs a torchrun launch (torchrun --nproc_per_node N ...)")
     device = (mdist.init_from_env(args.device, single=True) if args.distributed else
