@@ -24,7 +24,6 @@ import traceback
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from minift import bench_gpu_steps, fused
 from minift.nf4 import _dequantize_reference, dequantize_nf4, quantize_nf4

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from minift._util import atomic_write, check_number, write_json

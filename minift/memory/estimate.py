@@ -25,7 +25,7 @@ size what autograd keeps, take the largest moment.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -37,36 +37,7 @@ from minift.memory.formulas import (dequant_scratch, down_proj_saved, head_saved
                                     layer_gradient_bytes, layer_saved,
                                     step_temporaries, weight_bytes)
 from minift.memory.parallel import per_gpu
-from minift.memory.tracker import CATEGORIES, breakdown_table
-
-
-@dataclass
-class MemoryEstimate:
-    """Estimated bytes per category for one training step; `total` is the estimated peak."""
-
-    frozen_weights: int
-    trainable_params: int
-    gradients: int
-    optimizer_states: int
-    activations: int
-    other: int
-    total: int
-    settings: dict = field(default_factory=dict)
-    terms: dict = field(default_factory=dict)  # named parts of the activations and other
-    host: int = 0  # host memory, apart from `total`: paged optimizer states, offloaded inputs
-    host_terms: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        out = {c: int(getattr(self, c)) for c in CATEGORIES}
-        out["total"] = int(self.total)
-        out["host"] = int(self.host)
-        return out
-
-    def table(self) -> str:
-        s = self.settings
-        title = (f"{s.get('method')} | batch {s.get('batch_size')} x seq {s.get('seq_len')} | "
-                 f"optimizer {s.get('optimizer')}")
-        return breakdown_table({title: self.as_dict()})
+from minift.memory.report import CATEGORIES, MemoryEstimate, breakdown_table  # noqa: F401
 
 
 def _elem(dtype: torch.dtype) -> int:

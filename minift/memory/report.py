@@ -1,0 +1,110 @@
+"""What the memory parts report: the categories, a measured `MemoryReport`, an estimated
+`MemoryEstimate`, and the markdown table both print. Host-side allocations are marked here too
+(`host_side`), so the tracker can tell them from device memory."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+from minift._util import format_bytes
+
+# State keys a paged optimizer (minift.optim.AdamW8bit(paged=True)) keeps in host pages.
+PAGED_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+CATEGORIES = ("frozen_weights", "trainable_params", "gradients", "optimizer_states",
+              "activations", "other")
+# True while code moves tensors to host memory on purpose (offload, paging): what it creates is
+# host memory even when the "device" is the CPU.
+_HOST_SIDE = contextvars.ContextVar("minift_host_side", default=False)
+
+
+@contextlib.contextmanager
+def host_side():
+    """Tensors created inside are counted by a running MemoryTracker as host memory."""
+    token = _HOST_SIDE.set(True)
+    try:
+        yield
+    finally:
+        _HOST_SIDE.reset(token)
+
+
+def breakdown_table(columns: dict, rows=CATEGORIES + ("total",), bytes_fmt=format_bytes) -> str:
+    """A markdown table: one row per category, one column per breakdown (name -> {key: bytes})."""
+    names = list(columns)
+    lines = ["| category | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for row in rows:
+        cells = []
+        for name in names:
+            value = columns[name].get(row)
+            cells.append("" if value is None else bytes_fmt(value))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class MemoryReport:
+    """A measured breakdown (bytes per category) of one training step.
+
+    Categories are each one's own high-water mark during the step (activations peak before
+    backward, gradients at the optimizer step), so they need not add up to ``peak``, the
+    high-water mark of all live bytes together. ``other`` is what was alive at the peak besides
+    the categories.
+    """
+
+    frozen_weights: int = 0
+    trainable_params: int = 0
+    gradients: int = 0
+    optimizer_states: int = 0
+    activations: int = 0
+    other: int = 0
+    peak: int = 0
+    host: int = 0  # host high-water mark: offloaded activations, paged optimizer states
+    device: str = "cpu"
+    reserved: int | None = None  # CUDA max_memory_reserved during the step (peak)
+    notes: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = {c: int(getattr(self, c)) for c in CATEGORIES}
+        out.update(peak=int(self.peak), host=int(self.host), device=self.device)
+        if self.reserved is not None:  # CUDA only
+            out["reserved"] = int(self.reserved)
+        return out
+
+    def table(self) -> str:
+        cols = {f"measured ({self.device})": dict(self.as_dict(), total=self.peak)}
+        text = breakdown_table(cols, rows=CATEGORIES + ("total",))
+        text = text.replace("| total |", "| peak |")
+        text += f"\n| host (apart from the peak) | {format_bytes(self.host)} |"
+        if self.reserved is not None:
+            text += f"\npeak reserved by the CUDA allocator: {format_bytes(self.reserved)}"
+        return "\n".join([text] + [f"note: {n}" for n in self.notes])
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated bytes per category for one training step; `total` is the estimated peak."""
+
+    frozen_weights: int
+    trainable_params: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    other: int
+    total: int
+    settings: dict = field(default_factory=dict)
+    terms: dict = field(default_factory=dict)  # named parts of the activations and other
+    host: int = 0  # host memory, apart from `total`: paged optimizer states, offloaded inputs
+    host_terms: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = {c: int(getattr(self, c)) for c in CATEGORIES}
+        out["total"] = int(self.total)
+        out["host"] = int(self.host)
+        return out
+
+    def table(self) -> str:
+        s = self.settings
+        title = (f"{s.get('method')} | batch {s.get('batch_size')} x seq {s.get('seq_len')} | "
+                 f"optimizer {s.get('optimizer')}")
+        return breakdown_table({title: self.as_dict()})
