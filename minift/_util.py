@@ -6,6 +6,7 @@ Nothing here imports another minift module, so any module may import this one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import numbers
@@ -262,3 +263,21 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append((lineno, row))
     return rows
+
+
+# ---- module flags --------------------------------------------------------------------------
+@contextlib.contextmanager
+def module_flag(model, attr: str, value, *, required: bool, missing: str):
+    """Set `attr` to `value` on every submodule of `model` that has it, for the block, then put
+    the old values back. `missing` is the ValueError when `required` and no module has `attr`."""
+    holders = [m for m in model.modules() if hasattr(m, attr)]
+    if required and not holders:
+        raise ValueError(missing)
+    previous = [getattr(m, attr) for m in holders]
+    for m in holders:
+        setattr(m, attr, value)
+    try:
+        yield
+    finally:
+        for m, old in zip(holders, previous):
+            setattr(m, attr, old)

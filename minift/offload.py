@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from minift._util import module_flag
 from minift.memory.tracker import host_side
 
 
@@ -130,35 +131,15 @@ class ActivationOffload:
         return dev
 
 
-@contextlib.contextmanager
 def offloading(model: torch.nn.Module, enabled: bool):
     """Set every module's ``activation_offload`` flag for the block, then restore it."""
-    holders = [m for m in model.modules() if hasattr(m, "activation_offload")]
-    if enabled and not holders:
-        raise ValueError("TrainConfig.activation_offload=True, but no module of the model has an "
-                         "'activation_offload' attribute (minift's Llama has)")
-    previous = [m.activation_offload for m in holders]
-    for m in holders:
-        m.activation_offload = enabled
-    try:
-        yield
-    finally:
-        for m, value in zip(holders, previous):
-            m.activation_offload = value
+    return module_flag(model, "activation_offload", enabled, required=enabled,
+                       missing="TrainConfig.activation_offload=True, but no module of the model has "
+                               "an 'activation_offload' attribute (minift's Llama has)")
 
 
-@contextlib.contextmanager
 def mlp_tiling(model: torch.nn.Module, tile: Optional[int]):
     """Set every decoder layer's ``mlp_tile_size`` (tokens per MLP tile) for the block."""
-    holders = [m for m in model.modules() if hasattr(m, "mlp_tile_size")]
-    if tile is not None and not holders:
-        raise ValueError("TrainConfig.mlp_tile_size is set, but no module of the model has an "
-                         "'mlp_tile_size' attribute (minift's Llama decoder layers have)")
-    previous = [m.mlp_tile_size for m in holders]
-    for m in holders:
-        m.mlp_tile_size = tile
-    try:
-        yield
-    finally:
-        for m, value in zip(holders, previous):
-            m.mlp_tile_size = value
+    return module_flag(model, "mlp_tile_size", tile, required=tile is not None,
+                       missing="TrainConfig.mlp_tile_size is set, but no module of the model has an "
+                               "'mlp_tile_size' attribute (minift's Llama decoder layers have)")

@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from minift._util import module_flag
 from minift.optim import AdamW8bit, PagedAdamW8bit
 from minift.train_config import TrainConfig
 
@@ -38,21 +39,11 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
                           device_budget_bytes=config.paged_device_budget)
 
 
-@contextlib.contextmanager
 def gradient_checkpointing(model, enabled: bool):
     """Set every module's ``gradient_checkpointing`` flag for the block, then restore it."""
-    holders = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-    if enabled and not holders:
-        raise ValueError("TrainConfig.gradient_checkpointing=True, but no module of the model has a "
-                         "'gradient_checkpointing' attribute")
-    previous = [m.gradient_checkpointing for m in holders]
-    for m in holders:
-        m.gradient_checkpointing = enabled
-    try:
-        yield
-    finally:
-        for m, value in zip(holders, previous):
-            m.gradient_checkpointing = value
+    return module_flag(model, "gradient_checkpointing", enabled, required=enabled,
+                       missing="TrainConfig.gradient_checkpointing=True, but no module of the model "
+                               "has a 'gradient_checkpointing' attribute")
 
 
 @contextlib.contextmanager
