@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
@@ -66,6 +67,7 @@ def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer, *, tr
         raise FileNotFoundError(f"{path}: not a sharded checkpoint (no .metadata file)")
     options = _options(trainable_only)
     model_sd, optim_sd = get_state_dict(_dcp_ready(model), optimizer, options=options)
+    _match_saved_optimizer(optim_sd, dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     state = {"model": model_sd, "optim": optim_sd, "optim_extra": _optimizer_extras(optimizer)}
     dcp.load(state, checkpoint_id=str(path))
     # DCP keeps an optimizer's "state" and "param_groups" only; minift.AdamW8bit's state dict
@@ -80,6 +82,29 @@ def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer, *, tr
                        optim_state_dict=state["optim"], options=_options(trainable_only, strict=not trainable_only))
     finally:
         del optimizer.load_state_dict
+
+
+def _match_saved_optimizer(optim_sd: dict, saved: dict) -> None:
+    """Make the optimizer's load template ask for what the checkpoint holds, in place.
+
+    DCP reads into tensors shaped like the saved ones. A parameter's state may be saved in another
+    form than this optimizer keeps: minift.AdamW8bit keeps float32 moments on shards whose rows
+    do not hold whole 8-bit blocks, and 8-bit codes flat on one process but by rows on shards.
+    Such entries get plain tensors of the saved shape and dtype (every rank reads the whole
+    tensor); the optimizer's ``load_state_dict`` converts them.
+    """
+    for fqn, state in optim_sd.get("state", {}).items():
+        prefix = f"optim.state.{fqn}."
+        stored = {key[len(prefix):]: meta for key, meta in saved.items()
+                  if key.startswith(prefix) and "." not in key[len(prefix):]}
+        tensors = {k: m for k, m in stored.items() if isinstance(m, TensorStorageMetadata)}
+        same = set(stored) == set(state) and all(
+            isinstance(state[k], torch.Tensor) and tuple(state[k].shape) == tuple(m.size)
+            and state[k].dtype == m.properties.dtype for k, m in tensors.items())
+        if stored and not same:
+            optim_sd["state"][fqn] = {
+                k: torch.empty(tuple(m.size), dtype=m.properties.dtype) if k in tensors else state.get(k)
+                for k, m in stored.items()}
 
 
 def full_state_dict(model: nn.Module, *, trainable_only: bool) -> dict:

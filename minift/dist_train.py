@@ -12,7 +12,6 @@ re-slices the shards), a 1-process checkpoint by ``minift.checkpoint`` on a 1-pr
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -37,19 +36,8 @@ class DistRun:
     def __init__(self, config):
         world = mdist.env_world_size()
         self.parallel = mdist.resolve_parallel(config.parallel, world)
-        if self.parallel == "fsdp" and getattr(config, "loss_chunk_size", None) is not None:
-            # the chunked loss calls lm_head after the model's forward, where FSDP has already
-            # resharded it: under FSDP the loss takes the full logits
-            config = dataclasses.replace(config, loss_chunk_size=None)
-        self.config = config  # what the loop uses: the caller's config, adjusted as above
+        self.config = config
         self.active = self.parallel is not None
-        if self.parallel == "fsdp" and config.optimizer != "adamw":
-            # minift.AdamW8bit sizes its states by the parameter's numel, which for a sharded
-            # (DTensor) parameter is the global one: every rank would hold full-size states
-            # (unsharded), and they do not load back from a sharded checkpoint
-            raise ValueError(f"TrainConfig.optimizer={config.optimizer!r} with parallel='fsdp' is not supported "
-                             "yet (its states would not be sharded); use optimizer='adamw' (LoRA/QLoRA "
-                             "states are small) or parallel='ddp'")
         if self.active and getattr(config, "objective", "sft") != "sft":
             raise ValueError(f"TrainConfig.objective={config.objective!r} with parallel={self.parallel!r} is not "
                              "supported yet: under torchrun minift trains the token loss (objective='sft')")

@@ -129,8 +129,12 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
     ``config.fsdp_cpu_offload`` (False when absent).
 
     FSDP2: every decoder layer is one all-gather unit and the root holds the embedding, final
-    norm and lm_head; parameters are resharded after forward (gathered again for backward), which
-    keeps one layer unsharded at a time, plus the next one FSDP2 prefetches. On CUDA with bf16 the parameters are gathered in bf16
+    norm and lm_head. A layer's parameters are resharded after its forward (gathered again for
+    its backward), which keeps one layer unsharded at a time, plus the next one FSDP2 prefetches.
+    The root is not resharded after forward: the chunked loss (``minift.loss``) runs lm_head
+    after the model's forward, and the backward starts with the root's gradients anyway, so the
+    root stays gathered from its forward to the end of the backward (one all-gather a
+    micro-batch instead of two). On CUDA with bf16 the parameters are gathered in bf16
     and gradients reduced in fp32; uint8 NF4 bytes are never cast. ``fsdp_cpu_offload`` keeps the
     sharded parameters, gradients and optimizer states in host memory (``CPUOffloadPolicy``).
 
@@ -162,7 +166,7 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
     mesh = init_device_mesh(device.type, (world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
     return model
 
 

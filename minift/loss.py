@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 IGNORE = -100
 
@@ -119,15 +120,22 @@ def model_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
     """Summed token loss of ``model(**inputs)``: chunked when ``chunk_size`` is set, else full logits.
 
     The chunked path needs a model whose forward takes ``return_hidden=True`` and that has an
-    ``lm_head`` module (minift's ``Llama``).
+    ``lm_head`` module (minift's ``Llama``, also inside DDP). Under FSDP2 the head's parameters
+    must still be gathered after the forward: ``minift.distributed.apply_parallel`` keeps the
+    root unit (embedding, final norm, lm_head) unsharded from forward to backward for this.
     """
     if chunk_size is None:
         return token_loss_sum(model(**inputs), labels)
-    if not isinstance(getattr(model, "lm_head", None), nn.Module):
+    owner = _unwrap(model)
+    if not isinstance(getattr(owner, "lm_head", None), nn.Module):
         raise ValueError("loss_chunk_size is set, but the model has no 'lm_head' module; "
                          "set loss_chunk_size=None for models that only return logits")
-    hidden = model(**inputs, return_hidden=True)  # (B, T, H)
-    return chunked_loss_sum(hidden, model.lm_head, labels, chunk_size)
+    hidden = model(**inputs, return_hidden=True)  # (B, T, H); DDP's forward passes the flag on
+    return chunked_loss_sum(hidden, owner.lm_head, labels, chunk_size)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def supports_chunked_loss(model: nn.Module) -> bool:
@@ -135,6 +143,7 @@ def supports_chunked_loss(model: nn.Module) -> bool:
 
     Models that only return logits (e.g. a user's own module) keep the full-logits loss.
     """
+    model = _unwrap(model)
     try:
         takes = "return_hidden" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

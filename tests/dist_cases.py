@@ -5,6 +5,7 @@ step 2 and a resume from it, the consolidated exports, ``minift.train`` under to
 environment variables, and the NF4 all-gather (bit equality and bytes on the wire). Every rank
 writes its results to ``rank<r>.json``.
 """
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+from torch.distributed.tensor import distribute_tensor
 
 import minift
 from minift import dist_checkpoint as dckpt
@@ -27,6 +29,7 @@ from minift.config import ModelConfig
 from minift.model import Llama
 from minift.nf4_fsdp import ShardedNF4Linear, shardable_nf4
 from minift.nf4_linear import NF4Linear
+from minift.optim import AdamW8bit
 from minift.schedule import step_groups
 from minift.trainer import TrainConfig, token_loss_sum, trained_tokens
 
@@ -182,9 +185,98 @@ def qlora_layer_gather(world):
             "local_numel": sum(p.numel() for p in params)}
 
 
+# ---- the 8-bit optimizer on shards -------------------------------------------------------
+# Rows of 256 elements (hidden 256): every projection, the embedding and lm_head keep 8-bit
+# moments under FSDP too; vocabulary 251 splits the embedding's rows unevenly (126 + 125).
+ALIGNED = dict(vocab_size=251, hidden_size=256, intermediate_size=512)
+# (paged, parameter dtype, stochastic rounding)
+OPTIM8_CASES = [(False, "float32", False), (True, "bfloat16", True)]
+OPTIM8_STEPS = 3
+
+
+def optim8_name(paged, dtype, stochastic):
+    return f"optim8-{'paged' if paged else 'plain'}-{dtype}-{'sr' if stochastic else 'rn'}"
+
+
+def aligned_model(dtype):
+    torch.manual_seed(0)
+    config = dataclasses.replace(ModelConfig.from_name("tiny"), **ALIGNED)
+    return Llama(config).to(getattr(torch, dtype))
+
+
+def optim8_grads(params, step):
+    """The same full-size gradients on every rank and in the 1-process run."""
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=gen).mul_(1e-2).to(p.dtype) for p in params]
+
+
+def optim8_run(model, sharded: bool, paged: bool, stochastic: bool):
+    """OPTIM8_STEPS AdamW8bit steps on fixed gradients; the optimizer."""
+    params = list(model.parameters())
+    opt = AdamW8bit(params, lr=1e-2, weight_decay=0.1, paged=paged, stochastic_rounding=stochastic, seed=3)
+    for step in range(1, OPTIM8_STEPS + 1):
+        for p, g in zip(params, optim8_grads(params, step)):
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None) if sharded else g
+        opt.step()
+    return opt
+
+
+def optim8_sharded(out: Path, paged, dtype, stochastic, world):
+    """AdamW8bit on FSDP2 shards vs on the whole model (every rank runs both); a DCP round trip."""
+    name = optim8_name(paged, dtype, stochastic)
+    plain = aligned_model(dtype)
+    ref = optim8_run(plain, False, paged, stochastic)
+    model = mdist.apply_parallel(aligned_model(dtype), SimpleNamespace(parallel="fsdp"), device=torch.device("cpu"))
+    opt = optim8_run(model, True, paged, stochastic)
+    ref.state_dict(), opt.state_dict()  # paged: write the resident pages back to the host states
+    rows_equal, states_equal, local_bytes, full_bytes, kinds, fallback_diff = True, True, 0, 0, {}, 0.0
+    for (pname, p), q in zip(model.named_parameters(), plain.parameters()):
+        start, mine = sharded_rows(p)
+        st, full = opt.state[p], ref.state[q]
+        kinds[pname] = "8bit" if "exp_avg_codes" in st else "fp32"
+        if ("exp_avg_codes" in st) == ("exp_avg_codes" in full):  # the same kind of moments
+            rows_equal &= torch.equal(mine, q.detach()[start:start + mine.shape[0]])
+        else:  # float32 moments on the shards, 8-bit ones on the whole parameter
+            fallback_diff = max(fallback_diff, float((mine.float() - q.detach()[start:start + mine.shape[0]].float())
+                                                     .abs().max()))
+        local_bytes += sum(v.nbytes for v in st.values() if isinstance(v, torch.Tensor))
+        full_bytes += sum(v.nbytes for v in full.values() if isinstance(v, torch.Tensor))
+        if "exp_avg_codes" in st:  # flat rows [start, start + n) of the whole parameter's states
+            row = p.numel() // p.shape[0]
+            a, n = start * row, mine.numel()
+            states_equal &= all(torch.equal(st[k], full[k][a:a + n]) for k in ("exp_avg_codes", "exp_avg_sq_codes"))
+            states_equal &= all(torch.equal(st[k], full[k][a // 256:(a + n) // 256])
+                                for k in ("exp_avg_absmax", "exp_avg_sq_absmax"))
+        elif "exp_avg" in full:
+            states_equal &= torch.equal(st["exp_avg"], full["exp_avg"][start:start + mine.shape[0]])
+    dckpt.save_sharded(out / f"{name}-ckpt", model, opt, trainable_only=False)
+    again = mdist.apply_parallel(aligned_model(dtype), SimpleNamespace(parallel="fsdp"), device=torch.device("cpu"))
+    opt2 = AdamW8bit(list(again.parameters()), lr=1e-2, weight_decay=0.1, paged=paged, stochastic_rounding=stochastic)
+    dckpt.load_sharded(out / f"{name}-ckpt", again, opt2, trainable_only=False)
+    reloaded = True
+    for a, b in zip(model.parameters(), again.parameters()):
+        saved, loaded = opt.state[a], opt2.state[b]
+        reloaded &= saved.keys() == loaded.keys() and saved["step"] == loaded["step"]
+        reloaded &= all(torch.equal(v, loaded[k]) for k, v in saved.items() if isinstance(v, torch.Tensor))
+        reloaded &= torch.equal(sharded_rows(a)[1], sharded_rows(b)[1])
+    return {"rows_equal": bool(rows_equal), "states_equal": bool(states_equal), "reloaded": bool(reloaded),
+            "fallback_max_diff": fallback_diff,
+            "local_state_bytes": local_bytes, "full_state_bytes": full_bytes, "kinds": kinds,
+            "steps": sorted({st["step"] for st in opt2.state.values()})}
+
+
+def sharded_rows(p):
+    """(first row, this rank's rows) of a sharded parameter."""
+    from minift.optim.sharded import first_row
+    return first_row(p), p.to_local().detach()
+
+
 TRAIN_CASES = [("fsdp", "qlora"), ("ddp", "full")]
 # they compose: gradient checkpointing with FSDP, the 8-bit optimizer (and its checkpoints) with DDP
-TRAIN_EXTRA = {("fsdp", "qlora"): dict(gradient_checkpointing=True), ("ddp", "full"): dict(optimizer="adamw8bit")}
+# the paged 8-bit optimizer and the chunked loss under FSDP (the tiny model's LoRA tensors are under
+# min_8bit_size, so both runs keep float32 moments and agree to LOSS_RTOL)
+TRAIN_EXTRA = {("fsdp", "qlora"): dict(gradient_checkpointing=True, optimizer="paged_adamw8bit", loss_chunk_size=5),
+               ("ddp", "full"): dict(optimizer="adamw8bit", loss_chunk_size=7)}
 
 
 def train_config(out: Path, parallel, method, world, **kw):
@@ -215,6 +307,8 @@ def worker(rank, port, out):
                    "world": mdist.world_size(), "rank": mdist.rank()}
         for parallel, method, accum in CASES:
             results[case_name(parallel, method, accum)] = run_case(out, parallel, method, accum, WORLD, rank)
+        for case in OPTIM8_CASES:
+            results[optim8_name(*case)] = optim8_sharded(out, *case, WORLD)
         for parallel, method in TRAIN_CASES:
             results[f"train-{parallel}-{method}"] = run_train(out, parallel, method, WORLD)
         (out / f"rank{rank}.json").write_text(json.dumps(results))

@@ -109,10 +109,12 @@ def test_add_param_group_checks_hyperparameters_before_adding(key, value, error,
 def test_step_does_not_recheck_hyperparameters(monkeypatch):
     # checked on construction, add_param_group and load_state_dict; a step only reads them
     import minift.optim.adamw8bit as module
+    import minift.optim.adamw8bit_state as state_module
 
     calls = []
     check = module._check_hparams
     monkeypatch.setattr(module, "_check_hparams", lambda *a: calls.append(a) or check(*a))
+    monkeypatch.setattr(state_module, "check_hparams", lambda *a: calls.append(a) or check(*a))
     ps, opt = _model_and_opt()
     assert len(calls) == 2  # the defaults and the one group
     for i in range(3):

@@ -8,19 +8,26 @@ State per parameter (``self.state[p]``), with ``n = p.numel()``:
 * smaller tensors: ``exp_avg`` / ``exp_avg_sq`` float32 of p's shape (8 bytes per parameter).
 * ``step``: int, the number of updates this parameter received.
 
+Sharded parameters (FSDP2's DTensors) are stepped shard by shard: each rank updates its own
+rows and keeps the states of those rows only (``minift.optim.sharded``), with ``n`` the local
+numel; rows that are not a multiple of 256 elements keep float32 moments there.
+
 The math and its order are in ``minift.optim.quant8``; docs/optim.md has the state-dict format.
 """
 from __future__ import annotations
 
 import copy
 import math
-import numbers
 import warnings
 
 import torch
 
 from minift._util import check_int, check_number
 from minift.kernels import HAS_TRITON
+from minift.optim import sharded
+from minift.optim.adamw8bit_state import (KEYS_8BIT, KEYS_32, VERSION, VERSION_KEY, check_state_dict,
+                                          exchange_state)
+from minift.optim.adamw8bit_state import check_hparams as _check_hparams
 from minift.optim.paging import DEFAULT_BUDGET_BYTES, Pager, host_empty
 from minift.optim.quant8 import (BLOCK, StepScalars, adamw8bit_step_cpu, adamw32_step,
                            nearest_code, num_blocks)
@@ -28,27 +35,6 @@ from minift.quantmaps import dynamic_map
 
 if HAS_TRITON:  # the CUDA path; the torch reference serves everywhere else
     from minift.kernels.adamw8bit import adamw8bit_step
-
-VERSION_KEY = "minift_adamw8bit_version"
-VERSION = 1
-KEYS_8BIT = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
-KEYS_32 = ("exp_avg", "exp_avg_sq")
-
-
-def _check_hparams(lr, betas, eps, weight_decay, where: str) -> None:
-    """Raise naming the first bad hyper-parameter and `where` it is (defaults, param group i).
-
-    Runs on construction, add_param_group and load_state_dict, as torch.optim does; step() trusts
-    the groups (a value written into param_groups later is the writer's to check).
-    """
-    at = f"AdamW8bit ({where}): "
-    check_number(at + "lr", lr, ">= 0", lambda v: v >= 0, error=TypeError)
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"{at}betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        check_number(f"{at}betas[{i}]", beta, "in [0, 1)", lambda v: 0 <= v < 1, error=TypeError)
-    check_number(at + "eps", eps, "> 0", lambda v: v > 0, error=TypeError)
-    check_number(at + "weight_decay", weight_decay, ">= 0", lambda v: v >= 0, error=TypeError)
 
 
 def _step8(p, g, states, maps, s: StepScalars, offset: int, stochastic: bool) -> None:
@@ -140,13 +126,16 @@ class AdamW8bit(torch.optim.Optimizer):
             s = StepScalars.make(group["lr"], *group["betas"], group["eps"], group["weight_decay"],
                                  state["step"], seed=self._step_seed(state["step"], index))
             stochastic = group["stochastic_rounding"]
+            lp, lg, base = sharded.local(p), sharded.local(p.grad), sharded.flat_offset(p)
             if "exp_avg" in state:
-                adamw32_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], s, stochastic)
+                # the element offsets of stochastic rounding are global: a shard rounds as the
+                # same rows of the whole parameter would
+                adamw32_step(lp, lg, state["exp_avg"], state["exp_avg_sq"], s, stochastic, base)
             elif self.paged:
-                streamed.setdefault(p.device, []).append((p, s, stochastic))
+                streamed.setdefault(lp.device, []).append((p, s, stochastic))
             else:
-                self._update_flat(p, lambda fp, fg: _step8(
-                    fp, fg, [state[k] for k in KEYS_8BIT], self._maps_on(p.device), s, 0,
+                self._update_flat(lp, lg, lambda fp, fg: _step8(
+                    fp, fg, [state[k] for k in KEYS_8BIT], self._maps_on(lp.device), s, base,
                     stochastic))
         for device, items in streamed.items():
             self._paged_update(device, items)
@@ -157,6 +146,8 @@ class AdamW8bit(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.grad is not None:
+                    if sharded.is_sharded(p):
+                        sharded.check_placement(p, f"param_groups[{gi}]['params'][{pi}]")
                     if p.grad.is_sparse:
                         raise ValueError(f"AdamW8bit does not support sparse gradients: "
                                          f"param_groups[{gi}]['params'][{pi}] "
@@ -174,10 +165,11 @@ class AdamW8bit(torch.optim.Optimizer):
         """
         if not todo:
             return True
-        device = todo[0][2].grad.device
-        norms = torch._foreach_norm([p.grad for _, _, p in todo], math.inf)
+        grads = [sharded.local(p.grad) for _, _, p in todo]  # this rank's rows of sharded ones
+        device = grads[0].device
+        norms = torch._foreach_norm(grads, math.inf)
         finite = torch.isfinite(torch.stack([x.float().to(device, non_blocking=True) for x in norms]))
-        if bool(finite.all()):  # the step's one sync
+        if sharded.agree_all_finite(bool(finite.all()), [p for _, _, p in todo]):  # the one sync
             return True
         bad = [f"#{index} (shape {tuple(p.shape)})" for (index, _, p), ok in zip(todo, finite.tolist())
                if not ok]
@@ -196,10 +188,17 @@ class AdamW8bit(torch.optim.Optimizer):
             self._maps[device] = (dynamic_map(True, device), dynamic_map(False, device))
         return self._maps[device]
 
+    def uses_8bit(self, p) -> bool:
+        """Whether ``p`` gets 8-bit moments (else float32): decided on the whole parameter, so
+        every rank of a sharded one decides alike."""
+        return p.numel() >= self.min_8bit_size and (not sharded.is_sharded(p) or sharded.row_aligned(p))
+
     def _init_state(self, p, state) -> None:
         state["step"] = 0
+        eight = self.uses_8bit(p)
+        p = sharded.local(p)  # a sharded parameter's states cover this rank's rows only
         n = p.numel()
-        if n < self.min_8bit_size:
+        if not eight:
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
                                                 memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
@@ -214,10 +213,10 @@ class AdamW8bit(torch.optim.Optimizer):
                 if self.paged else torch.zeros(num_blocks(n), device=p.device)
 
     @staticmethod
-    def _update_flat(p, fn) -> None:
+    def _update_flat(p, grad, fn) -> None:
         """Call fn(flat_param, flat_grad) on contiguous 1-D views; copies back if p is strided."""
         flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
-        fn(flat, p.grad.reshape(-1).contiguous())
+        fn(flat, grad.reshape(-1).contiguous())
         if not p.is_contiguous():
             p.copy_(flat.view_as(p))
 
@@ -240,16 +239,17 @@ class AdamW8bit(torch.optim.Optimizer):
         maps = self._maps_on(device)
         work = []  # (page, param, flat views, scalars, stochastic)
         for p, s, stochastic in items:
-            flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
-            grad = p.grad.reshape(-1).contiguous()
-            work += [(page, p, flat, grad, s, stochastic) for page in self._pages_of(p, pager)]
+            lp, base = sharded.local(p), sharded.flat_offset(p)
+            flat = lp.view(-1) if lp.is_contiguous() else lp.reshape(-1).clone()
+            grad = sharded.local(p.grad).reshape(-1).contiguous()
+            work += [(page, lp, flat, grad, s, stochastic, base) for page in self._pages_of(p, pager)]
         by_key = {w[0].key: w for w in work}
 
         def compute(page, dev):
-            _, p, flat, grad, s, stochastic = by_key[page.key]
+            _, _, flat, grad, s, stochastic, base = by_key[page.key]
             start = page.key[1] * self.page_size
             end = min(start + self.page_size, flat.numel())
-            _step8(flat[start:end], grad[start:end], dev, maps, s, start, stochastic)
+            _step8(flat[start:end], grad[start:end], dev, maps, s, base + start, stochastic)
 
         pager.run([w[0] for w in work], compute)
         for p, flat in {id(w[1]): (w[1], w[2]) for w in work}.values():
@@ -259,7 +259,7 @@ class AdamW8bit(torch.optim.Optimizer):
     def _pages_of(self, p, pager):
         """The pages of p's 8-bit state (registered with the pager on first use)."""
         if p not in self._pages:
-            st, n, size = self.state[p], p.numel(), self.page_size
+            st, n, size = self.state[p], sharded.local(p).numel(), self.page_size
             pid = len(self._pages)
             self._pages[p] = [
                 pager.add_page((pid, i), (
@@ -276,10 +276,12 @@ class AdamW8bit(torch.optim.Optimizer):
 
         Layout: ``{"state": {index: {"step": int, <KEYS_8BIT or KEYS_32>: Tensor}},
         "param_groups": [...], "minift_adamw8bit_version": 1, "skipped_steps": int, "seed": int}``.
+        A sharded parameter's states are DTensors in the exchange format of
+        ``minift.optim.sharded`` (views of this rank's rows), which DCP saves and re-slices.
         """
         for pager in self._pagers.values():
             pager.flush()  # resident pages hold the newest state
-        sd = super().state_dict()
+        sd = exchange_state(self, super().state_dict())
         sd[VERSION_KEY] = VERSION
         sd["skipped_steps"] = self.skipped_steps
         sd["seed"] = self.seed
@@ -292,7 +294,7 @@ class AdamW8bit(torch.optim.Optimizer):
             ValueError: not a minift AdamW8bit state dict (e.g. torch.optim.AdamW's), a newer
                 version, or groups/parameters/shapes that do not match this optimizer.
         """
-        new_state, groups = _check_state_dict(self, state_dict)
+        new_state, groups = check_state_dict(self, state_dict)
         self.state.clear()
         self.state.update(new_state)
         for group, saved in zip(self.param_groups, groups):
@@ -300,91 +302,6 @@ class AdamW8bit(torch.optim.Optimizer):
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.seed = int(state_dict.get("seed", self.seed))
         self._pagers, self._pages = {}, {}  # host copies are authoritative again
-
-
-def _check_state_dict(opt: AdamW8bit, sd):
-    """Validate a saved state dict against ``opt``; returns (state by parameter, saved groups)."""
-    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-        raise ValueError("AdamW8bit.load_state_dict: expected a dict with 'state' and "
-                         "'param_groups' keys")
-    version = sd.get(VERSION_KEY)
-    if version is None:
-        raise ValueError(f"AdamW8bit.load_state_dict: the state dict has no '{VERSION_KEY}' key, "
-                         "so it was not written by minift.AdamW8bit (e.g. torch.optim.AdamW)")
-    if not isinstance(version, int) or not 1 <= version <= VERSION:
-        raise ValueError(f"AdamW8bit.load_state_dict: '{VERSION_KEY}' is {version!r}; this minift "
-                         f"reads versions 1..{VERSION}")
-    groups = sd["param_groups"]
-    if len(groups) != len(opt.param_groups):
-        raise ValueError(f"AdamW8bit.load_state_dict: 'param_groups' has {len(groups)} groups, "
-                         f"the optimizer has {len(opt.param_groups)}")
-    params = {}
-    for gi, (mine, saved) in enumerate(zip(opt.param_groups, groups)):
-        if len(saved["params"]) != len(mine["params"]):
-            raise ValueError(f"AdamW8bit.load_state_dict: param_groups[{gi}] has "
-                             f"{len(saved['params'])} params, the optimizer has "
-                             f"{len(mine['params'])}")
-        _check_hparams(saved["lr"], saved["betas"], saved["eps"], saved["weight_decay"],
-                       f"saved param_groups[{gi}]")
-        params.update(zip(saved["params"], mine["params"]))
-    new_state = {}
-    for key, st in sd["state"].items():
-        if key not in params:
-            raise ValueError(f"AdamW8bit.load_state_dict: state[{key!r}] names no parameter "
-                             "of 'param_groups'")
-        p = params[key]
-        new_state[p] = _convert_param_state(opt, p, st, f"state[{key!r}]")
-    return new_state, groups
-
-
-def _convert_param_state(opt: AdamW8bit, p, st, where: str) -> dict:
-    """Check one parameter's saved state (keys, dtypes, shapes) and copy it to its home."""
-    is8 = "exp_avg_codes" in st
-    keys = KEYS_8BIT if is8 else KEYS_32
-    for k in ("step",) + keys:
-        if k not in st:
-            raise ValueError(f"AdamW8bit.load_state_dict: {where} lacks key '{k}' "
-                             f"(has {sorted(st)})")
-    n = p.numel()
-    expected = {"exp_avg_codes": ((n,), torch.uint8), "exp_avg_sq_codes": ((n,), torch.uint8),
-                "exp_avg_absmax": ((num_blocks(n),), torch.float32),
-                "exp_avg_sq_absmax": ((num_blocks(n),), torch.float32),
-                "exp_avg": (tuple(p.shape), torch.float32),
-                "exp_avg_sq": (tuple(p.shape), torch.float32)}
-    out = {"step": _saved_step(st["step"], where)}
-    for k in keys:
-        v, (shape, dtype) = st[k], expected[k]
-        if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape or v.dtype != dtype:
-            got = (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"AdamW8bit.load_state_dict: {where}['{k}'] is {got}, expected "
-                             f"{shape} {dtype} for a parameter of shape {tuple(p.shape)}")
-        if dtype == torch.float32:
-            # a NaN/Inf scale or moment would turn the parameter into NaN at the next step
-            if not bool(torch.isfinite(v).all()):
-                raise ValueError(f"AdamW8bit.load_state_dict: {where}['{k}'] holds NaN or Inf "
-                                 "values (states written with check_finite=False after a "
-                                 "non-finite gradient?)")
-            if k != "exp_avg" and bool((v < 0).any()):  # scales and second moments are >= 0
-                raise ValueError(f"AdamW8bit.load_state_dict: {where}['{k}'] holds negative "
-                                 "values; it must be >= 0")
-        home = host_empty(shape, dtype) if (is8 and opt.paged) else \
-            torch.empty(shape, dtype=dtype, device=p.device)
-        out[k] = home.copy_(v)
-    return out
-
-
-def _saved_step(step, where: str) -> int:
-    """The saved update count: a non-negative integer (an int or an integer 0-d tensor)."""
-    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point() \
-            and step.dtype != torch.bool:
-        step = step.item()
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise ValueError(f"AdamW8bit.load_state_dict: {where}['step'] must be an integer >= 0, "
-                         f"got {type(step).__name__} {step!r}")
-    if step < 0:
-        raise ValueError(f"AdamW8bit.load_state_dict: {where}['step'] must be an integer >= 0, "
-                         f"got {step!r}")
-    return int(step)
 
 
 class PagedAdamW8bit(AdamW8bit):

@@ -170,12 +170,14 @@ def adamw8bit_step_reference(p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, 
     v_absmax.copy_(new_av)
 
 
-def adamw32_step(p, g, exp_avg, exp_avg_sq, s: StepScalars, stochastic: bool = False) -> None:
-    """The same step with float32 states (small tensors), in place; any shape."""
+def adamw32_step(p, g, exp_avg, exp_avg_sq, s: StepScalars, stochastic: bool = False,
+                 offset: int = 0) -> None:
+    """The same step with float32 states (small tensors), in place; any shape. ``offset`` is the
+    flat index of p's first element in its whole parameter (a shard's), for stochastic rounding."""
     p32, m, v = adamw_math(p.float(), g.float(), exp_avg, exp_avg_sq, s)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    p.copy_(round_to_param(p32.reshape(-1), p.dtype, s.seed, 0, stochastic).view_as(p))
+    p.copy_(round_to_param(p32.reshape(-1), p.dtype, s.seed, offset, stochastic).view_as(p))
 
 
 # ---- the fast CPU step ------------------------------------------------------------------
