@@ -83,13 +83,37 @@ def test_ddp_replicates_and_adds_the_gradient_buckets():
     (dict(world_size=0), ValueError, "world_size must be a positive integer"),
     (dict(cpu_offload="yes"), TypeError, "cpu_offload must be True or False"),
     (dict(parallel="ddp", cpu_offload=True), ValueError, "parallel='fsdp' only"),
-    (dict(optimizer="adamw8bit"), ValueError, "optimizer 'adamw8bit' with parallel='fsdp'"),
 ])
 def test_per_gpu_rejects_bad_settings(kw, err, match):
     est = estimate_memory(TINY, "lora", 1, 16, optimizer=kw.pop("optimizer", "adamw"))
     args = dict(world_size=2, parallel="fsdp") | kw
     with pytest.raises(err, match=match):
         per_gpu(est, TINY, **args)
+
+
+def _eight_bit(n):
+    return 2 * n + 8 * math.ceil(n / 256)
+
+
+def test_fsdp_8bit_states_are_sharded_with_float32_fallbacks():
+    """Full FT: every 2-D tensor has rows of 4096 values (8-bit on shards); the 4096-value norms are
+    8-bit on one GPU but 1-D, so float32 on shards. LoRA: B (out, 16) has rows of 16 values."""
+    cfg = ModelConfig.from_name("llama-3.1-8b")
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    one = estimate_memory(cfg, "full", 1, 512, optimizer="adamw8bit")
+    two = estimate_memory(cfg, "full", 1, 512, optimizer="adamw8bit", world_size=2)
+    norms = 2 * layers + 1
+    assert two.optimizer_states == math.ceil((one.optimizer_states + norms * (8 * h - _eight_bit(h))) / 2)
+    one = estimate_memory(cfg, "lora", 1, 512, r=16, optimizer="adamw8bit")
+    four = estimate_memory(cfg, "lora", 1, 512, r=16, optimizer="adamw8bit", world_size=4)
+    b = [o * 16 for i, o in cfg.linear_shapes().values()] * layers
+    assert four.optimizer_states == math.ceil((one.optimizer_states + sum(8 * n - _eight_bit(n) for n in b)) / 4)
+    # paged: the 8-bit pages (LoRA A) on the host, a quarter each; float32 B on the GPU
+    paged = estimate_memory(cfg, "lora", 1, 512, r=16, optimizer="paged_adamw8bit", world_size=4,
+                            paged_device_budget=0)
+    a = [16 * i for i, o in cfg.linear_shapes().values()] * layers
+    assert paged.terms["host_bytes"] == math.ceil(sum(_eight_bit(n) for n in a) / 4)
+    assert paged.optimizer_states == math.ceil(sum(8 * n for n in b) / 4)
 
 
 def test_plan_70b_qlora_on_two_24gb_gpus(capsys):

@@ -149,7 +149,7 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
                              s.seq_len, s.optimizer, s.attention_mask, **features)
         settings = dict(base.settings, peak_moment=f.pop("peak_moment"), **features)
         return _spread(MemoryEstimate(settings=settings, terms=base.terms, **f), s, world_size,
-                       parallel, cpu_offload)
+                       parallel, cpu_offload, paged_device_budget)
     # what is stored: weights, adapters, optimizer states
     frozen, trainable = weight_bytes(s.cfg, s.method, s.targets, s.r, s.e, s.ae, s.blocksize)
     trainable_bytes = sum(n * elem for n, elem in trainable)
@@ -172,17 +172,18 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
                          activations=activations, other=other, total=total,
                          settings=settings, terms=terms, host=host_states,
                          host_terms={"optimizer_states": host_states})
-    return _spread(est, s, world_size, parallel, cpu_offload)
+    return _spread(est, s, world_size, parallel, cpu_offload, paged_device_budget)
 
 
-def _spread(est: MemoryEstimate, s: "_Setup", world_size, parallel, cpu_offload) -> MemoryEstimate:
+def _spread(est: MemoryEstimate, s: "_Setup", world_size, parallel, cpu_offload,
+            paged_device_budget=DEFAULT_BUDGET) -> MemoryEstimate:
     """`est` itself on one GPU; per GPU of a torchrun job otherwise (minift.memory.parallel)."""
     world_size = check_int("world_size", world_size)
     if world_size == 1 and parallel is None:
         return est
     return per_gpu(est, s.cfg, world_size=world_size, parallel=parallel or "fsdp", r=s.r,
                    target_modules=s.targets, e=s.e, ae=s.ae, blocksize=s.blocksize,
-                   cpu_offload=cpu_offload)
+                   cpu_offload=cpu_offload, paged_device_budget=paged_device_budget)
 
 
 # ---- arguments ---------------------------------------------------------------------------

@@ -16,6 +16,12 @@ FSDP2 (``minift.distributed.apply_parallel``: one all-gather unit per decoder la
     CPU offload moves the sharded part and the optimizer step to host memory:
     device = gathered + layer grads + A + L; host = (F + P + S + G) / W
 
+Optimizer states on shards (``minift.optim.sharded``): minift.AdamW8bit keeps 8-bit moments
+(2 + 8/256 bytes a value) only for tensors of >= 4096 values whose rows hold whole 256-value
+blocks (projections, embedding, lm_head, LoRA A); the others keep float32 moments (8 bytes a
+value: LoRA B with r < 256, norms, biases). The paged optimizer keeps its 8-bit pages in host
+memory, up to ``paged_device_budget`` of them resident on each GPU.
+
 DDP: everything replicated, plus the gradient buckets DDP all-reduces (a second copy of the
 gradients, ``gradient_as_bucket_view=False``): peak = 1-GPU peak + G.
 
@@ -28,6 +34,7 @@ from dataclasses import replace
 
 from minift._util import LINEARS
 from minift.config import ModelConfig
+from minift.memory.formulas import adam_state_bytes, layer_tensors
 
 PARALLEL = ("fsdp", "ddp")
 
@@ -60,9 +67,43 @@ def _root_bytes(cfg: ModelConfig, e: int) -> int:
     return heads * cfg.vocab_size * cfg.hidden_size * e + cfg.hidden_size * e
 
 
+def _trainable_rows(cfg: ModelConfig, method: str, targets, r: int, e: int, ae: int) -> list:
+    """(values, bytes per value, values per row; 0 for 1-D) of every trainable tensor."""
+    shapes = cfg.linear_shapes()
+    if method == "full":
+        return [(n, e, shapes[name][0] if linear else
+                 (cfg.hidden_size if name in ("embed_tokens", "lm_head") else 0))
+                for name, n, linear in layer_tensors(cfg)]
+    out = []
+    for _ in range(cfg.num_hidden_layers):
+        for name in targets:
+            i, o = shapes[name]
+            out += [(r * i, ae, i), (o * r, ae, r)]  # lora_A (r, in), lora_B (out, r)
+    return out
+
+
+def sharded_state_bytes(cfg: ModelConfig, method: str, targets, r: int, e: int, ae: int, optimizer: str,
+                        world_size: int, paged_device_budget) -> tuple[int, int]:
+    """(device bytes, host bytes) of one GPU's optimizer states under FSDP."""
+    device = paged = 0
+    for n, elem, row in _trainable_rows(cfg, method, targets, r, e, ae):
+        if optimizer != "adamw" and n >= 4096 and row and row % 256 == 0:
+            b = adam_state_bytes(n, elem, optimizer)
+            if optimizer == "paged_adamw8bit":
+                paged += b
+            else:
+                device += b
+        else:
+            device += adam_state_bytes(n, elem, optimizer if optimizer == "adamw" else "adamw8bit",
+                                       min_8bit_size=n + 1)  # float32 moments
+    paged = math.ceil(paged / world_size)
+    resident = paged if paged_device_budget is None else min(paged_device_budget, paged)
+    return math.ceil(device / world_size) + resident, paged
+
+
 def per_gpu(est, cfg: ModelConfig, *, world_size: int, parallel: str, r: int = 16,
             target_modules="all-linear", e: int = 2, ae: int = 4, blocksize: int = 64,
-            cpu_offload: bool = False):
+            cpu_offload: bool = False, paged_device_budget=None):
     """The per-GPU estimate on ``world_size`` GPUs from the 1-GPU estimate ``est``.
 
     Args:
@@ -73,6 +114,7 @@ def per_gpu(est, cfg: ModelConfig, *, world_size: int, parallel: str, r: int = 1
         r, target_modules, blocksize: as given to ``estimate_memory``.
         e, ae: bytes per element of the weights and of the adapters.
         cpu_offload: FSDP's ``CPUOffloadPolicy``.
+        paged_device_budget: resident bytes of a paged optimizer's pages per GPU (None: all).
 
     Returns:
         A ``MemoryEstimate`` of one GPU; ``terms`` adds "all_gather_buffers",
@@ -88,9 +130,6 @@ def per_gpu(est, cfg: ModelConfig, *, world_size: int, parallel: str, r: int = 1
     if cpu_offload and parallel != "fsdp":
         raise ValueError("cpu_offload applies to parallel='fsdp' only")
     method = est.settings.get("method")
-    if parallel == "fsdp" and est.settings.get("optimizer", "adamw") != "adamw":
-        raise ValueError(f"optimizer {est.settings['optimizer']!r} with parallel='fsdp': minift trains FSDP with "
-                         "'adamw' only (the 8-bit optimizer's states would not be sharded); see docs/distributed.md")
     settings = dict(est.settings, world_size=world_size, parallel=parallel, cpu_offload=cpu_offload)
     loss = est.terms.get("loss_buffers", 0)
     step_tmp = est.terms.get("step_temporaries", 0)
@@ -112,9 +151,12 @@ def per_gpu(est, cfg: ModelConfig, *, world_size: int, parallel: str, r: int = 1
     def shard(n: int) -> int:
         return math.ceil(n / world_size)
 
+    optimizer = est.settings.get("optimizer", "adamw")
+    states, paged_host = sharded_state_bytes(cfg, method, targets, r, e, ae, optimizer, world_size,
+                                             paged_device_budget)
     parts = {"frozen_weights": shard(est.frozen_weights), "trainable_params": shard(est.trainable_params),
-             "gradients": shard(est.gradients), "optimizer_states": shard(est.optimizer_states)}
-    host = sum(parts.values()) if cpu_offload else 0
+             "gradients": shard(est.gradients), "optimizer_states": states}
+    host = (sum(parts.values()) if cpu_offload else 0) + paged_host
     device = {k: 0 for k in parts} if cpu_offload else dict(parts)
     fwd_bwd = dict(device, activations=est.activations, other=loss)
     fwd_bwd["frozen_weights"] += gathered_frozen

@@ -220,7 +220,7 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
                               for m in METHODS) + " |")
     host = {m: methods[m]["estimate"].terms.get("host_bytes", 0) for m in METHODS}
     if any(host.values()):
-        lines.append("| host memory per GPU (offloaded shards) | "
+        lines.append("| host memory per GPU (offloaded shards, paged states) | "
                      + " | ".join(format_bytes(host[m]) for m in METHODS) + " |")
     if all("offload" in methods[m] for m in METHODS):
         gpus = result["gpus"]
