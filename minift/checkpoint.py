@@ -66,15 +66,15 @@ def _model_tensors(model: torch.nn.Module, method: str) -> tuple[dict, dict]:
     return tensors, aliases
 
 
-def _load_model_tensors(model, tensors: dict, aliases: dict, path: Path) -> None:
-    for alias, name in aliases.items():
-        tensors[alias] = tensors[name]
-    own = model.state_dict()
-    for name, t in tensors.items():  # load_state_dict would list every mismatch in a traceback
+def check_model_tensors(model, tensors: dict, path) -> None:
+    """Raise naming the first tensor of a checkpoint that does not fit ``model`` (shape, name) and
+    the trainable parameters it lacks; load_state_dict would list them in a traceback."""
+    path, own = Path(path), model.state_dict()  # a sharded model's entries have global shapes
+    for name, t in tensors.items():
         if name in own and tuple(own[name].shape) != tuple(t.shape):
             raise ValueError(f"{path / 'model.safetensors'}: tensor {name!r} has shape "
                              f"{list(t.shape)}, the model's has {list(own[name].shape)}")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    unexpected = [n for n in tensors if n not in own]
     if unexpected:
         raise ValueError(f"{path}: checkpoint has tensors the model lacks: {', '.join(unexpected[:5])}")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -370,6 +370,37 @@ def read_trainer_state(path) -> dict:
     return read_json(Path(path) / "trainer_state.json", expect=dict)
 
 
+def read_checkpoint(path) -> tuple[dict, dict, dict]:
+    """(trainer state, model tensors on CPU with tied names filled in, optimizer state dict) of a
+    verified 1-process checkpoint; ValueError naming the file at fault."""
+    path = Path(path)
+    problem = verify(path)
+    if problem is not None:
+        raise ValueError(f"{path}: not a complete checkpoint: {problem}")
+    state = read_trainer_state(path)
+    if not isinstance(state.get("rng"), dict):
+        raise ValueError(f"{path / 'trainer_state.json'}: no 'rng' entry")
+    tensors = load_file(path / "model.safetensors", device="cpu")
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    tensors.update({alias: tensors[name] for alias, name in aliases.items()})
+    opt_meta = read_json(path / "optimizer.json", expect=dict)
+    try:
+        opt_state = _join_optimizer_state(load_file(path / "optimizer.safetensors", device="cpu"), opt_meta)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path / 'optimizer.json'}: cannot read the optimizer state "
+                         f"({type(e).__name__}: {e})") from e
+    return state, tensors, opt_state
+
+
+def load_optimizer_state(optimizer, opt_state: dict, path) -> None:
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{path}: optimizer state does not fit this optimizer "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+
+
 def load_checkpoint(path, *, model, optimizer) -> dict:
     """Restore model tensors, optimizer state and RNG states; return the trainer state dict.
 
@@ -377,24 +408,9 @@ def load_checkpoint(path, *, model, optimizer) -> dict:
         ValueError: one line naming the checkpoint and the file (or tensor) at fault: a missing
             or corrupt file, a tensor of another shape than the model's, unreadable JSON.
     """
-    path = Path(path)
-    problem = verify(path)
-    if problem is not None:
-        raise ValueError(f"{path}: not a complete checkpoint: {problem}")
-    state = read_trainer_state(path)
-    tensors = load_file(path / "model.safetensors", device="cpu")
-    with safe_open(path / "model.safetensors", framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    _load_model_tensors(model, tensors, aliases, path)
-    opt_meta = read_json(path / "optimizer.json", expect=dict)
-    try:
-        opt_state = _join_optimizer_state(load_file(path / "optimizer.safetensors", device="cpu"),
-                                          opt_meta)
-        optimizer.load_state_dict(opt_state)
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise ValueError(f"{path}: optimizer state does not fit this optimizer "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
-    if not isinstance(state.get("rng"), dict):
-        raise ValueError(f"{path / 'trainer_state.json'}: no 'rng' entry")
-    set_rng_state(load_file(path / "rng.safetensors", device="cpu"), state["rng"])
+    state, tensors, opt_state = read_checkpoint(path)
+    check_model_tensors(model, tensors, path)
+    model.load_state_dict(tensors, strict=False)
+    load_optimizer_state(optimizer, opt_state, path)
+    set_rng_state(load_file(Path(path) / "rng.safetensors", device="cpu"), state["rng"])
     return state

@@ -14,11 +14,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
 
+from minift import checkpoint as ckpt
 from minift.adapter import adapter_config, write_adapter
 from minift.config import ModelConfig
 from minift.distributed import barrier, is_main, unwrap
@@ -105,6 +108,42 @@ def _match_saved_optimizer(optim_sd: dict, saved: dict) -> None:
             optim_sd["state"][fqn] = {
                 k: torch.empty(tuple(m.size), dtype=m.properties.dtype) if k in tensors else state.get(k)
                 for k, m in stored.items()}
+
+
+def load_full_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Resume a 1-process checkpoint (safetensors) in a distributed run; returns its trainer state.
+
+    Every rank reads the whole checkpoint from the shared file system. DDP's replicas load it as
+    one process does. FSDP's shards take their rows of each full tensor (no communication), and so
+    do the optimizer's moments: torch AdamW's float32 ones here, ``minift.AdamW8bit`` cuts its
+    own (8-bit codes by whole blocks, float32 where rows are not whole blocks).
+    """
+    plain = unwrap(model)
+    if not any(isinstance(p, DTensor) for p in plain.parameters()):
+        return ckpt.load_checkpoint(path, model=plain, optimizer=optimizer)
+    state, tensors, opt_state = ckpt.read_checkpoint(path)
+    ready = _dcp_ready(plain)
+    ckpt.check_model_tensors(ready, tensors, path)
+    set_model_state_dict(ready, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+    ckpt.load_optimizer_state(optimizer, _sharded_moments(optimizer, opt_state), path)
+    ckpt.set_rng_state(load_file(Path(path) / "rng.safetensors", device="cpu"), state["rng"])
+    return state
+
+
+def _sharded_moments(optimizer: torch.optim.Optimizer, opt_state: dict) -> dict:
+    """A 1-process optimizer state with every parameter-shaped tensor cut to this rank's rows as a
+    DTensor placed like its (sharded) parameter; minift.AdamW8bit cuts its states itself."""
+    if hasattr(optimizer, "uses_8bit"):
+        return opt_state
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, st in opt_state["state"].items():
+        p = params[int(index)] if int(index) < len(params) else None
+        state[index] = {k: distribute_tensor(v.to(p.to_local().device), p.device_mesh, p.placements,
+                                             src_data_rank=None)
+                        if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                        for k, v in st.items()}
+    return dict(opt_state, state=state)
 
 
 def full_state_dict(model: nn.Module, *, trainable_only: bool) -> dict:

@@ -8,7 +8,8 @@ Checkpoints of a distributed run are ``<output_dir>/step-N`` directories like th
 (trainer_state.json, rng.safetensors, manifest.json written last), with the model and optimizer
 in torch.distributed.checkpoint files instead of safetensors. Either kind can be resumed by a run
 of any world size: a directory with DCP's ``.metadata`` is read with DCP (``load_sharded``
-re-slices the shards), a 1-process checkpoint by ``minift.checkpoint`` on a 1-process run.
+re-slices the shards), a 1-process checkpoint by ``minift.checkpoint`` on one process and by
+``load_full_checkpoint`` (each rank cuts its rows of the full tensors) under torchrun.
 """
 from __future__ import annotations
 
@@ -99,10 +100,9 @@ class DistRun:
 
     def load(self, path, *, model, optimizer, method: str) -> dict:
         """Restore a checkpoint of either kind; returns its trainer state."""
-        if not is_sharded_checkpoint(path):
+        if not is_sharded_checkpoint(path):  # written by a 1-process run
             if self.active:
-                raise ValueError(f"{path}: a 1-process checkpoint; resume it on one process, or start the "
-                                 "distributed run from its exported adapter / model")
+                return dckpt.load_full_checkpoint(path, model, optimizer)
             return ckpt.load_checkpoint(path, model=model, optimizer=optimizer)
         if not ckpt.is_complete(path):
             raise ValueError(f"{path}: not a complete checkpoint (missing or invalid {ckpt.MANIFEST})")

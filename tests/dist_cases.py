@@ -296,6 +296,48 @@ def run_train(out: Path, parallel, method, world):
     return {"summary": first, "resumed": again}
 
 
+def run_alone(out: Path):
+    """Before the spawn: the TRAIN_CASES on one process (checkpoints at 2 and 3), and a copy of each
+    run directory for the 2-process runs to resume from its 1-process step-2 checkpoint."""
+    import shutil
+    for parallel, method in TRAIN_CASES:
+        config = train_config(out, parallel, method, 1)
+        summary = minift.train(make_model(method), examples(), config)
+        (out / f"alone-{parallel}-{method}.json").write_text(json.dumps(summary))
+        shutil.copytree(config.output_dir, out / f"train-{parallel}-{method}-from1")
+    # torch AdamW's float32 moments cut to rows (FSDP LoRA with CPU offload): steps 1-2 on one process
+    model, params, opt = prepared(*FROM_ONE, 1)
+    run_steps(model, params, opt, 2, 1, 0, 1, 2)
+    from minift import checkpoint as ckpt
+    ckpt.save_checkpoint(out / "adamw-from1", 2, model=model, optimizer=opt, method=FROM_ONE[1],
+                         trainer_state={}, keep_last=None)
+
+
+FROM_ONE = ("fsdp", "lora")  # its step 3 after a 1-process checkpoint: compared with case fsdp-lora-a2
+
+
+def adamw_from_one(out: Path, world, rank):
+    from minift import checkpoint as ckpt
+    from minift.optim.sharded import first_row
+    model, params, opt = prepared(*FROM_ONE, world)
+    path = out / "adamw-from1" / "step-2"
+    dckpt.load_full_checkpoint(path, model, opt)
+    saved = ckpt.read_checkpoint(path)[2]["state"]
+    moments = []  # (DTensor?, this rank's rows equal the saved rows) per moment
+    for i, p in enumerate(params):
+        for key in ("exp_avg", "exp_avg_sq"):
+            got, full = opt.state[p][key], saved[i][key]
+            start, n = first_row(p), p.to_local().shape[0]
+            moments.append([type(got).__name__, torch.equal(got.to_local(), full[start:start + n])])
+    return {"steps": run_steps(model, params, opt, 2, world, rank, 3, 3), "moments": moments}
+
+
+def resume_from_one(out: Path, parallel, method):
+    run_dir = out / f"train-{parallel}-{method}-from1"
+    return minift.train(make_model(method), examples(), train_config(
+        out, parallel, method, WORLD, output_dir=str(run_dir), resume_from=str(run_dir / "step-2")))
+
+
 def worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
@@ -309,8 +351,10 @@ def worker(rank, port, out):
             results[case_name(parallel, method, accum)] = run_case(out, parallel, method, accum, WORLD, rank)
         for case in OPTIM8_CASES:
             results[optim8_name(*case)] = optim8_sharded(out, *case, WORLD)
+        results["adamw-from1"] = adamw_from_one(out, WORLD, rank)
         for parallel, method in TRAIN_CASES:
             results[f"train-{parallel}-{method}"] = run_train(out, parallel, method, WORLD)
+            results[f"from1-{parallel}-{method}"] = resume_from_one(out, parallel, method)
         (out / f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()

@@ -22,7 +22,7 @@ from torch import nn
 
 import minift
 from dist_cases import (CASES, LOSS_RTOL, OPTIM8_CASES, TRAIN_CASES, WORLD, aligned_model, case_name, examples,
-                        free_port, loss_sum, make_model, optim8_name, optim8_run, prepared, run_case, run_steps,
+                        free_port, loss_sum, make_model, optim8_name, optim8_run, prepared, run_alone, run_case, run_steps,
                         step_config, train_config, worker)
 from minift import checkpoint as ckpt
 from minift import dist_checkpoint as dckpt
@@ -35,6 +35,7 @@ from minift.trainer import TrainConfig, accumulate_gradients, trained_tokens
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
+    run_alone(out)
     mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
@@ -159,7 +160,7 @@ def test_train_two_processes(runs, tmp_path, parallel, method):
     out, results = runs
     run_dir = out / f"train-{parallel}-{method}-w{WORLD}"
     got = [r[f"train-{parallel}-{method}"] for r in results]
-    alone = minift.train(make_model(method), examples(), train_config(tmp_path, parallel, method, 1))
+    alone = json.loads((out / f"alone-{parallel}-{method}.json").read_text())
     two = got[0]["summary"]
     assert (two["world_size"], two["parallel"]) == (WORLD, parallel)
     assert (alone["world_size"], alone["parallel"]) == (1, None)
@@ -175,6 +176,32 @@ def test_train_two_processes(runs, tmp_path, parallel, method):
     # resumed from step 2 on the same world size: the same step 3, bit for bit
     assert got[0]["resumed"]["last_loss"] == two["last_loss"]
     assert got[0]["resumed"]["resumed_from"].endswith("step-2")
+
+
+@pytest.mark.parametrize("parallel,method", TRAIN_CASES)
+def test_train_resumes_a_one_process_checkpoint_on_two(runs, parallel, method):
+    """A 1-process checkpoint (safetensors) resumed by 2 processes: FSDP ranks cut their rows of
+    the full weights and optimizer moments; step 3 is the 1-process step 3."""
+    out, results = runs
+    alone = json.loads((out / f"alone-{parallel}-{method}.json").read_text())
+    for r in results:
+        got = r[f"from1-{parallel}-{method}"]
+        assert got["resumed_from"].endswith("step-2") and got["steps"] == 3
+        assert (got["world_size"], got["parallel"]) == (WORLD, parallel)
+        assert got["last_loss"] == pytest.approx(alone["last_loss"], rel=LOSS_RTOL)
+        assert got["last_loss"] != alone["first_loss"]
+
+
+def test_adamw_moments_of_a_one_process_checkpoint_are_cut_to_rows(runs, single):
+    _, results = runs
+    want = single["fsdp-lora-a2"]["steps"][2]
+    for r in results:
+        moments = r["adamw-from1"]["moments"]
+        assert len(moments) == 2 * 28  # 2 layers x 7 linears x (A, B), two moments each
+        assert all(kind == "DTensor" and equal for kind, equal in moments)
+        got = r["adamw-from1"]["steps"][0]
+        assert got["loss"] == pytest.approx(want["loss"], rel=LOSS_RTOL)
+        assert got["norm"] == pytest.approx(want["norm"], rel=LOSS_RTOL)
 
 
 @pytest.mark.parametrize("parallel,method", TRAIN_CASES)
