@@ -42,11 +42,11 @@ class DistRun:
         if self.active and getattr(config, "objective", "sft") != "sft":
             raise ValueError(f"TrainConfig.objective={config.objective!r} with parallel={self.parallel!r} is not "
                              "supported yet: under torchrun minift trains the token loss (objective='sft')")
-        for name, why in (("optimizer_in_backward", "its hooks would step on gradients before they are "
-                                                    "reduced across ranks"),
-                          ("compile", "compiled layers under FSDP/DDP are not tested yet")):
-            if self.active and getattr(config, name, False):
-                raise ValueError(f"TrainConfig.{name}=True with parallel={self.parallel!r} is not supported: {why}")
+        if self.active and getattr(config, "optimizer_in_backward", False):
+            # its per-parameter hooks would step on a gradient before DDP all-reduces it, and FSDP2
+            # assigns the reduced shards without running accumulate-grad hooks
+            raise ValueError(f"TrainConfig.optimizer_in_backward=True with parallel={self.parallel!r} is not "
+                             "supported: its hooks would step on gradients before they are reduced across ranks")
         if self.active and world == 1 and not mdist.launched():
             raise ValueError(f"TrainConfig.parallel={config.parallel!r} needs a torchrun launch "
                              "(torchrun --nproc_per_node N ...); on one process leave it None")

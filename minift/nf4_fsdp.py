@@ -86,6 +86,14 @@ class ShardedNF4Linear(NF4Linear):
         self.register_buffer("weight_nested_quant_map", q.nested_code, persistent=False)
         self.bias = layer.bias
 
+    @torch.compiler.disable
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # FSDP2 gathers a unit's parameters into one buffer, so these uint8 bytes and the layer's
+        # float parameters (norms, adapters) are views of one storage in several dtypes; AOT
+        # autograd cannot merge such aliased graph inputs, so compiled decoder layers run the
+        # NF4 matmul eagerly (a graph break on each side of it)
+        return super().forward(x)
+
     @property
     def weight(self) -> torch.Tensor:
         """The packed 4-bit codes (ceil(n/2), 1) uint8, as ``NF4Linear.weight`` (gathered under FSDP2)."""

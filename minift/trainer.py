@@ -29,6 +29,7 @@ from minift.compile import compiled_layers
 from minift.backward_step import StepInBackward
 from minift.data import batch_examples
 from minift.dist_train import DistRun
+from minift.distributed import unwrap
 from minift.dpo import DPOObjective, objective_for
 from minift.lora import trainable_parameters
 from minift.loss import model_loss_sum, supports_chunked_loss, token_loss_sum
@@ -328,13 +329,15 @@ class _Run:
         self.bar = tqdm(total=self.total, initial=self.state.step, unit="step", dynamic_ncols=True,
                         disable=not (self.config.progress and sys.stdout.isatty() and self.dist.is_main))
         self.model.train()
+        plain = unwrap(self.model)  # the Llama inside a DDP wrapper (FSDP2 shards in place)
         try:
-            with gradient_checkpointing(self.model, self.config.gradient_checkpointing), \
-                    compiled_layers(self.model, self.config.compile), \
-                    offloading(self.model, self.config.activation_offload), \
-                    mlp_tiling(self.model, self.config.mlp_tile_size), \
+            with gradient_checkpointing(plain, self.config.gradient_checkpointing), \
+                    compiled_layers(plain, self.config.compile), \
+                    offloading(plain, self.config.activation_offload), \
+                    mlp_tiling(plain, self.config.mlp_tile_size), \
                     self.stepper or contextlib.nullcontext(), \
-                    neftune(self.model, self.config.neftune_alpha), open(metrics if self.dist.is_main else os.devnull, "a") as log:
+                    neftune(plain, self.config.neftune_alpha), \
+                    open(metrics if self.dist.is_main else os.devnull, "a") as log:
                 yield log
         finally:
             self.bar.close()
