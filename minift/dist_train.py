@@ -80,10 +80,10 @@ class DistRun:
         return mdist.apply_parallel(model, self.config, device=device)
 
     # ---- one step --------------------------------------------------------------------------
-    def accumulate(self, model, group: list, device, loss_sum, count):
-        """(loss, n_trained) of one step over all ranks; this rank runs its share of ``group``."""
-        local = mdist.shard_group(group, mdist.rank(), self.world_size) if self.active else group
-        return mdist.accumulate_gradients(model, local, device, loss_sum, count)
+    @property
+    def shard(self) -> Optional[mdist.Shard]:
+        """What the objective's step and evaluation are told: this rank's place, None on one process."""
+        return mdist.Shard(mdist.rank(), self.world_size, self.device) if self.active else None
 
     def clip(self, params: list, max_norm: float) -> float:
         return mdist.clip_grad_norm(params, max_norm)
