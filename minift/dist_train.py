@@ -50,9 +50,6 @@ class DistRun:
             raise ValueError(f"TrainConfig.optimizer={config.optimizer!r} with parallel='fsdp' is not supported "
                              "yet (its states would not be sharded); use optimizer='adamw' (LoRA/QLoRA "
                              "states are small) or parallel='ddp'")
-        if self.active and getattr(config, "objective", "sft") != "sft":
-            raise ValueError(f"TrainConfig.objective={config.objective!r} with parallel={self.parallel!r} is not "
-                             "supported yet: under torchrun minift trains the token loss (objective='sft')")
         for name, why in (("optimizer_in_backward", "its hooks would step on gradients before they are "
                                                     "reduced across ranks"),
                           ("compile", "compiled layers under FSDP/DDP are not tested yet")):
@@ -78,6 +75,14 @@ class DistRun:
             return model.to(device)
         self.fingerprint = ckpt.model_fingerprint(model)  # names and shapes before sharding
         return mdist.apply_parallel(model, self.config, device=device)
+
+    def place_frozen(self, model):
+        """A frozen model (a DPO reference copy) laid out like the policy: FSDP-sharded (one unit
+        per decoder layer and the root; it has no optimizer), or whole on this rank's device
+        under DDP (no wrapper: nothing of it is trained)."""
+        if self.parallel == "fsdp":
+            return mdist.apply_parallel(model, self.config, device=self.device)
+        return model.to(self.device)
 
     # ---- one step --------------------------------------------------------------------------
     @property

@@ -135,6 +135,10 @@ class SFTObjective:
     def evaluate(self, model, examples, config, device, shard=None):
         return evaluate(model, examples, config, device, shard)
 
+    def distribute(self, shard, place):
+        """Nothing to lay out: the token loss needs only the model (DPOObjective's places its
+        reference)."""
+
 
 # ---- the run's state ---------------------------------------------------------------------
 @dataclass
@@ -302,10 +306,12 @@ class _Run:
         self.base_fp = ckpt.base_fingerprint(model) if config.method != "full" else None
         self.counts = trainable_parameters(model)  # NF4 weights by their logical size
         # before any checkpoint is loaded: a DPO reference is the model as it was passed in
-        self.objective = (objective_for(model, config, train_data, eval_data)
+        self.objective = (objective_for(model, config, train_data, eval_data, distributed=self.dist.active)
                           if config.objective == "dpo" else SFTObjective(config.loss_chunk_size))
         self.resumed = check_resume(config, model, train_data)
         self.model = model = self.dist.prepare(model, self.device)
+        if self.dist.active:  # a frozen reference copy sharded like the model, log-probs scored
+            self.objective.distribute(self.dist.shard, self.dist.place_frozen)
         self.optimizer = make_optimizer(model, config)
         self.stepper = StepInBackward(self.optimizer) if config.optimizer_in_backward else None
         self.params = [p for p in model.parameters() if p.requires_grad]
