@@ -291,6 +291,13 @@ class Shard:
     """
 
     def __init__(self, rank: int, world: int, device):
+        for name, value in (("world", world), ("rank", rank)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"Shard.{name} must be an int, got {type(value).__name__} {value!r}")
+        if world < 1:
+            raise ValueError(f"Shard.world must be >= 1, got {world}")
+        if not 0 <= rank < world:
+            raise ValueError(f"Shard.rank must be in [0, {world}) for world={world}, got {rank}")
         self.rank, self.world, self.device = rank, world, torch.device(device)
 
     def step(self, group: list) -> list:

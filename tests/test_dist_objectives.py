@@ -144,6 +144,16 @@ def test_shard_batches_pads_with_blank_batches():
     assert mdist.shard_batches([], 1, 2) == []
 
 
+def test_shard_checks_its_fields():
+    assert repr(mdist.Shard(1, 2, "cpu")) == "Shard(rank=1, world=2, device=cpu)"
+    with pytest.raises(ValueError, match=r"Shard.rank must be in \[0, 2\) for world=2, got 2"):
+        mdist.Shard(2, 2, "cpu")
+    with pytest.raises(ValueError, match="Shard.world must be >= 1, got 0"):
+        mdist.Shard(0, 0, "cpu")
+    with pytest.raises(TypeError, match="Shard.rank must be an int, got str '0'"):
+        mdist.Shard("0", 2, "cpu")
+
+
 @pytest.mark.parametrize("sizes,world", [([3], 2), ([1], 2), ([3, 2, 1], 2), ([2, 2], 2), ([2, 3], 3)])
 def test_shard_group_splits_pair_batches_by_pairs(sizes, world):
     data = pairs(sum(sizes))
