@@ -2,6 +2,7 @@
 
     python examples/train_dpo.py                 # offline: shipped base, SFT adapter, pairs
     python examples/train_dpo.py --sft-adapter runs/train_llama/adapter --beta 0.1
+    torchrun --nproc_per_node 2 examples/train_dpo.py      # FSDP over 2 processes
 
 The SFT adapter (trained first with examples/train_llama.py's defaults when it is missing) is
 merged into the base, so the SFT model is both the policy's start and DPO's reference: a fresh
@@ -11,6 +12,8 @@ and a one-digit near miss as "rejected" (examples/make_preferences.py). Before a
 reports on held-out pairs the reward accuracy and how often the policy gives the right answer the
 higher log-probability, the exact match of greedy replies to the held-out questions, and the
 perplexity of the shipped general text (forgetting). Bad input: one line on stderr, exit code 2.
+Under torchrun every rank trains its share of each step's pairs (the flags give the global batch)
+and rank 0 alone prints and writes the outputs.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ import torch
 
 import minift
 import train_llama as sft
+from minift import dist_checkpoint as dckpt
+from minift import distributed as mdist
+from minift._util import PARALLEL
 from minift.dpo import AdapterReference, DPOObjective
 from minift.evaluate import forgetting, load_texts
 from minift.preference import load_preferences
@@ -59,27 +65,40 @@ def parse_args(argv=None):
     add("--output", default="runs/train_dpo")
     add("--seed", type=_number(int, 0, maximum=2**32), default=0)
     add("--device", type=sft._device, default=None)
-    return p.parse_args(argv)
+    add("--parallel", choices=PARALLEL, default=None,
+        help="under torchrun: fsdp (default with more than one process) or ddp")
+    add("--fsdp-cpu-offload", action="store_true",
+        help="FSDP: sharded parameters, gradients and optimizer states in host memory")
+    args = p.parse_args(argv)
+    # a torchrun launch, or --parallel asked for one (refused later when not launched)
+    args.distributed = args.parallel is not None or mdist.env_world_size() > 1
+    return args
 
 
-def sft_policy(args, device):
-    """The SFT model with a fresh LoRA adapter on top, training the SFT adapter first when it
-    does not exist."""
+def sft_model(args, device, say=print):
+    """The SFT model (the SFT adapter merged into the base), training the SFT adapter first when
+    it does not exist (under torchrun, on all ranks)."""
     adapter = Path(args.sft_adapter)
     if not adapter.exists():
-        print(f"{adapter} is missing: training it first with examples/train_llama.py")
+        say(f"{adapter} is missing: training it first with examples/train_llama.py")
         flags = ["--model", args.model, "--output", str(adapter.parent), "--seed", str(args.seed)]
         flags += ["--max-steps", str(args.sft_steps)] if args.sft_steps else []
         flags += ["--device", args.device] if args.device else []
         flags += ["--eval-samples", str(args.eval_samples)] if args.eval_samples else []
+        flags += ["--parallel", args.parallel] if args.parallel else []
         sft.run(sft.parse_args(flags))
     try:
         model = minift.load_model(args.model, dtype=torch.float32, device=device)
         minift.load_adapter(model, adapter)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
         raise UsageError(f"--model {args.model} / --sft-adapter {adapter}: {err}") from err
+    return minift.merge_lora(model)
+
+
+def sft_policy(args, device, say=print):
+    """The SFT model with a fresh LoRA adapter on top."""
     # the merged SFT model is DPO's reference: the adapter below starts at zero on top of it
-    return minift.lora_wrap(minift.merge_lora(model), r=args.r, alpha=args.alpha)
+    return minift.lora_wrap(sft_model(args, device, say), r=args.r, alpha=args.alpha)
 
 
 def load_pairs(flag, path, tokenizer, seq_len, limit=None):
@@ -128,7 +147,14 @@ def report(before: dict, after: dict, change: dict) -> str:
 
 
 def run(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # under torchrun: join the process group first, so "cuda" is this rank's GPU from here on
+    if args.distributed and not mdist.launched():
+        raise UsageError("--parallel: needs a torchrun launch (torchrun --nproc_per_node N ...)")
+    device = (mdist.init_from_env(args.device, single=True) if args.distributed else
+              torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    say = print if mdist.is_main() else (lambda *a, **k: None)
+    # FSDP places each rank's shards itself: before training the model is held in host memory
+    fsdp = args.distributed and args.parallel != "ddp"
     check_output(args.output)
     torch.manual_seed(args.seed)
     try:
@@ -147,30 +173,50 @@ def run(args) -> dict:
             learning_rate=args.lr, warmup_ratio=0.1, epochs=args.epochs, max_steps=args.max_steps,
             micro_batch_size=args.batch_size, bf16=device.type == "cuda",
             pad_id=tokenizer.pad_token_id, output_dir=args.output, seed=args.seed,
-            device=str(device), log_interval=10, save_interval=100)
+            device=str(device), log_interval=10, save_interval=100, parallel=args.parallel,
+            fsdp_cpu_offload=args.fsdp_cpu_offload)
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from err
-    model = sft_policy(args, device)
-    print(f"policy: SFT model ({args.sft_adapter} merged into {args.model}) + fresh LoRA: "
-          f"{minift.trainable_summary(model)}")
-    print(f"data: {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs, {len(chat)} "
-          f"held-out questions; beta {args.beta}, loss {args.loss}, device {device}")
+    model = sft_policy(args, torch.device("cpu") if fsdp else device, say)
+    say(f"policy: SFT model ({args.sft_adapter} merged into {args.model}) + fresh LoRA: "
+        f"{minift.trainable_summary(model)}")
+    say(f"data: {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs, {len(chat)} "
+        f"held-out questions; beta {args.beta}, loss {args.loss}, device {device}")
     # the before/after pair metrics are plain DPO's, whatever --sft-weight trains with
     objective = DPOObjective(AdapterReference(model), beta=args.beta, loss_type=args.loss)
-    before = measure(model, objective, tokenizer, eval_pairs, chat, general, config, device)
+    before = measure(model, objective, tokenizer, eval_pairs, chat, general, config,
+                     torch.device("cpu") if fsdp else device)
     summary = minift.train(model, pairs, config, eval_data=eval_pairs)
+    # under FSDP `model` is sharded now: every rank runs the same forwards of the evaluation
     after = measure(model, objective, tokenizer, eval_pairs, chat, general, config, device)
     change = forgetting(before["general"], after["general"])
-    print(f"\n{report(before, after, change)}")
+    say(f"\n{report(before, after, change)}")
     out = Path(args.output)
+    save = save_outputs_distributed if args.distributed else save_outputs
+    save(model, tokenizer, args, out)
+    summary.update(before=before, after=after, forgetting=change, sft_adapter=str(args.sft_adapter),
+                   saved={"adapter": str(out / "adapter"), "base": str(out / "sft_merged")})
+    if mdist.is_main():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    say(f"saved: adapter -> {out / 'adapter'} (for the SFT model in {out / 'sft_merged'})")
+    return summary
+
+
+def save_outputs(model, tokenizer, args, out: Path) -> None:
+    """The SFT model the adapter is for (merged, HF format) and the adapter (PEFT format)."""
     minift.save_model(minift.merge_lora(_copy_base(model)), out / "sft_merged")
     tokenizer.save(out / "sft_merged")
     minift.save_adapter(model, out / "adapter", base_model_name_or_path=str(out / "sft_merged"))
-    summary.update(before=before, after=after, forgetting=change, sft_adapter=str(args.sft_adapter),
-                   saved={"adapter": str(out / "adapter"), "base": str(out / "sft_merged")})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"saved: adapter -> {out / 'adapter'} (for the SFT model in {out / 'sft_merged'})")
-    return summary
+
+
+def save_outputs_distributed(model, tokenizer, args, out: Path) -> None:
+    """``save_outputs`` under torchrun (every rank calls it): the adapter gathered and written by
+    rank 0, which also rebuilds the SFT model from --model and --sft-adapter, as they gave it."""
+    dckpt.export_adapter(model, out / "adapter", base_model_name_or_path=str(out / "sft_merged"))
+    if mdist.is_main():
+        minift.save_model(sft_model(args, torch.device("cpu")), out / "sft_merged")
+        tokenizer.save(out / "sft_merged")
+    mdist.barrier()
 
 
 def _copy_base(model):

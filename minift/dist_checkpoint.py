@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from minift import checkpoint as ckpt
 from minift.adapter import adapter_config, write_adapter
 from minift.config import ModelConfig
-from minift.distributed import barrier, is_main, unwrap
+from minift.distributed import barrier, is_main, reshard, unwrap
 from minift.loading import save_model
 from minift.model import Llama
 from minift.nf4_fsdp import shardable_nf4
@@ -43,6 +43,7 @@ def _dcp_ready(model: nn.Module) -> nn.Module:
     here, so it reads and writes the same checkpoints.
     """
     plain = unwrap(model)
+    reshard(plain)  # parameters as the optimizer holds them, not a root left gathered by an eval
     shardable_nf4(plain)
     return plain
 

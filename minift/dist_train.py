@@ -39,9 +39,6 @@ class DistRun:
         self.parallel = mdist.resolve_parallel(config.parallel, world)
         self.config = config
         self.active = self.parallel is not None
-        if self.active and getattr(config, "objective", "sft") != "sft":
-            raise ValueError(f"TrainConfig.objective={config.objective!r} with parallel={self.parallel!r} is not "
-                             "supported yet: under torchrun minift trains the token loss (objective='sft')")
         if self.active and getattr(config, "optimizer_in_backward", False):
             # its per-parameter hooks would step on a gradient before DDP all-reduces it, and FSDP2
             # assigns the reduced shards without running accumulate-grad hooks
@@ -68,11 +65,19 @@ class DistRun:
         self.fingerprint = ckpt.model_fingerprint(model)  # names and shapes before sharding
         return mdist.apply_parallel(model, self.config, device=device)
 
+    def place_frozen(self, model):
+        """A frozen model (a DPO reference copy) laid out like the policy: FSDP-sharded (one unit
+        per decoder layer and the root; it has no optimizer), or whole on this rank's device
+        under DDP (no wrapper: nothing of it is trained)."""
+        if self.parallel == "fsdp":
+            return mdist.apply_parallel(model, self.config, device=self.device, frozen=True)
+        return model.to(self.device)
+
     # ---- one step --------------------------------------------------------------------------
-    def accumulate(self, model, group: list, device, loss_sum, count):
-        """(loss, n_trained) of one step over all ranks; this rank runs its share of ``group``."""
-        local = mdist.shard_group(group, mdist.rank(), self.world_size) if self.active else group
-        return mdist.accumulate_gradients(model, local, device, loss_sum, count)
+    @property
+    def shard(self) -> Optional[mdist.Shard]:
+        """What the objective's step and evaluation are told: this rank's place, None on one process."""
+        return mdist.Shard(mdist.rank(), self.world_size, self.device) if self.active else None
 
     def clip(self, params: list, max_norm: float) -> float:
         return mdist.clip_grad_norm(params, max_norm)

@@ -5,7 +5,9 @@ MASTER_PORT; ``init_from_env`` joins the process group from them (NCCL on CUDA, 
 Every rank builds the same step groups from the same seed, so the global batch is the batch of a
 1-process run with the same flags; ``shard_group`` hands each rank its part of it, and
 ``accumulate_gradients`` normalizes the summed token loss by the trained tokens of ALL ranks
-(one all-reduce) so that the averaged gradient equals the 1-process gradient.
+(one all-reduce) so that the averaged gradient equals the 1-process gradient. ``shard_batches``
+deals out an evaluation's batches, and ``Shard`` is what an objective (minift.trainer's token
+loss, minift.dpo) is told of its rank: its part of a step or an evaluation and the sum over ranks.
 
 ``apply_parallel`` shards the model: FSDP2 ``fully_shard`` on every decoder layer and on the root
 (NF4 bases first become ``ShardedNF4Linear``, so their 4-bit bytes are what is sharded and
@@ -22,12 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from minift._util import PARALLEL, check_choice
 from minift.nf4_fsdp import shardable_nf4
+from minift.preference import select_pairs
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -122,7 +125,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] = None) -> nn.Module:
+def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] = None,
+                   frozen: bool = False) -> nn.Module:
     """Shard (FSDP2) or replicate (DDP) ``model`` over all ranks, after ``init_from_env``.
 
     Reads ``config.parallel`` (None -> "fsdp" when world size > 1), ``config.bf16`` and
@@ -134,7 +138,9 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
     The root is not resharded after forward: the chunked loss (``minift.loss``) runs lm_head
     after the model's forward, and the backward starts with the root's gradients anyway, so the
     root stays gathered from its forward to the end of the backward (one all-gather a
-    micro-batch instead of two). On CUDA with bf16 the parameters are gathered in bf16
+    micro-batch instead of two). A ``frozen`` model (a DPO reference copy: forward only, no
+    backward to reshard it) reshards its root after forward too. A forward under ``no_grad``
+    (evaluation) also leaves the root gathered: ``reshard`` frees it. On CUDA with bf16 the parameters are gathered in bf16
     and gradients reduced in fp32; uint8 NF4 bytes are never cast. ``fsdp_cpu_offload`` keeps the
     sharded parameters, gradients and optimizer states in host memory (``CPUOffloadPolicy``).
 
@@ -166,8 +172,16 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
     mesh = init_device_mesh(device.type, (world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=frozen)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP unit left gathered (the root after a forward without backward); the
+    module attributes are the sharded parameters again, as the optimizer and DCP know them."""
+    for m in unwrap(model).modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -176,8 +190,27 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ---- sharding the data -------------------------------------------------------------------
+def _size(batch: dict) -> int:
+    """Rows of a micro-batch; pairs of a DPO pair batch (2B rows, chosen first)."""
+    return batch["pair_index"].shape[0] if "pair_index" in batch else batch["input_ids"].shape[0]
+
+
 def _rows(batch: dict, index) -> dict:
+    """Rows ``index`` of a micro-batch; of a pair batch, pairs ``index`` (both their rows)."""
+    if "pair_index" in batch:
+        return select_pairs(batch, index)
     return {k: v[index] for k, v in batch.items()}
+
+
+def blank_batch(batch: dict) -> dict:
+    """One row (one pair) of ``batch`` that counts for nothing: every label -100, and a pair's
+    ``pair_index`` -1, so it adds no loss, no tokens and no pair. A rank runs it when it has no
+    real row, because the collectives inside FSDP's forward need every rank to run it."""
+    blank = _rows(batch, slice(0, 1))
+    blank["labels"] = torch.full_like(blank["labels"], -100)
+    if "pair_index" in blank:
+        blank["pair_index"] = torch.full_like(blank["pair_index"], -1)
+    return blank
 
 
 def shard_group(group: list, rank: int, world: int) -> list:
@@ -186,8 +219,8 @@ def shard_group(group: list, rank: int, world: int) -> list:
     When the micro-batches divide evenly, rank r takes micro-batches r, r + world, ...; otherwise
     each micro-batch is split by rows, rank r taking rows r, r + world, .... Either way the ranks
     together see exactly the 1-process step, and all of them run the same number of forwards (the
-    collectives need that): a rank left without a row gets one copy of row 0 with every label
-    -100, which adds no loss and no tokens.
+    collectives need that): a rank left without a row gets ``blank_batch``, which adds no loss
+    and no tokens. A DPO pair batch is split by pairs, never between a pair's two rows.
     """
     if world == 1:
         return group
@@ -195,14 +228,17 @@ def shard_group(group: list, rank: int, world: int) -> list:
         return group[rank::world]
     out = []
     for batch in group:
-        n = batch["input_ids"].shape[0]
-        if rank < n:
-            out.append(_rows(batch, slice(rank, n, world)))
-        else:
-            blank = _rows(batch, slice(0, 1))
-            blank["labels"] = torch.full_like(blank["labels"], -100)
-            out.append(blank)
+        n = _size(batch)
+        out.append(_rows(batch, slice(rank, n, world)) if rank < n else blank_batch(batch))
     return out
+
+
+def shard_batches(batches: list, rank: int, world: int) -> list:
+    """This rank's part of an evaluation: batches rank, rank + world, ..., then blank batches up
+    to ceil(len(batches) / world), so that every rank runs the same number of forwards."""
+    mine = batches[rank::world]
+    missing = -(-len(batches) // world) - len(mine)
+    return batches if world == 1 else mine + [blank_batch(batches[0]) for _ in range(missing)]
 
 
 # ---- one step across ranks ---------------------------------------------------------------
@@ -258,6 +294,38 @@ def accumulate_gradients(model: nn.Module, micro_batches: list, device, loss_sum
             (loss * world if world > 1 else loss).backward()
         total += loss.detach().float()
     return all_reduce_sum(total), n_trained
+
+
+class Shard:
+    """One rank's place in a distributed run, as an objective's ``step`` and ``evaluate`` see it.
+
+    ``step(group)`` is this rank's part of an optimizer step's micro-batches (``shard_group``),
+    ``eval(batches)`` its part of an evaluation (``shard_batches``), ``sum(tensor)`` the tensor
+    summed over all ranks, reduced on ``device`` (NCCL reduces on the rank's GPU) and returned
+    where it was.
+    """
+
+    def __init__(self, rank: int, world: int, device):
+        for name, value in (("world", world), ("rank", rank)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"Shard.{name} must be an int, got {type(value).__name__} {value!r}")
+        if world < 1:
+            raise ValueError(f"Shard.world must be >= 1, got {world}")
+        if not 0 <= rank < world:
+            raise ValueError(f"Shard.rank must be in [0, {world}) for world={world}, got {rank}")
+        self.rank, self.world, self.device = rank, world, torch.device(device)
+
+    def step(self, group: list) -> list:
+        return shard_group(group, self.rank, self.world)
+
+    def eval(self, batches: list) -> list:
+        return shard_batches(batches, self.rank, self.world)
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(value.to(self.device)).to(value.device)
+
+    def __repr__(self) -> str:
+        return f"Shard(rank={self.rank}, world={self.world}, device={self.device})"
 
 
 def clip_grad_norm(params: list, max_norm: float) -> float:

@@ -14,6 +14,11 @@ The reference costs no second copy with LoRA/QLoRA: it is the same model with it
 switched off (`AdapterReference`). Full fine-tuning needs a frozen copy (`ModelReference`,
 optionally NF4-quantized) or log-probabilities computed once before training and stored on disk
 (`precompute_reference`, read back through the batch's "ref_logps").
+
+Under torchrun the objective is told its rank's `minift.distributed.Shard`: each rank runs its
+share of a step's pairs, the loss is divided by the pairs of all ranks, and the metrics are sums
+over all ranks; a frozen copy is sharded (FSDP) or replicated (DDP) like the policy, and the
+precomputed log-probs are scored by all ranks together (`DPOObjective.distribute`).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minift._util import atomic_write, check_choice, check_number
+from minift.distributed import accumulate_gradients
 from minift.lora import disable_adapters, lora_layers
 from minift.nf4_linear import quantize_model
 from minift.checkpoint import data_fingerprint
@@ -124,6 +130,13 @@ class ModelReference:
 
     def __init__(self, model):
         self.model = model.eval().requires_grad_(False)
+        self.placed = False  # True once `place` put it where it runs (then logps moves nothing)
+
+    def place(self, place):
+        """Lay the copy out with ``place`` (model -> model): under torchrun, sharded like the
+        policy (FSDP) or on the rank's device (DDP)."""
+        self.model = place(self.model)
+        self.placed = True
 
     @classmethod
     def copy_of(cls, model, nf4: bool = False):
@@ -136,7 +149,8 @@ class ModelReference:
 
     @torch.no_grad()
     def logps(self, batch, device, bf16=False):
-        self.model.to(device)
+        if not self.placed:
+            self.model.to(device)
         return model_logps(self.model, batch, device, bf16)[0]
 
 
@@ -189,7 +203,7 @@ def _read_stored(path, fingerprint):
 
 @torch.no_grad()
 def precompute_reference(reference, pairs, path=None, *, batch_size=8, pad_id=0, device="cpu",
-                         bf16=False):
+                         bf16=False, shard=None):
     """Score every pair once with `reference` and store the result in the pairs (and on disk).
 
     Args:
@@ -197,6 +211,9 @@ def precompute_reference(reference, pairs, path=None, *, batch_size=8, pad_id=0,
         pairs: tokenized pairs; each gets "ref_logps" = (chosen, rejected).
         path: a safetensors file; when it exists and was written for the same pairs it is read
             instead of running the reference, else it is (re)written.
+        shard: under torchrun, this rank's `minift.distributed.Shard` (every rank calls this):
+            the ranks read the file or score the batches together, each its share, and every
+            rank ends with all the log-probs; rank 0 alone writes the file.
 
     Returns:
         The same pairs.
@@ -204,14 +221,21 @@ def precompute_reference(reference, pairs, path=None, *, batch_size=8, pad_id=0,
     check_pairs(pairs, "pairs")
     fingerprint = data_fingerprint(pairs)
     stored = _read_stored(path, fingerprint) if path is not None and Path(path).exists() else None
+    if shard is not None:  # every rank read the file, or all of them score (FSDP's collectives)
+        if int(shard.sum(torch.tensor(float(stored is not None), dtype=torch.float64))) != shard.world:
+            stored = None
     if stored is None:
         stored = torch.zeros(len(pairs), 2, dtype=torch.float64)  # (N, [chosen, rejected])
         device = torch.device(device)
-        for batch in pair_batches(pairs, batch_size, pad_id=pad_id, shuffle=False):
+        batches = pair_batches(pairs, batch_size, pad_id=pad_id, shuffle=False)
+        for batch in batches if shard is None else shard.eval(batches):
             logps = reference.logps(batch, device, bf16).double().cpu()  # (2B,)
             b = len(batch["pair_index"])
-            stored[batch["pair_index"]] = torch.stack([logps[:b], logps[b:]], dim=1)
-        if path is not None:
+            keep = batch["pair_index"] >= 0  # a blank pair (shard padding) is not stored
+            stored[batch["pair_index"][keep]] = torch.stack([logps[:b], logps[b:]], dim=1)[keep]
+        if shard is not None:  # each pair was scored on one rank, zeros elsewhere: exact sums
+            stored = shard.sum(stored)
+        if path is not None and (shard is None or shard.rank == 0):
             digest = torch.tensor(list(bytes.fromhex(fingerprint["sha256"])), dtype=torch.uint8)
             atomic_write(path, lambda tmp: save_file({"logps": stored, "sha256": digest}, tmp))
     for pair, (c, r) in zip(pairs, stored.tolist()):
@@ -239,6 +263,9 @@ class DPOObjective:
         self.beta = check_number("dpo_beta", beta, "> 0", lambda v: v > 0)
         self.loss_type = check_choice("dpo_loss_type", loss_type, LOSS_TYPES)
         self.sft_weight = check_number("dpo_sft_weight", sft_weight, ">= 0", lambda v: v >= 0)
+        # (pairs, file, config) whose reference log-probs `distribute` scores (objective_for
+        # leaves them there under torchrun: the ranks score them once the model is sharded)
+        self.pending = []
 
     @staticmethod
     def check(pairs, name):
@@ -248,24 +275,44 @@ class DPOObjective:
         return pair_batches(pairs, batch_size, pad_id=pad_id, seed=seed, shuffle=shuffle)
 
     def pair_terms(self, model, batch, device, bf16=False):
-        """(losses, chosen rewards, rejected rewards, policy logps) of one batch, each (B,)/(2B,)."""
+        """(losses, chosen rewards, rejected rewards, policy logps) of one batch, each (B,)/(2B,).
+
+        Blank pairs (``pair_index`` -1, a rank's padding under torchrun) are run through both
+        models, then left out of every returned term: B counts the real pairs only.
+        """
         ref = self.reference.logps(batch, device, bf16)  # reference first: no graph is held
         logps, counts = model_logps(model, batch, device, bf16)  # (2B,) with grad
         b = logps.shape[0] // 2
-        losses, cr, rr = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], self.beta,
-                                  self.loss_type, counts=(counts[:b], counts[b:]))
+        halves = [logps[:b], logps[b:], ref[:b], ref[b:], counts[:b], counts[b:]]
+        real = batch.get("pair_index")
+        if real is not None and bool((real < 0).any()):
+            keep = (real >= 0).to(logps.device)
+            halves = [t[keep] for t in halves]
+            logps = torch.cat(halves[:2])
+        chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected = halves
+        losses, cr, rr = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta,
+                                  self.loss_type, counts=(n_chosen, n_rejected))
         if self.sft_weight:
-            losses = losses - self.sft_weight * logps[:b] / counts[:b].clamp(min=1)
+            losses = losses - self.sft_weight * chosen / n_chosen.clamp(min=1)
         return losses, cr, rr, logps.detach()
 
-    def step(self, model, micro_batches, device, bf16=False):
+    def step(self, model, micro_batches, device, bf16=False, shard=None):
         """Forward/backward over one step's micro-batches; the loss is the mean over all pairs
         of the step, so splitting a step into micro-batches does not change the gradient.
+
+        Args:
+            shard: under torchrun, this rank's `minift.distributed.Shard` (every rank passes the
+                same ``micro_batches``): the rank runs its share of the pairs, each loss is
+                divided by the pairs of all ranks and back-propagated times the world size
+                (FSDP / DDP average gradients), and the returned numbers are global.
 
         Returns:
             (loss, n_scored, metrics): the step's mean loss (0-dim tensor), the reply tokens
             scored, and the pairs with their reward / log-prob means.
         """
+        device = torch.device(device)
+        if shard is not None:
+            return self._sharded_step(model, micro_batches, device, bf16, shard)
         n_pairs = sum(len(b["pair_index"]) for b in micro_batches)
         n_scored = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
         sums = torch.zeros(N_METRICS, dtype=torch.float64)
@@ -278,19 +325,65 @@ class DPOObjective:
             sums += _metric_sums(cr, rr, logps)
         return total, n_scored, dict(pairs=n_pairs, **_metric_means(sums, n_pairs))
 
+    def _sharded_step(self, model, micro_batches, device, bf16, shard):
+        """`step` under torchrun: the pairs' loss through minift.distributed.accumulate_gradients
+        (normalised by the global pair count), the metric sums added over ranks."""
+        local = shard.step(micro_batches)
+        sums = torch.zeros(N_METRICS + 1, dtype=torch.float64)  # the metrics', then scored tokens
+
+        def loss_sum(model, batch, device):
+            losses, cr, rr, logps = self.pair_terms(model, batch, device, bf16)
+            sums[:N_METRICS] += _metric_sums(cr, rr, logps)
+            return losses.sum()
+
+        loss, n_pairs = accumulate_gradients(model, local, device, loss_sum, real_pairs)
+        sums[N_METRICS] = sum(scored_tokens(b) for b in local)
+        sums = shard.sum(sums)
+        return loss, int(sums[N_METRICS]), dict(pairs=n_pairs, **_metric_means(sums[:N_METRICS], n_pairs))
+
     @torch.no_grad()
-    def evaluate(self, model, pairs, config, device):
+    def evaluate(self, model, pairs, config, device, shard=None):
         """Mean loss, reward accuracy and margins over `pairs`, in eval mode, batched as the
-        config (a TrainConfig) batches training."""
+        config (a TrainConfig) batches training. With a ``shard`` (torchrun; every rank calls
+        it) each rank scores its share of the batches and every rank returns the global means."""
         sums, loss = torch.zeros(N_METRICS, dtype=torch.float64), 0.0
         device = torch.device(device)
+        batches = self.batches(pairs, config.micro_batch_size, config.pad_id, shuffle=False)
         with _eval(model):
-            for batch in self.batches(pairs, config.micro_batch_size, config.pad_id, shuffle=False):
+            for batch in batches if shard is None else shard.eval(batches):
                 losses, cr, rr, logps = self.pair_terms(model, batch, device, config.bf16)
                 loss += float(losses.sum())
                 sums += _metric_sums(cr, rr, logps)
+        if shard is not None:
+            total = shard.sum(torch.cat([torch.tensor([loss], dtype=torch.float64), sums]))
+            loss, sums = float(total[0]), total[1:]
         out = _metric_means(sums, len(pairs))
         return {"eval_loss": loss / len(pairs), **{f"eval_{k}": v for k, v in out.items()}}
+
+    def distribute(self, shard, place):
+        """Under torchrun, once the policy is sharded (every rank calls it): a frozen reference
+        copy is laid out like the policy by ``place`` (model -> model; FSDP-sharded, or on the
+        rank's device under DDP), then the reference log-probs ``objective_for`` left pending
+        are scored by all ranks together and the reference becomes the stored log-probs."""
+        if isinstance(self.reference, ModelReference):
+            self.reference.place(place)
+        if not self.pending:
+            return
+        for pairs, path, config in self.pending:
+            precompute_reference(self.reference, pairs, path, batch_size=config.micro_batch_size,
+                                 pad_id=config.pad_id, device=shard.device, bf16=config.bf16, shard=shard)
+        self.pending = []
+        self.reference = StoredReference()
+
+
+def real_pairs(batch) -> int:
+    """Pairs of a pair batch that count (a blank pair's ``pair_index`` is -1)."""
+    return int((batch["pair_index"] >= 0).sum())
+
+
+def scored_tokens(batch) -> int:
+    """Reply tokens a pair batch scores (label positions after the shift)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def _metric_sums(chosen_rewards, rejected_rewards, logps):
@@ -313,13 +406,15 @@ def _metric_means(sums, n):
     return {name: float(v) / max(n, 1) for name, v in zip(METRICS, sums)}
 
 
-def objective_for(model, config, train_data, eval_data=None):
+def objective_for(model, config, train_data, eval_data=None, *, distributed=False):
     """The DPOObjective a TrainConfig asks for, built before any checkpoint is loaded (so a full
     fine-tune's frozen copy and precomputed log-probs come from the model as given).
 
     LoRA/QLoRA: the adapters switched off, unless dpo_reference="copy_nf4". Full: a frozen copy
     (NF4 with "copy_nf4"). With precompute_reference, that reference scores train and eval
-    pairs once into ``<output_dir>/reference_logps*.safetensors`` and is then dropped.
+    pairs once into ``<output_dir>/reference_logps*.safetensors`` and is then dropped; with
+    ``distributed`` (torchrun) that waits for `DPOObjective.distribute`, once the model is
+    sharded and the copy placed, and all ranks score the pairs together.
     """
     if config.dpo_reference == "copy_nf4":
         reference = ModelReference.copy_of(model, nf4=True)
@@ -336,14 +431,19 @@ def objective_for(model, config, train_data, eval_data=None):
         reference = SelfReference(model)  # scored before step 1: the model is still the start
     else:
         reference = ModelReference.copy_of(model)
+    objective = DPOObjective(reference, beta=config.dpo_beta, loss_type=config.dpo_loss,
+                             sft_weight=config.dpo_sft_weight)
     if config.precompute_reference:
         out = Path(config.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        device = pick_device(config)
-        for data, name in ((train_data, REFERENCE_FILE), (eval_data, "eval_" + REFERENCE_FILE)):
-            if data is not None:
-                precompute_reference(reference, data, out / name, batch_size=config.micro_batch_size,
+        objective.pending = [(data, out / name, config) for data, name in
+                             ((train_data, REFERENCE_FILE), (eval_data, "eval_" + REFERENCE_FILE))
+                             if data is not None]
+        if not distributed:
+            out.mkdir(parents=True, exist_ok=True)
+            device = pick_device(config)
+            for data, path, _ in objective.pending:
+                precompute_reference(reference, data, path, batch_size=config.micro_batch_size,
                                      pad_id=config.pad_id, device=device, bf16=config.bf16)
-        reference = StoredReference()
-    return DPOObjective(reference, beta=config.dpo_beta, loss_type=config.dpo_loss,
-                        sft_weight=config.dpo_sft_weight)
+            objective.pending = []
+            objective.reference = StoredReference()
+    return objective

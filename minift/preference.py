@@ -163,6 +163,15 @@ def collate_pairs(pairs, pad_id, indices=None):
     return batch
 
 
+def select_pairs(batch, index):
+    """Pairs ``index`` (a slice or index tensor over the B pairs) of a (2B, T) pair batch, in the
+    same layout: their chosen rows first, then their rejected rows; pair_index and ref_logps follow."""
+    b = batch["pair_index"].shape[0]
+    pairs = torch.arange(b)[index]
+    rows = torch.cat([pairs, pairs + b])
+    return {k: v[pairs] if k == "pair_index" else v[rows] for k, v in batch.items()}
+
+
 def pair_batches(pairs, batch_size, *, pad_id, seed=0, shuffle=True):
     """Pairs in batches of `batch_size`, pairs of similar length together (as SFT's bucketing),
     in an order fixed by `seed`; the global RNG is neither used nor changed."""

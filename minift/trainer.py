@@ -23,13 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from minift import checkpoint as ckpt
+from minift import distributed as mdist
 from minift import rundir
 from minift._util import METHODS, OPTIMIZERS, write_json  # noqa: F401  (re-exported for callers)
 from minift.compile import compiled_layers
 from minift.backward_step import StepInBackward
 from minift.data import batch_examples
 from minift.dist_train import DistRun
-from minift.distributed import unwrap
+from minift.distributed import reshard, unwrap
 from minift.dpo import DPOObjective, objective_for
 from minift.lora import trainable_parameters
 from minift.loss import model_loss_sum, supports_chunked_loss, token_loss_sum
@@ -85,16 +86,26 @@ def accumulate_gradients(model, micro_batches: list, device, bf16: bool = False,
 
 
 @torch.no_grad()
-def evaluate(model, examples: list, config: TrainConfig, device=None) -> dict:
-    """Mean token loss (and perplexity) of `examples`, in eval mode, with the training batching."""
+def evaluate(model, examples: list, config: TrainConfig, device=None, shard=None) -> dict:
+    """Mean token loss (and perplexity) of `examples`, in eval mode, with the training batching.
+
+    With a ``shard`` (a `minift.distributed.Shard`, under torchrun; every rank calls it) each
+    rank runs its share of the batches (``shard.eval``: every rank the same number of forwards)
+    and the summed loss and token count are added over ranks in float64, so every rank returns
+    the global result.
+    """
     device = torch.device(device or pick_device(config))
     was_training = model.training
     model.eval()
     batches = batch_examples(examples, config.micro_batch_size, pad_id=config.pad_id,
                              mode=config.batching, max_length=config.max_length, shuffle=False)
+    mine = batches if shard is None else shard.eval(batches)
     total = sum(float(_batch_loss_sum(model, b, device, config.bf16, config.loss_chunk_size))
-                for b in batches)
-    count = sum(trained_tokens(b) for b in batches)
+                for b in mine)
+    count = sum(trained_tokens(b) for b in mine)
+    if shard is not None:
+        total, count = shard.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
+        count = int(count)
     model.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
@@ -110,12 +121,24 @@ class SFTObjective:
     def __init__(self, loss_chunk_size: Optional[int] = None):
         self.loss_chunk_size = loss_chunk_size
 
-    def step(self, model, micro_batches, device, bf16=False):
-        """(mean loss, trained tokens, extra metrics) of one step, gradients accumulated."""
-        return (*accumulate_gradients(model, micro_batches, device, bf16, self.loss_chunk_size), {})
+    def step(self, model, micro_batches, device, bf16=False, shard=None):
+        """(mean loss, trained tokens, extra metrics) of one step, gradients accumulated. With a
+        ``shard`` (torchrun): this rank's share of the micro-batches, normalised by all ranks'
+        trained tokens (`minift.distributed.accumulate_gradients`), global loss and count."""
+        if shard is None:
+            return (*accumulate_gradients(model, micro_batches, device, bf16, self.loss_chunk_size), {})
 
-    def evaluate(self, model, examples, config, device):
-        return evaluate(model, examples, config, device)
+        def loss_sum(model, batch, device):
+            return _batch_loss_sum(model, batch, device, bf16, self.loss_chunk_size)
+        return (*mdist.accumulate_gradients(model, shard.step(micro_batches), device, loss_sum,
+                                            trained_tokens), {})
+
+    def evaluate(self, model, examples, config, device, shard=None):
+        return evaluate(model, examples, config, device, shard)
+
+    def distribute(self, shard, place):
+        """Nothing to lay out: the token loss needs only the model (DPOObjective's places its
+        reference)."""
 
 
 # ---- the run's state ---------------------------------------------------------------------
@@ -284,10 +307,13 @@ class _Run:
         self.base_fp = ckpt.base_fingerprint(model) if config.method != "full" else None
         self.counts = trainable_parameters(model)  # NF4 weights by their logical size
         # before any checkpoint is loaded: a DPO reference is the model as it was passed in
-        self.objective = (objective_for(model, config, train_data, eval_data)
+        self.objective = (objective_for(model, config, train_data, eval_data, distributed=self.dist.active)
                           if config.objective == "dpo" else SFTObjective(config.loss_chunk_size))
         self.resumed = check_resume(config, model, train_data)
         self.model = model = self.dist.prepare(model, self.device)
+        if self.dist.active:  # a frozen reference copy sharded like the model, log-probs scored
+            self.objective.distribute(self.dist.shard, self.dist.place_frozen)
+            reshard(model)  # the optimizer must get the sharded parameters, not a gathered root's
         self.optimizer = make_optimizer(model, config)
         self.stepper = StepInBackward(self.optimizer) if config.optimizer_in_backward else None
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -305,15 +331,9 @@ class _Run:
                                             config.lr_scheduler)
 
     def step(self, group: list):
-        """(loss, trained tokens, extra metrics) of one step: the objective's, or under torchrun
-        the token loss over all ranks (`minift.dist_train`)."""
-        config = self.config
-        if not self.dist.active:
-            return self.objective.step(self.model, group, self.device, config.bf16)
-
-        def loss_sum(model, batch, device):
-            return _batch_loss_sum(model, batch, device, config.bf16, config.loss_chunk_size)
-        return (*self.dist.accumulate(self.model, group, self.device, loss_sum, trained_tokens), {})
+        """(loss, trained tokens, extra metrics) of one step: the objective's; under torchrun it
+        runs this rank's share of ``group`` and returns the numbers of all ranks."""
+        return self.objective.step(self.model, group, self.device, self.config.bf16, shard=self.dist.shard)
 
     @contextlib.contextmanager
     def session(self):
@@ -376,8 +396,10 @@ class _Run:
             (print if self.bar.disable else self.bar.write)(text)
 
     def evaluate(self) -> dict:
-        result = dict(self.objective.evaluate(self.model, self.eval_data, self.config, self.device),
-                      step=self.state.step)
+        result = dict(self.objective.evaluate(self.model, self.eval_data, self.config, self.device,
+                                              shard=self.dist.shard), step=self.state.step)
+        if self.dist.active:
+            reshard(self.model)  # a forward without backward leaves FSDP's root unit gathered
         self.state.evals.append(result)
         return result
 

@@ -259,8 +259,7 @@ def test_8bit_sharded_checkpoint_resumes_on_one_process(runs, paged, dtype, stoc
     assert converted == 2
 
 
-@pytest.mark.parametrize("kw,match", [(dict(objective="dpo"), "objective='dpo' with parallel='ddp'"),
-                                      (dict(optimizer_in_backward=True, max_grad_norm=None, grad_accum=1),
+@pytest.mark.parametrize("kw,match", [(dict(optimizer_in_backward=True, max_grad_norm=None, grad_accum=1),
                                        "optimizer_in_backward=True with parallel='ddp'")])
 def test_torchrun_refuses_what_it_does_not_run(tmp_path, monkeypatch, kw, match):
     for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

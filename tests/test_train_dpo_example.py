@@ -5,6 +5,8 @@ import contextlib
 import importlib
 import io
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import minift
+from dist_objectives_cases import LOSS_RTOL, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_dpo.py"
@@ -76,6 +79,29 @@ def test_saved_adapter_applies_to_the_saved_sft_model(dpo_run):
     model = minift.load_adapter(base, out / "adapter")
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(out / "sft_merged")
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.slow
+def test_under_torchrun_matches_one_process(dpo_run, tmp_path):
+    """The same flags on 2 gloo processes (FSDP), SFT adapter included: the losses of one process,
+    one summary and one set of outputs written by rank 0."""
+    one_dir, _ = dpo_run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(SCRIPT), "--sft-adapter", str(tmp_path / "sft" / "adapter"), "--sft-steps", "2",
+           "--max-steps", "2", "--eval-samples", "4", "--batch-size", "4", "--output", str(tmp_path / "dpo"),
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("reward accuracy (held-out pairs)") == 1  # rank 0 alone prints
+    two = json.loads((tmp_path / "dpo" / "summary.json").read_text())
+    one = json.loads((one_dir / "dpo" / "summary.json").read_text())
+    assert (two["world_size"], two["parallel"], one["world_size"]) == (2, "fsdp", 1)
+    for key in ("first_loss", "last_loss", "eval_loss"):
+        assert two[key] == pytest.approx(one[key], rel=LOSS_RTOL)
+    assert two["after"]["eval_loss"] == pytest.approx(one["after"]["eval_loss"], rel=LOSS_RTOL)
+    model = minift.load_adapter(minift.load_model(tmp_path / "dpo" / "sft_merged", dtype=torch.float32),
+                                tmp_path / "dpo" / "adapter")
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
