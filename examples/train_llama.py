@@ -17,7 +17,6 @@ batch); rank 0 alone prints and writes the outputs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -417,8 +416,6 @@ def run(args) -> dict:
     if tokenizer.pad_token_id is None:
         raise UsageError(f"--model {args.model}: the tokenizer has neither a pad nor an end token")
     config = make_config(args, tokenizer.pad_token_id)
-    if fsdp:  # as minift.train does under FSDP: the chunked head would meet resharded lm_head weights
-        config = dataclasses.replace(config, loss_chunk_size=None)
     train_rows, train_data = load_rows("--data", args.data, tokenizer, args.seq_len)
     eval_rows, eval_data = load_rows("--eval-data", args.eval_data, tokenizer, args.seq_len,
                                      args.eval_samples)

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minift._util import atomic_write, check_choice, check_number
-from minift.distributed import accumulate_gradients
+from minift.distributed import accumulate_gradients, unwrap
+from minift.loss import chunked_row_logps, supports_chunked_loss
 from minift.lora import disable_adapters, lora_layers
 from minift.nf4_linear import quantize_model
 from minift.checkpoint import data_fingerprint
@@ -93,12 +95,21 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
-def model_logps(model, batch: dict, device, bf16: bool = False):
-    """(logps, counts) of every row of a (2B, T) pair batch under `model`."""
+def model_logps(model, batch: dict, device, bf16: bool = False, chunk: Optional[int] = None):
+    """(logps, counts) of every row of a (2B, T) pair batch under `model`.
+
+    With ``chunk`` (and a model that returns hidden states, minift's Llama) the lm_head and the
+    log-softmax run ``chunk`` tokens at a time (``minift.loss.chunked_row_logps``): no (2B, T, V)
+    logits, for one more lm_head forward in backward.
+    """
     inputs = {k: batch[k].to(device) for k in MODEL_KEYS}
+    labels = batch["labels"].to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        if chunk is not None and supports_chunked_loss(model):
+            hidden = model(**inputs, return_hidden=True)  # (2B, T, H)
+            return chunked_row_logps(hidden, unwrap(model).lm_head, labels, chunk)
         logits = model(**inputs)  # (2B, T, V)
-    return sequence_logps(logits, batch["labels"].to(device))
+    return sequence_logps(logits, labels)
 
 
 # ---- the reference -----------------------------------------------------------------------
@@ -110,6 +121,7 @@ class AdapterReference:
     """
 
     kind = "adapters_disabled"
+    chunk = None  # tokens per lm_head chunk (DPOObjective sets its loss_chunk_size)
 
     def __init__(self, model):
         if not lora_layers(model):
@@ -120,13 +132,14 @@ class AdapterReference:
     @torch.no_grad()
     def logps(self, batch, device, bf16=False):
         with _eval(self.model), disable_adapters(self.model):
-            return model_logps(self.model, batch, device, bf16)[0]
+            return model_logps(self.model, batch, device, bf16, self.chunk)[0]
 
 
 class ModelReference:
     """A separate frozen model (the policy's copy before training, optionally NF4)."""
 
     kind = "frozen_copy"
+    chunk = None
 
     def __init__(self, model):
         self.model = model.eval().requires_grad_(False)
@@ -151,7 +164,7 @@ class ModelReference:
     def logps(self, batch, device, bf16=False):
         if not self.placed:
             self.model.to(device)
-        return model_logps(self.model, batch, device, bf16)[0]
+        return model_logps(self.model, batch, device, bf16, self.chunk)[0]
 
 
 class SelfReference:
@@ -159,6 +172,7 @@ class SelfReference:
     fine-tune for the one pass of `precompute_reference` before training, without a copy."""
 
     kind = "self"
+    chunk = None
 
     def __init__(self, model):
         self.model = model
@@ -166,7 +180,7 @@ class SelfReference:
     @torch.no_grad()
     def logps(self, batch, device, bf16=False):
         with _eval(self.model):
-            return model_logps(self.model, batch, device, bf16)[0]
+            return model_logps(self.model, batch, device, bf16, self.chunk)[0]
 
 
 class StoredReference:
@@ -254,12 +268,18 @@ class DPOObjective:
         sft_weight: adds sft_weight * (-log pi(y_w|x) / |y_w|), the chosen reply's per-token NLL,
             to each pair's loss (RPO, Pang et al. 2024): it keeps DPO from lowering the
             likelihood of the chosen replies along with the rejected ones. 0 = plain DPO.
+        loss_chunk_size: tokens per lm_head chunk for the policy's and the reference's log-probs
+            (``model_logps``); None = full (2B, T, V) logits. The loop passes
+            ``TrainConfig.loss_chunk_size``.
     """
 
     name = "dpo"
 
-    def __init__(self, reference, beta=0.1, loss_type="sigmoid", sft_weight=0.0):
+    def __init__(self, reference, beta=0.1, loss_type="sigmoid", sft_weight=0.0, loss_chunk_size=None):
         self.reference = reference
+        self.loss_chunk_size = loss_chunk_size
+        if hasattr(reference, "chunk"):
+            reference.chunk = loss_chunk_size
         self.beta = check_number("dpo_beta", beta, "> 0", lambda v: v > 0)
         self.loss_type = check_choice("dpo_loss_type", loss_type, LOSS_TYPES)
         self.sft_weight = check_number("dpo_sft_weight", sft_weight, ">= 0", lambda v: v >= 0)
@@ -281,7 +301,7 @@ class DPOObjective:
         models, then left out of every returned term: B counts the real pairs only.
         """
         ref = self.reference.logps(batch, device, bf16)  # reference first: no graph is held
-        logps, counts = model_logps(model, batch, device, bf16)  # (2B,) with grad
+        logps, counts = model_logps(model, batch, device, bf16, self.loss_chunk_size)  # (2B,) with grad
         b = logps.shape[0] // 2
         halves = [logps[:b], logps[b:], ref[:b], ref[b:], counts[:b], counts[b:]]
         real = batch.get("pair_index")
@@ -432,7 +452,7 @@ def objective_for(model, config, train_data, eval_data=None, *, distributed=Fals
     else:
         reference = ModelReference.copy_of(model)
     objective = DPOObjective(reference, beta=config.dpo_beta, loss_type=config.dpo_loss,
-                             sft_weight=config.dpo_sft_weight)
+                             sft_weight=config.dpo_sft_weight, loss_chunk_size=config.loss_chunk_size)
     if config.precompute_reference:
         out = Path(config.output_dir)
         objective.pending = [(data, out / name, config) for data, name in

@@ -115,6 +115,92 @@ def chunked_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Ten
     return _ChunkedHeadLoss.apply(flat, targets, chunk_size, lm_head, *params)
 
 
+class _ChunkedRowLogps(torch.autograd.Function):
+    """Per-row sums of log p(label) under lm_head(hidden), a chunk of tokens at a time.
+
+    forward(hidden (N*T, H), labels (N*T,), T, N, chunk, head, *params) -> (N,) fp32.
+    The incoming gradient is a vector (one weight per row), so nothing can be formed ahead:
+    backward runs each chunk's lm_head again and back-propagates the weighted log-probs, which
+    costs one more lm_head forward but never holds more than (chunk, V) logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, labels, t, n, chunk, head, *params):
+        ctx.save_for_backward(hidden, labels)
+        ctx.t, ctx.chunk, ctx.head, ctx.params = t, chunk, head, params
+        out = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        for start, y in _scored_chunks(labels, chunk):
+            logits = head(hidden[start:start + chunk]).float()  # (chunk, V)
+            nll = F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="none")
+            out.index_add_(0, _rows(start, y, t), -nll)
+            del logits
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, labels = ctx.saved_tensors
+        head, chunk, t, params = ctx.head, ctx.chunk, ctx.t, ctx.params
+        want_h = ctx.needs_input_grad[0]
+        want_p = [ctx.needs_input_grad[6 + i] for i in range(len(params))]
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        grad_p = [torch.zeros_like(p) if w else None for p, w in zip(params, want_p)]
+        for start, y in _scored_chunks(labels, chunk):
+            h = hidden[start:start + chunk].detach().requires_grad_(want_h)
+            inputs = ([h] if want_h else []) + [p for p, w in zip(params, want_p) if w]
+            if not inputs:
+                break
+            with torch.enable_grad():
+                nll = F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="none")
+                weighted = -(nll * g.float()[_rows(start, y, t)]).sum()
+            grads = list(torch.autograd.grad(weighted, inputs))
+            if want_h:
+                grad_h[start:start + chunk] = grads.pop(0)
+            for i, w in enumerate(want_p):
+                if w:
+                    grad_p[i] += grads.pop(0)
+        ctx.head = ctx.params = None
+        return (grad_h, None, None, None, None, None, *grad_p)
+
+
+def _scored_chunks(labels: torch.Tensor, chunk: int):
+    """(start, labels of the chunk) for every chunk with at least one scored token."""
+    for start in range(0, labels.shape[0], chunk):
+        y = labels[start:start + chunk]
+        if bool((y != IGNORE).any()):
+            yield start, y
+
+
+def _rows(start: int, y: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.arange(start, start + y.shape[0], device=y.device) // t
+
+
+def chunked_row_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
+                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token log-probabilities of each row, without the (N, T, V) logits.
+
+    Args:
+        hidden: (N, T, H) final-norm hidden states.
+        lm_head: the head module (its trainable parameters get gradients).
+        labels: (N, T) unshifted labels, IGNORE where a token is not scored.
+        chunk_size: tokens per chunk (>= 1).
+
+    Returns:
+        (logps, counts): (N,) fp32 sums of log p(label) with gradient, and (N,) token counts —
+        what ``minift.dpo.sequence_logps`` gives from full logits.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"loss_chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+    if hidden.dim() != 3 or tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"hidden must be (N, T, H) and labels (N, T); got {tuple(hidden.shape)} "
+                         f"and {tuple(labels.shape)}")
+    n, t = labels.shape
+    targets = shift_labels(labels)
+    params = [p for p in lm_head.parameters() if p.requires_grad and torch.is_grad_enabled()]
+    logps = _ChunkedRowLogps.apply(hidden.reshape(n * t, -1), targets.reshape(-1), t, n, chunk_size,
+                                   lm_head, *params)
+    return logps, (targets != IGNORE).sum(-1)
+
+
 def model_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
                    chunk_size: Optional[int]) -> torch.Tensor:
     """Summed token loss of ``model(**inputs)``: chunked when ``chunk_size`` is set, else full logits.

@@ -227,3 +227,34 @@ def test_sft_weight_adds_the_chosen_per_token_nll():
 def test_objective_checks_its_settings(beta, loss_type, words):
     with pytest.raises(ValueError, match=words):
         DPOObjective(StoredReference(), beta=beta, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_chunked_log_probs_equal_the_full_logits(method, chunk):
+    """model_logps a chunk of tokens at a time: the same per-row sums and counts, and the same
+    gradients (lm_head's too for full fine-tuning) for a per-row weighting of them."""
+    from minift.dpo import model_logps
+    torch.manual_seed(0)
+    model = minift.Llama(ModelConfig.from_name("tiny"))
+    if method == "lora":
+        policy, _ = tiny_policy()
+        model = policy
+    batch = collate_pairs(random_pairs(3), 0)
+    weights = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.5, -0.7])
+    got = {}
+    for c in (None, chunk):
+        model.zero_grad(set_to_none=True)
+        logps, counts = model_logps(model, batch, torch.device("cpu"), chunk=c)
+        (logps * weights).sum().backward()
+        got[c] = (logps.detach(), counts, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (want, want_n, want_g), (mine, mine_n, mine_g) = got[None], got[chunk]
+    torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(mine_n, want_n)
+    assert mine_g.keys() == want_g.keys() and len(want_g) > 0
+    assert ("lm_head.weight" in want_g) == (method == "full")
+    for name in want_g:
+        torch.testing.assert_close(mine_g[name], want_g[name], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # the reference's pass: no graph, the same values
+        torch.testing.assert_close(model_logps(model, batch, torch.device("cpu"), chunk=chunk)[0], want,
+                                   rtol=1e-5, atol=1e-5)

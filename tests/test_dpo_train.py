@@ -99,3 +99,19 @@ def test_trained_adapters_as_the_start_warn_that_the_reference_is_the_base(tmp_p
         model.get_parameter("model.layers.0.self_attn.q_proj.lora_B.weight").fill_(0.1)
     with pytest.warns(UserWarning, match="reference \\(adapters off\\) is the base model"):
         minift.train(model, random_pairs(2, vocab=VOCAB), config(tmp_path, max_steps=1))
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_chunked_log_probs_train_as_the_full_logits(tmp_path, lora):
+    """TrainConfig.loss_chunk_size reaches DPO's policy and reference passes; the run is the
+    full-logits run up to float rounding."""
+    pairs = random_pairs(8, vocab=VOCAB)
+    runs = {}
+    for chunk in (None, 3):
+        kw = {} if lora else dict(method="full", learning_rate=1e-3)
+        runs[chunk] = minift.train(tiny_model(lora), pairs, config(tmp_path / str(chunk), loss_chunk_size=chunk,
+                                                                   max_steps=3, **kw), eval_data=pairs[:4])
+    for key in ("first_loss", "last_loss"):
+        assert runs[3][key] == pytest.approx(runs[None][key], rel=1e-5)
+    assert runs[3]["eval"][-1]["eval_loss"] == pytest.approx(runs[None]["eval"][-1]["eval_loss"], rel=1e-5)
+    assert runs[3]["last_loss"] != runs[3]["first_loss"]

@@ -1,5 +1,7 @@
 """minift/memory/dpo.py: the DPO step's memory estimate against the tracker on a small model
 (LoRA and QLoRA, adapters-off reference), and the reference options' arithmetic."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from minift.memory.plan import plan
 from minift.memory.tracker import CATEGORIES, MemoryTracker
 from minift.model import Llama
 from minift.preference import collate_pairs
+from minift.train_setup import gradient_checkpointing
 
 SMALL = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -38,23 +41,26 @@ def pair_batch(pairs, seq):
     return collate_pairs(out, 0)
 
 
-def measure(method, pairs, seq):
-    """Tracker breakdown of the second DPO step (the first creates the optimizer states)."""
+def measure(method, pairs, seq, cfg=SMALL, chunk=None):
+    """Tracker breakdown of the second DPO step (the first creates the optimizer states); with
+    ``chunk``, chunked log-probs and gradient checkpointing (what the estimate of it assumes)."""
     torch.manual_seed(0)
-    model = Llama(SMALL).to(torch.bfloat16)
+    model = Llama(cfg).to(torch.bfloat16)
     if method == "qlora":
         minift.quantize_model(model)
     model.requires_grad_(False)
     minift.lora_wrap(model, r=8, alpha=16)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch, objective = pair_batch(pairs, seq), DPOObjective(AdapterReference(model), beta=0.1)
-    for _ in range(2):
-        tracker = MemoryTracker(model, opt)
-        with tracker.track():
-            objective.step(model, [batch], torch.device("cpu"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    batch = pair_batch(pairs, seq)
+    objective = DPOObjective(AdapterReference(model), beta=0.1, loss_chunk_size=chunk)
+    with gradient_checkpointing(model, chunk is not None):
+        for _ in range(2):
+            tracker = MemoryTracker(model, opt)
+            with tracker.track():
+                objective.step(model, [batch], torch.device("cpu"))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
     return tracker.report().as_dict()
 
 
@@ -69,6 +75,20 @@ def test_dpo_estimate_matches_the_tracked_step(method, pairs, seq):
     # and the DPO step is not an SFT step of B sequences: it holds 2B
     sft = estimate_memory(SMALL, method, pairs, seq, r=8, device="cpu")
     assert measured["activations"] > 1.8 * sft.activations
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_chunked_dpo_estimate_matches_the_tracked_step(method):
+    """Vocabulary 4096: the (2B, T, V) logits dominate unchunked; 32-token chunks remove them."""
+    cfg = dataclasses.replace(SMALL, vocab_size=4096)
+    full = measure(method, 2, 128, cfg)
+    chunked = measure(method, 2, 128, cfg, chunk=32)
+    est = estimate_dpo_memory(cfg, method, 2, 128, r=8, device="cpu", gradient_checkpointing=True,
+                              loss_chunk_size=32)
+    assert chunked["peak"] < 0.4 * full["peak"]
+    # the estimate takes the policy's loss as the chunked SFT loss: a little above the DPO step
+    assert chunked["peak"] <= est.total <= 1.1 * chunked["peak"]
+    assert est.terms["reference_forward"] == 32 * 4096 * (2 + 4 + 4) + 2 * 2 * 128 * 128 * 2
 
 
 def test_reference_options():

@@ -7,7 +7,9 @@ A DPO step (minift.dpo.DPOObjective.step) differs from an SFT step in three ways
 2. a reference forward before it, without autograd: it keeps no activations, but its logits
    (2B, T, V) in the compute dtype, their float32 copy and the float32 log-softmax that the
    cross-entropy makes are alive at its end, on top of the weights and optimizer states (the
-   gradients are freed: zero_grad(set_to_none=True) ran after the previous step);
+   gradients are freed: zero_grad(set_to_none=True) ran after the previous step); with
+   ``loss_chunk_size`` only one chunk's logits are (``minift.loss.chunked_row_logps``), and the
+   policy's loss is that of an SFT step with the chunked loss;
 3. the reference's weights: none with LoRA/QLoRA (the same model with its adapters switched
    off), none with precomputed log-probs (2 floats per pair, on disk and host), a second copy of
    the model for full fine-tuning ("copy"), or that copy in NF4 ("copy_nf4").
@@ -68,9 +70,16 @@ def estimate_dpo_memory(config_or_preset: Union[ModelConfig, str], method: str =
     extra = _reference_weights(cfg, method, reference, policy, seq_len,
                                **{k: v for k, v in kwargs.items() if k in ("dtype", "blocksize")})
     e = _elem(kwargs.get("dtype", torch.bfloat16))
-    logits = 2 * batch_size * seq_len * cfg.vocab_size  # elements of the (2B, T, V) logits
-    # reference forward's end: logits in dtype + their float32 copy + float32 log-softmax
-    ref_pass = 0 if reference == "precomputed" else logits * (e + 4 + 4)
+    rows = 2 * batch_size * seq_len
+    chunk = kwargs.get("loss_chunk_size")
+    # reference forward's end: logits in dtype + their float32 copy + float32 log-softmax, of all
+    # (2B, T) positions, or of one chunk of them after the (2B, T, H) hidden states
+    # (minift.loss.chunked_row_logps)
+    if chunk is None:
+        ref_pass = rows * cfg.vocab_size * (e + 4 + 4)
+    else:
+        ref_pass = min(chunk, rows) * cfg.vocab_size * (e + 4 + 4) + rows * cfg.hidden_size * e
+    ref_pass = 0 if reference == "precomputed" else ref_pass
     fixed = policy.frozen_weights + policy.trainable_params + policy.optimizer_states + extra
     total = max(policy.total + extra, fixed + ref_pass)
     other = policy.other if total == policy.total + extra else ref_pass
