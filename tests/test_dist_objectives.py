@@ -112,6 +112,28 @@ def test_dpo_resume_on_two_processes_is_exact(runs):
     assert again["summary"]["eval"][-1] == first["summary"]["eval"][-1]
 
 
+def test_dpo_checkpoint_of_two_processes_resumes_on_one(runs, tmp_path):
+    """The FSDP LoRA DPO run's sharded step-2 checkpoint, resumed by one process: steps 3 and 4 and
+    the final evaluation as the 2-process run logged them (summation order aside)."""
+    import shutil
+
+    import minift
+    out, results = runs
+    _, method, _ = DPO_CASES[RESUMED]
+    run_dir = tmp_path / "one"
+    shutil.copytree(out / f"dpo-{RESUMED}-w{WORLD}", run_dir)
+    config = dpo_config(out, RESUMED, 1, output_dir=str(run_dir), resume_from=str(run_dir / "step-2"))
+    summary = minift.train(make_model(method), pairs(10), config, eval_data=pairs(7, seed=1))
+    two = results[0]["dpo"][RESUMED]
+    assert summary["resumed_from"].endswith("step-2") and summary["world_size"] == 1
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [line["step"] for line in two["lines"]] == [1, 2, 3, 4]
+    for got, want in zip(lines[2:], two["lines"][2:]):
+        for key in ("loss", "grad_norm", "chosen_logp", "rejected_logp", "reward_margin"):
+            assert close(key, got[key], want[key]), (key, got, want)
+    assert close("eval_loss", summary["eval"][-1]["eval_loss"], two["summary"]["eval"][-1]["eval_loss"])
+
+
 def test_precomputed_reference_scored_by_both_ranks(runs, single):
     out, _ = runs
     name = "fsdp-full-pre"
