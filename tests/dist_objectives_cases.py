@@ -86,7 +86,8 @@ SFT_EVAL = {"fsdp-full": ("fsdp", "full"), "ddp-lora": ("ddp", "lora")}
 
 
 def eval_config():
-    return TrainConfig(micro_batch_size=2, bf16=False, device="cpu", progress=False, loss_chunk_size=None)
+    # the chunked loss, as in training: FSDP's root stays gathered after the forward for it
+    return TrainConfig(micro_batch_size=2, bf16=False, device="cpu", progress=False, loss_chunk_size=5)
 
 
 def sft_eval(parallel, method, world, rank):
