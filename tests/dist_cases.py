@@ -189,7 +189,7 @@ def qlora_layer_gather(world):
 # Rows of 256 elements (hidden 256): every projection, the embedding and lm_head keep 8-bit
 # moments under FSDP too; vocabulary 251 splits the embedding's rows unevenly (126 + 125).
 ALIGNED = dict(vocab_size=251, hidden_size=256, intermediate_size=512)
-# (paged, parameter dtype, stochastic rounding)
+# (paged, parameter dtype, stochastic rounding); the paged case also runs FSDP's CPU offload path
 OPTIM8_CASES = [(False, "float32", False), (True, "bfloat16", True)]
 OPTIM8_STEPS = 3
 
@@ -226,7 +226,8 @@ def optim8_sharded(out: Path, paged, dtype, stochastic, world):
     name = optim8_name(paged, dtype, stochastic)
     plain = aligned_model(dtype)
     ref = optim8_run(plain, False, paged, stochastic)
-    model = mdist.apply_parallel(aligned_model(dtype), SimpleNamespace(parallel="fsdp"), device=torch.device("cpu"))
+    model = mdist.apply_parallel(aligned_model(dtype), SimpleNamespace(parallel="fsdp", fsdp_cpu_offload=paged),
+                                device=torch.device("cpu"))
     opt = optim8_run(model, True, paged, stochastic)
     ref.state_dict(), opt.state_dict()  # paged: write the resident pages back to the host states
     rows_equal, states_equal, local_bytes, full_bytes, kinds, fallback_diff = True, True, 0, 0, {}, 0.0
@@ -250,7 +251,8 @@ def optim8_sharded(out: Path, paged, dtype, stochastic, world):
         elif "exp_avg" in full:
             states_equal &= torch.equal(st["exp_avg"], full["exp_avg"][start:start + mine.shape[0]])
     dckpt.save_sharded(out / f"{name}-ckpt", model, opt, trainable_only=False)
-    again = mdist.apply_parallel(aligned_model(dtype), SimpleNamespace(parallel="fsdp"), device=torch.device("cpu"))
+    again = mdist.apply_parallel(aligned_model(dtype), SimpleNamespace(parallel="fsdp", fsdp_cpu_offload=paged),
+                                device=torch.device("cpu"))
     opt2 = AdamW8bit(list(again.parameters()), lr=1e-2, weight_decay=0.1, paged=paged, stochastic_rounding=stochastic)
     dckpt.load_sharded(out / f"{name}-ckpt", again, opt2, trainable_only=False)
     reloaded = True
