@@ -140,9 +140,11 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
     root stays gathered from its forward to the end of the backward (one all-gather a
     micro-batch instead of two). A ``frozen`` model (a DPO reference copy: forward only, no
     backward to reshard it) reshards its root after forward too. A forward under ``no_grad``
-    (evaluation) also leaves the root gathered: ``reshard`` frees it. On CUDA with bf16 the parameters are gathered in bf16
-    and gradients reduced in fp32; uint8 NF4 bytes are never cast. ``fsdp_cpu_offload`` keeps the
-    sharded parameters, gradients and optimizer states in host memory (``CPUOffloadPolicy``).
+    (evaluation) also leaves the root gathered: ``reshard`` frees it.
+
+    On CUDA with bf16 the parameters are gathered in bf16 and gradients reduced in fp32; uint8
+    NF4 bytes are never cast. ``fsdp_cpu_offload`` keeps the sharded parameters, gradients and
+    optimizer states in host memory (``CPUOffloadPolicy``).
 
     Returns:
         The same model (FSDP2 works in place) or a ``DistributedDataParallel`` wrapper; use

@@ -22,8 +22,8 @@ from torch import nn
 
 import minift
 from dist_cases import (CASES, LOSS_RTOL, OPTIM8_CASES, TRAIN_CASES, WORLD, aligned_model, case_name, examples,
-                        free_port, loss_sum, make_model, optim8_name, optim8_run, prepared, run_alone, run_case, run_steps,
-                        step_config, train_config, worker)
+                        free_port, loss_sum, make_model, optim8_name, optim8_run, prepared, run_alone, run_case,
+                        run_steps, step_config, train_config, worker)
 from minift import checkpoint as ckpt
 from minift import dist_checkpoint as dckpt
 from minift import distributed as mdist
