@@ -25,7 +25,7 @@ import torch
 from minift._util import check_int, check_number
 from minift.kernels import HAS_TRITON
 from minift.optim import sharded
-from minift.optim.adamw8bit_state import (KEYS_8BIT, KEYS_32, VERSION, VERSION_KEY, check_state_dict,
+from minift.optim.adamw8bit_state import (KEYS_8BIT, VERSION, VERSION_KEY, check_state_dict,
                                           exchange_state)
 from minift.optim.adamw8bit_state import check_hparams as _check_hparams
 from minift.optim.paging import DEFAULT_BUDGET_BYTES, Pager, host_empty
