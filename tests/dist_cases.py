@@ -362,6 +362,42 @@ def worker(rank, port, out):
         dist.destroy_process_group()
 
 
+# ---- another world size: the 2-process checkpoints read by 3 processes -------------------
+THREE = 3
+THREE_CASES = [("fsdp", "full", 2), ("fsdp", "qlora", 2)]
+
+
+def worker3(rank, port, out):
+    """Steps 3 and 4 from the 2-process step-2 checkpoints of THREE_CASES on 3 processes (DCP re-slices
+    every shard, the NF4 bytes and AdamW's moments included), and the 8-bit optimizer's states of
+    the first OPTIM8 case re-sliced to 3 ranks (rows 84 + 84 + 83 of the 251-row embedding)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(THREE))
+    torch.set_num_threads(1)
+    out = Path(out)
+    mdist.init_from_env("cpu")
+    try:
+        results = {}
+        for parallel, method, accum in THREE_CASES:
+            name = case_name(parallel, method, accum)
+            model, params, opt = prepared(parallel, method, THREE)
+            dckpt.load_sharded(out / f"{name}-ckpt", model, opt, trainable_only=method != "full")
+            results[name] = run_steps(model, params, opt, accum, THREE, rank, 3, 4)
+        paged, dtype, stochastic = OPTIM8_CASES[0]
+        model = mdist.apply_parallel(aligned_model(dtype), SimpleNamespace(parallel="fsdp"), device=torch.device("cpu"))
+        opt = AdamW8bit(list(model.parameters()), lr=1e-2, weight_decay=0.1)
+        dckpt.load_sharded(out / f"{optim8_name(paged, dtype, stochastic)}-ckpt", model, opt, trainable_only=False)
+        states = {}
+        for name, p in model.named_parameters():
+            st = opt.state[p]
+            states[name] = {"first_row": sharded_rows(p)[0], "rows": p.to_local().shape[0],
+                            **{k: v.tolist() for k, v in st.items() if isinstance(v, torch.Tensor)}}
+        results["optim8"] = states
+        (out / f"three{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ from torch import nn
 import minift
 from dist_cases import (CASES, LOSS_RTOL, OPTIM8_CASES, TRAIN_CASES, WORLD, aligned_model, case_name, examples,
                         free_port, loss_sum, make_model, optim8_name, optim8_run, prepared, run_alone, run_case,
-                        run_steps, step_config, train_config, worker)
+                        run_steps, step_config, train_config, worker, worker3, THREE, THREE_CASES)
 from minift import checkpoint as ckpt
 from minift import dist_checkpoint as dckpt
 from minift import distributed as mdist
@@ -78,6 +78,41 @@ def test_resume_on_one_process_from_two(runs, case):
     dckpt.load_sharded(out / f"{case}-ckpt", model, opt, trainable_only=method != "full")
     step3 = run_steps(model, params, opt, accum, 1, 0, 3, 3)[0]
     assert step3["loss"] == pytest.approx(results[0][case]["steps"][2]["loss"], rel=LOSS_RTOL)
+
+
+def test_sharded_checkpoints_resume_on_three_processes(runs):
+    """2-process checkpoints read by 3 processes: steps 3 and 4 as one process runs them from the
+    same checkpoint (step 4 shows the optimizer state came across), and the 8-bit states cut into
+    3 row blocks equal the whole-model optimizer's."""
+    out, _ = runs
+    mp.spawn(worker3, args=(free_port(), str(out)), nprocs=THREE, join=True)
+    three = [json.loads((out / f"three{r}.json").read_text()) for r in range(THREE)]
+    for parallel, method, accum in THREE_CASES:
+        name = case_name(parallel, method, accum)
+        model, params, opt = prepared(parallel, method, 1)
+        dckpt.load_sharded(out / f"{name}-ckpt", model, opt, trainable_only=method != "full")
+        alone = run_steps(model, params, opt, accum, 1, 0, 3, 4)
+        for r in three:
+            for got, want in zip(r[name], alone):
+                assert got["loss"] == pytest.approx(want["loss"], rel=LOSS_RTOL), (name, got, want)
+                assert got["tokens"] == want["tokens"]
+    paged, dtype, stochastic = OPTIM8_CASES[0]
+    plain = aligned_model(dtype)
+    ref = optim8_run(plain, False, paged, stochastic)
+    compared = 0
+    for pname, p in plain.named_parameters():
+        full, row = ref.state[p], p.numel() // p.shape[0]
+        for r in three:
+            got = r["optim8"][pname]
+            a, b = got["first_row"] * row, (got["first_row"] + got["rows"]) * row  # this rank's values
+            if "exp_avg_codes" in got:
+                compared += 1
+                for key in ("exp_avg_codes", "exp_avg_sq_codes"):
+                    assert got[key] == full[key][a:b].tolist(), (pname, key)
+                for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+                    assert got[key] == full[key][a // 256:b // 256].tolist(), (pname, key)
+    assert compared == 3 * 14  # (6 linears, o_proj aside) x 2 layers + embedding + lm_head, on 3 ranks
+    assert [r["optim8"]["model.embed_tokens.weight"]["rows"] for r in three] == [84, 84, 83]
 
 
 def test_load_sharded_names_a_missing_checkpoint(tmp_path):
