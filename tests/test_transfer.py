@@ -7,7 +7,7 @@ from torch.overrides import TorchFunctionMode
 from minift.config import ModelConfig
 from minift.data import batch_examples
 from minift.model import Llama
-from minift.trainer import _batch_loss_sum, accumulate_gradients, token_loss_sum
+from minift.sft import _batch_loss_sum, accumulate_gradients, token_loss_sum
 from minift.transfer import to_device
 from sync_counter import SyncCounter
 
