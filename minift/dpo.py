@@ -195,6 +195,12 @@ class DPOObjective:
         out = _metric_means(sums, len(pairs))
         return {"eval_loss": loss / len(pairs), **{f"eval_{k}": v for k, v in out.items()}}
 
+    def frozen_models(self) -> tuple:
+        """The reference's own model when it is a separate copy (full fine-tuning, "copy_nf4"),
+        which the memory tracker counts as frozen weights; the adapters-off reference is the
+        policy itself and a stored one holds no model."""
+        return (self.reference.model,) if isinstance(self.reference, ModelReference) else ()
+
     def distribute(self, shard, place):
         """Under torchrun, once the policy is sharded (every rank calls it): a frozen reference
         copy is laid out like the policy by ``place`` (model -> model; FSDP-sharded, or on the

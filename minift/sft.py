@@ -111,6 +111,10 @@ class SFTObjective:
     def evaluate(self, model, examples, config, device, shard=None):
         return evaluate(model, examples, config, device, shard)
 
+    def frozen_models(self) -> tuple:
+        """Modules besides the policy that the step keeps alive (none for the token loss)."""
+        return ()
+
     def distribute(self, shard, place):
         """Nothing to lay out: the token loss needs only the model (DPOObjective's places its
         reference)."""

@@ -148,7 +148,8 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             # first step only; the tracker counts one process's tensors, not a sharded model's
-            tracker = MemoryTracker(model, opt) if run.memory is None and not run.dist.active else None
+            tracker = (MemoryTracker(model, opt, frozen=run.objective.frozen_models())
+                       if run.memory is None and not run.dist.active else None)
             t0 = time.perf_counter()
             with tracker.track() if tracker else contextlib.nullcontext():
                 # 2. forward/backward over the step's micro-batches; the objective normalises

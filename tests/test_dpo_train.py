@@ -115,3 +115,22 @@ def test_chunked_log_probs_train_as_the_full_logits(tmp_path, lora):
         assert runs[3][key] == pytest.approx(runs[None][key], rel=1e-5)
     assert runs[3]["eval"][-1]["eval_loss"] == pytest.approx(runs[None]["eval"][-1]["eval_loss"], rel=1e-5)
     assert runs[3]["last_loss"] != runs[3]["first_loss"]
+
+
+def test_the_tracked_first_step_counts_a_frozen_reference_copy(tmp_path):
+    """Full-fine-tuning DPO with a frozen copy: the copy's weights are in the run's memory report
+    (as frozen weights); with precomputed log-probs there is no copy to count."""
+    pairs = random_pairs(4, vocab=VOCAB)
+    weights = sum(p.numel() * p.element_size() for p in tiny_model(False).parameters())
+    copy_run = minift.train(tiny_model(False), pairs, config(tmp_path / "copy", method="full", max_steps=1))
+    stored = minift.train(tiny_model(False), pairs, config(tmp_path / "stored", method="full", max_steps=1,
+                                                           precompute_reference=True))
+    assert copy_run["memory"]["frozen_weights"] >= weights
+    assert stored["memory"]["frozen_weights"] < weights / 10
+    assert copy_run["memory"]["trainable_params"] == stored["memory"]["trainable_params"] == weights
+
+
+def test_memory_tracker_refuses_a_frozen_entry_that_is_not_a_module():
+    from minift.memory.tracker import MemoryTracker
+    with pytest.raises(TypeError, match=r"frozen\[0\] must be a torch.nn.Module, got Tensor"):
+        MemoryTracker(tiny_model(), frozen=(torch.zeros(1),))

@@ -90,15 +90,22 @@ class MemoryTracker:
         model: the model being trained (its parameters and buffers are the weights).
         optimizer: the optimizer whose ``state`` holds the optimizer states; None to leave
             optimizer states out.
+        frozen: other modules alive through the step whose parameters and buffers count as
+            frozen weights (a DPO reference copy); storages shared with ``model`` count once.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 frozen: tuple = ()):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"MemoryTracker: model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"MemoryTracker: optimizer must be a torch.optim.Optimizer or None, "
                             f"got {type(optimizer).__name__}")
         self.model, self.optimizer = model, optimizer
+        self.frozen = tuple(frozen)
+        for i, m in enumerate(self.frozen):
+            if not isinstance(m, torch.nn.Module):
+                raise TypeError(f"MemoryTracker: frozen[{i}] must be a torch.nn.Module, got {type(m).__name__}")
         self._report = None
 
     # ---- bookkeeping used while tracking --------------------------------------------------
@@ -111,6 +118,9 @@ class MemoryTracker:
             self._add_static(p, "trainable_params" if p.requires_grad else "frozen_weights")
         for b in self.model.buffers():
             self._add_static(b, "frozen_weights")
+        for m in self.frozen:
+            for t in list(m.parameters()) + list(m.buffers()):
+                self._add_static(t, "frozen_weights")
         self._grad_pre = sum(self._add_static(p.grad, None) for p in self.model.parameters()
                              if p.grad is not None)
         self._host_live = {}  # id(storage) -> nbytes of host tensors seen during the step
