@@ -70,6 +70,10 @@ def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer, *, tr
     if not (Path(path) / ".metadata").is_file():
         raise FileNotFoundError(f"{path}: not a sharded checkpoint (no .metadata file)")
     options = _options(trainable_only)
+    # DCP builds the optimizer's load template by stepping a fresh optimizer on zero gradients,
+    # and skips that (loading no optimizer state at all) when a parameter still holds a gradient:
+    # a checkpoint replaces the state, so gradients left from before it are dropped first
+    optimizer.zero_grad(set_to_none=True)
     model_sd, optim_sd = get_state_dict(_dcp_ready(model), optimizer, options=options)
     _match_saved_optimizer(optim_sd, dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     state = {"model": model_sd, "optim": optim_sd, "optim_extra": _optimizer_extras(optimizer)}

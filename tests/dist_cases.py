@@ -393,9 +393,37 @@ def worker3(rank, port, out):
             states[name] = {"first_row": sharded_rows(p)[0], "rows": p.to_local().shape[0],
                             **{k: v.tolist() for k, v in st.items() if isinstance(v, torch.Tensor)}}
         results["optim8"] = states
+        results["empty_shard"] = empty_shard(out, rank)
         (out / f"three{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
+
+
+def empty_shard(out: Path, rank):
+    """A (2, 256) weight on 3 ranks: rank 2 holds no row. AdamW8bit steps it (8-bit moments) and
+    reloads it from a sharded checkpoint written while the gradients were still set."""
+    torch.manual_seed(0)
+    plain = nn.Linear(256, 2, bias=False)
+    holder = nn.Sequential(nn.Linear(256, 2, bias=False))
+    holder[0].weight.data.copy_(plain.weight.data)
+    fully_shard(holder, mesh=init_device_mesh("cpu", (THREE,)))
+    p = holder[0].weight
+    opt = AdamW8bit([p], lr=1e-2, min_8bit_size=0)
+    ref = AdamW8bit([plain.weight], lr=1e-2, min_8bit_size=0)
+    for step in range(2):
+        g = torch.randn(2, 256, generator=torch.Generator().manual_seed(step))
+        p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+        plain.weight.grad = g.clone()
+        opt.step()
+        ref.step()
+    start, mine = sharded_rows(p)
+    dckpt.save_sharded(out / "empty-shard-ckpt", holder, opt, trainable_only=False)
+    again = AdamW8bit([p], lr=1e-2, min_8bit_size=0)
+    dckpt.load_sharded(out / "empty-shard-ckpt", holder, again, trainable_only=False)
+    st, st2 = opt.state[p], again.state[p]
+    return {"rows": mine.shape[0], "equal": torch.equal(mine, plain.weight.data[start:start + mine.shape[0]]),
+            "eight_bit": "exp_avg_codes" in st, "reloaded": st.keys() == st2.keys() and all(
+                torch.equal(st[k], st2[k]) for k in st if isinstance(st[k], torch.Tensor))}
 
 
 def free_port():

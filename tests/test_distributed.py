@@ -113,6 +113,10 @@ def test_sharded_checkpoints_resume_on_three_processes(runs):
                     assert got[key] == full[key][a // 256:b // 256].tolist(), (pname, key)
     assert compared == 3 * 14  # (6 linears, o_proj aside) x 2 layers + embedding + lm_head, on 3 ranks
     assert [r["optim8"]["model.embed_tokens.weight"]["rows"] for r in three] == [84, 84, 83]
+    # a rank without rows of a parameter steps nothing, and every rank reloads its (empty) part
+    assert [r["empty_shard"]["rows"] for r in three] == [1, 1, 0]
+    assert all(r["empty_shard"]["equal"] and r["empty_shard"]["eight_bit"] and r["empty_shard"]["reloaded"]
+               for r in three)
 
 
 def test_load_sharded_names_a_missing_checkpoint(tmp_path):

@@ -165,18 +165,24 @@ class AdamW8bit(torch.optim.Optimizer):
         """
         if not todo:
             return True
-        grads = [sharded.local(p.grad) for _, _, p in todo]  # this rank's rows of sharded ones
-        device = grads[0].device
-        norms = torch._foreach_norm(grads, math.inf)
-        finite = torch.isfinite(torch.stack([x.float().to(device, non_blocking=True) for x in norms]))
+        # this rank's rows of sharded gradients; a shard may hold no rows (a parameter with fewer
+        # rows than ranks), and an empty tensor has no infinity norm
+        held = [(item, sharded.local(item[2].grad)) for item in todo]
+        held = [(item, g) for item, g in held if g.numel()]
+        finite = torch.ones(0, dtype=torch.bool)
+        if held:
+            device = held[0][1].device
+            norms = torch._foreach_norm([g for _, g in held], math.inf)
+            finite = torch.isfinite(torch.stack([x.float().to(device, non_blocking=True) for x in norms]))
         if sharded.agree_all_finite(bool(finite.all()), [p for _, _, p in todo]):  # the one sync
             return True
-        bad = [f"#{index} (shape {tuple(p.shape)})" for (index, _, p), ok in zip(todo, finite.tolist())
+        bad = [f"#{index} (shape {tuple(p.shape)})" for ((index, _, p), _), ok in zip(held, finite.tolist())
                if not ok]
+        where = f"parameter {', '.join(bad)}" if bad else "another rank's shards"
         self.skipped_steps += 1
-        warnings.warn(f"AdamW8bit: skipped the step because of NaN/Inf gradients in parameter "
-                      f"{', '.join(bad)}; states and weights are unchanged "
-                      f"(skipped_steps={self.skipped_steps})", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"AdamW8bit: skipped the step because of NaN/Inf gradients in {where}; states "
+                      f"and weights are unchanged (skipped_steps={self.skipped_steps})", RuntimeWarning,
+                      stacklevel=3)
         return False
 
     def _step_seed(self, step: int, index: int) -> int:
