@@ -36,6 +36,7 @@ import contextlib
 import weakref
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -46,7 +47,10 @@ from minift.memory.report import (CATEGORIES, PAGED_KEYS, _HOST_SIDE, MemoryRepo
 
 
 def _storage(t):
-    """The tensor's untyped storage, or None for tensors without one (meta, sparse, ...)."""
+    """The tensor's untyped storage, or None for tensors without one (meta, sparse, ...). A
+    sharded (DTensor) tensor, an FSDP2 parameter or its gradient, is this rank's local shard."""
+    if isinstance(t, DTensor):
+        t = t._local_tensor
     try:
         if t.device.type == "meta":
             return None
