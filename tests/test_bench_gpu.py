@@ -105,3 +105,19 @@ def test_bench_gpu_bad_input(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["bench", "gpu", "--dry-run"])  # --out is required
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the whole suite once (module fixture): ~10-30 s on 2 shared cores
+def test_dry_run_fsdp_part(dry_run):
+    """FSDP on a 1-process group (gloo in the dry run): the NF4 gather is bit-exact and 4-bit,
+    the FSDP step's loss is the plain step's, and the launch variables are put back."""
+    import os
+    r = dry_run[1]["results"]["fsdp"]
+    gather = r["nf4_gather"]
+    assert gather["equal"] and gather["gathered_bytes"] < gather["bf16_bytes"] / 3
+    assert r["fsdp"]["first_loss"] == pytest.approx(r["plain"]["first_loss"], rel=1e-5)
+    assert r["fsdp"]["ms"] and r["plain"]["ms"]
+    assert r["estimate_fsdp"]["total"] > 0
+    # the suite ran in this process: its group is gone and no launch variable is left behind
+    assert not torch.distributed.is_initialized()
+    assert not {"MASTER_PORT", "RANK", "WORLD_SIZE"} & set(os.environ)
