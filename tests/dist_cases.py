@@ -274,11 +274,15 @@ def sharded_rows(p):
 
 
 TRAIN_CASES = [("fsdp", "qlora"), ("ddp", "full")]
-# they compose: gradient checkpointing with FSDP, the 8-bit optimizer (and its checkpoints) with DDP
-# the paged 8-bit optimizer and the chunked loss under FSDP (the tiny model's LoRA tensors are under
-# min_8bit_size, so both runs keep float32 moments and agree to LOSS_RTOL)
-TRAIN_EXTRA = {("fsdp", "qlora"): dict(gradient_checkpointing=True, optimizer="paged_adamw8bit", loss_chunk_size=5),
-               ("ddp", "full"): dict(optimizer="adamw8bit", loss_chunk_size=7)}
+# what composes with torchrun, each against the same flags on one process: under FSDP gradient
+# checkpointing, activation offload, MLP tiles, the paged 8-bit optimizer and the chunked loss (the
+# tiny model's LoRA tensors are under min_8bit_size, so both runs keep float32 moments and agree to
+# LOSS_RTOL); under DDP the 8-bit optimizer (and its checkpoints), the chunked loss, gradient
+# checkpointing and MLP tiles
+TRAIN_EXTRA = {("fsdp", "qlora"): dict(gradient_checkpointing=True, optimizer="paged_adamw8bit", loss_chunk_size=5,
+                                       activation_offload=True, mlp_tile_size=4),
+               ("ddp", "full"): dict(optimizer="adamw8bit", loss_chunk_size=7, gradient_checkpointing=True,
+                                     mlp_tile_size=3)}
 
 
 def train_config(out: Path, parallel, method, world, **kw):
