@@ -19,8 +19,9 @@ import minift
 from dist_cases import LOSS_RTOL, WORLD, examples, free_port, make_model, train_config
 
 pytestmark = pytest.mark.slow
+# plain FSDP QLoRA (dist_cases' extras for this case turned off), compiled
 FIELDS = dict(compile=True, save_interval=None, max_steps=2, optimizer="adamw", loss_chunk_size=None,
-              gradient_checkpointing=False)
+              gradient_checkpointing=False, activation_offload=False, mlp_tile_size=None)
 
 
 def worker(rank, port, out):
