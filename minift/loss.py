@@ -110,6 +110,10 @@ def chunked_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Ten
         raise ValueError(f"hidden must be (B, T, H) and labels (B, T); got {tuple(hidden.shape)} "
                          f"and {tuple(labels.shape)}")
     flat = hidden.reshape(-1, hidden.shape[-1])  # a view: hidden is contiguous
+    if flat.shape[0] <= chunk_size:
+        # one chunk holds every token: the plain loss keeps two (N, V) float32 buffers at its
+        # peak, the chunked one three (logits, their gradient formed in forward, its copy)
+        return token_loss_sum(lm_head(hidden), labels)
     targets = shift_labels(labels).reshape(-1)
     params = [p for p in lm_head.parameters() if p.requires_grad and torch.is_grad_enabled()]
     return _ChunkedHeadLoss.apply(flat, targets, chunk_size, lm_head, *params)

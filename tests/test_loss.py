@@ -199,3 +199,27 @@ def test_no_tensor_of_all_logits_is_created():
     # full logits would be 2 * 40 * 300 = 24,000 elements; one chunk's are 8 * 300 = 2,400,
     # the largest other tensor is the head's weight/gradient (300 * 32 = 9,600)
     assert seen.largest == 300 * 32
+
+
+def test_one_chunk_for_every_token_is_the_plain_loss():
+    """chunk >= B * T: the plain loss runs (two (N, V) float32 buffers at its peak, not the chunked
+    path's three), so its value and gradients are the unchunked ones bit for bit."""
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50)
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 5))
+    got = chunked_loss_sum(hidden, head, labels, 10)
+    got.backward()
+    grads = (hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    want = token_loss_sum(head(hidden), labels)
+    want.backward()
+    assert torch.equal(got, want)
+    assert torch.equal(grads[0], hidden.grad) and torch.equal(grads[1], head.weight.grad)
+
+
+def test_the_estimate_of_one_chunk_for_every_token_is_the_full_logits():
+    from minift.memory.features import _loss_moment
+    cfg = ModelConfig.from_name("tiny")
+    assert _loss_moment(cfg, "lora", 2, 100, 100) == _loss_moment(cfg, "lora", 2, 100, None)
+    assert _loss_moment(cfg, "lora", 2, 100, 99) != _loss_moment(cfg, "lora", 2, 100, None)

@@ -44,7 +44,7 @@ def paged_states(trainable, optimizer, budget) -> tuple[int, int]:
 def _loss_moment(cfg, method, e, n_tok, chunk) -> tuple[int, int, int]:
     """(bytes at the loss, bytes at the start of backward, saved part) beyond the layers."""
     v, hid = cfg.vocab_size, e * cfg.hidden_size * n_tok
-    if chunk is None:
+    if chunk is None or chunk >= n_tok:  # one chunk would hold every token: the full logits
         saved = 4 * v * n_tok + 8 * n_tok
         return saved + e * v * n_tok + 4 * v * n_tok, saved + 2 * 4 * v * n_tok, saved
     c = min(chunk, n_tok)
