@@ -57,27 +57,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, labels, chunk, head, *params):
         want_h = ctx.needs_input_grad[0]
         want_p = [ctx.needs_input_grad[4 + i] for i in range(len(params))]
-        grad_h = torch.zeros_like(hidden) if want_h else None  # (N, H), hidden's dtype
-        grad_p = [torch.zeros_like(p) if w else None for p, w in zip(params, want_p)]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            y = labels[start:start + chunk]
-            if not bool((y != IGNORE).any()):
-                continue  # a prompt-only chunk adds nothing to the loss or the gradients
-            h = hidden[start:start + chunk].detach().requires_grad_(want_h)
-            with torch.set_grad_enabled(want_h or any(want_p)):
-                logits = head(h).float()  # (chunk, V) fp32: the only logits alive
-                loss = F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum")
-            total += loss.detach()
-            inputs = ([h] if want_h else []) + [p for p, w in zip(params, want_p) if w]
-            if inputs:
-                grads = list(torch.autograd.grad(loss, inputs))
-                if want_h:
-                    grad_h[start:start + chunk] = grads.pop(0)
-                for i, w in enumerate(want_p):
-                    if w:
-                        grad_p[i] += grads.pop(0)
-            del logits, loss
+        grad_h, grad_p, total = _chunk_gradients(
+            hidden, labels, chunk, head, params, want_h, want_p,
+            lambda logits, y, start: F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum"))
         ctx.grads = (grad_h, grad_p)
         return total
 
@@ -144,26 +126,42 @@ class _ChunkedRowLogps(torch.autograd.Function):
     def backward(ctx, g):
         hidden, labels = ctx.saved_tensors
         head, chunk, t, params = ctx.head, ctx.chunk, ctx.t, ctx.params
+        ctx.head = ctx.params = None
         want_h = ctx.needs_input_grad[0]
         want_p = [ctx.needs_input_grad[6 + i] for i in range(len(params))]
-        grad_h = torch.zeros_like(hidden) if want_h else None
-        grad_p = [torch.zeros_like(p) if w else None for p, w in zip(params, want_p)]
-        for start, y in _scored_chunks(labels, chunk):
-            h = hidden[start:start + chunk].detach().requires_grad_(want_h)
-            inputs = ([h] if want_h else []) + [p for p, w in zip(params, want_p) if w]
-            if not inputs:
-                break
-            with torch.enable_grad():
-                nll = F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="none")
-                weighted = -(nll * g.float()[_rows(start, y, t)]).sum()
-            grads = list(torch.autograd.grad(weighted, inputs))
+        weights = g.float()
+        grad_h, grad_p, _ = _chunk_gradients(
+            hidden, labels, chunk, head, params, want_h, want_p,
+            lambda logits, y, start: -(F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="none")
+                                       * weights[_rows(start, y, t)]).sum())
+        return (grad_h, None, None, None, None, None, *grad_p)
+
+
+def _chunk_gradients(hidden, labels, chunk, head, params, want_h, want_p, chunk_loss):
+    """Gradients of the sum over chunks of ``chunk_loss(logits, labels, start)`` with respect to
+    ``hidden`` and the wanted ``params``, holding one chunk's (chunk, V) fp32 logits at a time.
+
+    Returns (grad_h (N, H) in hidden's dtype or None, [grad or None per param], fp32 loss sum).
+    Chunks without a scored token add nothing and are skipped.
+    """
+    grad_h = torch.zeros_like(hidden) if want_h else None
+    grad_p = [torch.zeros_like(p) if w else None for p, w in zip(params, want_p)]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start, y in _scored_chunks(labels, chunk):
+        h = hidden[start:start + chunk].detach().requires_grad_(want_h)
+        with torch.set_grad_enabled(want_h or any(want_p)):
+            loss = chunk_loss(head(h).float(), y, start)  # the only logits alive
+        total += loss.detach()
+        inputs = ([h] if want_h else []) + [p for p, w in zip(params, want_p) if w]
+        if inputs:
+            grads = list(torch.autograd.grad(loss, inputs))
             if want_h:
                 grad_h[start:start + chunk] = grads.pop(0)
             for i, w in enumerate(want_p):
                 if w:
                     grad_p[i] += grads.pop(0)
-        ctx.head = ctx.params = None
-        return (grad_h, None, None, None, None, None, *grad_p)
+        del loss
+    return grad_h, grad_p, total
 
 
 def _scored_chunks(labels: torch.Tensor, chunk: int):
