@@ -28,7 +28,6 @@ import minift
 import train_llama as sft
 from minift import dist_checkpoint as dckpt
 from minift import distributed as mdist
-from minift._util import PARALLEL
 from minift.dpo import AdapterReference, DPOObjective
 from minift.evaluate import forgetting, load_texts
 from minift.preference import load_preferences
@@ -65,14 +64,8 @@ def parse_args(argv=None):
     add("--output", default="runs/train_dpo")
     add("--seed", type=_number(int, 0, maximum=2**32), default=0)
     add("--device", type=sft._device, default=None)
-    add("--parallel", choices=PARALLEL, default=None,
-        help="under torchrun: fsdp (default with more than one process) or ddp")
-    add("--fsdp-cpu-offload", action="store_true",
-        help="FSDP: sharded parameters, gradients and optimizer states in host memory")
-    args = p.parse_args(argv)
-    # a torchrun launch, or --parallel asked for one (refused later when not launched)
-    args.distributed = args.parallel is not None or mdist.env_world_size() > 1
-    return args
+    sft.add_torchrun_arguments(add)
+    return sft.with_launch(p.parse_args(argv))
 
 
 def sft_model(args, device, say=print):

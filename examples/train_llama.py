@@ -141,12 +141,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--eval-samples", type=_number(int, 1), default=None,
         help="evaluate on the first N held-out rows (default: all)")
     add("--device", type=_device, default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add_torchrun_arguments(add)
+    return with_launch(p.parse_args(argv))
+
+
+def add_torchrun_arguments(add) -> None:
+    """--parallel and --fsdp-cpu-offload (examples/train_dpo.py has them too)."""
     add("--parallel", choices=PARALLEL, default=None,
         help="under torchrun: fsdp (default with more than one process) or ddp")
     add("--fsdp-cpu-offload", action="store_true",
         help="FSDP: sharded parameters, gradients and optimizer states in host memory")
-    args = p.parse_args(argv)
-    # a torchrun launch, or --parallel asked for one (refused later when not launched)
+
+
+def with_launch(args: argparse.Namespace) -> argparse.Namespace:
+    """``args.distributed``: a torchrun launch, or --parallel asked for one (refused later when
+    not launched)."""
     args.distributed = args.parallel is not None or mdist.env_world_size() > 1
     return args
 
