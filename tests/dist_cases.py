@@ -65,18 +65,30 @@ def step_config(accum):
                        progress=False, device="cpu")
 
 
-def make_model(method):
+def make_model(method, fresh=False):
+    """The tiny model for ``method``; LoRA B is drawn non-zero (so the adapters change the output
+    from step 1) unless ``fresh`` (zero adapters: DPO's step-1 policy is its reference)."""
     torch.manual_seed(0)
     model = Llama(ModelConfig.from_name("tiny"))
     if method == "qlora":
         minift.quantize_model(model)
     if method != "full":
         minift.lora_wrap(model, r=4, alpha=8)
-        with torch.no_grad():  # B != 0 so the adapters change the output from step 1
+        with torch.no_grad():
             for name, p in model.named_parameters():
-                if "lora_B" in name:
+                if "lora_B" in name and not fresh:
                     p.normal_(std=0.02)
     return model
+
+
+def join(rank, port, world, init=True):
+    """In a spawned worker: the variables a torchrun launch sets, one thread, and (``init``) the
+    gloo group; without it ``minift.train`` joins the group itself."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    if init:
+        mdist.init_from_env("cpu")
 
 
 def loss_sum(model, batch, device):
@@ -345,11 +357,8 @@ def resume_from_one(out: Path, parallel, method):
 
 
 def worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+    join(rank, port, WORLD)
     out = Path(out)
-    mdist.init_from_env("cpu")
     try:
         results = {"nf4": nf4_gather(WORLD), "qlora_layer": qlora_layer_gather(WORLD),
                    "world": mdist.world_size(), "rank": mdist.rank()}
@@ -375,11 +384,8 @@ def worker3(rank, port, out):
     """Steps 3 and 4 from the 2-process step-2 checkpoints of THREE_CASES on 3 processes (DCP re-slices
     every shard, the NF4 bytes and AdamW's moments included), and the 8-bit optimizer's states of
     the first OPTIM8 case re-sliced to 3 ranks (rows 84 + 84 + 83 of the 251-row embedding)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(THREE))
-    torch.set_num_threads(1)
+    join(rank, port, THREE)
     out = Path(out)
-    mdist.init_from_env("cpu")
     try:
         results = {}
         for parallel, method, accum in THREE_CASES:

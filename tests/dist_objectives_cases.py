@@ -7,9 +7,7 @@ under FSDP, full fine-tuning under DDP (a replicated frozen copy) and under FSDP
 reference log-probs scored by both ranks. Every rank writes its results to ``rank<r>.json``.
 """
 import json
-import os
 import random
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,15 +17,12 @@ from torch.distributed.tensor import DTensor
 
 import minift
 from minift import distributed as mdist
-from minift.config import ModelConfig
 from minift.dist_train import DistRun
 from minift.dpo import ModelReference, objective_for
-from minift.model import Llama
 from minift.trainer import TrainConfig, evaluate
 
-WORLD = 2
-# Same samples, same math, another summation order (per-rank partial sums, then an all-reduce).
-LOSS_RTOL = 1e-5
+import dist_cases
+from dist_cases import WORLD, join
 
 # name -> (parallel, method, TrainConfig fields). fsdp-lora: micro-batches of 3 pairs, one per
 # step, split 2 + 1 between the ranks; 10 pairs make the epoch's last micro-batch 1 pair, so rank 1
@@ -61,24 +56,11 @@ def pairs(n, seed=0, vocab=256):
 
 def examples(n=11, seed=1):
     """SFT examples: 11 in batches of 2 are 6 eval batches, the last of one row."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        length = rng.randint(5, 14)
-        ids = [rng.randrange(3, 256) for _ in range(length)]
-        prompt = rng.randint(1, length - 2)
-        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
-    return out
+    return dist_cases.examples(n, seed)
 
 
 def make_model(method):
-    torch.manual_seed(0)
-    model = Llama(ModelConfig.from_name("tiny"))
-    if method == "qlora":
-        minift.quantize_model(model)
-    if method != "full":
-        minift.lora_wrap(model, r=4, alpha=8)  # fresh adapters: step 1's policy is the reference
-    return model
+    return dist_cases.make_model(method, fresh=True)  # fresh adapters: step 1's policy is the reference
 
 
 # ---- SFT evaluation ------------------------------------------------------------------------
@@ -159,11 +141,8 @@ def sharded_reference(out: Path, world):
 
 
 def worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+    join(rank, port, WORLD)
     out = Path(out)
-    mdist.init_from_env("cpu")
     try:
         results = {"rank": mdist.rank(), "world": mdist.world_size(),
                    "sft_eval": {name: sft_eval(*case, WORLD, rank) for name, case in SFT_EVAL.items()},
@@ -173,9 +152,3 @@ def worker(rank, port, out):
         (out / f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

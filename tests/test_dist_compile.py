@@ -7,7 +7,6 @@ for this, minift.nf4_fsdp); the "aot_eager" backends do not meet the problem. Sl
 its C++ kernels on the CPU.
 """
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import minift
-from dist_cases import LOSS_RTOL, WORLD, examples, free_port, make_model, train_config
+from dist_cases import LOSS_RTOL, WORLD, examples, free_port, join, make_model, train_config
 
 pytestmark = pytest.mark.slow
 # plain FSDP QLoRA (dist_cases' extras for this case turned off), compiled
@@ -25,9 +24,7 @@ FIELDS = dict(compile=True, save_interval=None, max_steps=2, optimizer="adamw", 
 
 
 def worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+    join(rank, port, WORLD, init=False)  # minift.train joins the group
     out = Path(out)
     try:
         summary = minift.train(make_model("qlora"), examples(), train_config(out, "fsdp", "qlora", WORLD, **FIELDS))

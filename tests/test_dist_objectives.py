@@ -12,8 +12,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from dist_objectives_cases import (DPO_CASES, LOSS_RTOL, RESUMED, SFT_EVAL, WORLD, dpo_config,
-                                   free_port, make_model, pairs, run_dpo, sft_eval, worker)
+from dist_cases import LOSS_RTOL, WORLD, free_port
+from dist_objectives_cases import DPO_CASES, RESUMED, SFT_EVAL, dpo_config, make_model, pairs, run_dpo, sft_eval, worker
 from minift import distributed as mdist
 from minift.dpo import AdapterReference, DPOObjective, precompute_reference
 from minift.preference import collate_pairs, pair_batches
