@@ -133,13 +133,7 @@ def test_seq_len_up_to_the_model_limit():
     assert estimate_memory("tiny", "lora", 1, 256).total > estimate_memory("tiny", "lora", 1, 255).total
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the measured models are tiny: one thread is faster than two, markedly so on a busy CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def _measure(cfg, method, batch_size, seq, optimizer, ckpt, padded=True):

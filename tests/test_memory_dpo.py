@@ -20,12 +20,7 @@ SMALL = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def pair_batch(pairs, seq):

@@ -96,13 +96,7 @@ def collate(examples, pad_id=0):
     return batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls run ~15x faster on one thread than on two contended ones (measured here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def cfg(tmp_path, **kw):
