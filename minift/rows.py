@@ -49,14 +49,20 @@ def _check_roles(messages, where, key="messages", field="role", known=ROLES):
                              f"{field} must be one of {', '.join(known)}")
 
 
-def _sharegpt(row, where):
-    turns = row["conversations"]
+def _turns(row, where, field, role_key, text_key) -> list:
+    """``row[field]``: a non-empty list of dicts with string ``role_key`` and ``text_key``."""
+    turns = row[field]
     if not isinstance(turns, list) or not turns:
-        raise ValueError(f"{where}: 'conversations' must be a non-empty list")
+        raise ValueError(f"{where}: '{field}' must be a non-empty list")
     for i, t in enumerate(turns):
-        if not isinstance(t, dict) or not isinstance(t.get("from"), str) \
-                or not isinstance(t.get("value"), str):
-            raise ValueError(f"{where}: conversations[{i}] must have string 'from' and 'value'")
+        if not isinstance(t, dict) or not isinstance(t.get(role_key), str) \
+                or not isinstance(t.get(text_key), str):
+            raise ValueError(f"{where}: {field}[{i}] must have string '{role_key}' and '{text_key}'")
+    return turns
+
+
+def _sharegpt(row, where):
+    turns = _turns(row, where, "conversations", "from", "value")
     _check_roles(turns, where, "conversations", "from", tuple(SHAREGPT_ROLES))
     return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
 
@@ -70,13 +76,7 @@ def row_to_messages(row: dict, where: str = "<row>") -> list[dict]:
             `tokenize_rows`).
     """
     if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{where}: 'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                    or not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: messages[{i}] must have string 'role' and 'content'")
+        messages = _turns(row, where, "messages", "role", "content")
         _check_roles(messages, where)
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     if "conversations" in row:
