@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -80,18 +79,12 @@ def _worker(rank: int, port: int, world: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(nproc: int) -> dict:
     """Tracked and estimated bytes per method, on 1 process and per rank of ``nproc``."""
     torch.set_num_threads(1)
     one = {m: measure(m, 1, 0) for m in METHODS}
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(_free_port(), nproc, tmp), nprocs=nproc, join=True)
+        mp.spawn(_worker, args=(mdist.free_port(), nproc, tmp), nprocs=nproc, join=True)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(nproc)]
     cfg = ModelConfig(**CONFIG)
     cases = {}

@@ -12,23 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from minift.distributed import free_port
 from minift.runinfo import git_commit, git_modified, machine_info
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "train_llama.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], out: Path) -> dict:
@@ -62,7 +56,7 @@ def main(argv=None) -> int:
         for method in args.methods.split(","):
             base = ["--method", method] + flags
             many = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-                    "--master_port", str(_free_port()), str(SCRIPT)] + base
+                    "--master_port", str(free_port()), str(SCRIPT)] + base
             one = [sys.executable, str(SCRIPT)] + base
             got = {"many": _run(many, Path(tmp) / f"{method}-many"), "one": _run(one, Path(tmp) / f"{method}-one")}
             rel = max(abs(a - b) / abs(b) for a, b in zip(got["many"]["losses"], got["one"]["losses"]))

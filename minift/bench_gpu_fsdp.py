@@ -13,7 +13,6 @@ the reduce-scatter of the gradients — so it checks on CUDA what the CPU tests 
 from __future__ import annotations
 
 import os
-import socket
 from types import SimpleNamespace
 
 import torch
@@ -42,10 +41,7 @@ def _join_one_process_group(device: torch.device):
     if dist.is_initialized():
         return None
     saved = {k: os.environ.get(k) for k in _LAUNCH}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(mdist.free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     mdist.init_from_env(device.type, single=True)
     return saved
 

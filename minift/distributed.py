@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 from typing import Callable, Optional
 
 import torch
@@ -66,6 +67,13 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a job started on this machine without torchrun."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launched() -> bool:

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -436,7 +435,4 @@ def empty_shard(out: Path, rank):
                 torch.equal(st[k], st2[k]) for k in st if isinstance(st[k], torch.Tensor))}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = mdist.free_port

@@ -36,11 +36,11 @@ import contextlib
 import weakref
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from minift._util import format_bytes
+from minift.optim.sharded import local
 # CATEGORIES, breakdown_table and host_side are read from here by callers as well
 from minift.memory.report import (CATEGORIES, PAGED_KEYS, _HOST_SIDE, MemoryReport,  # noqa: F401
                                   breakdown_table, host_side)
@@ -49,8 +49,7 @@ from minift.memory.report import (CATEGORIES, PAGED_KEYS, _HOST_SIDE, MemoryRepo
 def _storage(t):
     """The tensor's untyped storage, or None for tensors without one (meta, sparse, ...). A
     sharded (DTensor) tensor, an FSDP2 parameter or its gradient, is this rank's local shard."""
-    if isinstance(t, DTensor):
-        t = t._local_tensor
+    t = local(t)
     try:
         if t.device.type == "meta":
             return None
