@@ -8,7 +8,9 @@ import torch
 import minift.checkpoint as ckpt
 from minift.trainer import TrainConfig, make_optimizer, train
 
-from test_trainer import TinyLM, _one_thread, make_examples, tiny_llama  # noqa: F401  (fixture)
+from test_trainer import TinyLM, make_examples, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def cfg(out, **kw):

@@ -10,7 +10,9 @@ import torch
 import minift.checkpoint as ckpt
 from minift.trainer import TrainConfig, make_optimizer
 
-from test_trainer import TinyLM, _one_thread  # noqa: F401  (fixture)
+from test_trainer import TinyLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def _opt(model):

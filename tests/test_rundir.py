@@ -12,7 +12,9 @@ from minift.lora import lora_wrap
 from minift.nf4_linear import quantize_model
 from minift.trainer import TrainConfig, make_optimizer
 
-from test_trainer import TinyLM, _one_thread, tiny_llama  # noqa: F401  (fixture)
+from test_trainer import TinyLM, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 def _save(out, step, run_id="a"):

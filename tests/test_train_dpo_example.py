@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import minift
-from dist_objectives_cases import LOSS_RTOL, free_port
+from dist_cases import LOSS_RTOL, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_dpo.py"
