@@ -1,12 +1,12 @@
 """Install minift; the top-level kernels/ folder ships as the subpackage minift.kernels."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="minift",
     version="0.1.0",
     description="Fine-tune Llama-family models three ways (full, LoRA, QLoRA) with an honest account of memory.",
     python_requires=">=3.10",
-    packages=["minift", "minift.kernels"],
+    packages=find_packages(include=["minift", "minift.*"]) + ["minift.kernels"],
     # A top-level `kernels` package would clash with an existing PyPI distribution.
     package_dir={"minift": "minift", "minift.kernels": "kernels"},
     install_requires=[

@@ -1,7 +1,7 @@
 """Per-rank memory of an FSDP step, measured with MemoryTracker, against the per-GPU estimate.
 
 Full fine-tuning, LoRA and QLoRA of a small bf16 Llama, one micro-batch per rank, run on one
-process and on N gloo processes (FSDP2, minift.distributed.apply_parallel). Each process tracks
+process and on N gloo processes (FSDP2, minift.distributed.parallel.apply_parallel). Each process tracks
 its second step (the first creates the optimizer states) and reports its own tensors: sharded
 parameters, gradients and states are its local shards; the layers FSDP gathers for the forward
 and backward are created during the step, so the tracker files them under activations (kept for
@@ -25,14 +25,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import minift
-from minift import distributed as mdist
-from minift._util import write_json
-from minift.config import ModelConfig
+from minift.distributed import parallel as mdist
+from minift.files import write_json
+from minift.models.config import ModelConfig
 from minift.memory import estimate_memory
 from minift.memory.tracker import MemoryTracker
-from minift.model import Llama
-from minift.runinfo import git_commit, git_modified, machine_info
-from minift.sft import _batch_loss_sum, trained_tokens
+from minift.models.llama import Llama
+from minift.bench.runinfo import git_commit, git_modified, machine_info
+from minift.objectives.sft import _batch_loss_sum, trained_tokens
 
 CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512)

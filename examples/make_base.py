@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer as BackendTokenizer, decoders, models, pre_tokenizers, trainers
 
 import minift
-from minift.config import ModelConfig
-from minift.model import Llama
-from minift.tokenizer import Tokenizer
+from minift.models.config import ModelConfig
+from minift.models.llama import Llama
+from minift.models.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]  # ids 0-5

@@ -2,7 +2,7 @@
 
 Two CPU problems, same seed, data and steps for every optimizer:
   1. regression: a 2-layer MLP fits a random teacher MLP (mean squared error, full batch);
-  2. lm: a tiny minift.model.Llama is first trained with torch AdamW on one synthetic token
+  2. lm: a tiny minift.models.llama.Llama is first trained with torch AdamW on one synthetic token
      corpus (shared starting point), then fine-tuned on another with each optimizer.
 bitsandbytes is an optional oracle: it is reported when installed. The JSON result records the
 machine (CPU model and vector extensions: AVX2 and AVX-512 kernels sum in different orders, so
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import minift
-from minift.config import ModelConfig
-from minift.model import Llama
+from minift.models.config import ModelConfig
+from minift.models.llama import Llama
 
 
 def optimizer_factories(lr: float, weight_decay: float) -> dict:
@@ -153,7 +153,7 @@ def main(argv=None):
                     final_loss="mean of the last 10 steps")
     problems = compare(args.seed, settings["regression_steps"], settings["lm_steps"],
                        settings["pretrain_steps"], settings["lr"], settings["weight_decay"])
-    from minift.runinfo import git_commit, git_modified, machine_info
+    from minift.bench.runinfo import git_commit, git_modified, machine_info
 
     try:
         import bitsandbytes

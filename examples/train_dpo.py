@@ -26,11 +26,11 @@ import torch
 
 import minift
 import train_llama as sft
-from minift import dist_checkpoint as dckpt
-from minift import distributed as mdist
-from minift.dpo import AdapterReference, DPOObjective
-from minift.evaluate import forgetting, load_texts
-from minift.preference import load_preferences
+from minift.distributed import checkpoint as dckpt
+from minift.distributed import parallel as mdist
+from minift.objectives.dpo import AdapterReference, DPOObjective
+from minift.evaluation.forgetting import forgetting, load_texts
+from minift.data.preference import load_preferences
 from train_llama import HERE, UsageError, _number, check_output
 
 DATA = HERE / "data"

@@ -26,16 +26,18 @@ from pathlib import Path
 import torch
 
 import minift
-from minift import checkpoint as ckpt
-from minift import dist_checkpoint as dckpt
-from minift import distributed as mdist
-from minift import rundir
-from minift._util import METHODS, OPTIMIZERS, PARALLEL, ShowDefaults, write_json
-from minift.data import load_dataset, load_jsonl, row_to_messages
-from minift.loading import as_dtype
-from minift.evaluate import forgetting, load_texts, perplexity, task_metrics
-from minift.merging import describe, merge_and_check
-from minift.trainer import TrainConfig, evaluate
+from minift.training import checkpoint as ckpt
+from minift.distributed import checkpoint as dckpt
+from minift.distributed import parallel as mdist
+from minift.training import rundir
+from minift.names import METHODS, OPTIMIZERS, PARALLEL
+from minift.cli import ShowDefaults
+from minift.files import write_json
+from minift.data.sft import load_dataset, load_jsonl, row_to_messages
+from minift.models.loading import as_dtype
+from minift.evaluation.forgetting import forgetting, load_texts, perplexity, task_metrics
+from minift.lora.merging import describe, merge_and_check
+from minift.training.loop import TrainConfig, evaluate
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}

@@ -5,7 +5,7 @@ Each program reads BLOCK // 2 packed bytes, decodes the scale of each absmax blo
 both nibbles up in the 16 NF4 levels, multiplies in fp32, rounds once to the output dtype and
 writes BLOCK contiguous elements. Nothing but the output is written to memory, so the traffic is
 n / 2 bytes in, n * itemsize bytes out, plus the (cached) scales. The pure-torch reference is
-``minift.nf4._dequantize_reference``.
+``minift.nf4.quantize._dequantize_reference``.
 
 Compiled for sm_90 (tests/kernel_compile.py), the bf16 double-quant kernel has 12 global loads and
 22 registers, where per-byte scales and a byte mask derived in the kernel gave 24 loads (8 of

@@ -3,7 +3,7 @@
 Forward, per row of N = hidden size elements, in float32:
     r = rsqrt(mean(x**2) + eps)          stored (M,) float32 for the backward
     y = w * cast(x * r)                  cast to x's dtype first, as minift's model does
-Backward (formula and reference in ``minift.fused``): each program walks ``rows_per_program``
+Backward (formula and reference in ``minift.models.fused``): each program walks ``rows_per_program``
 rows, writes their dx and keeps a float32 partial sum of dw; the launcher adds the partials.
 """
 import torch

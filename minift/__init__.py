@@ -1,19 +1,19 @@
 """minift: fine-tune Llama-family models three ways (full, LoRA, QLoRA) on the GPU you have."""
-from minift.adapter import load_adapter, save_adapter
-from minift.config import PRESETS, LlamaConfig, ModelConfig
-from minift.evaluate import evaluate
-from minift.generation import generate
-from minift.loading import load_model, save_model
-from minift.lora import (LoRALinear, disable_adapters, lora_wrap, merge_lora, trainable_parameters,
+from minift.lora.adapter import load_adapter, save_adapter
+from minift.models.config import PRESETS, LlamaConfig, ModelConfig
+from minift.evaluation.forgetting import evaluate
+from minift.models.generation import generate
+from minift.models.loading import load_model, save_model
+from minift.lora.layer import (LoRALinear, disable_adapters, lora_wrap, merge_lora, trainable_parameters,
                          trainable_summary)
 from minift.memory import MemoryEstimate, MemoryTracker, estimate_memory
-from minift.model import Llama
-from minift.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
-from minift.nf4_linear import NF4Linear, quantize_model
+from minift.models.llama import Llama
+from minift.nf4.quantize import NF4Weight, dequantize_nf4, quantize_nf4
+from minift.nf4.linear import NF4Linear, quantize_model
 from minift.optim import AdamW8bit, PagedAdamW8bit
-from minift.soup import average_adapters
-from minift.tokenizer import load_tokenizer
-from minift.trainer import TrainConfig, check_resume, train
+from minift.lora.soup import average_adapters
+from minift.models.tokenizer import load_tokenizer
+from minift.training.loop import TrainConfig, check_resume, train
 
 __version__ = "0.1.0"
 

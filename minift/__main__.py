@@ -8,17 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minift import bench, bench_cpu, bench_gpu, soup
-from minift._util import ShowDefaults
+from minift.bench import methods as bench
+from minift.bench import cpu as bench_cpu
+from minift.bench import gpu as bench_gpu
+from minift.lora import soup
+from minift.cli import OneLineParser, ShowDefaults
 from minift.memory import plan
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad input ends the run with one line on stderr ("minift bench: error: ...") and exit
-    code 2; the usage is one --help away instead of repeated above every error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,15 +22,15 @@ from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGath
 from torch.distributed.tensor import distribute_tensor
 
 import minift
-from minift import dist_checkpoint as dckpt
-from minift import distributed as mdist
-from minift.config import ModelConfig
-from minift.model import Llama
-from minift.nf4_fsdp import ShardedNF4Linear, shardable_nf4
-from minift.nf4_linear import NF4Linear
+from minift.distributed import checkpoint as dckpt
+from minift.distributed import parallel as mdist
+from minift.models.config import ModelConfig
+from minift.models.llama import Llama
+from minift.nf4.fsdp import ShardedNF4Linear, shardable_nf4
+from minift.nf4.linear import NF4Linear
 from minift.optim import AdamW8bit
-from minift.schedule import step_groups
-from minift.trainer import TrainConfig, token_loss_sum, trained_tokens
+from minift.training.schedule import step_groups
+from minift.training.loop import TrainConfig, token_loss_sum, trained_tokens
 
 WORLD = 2
 STEPS = 3
@@ -325,7 +325,7 @@ def run_alone(out: Path):
     # torch AdamW's float32 moments cut to rows (FSDP LoRA with CPU offload): steps 1-2 on one process
     model, params, opt = prepared(*FROM_ONE, 1)
     run_steps(model, params, opt, 2, 1, 0, 1, 2)
-    from minift import checkpoint as ckpt
+    from minift.training import checkpoint as ckpt
     ckpt.save_checkpoint(out / "adamw-from1", 2, model=model, optimizer=opt, method=FROM_ONE[1],
                          trainer_state={}, keep_last=None)
 
@@ -334,7 +334,7 @@ FROM_ONE = ("fsdp", "lora")  # its step 3 after a 1-process checkpoint: compared
 
 
 def adamw_from_one(out: Path, world, rank):
-    from minift import checkpoint as ckpt
+    from minift.training import checkpoint as ckpt
     from minift.optim.sharded import first_row
     model, params, opt = prepared(*FROM_ONE, world)
     path = out / "adamw-from1" / "step-2"

@@ -16,10 +16,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import minift
-from minift import distributed as mdist
-from minift.dist_train import DistRun
-from minift.dpo import ModelReference, objective_for
-from minift.trainer import TrainConfig, evaluate
+from minift.distributed import parallel as mdist
+from minift.distributed.run import DistRun
+from minift.objectives.dpo import ModelReference, objective_for
+from minift.training.loop import TrainConfig, evaluate
 
 import dist_cases
 from dist_cases import WORLD, join

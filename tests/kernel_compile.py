@@ -231,7 +231,7 @@ def _report(records, argv):
     import triton
     from triton.backends.nvidia.compiler import get_ptxas
 
-    from minift.runinfo import git_commit, machine_info
+    from minift.bench.runinfo import git_commit, machine_info
 
     return {"what": "ahead-of-time compile of minift.kernels for sm_80 / sm_90 (no GPU involved)",
             "command": " ".join(["python", "tests/kernel_compile.py"] + list(argv if argv is not None else sys.argv[1:])),

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from minift.nf4 import double_quantize, quantize_nf4
+from minift.nf4.quantize import double_quantize, quantize_nf4
 
 
 def bnb_dequantize(packed, state):

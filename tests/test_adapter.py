@@ -1,4 +1,4 @@
-"""Tests for minift/adapter.py: PEFT-format adapters, checked against peft and transformers."""
+"""Tests for minift/lora/adapter.py: PEFT-format adapters, checked against peft and transformers."""
 import copy
 import json
 
@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minift
-from minift.adapter import CONFIG_NAME, WEIGHTS_NAME
-from minift.lora import LoRALinear, lora_state_dict, lora_wrap
+from minift.lora.adapter import CONFIG_NAME, WEIGHTS_NAME
+from minift.lora.layer import LoRALinear, lora_state_dict, lora_wrap
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

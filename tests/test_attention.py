@@ -1,4 +1,4 @@
-"""minift/attention.py: FlexAttention block masks against the dense SDPA masks, and which path a
+"""minift/models/attention.py: FlexAttention block masks against the dense SDPA masks, and which path a
 batch takes. torch has no CPU FlexAttention backward, so the flex path is checked forward here
 (its eager reference on CPU); on CUDA the model takes it for training."""
 import pytest
@@ -7,9 +7,9 @@ from hypothesis import given, settings, strategies as st
 
 from torch.nn.attention.flex_attention import BlockMask
 
-from minift.attention import attend, attention_mask_4d, batch_mask, flex_attend, flex_block_mask
-from minift.config import ModelConfig
-from minift.model import Llama
+from minift.models.attention import attend, attention_mask_4d, batch_mask, flex_attend, flex_block_mask
+from minift.models.config import ModelConfig
+from minift.models.llama import Llama
 
 # bf16 keeps 8 bits of mantissa: outputs of magnitude <= 4 round to within 2**-6; the two paths
 # also sum in different orders, so bf16 comparisons allow 3e-2, fp32 ones 1e-5.

@@ -1,14 +1,15 @@
-"""minift/backward_step.py: the optimizer step inside backward equals the normal step."""
+"""minift/optim/in_backward.py: the optimizer step inside backward equals the normal step."""
 import math
 
 import pytest
 import torch
 
-from minift.backward_step import StepInBackward, check_step_in_backward
-from minift.config import ModelConfig
-from minift.loss import IGNORE, model_loss_sum
+from minift.names import IGNORE_INDEX
+from minift.optim.in_backward import StepInBackward, check_step_in_backward
+from minift.models.config import ModelConfig
+from minift.objectives.loss import model_loss_sum
 from minift.memory.tracker import MemoryTracker
-from minift.model import Llama
+from minift.models.llama import Llama
 from minift.optim import AdamW8bit, PagedAdamW8bit
 
 CFG = ModelConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -28,13 +29,13 @@ def data(steps=3):
     for _ in range(steps):
         ids = torch.randint(0, 160, (2, 10), generator=gen)
         labels = ids.clone()
-        labels[:, :2] = IGNORE
+        labels[:, :2] = IGNORE_INDEX
         out.append((ids, labels))
     return out
 
 
 def loss_of(model, ids, labels):
-    n = int((labels[:, 1:] != IGNORE).sum())
+    n = int((labels[:, 1:] != IGNORE_INDEX).sum())
     return model_loss_sum(model, {"input_ids": ids}, labels, 8) / n
 
 

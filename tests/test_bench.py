@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minift.__main__ import main
-from minift.bench import BENCH_METHODS
+from minift.bench.methods import BENCH_METHODS
 from minift.memory.tracker import CATEGORIES
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -165,7 +165,7 @@ def test_results_are_replaced_atomically(tmp_path, monkeypatch):
     import argparse
     import os
 
-    from minift.bench import write_outputs
+    from minift.bench.methods import write_outputs
 
     args = argparse.Namespace(output_dir=str(tmp_path), no_chart=True, chart=None)
     result = {"method": "lora", "optimizer": "adamw", "memory": {}, "step_time_s": 0.1,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from minift import bench_cpu
+from minift.bench import cpu as bench_cpu
 from minift.__main__ import build_parser, main
 
 TINY = ["--hidden", "64", "--intermediate", "128", "--heads", "4", "--layers", "2", "--vocab", "256",

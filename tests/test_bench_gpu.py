@@ -5,10 +5,10 @@ import statistics
 import pytest
 import torch
 
-import minift.bench_gpu as bench_gpu
+import minift.bench.gpu as bench_gpu
 from minift.__main__ import main
-from minift.bench_gpu_steps import STEP_METHODS, train_flops_per_token
-from minift.config import ModelConfig
+from minift.bench.gpu_steps import STEP_METHODS, train_flops_per_token
+from minift.models.config import ModelConfig
 
 PARTS = [name for name, _ in bench_gpu.PARTS]
 

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-import minift.checkpoint as ckpt
-from minift.trainer import TrainConfig, make_optimizer, train
+import minift.training.checkpoint as ckpt
+from minift.training.loop import TrainConfig, make_optimizer, train
 
 from test_trainer import TinyLM, make_examples, tiny_llama
 
@@ -72,8 +72,8 @@ def test_resume_gives_identical_losses(tmp_path, optimizer):
 def _qlora_llama(adapter_seed, crash_at_call=None):
     """A QLoRA tiny Llama whose frozen base is always the same (seed 0); its adapters are drawn
     with `adapter_seed`. lora_A/lora_B of the MLP have 4096 elements: 8-bit optimizer states."""
-    from minift.lora import lora_wrap
-    from minift.nf4_linear import quantize_model
+    from minift.lora.layer import lora_wrap
+    from minift.nf4.linear import quantize_model
 
     torch.manual_seed(0)
     base = tiny_llama(hidden=128, intermediate=256)
@@ -114,8 +114,8 @@ def test_qlora_paged_adamw8bit_checkpointing_resume_gives_identical_losses(tmp_p
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_resume_refuses_another_base_with_the_same_shapes(tmp_path, method):
-    from minift.lora import lora_wrap
-    from minift.nf4_linear import quantize_model
+    from minift.lora.layer import lora_wrap
+    from minift.nf4.linear import quantize_model
 
     def model(scale=1.0):
         torch.manual_seed(0)
@@ -151,7 +151,7 @@ def test_base_fingerprint_tolerates_summation_order_not_other_weights():
 
 
 def test_resume_rejects_another_method(tmp_path):
-    from minift.lora import lora_wrap
+    from minift.lora.layer import lora_wrap
 
     train(TinyLM(), make_examples(8), cfg(tmp_path, max_steps=1))
     with pytest.raises(ValueError, match="method 'full'.*method 'lora'"):
@@ -266,8 +266,8 @@ def test_rng_states_are_restored(tmp_path):
 
 
 def test_tied_embeddings_save_once_and_load_back(tmp_path):
-    from minift.config import ModelConfig
-    from minift.model import Llama
+    from minift.models.config import ModelConfig
+    from minift.models.llama import Llama
 
     config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, max_position_embeddings=32, tie_word_embeddings=True)

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-import minift.checkpoint as ckpt
-from minift.trainer import TrainConfig, make_optimizer
+import minift.training.checkpoint as ckpt
+from minift.training.loop import TrainConfig, make_optimizer
 
 from test_trainer import TinyLM
 
@@ -161,7 +161,7 @@ def test_half_pruned_checkpoints_are_removed(tmp_path):
 
 
 def test_train_resumes_from_the_newest_intact_checkpoint(tmp_path):
-    from minift.trainer import train
+    from minift.training.loop import train
     from test_trainer import cfg, make_examples
 
     data = make_examples(24)

@@ -1,12 +1,12 @@
-"""minift/compile.py and TrainConfig.compile."""
+"""minift/training/compile.py and TrainConfig.compile."""
 import pytest
 import torch
 from torch import nn
 
-from minift.compile import compiled_layers
-from minift.config import ModelConfig
-from minift.model import Llama
-from minift.trainer import TrainConfig, train
+from minift.training.compile import compiled_layers
+from minift.models.config import ModelConfig
+from minift.models.llama import Llama
+from minift.training.loop import TrainConfig, train
 
 DATA = [{"input_ids": list(range(1, 13)), "labels": list(range(1, 13))} for _ in range(6)]
 

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from minift.config import PRESETS, ModelConfig
+from minift.models.config import PRESETS, ModelConfig
 
 
 @pytest.mark.parametrize("name,billions", [

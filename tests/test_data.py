@@ -1,4 +1,4 @@
-"""minift.data: JSONL rows -> masked token ids -> bucketed or packed batches."""
+"""minift.data.sft: JSONL rows -> masked token ids -> bucketed or packed batches."""
 import json
 import random
 import warnings
@@ -10,10 +10,11 @@ from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
-from minift.chat_templates import BUILTIN_TEMPLATES
-from minift.data import (IGNORE, batch_examples, load_dataset, load_jsonl, padding_efficiency,
+from minift.names import IGNORE_INDEX
+from minift.models.chat_templates import BUILTIN_TEMPLATES
+from minift.data.sft import (batch_examples, load_dataset, load_jsonl, padding_efficiency,
                          tokenize_rows)
-from minift.tokenizer import load_tokenizer
+from minift.models.tokenizer import load_tokenizer
 
 SPECIALS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
             "<|end_header_id|>", "<|eot_id|>"]
@@ -63,7 +64,7 @@ def trained_runs(tokenizer, example):
     """Decoded text of each maximal run of trained positions."""
     runs, cur = [], []
     for tok_id, label in zip(example["input_ids"], example["labels"]):
-        if label != IGNORE:
+        if label != IGNORE_INDEX:
             assert label == tok_id
             cur.append(tok_id)
         elif cur:
@@ -81,7 +82,7 @@ def test_only_replies_and_their_end_marker_are_trained(tok_dir, name):
     assert ex["input_ids"] == ref.apply_chat_template(CHAT["messages"], tokenize=True, return_dict=False)
     assert trained_runs(tokenizer, ex) == [REPLY[name].format("Hello! How can I help?"),
                                            REPLY[name].format("Paris.")]
-    assert stats.trained_tokens == sum(lab != IGNORE for lab in ex["labels"][1:])
+    assert stats.trained_tokens == sum(lab != IGNORE_INDEX for lab in ex["labels"][1:])
     assert stats.total_tokens == len(ex["input_ids"]) and (stats.rows, stats.examples) == (1, 1)
 
 
@@ -168,7 +169,7 @@ def make_examples(lengths, seed=0):
     for n in lengths:
         ids = [rng.randrange(5, 250) for _ in range(n)]  # inside the tiny preset's vocabulary
         cut = rng.randrange(0, n)
-        out.append({"input_ids": ids, "labels": [IGNORE] * cut + ids[cut:]})
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * cut + ids[cut:]})
     return out
 
 
@@ -199,14 +200,14 @@ def test_batching_is_deterministic_and_keeps_every_example(mode):
     for ids, labels in zip(rows_of(first), rows_of(first, "labels")):
         expected = by_ids[ids]
         assert list(labels[1:]) == expected[1:]  # aligned with the inputs
-        assert labels[0] == (IGNORE if mode == "pack" else expected[0])
+        assert labels[0] == (IGNORE_INDEX if mode == "pack" else expected[0])
     for b in first:
         assert set(b) == ({"input_ids", "labels", "attention_mask"} |
                           ({"position_ids", "segment_ids"} if mode == "pack" else set()))
         assert all(v.dtype == torch.long and v.shape == b["input_ids"].shape for v in b.values())
         assert b["input_ids"].shape[0] <= 4 and b["input_ids"].shape[1] <= 64
         pad = b["attention_mask"] == 0
-        assert (b["input_ids"][pad] == 0).all() and (b["labels"][pad] == IGNORE).all()
+        assert (b["input_ids"][pad] == 0).all() and (b["labels"][pad] == IGNORE_INDEX).all()
 
 
 def test_bucketing_beats_unsorted_batches():
@@ -240,8 +241,8 @@ def test_pack_rows_fit_and_ids_restart_per_sample(lengths, batch_size, seed):
 
 
 def test_packed_batch_gives_the_logits_of_separate_samples():
-    from minift.config import ModelConfig
-    from minift.model import Llama
+    from minift.models.config import ModelConfig
+    from minift.models.llama import Llama
     model = Llama(ModelConfig.from_name("tiny")).eval()
     examples = make_examples([5, 9, 3, 7])
     (packed,) = batch_examples(examples, 4, pad_id=0, mode="pack", max_length=32, shuffle=False)

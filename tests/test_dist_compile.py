@@ -3,7 +3,7 @@ against the same run on one process without compilation.
 
 With the default backend (Inductor): a QLoRA layer's FSDP2-gathered parameters are views of one
 buffer in several dtypes, which Inductor's graph inputs cannot take (the NF4 matmul runs eagerly
-for this, minift.nf4_fsdp); the "aot_eager" backends do not meet the problem. Slow: Inductor builds
+for this, minift.nf4.fsdp); the "aot_eager" backends do not meet the problem. Slow: Inductor builds
 its C++ kernels on the CPU.
 """
 import json

@@ -1,5 +1,5 @@
-"""Two-process gloo runs of minift/distributed.py, minift/nf4_fsdp.py, minift/dist_checkpoint.py and
-minift/dist_train.py, against 1-process runs of the same code in this process.
+"""Two-process gloo runs of minift/distributed/parallel.py, minift/nf4/fsdp.py, minift/distributed/checkpoint.py and
+minift/distributed/run.py, against 1-process runs of the same code in this process.
 
 One spawn of 2 CPU processes (the `runs` fixture) runs every case of tests/dist_cases.py; the
 one-process pieces at the end need no process group.
@@ -24,12 +24,12 @@ import minift
 from dist_cases import (CASES, LOSS_RTOL, OPTIM8_CASES, TRAIN_CASES, WORLD, aligned_model, case_name, examples,
                         free_port, loss_sum, make_model, optim8_name, optim8_run, prepared, run_alone, run_case,
                         run_steps, step_config, train_config, worker, worker3, THREE, THREE_CASES)
-from minift import checkpoint as ckpt
-from minift import dist_checkpoint as dckpt
-from minift import distributed as mdist
-from minift import dist_train as mdist_train
-from minift.schedule import step_groups
-from minift.trainer import TrainConfig, accumulate_gradients, trained_tokens
+from minift.training import checkpoint as ckpt
+from minift.distributed import checkpoint as dckpt
+from minift.distributed import parallel as mdist
+from minift.distributed import run as mdist_train
+from minift.training.schedule import step_groups
+from minift.training.loop import TrainConfig, accumulate_gradients, trained_tokens
 
 
 @pytest.fixture(scope="module")

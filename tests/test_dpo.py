@@ -1,4 +1,4 @@
-"""minift/dpo.py against the paper's formula computed one sequence at a time, and the references."""
+"""minift/objectives/dpo.py against the paper's formula computed one sequence at a time, and the references."""
 import copy
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import minift
-from minift.config import ModelConfig
-from minift.dpo import (AdapterReference, DPOObjective, ModelReference, StoredReference, dpo_loss,
+from minift.models.config import ModelConfig
+from minift.objectives.dpo import (AdapterReference, DPOObjective, ModelReference, StoredReference, dpo_loss,
                         precompute_reference, sequence_logps)
-from minift.preference import collate_pairs
+from minift.data.preference import collate_pairs
 
 BETA = 0.3
 
@@ -132,7 +132,7 @@ def test_adapter_disabled_reference_equals_a_frozen_copy_bit_for_bit():
     want = ModelReference(frozen).logps(batch, torch.device("cpu"))
     assert torch.equal(got, want)
     # the adapters are back on afterwards and in train mode: the policy is not its base
-    assert policy.training and all(m.enabled for _, m in minift.lora.lora_layers(policy))
+    assert policy.training and all(m.enabled for _, m in minift.lora.layer.lora_layers(policy))
     with torch.no_grad():
         on = sequence_logps(policy(batch["input_ids"], batch["attention_mask"]), batch["labels"])[0]
     assert not torch.allclose(on, want)
@@ -234,7 +234,7 @@ def test_objective_checks_its_settings(beta, loss_type, words):
 def test_chunked_log_probs_equal_the_full_logits(method, chunk):
     """model_logps a chunk of tokens at a time: the same per-row sums and counts, and the same
     gradients (lm_head's too for full fine-tuning) for a per-row weighting of them."""
-    from minift.dpo import model_logps
+    from minift.objectives.dpo import model_logps
     torch.manual_seed(0)
     model = minift.Llama(ModelConfig.from_name("tiny"))
     if method == "lora":
@@ -254,7 +254,9 @@ def test_chunked_log_probs_equal_the_full_logits(method, chunk):
     assert mine_g.keys() == want_g.keys() and len(want_g) > 0
     assert ("lm_head.weight" in want_g) == (method == "full")
     for name in want_g:
-        torch.testing.assert_close(mine_g[name], want_g[name], rtol=1e-4, atol=1e-6)
+        # chunks sum the gradient in another order: on an AVX2 CPU one lm_head element of 16,384
+        # differed by 1.4e-6 (1-token chunks), so gradients get the log-probs' absolute 1e-5
+        torch.testing.assert_close(mine_g[name], want_g[name], rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # the reference's pass: no graph, the same values
         torch.testing.assert_close(model_logps(model, batch, torch.device("cpu"), chunk=chunk)[0], want,
                                    rtol=1e-5, atol=1e-5)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import minift
-from minift.config import ModelConfig
-from minift.lora import lora_state_dict
+from minift.models.config import ModelConfig
+from minift.lora.layer import lora_state_dict
 from test_dpo import random_pairs
 
 VOCAB = 64

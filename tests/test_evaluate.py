@@ -1,4 +1,4 @@
-"""minift/evaluate.py: task metrics by hand-checked cases, perplexity against a direct loop, the
+"""minift/evaluation/forgetting.py: task metrics by hand-checked cases, perplexity against a direct loop, the
 forgetting budget, and the shipped general-text set."""
 import json
 import math
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import minift
-from minift.config import ModelConfig
-from minift.evaluate import (evaluate, exact_match, forgetting, is_json, lcs_length, load_texts,
+from minift.models.config import ModelConfig
+from minift.evaluation.forgetting import (evaluate, exact_match, forgetting, is_json, lcs_length, load_texts,
                              perplexity, rouge_l, task_metrics, token_f1)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import minift
-from minift._util import file_mode
-from minift.config import ModelConfig
-from minift.lora import lora_wrap
-from minift.model import Llama
+from minift.files import file_mode
+from minift.models.config import ModelConfig
+from minift.lora.layer import lora_wrap
+from minift.models.llama import Llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

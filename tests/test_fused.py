@@ -1,4 +1,4 @@
-"""Fused RMSNorm / RoPE / SwiGLU (minift.fused + minift.kernels.{rmsnorm,rope,swiglu}).
+"""Fused RMSNorm / RoPE / SwiGLU (minift.models.fused + minift.kernels.{rmsnorm,rope,swiglu}).
 
 Each Triton kernel runs in the interpreter on drawn shapes and dtypes and is compared with the
 pure-torch reference (forward) and with autograd of the reference (backward). Tolerances:
@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import minift.fused as fused
-from minift.fused import (apply_rope, apply_rope_reference, rms_norm, rms_norm_reference, swiglu,
-                          swiglu_reference, use_fused)
+import minift.models.fused as fused
+from minift.models.fused import (apply_rope, apply_rope_reference, rms_norm, rms_norm_reference, swiglu,
+                          swiglu_reference, uses_triton)
 
 pytestmark = pytest.mark.triton
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -116,11 +116,11 @@ def test_swiglu_matches_reference_and_its_autograd(kernel_device, shape, dtype, 
 
 
 def test_use_fused_only_on_cuda_with_triton(monkeypatch):
-    assert not use_fused(torch.zeros(1))
+    assert not uses_triton(torch.zeros(1))
     meta_cuda = type("T", (), {"is_cuda": True})()
-    assert use_fused(meta_cuda) == fused.HAS_TRITON
+    assert uses_triton(meta_cuda) == fused.HAS_TRITON
     monkeypatch.setattr(fused, "HAS_TRITON", False)
-    assert not use_fused(meta_cuda)
+    assert not uses_triton(meta_cuda)
 
 
 def _op_cases(device):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from minift.config import ModelConfig
-from minift.generation import generate
-from minift.model import Llama
+from minift.models.config import ModelConfig
+from minift.models.generation import generate
+from minift.models.llama import Llama
 from test_model import FAMILIES, GENERATION_STD, hf_model, minift_from_hf
 
 MIN_DISTINCT = 8  # of 20 greedy tokens: a continuation that moves on, not one token repeated
@@ -113,7 +113,7 @@ def test_training_mode_restored_and_no_graph():
 
 
 def test_lora_wrapped_model_generates_like_base():
-    lora = pytest.importorskip("minift.lora")
+    lora = pytest.importorskip("minift.lora.layer")
     model = tiny_model()
     ids = torch.randint(3, 256, (2, 5))
     base = generate(model, ids, max_new_tokens=8, eos_token_id=[])
@@ -140,7 +140,7 @@ def test_bad_arguments_are_named():
 
 
 def test_nf4_model_generates_like_its_dequantized_weights():
-    from minift.nf4_linear import NF4Linear, quantize_model
+    from minift.nf4.linear import NF4Linear, quantize_model
     model = quantize_model(tiny_model())
     plain = tiny_model()
     for name, module in model.named_modules():

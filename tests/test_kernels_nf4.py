@@ -4,8 +4,8 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import minift.nf4
-from minift.nf4 import SUPPORTED_BLOCKSIZES, _dequantize_reference, dequantize_nf4, quantize_nf4
+import minift.nf4.quantize
+from minift.nf4.quantize import SUPPORTED_BLOCKSIZES, _dequantize_reference, dequantize_nf4, quantize_nf4
 from oracles import nf4_with_nested_blocksize
 
 pytestmark = pytest.mark.triton
@@ -90,8 +90,8 @@ def test_dequantize_nf4_passes_nested_blocksize_to_the_kernel(monkeypatch, kerne
         calls.append(kwargs)
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(minift.nf4, "nf4_dequantize", spy)  # the name nf4.py calls
-    monkeypatch.setattr(minift.nf4, "_use_kernel", lambda q: True)  # the CUDA dispatch, here on any device
+    monkeypatch.setattr(minift.nf4.quantize, "nf4_dequantize", spy)  # the name nf4.py calls
+    monkeypatch.setattr(minift.nf4.quantize, "_use_kernel", lambda q: True)  # the CUDA dispatch, here on any device
     q = _nested_128().to(kernel_device)
     res = dequantize_nf4(q, torch.bfloat16)
     assert [c["nested_blocksize"] for c in calls] == [128]

@@ -6,14 +6,14 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import minift.loading as loading
-from minift.config import ModelConfig
-from minift._util import parse_bytes
-from minift.loading import load_model, quantize_in_slices, save_model
-from minift.loading import _Filler
-from minift.model import Llama
-from minift.nf4 import quantize_nf4
-from minift.nf4_linear import NF4Linear
+import minift.models.loading as loading
+from minift.models.config import ModelConfig
+from minift.sizes import parse_bytes
+from minift.models.loading import load_model, quantize_in_slices, save_model
+from minift.models.loading import _Filler
+from minift.models.llama import Llama
+from minift.nf4.quantize import quantize_nf4
+from minift.nf4.linear import NF4Linear
 from oracles import bnb_dequantize
 from test_generation import assert_greedy_matches
 from test_model import FAMILIES, GENERATION_STD, hf_model

@@ -1,4 +1,4 @@
-"""Tests for minift/lora.py: the LoRA layer's math, model surgery, merging and counts."""
+"""Tests for minift/lora/layer.py: the LoRA layer's math, model surgery, merging and counts."""
 import json
 import math
 import re
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import minift
-from minift.lora import LoRALinear, find_targets, lora_state_dict, lora_wrap, merge_lora
+from minift.lora.layer import LoRALinear, find_targets, lora_state_dict, lora_wrap, merge_lora
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # machine epsilon
@@ -444,12 +444,12 @@ def test_lora_state_dict_holds_only_adapters():
 # ---- NF4 bases (QLoRA) -----------------------------------------------------------------------
 
 def quantized_tiny(compute_dtype=None):
-    from minift.nf4_linear import quantize_model
+    from minift.nf4.linear import quantize_model
     return quantize_model(Tiny(d=16, vocab=11), compute_dtype=compute_dtype)
 
 
 def test_all_linear_wraps_nf4_layers_and_starts_at_base():
-    from minift.nf4_linear import NF4Linear
+    from minift.nf4.linear import NF4Linear
     model = quantized_tiny(torch.float32)
     ids = torch.randint(0, 11, (2, 5))
     before = model(ids)
@@ -473,7 +473,7 @@ def test_nf4_counts_match_unquantized_counts():
 
 @pytest.mark.parametrize("compute_dtype", [None, torch.float32])
 def test_merge_lora_dequantizes_nf4(compute_dtype):
-    from minift.nf4_linear import NF4Linear
+    from minift.nf4.linear import NF4Linear
     torch.manual_seed(0)
     nf4 = NF4Linear.from_linear(nn.Linear(32, 8), compute_dtype=compute_dtype)
     model = lora_wrap(nn.Sequential(nn.Identity(), nf4), r=2, alpha=4)

@@ -1,15 +1,16 @@
-"""minift/loss.py: the chunked lm_head + cross-entropy equals the full-logits loss and gradients."""
+"""minift/objectives/loss.py: the chunked lm_head + cross-entropy equals the full-logits loss and gradients."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minift.config import ModelConfig
-from minift.lora import LoRALinear
-from minift.loss import IGNORE, chunked_loss_sum, model_loss_sum, shift_labels, token_loss_sum
-from minift.model import Llama
-from minift.nf4_linear import NF4Linear
+from minift.names import IGNORE_INDEX
+from minift.models.config import ModelConfig
+from minift.lora.layer import LoRALinear
+from minift.objectives.loss import chunked_loss_sum, model_loss_sum, shift_labels, token_loss_sum
+from minift.models.llama import Llama
+from minift.nf4.linear import NF4Linear
 
 CFG = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
            num_attention_heads=4)
@@ -22,7 +23,7 @@ def tiny(**kw):
 def batch(b=2, t=11, vocab=300, prompt=3):
     ids = torch.randint(0, vocab, (b, t))
     labels = ids.clone()
-    labels[:, :prompt] = IGNORE  # prompts are not trained
+    labels[:, :prompt] = IGNORE_INDEX  # prompts are not trained
     return ids, labels
 
 
@@ -43,8 +44,8 @@ def both(model, ids, labels, chunk, autocast=False):
 
 
 def test_shift_labels_moves_left_and_ignores_last():
-    labels = torch.tensor([[5, 6, 7], [8, IGNORE, 9]])
-    assert shift_labels(labels).tolist() == [[6, 7, IGNORE], [IGNORE, 9, IGNORE]]
+    labels = torch.tensor([[5, 6, 7], [8, IGNORE_INDEX, 9]])
+    assert shift_labels(labels).tolist() == [[6, 7, IGNORE_INDEX], [IGNORE_INDEX, 9, IGNORE_INDEX]]
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 7, 22, 1000])  # 22 = B*T, 5 and 7 do not divide it
@@ -115,7 +116,7 @@ def test_scaled_loss_scales_gradients_exactly():
     # the trainer divides the sum by the step's trained tokens: backward must apply that scale
     model = tiny()
     ids, labels = batch()
-    n = int((shift_labels(labels) != IGNORE).sum())
+    n = int((shift_labels(labels) != IGNORE_INDEX).sum())
     g_full = grads_of(model, token_loss_sum(model(ids), labels) / n)
     g_chunk = grads_of(model, model_loss_sum(model, {"input_ids": ids}, labels, 3) / n)
     for name in g_full:
@@ -129,7 +130,7 @@ def test_loss_sum_property(b, t, chunk, prompt):
     head = nn.Linear(8, 50, bias=False)
     hidden = torch.randn(b, t, 8)
     labels = torch.randint(0, 50, (b, t))
-    labels[:, :prompt] = IGNORE
+    labels[:, :prompt] = IGNORE_INDEX
     with torch.no_grad():
         torch.testing.assert_close(chunked_loss_sum(hidden, head, labels, chunk),
                                    token_loss_sum(head(hidden), labels), rtol=1e-6, atol=1e-5)
@@ -138,7 +139,7 @@ def test_loss_sum_property(b, t, chunk, prompt):
 def test_all_ignored_is_zero_with_zero_gradients():
     model = tiny()
     ids, _ = batch()
-    labels = torch.full_like(ids, IGNORE)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     loss = model_loss_sum(model, {"input_ids": ids}, labels, 4)
     loss.backward()
     assert float(loss.detach()) == 0.0

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import minift
-from minift.config import ModelConfig
-from minift.dpo import AdapterReference, DPOObjective
+from minift.models.config import ModelConfig
+from minift.objectives.dpo import AdapterReference, DPOObjective
 from minift.memory import estimate_memory
 from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.plan import plan
 from minift.memory.tracker import CATEGORIES, MemoryTracker
-from minift.model import Llama
-from minift.preference import collate_pairs
-from minift.train_setup import gradient_checkpointing
+from minift.models.llama import Llama
+from minift.data.preference import collate_pairs
+from minift.models.switches import gradient_checkpointing
 
 SMALL = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -136,7 +136,7 @@ def _record(out_path):
     import json
     import sys
 
-    from minift.runinfo import git_commit, git_modified, machine_info
+    from minift.bench.runinfo import git_commit, git_modified, machine_info
 
     torch.set_num_threads(1)
     settings = dict(seq_len=1024, r=16, gradient_checkpointing=True, dtype="bfloat16",

@@ -1,4 +1,4 @@
-"""minift/merging.py: the post-merge logit check, and which base an NF4 adapter is merged into."""
+"""minift/lora/merging.py: the post-merge logit check, and which base an NF4 adapter is merged into."""
 import copy
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import minift
-from minift.config import ModelConfig
-from minift.lora import lora_layers
-from minift.merging import describe, merge_and_check
+from minift.models.config import ModelConfig
+from minift.lora.layer import lora_layers
+from minift.lora.merging import describe, merge_and_check
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1)

@@ -3,9 +3,9 @@ import torch
 import transformers
 from hypothesis import given, settings, strategies as st
 
-import minift.model as model_mod
-from minift.config import ModelConfig
-from minift.model import KVCache, Llama, rope_inv_freq
+import minift.models.llama as model_mod
+from minift.models.config import ModelConfig
+from minift.models.llama import KVCache, Llama, rope_inv_freq
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4)
@@ -191,8 +191,8 @@ def test_bad_shapes_name_the_argument():
 @pytest.mark.triton
 @pytest.mark.slow  # the three kernels interpreted, forward and backward: ~6 s
 def test_fused_ops_path_equals_torch_path(monkeypatch):
-    # On CUDA the model calls minift.fused's RMSNorm, RoPE and SwiGLU; here the same kernels run
-    # in Triton's interpreter on CPU tensors (conftest), forced on through use_fused.
+    # On CUDA the model calls minift.models.fused's RMSNorm, RoPE and SwiGLU; here the same kernels run
+    # in Triton's interpreter on CPU tensors (conftest), forced on through uses_triton.
     model = Llama(ModelConfig.from_name("tiny")).train()
     ids = torch.randint(0, 256, (2, 7))
     model(ids).float().logsumexp(-1).mean().backward()
@@ -205,7 +205,7 @@ def test_fused_ops_path_equals_torch_path(monkeypatch):
         real = getattr(model_mod.fused, name)
         monkeypatch.setattr(model_mod.fused, name,
                             lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
-    monkeypatch.setattr(model_mod, "use_fused", lambda t: True)
+    monkeypatch.setattr(model_mod, "uses_triton", lambda t: True)
     model(ids).float().logsumexp(-1).mean().backward()
     assert sorted(set(calls)) == ["apply_rope", "rms_norm", "swiglu"]
     assert calls.count("rms_norm") == 2 * 2 + 1  # two per layer and the final norm

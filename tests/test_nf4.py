@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minift
-from minift.nf4 import (NF4Weight, SUPPORTED_BLOCKSIZES, absmax_fp32, dequantize_nf4, double_quantize,
+from minift.nf4.quantize import (NF4Weight, SUPPORTED_BLOCKSIZES, absmax_fp32, dequantize_nf4, double_quantize,
                         quantize_nf4)
 from oracles import bnb_dequantize, nf4_with_nested_blocksize
 
@@ -278,7 +278,7 @@ def test_bad_state_dict_names_key_and_expectation(case):
 
 
 def test_bad_state_dict_is_a_load_error_in_nf4linear():
-    from minift.nf4_linear import NF4Linear
+    from minift.nf4.linear import NF4Linear
 
     layer = NF4Linear(quantize_nf4(torch.randn(8, 40), 32))
     sd = layer.state_dict()

@@ -1,13 +1,13 @@
-"""Fast CPU NF4 dequantization (minift/nf4_dequant.py) against the reference it must equal."""
+"""Fast CPU NF4 dequantization (minift/nf4/dequant.py) against the reference it must equal."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minift import nf4_dequant
-from minift.nf4 import SUPPORTED_BLOCKSIZES, _dequantize_reference, dequantize_nf4, quantize_nf4
-from minift.nf4_dequant import dequantize_packed, pair_table
+from minift.nf4 import dequant as nf4_dequant
+from minift.nf4.quantize import SUPPORTED_BLOCKSIZES, _dequantize_reference, dequantize_nf4, quantize_nf4
+from minift.nf4.dequant import dequantize_packed, pair_table
 from minift.quantmaps import nf4_code
 from oracles import nf4_with_nested_blocksize
 

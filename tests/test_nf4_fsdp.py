@@ -1,4 +1,4 @@
-"""minift/nf4_fsdp.py on one process: the one-parameter NF4 layout, its round trip and its layer.
+"""minift/nf4/fsdp.py on one process: the one-parameter NF4 layout, its round trip and its layer.
 
 The sharded all-gather itself is tested by tests/test_distributed.py (2 gloo processes).
 """
@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minift
-from minift.model import Llama
-from minift.config import ModelConfig
-from minift.nf4 import quantize_nf4
-from minift.nf4_fsdp import ShardedNF4Linear, pack_bytes, shardable_nf4, unpack_bytes
-from minift.nf4_linear import NF4Linear
+from minift.models.llama import Llama
+from minift.models.config import ModelConfig
+from minift.nf4.quantize import quantize_nf4
+from minift.nf4.fsdp import ShardedNF4Linear, pack_bytes, shardable_nf4, unpack_bytes
+from minift.nf4.linear import NF4Linear
 
 
 @settings(max_examples=20, deadline=None)
@@ -80,7 +80,7 @@ def test_shardable_nf4_converts_every_nf4_layer_once():
         want = model(ids)
     assert shardable_nf4(model) == 14  # 7 linears in each of 2 layers
     assert shardable_nf4(model) == 0
-    assert all(isinstance(m.base_layer, ShardedNF4Linear) for _, m in minift.lora.lora_layers(model))
+    assert all(isinstance(m.base_layer, ShardedNF4Linear) for _, m in minift.lora.layer.lora_layers(model))
     with torch.no_grad():
         assert torch.equal(model(ids), want)
     # trainability is unchanged: only the adapters

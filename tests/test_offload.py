@@ -1,13 +1,15 @@
-"""minift/offload.py: checkpointed layer inputs in host memory give bit-identical training."""
+"""minift/models/offload.py: checkpointed layer inputs in host memory give bit-identical training."""
 import pytest
 import torch
 
-from minift.config import ModelConfig
-from minift.lora import lora_wrap
-from minift.loss import IGNORE, model_loss_sum
+from minift.names import IGNORE_INDEX
+from minift.models.config import ModelConfig
+from minift.lora.layer import lora_wrap
+from minift.objectives.loss import model_loss_sum
 from minift.memory.tracker import MemoryTracker
-from minift.model import Llama
-from minift.offload import ActivationOffload, mlp_tiling
+from minift.models.llama import Llama
+from minift.models.offload import ActivationOffload
+from minift.models.switches import mlp_tiling
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -17,7 +19,7 @@ B, T = 2, 12
 def batch():
     ids = torch.randint(0, 128, (B, T))
     labels = ids.clone()
-    labels[:, :3] = IGNORE
+    labels[:, :3] = IGNORE_INDEX
     return ids, labels
 
 

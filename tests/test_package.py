@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import minift
-import minift.config
+import minift.models.config
 
 # shared/design.md section 3, in full
 CONTRACT = ("lora_wrap", "LoRALinear", "trainable_parameters", "save_adapter", "load_adapter",
@@ -27,7 +27,7 @@ def test_contract_names_are_exported(name):
 def test_every_exported_name_is_defined_in_a_minift_module(name):
     value = getattr(minift, name)
     if isinstance(value, dict):  # a table (PRESETS): the package's object is its module's
-        assert value is minift.config.PRESETS, name
+        assert value is minift.models.config.PRESETS, name
         return
     module = getattr(value, "__module__", None) or ""
     assert module.startswith("minift."), (name, module)
@@ -40,11 +40,11 @@ def test_package_is_a_plain_module():
 
 def test_functions_survive_importing_their_modules_first():
     # a fresh interpreter, so the defining modules are imported before the package attributes are read
-    code = ("import minift.generation, minift.trainer, minift.evaluate, minift\n"
-            "from minift.evaluate import evaluate\n"
+    code = ("import minift.models.generation, minift.training.loop, minift.evaluation.forgetting, minift\n"
+            "from minift.evaluation.forgetting import evaluate\n"
             "assert minift.evaluate is evaluate, minift.evaluate\n"
-            "from minift.generation import generate\n"
-            "from minift.trainer import train\n"
+            "from minift.models.generation import generate\n"
+            "from minift.training.loop import train\n"
             "assert minift.generate is generate, minift.generate\n"
             "assert minift.train is train, minift.train\n"
             "print('ok')\n")

@@ -6,7 +6,7 @@ import pytest
 from minift.__main__ import main
 from minift.memory.estimate import estimate_memory
 from minift.memory.plan import parse_memory, plan
-from minift.config import ModelConfig
+from minift.models.config import ModelConfig
 
 
 @pytest.mark.parametrize("text, expected", [

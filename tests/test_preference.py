@@ -1,4 +1,4 @@
-"""minift/preference.py: preference rows to pairs, labels on the reply only, pair batches, errors."""
+"""minift/data/preference.py: preference rows to pairs, labels on the reply only, pair batches, errors."""
 import json
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import minift
-from minift.checkpoint import data_fingerprint
-from minift.preference import collate_pairs, load_preferences, pair_batches, tokenize_preferences
+from minift.training.checkpoint import data_fingerprint
+from minift.data.preference import collate_pairs, load_preferences, pair_batches, tokenize_preferences
 
 BASE = Path(__file__).resolve().parents[1] / "examples" / "base"
 

@@ -4,8 +4,9 @@ import warnings
 
 import pytest
 
-from minift.data import IGNORE, load_dataset, row_to_messages, tokenize_rows
-from minift.tokenizer import load_tokenizer
+from minift.names import IGNORE_INDEX
+from minift.data.sft import load_dataset, row_to_messages, tokenize_rows
+from minift.models.tokenizer import load_tokenizer
 
 from test_data import CHAT, PROMPT, tok, tok_dir, trained_runs, write_jsonl  # noqa: F401  (fixtures)
 
@@ -47,7 +48,7 @@ def test_unknown_roles_are_errors_not_dropped_rows(tmp_path, tok, row, match):
 
 def test_text_rows_train_every_token_and_end_with_eos(tok):
     (ex,), stats = tokenize_rows([{"text": "Paris is the capital of France."}], tok, max_length=64)
-    assert ex["labels"] == ex["input_ids"] and IGNORE not in ex["labels"]
+    assert ex["labels"] == ex["input_ids"] and IGNORE_INDEX not in ex["labels"]
     assert ex["input_ids"][-1] == tok.eos_token_id
     assert tok.decode(ex["input_ids"]) == "Paris is the capital of France."
     assert stats.trained_tokens == len(ex["input_ids"]) - 1  # the first token is never predicted

@@ -1,4 +1,4 @@
-"""Rules of a run's output folder and of what it trains (minift/rundir.py)."""
+"""Rules of a run's output folder and of what it trains (minift/training/rundir.py)."""
 import json
 import math
 import os
@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-import minift.checkpoint as ckpt
-from minift import rundir
-from minift.lora import lora_wrap
-from minift.nf4_linear import quantize_model
-from minift.trainer import TrainConfig, make_optimizer
+import minift.training.checkpoint as ckpt
+from minift.training import rundir
+from minift.lora.layer import lora_wrap
+from minift.nf4.linear import quantize_model
+from minift.training.loop import TrainConfig, make_optimizer
 
 from test_trainer import TinyLM, tiny_llama
 

@@ -1,4 +1,4 @@
-"""minift/soup.py: averaging PEFT adapters, the identity of k copies, weights, refusals, the CLI,
+"""minift/lora/soup.py: averaging PEFT adapters, the identity of k copies, weights, refusals, the CLI,
 and the soup loading in peft."""
 import copy
 import json
@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 import minift
 from minift.__main__ import main
-from minift.adapter import CONFIG_NAME, WEIGHTS_NAME
-from minift.lora import lora_state_dict, lora_wrap
-from minift.soup import average_adapters, soup
+from minift.lora.adapter import CONFIG_NAME, WEIGHTS_NAME
+from minift.lora.layer import lora_state_dict, lora_wrap
+from minift.lora.soup import average_adapters, soup
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

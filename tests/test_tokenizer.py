@@ -1,12 +1,12 @@
-"""minift.tokenizer against transformers' tokenizer on the same files (oracle tests)."""
+"""minift.models.tokenizer against transformers' tokenizer on the same files (oracle tests)."""
 import json
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from minift.chat_templates import BUILTIN_TEMPLATES
-from minift.tokenizer import load_tokenizer
+from minift.models.chat_templates import BUILTIN_TEMPLATES
+from minift.models.tokenizer import load_tokenizer
 
 SPECIALS = ["<s>", "</s>", "<unk>", "<pad>", "<|im_start|>", "<|im_end|>",
             "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -130,7 +130,7 @@ def test_chat_template_matches_transformers(tmp_path, name):
             ids = ours.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True)
             assert ids == ref.encode(text, add_special_tokens=False)
     if name != "custom":
-        # the generation prompt is a prefix of the conversation with the reply (minift.data needs it)
+        # the generation prompt is a prefix of the conversation with the reply (minift.data.sft needs it)
         chat = CHATS[2]
         assert ours.apply_chat_template(chat).startswith(
             ours.apply_chat_template(chat[:-1], add_generation_prompt=True))

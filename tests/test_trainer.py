@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-import minift.checkpoint as ckpt
-from minift.schedule import Schedule
-from minift.trainer import TrainConfig, accumulate_gradients, token_loss_sum, train
+import minift.training.checkpoint as ckpt
+from minift.training.schedule import Schedule
+from minift.training.loop import TrainConfig, accumulate_gradients, token_loss_sum, train
 
 
 # ---- shared helpers (test_checkpoint.py imports them too) ---------------------------------
@@ -63,8 +63,8 @@ class _InfiniteGradient(torch.autograd.Function):
 
 
 def tiny_llama(vocab=64, hidden=32, intermediate=64):
-    from minift.config import ModelConfig
-    from minift.model import Llama
+    from minift.models.config import ModelConfig
+    from minift.models.llama import Llama
 
     return Llama(ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -83,7 +83,7 @@ def make_examples(n, vocab=32, seed=0):
 
 
 def collate(examples, pad_id=0):
-    """Right-padded (B, T) batch, the layout minift.data.batch_examples produces."""
+    """Right-padded (B, T) batch, the layout minift.data.sft.batch_examples produces."""
     t = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": torch.full((len(examples), t), pad_id, dtype=torch.long),
              "labels": torch.full((len(examples), t), -100, dtype=torch.long),
@@ -208,7 +208,7 @@ def test_max_steps_overrides_epochs_and_lr_follows_schedule(tmp_path):
 
 
 def test_lora_on_llama_trains_only_adapters(tmp_path):
-    from minift.lora import lora_wrap
+    from minift.lora.layer import lora_wrap
 
     base = tiny_llama()
     nn.init.normal_(base.lm_head.weight, std=1.0)  # a random base with 0.02-scale logits can't learn
@@ -224,7 +224,7 @@ def test_lora_on_llama_trains_only_adapters(tmp_path):
 
 
 def test_gradient_checkpointing_gives_equal_lora_grads_on_frozen_base():
-    from minift.lora import lora_wrap
+    from minift.lora.layer import lora_wrap
 
     model = lora_wrap(tiny_llama(), r=4, alpha=8)
     for name, p in model.named_parameters():
@@ -262,8 +262,8 @@ def test_without_a_terminal_progress_prints_log_lines_and_memory_table(tmp_path,
 
 
 def test_padding_efficiency_is_reported_once_and_in_the_summary(tmp_path, capsys):
-    from minift.data import padding_efficiency
-    from minift.schedule import epoch_batches
+    from minift.data.sft import padding_efficiency
+    from minift.training.schedule import epoch_batches
 
     data = make_examples(32, seed=4)  # lengths 5-12: batches of 4 carry some padding
     config = cfg(tmp_path, epochs=2, progress=True, log_interval=100)
@@ -290,7 +290,7 @@ def test_bf16_autocast_and_neftune_train(tmp_path):
                                         ("inf grad", "gradient norm is (inf|nan) at step 3")])
 def test_non_finite_step_saves_nothing_and_names_the_newest_good_checkpoint(tmp_path, monkeypatch,
                                                                              kind, match):
-    import minift.sft as train_mod  # where the loop's token loss is computed
+    import minift.objectives.sft as train_mod  # where the loop's token loss is computed
     model = TinyLM(nan_at_call=3 if kind == "nan loss" else None,
                    bad_grad_at_call=3 if kind == "inf grad" else None)
     if kind == "inf loss":
@@ -382,8 +382,8 @@ def test_no_trainable_parameters_is_an_error(tmp_path):
 
 
 def test_qlora_trains_adapters_on_nf4_base_with_checkpointing_and_packing(tmp_path):
-    from minift.lora import lora_wrap, trainable_parameters
-    from minift.nf4_linear import NF4Linear, quantize_model
+    from minift.lora.layer import lora_wrap, trainable_parameters
+    from minift.nf4.linear import NF4Linear, quantize_model
 
     base = tiny_llama()
     nn.init.normal_(base.lm_head.weight, std=1.0)
@@ -404,7 +404,7 @@ def test_qlora_trains_adapters_on_nf4_base_with_checkpointing_and_packing(tmp_pa
 
 def test_minift_train_is_callable_after_importing_the_module(tmp_path):
     import minift
-    import minift.trainer  # noqa: F401  (the defining module; minift.train stays the function)
+    import minift.training.loop  # noqa: F401  (the defining module; minift.train stays the function)
 
     with pytest.raises(ValueError, match="train_data must be a non-empty list"):
         minift.train(TinyLM(), [], cfg(tmp_path))

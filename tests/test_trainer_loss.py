@@ -1,10 +1,10 @@
-"""The training loss of minift/trainer.py: shifted labels, no (B, T, V) copy of the logits."""
+"""The training loss of minift/training/loop.py: shifted labels, no (B, T, V) copy of the logits."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minift.trainer import token_loss_sum
+from minift.training.loop import token_loss_sum
 
 
 def _sliced_logits_loss(logits, labels):

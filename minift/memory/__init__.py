@@ -8,7 +8,7 @@
 """
 from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import MemoryEstimate, estimate_memory
-from minift._util import format_bytes
+from minift.sizes import format_bytes
 from minift.memory.tracker import CATEGORIES, MemoryReport, MemoryTracker, breakdown_table
 
 __all__ = ["CATEGORIES", "MemoryEstimate", "MemoryReport", "MemoryTracker", "breakdown_table",

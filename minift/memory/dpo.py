@@ -1,6 +1,6 @@
 """Memory of one DPO step, built on `estimate_memory`'s SFT model of a step.
 
-A DPO step (minift.dpo.DPOObjective.step) differs from an SFT step in three ways:
+A DPO step (minift.objectives.dpo.DPOObjective.step) differs from an SFT step in three ways:
 
 1. twice the sequences: B pairs are one (2B, T) forward, chosen rows then rejected rows, so the
    policy's activations, logits and loss buffers are those of an SFT step with batch 2B;
@@ -8,7 +8,7 @@ A DPO step (minift.dpo.DPOObjective.step) differs from an SFT step in three ways
    (2B, T, V) in the compute dtype, their float32 copy and the float32 log-softmax that the
    cross-entropy makes are alive at its end, on top of the weights and optimizer states (the
    gradients are freed: zero_grad(set_to_none=True) ran after the previous step); with
-   ``loss_chunk_size`` only one chunk's logits are (``minift.loss.chunked_row_logps``), and the
+   ``loss_chunk_size`` only one chunk's logits are (``minift.objectives.loss.chunked_row_logps``), and the
    policy's loss is that of an SFT step with the chunked loss;
 3. the reference's weights: none with LoRA/QLoRA (the same model with its adapters switched
    off), none with precomputed log-probs (2 floats per pair, on disk and host), a second copy of
@@ -23,7 +23,7 @@ from typing import Union
 
 import torch
 
-from minift.config import ModelConfig
+from minift.models.config import ModelConfig
 from minift.memory.estimate import MemoryEstimate, _elem, _resolve_config, estimate_memory
 
 REFERENCES = ("adapters", "copy", "copy_nf4", "precomputed")
@@ -74,7 +74,7 @@ def estimate_dpo_memory(config_or_preset: Union[ModelConfig, str], method: str =
     chunk = kwargs.get("loss_chunk_size")
     # reference forward's end: logits in dtype + their float32 copy + float32 log-softmax, of all
     # (2B, T) positions, or of one chunk of them after the (2B, T, H) hidden states
-    # (minift.loss.chunked_row_logps)
+    # (minift.objectives.loss.chunked_row_logps)
     if chunk is None:
         ref_pass = rows * cfg.vocab_size * (e + 4 + 4)
     else:

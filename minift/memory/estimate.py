@@ -3,7 +3,7 @@
 The formulas (docs/memory.md explains them; `minift.memory.formulas` holds them; N = batch_size * seq_len tokens, e = bytes of the
 compute dtype, h = hidden size, i = intermediate size):
 
-* weights: every tensor of `minift.model.Llama` at its storage format: `dtype` for full and LoRA,
+* weights: every tensor of `minift.models.llama.Llama` at its storage format: `dtype` for full and LoRA,
   NF4 for QLoRA's decoder linears (n/2 packed bytes + one uint8 absmax code per 64 values + one
   float32 per 256 codes + the 16- and 256-entry code books: ~4.127 bits per parameter).
 * LoRA adapters: r * (in + out) per adapted linear, in `adapter_dtype` (float32).
@@ -11,7 +11,7 @@ compute dtype, h = hidden size, i = intermediate size):
 * optimizer states: "adamw" (torch.optim.AdamW) keeps two moments in the parameter's dtype;
   "adamw8bit" / "paged_adamw8bit" keep two uint8 codes per value plus a float32 absmax per 256
   values, and float32 moments for tensors smaller than 4096 values.
-* activations: what `minift.model.Llama` and `minift.train`'s loss keep for backward, term by
+* activations: what `minift.models.llama.Llama` and `minift.train`'s loss keep for backward, term by
   term (`layer_saved`, `head_saved`), derived by listing the tensors autograd saves.
 * other: the loss's buffers (logits and their float32 copy, or the two float32 logit gradients at
   the start of backward) or the optimizer's temporaries during its step, whichever moment is
@@ -30,8 +30,9 @@ from typing import Optional, Union
 
 import torch
 
-from minift._util import LINEARS, METHODS, OPTIMIZERS, check_choice, check_flag, check_int
-from minift.config import ModelConfig
+from minift.names import LINEARS, METHODS, OPTIMIZERS
+from minift.checks import check_choice, check_flag, check_int
+from minift.models.config import ModelConfig
 from minift.memory.features import DEFAULT_BUDGET, feature_estimate, paged_states
 from minift.memory.formulas import (dequant_scratch, down_proj_saved, head_saved,
                                     layer_gradient_bytes, layer_saved,
@@ -89,7 +90,7 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
     """Estimate the memory of one training step of minift, by category, in bytes.
 
     Args:
-        config_or_preset: a `ModelConfig` or a preset name from `minift.config.PRESETS`.
+        config_or_preset: a `ModelConfig` or a preset name from `minift.models.config.PRESETS`.
         method: "full", "lora" or "qlora".
         batch_size: sequences per micro-batch.
         seq_len: tokens per sequence.

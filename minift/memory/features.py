@@ -7,13 +7,13 @@ hid = e*h*N one hidden state):
 
 * loss, unchunked: logits e*V*N + their fp32 copy 4*V*N, the saved fp32 log-softmax 4*V*N, then
   two fp32 (N, V) gradients at the start of backward (what `estimate_memory` counts);
-  chunked (c tokens, `minift.loss`): one chunk's logits and fp32 copy, its saved log-softmax and
+  chunked (c tokens, `minift.objectives.loss`): one chunk's logits and fp32 copy, its saved log-softmax and
   its gradient, 3*4*c*V + e*c*V, plus the gradients kept from forward: hid for the hidden states
   and V*h*e for a trained lm_head (full fine-tuning).
 * checkpointed layer inputs: L*hid on the device, or with activation offload on the host, the
   device holding the restored input and the prefetched one below it (2*hid) during backward.
 * one layer's recompute: `estimate_memory`'s per-layer saved tensors; with MLP tiles of t tokens
-  the SwiGLU's (N, i) tensors shrink to (B*t, i) (`minift.model.DecoderLayer._mlp`).
+  the SwiGLU's (N, i) tensors shrink to (B*t, i) (`minift.models.llama.DecoderLayer._mlp`).
 * gradients: all trainable bytes at the optimizer step; with the step in backward only the
   largest trainable tensor, and no step moment after backward.
 * optimizer states: "paged_adamw8bit" keeps up to `paged_device_budget` bytes of 8-bit pages on
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from minift.config import ModelConfig
+from minift.models.config import ModelConfig
 from minift.memory.formulas import adam_state_bytes, layer_saved, weight_bytes
 
 DEFAULT_BUDGET = 2**30

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 
-from minift.config import ModelConfig
-from minift.nf4_dequant import SLICE as DEQUANT_SLICE
+from minift.models.config import ModelConfig
+from minift.nf4.dequant import SLICE as DEQUANT_SLICE
 from minift.optim.quant8 import CHUNK as CPU_CHUNK
 
 
 # ---- what a step stores ------------------------------------------------------------------
 def nf4_bytes(n: int, blocksize: int = 64, nested_blocksize: int = 256) -> int:
-    """Bytes of one NF4 double-quantized weight of n values as `minift.nf4` stores it.
+    """Bytes of one NF4 double-quantized weight of n values as `minift.nf4.quantize` stores it.
 
     The packed nibbles, one uint8 absmax code per block (stored padded to whole groups of 256
     blocks), one float32 scale per 256 blocks and the 16-entry float32 NF4 code. The 256-entry
@@ -65,7 +65,7 @@ def step_temporaries(trainable, optimizer, device) -> int:
 
 
 def layer_tensors(cfg: ModelConfig) -> list:
-    """(name, n_values, is_decoder_linear) of every parameter, as minift.model.Llama holds them."""
+    """(name, n_values, is_decoder_linear) of every parameter, as minift.models.llama.Llama holds them."""
     out = []
     shapes = cfg.linear_shapes()
     for _ in range(cfg.num_hidden_layers):
@@ -122,7 +122,7 @@ def layer_gradient_bytes(cfg, method, targets, r, e, ae) -> dict:
 
 # ---- what autograd keeps for backward ---------------------------------------------------
 def layer_saved(cfg, method, targets, r, e, batch, seq, input_grad, masked=True):
-    """Bytes one decoder layer keeps for backward (minift.model.DecoderLayer), by term."""
+    """Bytes one decoder layer keeps for backward (minift.models.llama.DecoderLayer), by term."""
     h, i, q, kv, heads = (cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size,
                           cfg.num_attention_heads)
     full = method == "full"
@@ -196,7 +196,7 @@ def down_proj_saved(cfg, method, targets, r, e, n_tok, freed=False):
 def dequant_scratch(cfg: ModelConfig, device: str, e: int) -> int:
     """Bytes alive while one NF4 weight (the largest decoder linear, n values) is dequantized.
 
-    CPU (`minift.nf4_dequant`): the output (e n bytes) plus one slice's int32 byte indices and
+    CPU (`minift.nf4.dequant`): the output (e n bytes) plus one slice's int32 byte indices and
     int64 pair words, 6 bytes per value of a slice of at most DEQUANT_SLICE values. CUDA (the
     Triton kernel): the output only, e n bytes (not measured: no GPU).
     """

@@ -4,7 +4,7 @@ Built on the 1-GPU estimate of the same micro-batch (each rank runs a micro-batc
 whose categories are F frozen weights, P trainable parameters, G gradients, S optimizer states,
 A activations, with L the loss buffers and T the optimizer step's temporaries. With W GPUs:
 
-FSDP2 (``minift.distributed.apply_parallel``: one all-gather unit per decoder layer + the root)
+FSDP2 (``minift.distributed.parallel.apply_parallel``: one all-gather unit per decoder layer + the root)
     sharded, per GPU:   (F + P + S + G) / W
     gathered buffers:   the root (embedding, final norm, lm_head) stays gathered from forward to
                         backward; two decoder layers are gathered at a time (the one computing and
@@ -32,8 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from minift._util import LINEARS
-from minift.config import ModelConfig
+from minift.names import LINEARS
+from minift.models.config import ModelConfig
 from minift.memory.formulas import adam_state_bytes, layer_tensors
 
 PARALLEL = ("fsdp", "ddp")

@@ -15,8 +15,9 @@ import os
 
 import torch
 
-from minift._util import check_choice, fmt_in, format_bytes, parse_bytes, unit_for
-from minift.config import PRESETS, ModelConfig
+from minift.checks import check_choice
+from minift.sizes import fmt_in, format_bytes, parse_bytes, unit_for
+from minift.models.config import PRESETS, ModelConfig
 from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import METHODS, estimate_memory
 from minift.memory.tracker import CATEGORIES, breakdown_table

@@ -1,31 +1,15 @@
 """What the memory parts report: the categories, a measured `MemoryReport`, an estimated
-`MemoryEstimate`, and the markdown table both print. Host-side allocations are marked here too
-(`host_side`), so the tracker can tell them from device memory."""
+`MemoryEstimate`, and the markdown table both print."""
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from dataclasses import dataclass, field
 
-from minift._util import format_bytes
+from minift.sizes import format_bytes
 
 # State keys a paged optimizer (minift.optim.AdamW8bit(paged=True)) keeps in host pages.
 PAGED_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
 CATEGORIES = ("frozen_weights", "trainable_params", "gradients", "optimizer_states",
               "activations", "other")
-# True while code moves tensors to host memory on purpose (offload, paging): what it creates is
-# host memory even when the "device" is the CPU.
-_HOST_SIDE = contextvars.ContextVar("minift_host_side", default=False)
-
-
-@contextlib.contextmanager
-def host_side():
-    """Tensors created inside are counted by a running MemoryTracker as host memory."""
-    token = _HOST_SIDE.set(True)
-    try:
-        yield
-    finally:
-        _HOST_SIDE.reset(token)
 
 
 def breakdown_table(columns: dict, rows=CATEGORIES + ("total",), bytes_fmt=format_bytes) -> str:

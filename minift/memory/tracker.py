@@ -16,7 +16,7 @@ one of six categories (the same keys as `minift.estimate_memory`):
 * ``other``: what else is alive at the peak: logits, the loss's fp32 copy, temporaries.
 
 Host memory is reported apart, as ``host`` (its own high-water mark, not part of the peak):
-tensors created inside ``host_side()`` (offloaded activations, see ``minift.offload``) and the
+tensors created inside ``host_side()`` (offloaded activations, see ``minift.models.offload``) and the
 host pages of a paged optimizer. On CUDA they live in pinned host memory anyway; on a CPU run
 this keeps them out of the device categories, so the "device" peak falls as it would on a GPU.
 
@@ -39,11 +39,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from minift._util import format_bytes
+from minift.sizes import format_bytes
 from minift.optim.sharded import local
-# CATEGORIES, breakdown_table and host_side are read from here by callers as well
-from minift.memory.report import (CATEGORIES, PAGED_KEYS, _HOST_SIDE, MemoryReport,  # noqa: F401
-                                  breakdown_table, host_side)
+# CATEGORIES and breakdown_table are read from here by callers as well
+from minift.memory.report import CATEGORIES, PAGED_KEYS, MemoryReport, breakdown_table  # noqa: F401
+from minift.placement import on_host_side
 
 
 def _storage(t):
@@ -76,7 +76,7 @@ class _Watch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        host = _HOST_SIDE.get()
+        host = on_host_side()
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 (self.tracker._created_host if host else self.tracker._created)(t)
@@ -327,7 +327,7 @@ class MemoryTracker:
 
     def _step_starts(self, optimizer, args, kwargs):
         if torch._C._current_graph_task_id() != -1:
-            # a step inside backward (minift.backward_step): the one gradient it consumes is
+            # a step inside backward (minift.optim.in_backward): the one gradient it consumes is
             # counted before the step frees it; forward and backward are still under way
             for p in self.model.parameters():
                 if p.grad is not None:

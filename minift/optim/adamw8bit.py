@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from minift._util import check_int, check_number
+from minift.checks import check_int, check_number
 from minift.kernels import HAS_TRITON
 from minift.optim import sharded
 from minift.optim.adamw8bit_state import (KEYS_8BIT, VERSION, VERSION_KEY, check_state_dict,

@@ -14,7 +14,7 @@ import numbers
 
 import torch
 
-from minift._util import check_number
+from minift.checks import check_number
 from minift.optim import sharded
 from minift.optim.paging import host_empty
 from minift.optim.quant8 import dequantize_blockwise, num_blocks, quantize_blockwise

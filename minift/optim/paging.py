@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minift.memory.tracker import host_side
+from minift.placement import host_side
 
 # Device bytes a paged optimizer keeps resident by default: 1 GiB. Llama-3.1-8B's 8-bit AdamW
 # states are 16.3 GB; keeping them all resident would save nothing, streaming all of them costs

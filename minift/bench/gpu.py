@@ -1,0 +1,372 @@
+"""``python -m minift bench gpu --out DIR``: the one-command GPU suite.
+
+Random weights from presets, nothing downloaded, one JSON with every raw timing. In order:
+device-to-device copy bandwidth and bf16 matmul throughput (the yardsticks), every Triton kernel
+against its pure-torch reference, NF4 dequantization against the copy bandwidth, the 8-bit AdamW
+step against its bandwidth floor and ``torch.optim.AdamW(fused=True)``, the norm / RoPE / SwiGLU
+ops eager against ``torch.compile``, one Llama-3.1-8B-shaped training step per method beside
+`estimate_memory`, and the same step in transformers + peft (+ bitsandbytes) where they import.
+
+Each part runs guarded (an error, an out-of-memory included, is recorded and the suite goes on)
+and within its own time budget; the budgets add up to 8 minutes. ``--dry-run`` runs the same
+code on CPU with tiny shapes in seconds: it checks the suite, its timings mean nothing.
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+
+import torch
+
+from minift.bench import gpu_fsdp as bench_gpu_fsdp
+from minift.bench import gpu_steps as bench_gpu_steps
+from minift.models import fused
+from minift.nf4.quantize import _dequantize_reference, dequantize_nf4, quantize_nf4
+from minift.optim import AdamW8bit
+from minift.optim.quant8 import StepScalars, adamw8bit_step_reference, quantize_blockwise
+from minift.quantmaps import dynamic_map
+from minift.bench.runinfo import git_commit, git_modified, machine_info
+
+try:  # the launchers need Triton; without it the kernel checks are skipped
+    from minift.kernels.adamw8bit import adamw8bit_step
+    from minift.kernels.nf4 import nf4_dequantize
+except ImportError:  # pragma: no cover - platforms without Triton
+    adamw8bit_step = nf4_dequantize = None
+
+
+@dataclass
+class Sizes:
+    """The shapes of one run: the real ones on a GPU, tiny ones for --dry-run."""
+
+    nf4_shapes: tuple = ((4096, 4096), (4096, 14336), (8192, 28672))
+    adam_numel: int = 100_000_000
+    copy_mib: int = 1024
+    matmul_n: int = 8192
+    tokens: int = 4096  # 2 x 2048 rows through the norm / RoPE / SwiGLU ops
+    hidden: int = 4096
+    intermediate: int = 14336
+    heads: int = 32
+    head_dim: int = 128
+    preset: str = "llama-3.1-8b"
+    batch: int = 2
+    seq_len: int = 2048
+    iters: int = 20  # timed repetitions per measurement, at most (the part's budget may cut)
+
+
+DRY_SIZES = Sizes(nf4_shapes=((64, 64), (64, 192), (128, 256)), adam_numel=4096, copy_mib=1,
+                  matmul_n=64, tokens=32, hidden=64, intermediate=128, heads=4, head_dim=16,
+                  preset="tiny", batch=2, seq_len=16, iters=2)
+# Seconds of timing per part on a GPU (395 in all); a part stops timing when its budget is
+# spent. The rest of the 480-second default is left for what is not timed: building the 8B
+# models, quantizing them, compiling the eager-vs-compiled ops.
+BUDGETS = {"copy_bandwidth": 5, "matmul_flops": 5, "kernel_checks": 10, "nf4_dequant": 30,
+           "adamw8bit": 30, "fused_ops": 45, "train_steps": 150, "peer_steps": 90, "fsdp": 30}
+
+
+class Clock:
+    """Times a callable: CUDA events on a GPU (after warm-up and a sync), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device, iters: int, warmup: int = 2):
+        self.device, self.iters, self.warmup = device, iters, warmup
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def times_ms(self, fn, seconds: float, warmup=None) -> list:
+        """Milliseconds of each timed call after `warmup` untimed ones (default the clock's): up
+        to `iters` calls, fewer when `seconds` run out (at least one)."""
+        for _ in range(self.warmup if warmup is None else warmup):
+            fn()
+        self.sync()
+        out, start = [], time.perf_counter()
+        while len(out) < self.iters and (not out or time.perf_counter() - start < seconds):
+            if self.device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                end.synchronize()
+                out.append(begin.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+
+def _median(ms: list) -> float:
+    return statistics.median(ms)
+
+
+# ---- the yardsticks ----------------------------------------------------------------------
+def part_copy_bandwidth(ctx) -> dict:
+    """Device-to-device copy: bytes read + written per second (the bandwidth kernels can reach)."""
+    n = ctx.sizes.copy_mib * 2**20 // 4
+    src = torch.randn(n, device=ctx.device)
+    dst = torch.empty_like(src)
+    ms = ctx.clock.times_ms(lambda: dst.copy_(src), ctx.seconds)
+    ctx.copy_bytes_per_s = 2 * src.nbytes / (_median(ms) / 1e3)
+    return {"bytes": 2 * src.nbytes, "ms": ms, "bytes_per_s": ctx.copy_bytes_per_s}
+
+
+def part_matmul_flops(ctx) -> dict:
+    """bf16 matmul throughput of an n x n x n product: the peak that MFU divides by."""
+    n = ctx.sizes.matmul_n
+    a, b = torch.randn(2, n, n, device=ctx.device, dtype=torch.bfloat16)
+    ms = ctx.clock.times_ms(lambda: a @ b, ctx.seconds)
+    ctx.peak_flops = 2 * n**3 / (_median(ms) / 1e3)
+    return {"n": n, "ms": ms, "flops_per_s": ctx.peak_flops}
+
+
+# ---- correctness on the device -----------------------------------------------------------
+def part_kernel_checks(ctx) -> dict:
+    """Every Triton kernel against its reference on odd shapes: exact equality expected."""
+    if nf4_dequantize is None:
+        return {"skipped": "Triton is not installed"}
+    if ctx.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"skipped": "Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"}
+    out = {}
+    w = torch.randn(3 * 64 + 1, 37, device=ctx.device, dtype=torch.bfloat16)  # odd n: half a byte
+    q = quantize_nf4(w)
+    got = nf4_dequantize(q.packed, q.absmax, q.code, q.shape, q.blocksize, torch.bfloat16,
+                         nested_absmax=q.nested_absmax, nested_code=q.nested_code, offset=q.offset,
+                         nested_blocksize=q.nested_blocksize)
+    ref = _dequantize_reference(q, torch.bfloat16)
+    out["nf4_dequant"] = {"equal": bool(torch.equal(got, ref)),
+                          "max_abs_diff": float((got.float() - ref.float()).abs().max())}
+    for dtype in (torch.float32, torch.bfloat16):
+        args = _adam_inputs(3 * 256 + 37, dtype, ctx.device)
+        ref_t = [t.clone() for t in args[0]]
+        got_t = [t.clone() for t in args[0]]
+        adamw8bit_step_reference(ref_t[0], args[1], *ref_t[1:], *args[2], args[3], offset=256)
+        adamw8bit_step(got_t[0], args[1], *got_t[1:], *args[2], args[3], offset=256)
+        diffs = [int((a != b).sum()) for a, b in zip(ref_t, got_t)]
+        out[f"adamw8bit_{str(dtype).split('.')[-1]}"] = {"equal": not any(diffs),
+                                                         "differing_elements": diffs}
+    out["fused"] = _fused_checks(ctx.device)  # bf16: rounding differences, not equality, expected
+    return out
+
+
+def _adam_inputs(n, dtype, device):
+    mm, mv = dynamic_map(True, device), dynamic_map(False, device)
+    mc, ma = quantize_blockwise(torch.randn(n, device=device) * 1e-3, mm)
+    vc, va = quantize_blockwise(torch.rand(n, device=device) * 1e-5, mv)
+    p = torch.randn(n, device=device).to(dtype)
+    g = torch.randn(n, device=device) * 1e-2
+    s = StepScalars.make(1e-3, 0.9, 0.999, 1e-8, 0.01, step=3, seed=7)
+    return [p, mc, ma, vc, va], g, (mm, mv), s
+
+
+# ---- bandwidth-bound kernels ---------------------------------------------------------------
+def part_nf4_dequant(ctx) -> dict:
+    """NF4 -> bf16 of each weight shape: bytes moved per second against the copy bandwidth."""
+    out = {}
+    for rows, cols in ctx.sizes.nf4_shapes:
+        q = quantize_nf4(torch.randn(rows, cols, device=ctx.device, dtype=torch.bfloat16))
+        buf = torch.empty(rows, cols, device=ctx.device, dtype=torch.bfloat16)
+        run = functools.partial(dequantize_nf4, q, torch.bfloat16, out=buf)
+        ms = ctx.clock.times_ms(run, ctx.seconds / len(ctx.sizes.nf4_shapes))
+        moved = q.nbytes + buf.nbytes  # read the packed weight and its scales, write bf16
+        rate = moved / (_median(ms) / 1e3)
+        out[f"{rows}x{cols}"] = {"bytes": moved, "ms": ms, "bytes_per_s": rate,
+                                 "share_of_copy": rate / ctx.copy_bytes_per_s
+                                 if ctx.copy_bytes_per_s else None, "goal_share": 0.85}
+        del q, buf, run  # free this shape's tensors before the next one is made
+    return out
+
+
+def part_adamw8bit(ctx) -> dict:
+    """One AdamW8bit step on N fp32 parameters against its floor (the bytes it must move at copy
+    bandwidth) and torch's fused fp32 AdamW on the same parameters."""
+    n = ctx.sizes.adam_numel
+    p = torch.nn.Parameter(torch.randn(n, device=ctx.device) * 0.02)
+    p.grad = torch.randn_like(p) * 1e-3
+    out = {"numel": n}
+    opt8 = AdamW8bit([p], lr=1e-4)
+    ms8 = ctx.clock.times_ms(opt8.step, ctx.seconds / 2)
+    # fp32 param read + write, fp32 grad read, two 8-bit states read + write (scales: ~1/256)
+    floor_bytes = n * (4 + 4 + 4 + 2 + 2)
+    out["adamw8bit"] = {"ms": ms8, "floor_bytes": floor_bytes,
+                        "floor_ms": floor_bytes / ctx.copy_bytes_per_s * 1e3
+                        if ctx.copy_bytes_per_s else None}
+    del opt8
+    fused = ctx.device.type == "cuda" or hasattr(torch, "_fused_adamw_")
+    opt32 = torch.optim.AdamW([p], lr=1e-4, fused=fused)
+    out["torch_adamw_fused"] = {"ms": ctx.clock.times_ms(opt32.step, ctx.seconds / 2),
+                                "fused": fused}
+    return out
+
+
+def _fused_inputs(sizes, device, requires_grad=False):
+    """(reference, fused, args) per op at a training step's shapes, bf16; k has a quarter of
+    q's heads (GQA 4:1)."""
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16, requires_grad=requires_grad)
+
+    s = sizes
+    x, w = rand(s.tokens, s.hidden), torch.randn(s.hidden, device=device, dtype=torch.bfloat16)
+    q, k = rand(1, s.heads, s.tokens, s.head_dim), rand(1, s.heads // 4, s.tokens, s.head_dim)
+    cos, sin = torch.randn(2, 1, 1, s.tokens, s.head_dim, device=device, dtype=torch.bfloat16)
+    gate, up = rand(s.tokens, s.intermediate), rand(s.tokens, s.intermediate)
+    return {"rmsnorm": (fused.rms_norm_reference, fused.rms_norm, (x, w, 1e-5)),
+            "rope": (fused.apply_rope_reference, fused.apply_rope, (q, k, cos, sin)),
+            "swiglu": (fused.swiglu_reference, fused.swiglu, (gate, up))}
+
+
+def part_fused_ops(ctx) -> dict:
+    """RMSNorm, RoPE (q and k, GQA 4:1) and SwiGLU at a training step's shapes: minift's fused
+    kernels against torch eager and torch.compile of the same reference, forward only."""
+    out = {}
+    for name, (reference, fast, args) in _fused_inputs(ctx.sizes, ctx.device).items():
+        share = ctx.seconds / 9
+        row = {"eager_ms": ctx.clock.times_ms(lambda: reference(*args), share)}
+        if ctx.dry_run:
+            row["compiled_ms"] = "skipped in the dry run (compiling takes tens of seconds on CPU)"
+        else:
+            compiled = torch.compile(reference)
+            row["compiled_ms"] = ctx.clock.times_ms(lambda: compiled(*args), share)
+        if fused.uses_triton(args[0]):
+            row["fused_ms"] = ctx.clock.times_ms(lambda: fast(*args), share)
+        else:
+            row["fused_ms"] = "not on this device (the reference serves off CUDA)"
+        out[name] = row
+    return out
+
+
+def _fused_checks(device) -> dict:
+    """Each fused op's forward and input gradients against its reference (bf16, small shapes)."""
+    out = {}
+    for name, (reference, fast, args) in _fused_inputs(DRY_SIZES, device, requires_grad=True).items():
+        ref, got = _as_tuple(reference(*args)), _as_tuple(fast(*args))
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        grads_ref = torch.autograd.grad(sum(r.float().sum() for r in ref), leaves)
+        grads_got = torch.autograd.grad(sum(g.float().sum() for g in got), leaves)
+        out[name] = {"forward_max_abs_diff": _max_diff(ref, got),
+                     "grad_max_abs_diff": _max_diff(grads_ref, grads_got)}
+    return out
+
+
+def _as_tuple(t):
+    return (t,) if isinstance(t, torch.Tensor) else tuple(t)
+
+
+def _max_diff(a, b) -> float:
+    return max(float((x.detach().float() - y.detach().float()).abs().max()) for x, y in zip(a, b))
+
+
+# ---- the suite -----------------------------------------------------------------------------
+@dataclass
+class Context:
+    device: torch.device
+    sizes: Sizes
+    dry_run: bool
+    clock: Clock
+    seconds: float = 0.0  # the running part's budget
+    copy_bytes_per_s: float = 0.0
+    peak_flops: float = 0.0
+
+
+PARTS = (("copy_bandwidth", part_copy_bandwidth), ("matmul_flops", part_matmul_flops),
+         ("kernel_checks", part_kernel_checks), ("nf4_dequant", part_nf4_dequant),
+         ("adamw8bit", part_adamw8bit), ("fused_ops", part_fused_ops),
+         ("train_steps", bench_gpu_steps.part_train_steps),
+         ("peer_steps", bench_gpu_steps.part_peer_steps), ("fsdp", bench_gpu_fsdp.part_fsdp))
+
+
+def run_suite(device: torch.device, dry_run: bool, budget_s: float, only=None) -> dict:
+    """Every part in order, each guarded and within its share of `budget_s`; the results. A part
+    that would start after `budget_s` seconds of wall time is skipped."""
+    sizes = DRY_SIZES if dry_run else Sizes()
+    ctx = Context(device, sizes, dry_run, Clock(device, sizes.iters, warmup=1 if dry_run else 2))
+    # a smaller --budget-s shrinks every part's share; the wall-clock deadline covers the rest
+    scale = min(1.0, budget_s / 480.0)
+    deadline, results = time.monotonic() + budget_s, {}
+    for name, fn in PARTS:
+        if only and name not in only:
+            continue
+        left = deadline - time.monotonic()
+        ctx.seconds = min(BUDGETS[name] * scale, left)
+        if left <= 0:
+            results[name] = {"skipped": "the suite's time budget is spent"}
+            continue
+        t0 = time.monotonic()
+        try:
+            results[name] = fn(ctx)
+        except Exception as e:  # noqa: BLE001 - one failing part (an OOM too) must not end the suite
+            results[name] = {"error": f"{type(e).__name__}: {e}",
+                             "traceback": traceback.format_exc(limit=6)}
+        results[name]["wall_s"] = time.monotonic() - t0 if isinstance(results[name], dict) else None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def add_bench_gpu_arguments(parser) -> None:
+    """The options of ``minift bench gpu``."""
+    parser.add_argument("--out", required=True, help="directory for bench_gpu.json")
+    parser.add_argument("--dry-run", action="store_true", dest="dry_run",
+                        help="tiny shapes on CPU in seconds: checks the suite, measures nothing")
+    parser.add_argument("--budget-s", type=float, default=480.0, dest="budget_s",
+                        help="seconds for the whole suite, shared out by part (default 480)")
+    parser.add_argument("--only", nargs="+", default=None, choices=[n for n, _ in PARTS],
+                        help="run only these parts")
+
+
+def run_bench_gpu(args, parser) -> int:
+    """Run ``minift bench gpu`` for parsed `args`; bad input goes through `parser.error`."""
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        parser.error(f"--budget-s must be a finite number > 0, got {args.budget_s}")
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device: the GPU suite needs one (--dry-run checks it on CPU)")
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out: cannot create {args.out!r}: {e.strerror}")
+    started, threads = time.time(), torch.get_num_threads()
+    if args.dry_run:  # tiny ops: one thread avoids thread start-up cost dwarfing the work
+        torch.set_num_threads(1)
+    try:
+        results = run_suite(device, args.dry_run, args.budget_s, args.only)
+    finally:
+        torch.set_num_threads(threads)
+    record = {"command": " ".join(["python -m minift"] + sys.argv[1:]), "dry_run": args.dry_run,
+              "arguments": {k: getattr(args, k) for k in ("out", "dry_run", "budget_s", "only")},
+              "machine": machine_info(), "versions": _versions(), "git_commit": git_commit(),
+              "git_modified": git_modified(), "device": _device_info(device),
+              "sizes": asdict(DRY_SIZES if args.dry_run else Sizes()), "budget_s": args.budget_s,
+              "wall_s": time.time() - started, "results": results}
+    path = os.path.join(args.out, "bench_gpu.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, default=str)
+    failed = [k for k, v in results.items() if "error" in v]
+    print(f"wrote {path}; parts with errors: {', '.join(failed) or 'none'}")
+    return 0
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def _device_info(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"type": device.type}
+    props = torch.cuda.get_device_properties(device)
+    return {"type": "cuda", "name": props.name, "capability": f"{props.major}.{props.minor}",
+            "memory_bytes": props.total_memory, "multiprocessors": props.multi_processor_count}

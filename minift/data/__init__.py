@@ -1,0 +1,1 @@
+"""Data: row formats, SFT examples and micro-batches, preference pairs."""

@@ -1,0 +1,118 @@
+"""What the training loop does differently under torchrun, in one object the loop consults.
+
+``DistRun(config)`` joins the process group when the job was launched by torchrun with more
+than one process (or with ``parallel`` set on one); otherwise ``active`` is False and every
+method is the 1-process behaviour, so the loop calls them unconditionally.
+
+Checkpoints of a distributed run are ``<output_dir>/step-N`` directories like the 1-process ones
+(trainer_state.json, rng.safetensors, manifest.json written last), with the model and optimizer
+in torch.distributed.checkpoint files instead of safetensors. Either kind can be resumed by a run
+of any world size: a directory with DCP's ``.metadata`` is read with DCP (``load_sharded``
+re-slices the shards), a 1-process checkpoint by ``minift.training.checkpoint`` on one process and by
+``load_full_checkpoint`` (each rank cuts its rows of the full tensors) under torchrun.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minift.training import checkpoint as ckpt
+from minift.distributed import checkpoint as dckpt
+from minift.distributed import parallel as mdist
+
+_DCP_MARKER = ".metadata"
+
+
+def is_sharded_checkpoint(path) -> bool:
+    """True for a checkpoint written by a distributed run (model and optimizer in DCP files)."""
+    return (Path(path) / _DCP_MARKER).is_file()
+
+
+class DistRun:
+    """The distributed side of one ``train`` call."""
+
+    def __init__(self, config):
+        world = mdist.env_world_size()
+        self.parallel = mdist.resolve_parallel(config.parallel, world)
+        self.config = config
+        self.active = self.parallel is not None
+        if self.active and getattr(config, "optimizer_in_backward", False):
+            # its per-parameter hooks would step on a gradient before DDP all-reduces it, and FSDP2
+            # assigns the reduced shards without running accumulate-grad hooks
+            raise ValueError(f"TrainConfig.optimizer_in_backward=True with parallel={self.parallel!r} is not "
+                             "supported: its hooks would step on gradients before they are reduced across ranks")
+        if self.active and world == 1 and not mdist.launched():
+            raise ValueError(f"TrainConfig.parallel={config.parallel!r} needs a torchrun launch "
+                             "(torchrun --nproc_per_node N ...); on one process leave it None")
+        self.device = mdist.init_from_env(config.device, single=True) if self.active else None
+        self.fingerprint: Optional[dict] = None
+
+    @property
+    def world_size(self) -> int:
+        return mdist.world_size() if self.active else 1
+
+    @property
+    def is_main(self) -> bool:
+        return mdist.is_main() if self.active else True
+
+    def prepare(self, model, device: torch.device):
+        """The model to train: sharded / replicated when active, else moved to ``device``."""
+        if not self.active:
+            return model.to(device)
+        self.fingerprint = ckpt.model_fingerprint(model)  # names and shapes before sharding
+        return mdist.apply_parallel(model, self.config, device=device)
+
+    def place_frozen(self, model):
+        """A frozen model (a DPO reference copy) laid out like the policy: FSDP-sharded (one unit
+        per decoder layer and the root; it has no optimizer), or whole on this rank's device
+        under DDP (no wrapper: nothing of it is trained)."""
+        if self.parallel == "fsdp":
+            return mdist.apply_parallel(model, self.config, device=self.device, frozen=True)
+        return model.to(self.device)
+
+    # ---- one step --------------------------------------------------------------------------
+    @property
+    def shard(self) -> Optional[mdist.Shard]:
+        """What the objective's step and evaluation are told: this rank's place, None on one process."""
+        return mdist.Shard(mdist.rank(), self.world_size, self.device) if self.active else None
+
+    def clip(self, params: list, max_norm: float) -> float:
+        return mdist.clip_grad_norm(params, max_norm)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save(self, output_dir, step: int, *, model, optimizer, method: str, trainer_state: dict,
+             keep_last: Optional[int], rng=None) -> str:
+        """Write ``step-<step>`` with DCP shards from every rank; rank 0 adds the rest and the manifest."""
+        root = Path(output_dir)
+        tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_incomplete(root)
+            tmp.mkdir()
+        mdist.barrier()
+        dckpt.save_sharded(tmp, model, optimizer, trainable_only=method != "full")
+        if self.is_main:
+            rng_tensors, rng_meta = rng if rng is not None else ckpt.rng_state()
+            save_file(rng_tensors, tmp / "rng.safetensors")
+            state = dict(trainer_state, step=step, method=method, rng=rng_meta, fingerprint=self.fingerprint,
+                         format_version=ckpt.FORMAT_VERSION, world_size=self.world_size, parallel=self.parallel)
+            ckpt.finish_checkpoint(root, tmp, step, state, keep_last)
+        mdist.barrier()
+        return str(final)
+
+    def load(self, path, *, model, optimizer, method: str) -> dict:
+        """Restore a checkpoint of either kind; returns its trainer state."""
+        if not is_sharded_checkpoint(path):  # written by a 1-process run
+            if self.active:
+                return dckpt.load_full_checkpoint(path, model, optimizer)
+            return ckpt.load_checkpoint(path, model=model, optimizer=optimizer)
+        if not ckpt.is_complete(path):
+            raise ValueError(f"{path}: not a complete checkpoint (missing or invalid {ckpt.MANIFEST})")
+        dckpt.load_sharded(path, model, optimizer, trainable_only=method != "full")
+        state = ckpt.read_trainer_state(path)
+        ckpt.set_rng_state(load_file(Path(path) / "rng.safetensors", device="cpu"), state["rng"])
+        return state
+

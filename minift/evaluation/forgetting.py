@@ -1,0 +1,210 @@
+"""Evaluation that catches forgetting: task metrics on held-out replies and a general-text check.
+
+Task metrics compare generated replies with reference replies:
+
+* exact match: the normalized strings are equal (lower case, runs of whitespace as one space);
+* token F1: harmonic mean of precision and recall of the bag of whitespace tokens (as SQuAD);
+* ROUGE-L: F1 of the longest common subsequence of tokens (Lin 2004, with beta = 1);
+* JSON validity: the share of replies that parse as JSON, reported when the references do.
+
+The general-ability check is the perplexity of plain text the fine-tune never trained on
+(examples/data/general.jsonl), before and after training. Its relative change after / before - 1
+is compared with a budget (5% by default, the "acceptable drop" of a general benchmark): a
+fine-tune that raises it more has overwritten what the base knew.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+from minift.names import IGNORE_INDEX
+from minift.checks import check_int, check_number
+from minift.data.sft import _read_jsonl
+from minift.models.generation import generate
+
+FORGETTING_BUDGET = 0.05  # largest acceptable relative rise of the general-text perplexity
+
+
+# ---- task metrics ------------------------------------------------------------------------
+def normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize(prediction) == normalize(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the multiset of normalized whitespace tokens; 1.0 when both are empty."""
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum(min(pred.count(t), ref.count(t)) for t in set(pred))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: list, b: list) -> int:
+    """Length of the longest common subsequence, O(len(a) * len(b)) time, O(len(b)) memory."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0  # row[j - 1] of the previous row
+        for j, y in enumerate(b, start=1):
+            above = row[j]
+            row[j] = diagonal + 1 if x == y else max(row[j], row[j - 1])
+            diagonal = above
+    return row[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on normalized whitespace tokens; 1.0 when both are empty."""
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    lcs = lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    return True
+
+
+def task_metrics(predictions, references) -> dict:
+    """Means of exact match, token F1 and ROUGE-L; json_valid too when every reference is JSON
+    (an object or array: a bare number is JSON too, but then the task is not about JSON)."""
+    if len(predictions) != len(references) or not references:
+        raise ValueError(f"task_metrics: {len(predictions)} predictions for {len(references)} "
+                         f"references; need the same non-zero number")
+    n = len(references)
+    out = {"exact_match": sum(map(exact_match, predictions, references)) / n,
+           "token_f1": sum(map(token_f1, predictions, references)) / n,
+           "rouge_l": sum(map(rouge_l, predictions, references)) / n, "samples": n}
+    if all(r.strip()[:1] in ("{", "[") and is_json(r) for r in references):
+        out["json_valid"] = sum(map(is_json, predictions)) / n
+    return out
+
+
+# ---- generation --------------------------------------------------------------------------
+@torch.no_grad()
+def generate_replies(model, tokenizer, conversations, device, batch_size=64, max_new_tokens=None):
+    """Greedy replies to each conversation (a list of messages ending with the user's turn).
+
+    Prompts are left-padded so every row's reply starts at the same column. `max_new_tokens`
+    defaults to 32.
+    """
+    was = model.training
+    model.eval()
+    out, pad = [], tokenizer.pad_token_id
+    for start in range(0, len(conversations), batch_size):
+        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)
+                   for c in conversations[start:start + batch_size]]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        gen = generate(model, ids, max_new_tokens=max_new_tokens or 32, attention_mask=mask,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        out += [tokenizer.decode(row[width:]).strip() for row in gen]
+    model.train(was)
+    return out
+
+
+# ---- general text ------------------------------------------------------------------------
+def load_texts(path) -> list:
+    """The "text" field of each row of a JSONL file; errors name file:line."""
+    texts = []
+    for lineno, row in _read_jsonl(path):
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise ValueError(f"{path}:{lineno}: field 'text' must be a non-empty string")
+        texts.append(row["text"])
+    return texts
+
+
+def _windows(ids, length):
+    return [ids[i:i + length] for i in range(0, len(ids) - 1, length - 1)]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts, device, max_length=256, batch_size=8, bf16=False) -> dict:
+    """Per-token perplexity of plain texts (BOS + text), every token after the first scored.
+
+    A text longer than `max_length` tokens is cut into windows that overlap by one token, so
+    every token is predicted exactly once.
+
+    Returns:
+        {"loss": mean NLL in nats, "perplexity": exp(loss), "tokens": scored tokens}.
+    """
+    check_int("perplexity: max_length", max_length, minimum=2)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    rows = [w for t in texts for w in _windows(bos + tokenizer.encode(t), max_length) if len(w) > 1]
+    if not rows:
+        raise ValueError("perplexity: no text with two or more tokens")
+    device = torch.device(device)
+    was, total, count = model.training, 0.0, 0
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, row in enumerate(chunk):
+            ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids, attention_mask=mask)  # (B, T, V)
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+        total += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                                       targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"))
+        count += int((targets != IGNORE_INDEX).sum())
+    model.train(was)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def forgetting(before: dict, after: dict, budget=FORGETTING_BUDGET) -> dict:
+    """Relative change of the general-text perplexity, and whether it stays within `budget`."""
+    check_number("forgetting: budget", budget, ">= 0", lambda v: v >= 0)
+    change = after["perplexity"] / before["perplexity"] - 1.0
+    return {"before": before["perplexity"], "after": after["perplexity"],
+            "relative_change": change, "budget": budget, "within_budget": change <= budget}
+
+
+# ---- all of it ---------------------------------------------------------------------------
+def evaluate(model, tokenizer, conversations=None, references=None, *, general_texts=None,
+             device="cpu", max_new_tokens=None, max_length=256) -> dict:
+    """Task metrics of greedy replies and/or general-text perplexity of a model.
+
+    Args:
+        model: any minift/Llama-style model returning logits.
+        tokenizer: a `minift.models.tokenizer.Tokenizer` with a chat template.
+        conversations: prompts (message lists ending with the user's turn); with `references`,
+            the expected replies, for exact match, token F1, ROUGE-L (and JSON validity).
+        general_texts: plain texts for the perplexity check (see `load_texts`).
+
+    Returns:
+        {"task": {...}, "samples": [...3 first replies...], "general": {...}}, each part present
+        when its inputs were given. Compare two with `forgetting(before["general"],
+        after["general"])`.
+    """
+    out = {}
+    if conversations is not None:
+        if references is None or len(references) != len(conversations):
+            raise ValueError("evaluate: give one reference reply per conversation")
+        replies = generate_replies(model, tokenizer, conversations, device,
+                                   max_new_tokens=max_new_tokens)
+        out["task"] = task_metrics(replies, references)
+        out["samples"] = [{"want": w, "got": g} for w, g in zip(references[:3], replies[:3])]
+    if general_texts is not None:
+        out["general"] = perplexity(model, tokenizer, general_texts, device, max_length)
+    return out

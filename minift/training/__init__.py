@@ -1,0 +1,1 @@
+"""Training: TrainConfig, the loop, schedules, checkpoints and resume, the run folder."""

@@ -1,0 +1,362 @@
+"""The training loop: one function, `train`, driven by one flat dataclass, `TrainConfig`.
+
+The model arrives prepared (full, LoRA-wrapped, or NF4-quantized + LoRA-wrapped); the loop only
+trains whatever has ``requires_grad``. One optimizer step = up to ``grad_accum`` micro-batches
+whose summed token losses are divided by the number of trained tokens of the whole step, so the
+gradient does not depend on how a step is split into micro-batches. The objective — the token
+loss (``minift.objectives.sft``) or DPO (``minift.objectives.dpo``) — computes the step and the evaluation; the loop
+does the rest: schedule, clipping, optimizer, logging, checkpoints, torchrun's side
+(``minift.distributed.run``).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from minift.training import checkpoint as ckpt
+from minift.training import rundir
+from minift.names import METHODS, OPTIMIZERS  # noqa: F401  (re-exported for callers)
+from minift.files import write_json  # noqa: F401  (re-exported for callers)
+from minift.training.compile import compiled_layers
+from minift.optim.in_backward import StepInBackward
+from minift.distributed.run import DistRun
+from minift.distributed.parallel import reshard, unwrap
+from minift.objectives.dpo import DPOObjective, objective_for
+from minift.lora.layer import trainable_parameters
+from minift.objectives.loss import token_loss_sum  # noqa: F401  (re-exported)
+from minift.memory.tracker import MemoryTracker
+from minift.objectives.sft import SFTObjective, accumulate_gradients, evaluate, trained_tokens  # noqa: F401
+from minift.models.switches import mlp_tiling, offloading
+from minift.training.schedule import Schedule, step_groups, total_steps
+from minift.training.config import DATA_ORDER_FIELDS, TrainConfig
+from minift.models.switches import gradient_checkpointing
+from minift.training.setup import make_optimizer, neftune, peak_memory, pick_device, seed_everything
+
+__all__ = ["DATA_ORDER_FIELDS", "METHODS", "OPTIMIZERS", "RunState", "TrainConfig",
+           "accumulate_gradients", "check_resume", "evaluate", "make_optimizer", "token_loss_sum",
+           "train", "trained_tokens"]
+
+
+# ---- the run's state ---------------------------------------------------------------------
+@dataclass
+class RunState:
+    """What a checkpoint must carry to continue the run exactly; saved in trainer_state.json.
+
+    batch_tokens / batch_slots are the real tokens and (B, T) slots of the micro-batches seen, for
+    the run's padding efficiency. batch_tokens counts what `tokens` counts, but the two are
+    restored together, so a checkpoint written before batch_slots existed resumes to 0 / 0 here
+    instead of a ratio of a restored count over a fresh one.
+    """
+
+    step: int = 0
+    epoch: int = 0              # where the data order continues: micro-batch batch_index of epoch
+    batch_index: int = 0
+    epochs_done: float = 0.0
+    first_loss: Optional[float] = None
+    last_loss: Optional[float] = None
+    tokens: int = 0             # real (non-pad) tokens of all steps
+    trained_tokens: int = 0     # label positions the loss counted
+    train_time: float = 0.0
+    timed_tokens: int = 0       # tokens and time of the untracked steps, for tokens/s
+    timed_time: float = 0.0
+    batch_tokens: int = 0
+    batch_slots: int = 0
+    evals: list = field(default_factory=list)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "RunState":
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
+    def record(self, line: dict, seconds: float, slots: int, timed: bool) -> None:
+        """Count one finished step (its metrics line) into the totals."""
+        self.step, self.last_loss = line["step"], line["loss"]
+        self.first_loss = line["loss"] if self.first_loss is None else self.first_loss
+        self.tokens += line["tokens"]
+        self.trained_tokens += line["trained_tokens"]
+        self.train_time += seconds
+        self.batch_tokens += line["tokens"]
+        self.batch_slots += slots
+        if timed:  # the tracked first step is slowed by tracking and one-time warm-up
+            self.timed_tokens += line["tokens"]
+            self.timed_time += seconds
+
+
+# ---- resume ------------------------------------------------------------------------------
+def check_resume(config: TrainConfig, model, data) -> Optional[str]:
+    """The checkpoint `config.resume_from` names, after checking it fits this run.
+
+    Raises ValueError (FileNotFoundError for a missing path) naming what differs: another
+    method, model shape, frozen base (LoRA/QLoRA checkpoints record a fingerprint of it), data
+    order or training data. Returns None when the config does not resume.
+    """
+    if not config.resume_from:
+        return None
+    ckpt.clean_incomplete(config.output_dir)  # a complete .tmp-step-N may be the newest checkpoint
+    path = ckpt.resolve_checkpoint(config.resume_from, Path(config.output_dir))
+    # "full" checkpoints hold the whole model, so any base is overwritten on resume
+    base = ckpt.base_fingerprint(model) if config.method != "full" else None
+    ckpt.check_compatible(ckpt.read_trainer_state(path), path, method=config.method, model=model,
+                          config=config.to_dict(), fields=DATA_ORDER_FIELDS,
+                          data=ckpt.data_fingerprint(data), base=base)
+    return path
+
+
+# ---- the loop ----------------------------------------------------------------------------
+def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
+    """Fine-tune `model` on `train_data`; write metrics, checkpoints and a summary.
+
+    Args:
+        model: a prepared model (full, LoRA-wrapped, or quantized + LoRA-wrapped) whose forward
+            takes the batch keys (input_ids, attention_mask, ...) and returns logits (B, T, V).
+        train_data: tokenized examples, each {"input_ids": [...], "labels": [...]}.
+        config: a TrainConfig.
+        eval_data: optional held-out examples; evaluated every eval_interval steps and at the end.
+
+    Returns:
+        The summary dict, also written to ``<output_dir>/summary.json``.
+
+    Raises:
+        FloatingPointError: a step's loss or gradient norm is NaN/Inf; nothing is saved, and the
+            message names the checkpoint to go back to (minift.training.rundir.divergence).
+        ValueError: bad data or token ids, a method that does not match what is trainable, another
+            run's output_dir, or a resume checkpoint from another method, model or data order.
+    """
+    check = DPOObjective.check if config.objective == "dpo" else SFTObjective.check
+    check(train_data, "train_data")
+    if eval_data is not None:
+        check(eval_data, "eval_data")
+    run = _Run(model, train_data, config, eval_data)
+    model, st, opt = run.model, run.state, run.optimizer  # model: FSDP/DDP-prepared under torchrun
+    with run.session() as log:
+        groups = step_groups(train_data, config, st.epoch, st.batch_index)
+        while st.step < run.total:
+            position, epochs_done, group = next(groups)
+            step = st.step + 1
+            # 1. learning rate of this step
+            lr = run.schedule.lr(step - 1)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            # first step only; the tracker counts one process's tensors, not a sharded model's
+            tracker = (MemoryTracker(model, opt, frozen=run.objective.frozen_models())
+                       if run.memory is None and not run.dist.active else None)
+            t0 = time.perf_counter()
+            with tracker.track() if tracker else contextlib.nullcontext():
+                # 2. forward/backward over the step's micro-batches; the objective normalises
+                # (with optimizer_in_backward each parameter is stepped there and its gradient freed)
+                if run.stepper:
+                    run.stepper.reset()
+                # (under torchrun: this rank's share of them, normalised by all ranks' tokens)
+                loss, n_trained, extra = run.step(group)
+                # 3. clip the global gradient norm (and learn whether the step is finite)
+                norm = run.stepper.grad_norm() if run.stepper else \
+                    run.dist.clip(run.params, config.max_grad_norm or math.inf)
+                loss, norm = float(loss), float(norm)
+                finite = math.isfinite(loss) and math.isfinite(norm)
+                # 4. optimizer step, only on finite gradients; 5. drop the gradients
+                if finite and not run.stepper:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+            if not finite:
+                run.stop_non_finite(step, loss, norm)
+            if tracker is not None:
+                run.report_memory(tracker.report())
+            # 6. log: totals, the metrics line, the progress bar
+            st.epoch, st.batch_index = position
+            st.epochs_done = epochs_done
+            line = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                    "tokens": sum(int(b["attention_mask"].sum()) for b in group),
+                    "trained_tokens": n_trained, **extra}
+            line["tokens_per_s"] = line["tokens"] / seconds
+            st.record(line, seconds, sum(b["attention_mask"].numel() for b in group),
+                      timed=tracker is None)
+            line.update(elapsed=st.train_time, epoch=round(epochs_done, 4))
+            # 7. evaluate and save on their intervals
+            if eval_data is not None and config.eval_interval and step % config.eval_interval == 0:
+                line["eval_loss"] = run.evaluate()["eval_loss"]
+            run.log(line, log)
+            if config.save_interval and step % config.save_interval == 0:
+                run.save()
+        run.finish()
+    return run.write_summary()
+
+
+class _Run:
+    """The resources of one `train` call (device, optimizer, schedule, output files, progress
+    bar) and the phases around the loop's step: resume, evaluation, saving, the summary."""
+
+    def __init__(self, model, train_data, config: TrainConfig, eval_data):
+        self.dist = DistRun(config)  # joins the process group under torchrun; else inactive
+        self.data, self.config, self.eval_data = train_data, self.dist.config, eval_data
+        config = self.config
+        self.device = self.dist.device or pick_device(config)
+        self.out = Path(config.output_dir)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_incomplete(self.out)
+        rundir.check_run(model, train_data, eval_data, config)
+        seed_everything(config.seed)
+        if not self.dist.active:  # one process: on the device before the fingerprint pass
+            model.to(self.device)
+        self.data_fp = ckpt.data_fingerprint(train_data)
+        # Adapter checkpoints rely on the frozen base they were trained on; "full" checkpoints
+        # hold the whole model. Taken once (the base is frozen), before any sharding.
+        self.base_fp = ckpt.base_fingerprint(model) if config.method != "full" else None
+        self.counts = trainable_parameters(model)  # NF4 weights by their logical size
+        # before any checkpoint is loaded: a DPO reference is the model as it was passed in
+        self.objective = (objective_for(model, config, train_data, eval_data, distributed=self.dist.active)
+                          if config.objective == "dpo" else SFTObjective(config.loss_chunk_size))
+        self.resumed = check_resume(config, model, train_data)
+        self.model = model = self.dist.prepare(model, self.device)
+        if self.dist.active:  # a frozen reference copy sharded like the model, log-probs scored
+            self.objective.distribute(self.dist.shard, self.dist.place_frozen)
+            reshard(model)  # the optimizer must get the sharded parameters, not a gathered root's
+        self.optimizer = make_optimizer(model, config)
+        self.stepper = StepInBackward(self.optimizer) if config.optimizer_in_backward else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.state = RunState()
+        if self.resumed:
+            saved = self.dist.load(self.resumed, model=model, optimizer=self.optimizer, method=config.method)
+            self.state = RunState.from_saved(saved)
+        # checkpoints of this run carry its id: pruning leaves any other run's alone
+        self.run_id = saved.get("run_id") if self.resumed else rundir.new_run_id()
+        self.watch = rundir.DeadModelWatch(rundir.vocab_size_of(model))
+        self.saved_at = self.state.step if self.resumed else None
+        self.last_path, self.memory = self.resumed, None
+        self.total = total_steps(train_data, config)
+        self.schedule = Schedule.from_ratio(config.learning_rate, self.total, config.warmup_ratio,
+                                            config.lr_scheduler)
+
+    def step(self, group: list):
+        """(loss, trained tokens, extra metrics) of one step: the objective's; under torchrun it
+        runs this rank's share of ``group`` and returns the numbers of all ranks."""
+        return self.objective.step(self.model, group, self.device, self.config.bf16, shard=self.dist.shard)
+
+    @contextlib.contextmanager
+    def session(self):
+        """Metrics file, progress bar, gradient checkpointing and NEFTune for the loop's span."""
+        metrics = self.out / "metrics.jsonl"
+        if self.dist.is_main:  # the other ranks write no files but their checkpoint shards
+            if self.resumed:  # a crashed run may have logged past the checkpoint we resume from
+                rundir.trim_metrics(metrics, self.state.step)
+            else:
+                metrics.write_text("")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.bar = tqdm(total=self.total, initial=self.state.step, unit="step", dynamic_ncols=True,
+                        disable=not (self.config.progress and sys.stdout.isatty() and self.dist.is_main))
+        self.model.train()
+        plain = unwrap(self.model)  # the Llama inside a DDP wrapper (FSDP2 shards in place)
+        try:
+            with gradient_checkpointing(plain, self.config.gradient_checkpointing), \
+                    compiled_layers(plain, self.config.compile), \
+                    offloading(plain, self.config.activation_offload), \
+                    mlp_tiling(plain, self.config.mlp_tile_size), \
+                    self.stepper or contextlib.nullcontext(), \
+                    neftune(plain, self.config.neftune_alpha), \
+                    open(metrics if self.dist.is_main else os.devnull, "a") as log:
+                yield log
+        finally:
+            self.bar.close()
+
+    def stop_non_finite(self, step: int, loss: float, norm: float) -> None:
+        # nothing is saved: the weights after step - 1 gave this loss, so they are no good state
+        what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+        partial = "" if not self.stepper else (
+            " (optimizer_in_backward: parameters whose gradients were finite were already updated "
+            f"in backward; not updated: {', '.join(self.stepper.nonfinite[:3]) or 'none'})")
+        raise FloatingPointError(rundir.divergence(self.out, step, what, value) + partial)
+
+    def report_memory(self, report) -> None:
+        self.memory = report.as_dict()
+        self.say(report.table() + f"\n(peak: tensors alive in the first step; the step lines show "
+                 f"{rundir.peak_label(self.device)})")
+
+    def log(self, line: dict, log) -> None:
+        log.write(json.dumps(line) + "\n")
+        log.flush()
+        self.bar.update(1)
+        step = line["step"]
+        dead = self.watch.update(step, line["loss"], line["grad_norm"])
+        if dead:
+            warnings.warn(dead, stacklevel=2)
+        if step % self.config.log_interval == 0 or step == self.total:
+            peak, label = f"{peak_memory(self.device) / 2**20:.0f}MiB", rundir.peak_label(self.device)
+            self.bar.set_postfix({"loss": f"{line['loss']:.4f}", "lr": f"{line['lr']:.2e}",
+                                  "tok/s": f"{line['tokens_per_s']:.0f}", label: peak}, refresh=False)
+            if self.bar.disable:
+                self.say(f"step {step}/{self.total} loss {line['loss']:.4f} lr {line['lr']:.2e} "
+                         f"tok/s {line['tokens_per_s']:.0f} {label} {peak}")
+
+    def say(self, text: str) -> None:
+        if self.config.progress and self.dist.is_main:
+            (print if self.bar.disable else self.bar.write)(text)
+
+    def evaluate(self) -> dict:
+        result = dict(self.objective.evaluate(self.model, self.eval_data, self.config, self.device,
+                                              shard=self.dist.shard), step=self.state.step)
+        if self.dist.active:
+            reshard(self.model)  # a forward without backward leaves FSDP's root unit gathered
+        self.state.evals.append(result)
+        return result
+
+    def save(self, rng=None) -> str:
+        trainer_state = dict(dataclasses.asdict(self.state), config=self.config.to_dict(),
+                             run_id=self.run_id, data=self.data_fp, base=self.base_fp,
+                             total_steps=self.total)
+        save = self.dist.save if self.dist.active else ckpt.save_checkpoint
+        path = save(self.out, self.state.step, model=self.model,
+                                    optimizer=self.optimizer, method=self.config.method,
+                                    trainer_state=trainer_state, keep_last=self.config.keep_last,
+                                    rng=rng)
+        self.last_path, self.saved_at = path, self.state.step
+        return path
+
+    def finish(self) -> None:
+        """The final evaluation and checkpoint, unless the last step already wrote them."""
+        evals = self.state.evals
+        if self.eval_data is not None and (not evals or evals[-1]["step"] != self.state.step):
+            self.evaluate()
+        if self.saved_at != self.state.step:
+            self.save()
+
+    def write_summary(self) -> dict:
+        summary = self.summary()
+        if summary["padding_efficiency"] is not None:
+            self.say(f"padding efficiency {summary['padding_efficiency']:.1%} (real tokens / "
+                     f"slots of the padded micro-batches of all {summary['steps']} steps)")
+        if self.dist.is_main:
+            write_json(self.out / "summary.json", summary)  # atomic: a kill keeps the last summary
+        return summary
+
+    def summary(self) -> dict:
+        st, config = self.state, self.config
+        trainable, total = self.counts
+        return {
+            "method": config.method, "objective": config.objective, "steps": st.step, "total_steps": self.total,
+            "epochs": round(st.epochs_done, 4), "first_loss": st.first_loss,
+            "last_loss": st.last_loss, "eval_loss": st.evals[-1]["eval_loss"] if st.evals else None,
+            "eval": st.evals, "tokens": st.tokens, "trained_tokens": st.trained_tokens,
+            "train_time_s": st.train_time,
+            "tokens_per_s": (st.timed_tokens / st.timed_time if st.timed_time else
+                             st.tokens / st.train_time if st.train_time else None),
+            "padding_efficiency": st.batch_tokens / st.batch_slots if st.batch_slots else None,
+            "trainable_params": trainable, "total_params": total,
+            "peak_memory_bytes": peak_memory(self.device),
+            "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",
+            "memory": self.memory, "device": str(self.device), "optimizer": config.optimizer,
+            "checkpoint": self.last_path, "resumed_from": self.resumed, "output_dir": str(self.out),
+            "world_size": self.dist.world_size, "parallel": self.dist.parallel,
+        }

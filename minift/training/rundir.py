@@ -1,0 +1,189 @@
+"""Rules of a run and its output folder, checked by the training loop before and while it runs.
+
+- A fresh run never writes into a folder that holds another run's checkpoints (it would prune or
+  resume them); it says to resume or to pick a new folder.
+- The method must match what is trainable: "lora" on a model without adapters would fine-tune
+  every weight and label the run "lora".
+- Every token id must index the embedding (an index error deep in the forward names nothing).
+- metrics.jsonl is trimmed to the resumed step atomically; a torn last line is dropped.
+- A divergence names the newest checkpoint whose weights a finite step has used.
+- A model that stopped learning (gradient norm exactly 0, loss pinned at ln(vocab)) is reported.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from minift.names import IGNORE_INDEX
+from minift.training import checkpoint as ckpt
+from minift.files import atomic_write
+from minift.lora.layer import LoRALinear
+from minift.nf4.linear import NF4Linear
+from minift.data.preference import PAIR_KEYS
+
+
+def new_run_id() -> str:
+    """An id written into every checkpoint of a run, so pruning touches only its own."""
+    return uuid.uuid4().hex
+
+
+# ---- before the run ----------------------------------------------------------------------
+def check_run(model, train_data, eval_data, config) -> None:
+    """Every rule a run is checked against before its first step (see the module docstring)."""
+    check_output_dir(config.output_dir, config.resume_from)
+    check_method(model, config.method)
+    vocab = vocab_size_of(model)
+    check_token_ids(train_data, vocab, "train_data")
+    if eval_data is not None:
+        check_token_ids(eval_data, vocab, "eval_data")
+
+
+def peak_label(device) -> str:
+    """What the step lines' peak figure measures: the process's peak resident memory on CPU
+    (Python, libraries and all), CUDA's allocated high-water mark on GPU."""
+    return "peak alloc" if device.type == "cuda" else "peak RSS"
+
+
+def check_output_dir(output_dir, resume_from) -> None:
+    """Refuse a fresh run into a folder that already holds checkpoints."""
+    if resume_from:
+        return
+    found = ckpt.list_checkpoints(output_dir)
+    if found:
+        names = ", ".join(Path(p).name for _, p in found[-3:])
+        raise ValueError(f"output_dir {output_dir} holds the checkpoints of an earlier run ({names}); "
+                         f"continue it with resume_from='latest' (--resume), or train into a new "
+                         f"output_dir (--output)")
+
+
+def check_method(model, method: str) -> None:
+    """The method names what is trained: adapters only (lora, qlora) or the weights (full)."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    adapters = any(isinstance(m, LoRALinear) for m in model.modules())
+    quantized = any(isinstance(m, NF4Linear) for m in model.modules())
+    if method in ("lora", "qlora"):
+        others = [n for n in trainable if "lora_" not in n]
+        if not adapters:
+            raise ValueError(f"TrainConfig.method={method!r}, but the model has no LoRA adapters; "
+                             f"wrap it with minift.lora_wrap first, or use method='full'")
+        if others:
+            raise ValueError(f"TrainConfig.method={method!r} trains only adapters, but "
+                             f"{len(others)} other parameter(s) require grad (first: {others[0]!r}); "
+                             f"freeze them or use method='full'")
+        if method == "lora" and quantized:
+            raise ValueError("TrainConfig.method='lora', but the base is NF4-quantized; "
+                             "use method='qlora'")
+        if method == "qlora" and not quantized:
+            raise ValueError("TrainConfig.method='qlora', but the base is not NF4-quantized "
+                             "(minift.quantize_model or load_model(..., quantize='nf4')); "
+                             "use method='lora'")
+    elif adapters:
+        raise ValueError("TrainConfig.method='full', but the model has LoRA adapters; use "
+                         "method='lora' (or 'qlora'), or minift.merge_lora the model first")
+
+
+def vocab_size_of(model) -> Optional[int]:
+    """Rows of the token embedding (model.embed_tokens), or None when there is none."""
+    try:
+        return int(model.get_submodule("model.embed_tokens").num_embeddings)
+    except (AttributeError, TypeError):
+        return None
+
+
+def check_token_ids(examples, vocab_size: Optional[int], name: str) -> None:
+    """Every input id in [0, vocab_size); labels are ids or -100."""
+    if vocab_size is None:
+        return
+    for i, ex in enumerate(examples):
+        for key in [k for k in ("input_ids", "labels") + PAIR_KEYS if k in ex]:  # SFT or DPO
+            ids = np.asarray(ex[key], dtype=np.int64)  # one vectorised pass per list
+            wrong = (ids >= vocab_size) | ((ids < 0) & (ids != IGNORE_INDEX if key.endswith("labels") else True))
+            if wrong.any():
+                j = int(np.flatnonzero(wrong)[0])
+                raise ValueError(f"{name}[{i}]: {key}[{j}] is token id {int(ids[j])}, outside the "
+                                 f"model's vocabulary of {vocab_size} (ids 0..{vocab_size - 1}); "
+                                 f"was the data tokenized with this model's tokenizer?")
+
+
+# ---- metrics.jsonl -----------------------------------------------------------------------
+def trim_metrics(path, step: int) -> int:
+    """Keep the lines of steps <= `step` (a crashed run may have logged past its checkpoint),
+    atomically: a kill mid-rewrite leaves the old file or the new one. A torn last line (the
+    kill came mid-write) is dropped with a warning; a bad line elsewhere is an error naming
+    file:line. Returns the number of lines kept."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = int(record["step"])
+        except (ValueError, KeyError, TypeError) as err:
+            if lineno == len(lines):
+                warnings.warn(f"{path}:{lineno}: dropped a torn last line (the run was stopped "
+                              f"while writing it)", stacklevel=2)
+                break
+            raise ValueError(f"{path}:{lineno}: not a metrics record ({err})") from None
+        if record_step <= step:
+            kept.append(line)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+    return len(kept)
+
+
+# ---- when a step fails ---------------------------------------------------------------------
+def divergence(output_dir, step: int, what: str, value: float) -> str:
+    """The message of a non-finite loss or gradient norm at `step`, after setting aside the
+    checkpoint of step - 1: its weights gave that loss, so resuming it diverges again. It is
+    renamed ``diverged-step-N`` (kept for inspection; never taken by resume_from='latest')."""
+    root = Path(output_dir)
+    suspect = root / f"step-{step - 1}"
+    note = ""
+    if suspect.is_dir():
+        os.rename(suspect, root / f"diverged-{suspect.name}")
+        note = f"; {suspect.name}, whose weights gave it, is renamed diverged-{suspect.name}"
+    newest = ckpt.latest_checkpoint(root)
+    resume = (f"the newest checkpoint with finite weights that a finite step has used is {newest}; "
+              f"lower the learning rate and resume from it" if newest else
+              "no checkpoint to go back to; lower the learning rate and start again")
+    return f"training {what} is {value} at step {step}{note}; {resume}"
+
+
+class DeadModelWatch:
+    """Warns once when training has stopped doing anything: a gradient norm of exactly 0 (every
+    gradient vanished, e.g. after a huge step saturated the activations), or the loss pinned at
+    ln(vocab) — uniform predictions — for `patience` steps in a row. A random-init model starts
+    near ln(vocab) too, but its loss moves by far more than `tolerance` from step to step."""
+
+    def __init__(self, vocab_size: Optional[int], patience: int = 3, tolerance: float = 1e-4):
+        self.uniform = math.log(vocab_size) if vocab_size else None
+        self.patience, self.tolerance = patience, tolerance
+        self.pinned, self.warned = 0, set()
+
+    def update(self, step: int, loss: float, grad_norm: float) -> Optional[str]:
+        """The warning to show after `step` (each kind once); None otherwise."""
+        found = []
+        if grad_norm == 0.0 and "norm" not in self.warned:
+            self.warned.add("norm")
+            found.append(f"step {step}: gradient norm is exactly 0, so no weight changes any more; "
+                         f"the model has likely died (a too-high learning rate saturates it); lower "
+                         f"the learning rate and resume from an earlier checkpoint")
+        if self.uniform is not None:
+            pinned = abs(loss - self.uniform) < self.tolerance * self.uniform
+            self.pinned = self.pinned + 1 if pinned else 0
+            if self.pinned >= self.patience and "loss" not in self.warned:
+                self.warned.add("loss")
+                found.append(f"step {step}: the loss has stayed at ln(vocab) = {self.uniform:.4f} "
+                             f"for {self.pinned} steps: the model predicts a uniform distribution "
+                             f"and has likely died; lower the learning rate")
+        return "; ".join(found) or None
