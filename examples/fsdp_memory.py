@@ -25,13 +25,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import minift
+from minift.bench.runinfo import git_commit, git_modified, machine_info
 from minift.distributed import parallel as mdist
 from minift.files import write_json
-from minift.models.config import ModelConfig
 from minift.memory import estimate_memory
 from minift.memory.tracker import MemoryTracker
+from minift.models.config import ModelConfig
 from minift.models.llama import Llama
-from minift.bench.runinfo import git_commit, git_modified, machine_info
 from minift.objectives.sft import _batch_loss_sum, trained_tokens
 
 CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
@@ -59,7 +59,7 @@ def measure(method: str, world: int, rank: int) -> dict:
     for _ in range(2):
         tracker = MemoryTracker(model, opt)
         with tracker.track():
-            mdist.accumulate_gradients(model, [batch], cpu, lambda m, b, d: _batch_loss_sum(m, b, d, False),
+            mdist.accumulate_over_ranks(model, [batch], cpu, lambda m, b, d: _batch_loss_sum(m, b, d, False),
                                        trained_tokens)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 import minift
-from minift.training.checkpoint import file_crc32
-from minift.models.config import ModelConfig
+from minift.bench.runinfo import git_commit, git_modified, machine_info
+from minift.checkpoints.steps import file_crc32
 from minift.data.sft import load_dataset
 from minift.memory.estimate import estimate_memory
-from minift.bench.runinfo import git_commit, git_modified, machine_info
+from minift.models.config import ModelConfig
 
 HERE = Path(__file__).resolve().parent
 

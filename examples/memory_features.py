@@ -22,10 +22,10 @@ import tempfile
 import torch
 
 import minift
+from minift.bench.runinfo import git_commit, git_modified, machine_info
 from minift.files import write_json
 from minift.models.config import ModelConfig
 from minift.models.llama import Llama
-from minift.bench.runinfo import git_commit, git_modified, machine_info
 
 VOCAB, BATCH = 128256, 2
 CASES = {

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from minift.distributed.parallel import free_port
 from minift.bench.runinfo import git_commit, git_modified, machine_info
+from minift.distributed.parallel import free_port
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "train_llama.py"

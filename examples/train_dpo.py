@@ -23,15 +23,15 @@ import sys
 from pathlib import Path
 
 import torch
+import train_llama as sft
+from train_llama import HERE, UsageError, _number, check_output
 
 import minift
-import train_llama as sft
+from minift.data.preference import load_preferences
 from minift.distributed import checkpoint as dckpt
 from minift.distributed import parallel as mdist
-from minift.objectives.dpo import AdapterReference, DPOObjective
 from minift.evaluation.forgetting import forgetting, load_texts
-from minift.data.preference import load_preferences
-from train_llama import HERE, UsageError, _number, check_output
+from minift.objectives.dpo import AdapterReference, DPOObjective
 
 DATA = HERE / "data"
 

@@ -26,18 +26,20 @@ from pathlib import Path
 import torch
 
 import minift
-from minift.training import checkpoint as ckpt
+from minift.checkpoints import steps as ckpt
+from minift.cli import ShowDefaults
+from minift.data.sft import load_dataset, load_jsonl, row_to_messages
 from minift.distributed import checkpoint as dckpt
 from minift.distributed import parallel as mdist
-from minift.training import rundir
-from minift.names import METHODS, OPTIMIZERS, PARALLEL
-from minift.cli import ShowDefaults
+from minift.evaluation.forgetting import forgetting, load_texts, perplexity
+from minift.evaluation.metrics import task_metrics
 from minift.files import write_json
-from minift.data.sft import load_dataset, load_jsonl, row_to_messages
-from minift.models.loading import as_dtype
-from minift.evaluation.forgetting import forgetting, load_texts, perplexity, task_metrics
 from minift.lora.merging import describe, merge_and_check
-from minift.training.loop import TrainConfig, evaluate
+from minift.models.loading import as_dtype
+from minift.names import METHODS, OPTIMIZERS, PARALLEL
+from minift.objectives.sft import evaluate
+from minift.training import rundir
+from minift.training.config import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}

@@ -1,19 +1,26 @@
 """minift: fine-tune Llama-family models three ways (full, LoRA, QLoRA) on the GPU you have."""
-from minift.lora.adapter import load_adapter, save_adapter
-from minift.models.config import PRESETS, LlamaConfig, ModelConfig
 from minift.evaluation.forgetting import evaluate
-from minift.models.generation import generate
-from minift.models.loading import load_model, save_model
-from minift.lora.layer import (LoRALinear, disable_adapters, lora_wrap, merge_lora, trainable_parameters,
-                         trainable_summary)
-from minift.memory import MemoryEstimate, MemoryTracker, estimate_memory
-from minift.models.llama import Llama
-from minift.nf4.quantize import NF4Weight, dequantize_nf4, quantize_nf4
-from minift.nf4.linear import NF4Linear, quantize_model
-from minift.optim import AdamW8bit, PagedAdamW8bit
+from minift.lora.adapter import load_adapter, save_adapter
+from minift.lora.layer import (
+                         LoRALinear,
+                         disable_adapters,
+                         lora_wrap,
+                         merge_lora,
+                         trainable_parameters,
+                         trainable_summary,
+)
 from minift.lora.soup import average_adapters
+from minift.memory import MemoryEstimate, MemoryTracker, estimate_memory
+from minift.models.config import PRESETS, LlamaConfig, ModelConfig
+from minift.models.generation import generate
+from minift.models.llama import Llama
+from minift.models.loading import load_model, save_model
 from minift.models.tokenizer import load_tokenizer
-from minift.training.loop import TrainConfig, check_resume, train
+from minift.nf4.linear import NF4Linear, quantize_model
+from minift.nf4.quantize import NF4Weight, dequantize_nf4, quantize_nf4
+from minift.optim import AdamW8bit, PagedAdamW8bit
+from minift.training.config import TrainConfig
+from minift.training.loop import check_resume, train
 
 __version__ = "0.1.0"
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minift.bench import methods as bench
 from minift.bench import cpu as bench_cpu
 from minift.bench import gpu as bench_gpu
-from minift.lora import soup
+from minift.bench import methods as bench
 from minift.cli import OneLineParser, ShowDefaults
+from minift.lora import soup
 from minift.memory import plan
 
 

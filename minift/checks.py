@@ -10,6 +10,7 @@ import numbers
 import operator
 from typing import Any, Callable, Iterable, Optional
 
+
 def check_int(name: str, value, *, minimum: int = 1, optional: bool = False,
               error: type = ValueError) -> Optional[int]:
     """`value` as an int >= `minimum` (any integral type: int, numpy ints; never bool or float)."""

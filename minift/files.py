@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+
 def fsync_path(path) -> None:
     """Flush a file's (or a directory's) contents to disk."""
     fd = os.open(path, os.O_RDONLY)

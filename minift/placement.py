@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import Optional
+
+import torch
 
 # True while code moves tensors to host memory on purpose (offload, paging): what it creates is
 # host memory even when the "device" is the CPU.
@@ -25,3 +28,10 @@ def host_side():
 def on_host_side() -> bool:
     """True inside a `host_side()` block."""
     return _HOST_SIDE.get()
+
+
+def default_device(requested: Optional[str] = None) -> torch.device:
+    """`requested` (e.g. TrainConfig.device) when given, else CUDA when available, else the CPU."""
+    if requested is not None:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -28,9 +28,11 @@ from minift.models.config import ModelConfig
 from minift.models.llama import Llama
 from minift.nf4.fsdp import ShardedNF4Linear, shardable_nf4
 from minift.nf4.linear import NF4Linear
+from minift.objectives.loss import token_loss_sum
+from minift.objectives.sft import trained_tokens
 from minift.optim import AdamW8bit
+from minift.training.config import TrainConfig
 from minift.training.schedule import step_groups
-from minift.training.loop import TrainConfig, token_loss_sum, trained_tokens
 
 WORLD = 2
 STEPS = 3
@@ -113,7 +115,7 @@ def run_steps(model, params, optimizer, accum, world, rank, first, last):
         if step < first:
             continue
         local = mdist.shard_group(group, rank, world)
-        loss, n = mdist.accumulate_gradients(model, local, "cpu", loss_sum, trained_tokens)
+        loss, n = mdist.accumulate_over_ranks(model, local, "cpu", loss_sum, trained_tokens)
         norm = mdist.clip_grad_norm(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -325,7 +327,7 @@ def run_alone(out: Path):
     # torch AdamW's float32 moments cut to rows (FSDP LoRA with CPU offload): steps 1-2 on one process
     model, params, opt = prepared(*FROM_ONE, 1)
     run_steps(model, params, opt, 2, 1, 0, 1, 2)
-    from minift.training import checkpoint as ckpt
+    from minift.checkpoints import steps as ckpt
     ckpt.save_checkpoint(out / "adamw-from1", 2, model=model, optimizer=opt, method=FROM_ONE[1],
                          trainer_state={}, keep_last=None)
 
@@ -334,7 +336,7 @@ FROM_ONE = ("fsdp", "lora")  # its step 3 after a 1-process checkpoint: compared
 
 
 def adamw_from_one(out: Path, world, rank):
-    from minift.training import checkpoint as ckpt
+    from minift.checkpoints import steps as ckpt
     from minift.optim.sharded import first_row
     model, params, opt = prepared(*FROM_ONE, world)
     path = out / "adamw-from1" / "step-2"

@@ -11,18 +11,18 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
+import dist_cases
 import torch
 import torch.distributed as dist
+from dist_cases import WORLD, join
 from torch.distributed.tensor import DTensor
 
 import minift
 from minift.distributed import parallel as mdist
 from minift.distributed.run import DistRun
 from minift.objectives.dpo import ModelReference, objective_for
-from minift.training.loop import TrainConfig, evaluate
-
-import dist_cases
-from dist_cases import WORLD, join
+from minift.objectives.sft import evaluate
+from minift.training.config import TrainConfig
 
 # name -> (parallel, method, TrainConfig fields). fsdp-lora: micro-batches of 3 pairs, one per
 # step, split 2 + 1 between the ranks; 10 pairs make the epoch's last micro-batch 1 pair, so rank 1

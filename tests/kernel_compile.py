@@ -99,9 +99,9 @@ def _meta(*shape, dtype=None):
 
 
 def _adamw_cases():
+    import minift.kernels.adamw8bit as mod
     import torch
 
-    import minift.kernels.adamw8bit as mod
     from minift.optim.quant8 import StepScalars
     from minift.quantmaps import dynamic_map
 
@@ -123,9 +123,8 @@ def _adamw_cases():
 
 
 def _nf4_cases():
-    import torch
-
     import minift.kernels.nf4 as mod
+    import torch
 
     def launch(shape, dtype, blocksize, dq):
         n = shape[0] * shape[1]
@@ -147,9 +146,8 @@ def _nf4_cases():
 
 
 def _rmsnorm_cases():
-    import torch
-
     import minift.kernels.rmsnorm as mod
+    import torch
 
     rows = 2 * 2048  # a batch of 2 x 2048 tokens
     for hidden, dtype in ((4096, torch.bfloat16), (8192, torch.bfloat16), (8192, torch.float32)):
@@ -162,9 +160,8 @@ def _rmsnorm_cases():
 
 
 def _rope_cases():
-    import torch
-
     import minift.kernels.rope as mod
+    import torch
 
     # Llama-3.1-8B (32 q heads, 8 kv heads) and -70B (64, 8); head_dim 128, batch 2 x 2048,
     # q in the model's layout: (B, T, H, D) viewed as (B, H, T, D)
@@ -179,9 +176,8 @@ def _rope_cases():
 
 
 def _swiglu_cases():
-    import torch
-
     import minift.kernels.swiglu as mod
+    import torch
 
     for inter in (14336, 28672):
         g = _meta(2, 2048, inter, dtype=torch.bfloat16)
@@ -245,9 +241,8 @@ def all_kernels():
     import importlib
     import pkgutil
 
-    import triton
-
     import minift.kernels as pkg
+    import triton
 
     found = []
     for info in pkgutil.iter_modules(pkg.__path__):

@@ -3,8 +3,8 @@ batch takes. torch has no CPU FlexAttention backward, so the flex path is checke
 (its eager reference on CPU); on CUDA the model takes it for training."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import BlockMask
 
 from minift.models.attention import attend, attention_mask_4d, batch_mask, flex_attend, flex_block_mask

@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from minift.names import IGNORE_INDEX
-from minift.optim.in_backward import StepInBackward, check_step_in_backward
-from minift.models.config import ModelConfig
-from minift.objectives.loss import model_loss_sum
 from minift.memory.tracker import MemoryTracker
+from minift.models.config import ModelConfig
 from minift.models.llama import Llama
+from minift.names import IGNORE_INDEX
+from minift.objectives.loss import model_loss_sum
 from minift.optim import AdamW8bit, PagedAdamW8bit
+from minift.optim.in_backward import StepInBackward, check_step_in_backward
 
 CFG = ModelConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4)

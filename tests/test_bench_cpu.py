@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from minift.bench import cpu as bench_cpu
 from minift.__main__ import build_parser, main
+from minift.bench import cpu as bench_cpu
 
 TINY = ["--hidden", "64", "--intermediate", "128", "--heads", "4", "--layers", "2", "--vocab", "256",
         "--batch", "1", "--seq", "16", "--rounds", "2", "--threads", "1"]

@@ -4,11 +4,12 @@ import os
 
 import pytest
 import torch
-
-import minift.training.checkpoint as ckpt
-from minift.training.loop import TrainConfig, make_optimizer, train
-
 from test_trainer import TinyLM, make_examples, tiny_llama
+
+import minift.checkpoints.steps as ckpt
+from minift.training.config import TrainConfig
+from minift.training.loop import train
+from minift.training.setup import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 

@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
-
-import minift.training.checkpoint as ckpt
-from minift.training.loop import TrainConfig, make_optimizer
-
 from test_trainer import TinyLM
+
+import minift.checkpoints.steps as ckpt
+from minift.training.config import TrainConfig
+from minift.training.setup import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
@@ -161,8 +161,9 @@ def test_half_pruned_checkpoints_are_removed(tmp_path):
 
 
 def test_train_resumes_from_the_newest_intact_checkpoint(tmp_path):
-    from minift.training.loop import train
     from test_trainer import cfg, make_examples
+
+    from minift.training.loop import train
 
     data = make_examples(24)
     train(TinyLM(), data, cfg(tmp_path, max_steps=3, save_interval=1))

@@ -3,10 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from minift.training.compile import compiled_layers
 from minift.models.config import ModelConfig
 from minift.models.llama import Llama
-from minift.training.loop import TrainConfig, train
+from minift.training.compile import compiled_layers
+from minift.training.config import TrainConfig
+from minift.training.loop import train
 
 DATA = [{"input_ids": list(range(1, 13)), "labels": list(range(1, 13))} for _ in range(6)]
 
@@ -45,7 +46,7 @@ def test_compiled_layers_installs_and_restores():
 
 
 def test_compile_bad_input_is_named():
-    with pytest.raises(ValueError, match="no 'model.layers' module list"):
+    with pytest.raises(ValueError, match="TrainConfig.compile=True, but the Linear has no 'model.layers' list of decoder layers"):
         with compiled_layers(nn.Linear(2, 2), True):
             pass
     with pytest.raises(TypeError, match="TrainConfig.compile must be True or False, got str 'yes'"):

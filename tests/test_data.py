@@ -6,15 +6,15 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
-from minift.names import IGNORE_INDEX
+from minift.data.sft import batch_examples, load_dataset, load_jsonl, padding_efficiency, tokenize_rows
 from minift.models.chat_templates import BUILTIN_TEMPLATES
-from minift.data.sft import (batch_examples, load_dataset, load_jsonl, padding_efficiency,
-                         tokenize_rows)
 from minift.models.tokenizer import load_tokenizer
+from minift.names import IGNORE_INDEX
 
 SPECIALS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
             "<|end_header_id|>", "<|eot_id|>"]

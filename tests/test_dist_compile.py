@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_cases import LOSS_RTOL, WORLD, examples, free_port, join, make_model, train_config
 
 import minift
-from dist_cases import LOSS_RTOL, WORLD, examples, free_port, join, make_model, train_config
 
 pytestmark = pytest.mark.slow
 # plain FSDP QLoRA (dist_cases' extras for this case turned off), compiled

@@ -10,14 +10,24 @@ import math
 import pytest
 import torch
 import torch.multiprocessing as mp
+from dist_cases import LOSS_RTOL, WORLD, free_port
+from dist_objectives_cases import (
+    DPO_CASES,
+    RESUMED,
+    SFT_EVAL,
+    dpo_config,
+    make_model,
+    pairs,
+    run_dpo,
+    sft_eval,
+    worker,
+)
 from safetensors.torch import load_file
 
-from dist_cases import LOSS_RTOL, WORLD, free_port
-from dist_objectives_cases import DPO_CASES, RESUMED, SFT_EVAL, dpo_config, make_model, pairs, run_dpo, sft_eval, worker
+from minift.data.preference import collate_pairs, pair_batches
 from minift.distributed import parallel as mdist
 from minift.objectives.dpo import AdapterReference, DPOObjective, precompute_reference
-from minift.data.preference import collate_pairs, pair_batches
-from minift.training.loop import trained_tokens
+from minift.objectives.sft import trained_tokens
 
 # what a metrics line of a DPO step holds besides timings
 EXACT = ("step", "pairs", "tokens", "trained_tokens", "lr")

@@ -17,19 +17,42 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_cases import (
+    CASES,
+    LOSS_RTOL,
+    OPTIM8_CASES,
+    THREE,
+    THREE_CASES,
+    TRAIN_CASES,
+    WORLD,
+    aligned_model,
+    case_name,
+    examples,
+    free_port,
+    loss_sum,
+    make_model,
+    optim8_name,
+    optim8_run,
+    prepared,
+    run_alone,
+    run_case,
+    run_steps,
+    step_config,
+    train_config,
+    worker,
+    worker3,
+)
 from safetensors.torch import load_file
 from torch import nn
 
 import minift
-from dist_cases import (CASES, LOSS_RTOL, OPTIM8_CASES, TRAIN_CASES, WORLD, aligned_model, case_name, examples,
-                        free_port, loss_sum, make_model, optim8_name, optim8_run, prepared, run_alone, run_case,
-                        run_steps, step_config, train_config, worker, worker3, THREE, THREE_CASES)
-from minift.training import checkpoint as ckpt
+from minift.checkpoints import steps as ckpt
 from minift.distributed import checkpoint as dckpt
 from minift.distributed import parallel as mdist
 from minift.distributed import run as mdist_train
+from minift.objectives.sft import accumulate_gradients, trained_tokens
+from minift.training.config import TrainConfig
 from minift.training.schedule import step_groups
-from minift.training.loop import TrainConfig, accumulate_gradients, trained_tokens
 
 
 @pytest.fixture(scope="module")
@@ -399,8 +422,9 @@ def test_apply_parallel_needs_a_process_group_and_decoder_layers():
     assert mdist.apply_parallel(model, SimpleNamespace(parallel=None)) is model  # one process: as is
     with pytest.raises(RuntimeError, match="needs a process group.*init_from_env"):
         mdist.apply_parallel(model, SimpleNamespace(parallel="fsdp"))
-    with pytest.raises(TypeError, match="Linear has no model.layers"):
-        mdist.decoder_layers(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="apply_parallel shards one decoder layer at a time, but the "
+                                         "Linear has no 'model.layers'"):
+        mdist.decoder_layers(nn.Linear(2, 2), "apply_parallel shards one decoder layer at a time")
 
 
 def test_accumulate_on_one_process_equals_the_loop():
@@ -411,7 +435,7 @@ def test_accumulate_on_one_process_equals_the_loop():
         if run == "loop":
             loss, n = accumulate_gradients(model, group, "cpu", bf16=False)
         else:
-            loss, n = mdist.accumulate_gradients(model, group, "cpu", loss_sum, trained_tokens)
+            loss, n = mdist.accumulate_over_ranks(model, group, "cpu", loss_sum, trained_tokens)
         grads.append(([p.grad for p in model.parameters() if p.requires_grad], float(loss), n))
     (g1, l1, n1), (g2, l2, n2) = grads
     assert (l1, n1) == (l2, n2) and all(torch.equal(a, b) for a, b in zip(g1, g2))

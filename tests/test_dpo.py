@@ -6,10 +6,17 @@ import torch
 import torch.nn.functional as F
 
 import minift
-from minift.models.config import ModelConfig
-from minift.objectives.dpo import (AdapterReference, DPOObjective, ModelReference, StoredReference, dpo_loss,
-                        precompute_reference, sequence_logps)
 from minift.data.preference import collate_pairs
+from minift.models.config import ModelConfig
+from minift.objectives.dpo import (
+    AdapterReference,
+    DPOObjective,
+    ModelReference,
+    StoredReference,
+    dpo_loss,
+    precompute_reference,
+    sequence_logps,
+)
 
 BETA = 0.3
 

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from test_dpo import random_pairs
 
 import minift
-from minift.models.config import ModelConfig
 from minift.lora.layer import lora_state_dict
-from test_dpo import random_pairs
+from minift.models.config import ModelConfig
 
 VOCAB = 64
 

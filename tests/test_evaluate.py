@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import minift
+from minift.evaluation.forgetting import evaluate, forgetting, load_texts, perplexity
+from minift.evaluation.metrics import exact_match, is_json, lcs_length, rouge_l, task_metrics, token_f1
 from minift.models.config import ModelConfig
-from minift.evaluation.forgetting import (evaluate, exact_match, forgetting, is_json, lcs_length, load_texts,
-                             perplexity, rouge_l, task_metrics, token_f1)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "examples" / "base"

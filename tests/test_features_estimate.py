@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import minift
-from minift.optim.in_backward import StepInBackward
-from minift.models.config import ModelConfig
 from minift.memory.estimate import estimate_memory
 from minift.memory.tracker import MemoryTracker
+from minift.models.config import ModelConfig
 from minift.models.llama import Llama
-from minift.training.loop import accumulate_gradients
+from minift.objectives.sft import accumulate_gradients
+from minift.optim.in_backward import StepInBackward
 
 CFG = ModelConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)

@@ -9,8 +9,8 @@ import torch
 
 import minift
 from minift.files import file_mode
-from minift.models.config import ModelConfig
 from minift.lora.layer import lora_wrap
+from minift.models.config import ModelConfig
 from minift.models.llama import Llama
 
 transformers = pytest.importorskip("transformers")

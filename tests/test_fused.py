@@ -14,8 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minift.models.fused as fused
-from minift.models.fused import (apply_rope, apply_rope_reference, rms_norm, rms_norm_reference, swiglu,
-                          swiglu_reference, uses_triton)
+from minift.models.fused import (
+    apply_rope,
+    apply_rope_reference,
+    rms_norm,
+    rms_norm_reference,
+    swiglu,
+    swiglu_reference,
+    uses_triton,
+)
 
 pytestmark = pytest.mark.triton
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

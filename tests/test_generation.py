@@ -1,10 +1,10 @@
 import pytest
 import torch
+from test_model import FAMILIES, GENERATION_STD, hf_model, minift_from_hf
 
 from minift.models.config import ModelConfig
 from minift.models.generation import generate
 from minift.models.llama import Llama
-from test_model import FAMILIES, GENERATION_STD, hf_model, minift_from_hf
 
 MIN_DISTINCT = 8  # of 20 greedy tokens: a continuation that moves on, not one token repeated
 

@@ -1,13 +1,13 @@
 """The fused Triton step (kernels/adamw8bit.py) equals the torch reference bit for bit."""
+import minift.kernels.adamw8bit as kernel_module
 import pytest
 import torch
 import triton
 import triton.runtime.interpreter as interp
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-import minift.kernels.adamw8bit as kernel_module
 from minift.kernels.common import device_guard
+
 from minift.optim.quant8 import StepScalars, adamw8bit_step_reference, quantize_blockwise
 from minift.quantmaps import dynamic_map
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from oracles import nf4_with_nested_blocksize
 
 import minift.nf4.quantize
 from minift.nf4.quantize import SUPPORTED_BLOCKSIZES, _dequantize_reference, dequantize_nf4, quantize_nf4
-from oracles import nf4_with_nested_blocksize
 
 pytestmark = pytest.mark.triton
 

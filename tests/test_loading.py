@@ -4,19 +4,18 @@ import os
 import pytest
 import torch
 import transformers
+from oracles import bnb_dequantize
 from safetensors.torch import load_file, save_file
+from test_generation import assert_greedy_matches
+from test_model import FAMILIES, GENERATION_STD, hf_model
 
 import minift.models.loading as loading
 from minift.models.config import ModelConfig
-from minift.sizes import parse_bytes
-from minift.models.loading import load_model, quantize_in_slices, save_model
-from minift.models.loading import _Filler
 from minift.models.llama import Llama
-from minift.nf4.quantize import quantize_nf4
+from minift.models.loading import _Filler, load_model, quantize_in_slices, save_model
 from minift.nf4.linear import NF4Linear
-from oracles import bnb_dequantize
-from test_generation import assert_greedy_matches
-from test_model import FAMILIES, GENERATION_STD, hf_model
+from minift.nf4.quantize import quantize_nf4
+from minift.sizes import parse_bytes
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,17 @@
 """minift/objectives/loss.py: the chunked lm_head + cross-entropy equals the full-logits loss and gradients."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minift.names import IGNORE_INDEX
-from minift.models.config import ModelConfig
 from minift.lora.layer import LoRALinear
-from minift.objectives.loss import chunked_loss_sum, model_loss_sum, shift_labels, token_loss_sum
+from minift.models.config import ModelConfig
 from minift.models.llama import Llama
+from minift.names import IGNORE_INDEX
 from minift.nf4.linear import NF4Linear
+from minift.objectives.loss import chunked_loss_sum, model_loss_sum, shift_labels, token_loss_sum
 
 CFG = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
            num_attention_heads=4)

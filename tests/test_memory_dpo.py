@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import minift
-from minift.models.config import ModelConfig
-from minift.objectives.dpo import AdapterReference, DPOObjective
+from minift.data.preference import collate_pairs
 from minift.memory import estimate_memory
 from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.plan import plan
 from minift.memory.tracker import CATEGORIES, MemoryTracker
+from minift.models.config import ModelConfig
 from minift.models.llama import Llama
-from minift.data.preference import collate_pairs
 from minift.models.switches import gradient_checkpointing
+from minift.objectives.dpo import AdapterReference, DPOObjective
 
 SMALL = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)

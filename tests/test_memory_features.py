@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from minift.models.config import ModelConfig
 from minift.lora.layer import lora_wrap
+from minift.models.config import ModelConfig
 from minift.models.llama import Llama
 from minift.nf4.linear import quantize_model
-from minift.training.loop import TrainConfig, train
+from minift.training.config import TrainConfig
+from minift.training.loop import train
 
 VOCAB = 96
 FEATURES_ON = dict(loss_chunk_size=7, activation_offload=True, optimizer_in_backward=True)
@@ -107,7 +108,7 @@ def test_config_refuses_what_cannot_work(kw, match):
 def test_evaluation_uses_the_chunked_loss():
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from minift.training.loop import evaluate
+    from minift.objectives.sft import evaluate
 
     class Widest(TorchDispatchMode):
         most = 0

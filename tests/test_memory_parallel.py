@@ -6,9 +6,9 @@ import torch
 
 import minift
 from minift.__main__ import main
-from minift.models.config import ModelConfig
 from minift.memory.estimate import estimate_memory
 from minift.memory.parallel import nf4_flat_bytes, per_gpu
+from minift.models.config import ModelConfig
 from minift.models.llama import Llama
 from minift.nf4.fsdp import ShardedNF4Linear, shardable_nf4
 from minift.nf4.linear import NF4Linear

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import minift
-from minift.models.config import ModelConfig
 from minift.lora.layer import lora_layers
 from minift.lora.merging import describe, merge_and_check
+from minift.models.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1)
@@ -45,14 +45,37 @@ def test_lora_merge_reports_the_difference_it_measured():
     assert "the base weights" in describe(report)
 
 
-def test_a_wrong_merge_shows_up_in_the_report(monkeypatch):
+def forget_the_scale(model, monkeypatch):
     # a merge that forgets the scale (a real bug class: alpha / r applied twice or not at all)
-    model = trained_lora(minift.Llama(CFG))
     for _, layer in lora_layers(model):
         monkeypatch.setattr(layer, "delta_weight",
                             lambda layer=layer: layer.lora_B.weight.float() @ layer.lora_A.weight.float())
-    _, report = merge_and_check(model, samples())
-    assert report["max_abs_logit_diff"] > 1e-3
+
+
+def test_a_wrong_merge_fails_naming_the_difference_and_the_base(monkeypatch):
+    model = trained_lora(minift.Llama(CFG))
+    forget_the_scale(model, monkeypatch)
+    with pytest.raises(ValueError, match=r"merge check failed: merged into weights \(float32\), .* differ "
+                                         r"from the unmerged model's by [0-9.e-]+ on 2 sample\(s\), over "
+                                         r"the tolerance [0-9.e-]+"):
+        merge_and_check(model, samples())
+
+
+def test_the_tolerance_defaults_by_dtype_and_can_be_given(monkeypatch):
+    model = trained_lora(minift.Llama(CFG))
+    _, report = merge_and_check(copy.deepcopy(model), samples())
+    assert report["dtype"] == "float32"
+    assert report["tolerance"] == pytest.approx(1e-4 * max(1.0, report["max_logit"]))
+    assert report["merge_error"] <= report["tolerance"]
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    _, report16 = merge_and_check(bf16, samples())
+    assert report16["dtype"] == "bfloat16"
+    assert report16["tolerance"] == pytest.approx(5e-2 * max(1.0, report16["max_logit"]))
+    forget_the_scale(model, monkeypatch)
+    _, loose = merge_and_check(copy.deepcopy(model), samples(), tolerance=float("inf"))
+    assert loose["merge_error"] > 1e-3
+    with pytest.raises(ValueError, match="over the tolerance 1e-09"):
+        merge_and_check(model, samples(), tolerance=1e-9)
 
 
 def nf4_model():
@@ -85,6 +108,9 @@ def test_nf4_into_original_weights_moves_the_logits_and_says_so(tmp_path):
     _, default = merge_and_check(other, samples())
     # the adapter corrected W_nf4, not W: merging into W moves the logits by the quantization error
     assert report["max_abs_logit_diff"] > 10 * default["max_abs_logit_diff"]
+    # ... while the merge itself is exact up to rounding: checked against the unmerged adapter
+    # on the original weights, so shipping the original-weight merge does not raise
+    assert report["merge_error"] < 1e-4 < report["max_abs_logit_diff"]
     assert "original 16-bit" in describe(report)
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import minift.models.llama as model_mod
 from minift.models.config import ModelConfig

@@ -5,11 +5,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import bnb_dequantize, nf4_with_nested_blocksize
 
 import minift
-from minift.nf4.quantize import (NF4Weight, SUPPORTED_BLOCKSIZES, absmax_fp32, dequantize_nf4, double_quantize,
-                        quantize_nf4)
-from oracles import bnb_dequantize, nf4_with_nested_blocksize
+from minift.nf4.quantize import (
+    SUPPORTED_BLOCKSIZES,
+    NF4Weight,
+    absmax_fp32,
+    dequantize_nf4,
+    double_quantize,
+    quantize_nf4,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional

@@ -3,13 +3,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import nf4_with_nested_blocksize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minift.nf4 import dequant as nf4_dequant
-from minift.nf4.quantize import SUPPORTED_BLOCKSIZES, _dequantize_reference, dequantize_nf4, quantize_nf4
 from minift.nf4.dequant import dequantize_packed, pair_table
+from minift.nf4.quantize import SUPPORTED_BLOCKSIZES, _dequantize_reference, dequantize_nf4, quantize_nf4
 from minift.quantmaps import nf4_code
-from oracles import nf4_with_nested_blocksize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minift
-from minift.models.llama import Llama
 from minift.models.config import ModelConfig
-from minift.nf4.quantize import quantize_nf4
+from minift.models.llama import Llama
 from minift.nf4.fsdp import ShardedNF4Linear, pack_bytes, shardable_nf4, unpack_bytes
 from minift.nf4.linear import NF4Linear
+from minift.nf4.quantize import quantize_nf4
 
 
 @settings(max_examples=20, deadline=None)

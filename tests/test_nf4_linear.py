@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import minift
-from minift.nf4.quantize import dequantize_nf4, quantize_nf4
 from minift.nf4.linear import NF4Linear, NF4MatMul, quantize_model
+from minift.nf4.quantize import dequantize_nf4, quantize_nf4
 
 
 def _pair(out_f=24, in_f=40, dtype=torch.float32, bias=True):

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from minift.names import IGNORE_INDEX
-from minift.models.config import ModelConfig
 from minift.lora.layer import lora_wrap
-from minift.objectives.loss import model_loss_sum
 from minift.memory.tracker import MemoryTracker
+from minift.models.config import ModelConfig
 from minift.models.llama import Llama
 from minift.models.offload import ActivationOffload
 from minift.models.switches import mlp_tiling
+from minift.names import IGNORE_INDEX
+from minift.objectives.loss import model_loss_sum
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2)

@@ -7,14 +7,14 @@ import torch
 
 from minift.memory.tracker import MemoryTracker
 from minift.optim.adamw8bit import AdamW8bit, PagedAdamW8bit
-from minift.optim.paging import DEFAULT_BUDGET_BYTES, Pager
+from minift.optim.paging import DEFAULT_DEVICE_BUDGET, Pager
 
 CPU = torch.device("cpu")
 
 
 def _pager(n_pages, budget, page_elems=64):
     host = torch.arange(n_pages * page_elems, dtype=torch.float32)
-    pager = Pager(CPU, budget_bytes=budget)
+    pager = Pager(CPU, keep_bytes=budget)
     pages = [pager.add_page(("p", i), (host[i * page_elems:(i + 1) * page_elems],))
              for i in range(n_pages)]
     return pager, pages, host
@@ -30,7 +30,7 @@ def test_unlimited_budget_fetches_each_page_once():
     pager.run(pages, _add_one)
     pager.run(pages, _add_one)
     assert (pager.stats.h2d_pages, pager.stats.d2h_pages) == (4, 0)
-    assert pager.resident_bytes == 4 * 64 * 4
+    assert pager.kept_bytes == 4 * 64 * 4
     assert torch.equal(host, before)  # resident pages are newer on the device until flush
     pager.flush()
     assert pager.stats.d2h_pages == 4
@@ -48,13 +48,13 @@ def test_zero_budget_streams_every_page_with_prefetch_order():
     pager.run(pages, _add_one)
     assert (pager.stats.h2d_pages, pager.stats.d2h_pages) == (6, 6)
     assert pager.stats.h2d_bytes == 6 * 64 * 4
-    assert pager.resident_bytes == 0
+    assert pager.kept_bytes == 0
     assert torch.equal(host, before + 2)  # written back after every run
 
 
 def test_partial_budget_keeps_the_first_pages_resident():
     pager, pages, host = _pager(5, budget=2 * 64 * 4 + 10)
-    assert [p.resident for p in pages] == [True, True, False, False, False]
+    assert [p.kept for p in pages] == [True, True, False, False, False]
     pager.run(pages, _add_one)
     pager.run(pages, _add_one)
     assert pager.stats.h2d_pages == 2 + 3 * 2 and pager.stats.d2h_pages == 3 * 2
@@ -129,7 +129,7 @@ def test_paged_resume_after_load_state_dict():
 
 def test_default_budget_is_one_gib_and_none_is_unlimited():
     p = [torch.nn.Parameter(torch.randn(5000))]
-    assert AdamW8bit(p, paged=True).device_budget_bytes == DEFAULT_BUDGET_BYTES == 2**30
+    assert AdamW8bit(p, paged=True).device_budget_bytes == DEFAULT_DEVICE_BUDGET == 2**30
     assert PagedAdamW8bit(p).device_budget_bytes == 2**30
     assert PagedAdamW8bit(p, device_budget_bytes=None).device_budget_bytes is None
 
@@ -141,8 +141,8 @@ def test_host_bytes_and_resident_tensors():
     assert opt.host_bytes == expected
     pager = opt._pagers[CPU]
     assert pager.host_bytes == expected
-    resident = opt.resident_tensors()
-    assert resident and sum(t.nbytes for t in resident) == pager.resident_bytes <= 5000
+    resident = opt.kept_tensors()
+    assert resident and sum(t.nbytes for t in resident) == pager.kept_bytes <= 5000
     assert AdamW8bit([torch.nn.Parameter(torch.randn(5000))]).host_bytes == 0
 
 
@@ -159,7 +159,7 @@ def test_tracker_files_paged_states_under_host():
             opt.zero_grad(set_to_none=True)
     report = tracker.report()
     assert report.host == opt.host_bytes == 2 * 6000 + 2 * 4 * 24
-    resident = sum(t.nbytes for t in opt.resident_tensors())
+    resident = sum(t.nbytes for t in opt.kept_tensors())
     assert 0 < resident <= 2100
     # on the device: the resident pages plus the bias's fp32 moments (60 elements, unpaged)
     assert report.optimizer_states == resident + 2 * 60 * 4

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minift
-from minift.training.checkpoint import data_fingerprint
+from minift.checkpoints.steps import data_fingerprint
 from minift.data.preference import collate_pairs, load_preferences, pair_batches, tokenize_preferences
 
 BASE = Path(__file__).resolve().parents[1] / "examples" / "base"

@@ -4,8 +4,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minift.optim.quant8 import (BLOCK, StepScalars, adamw32_step, dequantize_blockwise,
-                           nearest_code, quantize_blockwise, round_to_param)
+from minift.optim.quant8 import (
+    BLOCK,
+    StepScalars,
+    adamw32_step,
+    dequantize_blockwise,
+    nearest_code,
+    quantize_blockwise,
+    round_to_param,
+)
 from minift.quantmaps import dynamic_map
 
 

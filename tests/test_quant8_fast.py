@@ -8,8 +8,15 @@ from hypothesis import strategies as st
 
 import minift
 from minift.optim import quant8
-from minift.optim.quant8 import (BLOCK, StepScalars, adamw8bit_step_cpu, adamw8bit_step_reference,
-                                 nearest_code, quantize_blockwise, requant_table)
+from minift.optim.quant8 import (
+    BLOCK,
+    StepScalars,
+    adamw8bit_step_cpu,
+    adamw8bit_step_reference,
+    nearest_code,
+    quantize_blockwise,
+    requant_table,
+)
 from minift.quantmaps import dynamic_map
 
 

@@ -3,12 +3,11 @@ templates that raise are one-line errors naming file:line."""
 import warnings
 
 import pytest
+from test_data import CHAT, PROMPT, tok, tok_dir, trained_runs, write_jsonl  # noqa: F401  (fixtures)
 
-from minift.names import IGNORE_INDEX
 from minift.data.sft import load_dataset, row_to_messages, tokenize_rows
 from minift.models.tokenizer import load_tokenizer
-
-from test_data import CHAT, PROMPT, tok, tok_dir, trained_runs, write_jsonl  # noqa: F401  (fixtures)
+from minift.names import IGNORE_INDEX
 
 SHAREGPT = {"conversations": [
     {"from": "system", "value": "Be kind."},

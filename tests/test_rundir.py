@@ -5,14 +5,14 @@ import os
 
 import pytest
 import torch
+from test_trainer import TinyLM, tiny_llama
 
-import minift.training.checkpoint as ckpt
-from minift.training import rundir
+import minift.checkpoints.steps as ckpt
 from minift.lora.layer import lora_wrap
 from minift.nf4.linear import quantize_model
-from minift.training.loop import TrainConfig, make_optimizer
-
-from test_trainer import TinyLM, tiny_llama
+from minift.training import rundir
+from minift.training.config import TrainConfig
+from minift.training.setup import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 

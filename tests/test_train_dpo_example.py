@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_cases import LOSS_RTOL, free_port
 
 import minift
-from dist_cases import LOSS_RTOL, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_dpo.py"

@@ -7,9 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-import minift.training.checkpoint as ckpt
+import minift.checkpoints.steps as ckpt
+from minift.objectives.loss import token_loss_sum
+from minift.objectives.sft import accumulate_gradients
+from minift.training.config import TrainConfig
+from minift.training.loop import train
 from minift.training.schedule import Schedule
-from minift.training.loop import TrainConfig, accumulate_gradients, token_loss_sum, train
 
 
 # ---- shared helpers (test_checkpoint.py imports them too) ---------------------------------

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minift.training.loop import token_loss_sum
+from minift.objectives.loss import token_loss_sum
 
 
 def _sliced_logits_loss(logits, labels):

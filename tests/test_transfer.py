@@ -1,15 +1,16 @@
-"""minift/training/transfer.py and the training step's host-device syncs: counted on CPU with
+"""minift/data/transfer.py and the training step's host-device syncs: counted on CPU with
 tests/sync_counter.py, and ruled out in the model by running it on the meta device, which has
 no values, so that any read of one raises."""
 import torch
+from sync_counter import SyncCounter
 from torch.overrides import TorchFunctionMode
 
-from minift.models.config import ModelConfig
 from minift.data.sft import batch_examples
+from minift.data.transfer import to_device
+from minift.models.config import ModelConfig
 from minift.models.llama import Llama
-from minift.objectives.sft import _batch_loss_sum, accumulate_gradients, token_loss_sum
-from minift.training.transfer import to_device
-from sync_counter import SyncCounter
+from minift.objectives.loss import token_loss_sum
+from minift.objectives.sft import _batch_loss_sum, accumulate_gradients
 
 EXAMPLES = [{"input_ids": list(range(1, n + 1)), "labels": [-100] * 2 + list(range(3, n + 1))}
             for n in (5, 9, 7, 12)]

@@ -21,15 +21,15 @@ import time
 
 import torch
 
-from minift.files import write_json
-from minift.models.config import ModelConfig
-from minift.models.loading import load_model, save_model
-from minift.lora.layer import lora_wrap
-from minift.models.llama import Llama
-from minift.nf4.quantize import _dequantize_reference, dequantize_nf4, quantize_nf4
-from minift.optim.adamw8bit import AdamW8bit
 from minift.bench.runinfo import git_commit, git_modified, machine_info
-from minift.training.loop import token_loss_sum
+from minift.files import write_json
+from minift.lora.layer import lora_wrap
+from minift.models.config import ModelConfig
+from minift.models.llama import Llama
+from minift.models.loading import load_model, save_model
+from minift.nf4.quantize import _dequantize_reference, dequantize_nf4, quantize_nf4
+from minift.objectives.loss import token_loss_sum
+from minift.optim.adamw8bit import AdamW8bit
 
 SECTIONS = ("optim", "nf4", "train")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -28,12 +28,12 @@ import torch
 
 from minift.bench import gpu_fsdp as bench_gpu_fsdp
 from minift.bench import gpu_steps as bench_gpu_steps
+from minift.bench.runinfo import git_commit, git_modified, machine_info
 from minift.models import fused
 from minift.nf4.quantize import _dequantize_reference, dequantize_nf4, quantize_nf4
 from minift.optim import AdamW8bit
 from minift.optim.quant8 import StepScalars, adamw8bit_step_reference, quantize_blockwise
 from minift.quantmaps import dynamic_map
-from minift.bench.runinfo import git_commit, git_modified, machine_info
 
 try:  # the launchers need Triton; without it the kernel checks are skipped
     from minift.kernels.adamw8bit import adamw8bit_step

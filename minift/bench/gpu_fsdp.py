@@ -21,10 +21,10 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from minift.distributed import parallel as mdist
 from minift.bench.gpu_steps import LORA_R, _batch, _free, build, measure_step, train_flops_per_token
-from minift.models.config import ModelConfig
+from minift.distributed import parallel as mdist
 from minift.memory import estimate_memory
+from minift.models.config import ModelConfig
 from minift.nf4.fsdp import shardable_nf4
 from minift.nf4.linear import NF4Linear
 from minift.objectives.sft import accumulate_gradients

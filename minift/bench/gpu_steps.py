@@ -16,13 +16,13 @@ import statistics
 import torch
 from torch import nn
 
-from minift.models.config import ModelConfig
 from minift.lora.layer import lora_wrap
 from minift.memory.estimate import estimate_memory
+from minift.models.config import ModelConfig
 from minift.models.llama import Llama
 from minift.nf4.linear import quantize_model
+from minift.objectives.sft import accumulate_gradients
 from minift.optim import AdamW8bit
-from minift.training.loop import accumulate_gradients
 
 # method -> optimizer, as `python -m minift bench` pairs them
 STEP_METHODS = (("qlora", "adamw"), ("lora", "adamw"), ("full", "adamw8bit"))

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 
-from minift.files import atomic_write, write_json
+from minift.bench.runinfo import SOURCE_ROOT, git_commit, git_modified, machine_info
 from minift.data.sft import load_dataset, load_jsonl, row_to_messages
-from minift.models.generation import generate
-from minift.models.loading import load_model
+from minift.files import atomic_write, write_json
 from minift.lora.layer import lora_wrap
 from minift.memory.tracker import CATEGORIES
-from minift.bench.runinfo import SOURCE_ROOT, git_commit, git_modified, machine_info
+from minift.models.generation import generate
+from minift.models.loading import load_model
 from minift.models.tokenizer import load_tokenizer
-from minift.training.loop import TrainConfig, train
+from minift.training.config import TrainConfig
+from minift.training.loop import train
 
 BENCH_METHODS = (("full", "adamw8bit"), ("lora", "adamw"), ("qlora", "adamw"))
 # the shipped base and data, found from the package (as examples/train_llama.py finds them from

@@ -15,8 +15,8 @@ import random
 
 import torch
 
-from minift.names import IGNORE_INDEX
 from minift.data.sft import _assistant_spans, _bucket_groups, _read_jsonl, row_to_messages
+from minift.names import IGNORE_INDEX
 
 PAIR_KEYS = ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
 

@@ -17,9 +17,16 @@ from typing import Optional
 
 import torch
 
+from minift.data.rows import (  # noqa: F401
+    ROLES,
+    SHAREGPT_ROLES,
+    _read_jsonl,
+    _text_field,
+    _tokenize_text,
+    load_jsonl,
+    row_to_messages,
+)
 from minift.names import IGNORE_INDEX
-from minift.data.rows import (ROLES, SHAREGPT_ROLES, _read_jsonl, _text_field,  # noqa: F401
-                         _tokenize_text, load_jsonl, row_to_messages)
 
 
 @dataclass
@@ -290,3 +297,15 @@ def padding_efficiency(batches: list[dict]) -> float:
     if slots == 0:
         raise ValueError("padding_efficiency: no batches")
     return real / slots
+
+
+def check_examples(examples, name: str) -> None:
+    if not isinstance(examples, (list, tuple)) or not examples:
+        raise ValueError(f"{name} must be a non-empty list of examples, got "
+                         f"{'an empty list' if isinstance(examples, (list, tuple)) else type(examples).__name__}")
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dict) or "input_ids" not in ex or "labels" not in ex:
+            raise ValueError(f"{name}[{i}] must be a dict with 'input_ids' and 'labels'")
+        if len(ex["input_ids"]) != len(ex["labels"]):
+            raise ValueError(f"{name}[{i}]: input_ids has {len(ex['input_ids'])} tokens but labels "
+                             f"has {len(ex['labels'])}")

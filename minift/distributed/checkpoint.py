@@ -15,18 +15,23 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from minift.training import checkpoint as ckpt
+from minift.checkpoints import steps as ckpt
+from minift.distributed.parallel import barrier, is_main, reshard, unwrap
 from minift.lora.adapter import adapter_config, write_adapter
 from minift.models.config import ModelConfig
-from minift.distributed.parallel import barrier, is_main, reshard, unwrap
-from minift.models.loading import save_model
 from minift.models.llama import Llama
+from minift.models.loading import save_model
 from minift.nf4.fsdp import shardable_nf4
 
 

@@ -4,7 +4,7 @@ A ``torchrun --nproc_per_node N`` launch sets RANK, WORLD_SIZE, LOCAL_RANK, MAST
 MASTER_PORT; ``init_from_env`` joins the process group from them (NCCL on CUDA, gloo on CPU).
 Every rank builds the same step groups from the same seed, so the global batch is the batch of a
 1-process run with the same flags; ``shard_group`` hands each rank its part of it, and
-``accumulate_gradients`` normalizes the summed token loss by the trained tokens of ALL ranks
+``accumulate_over_ranks`` normalizes the summed token loss by the trained tokens of ALL ranks
 (one all-reduce) so that the averaged gradient equals the 1-process gradient. ``shard_batches``
 deals out an evaluation's batches, and ``Shard`` is what an objective (minift.training.loop's token
 loss, minift.objectives.dpo) is told of its rank: its part of a step or an evaluation and the sum over ranks.
@@ -25,14 +25,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from minift.names import IGNORE_INDEX, PARALLEL
 from minift.checks import check_choice
-from minift.nf4.fsdp import shardable_nf4
 from minift.data.preference import select_pairs
+from minift.models.switches import decoder_layers
+from minift.names import IGNORE_INDEX, PARALLEL
+from minift.nf4.fsdp import shardable_nf4
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -125,15 +132,6 @@ def resolve_parallel(parallel: Optional[str], world: int) -> Optional[str]:
 
 
 # ---- sharding the model ------------------------------------------------------------------
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a minift Llama (``model.model.layers``)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise TypeError(f"apply_parallel: {type(model).__name__} has no model.layers; FSDP shards a minift "
-                        "Llama one decoder layer at a time")
-    return list(layers)
-
-
 def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] = None,
                    frozen: bool = False) -> nn.Module:
     """Shard (FSDP2) or replicate (DDP) ``model`` over all ranks, after ``init_from_env``.
@@ -181,7 +179,7 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
     # CPU-only job (gloo) offloads to plain memory, which runs the same code path
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     mesh = init_device_mesh(device.type, (world_size(),))
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model, "apply_parallel shards one decoder layer at a time"):
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=frozen)
     return model
@@ -276,7 +274,7 @@ def grad_sync(model: nn.Module, enabled: bool):
         yield
 
 
-def accumulate_gradients(model: nn.Module, micro_batches: list, device, loss_sum: Callable, count: Callable):
+def accumulate_over_ranks(model: nn.Module, micro_batches: list, device, loss_sum: Callable, count: Callable):
     """Forward/backward over this rank's micro-batches of one optimizer step.
 
     Args:

@@ -8,7 +8,7 @@ Checkpoints of a distributed run are ``<output_dir>/step-N`` directories like th
 (trainer_state.json, rng.safetensors, manifest.json written last), with the model and optimizer
 in torch.distributed.checkpoint files instead of safetensors. Either kind can be resumed by a run
 of any world size: a directory with DCP's ``.metadata`` is read with DCP (``load_sharded``
-re-slices the shards), a 1-process checkpoint by ``minift.training.checkpoint`` on one process and by
+re-slices the shards), a 1-process checkpoint by ``minift.checkpoints.steps`` on one process and by
 ``load_full_checkpoint`` (each rank cuts its rows of the full tensors) under torchrun.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from minift.training import checkpoint as ckpt
+from minift.checkpoints import steps as ckpt
 from minift.distributed import checkpoint as dckpt
 from minift.distributed import parallel as mdist
 

@@ -14,13 +14,22 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from minift.files import atomic_write, read_json, write_json
-from minift.lora.layer import (LoRALinear, check_alpha, check_dropout, check_rank, find_targets,
-                         is_linear, lora_layers, lora_state_dict, lora_wrap)
+from minift.lora.layer import (
+    LoRALinear,
+    check_alpha,
+    check_dropout,
+    check_rank,
+    find_targets,
+    is_linear,
+    lora_layers,
+    lora_state_dict,
+    lora_wrap,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -1,5 +1,6 @@
 """Merging with a check: fold the adapters into the base, then compare the merged model's logits
-with the adapter model's on a few held-out samples and report the largest difference.
+with the adapter model's on a few held-out samples; a merge that moved them past a tolerance
+raises.
 
 From an NF4 base there are two bases to merge into, and they give different models:
 
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minift.models.loading import _read_tensors
 from minift.lora.layer import lora_layers, merge_lora
+from minift.models.loading import _read_tensors
 from minift.nf4.linear import NF4Linear
 
 
@@ -82,8 +83,21 @@ def _logits(model, samples):
     return out
 
 
-def merge_and_check(model, samples, base_weights=None) -> tuple:
+# Largest accepted |logit difference| between the merged model and the unmerged one on the same
+# base, relative to max(1, largest |logit|), by the dtype the merge is computed in: a merge adds
+# scale * B @ A to W once, so the logits differ only by the rounding of W + delta in that dtype.
+# float32 measured here: <= 2e-6 relative on the shipped base; bf16 keeps 8 significant bits
+# (2^-8 = 3.9e-3 per rounding), float16 11 bits.
+MERGE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def merge_and_check(model, samples, base_weights=None, *, tolerance=None) -> tuple:
     """`merge_lora` plus a before/after comparison of the logits on `samples`.
+
+    The merge is checked against the unmerged adapter model on the base it merges into: logits
+    that differ by more than `tolerance` mean the merge went wrong, and raise. The report also
+    gives the difference from the adapter model as trained, which for an NF4 base merged into
+    the original weights includes the quantization error (the adapter corrected W_nf4, not W).
 
     Args:
         model: a LoRA-wrapped model (modified in place, like `merge_lora`).
@@ -91,10 +105,17 @@ def merge_and_check(model, samples, base_weights=None) -> tuple:
         base_weights: for an NF4 base only: the original 16-bit weights to merge into, as a dict
             {name: tensor} or the path of the checkpoint the model was loaded from. None merges
             into the dequantized 4-bit weights.
+        tolerance: largest accepted |logit difference| of the merge; None: ``MERGE_RTOL`` of the
+            merged weights' dtype times max(1, largest |logit|).
 
     Returns:
-        (model, report): report = {"merged_into", "max_abs_logit_diff", "max_logit", "samples"};
-        merged_into is "dequantized_nf4", "original_weights" or "weights" (no NF4 layer).
+        (model, report): report = {"merged_into", "max_abs_logit_diff", "merge_error",
+        "tolerance", "max_logit", "samples", "dtype"}; merged_into is "dequantized_nf4",
+        "original_weights" or "weights" (no NF4 layer); max_abs_logit_diff is against the adapter
+        model as trained, merge_error against the unmerged model on the same base.
+
+    Raises:
+        ValueError: when merge_error exceeds the tolerance, naming both and the base.
     """
     layers = lora_layers(model)
     if not samples:
@@ -103,7 +124,7 @@ def merge_and_check(model, samples, base_weights=None) -> tuple:
     nf4 = [n for n, m in layers if isinstance(m.base_layer, NF4Linear)]
     device = _device(layers[0][1]) if layers else torch.device("cpu")
     samples = [s.to(device) for s in samples]
-    before = _logits(model, samples)  # the adapter model: what was trained
+    trained = _logits(model, samples)  # the adapter model: what was trained
     merged_into = "weights"
     if nf4:
         merged_into = "dequantized_nf4"
@@ -114,12 +135,29 @@ def merge_and_check(model, samples, base_weights=None) -> tuple:
         raise ValueError("merge_and_check: base_weights is only for an NF4 base; this model's "
                          "adapters sit on unquantized weights already")
     _pin_merge_dtype(model)
+    unmerged = trained if merged_into != "original_weights" else _logits(model, samples)
     merge_lora(model)
     after = _logits(model, samples)
-    diff = max(float((a - b).abs().max()) for a, b in zip(after, before))
-    scale = max(float(b.abs().max()) for b in before)
-    return model, {"merged_into": merged_into, "max_abs_logit_diff": diff, "max_logit": scale,
-                   "samples": len(samples)}
+    dtype = _merged_dtype(model)
+    scale = max(float(b.abs().max()) for b in trained)
+    error = max(float((a - b).abs().max()) for a, b in zip(after, unmerged))
+    if tolerance is None:
+        tolerance = MERGE_RTOL.get(dtype, 1e-4) * max(1.0, scale)
+    report = {"merged_into": merged_into,
+              "max_abs_logit_diff": max(float((a - b).abs().max()) for a, b in zip(after, trained)),
+              "merge_error": error, "tolerance": float(tolerance), "max_logit": scale,
+              "samples": len(samples), "dtype": str(dtype).removeprefix("torch.")}
+    if not error <= tolerance:  # NaN fails too
+        raise ValueError(f"merge check failed: merged into {merged_into.replace('_', ' ')} "
+                         f"({report['dtype']}), the merged model's logits differ from the unmerged "
+                         f"model's by {error:.3g} on {len(samples)} sample(s), over the tolerance "
+                         f"{tolerance:.3g}; the merged weights are not the model that was trained")
+    return model, report
+
+
+def _merged_dtype(model) -> torch.dtype:
+    """The dtype of the merged linear weights (where the merge was rounded)."""
+    return next((m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear)), torch.float32)
 
 
 def describe(report: dict) -> str:
@@ -129,5 +167,6 @@ def describe(report: dict) -> str:
             "weights": "the base weights"}[report["merged_into"]]
     return (f"merge check: adapter merged into {into}; largest |logit difference| merged vs "
             f"adapter model on {report['samples']} held-out sample(s): "
-            f"{report['max_abs_logit_diff']:.3g} (largest |logit| {report['max_logit']:.3g})")
+            f"{report['max_abs_logit_diff']:.3g} (largest |logit| {report['max_logit']:.3g}; the "
+            f"merge itself {report['merge_error']:.3g}, tolerance {report['tolerance']:.3g})")
 

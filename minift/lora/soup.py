@@ -17,8 +17,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from minift.files import atomic_write, write_json
 from minift.checks import check_number
+from minift.files import atomic_write, write_json
 from minift.lora.adapter import CONFIG_NAME, WEIGHTS_NAME, _load_tensors, read_adapter_config
 
 # adapter_config.json fields that must agree for the A and B matrices to mean the same thing

@@ -8,8 +8,8 @@
 """
 from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import MemoryEstimate, estimate_memory
-from minift.sizes import format_bytes
 from minift.memory.tracker import CATEGORIES, MemoryReport, MemoryTracker, breakdown_table
+from minift.sizes import format_bytes
 
 __all__ = ["CATEGORIES", "MemoryEstimate", "MemoryReport", "MemoryTracker", "breakdown_table",
            "estimate_dpo_memory", "estimate_memory", "format_bytes"]

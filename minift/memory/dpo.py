@@ -23,8 +23,8 @@ from typing import Union
 
 import torch
 
-from minift.models.config import ModelConfig
 from minift.memory.estimate import MemoryEstimate, _elem, _resolve_config, estimate_memory
+from minift.models.config import ModelConfig
 
 REFERENCES = ("adapters", "copy", "copy_nf4", "precomputed")
 

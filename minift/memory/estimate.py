@@ -30,15 +30,22 @@ from typing import Optional, Union
 
 import torch
 
-from minift.names import LINEARS, METHODS, OPTIMIZERS
 from minift.checks import check_choice, check_flag, check_int
-from minift.models.config import ModelConfig
-from minift.memory.features import DEFAULT_BUDGET, feature_estimate, paged_states
-from minift.memory.formulas import (dequant_scratch, down_proj_saved, head_saved,
-                                    layer_gradient_bytes, layer_saved,
-                                    step_temporaries, weight_bytes)
+from minift.memory.features import feature_estimate, paged_states
+from minift.memory.formulas import (
+    dequant_scratch,
+    down_proj_saved,
+    head_saved,
+    layer_gradient_bytes,
+    layer_saved,
+    step_temporaries,
+    weight_bytes,
+)
 from minift.memory.parallel import per_gpu
 from minift.memory.report import CATEGORIES, MemoryEstimate, breakdown_table  # noqa: F401
+from minift.models.config import ModelConfig
+from minift.names import LINEARS, METHODS, OPTIMIZERS
+from minift.optim.paging import DEFAULT_DEVICE_BUDGET
 
 
 def _elem(dtype: torch.dtype) -> int:
@@ -85,7 +92,7 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
                     attention_mask: bool = True, device: str = "cuda",
                     loss_chunk_size: Optional[int] = None, activation_offload: bool = False,
                     optimizer_in_backward: bool = False, mlp_tile_size: Optional[int] = None,
-                    paged_device_budget: Optional[int] = DEFAULT_BUDGET, world_size: int = 1,
+                    paged_device_budget: Optional[int] = DEFAULT_DEVICE_BUDGET, world_size: int = 1,
                     parallel: Optional[str] = None, cpu_offload: bool = False) -> MemoryEstimate:
     """Estimate the memory of one training step of minift, by category, in bytes.
 
@@ -177,7 +184,7 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
 
 
 def _spread(est: MemoryEstimate, s: "_Setup", world_size, parallel, cpu_offload,
-            paged_device_budget=DEFAULT_BUDGET) -> MemoryEstimate:
+            paged_device_budget=DEFAULT_DEVICE_BUDGET) -> MemoryEstimate:
     """`est` itself on one GPU; per GPU of a torchrun job otherwise (minift.memory.parallel)."""
     world_size = check_int("world_size", world_size)
     if world_size == 1 and parallel is None:
@@ -248,7 +255,7 @@ def _check_args(config_or_preset, *, method, batch_size, seq_len, r, target_modu
 
 # ---- what autograd keeps -----------------------------------------------------------------
 @dataclass
-class _Saved:
+class _SavedForBackward:
     """Bytes kept for backward, split by when they are alive."""
 
     terms: dict  # named parts of the activations; they add up to the high-water mark
@@ -259,7 +266,7 @@ class _Saved:
     recomputed: int  # checkpointing: what a recomputed layer keeps, with its residual sums
 
 
-def _saved_for_backward(s: _Setup) -> _Saved:
+def _saved_for_backward(s: _Setup) -> _SavedForBackward:
     """The activations of the whole model: the head's terms and every layer's, summed."""
     terms = head_saved(s.cfg, s.method, s.e, s.batch_size, s.seq_len)
     layers = [layer_saved(s.cfg, s.method, s.targets, s.r, s.e, s.batch_size, s.seq_len,
@@ -288,13 +295,13 @@ def _saved_for_backward(s: _Setup) -> _Saved:
             terms["layers." + name] = sum(t[name] for t in layers)
         base = sum(terms.values())
         terms.update(head_terms)
-    return _Saved(terms=terms, per_layer=per_layer, shared=shared, head=head, base=base,
+    return _SavedForBackward(terms=terms, per_layer=per_layer, shared=shared, head=head, base=base,
                   recomputed=recomputed)
 
 
 # ---- the moments that can hold the peak --------------------------------------------------
 # Each returns (name, live bytes, of which "other"); `fixed` is weights + optimizer states.
-def _moments(s: _Setup, fixed: int, trainable: list, saved: _Saved) -> list:
+def _moments(s: _Setup, fixed: int, trainable: list, saved: _SavedForBackward) -> list:
     """Every moment of the step that can hold the peak, for these settings."""
     moments = [_loss_moment(s, fixed, saved), _backward_start_moment(s, fixed, saved),
                _optimizer_step_moment(s, fixed, trainable)]
@@ -323,13 +330,13 @@ def _loss_buffers(s: _Setup) -> tuple:
     return s.e * v * s.n_tok + upcast, 2 * 4 * v * s.n_tok
 
 
-def _loss_moment(s: _Setup, fixed: int, saved: _Saved) -> tuple:
+def _loss_moment(s: _Setup, fixed: int, saved: _SavedForBackward) -> tuple:
     """The end of the loss: every saved tensor and the logits."""
     logits = _loss_buffers(s)[0]
     return "loss", fixed + saved.base + saved.head + logits, logits
 
 
-def _backward_start_moment(s: _Setup, fixed: int, saved: _Saved) -> tuple:
+def _backward_start_moment(s: _Setup, fixed: int, saved: _SavedForBackward) -> tuple:
     """The start of backward: every saved tensor and the two float32 logit gradients."""
     logit_grads = _loss_buffers(s)[1]
     return "backward_start", fixed + saved.base + saved.head + logit_grads, logit_grads
@@ -352,14 +359,14 @@ def _head_grads(s: _Setup) -> int:
     return s.e * s.cfg.hidden_size * (s.cfg.vocab_size + 1) if s.method == "full" else 0
 
 
-def _recompute_moment(s: _Setup, fixed: int, saved: _Saved) -> tuple:
+def _recompute_moment(s: _Setup, fixed: int, saved: _SavedForBackward) -> tuple:
     """Checkpointing, recomputing the top layer: its kept set, the head's gradients and two
     hidden-state gradients."""
     return ("recompute", fixed + saved.base + saved.recomputed + _head_grads(s) + 2 * s.hidden,
             2 * s.hidden)
 
 
-def _recompute_dequant_moment(s: _Setup, fixed: int, saved: _Saved) -> tuple:
+def _recompute_dequant_moment(s: _Setup, fixed: int, saved: _SavedForBackward) -> tuple:
     """Checkpointing, QLoRA: the recompute's dequantization of the top layer's down_proj.
 
     Alive: the layer's kept tensors but down_proj's adapter ones, the residual x + attention,
@@ -373,7 +380,7 @@ def _recompute_dequant_moment(s: _Setup, fixed: int, saved: _Saved) -> tuple:
     return "recompute_dequant", live, other
 
 
-def _backward_layer_moment(s: _Setup, fixed: int, saved: _Saved, k: int) -> tuple:
+def _backward_layer_moment(s: _Setup, fixed: int, saved: _SavedForBackward, k: int) -> tuple:
     """Checkpointing, backward through layer k's MLP just after down_proj's weight gradient.
 
     Alive: the layer's recomputed tensors (less down_proj's input, now freed), the inputs of
@@ -390,7 +397,7 @@ def _backward_layer_moment(s: _Setup, fixed: int, saved: _Saved, k: int) -> tupl
     return f"backward_layer_{k}", live, scratch
 
 
-def _forward_dequant_moment(s: _Setup, fixed: int, saved: _Saved) -> tuple:
+def _forward_dequant_moment(s: _Setup, fixed: int, saved: _SavedForBackward) -> tuple:
     """QLoRA without checkpointing: the NF4 forward of the last layer's down_proj.
 
     Every earlier saved tensor is alive, its input (the SwiGLU product) is not saved yet, and

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from minift.models.config import ModelConfig
 from minift.memory.formulas import adam_state_bytes, layer_saved, weight_bytes
-
-DEFAULT_BUDGET = 2**30
-PAGE_VALUES = 2**20  # AdamW8bit's default page_size
+from minift.models.config import ModelConfig
+from minift.optim.paging import DEFAULT_PAGE_SIZE
 
 
 def paged_states(trainable, optimizer, budget) -> tuple[int, int]:
@@ -91,7 +89,7 @@ def feature_estimate(base, cfg: ModelConfig, method: str, targets: tuple, r: int
     if host_states:
         # a paged step streams one tensor's pages, at most three pages of 2**20 values (codes
         # and absmax of both moments) on the device at once (minift.optim.paging.Pager.run)
-        page = adam_state_bytes(PAGE_VALUES, 2, optimizer)
+        page = adam_state_bytes(DEFAULT_PAGE_SIZE, 2, optimizer)
         step_tmp += min(3 * page, max(adam_state_bytes(n, s, optimizer) for n, s in trainable
                                       if n >= 4096))
     if optimizer_in_backward:

@@ -32,9 +32,9 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from minift.names import LINEARS
-from minift.models.config import ModelConfig
 from minift.memory.formulas import adam_state_bytes, layer_tensors
+from minift.models.config import ModelConfig
+from minift.names import LINEARS
 
 PARALLEL = ("fsdp", "ddp")
 

@@ -16,11 +16,11 @@ import os
 import torch
 
 from minift.checks import check_choice
-from minift.sizes import fmt_in, format_bytes, parse_bytes, unit_for
-from minift.models.config import PRESETS, ModelConfig
 from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import METHODS, estimate_memory
 from minift.memory.tracker import CATEGORIES, breakdown_table
+from minift.models.config import PRESETS, ModelConfig
+from minift.sizes import fmt_in, format_bytes, parse_bytes, unit_for
 
 LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
 MAX_BATCH = 1 << 16

@@ -39,11 +39,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from minift.sizes import format_bytes
-from minift.optim.sharded import local
 # CATEGORIES and breakdown_table are read from here by callers as well
 from minift.memory.report import CATEGORIES, PAGED_KEYS, MemoryReport, breakdown_table  # noqa: F401
+from minift.optim.sharded import local
 from minift.placement import on_host_side
+from minift.sizes import format_bytes
 
 
 def _storage(t):
@@ -166,7 +166,7 @@ class MemoryTracker:
         """Optimizer state tensors on the device side (``host=False``) or in host pages.
 
         A paged optimizer (``paged`` attribute) keeps its 8-bit states in host pages; the
-        copies of pages it keeps resident on the device (``resident_tensors()``) are device
+        copies of pages it keeps resident on the device (``kept_tensors()``) are device
         optimizer states.
         """
         if self.optimizer is None:
@@ -177,8 +177,8 @@ class MemoryTracker:
             items = state.items() if isinstance(state, dict) else [("", state)]
             tensors += [v for k, v in items if isinstance(v, torch.Tensor)
                         and (paged and k in PAGED_KEYS) == host]
-        if paged and not host and hasattr(self.optimizer, "resident_tensors"):
-            tensors += list(self.optimizer.resident_tensors())
+        if paged and not host and hasattr(self.optimizer, "kept_tensors"):
+            tensors += list(self.optimizer.kept_tensors())
         return tensors
 
     def _optimizer_bytes(self, register=False) -> int:

@@ -18,13 +18,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from minift.nf4 import quantize as nf4
 from minift.files import file_mode, read_json, write_json
-from minift.sizes import parse_bytes
 from minift.models.config import ModelConfig
 from minift.models.llama import Llama
+from minift.nf4 import quantize as nf4
 from minift.nf4.linear import NF4Linear
 from minift.quantmaps import nf4_code
+from minift.sizes import parse_bytes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

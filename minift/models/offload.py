@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Optional
 
 import torch
 
 from minift.placement import host_side
 
 
-class _Saved:
+class _OffloadedInput:
     """What autograd holds instead of a layer input: the host copy and where it came from."""
 
     __slots__ = ("layer", "host", "device", "event", "ready", "__weakref__")
@@ -70,7 +69,7 @@ class ActivationOffload:
             return self._offload(index, t) if t is target() else t
 
         def unpack(saved):
-            return self._restore(saved) if isinstance(saved, _Saved) else saved
+            return self._restore(saved) if isinstance(saved, _OffloadedInput) else saved
 
         del x
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -88,7 +87,7 @@ class ActivationOffload:
     def _release(self, buf: torch.Tensor) -> None:
         self._free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
 
-    def _offload(self, index: int, t: torch.Tensor) -> _Saved:
+    def _offload(self, index: int, t: torch.Tensor) -> _OffloadedInput:
         host = self._host_buffer(t)
         event = None
         if self._side is not None:
@@ -101,13 +100,13 @@ class ActivationOffload:
         else:
             with host_side():
                 host.copy_(t)
-        saved = _Saved(index, host, t.device, event)
+        saved = _OffloadedInput(index, host, t.device, event)
         weakref.finalize(saved, self._release, host)
         self._latest[index] = saved
         return saved
 
     # ---- backward: host -> device, one layer ahead -------------------------------------------
-    def _fetch(self, saved: _Saved) -> tuple:
+    def _fetch(self, saved: _OffloadedInput) -> tuple:
         if self._side is None:
             return saved.host.to(saved.device, copy=True), None
         with torch.cuda.stream(self._side):
@@ -117,7 +116,7 @@ class ActivationOffload:
             event.record(self._side)
         return dev, event
 
-    def _restore(self, saved: _Saved) -> torch.Tensor:
+    def _restore(self, saved: _OffloadedInput) -> torch.Tensor:
         dev, event = saved.ready if saved.ready is not None else self._fetch(saved)
         saved.ready = None
         if event is not None:

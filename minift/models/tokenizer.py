@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from tokenizers import AddedToken, Tokenizer as _BackendTokenizer, processors
+from tokenizers import AddedToken, processors
+from tokenizers import Tokenizer as _BackendTokenizer
 
-from minift.models import chat_templates
 from minift.files import atomic_write, read_json, write_json
+from minift.models import chat_templates
 
 _ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 

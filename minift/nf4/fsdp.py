@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minift.nf4.quantize import NF4Weight
 from minift.nf4.linear import NF4Linear
+from minift.nf4.quantize import NF4Weight
 
 _FLAT = "nf4_bytes"
 

@@ -13,8 +13,8 @@ import logging
 import torch
 from torch import nn
 
-from minift.nf4.quantize import check_blocksize, check_weight, dequantize_nf4, quantize_nf4
 from minift.nf4.format import FLOAT_DTYPES, MissingKeyError, NF4Weight, from_bnb_state_dict
+from minift.nf4.quantize import check_blocksize, check_weight, dequantize_nf4, quantize_nf4
 
 logger = logging.getLogger(__name__)
 

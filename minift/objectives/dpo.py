@@ -29,14 +29,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minift.names import IGNORE_INDEX
 from minift.checks import check_choice, check_number
-from minift.distributed.parallel import accumulate_gradients
-from minift.objectives.reference import (MODEL_KEYS, REFERENCE_FILE, AdapterReference, ModelReference, SelfReference,
-                                  StoredReference, eval_mode, model_logps, precompute_reference, sequence_logps)
-from minift.lora.layer import lora_layers
 from minift.data.preference import check_pairs, pair_batches
-from minift.training.setup import pick_device
+from minift.distributed.parallel import accumulate_over_ranks
+from minift.lora.layer import lora_layers
+from minift.names import IGNORE_INDEX
+from minift.objectives.reference import (
+    MODEL_KEYS,
+    REFERENCE_FILE,
+    AdapterReference,
+    ModelReference,
+    SelfReference,
+    StoredReference,
+    eval_mode,
+    model_logps,
+    precompute_reference,
+    sequence_logps,
+)
+from minift.placement import default_device
 
 LOSS_TYPES = ("sigmoid", "ipo")
 __all__ = ["LOSS_TYPES", "MODEL_KEYS", "REFERENCE_FILE", "AdapterReference", "DPOObjective", "ModelReference",
@@ -162,7 +172,7 @@ class DPOObjective:
         return total, n_scored, dict(pairs=n_pairs, **_metric_means(sums, n_pairs))
 
     def _sharded_step(self, model, micro_batches, device, bf16, shard):
-        """`step` under torchrun: the pairs' loss through minift.distributed.parallel.accumulate_gradients
+        """`step` under torchrun: the pairs' loss through minift.distributed.parallel.accumulate_over_ranks
         (normalised by the global pair count), the metric sums added over ranks."""
         local = shard.step(micro_batches)
         sums = torch.zeros(N_METRICS + 1, dtype=torch.float64)  # the metrics', then scored tokens
@@ -172,7 +182,7 @@ class DPOObjective:
             sums[:N_METRICS] += _metric_sums(cr, rr, logps)
             return losses.sum()
 
-        loss, n_pairs = accumulate_gradients(model, local, device, loss_sum, real_pairs)
+        loss, n_pairs = accumulate_over_ranks(model, local, device, loss_sum, real_pairs)
         sums[N_METRICS] = sum(scored_tokens(b) for b in local)
         sums = shard.sum(sums)
         return loss, int(sums[N_METRICS]), dict(pairs=n_pairs, **_metric_means(sums[:N_METRICS], n_pairs))
@@ -282,7 +292,7 @@ def objective_for(model, config, train_data, eval_data=None, *, distributed=Fals
                              if data is not None]
         if not distributed:
             out.mkdir(parents=True, exist_ok=True)
-            device = pick_device(config)
+            device = default_device(config.device)
             for data, path, _ in objective.pending:
                 precompute_reference(reference, data, path, batch_size=config.micro_batch_size,
                                      pad_id=config.pad_id, device=device, bf16=config.bf16)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from minift.checks import check_int
 from minift.names import IGNORE_INDEX
 
 
@@ -86,8 +87,7 @@ def chunked_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Ten
     Returns:
         0-d fp32 tensor: the same sum as ``token_loss_sum(lm_head(hidden), labels)``.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"loss_chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+    chunk_size = check_int("loss_chunk_size", chunk_size)
     if hidden.dim() != 3 or tuple(labels.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"hidden must be (B, T, H) and labels (B, T); got {tuple(hidden.shape)} "
                          f"and {tuple(labels.shape)}")
@@ -190,8 +190,7 @@ def chunked_row_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Te
         (logps, counts): (N,) fp32 sums of log p(label) with gradient, and (N,) token counts —
         what ``minift.objectives.dpo.sequence_logps`` gives from full logits.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"loss_chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+    chunk_size = check_int("loss_chunk_size", chunk_size)
     if hidden.dim() != 3 or tuple(labels.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"hidden must be (N, T, H) and labels (N, T); got {tuple(hidden.shape)} "
                          f"and {tuple(labels.shape)}")

@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minift.names import IGNORE_INDEX
-from minift.files import atomic_write
-from minift.training.checkpoint import data_fingerprint
-from minift.distributed.parallel import unwrap
-from minift.objectives.loss import chunked_row_logps, supports_chunked_loss
-from minift.lora.layer import disable_adapters, lora_layers
-from minift.nf4.linear import quantize_model
+from minift.checkpoints.steps import data_fingerprint
 from minift.data.preference import check_pairs, pair_batches
+from minift.distributed.parallel import unwrap
+from minift.files import atomic_write
+from minift.lora.layer import disable_adapters, lora_layers
+from minift.names import IGNORE_INDEX
+from minift.nf4.linear import quantize_model
+from minift.objectives.loss import chunked_row_logps, supports_chunked_loss
 
 REFERENCE_FILE = "reference_logps.safetensors"
 MODEL_KEYS = ("input_ids", "attention_mask")

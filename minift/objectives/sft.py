@@ -13,15 +13,14 @@ from typing import Optional
 
 import torch
 
-from minift.names import IGNORE_INDEX
+from minift.data.sft import batch_examples, check_examples
+from minift.data.transfer import to_device
 from minift.distributed import parallel as mdist
-from minift.data.sft import batch_examples
+from minift.names import IGNORE_INDEX
 from minift.objectives.loss import model_loss_sum, supports_chunked_loss, token_loss_sum
-from minift.training.config import TrainConfig
-from minift.training.setup import check_examples, pick_device
-from minift.training.transfer import to_device
+from minift.placement import default_device
 
-__all__ = ["SFTObjective", "accumulate_gradients", "evaluate", "token_loss_sum", "trained_tokens"]
+__all__ = ["SFTObjective", "accumulate_gradients", "evaluate", "trained_tokens"]
 
 
 def trained_tokens(batch: dict) -> int:
@@ -62,7 +61,7 @@ def accumulate_gradients(model, micro_batches: list, device, bf16: bool = False,
 
 
 @torch.no_grad()
-def evaluate(model, examples: list, config: TrainConfig, device=None, shard=None) -> dict:
+def evaluate(model, examples: list, config, device=None, shard=None) -> dict:
     """Mean token loss (and perplexity) of `examples`, in eval mode, with the training batching.
 
     With a ``shard`` (a `minift.distributed.parallel.Shard`, under torchrun; every rank calls it) each
@@ -70,7 +69,7 @@ def evaluate(model, examples: list, config: TrainConfig, device=None, shard=None
     and the summed loss and token count are added over ranks in float64, so every rank returns
     the global result.
     """
-    device = torch.device(device or pick_device(config))
+    device = torch.device(device or default_device(config.device))
     was_training = model.training
     model.eval()
     batches = batch_examples(examples, config.micro_batch_size, pad_id=config.pad_id,
@@ -100,13 +99,13 @@ class SFTObjective:
     def step(self, model, micro_batches, device, bf16=False, shard=None):
         """(mean loss, trained tokens, extra metrics) of one step, gradients accumulated. With a
         ``shard`` (torchrun): this rank's share of the micro-batches, normalised by all ranks'
-        trained tokens (`minift.distributed.parallel.accumulate_gradients`), global loss and count."""
+        trained tokens (`minift.distributed.parallel.accumulate_over_ranks`), global loss and count."""
         if shard is None:
             return (*accumulate_gradients(model, micro_batches, device, bf16, self.loss_chunk_size), {})
 
         def loss_sum(model, batch, device):
             return _batch_loss_sum(model, batch, device, bf16, self.loss_chunk_size)
-        return (*mdist.accumulate_gradients(model, shard.step(micro_batches), device, loss_sum,
+        return (*mdist.accumulate_over_ranks(model, shard.step(micro_batches), device, loss_sum,
                                             trained_tokens), {})
 
     def evaluate(self, model, examples, config, device, shard=None):

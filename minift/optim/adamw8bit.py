@@ -25,12 +25,10 @@ import torch
 from minift.checks import check_int, check_number
 from minift.kernels import HAS_TRITON
 from minift.optim import sharded
-from minift.optim.adamw8bit_state import (KEYS_8BIT, VERSION, VERSION_KEY, check_state_dict,
-                                          exchange_state)
+from minift.optim.adamw8bit_state import KEYS_8BIT, VERSION, VERSION_KEY, check_state_dict, exchange_state
 from minift.optim.adamw8bit_state import check_hparams as _check_hparams
-from minift.optim.paging import DEFAULT_BUDGET_BYTES, Pager, host_empty
-from minift.optim.quant8 import (BLOCK, StepScalars, adamw8bit_step_cpu, adamw32_step,
-                           nearest_code, num_blocks)
+from minift.optim.paging import DEFAULT_DEVICE_BUDGET, DEFAULT_PAGE_SIZE, Pager, host_empty
+from minift.optim.quant8 import BLOCK, StepScalars, adamw8bit_step_cpu, adamw32_step, nearest_code, num_blocks
 from minift.quantmaps import dynamic_map
 
 if HAS_TRITON:  # the CUDA path; the torch reference serves everywhere else
@@ -64,9 +62,9 @@ class AdamW8bit(torch.optim.Optimizer):
             random bits are a hash of ``seed``, the step, the parameter and the element).
         seed: seed of the stochastic rounding.
         page_size: elements per page (a multiple of 256).
-        device_budget_bytes: device bytes for pages kept resident between steps (default
-            1 GiB, ``minift.optim.paging.DEFAULT_BUDGET_BYTES``); the other pages stream from
-            host memory every step. ``None`` keeps all of them resident (then paging copies
+        device_budget_bytes: device bytes of the pages kept on the device for good (default
+            1 GiB, ``minift.optim.paging.DEFAULT_DEVICE_BUDGET``); the other pages stream from
+            host memory every step. ``None`` keeps all of them (then paging copies
             each page in only once and saves no device memory).
         check_finite: skip the whole step (with a warning, counted in ``skipped_steps``) when
             any gradient has NaN/Inf, so no state is corrupted. ``False`` saves one read of the
@@ -75,7 +73,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  min_8bit_size=4096, paged=False, stochastic_rounding=False, *, seed=0,
-                 page_size=2**20, device_budget_bytes=DEFAULT_BUDGET_BYTES, check_finite=True):
+                 page_size=DEFAULT_PAGE_SIZE, device_budget_bytes=DEFAULT_DEVICE_BUDGET, check_finite=True):
         _check_hparams(lr, betas, eps, weight_decay, "defaults")
         check_int("AdamW8bit: min_8bit_size", min_8bit_size, minimum=0)
         check_int("AdamW8bit: page_size", page_size)
@@ -234,9 +232,9 @@ class AdamW8bit(torch.optim.Optimizer):
             return 0
         return sum(st[k].nbytes for st in self.state.values() for k in KEYS_8BIT if k in st)
 
-    def resident_tensors(self) -> list:
-        """Device copies of the pages kept resident between steps (within the budget)."""
-        return [t for pager in self._pagers.values() for t in pager.resident_tensors()]
+    def kept_tensors(self) -> list:
+        """Device copies of the pages kept on the device (within ``device_budget_bytes``)."""
+        return [t for pager in self._pagers.values() for t in pager.kept_tensors()]
 
     def _paged_update(self, device, items) -> None:
         pager = self._pagers.get(device)
@@ -286,7 +284,7 @@ class AdamW8bit(torch.optim.Optimizer):
         ``minift.optim.sharded`` (views of this rank's rows), which DCP saves and re-slices.
         """
         for pager in self._pagers.values():
-            pager.flush()  # resident pages hold the newest state
+            pager.flush()  # kept pages hold the newest state
         sd = exchange_state(self, super().state_dict())
         sd[VERSION_KEY] = VERSION
         sd["skipped_steps"] = self.skipped_steps

@@ -1,13 +1,14 @@
 """Pages of optimizer state that live in (pinned) host memory and stream to the compute device.
 
 A page is a fixed-size slice of the state tensors of one parameter (all its tensors sliced over
-the same element range). The ``Pager`` owns the page table and decides, by a device byte budget,
-which pages stay resident on the device between steps (the first pages that fit, in
-registration order). ``run`` walks a list of pages: resident pages are fetched once and then
-updated in place on the device; the others are copied in on a side stream, one page ahead of the
+the same element range). The ``Pager`` owns the page table and places each page once, when it
+is registered: first fit, in registration order, a page is *kept* on the device for the pager's
+life while the kept pages fit within ``keep_bytes``; every later page *streams*. The placement is
+fixed (nothing is evicted or promoted). ``run`` walks a list of pages: kept pages are fetched
+once and then updated in place on the device; the others are copied in on a side stream, one page ahead of the
 compute (prefetch), updated, and copied back. Copies are explicit ``Tensor.copy_`` calls, never
 managed memory. The same code runs with a CPU "device" (copies are then synchronous), so the page
-table, budget, resident set, prefetch order and write-back are tested without a GPU.
+table, the kept set, prefetch order and write-back are tested without a GPU.
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ import torch
 
 from minift.placement import host_side
 
-# Device bytes a paged optimizer keeps resident by default: 1 GiB. Llama-3.1-8B's 8-bit AdamW
-# states are 16.3 GB; keeping them all resident would save nothing, streaming all of them costs
+# Device bytes of pages a paged optimizer keeps on the device by default: 1 GiB. Llama-3.1-8B's 8-bit AdamW
+# states are 16.3 GB; keeping them all would save nothing, streaming all of them costs
 # 16.3 GB of PCIe traffic each way per step. 1 GiB keeps the first ~6% of pages and bounds the
 # device share; pass device_budget_bytes to trade memory for traffic.
-DEFAULT_BUDGET_BYTES = 2**30
+DEFAULT_DEVICE_BUDGET = 2**30
+DEFAULT_PAGE_SIZE = 2**20  # state values per page; a multiple of 256, so 8-bit blocks never straddle pages
 
 @dataclass
 class Page:
@@ -30,8 +32,8 @@ class Page:
 
     key: tuple  # (parameter id, page index) for traces
     host: tuple  # host tensors (views into the full state tensors)
-    resident: bool = False
-    device: tuple | None = None  # device copies while resident
+    kept: bool = False  # kept on the device for the pager's life (placed at registration)
+    device: tuple | None = None  # device copies while kept
 
     @property
     def nbytes(self) -> int:
@@ -50,37 +52,37 @@ class PagerStats:
 
 
 class Pager:
-    """Page table, residency budget and streaming of pages between host and device.
+    """Page table, the fixed first-fit placement of pages, and streaming between host and device.
 
     Args:
         device: where pages are computed on (``torch.device``); may be the CPU.
-        budget_bytes: device bytes for resident pages; ``None`` = no limit (all resident).
-            Streaming pages use up to three more page-sized buffers beyond the budget.
+        keep_bytes: device bytes for kept pages; ``None`` = no limit (every page kept).
+            Streaming pages use up to three more page-sized buffers beyond it.
     """
 
-    def __init__(self, device, budget_bytes: int | None = None):
+    def __init__(self, device, keep_bytes: int | None = None):
         self.device = torch.device(device)
-        self.budget_bytes = budget_bytes
+        self.keep_bytes = keep_bytes
         self.pages: list[Page] = []
-        self.resident_bytes = 0
+        self.kept_bytes = 0
         self.stats = PagerStats()
         # A side stream only where there is something to overlap; decided when the pager is built.
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def add_page(self, key, host_tensors) -> Page:
-        """Register a page; it is resident if it still fits in the budget."""
+        """Register a page; it is kept on the device if it still fits within ``keep_bytes``."""
         page = Page(key, tuple(host_tensors))
-        fits = self.budget_bytes is None or self.resident_bytes + page.nbytes <= self.budget_bytes
+        fits = self.keep_bytes is None or self.kept_bytes + page.nbytes <= self.keep_bytes
         if fits:
-            page.resident = True
-            self.resident_bytes += page.nbytes
+            page.kept = True
+            self.kept_bytes += page.nbytes
         self.pages.append(page)
         return page
 
     def run(self, pages, compute) -> None:
         """Call ``compute(page, device_tensors)`` for each page, in order, with pages on device.
 
-        Streaming (non-resident) pages: page i+1 is fetched before page i is computed, and page i
+        Streaming pages: page i+1 is fetched before page i is computed, and page i
         is written back right after it is computed. On return every write-back is complete.
         """
         self.stats.trace = []
@@ -95,7 +97,7 @@ class Pager:
             self._wait(current[1])
             self.stats.trace.append(("compute", page.key))
             compute(page, current[0])
-            if not page.resident:
+            if not page.kept:
                 self._write_back(page, current[0])
         if self._side is not None:
             self._side.synchronize()
@@ -105,33 +107,33 @@ class Pager:
         """Host memory of all pages (pinned when CUDA is present)."""
         return sum(page.nbytes for page in self.pages)
 
-    def resident_tensors(self):
-        """The device copies of resident pages (what the budget holds on the device)."""
-        return [t for page in self.pages if page.resident and page.device is not None
+    def kept_tensors(self):
+        """The device copies of kept pages (what ``keep_bytes`` holds on the device)."""
+        return [t for page in self.pages if page.kept and page.device is not None
                 for t in page.device]
 
     def flush(self) -> None:
-        """Copy every resident page back to the host (before reading or saving host state)."""
+        """Copy every kept page back to the host (before reading or saving host state)."""
         if self._side is not None:
-            # The resident pages were last written by an update on the current stream: the copy
+            # The kept pages were last written by an update on the current stream: the copy
             # out on the side stream must not start before that update has finished.
             self._side.wait_stream(torch.cuda.current_stream(self.device))
         for page in self.pages:
-            if page.resident and page.device is not None:
+            if page.kept and page.device is not None:
                 self._copy(page.host, page.device, "d2h", page.key)
         if self._side is not None:
             self._side.synchronize()
 
     def _fetch(self, page: Page):
         """Device tensors for ``page`` and the event that marks them ready (None on CPU)."""
-        if page.resident and page.device is not None:
+        if page.kept and page.device is not None:
             return page.device, None
         dev = tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in page.host)
         if self._side is not None:
             # The new buffers may reuse memory the current stream still reads (a freed page).
             self._side.wait_stream(torch.cuda.current_stream(self.device))
         event = self._copy(dev, page.host, "h2d", page.key)
-        if page.resident:
+        if page.kept:
             page.device = dev  # stays on the device from now on
         return dev, event
 

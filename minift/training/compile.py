@@ -16,18 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's `model.layers` list; a ValueError names what is missing."""
-    try:
-        layers = model.get_submodule("model.layers")
-    except AttributeError:
-        raise ValueError("TrainConfig.compile=True, but the model has no 'model.layers' module "
-                         "list to compile") from None
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"TrainConfig.compile=True, but 'model.layers' is a "
-                         f"{type(layers).__name__}, not an nn.ModuleList")
-    return layers
+from minift.models.switches import decoder_layers
 
 
 @contextlib.contextmanager
@@ -36,7 +25,7 @@ def compiled_layers(model: nn.Module, enabled: bool):
     if not enabled:
         yield
         return
-    layers = list(decoder_layers(model))
+    layers = list(decoder_layers(model, "TrainConfig.compile=True"))
     previous = [layer._compiled_call_impl for layer in layers]
     for layer in layers:
         layer._compiled_call_impl = _eager_under_dispatch_mode(layer)

@@ -5,9 +5,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from minift.names import METHODS, OPTIMIZERS, PARALLEL
 from minift.checks import check_choice, check_flag, check_int, check_number
+from minift.names import METHODS, OPTIMIZERS, PARALLEL
 from minift.optim.in_backward import check_step_in_backward
+from minift.optim.paging import DEFAULT_DEVICE_BUDGET
 from minift.training.schedule import SCHEDULES
 
 BATCHING = ("bucket", "pack")
@@ -61,7 +62,7 @@ class TrainConfig:
     | activation_offload | False | checkpointed layer inputs wait in host memory (needs gradient_checkpointing) |
     | optimizer_in_backward | False | step each parameter in backward and free its gradient (needs max_grad_norm=None, grad_accum=1) |
     | mlp_tile_size | None | tokens per MLP tile (each checkpointed) for long sequences; None = whole sequence |
-    | paged_device_budget | 2**30 | paged_adamw8bit: device bytes of resident state pages; None = all resident |
+    | paged_device_budget | 2**30 | paged_adamw8bit: device bytes of state pages kept on the device; None = all kept |
     """
 
     method: str = "lora"
@@ -102,7 +103,7 @@ class TrainConfig:
     loss_chunk_size: Optional[int] = 1024
     activation_offload: bool = False
     optimizer_in_backward: bool = False
-    paged_device_budget: Optional[int] = 2**30
+    paged_device_budget: Optional[int] = DEFAULT_DEVICE_BUDGET  # 2**30
     mlp_tile_size: Optional[int] = None
 
     def __post_init__(self):

@@ -25,28 +25,22 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from minift.training import checkpoint as ckpt
-from minift.training import rundir
-from minift.names import METHODS, OPTIMIZERS  # noqa: F401  (re-exported for callers)
-from minift.files import write_json  # noqa: F401  (re-exported for callers)
-from minift.training.compile import compiled_layers
-from minift.optim.in_backward import StepInBackward
-from minift.distributed.run import DistRun
+from minift.checkpoints import steps as ckpt
 from minift.distributed.parallel import reshard, unwrap
-from minift.objectives.dpo import DPOObjective, objective_for
+from minift.distributed.run import DistRun
+from minift.files import write_json
 from minift.lora.layer import trainable_parameters
-from minift.objectives.loss import token_loss_sum  # noqa: F401  (re-exported)
 from minift.memory.tracker import MemoryTracker
-from minift.objectives.sft import SFTObjective, accumulate_gradients, evaluate, trained_tokens  # noqa: F401
-from minift.models.switches import mlp_tiling, offloading
-from minift.training.schedule import Schedule, step_groups, total_steps
+from minift.models.switches import gradient_checkpointing, mlp_tiling, offloading
+from minift.objectives.dpo import DPOObjective, objective_for
+from minift.objectives.sft import SFTObjective
+from minift.optim.in_backward import StepInBackward
+from minift.placement import default_device
+from minift.training import rundir
+from minift.training.compile import compiled_layers
 from minift.training.config import DATA_ORDER_FIELDS, TrainConfig
-from minift.models.switches import gradient_checkpointing
-from minift.training.setup import make_optimizer, neftune, peak_memory, pick_device, seed_everything
-
-__all__ = ["DATA_ORDER_FIELDS", "METHODS", "OPTIMIZERS", "RunState", "TrainConfig",
-           "accumulate_gradients", "check_resume", "evaluate", "make_optimizer", "token_loss_sum",
-           "train", "trained_tokens"]
+from minift.training.schedule import Schedule, step_groups, total_steps
+from minift.training.setup import make_optimizer, neftune, peak_memory, seed_everything
 
 
 # ---- the run's state ---------------------------------------------------------------------
@@ -201,7 +195,7 @@ class _Run:
         self.dist = DistRun(config)  # joins the process group under torchrun; else inactive
         self.data, self.config, self.eval_data = train_data, self.dist.config, eval_data
         config = self.config
-        self.device = self.dist.device or pick_device(config)
+        self.device = self.dist.device or default_device(config.device)
         self.out = Path(config.output_dir)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,12 @@ from typing import Optional
 
 import numpy as np
 
-from minift.names import IGNORE_INDEX
-from minift.training import checkpoint as ckpt
+from minift.checkpoints import steps as ckpt
+from minift.data.preference import PAIR_KEYS
 from minift.files import atomic_write
 from minift.lora.layer import LoRALinear
+from minift.names import IGNORE_INDEX
 from minift.nf4.linear import NF4Linear
-from minift.data.preference import PAIR_KEYS
 
 
 def new_run_id() -> str:

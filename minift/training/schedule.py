@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from minift.data.sft import batch_examples
 from minift.data.preference import pair_batches
+from minift.data.sft import batch_examples
 
 SCHEDULES = ("cosine", "linear", "constant")
 

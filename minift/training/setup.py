@@ -15,12 +15,6 @@ from minift.optim import AdamW8bit, PagedAdamW8bit
 from minift.training.config import TrainConfig
 
 
-def pick_device(config: TrainConfig) -> torch.device:
-    if config.device is not None:
-        return torch.device(config.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimizer over the parameters that require grad."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -68,18 +62,6 @@ def peak_memory(device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
-
-
-def check_examples(examples, name: str) -> None:
-    if not isinstance(examples, (list, tuple)) or not examples:
-        raise ValueError(f"{name} must be a non-empty list of examples, got "
-                         f"{'an empty list' if isinstance(examples, (list, tuple)) else type(examples).__name__}")
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, dict) or "input_ids" not in ex or "labels" not in ex:
-            raise ValueError(f"{name}[{i}] must be a dict with 'input_ids' and 'labels'")
-        if len(ex["input_ids"]) != len(ex["labels"]):
-            raise ValueError(f"{name}[{i}]: input_ids has {len(ex['input_ids'])} tokens but labels "
-                             f"has {len(ex['labels'])}")
 
 
 def seed_everything(seed: int) -> None:

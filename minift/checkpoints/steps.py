@@ -33,11 +33,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from minift.checkpoints.fingerprint import (  # noqa: F401
+    BASE_RTOL,
+    _base_difference,
+    base_fingerprint,
+    check_compatible,
+    data_fingerprint,
+    model_fingerprint,
+)
+from minift.checkpoints.state import _join_optimizer_state, _split_optimizer_state, rng_state, set_rng_state  # noqa: F401
 from minift.files import fsync_path, read_json, write_json
-from minift.training.checkpoint_state import (_join_optimizer_state, _split_optimizer_state,  # noqa: F401
-                                     rng_state, set_rng_state)
-from minift.training.fingerprint import (BASE_RTOL, _base_difference, base_fingerprint,  # noqa: F401
-                                check_compatible, data_fingerprint, model_fingerprint)
 from minift.lora.layer import lora_state_dict
 
 MANIFEST = "manifest.json"
