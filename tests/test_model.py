@@ -214,3 +214,24 @@ def test_fused_ops_path_equals_torch_path(monkeypatch):
         assert torch.allclose(model(ids), logits, atol=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, expected[n], atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.triton
+def test_fused_rope_serves_fp32_weights_under_bf16_autocast(monkeypatch):
+    # autocast gives bf16 q and k beside the fp32 cos/sin of an fp32 model: the fused RoPE used to
+    # be skipped for the slow path without a word; it takes them now, and agrees with the
+    # reference rounded once to bf16
+    model = Llama(ModelConfig.from_name("tiny")).eval()
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(ids).float()
+    calls = []
+    real = model_mod.fused.apply_rope
+    monkeypatch.setattr(model_mod.fused, "apply_rope", lambda *a: calls.append([t.dtype for t in a]) or real(*a))
+    monkeypatch.setattr(model_mod, "uses_triton", lambda t: True)
+    monkeypatch.setattr(model_mod.fused, "rms_norm", model_mod.fused.rms_norm_reference)
+    monkeypatch.setattr(model_mod.fused, "swiglu", model_mod.fused.swiglu_reference)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids).float()
+    assert calls and calls[0] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)

@@ -120,9 +120,13 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        if uses_triton(q) and q.dtype == k.dtype == cos.dtype:  # q and k in one launch
+        # q and k in one launch; the kernel reads cos/sin in any float dtype and computes in
+        # float32, so bf16 q, k beside fp32 cos/sin (fp32 weights under bf16 autocast) take it too
+        # and come out in bf16: the reference's float32 result rounded once, as autocast's
+        # attention would round it on entry
+        if uses_triton(q) and q.dtype == k.dtype:
             q, k = fused.apply_rope(q, k, cos, sin)
-        else:  # also where autocast leaves q, k in bf16 beside fp32 cos/sin (torch promotes)
+        else:
             q, k = fused.apply_rope_reference(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_index, k, v)  # (B, KV, T_past + T, D)
