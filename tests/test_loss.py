@@ -1,6 +1,7 @@
 """minift/objectives/loss.py: the chunked lm_head + cross-entropy equals the full-logits loss and gradients."""
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -11,7 +12,13 @@ from minift.models.config import ModelConfig
 from minift.models.llama import Llama
 from minift.names import IGNORE_INDEX
 from minift.nf4.linear import NF4Linear
-from minift.objectives.loss import chunked_loss_sum, model_loss_sum, shift_labels, token_loss_sum
+from minift.objectives.loss import (
+    chunked_loss_sum,
+    chunked_row_logps,
+    model_loss_sum,
+    shift_labels,
+    token_loss_sum,
+)
 
 CFG = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
            num_attention_heads=4)
@@ -225,3 +232,37 @@ def test_the_estimate_of_one_chunk_for_every_token_is_the_full_logits():
     cfg = ModelConfig.from_name("tiny")
     assert _loss_moment(cfg, "lora", 2, 100, 100) == _loss_moment(cfg, "lora", 2, 100, None)
     assert _loss_moment(cfg, "lora", 2, 100, 99) != _loss_moment(cfg, "lora", 2, 100, None)
+
+
+def test_row_logps_backward_replays_the_heads_dropout():
+    # a head with dropout (a LoRA lm_head): the chunked backward runs the head again and must
+    # draw the forward's masks, or its gradient belongs to another network
+    torch.manual_seed(0)
+    n, t, h, v, chunk = 3, 5, 8, 11, 4
+    head = nn.Sequential(nn.Dropout(0.5), nn.Linear(h, v))
+    hidden = torch.randn(n, t, h, requires_grad=True)
+    labels = torch.randint(0, v, (n, t))
+    labels[:, :2] = IGNORE_INDEX
+    weights = torch.tensor([0.5, -1.0, 2.0])
+    # the same chunks through plain autograd (masks kept by autograd), from the same RNG state
+    torch.manual_seed(1)
+    flat, targets = hidden.reshape(n * t, h), shift_labels(labels).reshape(-1)
+    want = torch.zeros(n)
+    for start in range(0, n * t, chunk):
+        y = targets[start:start + chunk]
+        if bool((y != IGNORE_INDEX).any()):
+            nll = F.cross_entropy(head(flat[start:start + chunk]).float(), y, ignore_index=IGNORE_INDEX,
+                                  reduction="none")
+            want = want.index_add(0, torch.arange(start, start + y.shape[0]) // t, -nll)
+    (want * weights).sum().backward()
+    want_grads = [hidden.grad.clone()] + [p.grad.clone() for p in head.parameters()]
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    got, _ = chunked_row_logps(hidden, head, labels, chunk)
+    after_forward = torch.get_rng_state()
+    (got * weights).sum().backward()
+    assert torch.equal(torch.get_rng_state(), after_forward)  # the backward consumed no draws
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    for mine, theirs in zip([hidden.grad] + [p.grad for p in head.parameters()], want_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)

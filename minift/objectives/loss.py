@@ -14,6 +14,7 @@ embedding's two gradients before its leaf is updated once.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Optional
 
@@ -107,13 +108,16 @@ class _ChunkedRowLogps(torch.autograd.Function):
     forward(hidden (N*T, H), labels (N*T,), T, N, chunk, head, *params) -> (N,) fp32.
     The incoming gradient is a vector (one weight per row), so nothing can be formed ahead:
     backward runs each chunk's lm_head again and back-propagates the weighted log-probs, which
-    costs one more lm_head forward but never holds more than (chunk, V) logits.
+    costs one more lm_head forward but never holds more than (chunk, V) logits. The backward
+    replays the forward's RNG state, so a head with dropout (a LoRA lm_head) draws the masks of
+    the forward again, as activation checkpointing does.
     """
 
     @staticmethod
     def forward(ctx, hidden, labels, t, n, chunk, head, *params):
         ctx.save_for_backward(hidden, labels)
         ctx.t, ctx.chunk, ctx.head, ctx.params = t, chunk, head, params
+        ctx.rng = _rng_state(hidden.device)
         out = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         for start, y in _scored_chunks(labels, chunk):
             logits = head(hidden[start:start + chunk]).float()  # (chunk, V)
@@ -130,11 +134,29 @@ class _ChunkedRowLogps(torch.autograd.Function):
         want_h = ctx.needs_input_grad[0]
         want_p = [ctx.needs_input_grad[6 + i] for i in range(len(params))]
         weights = g.float()
-        grad_h, grad_p, _ = _chunk_gradients(
-            hidden, labels, chunk, head, params, want_h, want_p,
-            lambda logits, y, start: -(F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="none")
-                                       * weights[_rows(start, y, t)]).sum())
+        with _replayed_rng(ctx.rng, hidden.device):
+            grad_h, grad_p, _ = _chunk_gradients(
+                hidden, labels, chunk, head, params, want_h, want_p,
+                lambda logits, y, start: -(F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX,
+                                                           reduction="none")
+                                           * weights[_rows(start, y, t)]).sum())
         return (grad_h, None, None, None, None, None, *grad_p)
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """The CPU RNG state, and the device's when it is a GPU: what dropout in the head draws from."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: tuple, device: torch.device):
+    """Run the block from `state`; the RNG afterwards is as before the block."""
+    cpu, gpu = state
+    with torch.random.fork_rng(devices=[device] if gpu is not None else []):
+        torch.set_rng_state(cpu)
+        if gpu is not None:
+            torch.cuda.set_rng_state(gpu, device)
+        yield
 
 
 def _chunk_gradients(hidden, labels, chunk, head, params, want_h, want_p, chunk_loss):
