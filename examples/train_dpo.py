@@ -112,7 +112,8 @@ def measure(model, objective, tokenizer, pairs, chat, general, config, device) -
     out = objective.evaluate(model, pairs, config, device)
     prompts = [r["messages"][:-1] for r in chat]
     refs = [r["messages"][-1]["content"] for r in chat]
-    out.update(minift.evaluate(model, tokenizer, prompts, refs, general_texts=general, device=device))
+    out.update(minift.evaluate(model, tokenizer, prompts, refs, general_texts=general, device=device,
+                               bf16=config.bf16, loss_chunk_size=config.loss_chunk_size))
     return out
 
 

@@ -283,7 +283,8 @@ def evaluate_all(model, tokenizer, rows, examples, config, device, general=None)
            "token_f1": task["token_f1"], "rouge_l": task["rouge_l"], "eval_loss": loss,
            "samples": [{"want": w, "got": g} for w, g in zip(want[:3], got[:3])]}
     if general:
-        out["general"] = perplexity(model, tokenizer, general, device, bf16=config.bf16)
+        out["general"] = perplexity(model, tokenizer, general, device, bf16=config.bf16,
+                                    loss_chunk_size=config.loss_chunk_size)
     return out
 
 

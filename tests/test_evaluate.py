@@ -80,6 +80,30 @@ def test_perplexity_equals_a_direct_loop_with_windows(tok):
     assert windowed["tokens"] == n == n8 and windowed["loss"] == pytest.approx(loss8, rel=1e-5)
 
 
+
+def test_perplexity_scores_a_chunk_at_a_time_in_the_training_dtype(tok):
+    # the general-text check runs the training loss's path: lm_head on (chunk, H) slices, never
+    # (B, T, V) logits, and under bf16 autocast when training uses it
+    model = minift.Llama(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1)).eval()
+    texts = ["Every number has a name.", "In words, 45 is forty-five. Digits are short."]
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append((tuple(i[0].shape), o.dtype)))
+    with torch.no_grad():
+        full = perplexity(model, tok, texts, "cpu", loss_chunk_size=None)
+        assert len(seen[0][0]) == 3  # (B, T, H): the whole batch's logits at once
+        seen.clear()
+        chunked = perplexity(model, tok, texts, "cpu", loss_chunk_size=4)
+        assert seen and all(len(shape) == 2 and shape[0] <= 4 for shape, _ in seen)
+        assert chunked["tokens"] == full["tokens"]
+        assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-5)
+        seen.clear()
+        out = evaluate(model, tok, general_texts=texts, bf16=True, loss_chunk_size=4)
+    assert seen and all(dtype == torch.bfloat16 for _, dtype in seen)
+    assert out["general"]["loss"] == pytest.approx(full["loss"], rel=0.05)
+
+
 def test_forgetting_budget():
     report = forgetting({"perplexity": 10.0}, {"perplexity": 10.4})
     assert report["relative_change"] == pytest.approx(0.04) and report["within_budget"]

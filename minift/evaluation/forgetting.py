@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from minift.checks import check_int, check_number
 from minift.data.sft import _read_jsonl
 from minift.evaluation.metrics import task_metrics
 from minift.models.generation import generate
 from minift.names import IGNORE_INDEX
+from minift.objectives.loss import model_loss_sum, supports_chunked_loss
 
 FORGETTING_BUDGET = 0.05  # largest acceptable relative rise of the general-text perplexity
 
@@ -62,11 +62,15 @@ def _windows(ids, length):
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts, device, max_length=256, batch_size=8, bf16=False) -> dict:
+def perplexity(model, tokenizer, texts, device, max_length=256, batch_size=8, bf16=False,
+               loss_chunk_size=1024) -> dict:
     """Per-token perplexity of plain texts (BOS + text), every token after the first scored.
 
     A text longer than `max_length` tokens is cut into windows that overlap by one token, so
-    every token is predicted exactly once.
+    every token is predicted exactly once. The loss is the training loss's: with
+    `loss_chunk_size` (TrainConfig's, default 1024) a model with an lm_head is scored a chunk
+    of tokens at a time, never as (B, T, V) logits and their float32 copy; `bf16` runs the
+    forward under bfloat16 autocast as training does.
 
     Returns:
         {"loss": mean NLL in nats, "perplexity": exp(loss), "tokens": scored tokens}.
@@ -77,6 +81,7 @@ def perplexity(model, tokenizer, texts, device, max_length=256, batch_size=8, bf
     if not rows:
         raise ValueError("perplexity: no text with two or more tokens")
     device = torch.device(device)
+    chunk_size = loss_chunk_size if supports_chunked_loss(model) else None
     was, total, count = model.training, 0.0, 0
     model.eval()
     for start in range(0, len(rows), batch_size):
@@ -87,12 +92,10 @@ def perplexity(model, tokenizer, texts, device, max_length=256, batch_size=8, bf
         for i, row in enumerate(chunk):
             ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
         ids, mask = ids.to(device), mask.to(device)
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)  # padding is not scored
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(ids, attention_mask=mask)  # (B, T, V)
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
-        total += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                                       targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"))
-        count += int((targets != IGNORE_INDEX).sum())
+            total += float(model_loss_sum(model, {"input_ids": ids, "attention_mask": mask}, labels, chunk_size))
+        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     model.train(was)
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
@@ -108,7 +111,8 @@ def forgetting(before: dict, after: dict, budget=FORGETTING_BUDGET) -> dict:
 
 # ---- all of it ---------------------------------------------------------------------------
 def evaluate(model, tokenizer, conversations=None, references=None, *, general_texts=None,
-             device="cpu", max_new_tokens=None, max_length=256) -> dict:
+             device="cpu", max_new_tokens=None, max_length=256, bf16=False,
+             loss_chunk_size=1024) -> dict:
     """Task metrics of greedy replies and/or general-text perplexity of a model.
 
     Args:
@@ -117,6 +121,8 @@ def evaluate(model, tokenizer, conversations=None, references=None, *, general_t
         conversations: prompts (message lists ending with the user's turn); with `references`,
             the expected replies, for exact match, token F1, ROUGE-L (and JSON validity).
         general_texts: plain texts for the perplexity check (see `load_texts`).
+        bf16, loss_chunk_size: how the perplexity's forward and loss run (see `perplexity`);
+            pass the TrainConfig's fields to score as training does.
 
     Returns:
         {"task": {...}, "samples": [...3 first replies...], "general": {...}}, each part present
@@ -132,5 +138,6 @@ def evaluate(model, tokenizer, conversations=None, references=None, *, general_t
         out["task"] = task_metrics(replies, references)
         out["samples"] = [{"want": w, "got": g} for w, g in zip(references[:3], replies[:3])]
     if general_texts is not None:
-        out["general"] = perplexity(model, tokenizer, general_texts, device, max_length)
+        out["general"] = perplexity(model, tokenizer, general_texts, device, max_length, bf16=bf16,
+                                    loss_chunk_size=loss_chunk_size)
     return out
