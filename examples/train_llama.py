@@ -288,6 +288,17 @@ def evaluate_all(model, tokenizer, rows, examples, config, device, general=None)
     return out
 
 
+def original_perplexity(args, tokenizer, general, config, device) -> dict:
+    """General-text perplexity of the unquantized base (loaded for it, then freed)."""
+    path = Path(args.model)
+    original = minift.load_model(path, dtype=compute_dtype(args, path, device), device=device)
+    try:
+        return perplexity(original, tokenizer, general, device, bf16=config.bf16,
+                          loss_chunk_size=config.loss_chunk_size)
+    finally:
+        del original
+
+
 def report(before: dict, after: dict) -> str:
     rows = [("", "before", "after"),
             ("exact match (held-out)", f"{before['correct']}/{before['total']} = {before['exact_match']:.0%}",
@@ -296,12 +307,18 @@ def report(before: dict, after: dict) -> str:
              f"{after['token_f1']:.3f} / {after['rouge_l']:.3f}"),
             ("eval loss (reply tokens)", f"{before['eval_loss']:.4f}", f"{after['eval_loss']:.4f}")]
     if "general" in before:
-        rows.append(("general-text perplexity", f"{before['general']['perplexity']:.3f}",
+        label = "general-text perplexity" + (" (NF4)" if "general_original" in before else "")
+        rows.append((label, f"{before['general']['perplexity']:.3f}",
                      f"{after['general']['perplexity']:.3f}"))
+    if "general_original" in before:
+        rows.append(("  original 16-bit base", f"{before['general_original']['perplexity']:.3f}", ""))
     lines = [f"{a:<26}{b:>18}{c:>18}" for a, b, c in rows]
-    if "general" in before:
-        change = forgetting(before["general"], after["general"])
-        lines.append(f"general-text perplexity change {change['relative_change']:+.2%} "
+    for key, base in (("general_original", "the original base"), ("general", "the NF4 base")):
+        if key not in before:
+            continue
+        change = forgetting(before[key], after["general"])
+        against = f" against {base}" if "general_original" in before else ""
+        lines.append(f"general-text perplexity change{against} {change['relative_change']:+.2%} "
                      f"({'within' if change['within_budget'] else 'OVER'} the "
                      f"{change['budget']:.0%} forgetting budget)")
     for i, (b, a) in enumerate(zip(before["samples"], after["samples"])):
@@ -367,10 +384,10 @@ def save_outputs(model, tokenizer, args, samples=()) -> dict:
     if args.merge:
         # the merged model is checked against the adapter model on held-out samples first
         base = args.model if args.merge_into == "original" else None
-        merged, check = merge_and_check(model, list(samples), base_weights=base)
+        # the check runs on the merged model in the checkpoint's dtype: what is saved
+        merged, check = merge_and_check(model, list(samples), base_weights=base, dtype=keep)
         print(describe(check))
         saved["merge_check"] = check
-        merged = merged.to(keep)  # the checkpoint's dtype
         minift.save_model(merged, out / "merged")
         tokenizer.save(out / "merged")
         saved["merged"] = str(out / "merged")
@@ -439,6 +456,10 @@ def run(args) -> dict:
           f"method {args.method}, device {device}")
     general = load_general(args.general)
     before = evaluate_all(model, tokenizer, eval_rows, eval_data, config, "cpu" if fsdp else device, general)
+    if general and args.method == "qlora":
+        # the NF4 base already differs from the original: forgetting is measured against both
+        before["general_original"] = original_perplexity(args, tokenizer, general, config,
+                                                         "cpu" if fsdp else device)
     say(f"before: exact match {before['exact_match']:.0%}, eval loss {before['eval_loss']:.4f}")
     try:
         # eval_data: the loop evaluates the held-out split at the end, so the summary's "eval" and
@@ -455,7 +476,11 @@ def run(args) -> dict:
     if check is not None:
         summary["merge_check"] = check
     if general:
-        summary["forgetting"] = forgetting(before["general"], after["general"])
+        # against the original base where the base was quantized (QLoRA): what a user ships
+        summary["forgetting"] = forgetting(before.get("general_original", before["general"]),
+                                           after["general"])
+        if "general_original" in before:
+            summary["forgetting_vs_nf4_base"] = forgetting(before["general"], after["general"])
     if mdist.is_main():
         write_json(Path(args.output) / "summary.json", summary)
     say("saved: " + ", ".join(f"{k} -> {v}" for k, v in saved.items()))

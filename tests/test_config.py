@@ -118,3 +118,30 @@ def test_long_context_presets_carry_their_rope_scaling():
     assert cfg.rope_scaling["original_max_position_embeddings"] == 8192
     v03 = ModelConfig.from_name("mistral-7b-v0.3")
     assert (v03.vocab_size, v03.sliding_window, v03.rope_theta) == (32768, None, 1e6)
+
+
+def test_dtype_is_read_from_either_key_and_written_to_both(tmp_path):
+    d = ModelConfig.from_name("tiny").to_hf_dict()
+    assert d["dtype"] == d["torch_dtype"] == "bfloat16"
+    del d["torch_dtype"]
+    d["dtype"] = "float32"  # transformers 5 writes only "dtype"
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.torch_dtype == "float32" and "dtype" not in cfg.extra
+    back = cfg.to_hf_dict()
+    assert back["dtype"] == back["torch_dtype"] == "float32"
+    d["torch_dtype"] = "float16"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"config.json: 'dtype' \('float32'\) and 'torch_dtype' "
+                                         r"\('float16'\) disagree; keep one"):
+        ModelConfig.from_json(tmp_path)
+
+
+def test_a_dtype_that_is_no_dtype_names_the_field(tmp_path):
+    d = ModelConfig.from_name("tiny").to_hf_dict()
+    del d["dtype"]
+    d["torch_dtype"] = "bogus"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"config.json: field 'torch_dtype' \(or 'dtype'\) must name a "
+                                         r"floating dtype \(float32, bfloat16, float16, float64\), "
+                                         r"got 'bogus'"):
+        ModelConfig.from_json(tmp_path)

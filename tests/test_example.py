@@ -92,6 +92,24 @@ def test_summary_has_the_merge_check_and_the_forgetting_check(lora_run):
     assert "general-text perplexity change" in proc.stdout and "token F1 / ROUGE-L" in proc.stdout
 
 
+
+def test_qlora_forgetting_is_measured_against_the_original_base_too(tmp_path):
+    # the NF4 base is already another model: its perplexity is not the "before" a user ships
+    # against, so the original 16-bit base is scored as well, and the verdict uses it; the merged
+    # model is saved in the checkpoint's dtype (float32 here) and checked as saved
+    proc = run_cli(*FAST, "--method", "qlora", "--output", tmp_path, "--merge", "--merge-into", "original")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    nf4, original = summary["before"]["general"], summary["before"]["general_original"]
+    assert nf4["perplexity"] != original["perplexity"] and nf4["tokens"] == original["tokens"]
+    assert summary["forgetting"]["before"] == original["perplexity"]
+    assert summary["forgetting_vs_nf4_base"]["before"] == nf4["perplexity"]
+    assert "change against the original base" in proc.stdout and "change against the NF4 base" in proc.stdout
+    assert summary["merge_check"]["dtype"] == "float32"
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "float32"
+
+
 def test_adapter_loads_and_matches_merged_export(lora_run):
     out, _ = lora_run
     assert (out / "adapter" / "adapter_config.json").is_file()

@@ -1,4 +1,5 @@
 import json
+import re
 import os
 
 import pytest
@@ -345,4 +346,50 @@ def test_incomplete_bnb_tensors_are_named(tmp_path):
                          drop="model.layers.1.mlp.up_proj.weight.nested_absmax")
     with pytest.raises(ValueError, match=r"incomplete bitsandbytes NF4 tensors: "
                                          r"model.layers.1.mlp.up_proj.weight \(.*quant_map"):
+        load_model(tmp_path)
+
+
+def _tiny_checkpoint(path, **config):
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, torch_dtype="float32",
+                              **config))
+    save_model(model, path)
+    return model
+
+
+def _rewrite(path, change):
+    tensors = load_file(path / "model.safetensors")
+    change(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_a_nan_in_a_base_weight_is_refused_at_load(tmp_path, quantize):
+    # for LoRA and full fine-tuning too: it used to train and then blame the learning rate
+    _tiny_checkpoint(tmp_path)
+    _rewrite(tmp_path, lambda t: t["model.layers.0.mlp.up_proj.weight"].view(-1).__setitem__(5, float("nan")))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.0.mlp.up_proj.weight' "
+                                         r"holds 1 NaN or Inf value\(s\) of 2048; the checkpoint is damaged"):
+        load_model(tmp_path, dtype=torch.float32, quantize=quantize)
+
+
+def test_a_tied_checkpoint_with_another_head_is_refused(tmp_path):
+    model = _tiny_checkpoint(tmp_path, tie_word_embeddings=True)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    _rewrite(tmp_path, lambda t: t.__setitem__("lm_head.weight", embed.clone()))
+    loaded = load_model(tmp_path, dtype=torch.float32)  # the same tensor stored twice: fine
+    assert torch.equal(loaded.lm_head.weight, embed)
+    _rewrite(tmp_path, lambda t: t.__setitem__("lm_head.weight", embed + 1))
+    with pytest.raises(ValueError, match="tie_word_embeddings: true, .* holds a different 'lm_head.weight' "
+                                         "that would go unused"):
+        load_model(tmp_path, dtype=torch.float32)
+
+
+def test_a_tensor_stored_in_another_dtype_is_named(tmp_path):
+    _tiny_checkpoint(tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _rewrite(tmp_path, lambda t: t.__setitem__(name, t[name].half()))
+    with pytest.warns(UserWarning, match=f"1 tensor\\(s\\) are stored as float16 while config.json "
+                                         f"declares float32: {re.escape(name)}; all were loaded as bfloat16"):
         load_model(tmp_path)

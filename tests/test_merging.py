@@ -131,3 +131,12 @@ def test_original_weights_from_a_checkpoint_and_errors(tmp_path):
     with pytest.raises(ValueError, match="at least one held-out sample"):
         merge_and_check(model, [])
     assert isinstance(merged.get_submodule(name), nn.Linear)
+
+
+def test_the_check_runs_on_what_is_saved():
+    # the merged model is cast to the dtype it is saved in before its logits are compared
+    model = trained_lora(minift.Llama(CFG))
+    merged, report = merge_and_check(model, samples(), dtype=torch.bfloat16)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    assert report["dtype"] == "bfloat16"
+    assert 1e-4 < report["merge_error"] <= report["tolerance"]  # bf16 rounding, within bf16's bound

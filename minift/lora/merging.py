@@ -91,7 +91,7 @@ def _logits(model, samples):
 MERGE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def merge_and_check(model, samples, base_weights=None, *, tolerance=None) -> tuple:
+def merge_and_check(model, samples, base_weights=None, *, tolerance=None, dtype=None) -> tuple:
     """`merge_lora` plus a before/after comparison of the logits on `samples`.
 
     The merge is checked against the unmerged adapter model on the base it merges into: logits
@@ -107,6 +107,8 @@ def merge_and_check(model, samples, base_weights=None, *, tolerance=None) -> tup
             into the dequantized 4-bit weights.
         tolerance: largest accepted |logit difference| of the merge; None: ``MERGE_RTOL`` of the
             merged weights' dtype times max(1, largest |logit|).
+        dtype: the dtype the merged model will be saved in; it is cast before the comparison,
+            so the check is of what is saved (None keeps the merge's dtype).
 
     Returns:
         (model, report): report = {"merged_into", "max_abs_logit_diff", "merge_error",
@@ -137,6 +139,8 @@ def merge_and_check(model, samples, base_weights=None, *, tolerance=None) -> tup
     _pin_merge_dtype(model)
     unmerged = trained if merged_into != "original_weights" else _logits(model, samples)
     merge_lora(model)
+    if dtype is not None:
+        model.to(dtype)
     after = _logits(model, samples)
     dtype = _merged_dtype(model)
     scale = max(float(b.abs().max()) for b in trained)

@@ -92,6 +92,9 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{source}: field {name!r} must be true or false, "
                                  f"got {getattr(self, name)!r}")
+        if self.torch_dtype not in FLOAT_DTYPE_NAMES:
+            raise ValueError(f"{source}: field 'torch_dtype' (or 'dtype') must name a floating dtype "
+                             f"({', '.join(FLOAT_DTYPE_NAMES)}), got {self.torch_dtype!r}")
         if self.sliding_window is not None and not _positive_int(self.sliding_window):
             raise ValueError(f"{source}: field 'sliding_window' must be a positive integer or null, "
                              f"got {self.sliding_window!r}")
@@ -184,9 +187,13 @@ class ModelConfig:
         kwargs = {k: v for k, v in d.items() if k in names}
         if model_type == "qwen2" and "attention_bias" not in d:
             kwargs["attention_bias"] = True  # Qwen2 always has q/k/v biases
-        kwargs["extra"] = {k: v for k, v in d.items() if k not in names and k != "architectures"}
-        if not isinstance(kwargs.get("torch_dtype", ""), str):
-            kwargs.pop("torch_dtype")  # some configs write null here
+        kwargs["extra"] = {k: v for k, v in d.items()
+                           if k not in names and k not in ("architectures", "dtype")}
+        dtype = _declared_dtype(d, source)
+        if dtype is None:
+            kwargs.pop("torch_dtype", None)
+        else:
+            kwargs["torch_dtype"] = dtype
         token = _SOURCE.set(source)
         try:
             return cls(**kwargs)
@@ -209,6 +216,7 @@ class ModelConfig:
             d.pop("sliding_window")
         d.update(self.extra)
         d["architectures"] = [SUPPORTED_MODEL_TYPES[self.model_type]]
+        d["dtype"] = d["torch_dtype"]  # transformers 5 reads "dtype", earlier releases "torch_dtype"
         return d
 
     @classmethod
@@ -220,6 +228,21 @@ class ModelConfig:
 
 
 LlamaConfig = ModelConfig
+
+# what config.json's torch_dtype / dtype may say (Hugging Face writes these names)
+FLOAT_DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _declared_dtype(d: dict, source: str) -> Optional[str]:
+    """The weights' dtype a config.json declares: "dtype" (transformers 5 writes only this one)
+    or "torch_dtype" (earlier releases); None when it declares none. Both, disagreeing, is an
+    error rather than a guess: one of them would decide the saved model's precision."""
+    found = {k: d[k] for k in ("dtype", "torch_dtype") if isinstance(d.get(k), str)}
+    names = {str(v).removeprefix("torch.") for v in found.values()}
+    if len(names) > 1:
+        raise ValueError(f"{source}: 'dtype' ({found['dtype']!r}) and 'torch_dtype' "
+                         f"({found['torch_dtype']!r}) disagree; keep one")
+    return names.pop() if names else None
 
 
 def _token_id(value, lowest: int = 0) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -151,12 +152,18 @@ class _Filler:
         self.loaded: set[str] = set()
         self.pending: dict[str, dict[str, torch.Tensor]] = {}  # bnb pieces by module path
         self.unexpected: list[str] = []
+        self.tied_head: Optional[torch.Tensor] = None  # a stored lm_head beside tied embeddings
+        self.declared = model.config.torch_dtype
+        self.other_dtypes: dict[str, str] = {}  # tensor name -> stored dtype unlike the declared
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if IGNORED_KEYS.match(name):
             return
+        if tensor.is_floating_point():
+            self._check_values(name, tensor)
         if name == "lm_head.weight" and self.model.config.tie_word_embeddings:
-            return  # tied: the embedding is the head
+            self.tied_head = tensor  # tied: the embedding is the head; compared in finish()
+            return
         module_path, _, leaf = name.rpartition(".")
         bnb_leaf = self._bnb_piece(name)
         if bnb_leaf is not None:
@@ -172,6 +179,18 @@ class _Filler:
         else:
             self._check_shape(name, tuple(tensor.shape))
             self._set(module_path, leaf, tensor)
+
+    def _check_values(self, name: str, tensor: torch.Tensor) -> None:
+        # A NaN or Inf in a base weight trains into NaN at the first step, which then reads as a
+        # learning-rate problem; it is the checkpoint's, so say so here, naming the tensor.
+        # checked a slice at a time: the check must not hold a second weight-sized tensor
+        if not all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(QUANT_SLICE)):
+            bad = sum(int((~torch.isfinite(part)).sum()) for part in tensor.reshape(-1).split(QUANT_SLICE))
+            raise ValueError(f"tensor {name!r} holds {bad} NaN or Inf value(s) of "
+                             f"{tensor.numel()}; the checkpoint is damaged")
+        stored = str(tensor.dtype).removeprefix("torch.")
+        if stored != self.declared:
+            self.other_dtypes[name] = stored
 
     def _check_shape(self, name, shape):
         if shape != self.expected[name]:
@@ -238,6 +257,30 @@ class _Filler:
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {_names(missing)}")
         self.model.tie_weights()
+        self._check_tied_head()
+        self._note_dtypes()
+
+    def _check_tied_head(self) -> None:
+        """A stored lm_head beside tie_word_embeddings is dropped only when it is the embedding."""
+        head, self.tied_head = self.tied_head, None
+        if head is None:
+            return
+        embed = self.model.get_submodule("model.embed_tokens").weight
+        same = tuple(head.shape) == tuple(embed.shape) and torch.equal(
+            head.to(embed.device, embed.dtype), embed.detach())
+        if not same:
+            raise ValueError("config.json sets tie_word_embeddings: true, so the head is the input "
+                             "embedding, but the checkpoint holds a different 'lm_head.weight' that "
+                             "would go unused; set tie_word_embeddings to false to load that head")
+
+    def _note_dtypes(self) -> None:
+        """Tensors stored in another dtype than config.json declares are loaded in the load
+        dtype like the rest; one line says which, so a mixed checkpoint is no surprise."""
+        if self.other_dtypes and len(self.other_dtypes) < len(self.loaded):
+            kinds = sorted(set(self.other_dtypes.values()))
+            warnings.warn(f"{len(self.other_dtypes)} tensor(s) are stored as {', '.join(kinds)} while "
+                          f"config.json declares {self.declared}: {_names(list(self.other_dtypes))}; "
+                          f"all were loaded as {str(self.dtype).removeprefix('torch.')}", stacklevel=3)
 
 
 def quantize_in_slices(w: torch.Tensor, dtype: torch.dtype, device, blocksize: int = NF4_BLOCKSIZE,
@@ -357,7 +400,7 @@ def _config_dict(model: Llama, state: dict[str, torch.Tensor]) -> dict:
     d.pop("quantization_config", None)  # the saved weights are plain
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:
-        d["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        d["torch_dtype"] = d["dtype"] = str(dtypes.pop()).removeprefix("torch.")
     return d
 
 
