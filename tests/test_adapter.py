@@ -1,6 +1,7 @@
 """Tests for minift/lora/adapter.py: PEFT-format adapters, checked against peft and transformers."""
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -229,3 +230,27 @@ def test_save_needs_unmerged_adapters(base, tmp_path):
     model.model.layers[0].self_attn.q_proj.merge()
     with pytest.raises(ValueError, match="merged"):
         minift.save_adapter(model, tmp_path)
+
+
+def test_an_adapter_of_another_base_warns_with_both_names(base, tmp_path):
+    # same shapes, another base: it loads, and says which base it was trained on
+    (tmp_path / "base-a").mkdir()
+    (tmp_path / "base-b").mkdir()
+    trained = lora_wrap(copy.deepcopy(base), r=4, alpha=8)
+    randomize_b(trained)
+    minift.save_adapter(trained, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base-a"))
+    same = copy.deepcopy(base)
+    same.name_or_path = str(tmp_path / "x" / ".." / "base-a")  # the same folder, spelled otherwise
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        minift.load_adapter(same, tmp_path / "adapter")
+    hub = copy.deepcopy(base)
+    hub.name_or_path = "someone/base-a"  # a hub id and its local download
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        minift.load_adapter(hub, tmp_path / "adapter")
+    other = copy.deepcopy(base)
+    other.name_or_path = str(tmp_path / "base-b")
+    with pytest.warns(UserWarning, match=r"adapter: the adapter was trained on base '.*base-a', but is "
+                                         r"being loaded onto '.*base-b'"):
+        minift.load_adapter(other, tmp_path / "adapter")

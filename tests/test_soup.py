@@ -2,10 +2,11 @@
 and the soup loading in peft."""
 import copy
 import json
+import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import minift
 from minift.__main__ import main
@@ -136,3 +137,22 @@ def test_cli_writes_the_soup_and_reports_bad_input_in_one_line(base, tmp_path, c
         main(["soup", str(tmp_path / "missing"), "--out", str(tmp_path / "e")])
     assert "adapter directory not found" in capsys.readouterr().err
 
+
+
+def test_warns_when_the_adapters_do_not_share_a_start(base, tmp_path):
+    # fine-tunes of one start: A moved a little from the shared initialisation, B learned
+    shared = make_adapter(base, tmp_path / "start", seed=1)
+    for name, seed in (("x", 11), ("y", 12)):
+        torch.manual_seed(seed)
+        tensors = {k: (t + 0.05 * torch.randn_like(t) if "lora_A" in k else torch.randn_like(t))
+                   for k, t in shared.items()}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / CONFIG_NAME).write_text((tmp_path / "start" / CONFIG_NAME).read_text())
+        save_file(tensors, str(tmp_path / name / WEIGHTS_NAME))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        average_adapters([tmp_path / "x", tmp_path / "y"])
+    make_adapter(base, tmp_path / "other", seed=2)  # another random start
+    with pytest.warns(UserWarning, match=r"other and .*x do not share a starting point \(their A "
+                                         r"matrices have a mean cosine similarity of -?0\.\d\d\)"):
+        average_adapters([tmp_path / "x", tmp_path / "other"])

@@ -235,6 +235,27 @@ def _check_settings_match(file, model, config):
                                  f"has {field}={mine!r}")
 
 
+def _same_base(recorded: str, current: str) -> bool:
+    """Whether two names of a base model (a local folder or a hub id) name the same model: the
+    same folder when both exist here, else the same last path component (a hub id and its
+    local download)."""
+    a, b = Path(recorded), Path(current)
+    if a.exists() and b.exists():
+        return a.resolve() == b.resolve()
+    return a.name.lower() == b.name.lower()
+
+
+def _warn_other_base(path, model, config) -> None:
+    """An adapter of another base with the same shapes loads without an error and gives a model
+    nobody trained; when both names are known and differ, say so with both."""
+    recorded, current = config.get("base_model_name_or_path"), getattr(model, "name_or_path", None)
+    if isinstance(recorded, str) and recorded and isinstance(current, str) and current \
+            and not _same_base(recorded, current):
+        warnings.warn(f"{path}: the adapter was trained on base {recorded!r}, but is being loaded "
+                      f"onto {current!r}; the shapes fit, but an adapter only means what it "
+                      f"learned on its own base", stacklevel=3)
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format LoRA adapter into a model.
 
@@ -264,6 +285,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{file}: {err}") from None
     _check_tensors(path / WEIGHTS_NAME, tensors, expected)
     _warn_other_architecture(path, model, config)
+    _warn_other_base(path, model, config)
     if not wrapped:
         try:
             lora_wrap(model, r=config["r"], alpha=config["lora_alpha"],

@@ -13,7 +13,10 @@ adapter and the field.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
+
+import torch
 
 from safetensors.torch import save_file
 
@@ -84,12 +87,33 @@ def read_soup(paths, weights=None):
     for path, w in zip(paths[1:], weights[1:]):
         config, tensors = read_adapter_config(path), _load_tensors(path)
         _check_same(paths[0], first_config, path, config, tensors, first_tensors)
+        _warn_other_start(paths[0], first_tensors, path, tensors)
         for k, t in tensors.items():
             sums[k] += t.double() * w
     # float64 sums, stored back in each tensor's own dtype: k copies of one adapter average to
     # bit-identical tensors (w * x summed k times with w = 1/k rounds back to x in float32/16)
     state = {k: v.to(first_tensors[k].dtype).contiguous() for k, v in sums.items()}
     return state, first_config
+
+
+# Below this mean cosine similarity of their A matrices, two adapters did not start from one
+# initialisation. A matrices move little in training (B starts at zero and carries the update),
+# so fine-tunes of one start keep a similarity near 1, while independent random (r, in) starts
+# are near 0 (about 1 / sqrt(r * in)).
+SHARED_START_COSINE = 0.3
+
+
+def _warn_other_start(first_path, first_tensors, path, tensors) -> None:
+    """The soup's update is scale * mean(B) @ mean(A): averaging adapters of different random
+    starts mixes unrelated A bases and loses what each learned; say so, naming both."""
+    sims = [float(torch.nn.functional.cosine_similarity(tensors[k].double().flatten(),
+                                                        first_tensors[k].double().flatten(), dim=0))
+            for k in first_tensors if k.endswith("lora_A.weight")]
+    if sims and sum(sims) / len(sims) < SHARED_START_COSINE:
+        warnings.warn(f"average_adapters: {path} and {first_path} do not share a starting point "
+                      f"(their A matrices have a mean cosine similarity of {sum(sims) / len(sims):.2f}); "
+                      f"a soup of independently initialised adapters averages unrelated bases and "
+                      f"usually scores below each of them", stacklevel=3)
 
 
 def average_adapters(paths, weights=None):
