@@ -135,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="write a checkpoint every N steps (and at the end), for --resume")
     add("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
         help="resume from the newest checkpoint in --output, or from CHECKPOINT")
+    add("--skip-step", type=_number(int, 1), action="append", default=[], metavar="N",
+        help="pass over step N's micro-batches untrained (a batch that gave NaN); repeatable, "
+             "kept on --resume")
     add("--merge", action="store_true", help="also save the merged model in Hugging Face format")
     add("--merge-into", default="nf4", choices=("nf4", "original"),
         help="qlora --merge: fold the adapter into the dequantized 4-bit weights it was trained "
@@ -335,7 +338,8 @@ FLAG_OF_FIELD = {"method": "--method", "learning_rate": "--lr", "epochs": "--epo
                  "resume_from": "--resume", "max_grad_norm": "--max-grad-norm",
                  "loss_chunk_size": "--loss-chunk-size",
                  "activation_offload": "--activation-offload",
-                 "optimizer_in_backward": "--optimizer-in-backward", "parallel": "--parallel"}
+                 "optimizer_in_backward": "--optimizer-in-backward", "parallel": "--parallel",
+                 "skip_steps": "--skip-step"}
 
 
 def make_config(args, pad_id) -> TrainConfig:
@@ -350,7 +354,8 @@ def make_config(args, pad_id) -> TrainConfig:
             optimizer_in_backward=args.optimizer_in_backward,
             pad_id=pad_id, output_dir=args.output, seed=args.seed, resume_from=args.resume,
             device=args.device, log_interval=10, save_interval=args.save_interval, keep_last=2,
-            parallel=args.parallel, fsdp_cpu_offload=args.fsdp_cpu_offload)
+            parallel=args.parallel, fsdp_cpu_offload=args.fsdp_cpu_offload,
+            skip_steps=args.skip_step)
     except ValueError as err:
         field = str(err).split(" ", 1)[0].removeprefix("TrainConfig.").split("=")[0]
         raise UsageError(f"{FLAG_OF_FIELD.get(field, field)}: {err}") from err

@@ -306,7 +306,8 @@ def test_non_finite_step_saves_nothing_and_names_the_newest_good_checkpoint(tmp_
         monkeypatch.setattr(train_mod, "token_loss_sum", inf_at_third)
     run = tmp_path / "run"
     # keep_last=1: step-1 survives the save of step 2, whose weights no step had used yet
-    with pytest.raises(FloatingPointError, match=rf"{match}; step-2, whose weights gave it, is "
+    with pytest.raises(FloatingPointError, match=rf"{match} \(the step's rows: [0-9, ]+ of train_data\); "
+                                                 rf"step-2, whose weights gave it, is "
                                                  rf"renamed diverged-step-2; .* is {run}/step-1;"):
         train(model, make_examples(32), cfg(tmp_path, save_interval=1, keep_last=1))
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
@@ -432,3 +433,46 @@ def test_summary_is_replaced_atomically(tmp_path, monkeypatch):
         train(TinyLM(), data, cfg(tmp_path, max_steps=2, resume_from="latest"))
     assert (tmp_path / "run" / "summary.json").read_text() == before
     assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl", "step-1", "step-2", "summary.json"]
+
+
+class PoisonLM(TinyLM):
+    """NaN logits for any batch holding token `POISON`: a NaN that the data causes."""
+    POISON = 39
+
+    def __init__(self):
+        super().__init__(vocab=40, dropout=0.0)
+
+    def forward(self, input_ids, **kw):
+        logits = super().forward(input_ids, **kw)
+        return logits * math.nan if bool((input_ids == self.POISON).any()) else logits
+
+
+def test_a_nan_from_one_batch_names_its_rows_and_can_be_skipped_exactly(tmp_path):
+    from minift.training.schedule import batch_rows
+    data, config, step = make_examples(32), cfg(tmp_path, save_interval=1), 4
+    bad = batch_rows(data, config, 0, step - 1, 1)[0]  # a row of step 4's micro-batch
+    ids = data[bad]["input_ids"]  # the same length: the batches stay as they were
+    data[bad] = {"input_ids": ids[:2] + [PoisonLM.POISON] + ids[3:], "labels": data[bad]["labels"]}
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    with pytest.raises(FloatingPointError, match=rf"loss is nan at step {step}, and the cause is its data: .* "
+                                                 rf"rows [0-9, ]*\b{bad}\b[0-9, ]* of train_data \(epoch 0\); "
+                                                 rf".*resume from {run}/step-{step - 1} with "
+                                                 rf"skip_steps=\[{step}\] \(--skip-step {step}\)"):
+        train(PoisonLM(), data, config)
+    assert not list(run.glob("diverged-*"))  # the good checkpoint is not blamed and set aside
+    with pytest.raises(ValueError, match=r"skip_steps=\[1\] changes that; only steps after"):
+        train(PoisonLM(), data, cfg(tmp_path, save_interval=1, resume_from="latest", skip_steps=[1]))
+    torch.manual_seed(0)
+    resumed = PoisonLM()
+    train(resumed, data, cfg(tmp_path, save_interval=1, resume_from="latest", skip_steps=[step]))
+    lines = metrics(tmp_path)
+    skipped = [r for r in lines if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [step] and bad in skipped[0]["rows"]
+    assert [r["step"] for r in lines if not r.get("skipped")][-1] == 8
+    # the same skip from the start gives the same weights: resume stays exact
+    torch.manual_seed(0)
+    straight = PoisonLM()
+    train(straight, data, cfg(tmp_path / "b", save_interval=1, skip_steps=[step]))
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        assert torch.equal(a, b), name

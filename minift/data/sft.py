@@ -254,7 +254,7 @@ def _collate(rows, pad_id, packed):
 
 
 def batch_examples(examples, batch_size, *, pad_id, mode="bucket", max_length=None, seed=0,
-                   shuffle=True):
+                   shuffle=True, indices=False):
     """Groups tokenized examples into padded batches, deterministically for a seed.
 
     Args:
@@ -268,10 +268,11 @@ def batch_examples(examples, batch_size, *, pad_id, mode="bucket", max_length=No
         max_length: row length for "pack" (required); for "bucket" an optional check.
         seed: seeds a local random.Random; global RNG state is neither used nor changed.
         shuffle: randomize example and batch order; False keeps a fixed order.
+        indices: return each batch's example indices (into `examples`) instead of its tensors.
 
     Returns:
         List of dicts of (B, T) long tensors: input_ids, labels, attention_mask, and for
-        "pack" also position_ids and segment_ids.
+        "pack" also position_ids and segment_ids; with `indices`, lists of example indices.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -284,8 +285,12 @@ def batch_examples(examples, batch_size, *, pad_id, mode="bucket", max_length=No
     lengths = [len(ex["input_ids"]) for ex in examples]
     if mode == "bucket":
         groups = _bucket_groups(lengths, batch_size, rng, shuffle)
+        if indices:
+            return [list(g) for g in groups]
         return [_collate([[examples[i]] for i in g], pad_id, packed=False) for g in groups]
     rows = _pack_rows(lengths, max_length, rng, shuffle)
+    if indices:
+        return [[i for row in rows[j:j + batch_size] for i in row] for j in range(0, len(rows), batch_size)]
     return [_collate([[examples[i] for i in row] for row in rows[j:j + batch_size]], pad_id, packed=True)
             for j in range(0, len(rows), batch_size)]
 

@@ -206,6 +206,12 @@ class DPOObjective:
         out = _metric_means(sums, len(pairs))
         return {"eval_loss": loss / len(pairs), **{f"eval_{k}": v for k, v in out.items()}}
 
+    @torch.no_grad()
+    def finite_on(self, model, batch, device, config) -> bool:
+        """Whether the pair loss of one micro-batch is finite (naming a batch that gave NaN)."""
+        losses = self.pair_terms(model, batch, torch.device(device), config.bf16)[0]
+        return bool(torch.isfinite(losses).all())
+
     def frozen_models(self) -> tuple:
         """The reference's own model when it is a separate copy (full fine-tuning, "copy_nf4"),
         which the memory tracker counts as frozen weights; the adapters-off reference is the

@@ -88,7 +88,7 @@ def evaluate(model, examples: list, config, device=None, shard=None) -> dict:
 
 class SFTObjective:
     """The default objective, token cross-entropy; DPO's (minift.objectives.dpo.DPOObjective) has the same
-    three methods, which is all the loop asks of an objective."""
+    methods, which is all the loop asks of an objective."""
 
     name = "sft"
     check = staticmethod(check_examples)
@@ -110,6 +110,11 @@ class SFTObjective:
 
     def evaluate(self, model, examples, config, device, shard=None):
         return evaluate(model, examples, config, device, shard)
+
+    @torch.no_grad()
+    def finite_on(self, model, batch, device, config) -> bool:
+        """Whether the model's loss on one micro-batch is finite (naming a batch that gave NaN)."""
+        return math.isfinite(float(_batch_loss_sum(model, batch, device, config.bf16, self.loss_chunk_size)))
 
     def frozen_models(self) -> tuple:
         """Modules besides the policy that the step keeps alive (none for the token loss)."""

@@ -63,6 +63,7 @@ class TrainConfig:
     | optimizer_in_backward | False | step each parameter in backward and free its gradient (needs max_grad_norm=None, grad_accum=1) |
     | mlp_tile_size | None | tokens per MLP tile (each checkpointed) for long sequences; None = whole sequence |
     | paged_device_budget | 2**30 | paged_adamw8bit: device bytes of state pages kept on the device; None = all kept |
+    | skip_steps | () | optimizer steps whose micro-batches are passed over untrained (a batch that gives NaN) |
     """
 
     method: str = "lora"
@@ -105,6 +106,7 @@ class TrainConfig:
     optimizer_in_backward: bool = False
     paged_device_budget: Optional[int] = DEFAULT_DEVICE_BUDGET  # 2**30
     mlp_tile_size: Optional[int] = None
+    skip_steps: tuple = ()
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZERS),
@@ -148,6 +150,9 @@ class TrainConfig:
             check_step_in_backward(max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum)
         if self.parallel is not None:
             check_choice("TrainConfig.parallel", self.parallel, PARALLEL)
+        if isinstance(self.skip_steps, (str, bytes)) or not hasattr(self.skip_steps, "__iter__"):
+            raise TypeError(f"TrainConfig.skip_steps must be a list of step numbers, got {self.skip_steps!r}")
+        self.skip_steps = tuple(sorted({check_int("TrainConfig.skip_steps[]", s) for s in self.skip_steps}))
         check_flag("TrainConfig.fsdp_cpu_offload", self.fsdp_cpu_offload)
         if self.batching == "pack" and self.max_length is None:
             raise ValueError("TrainConfig.max_length must be set when batching='pack' (the row length)")

@@ -39,7 +39,7 @@ from minift.placement import default_device
 from minift.training import rundir
 from minift.training.compile import compiled_layers
 from minift.training.config import DATA_ORDER_FIELDS, TrainConfig
-from minift.training.schedule import Schedule, step_groups, total_steps
+from minift.training.schedule import Schedule, batch_rows, epoch_batches, step_groups, total_steps
 from minift.training.setup import make_optimizer, neftune, peak_memory, seed_everything
 
 
@@ -101,10 +101,24 @@ def check_resume(config: TrainConfig, model, data) -> Optional[str]:
     path = ckpt.resolve_checkpoint(config.resume_from, Path(config.output_dir))
     # "full" checkpoints hold the whole model, so any base is overwritten on resume
     base = ckpt.base_fingerprint(model) if config.method != "full" else None
-    ckpt.check_compatible(ckpt.read_trainer_state(path), path, method=config.method, model=model,
+    state = ckpt.read_trainer_state(path)
+    ckpt.check_compatible(state, path, method=config.method, model=model,
                           config=config.to_dict(), fields=DATA_ORDER_FIELDS,
                           data=ckpt.data_fingerprint(data), base=base)
+    _check_skips(state, path, config)
     return path
+
+
+def _check_skips(state: dict, path, config: TrainConfig) -> None:
+    """Steps may be added to skip_steps after the checkpoint's step, never before it: the steps
+    it already ran must stay what they were, or the resumed run is no continuation."""
+    done = int(state.get("step", 0))
+    before = [s for s in state.get("config", {}).get("skip_steps", ()) if s <= done]
+    now = [s for s in config.skip_steps if s <= done]
+    if before != now:
+        raise ValueError(f"{path}: the checkpoint ran steps 1..{done} skipping {before or 'none'}; "
+                         f"skip_steps={list(config.skip_steps)} changes that; only steps after "
+                         f"{done} can be added")
 
 
 # ---- the loop ----------------------------------------------------------------------------
@@ -138,6 +152,9 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
         while st.step < run.total:
             position, epochs_done, group = next(groups)
             step = st.step + 1
+            if step in config.skip_steps:  # passed over untrained (a batch that gave NaN)
+                run.skip(step, group, position, epochs_done, log)
+                continue
             # 1. learning rate of this step
             lr = run.schedule.lr(step - 1)
             for g in opt.param_groups:
@@ -164,7 +181,7 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
                 opt.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
             if not finite:
-                run.stop_non_finite(step, loss, norm)
+                run.stop_non_finite(step, loss, norm, group)
             if tracker is not None:
                 run.report_memory(tracker.report())
             # 6. log: totals, the metrics line, the progress bar
@@ -265,13 +282,46 @@ class _Run:
         finally:
             self.bar.close()
 
-    def stop_non_finite(self, step: int, loss: float, norm: float) -> None:
-        # nothing is saved: the weights after step - 1 gave this loss, so they are no good state
+    def stop_non_finite(self, step: int, loss: float, norm: float, group: list) -> None:
+        # nothing is saved: the weights after step - 1 gave this loss, so they are no good state,
+        # unless the step's own data is to blame (finite weights, non-finite on these rows only)
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+        rows = batch_rows(self.data, self.config, self.state.epoch, self.state.batch_index, len(group))
+        if self._data_to_blame(group):
+            raise FloatingPointError(rundir.bad_batch(self.out, step, what, value, rows, self.state.epoch))
         partial = "" if not self.stepper else (
             " (optimizer_in_backward: parameters whose gradients were finite were already updated "
             f"in backward; not updated: {', '.join(self.stepper.nonfinite[:3]) or 'none'})")
-        raise FloatingPointError(rundir.divergence(self.out, step, what, value) + partial)
+        raise FloatingPointError(rundir.divergence(self.out, step, what, value, rows) + partial)
+
+    def _data_to_blame(self, group: list) -> bool:
+        """Whether the weights give a finite loss on another micro-batch of this epoch but not on
+        one of this step's: then the step's rows, not the weights, made it non-finite. Only on
+        one process without optimizer_in_backward (whose step has already changed weights)."""
+        if self.stepper or self.dist.active:
+            return False
+        batches = epoch_batches(self.data, self.config, self.state.epoch)
+        start, end = self.state.batch_index, self.state.batch_index + len(group)
+        others = batches[:start][-1:] + batches[end:end + 1]
+        if not others:
+            return False
+        finite = self.objective.finite_on
+        return finite(self.model, others[0], self.device, self.config) and \
+            not all(finite(self.model, b, self.device, self.config) for b in group)
+
+    def skip(self, step: int, group: list, position, epochs_done: float, log) -> None:
+        """Pass over step `step`'s micro-batches (TrainConfig.skip_steps): no forward, no update;
+        the data position moves on as if it had trained, so the steps after it are unchanged."""
+        st = self.state
+        rows = batch_rows(self.data, self.config, st.epoch, st.batch_index, len(group))
+        st.epoch, st.batch_index = position
+        st.epochs_done, st.step = epochs_done, step
+        log.write(json.dumps({"step": step, "skipped": True, "rows": rows}) + "\n")
+        log.flush()
+        self.bar.update(1)
+        self.say(f"step {step}/{self.total} skipped (skip_steps): rows {rows} of train_data")
+        if self.config.save_interval and step % self.config.save_interval == 0:
+            self.save()
 
     def report_memory(self, report) -> None:
         self.memory = report.as_dict()

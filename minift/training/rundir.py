@@ -142,7 +142,22 @@ def trim_metrics(path, step: int) -> int:
 
 
 # ---- when a step fails ---------------------------------------------------------------------
-def divergence(output_dir, step: int, what: str, value: float) -> str:
+def bad_batch(output_dir, step: int, what: str, value: float, rows: list, epoch: int) -> str:
+    """The message of a non-finite step caused by its data: the weights are finite on other data,
+    so no checkpoint is set aside; the step's rows are named with the way to pass over them."""
+    newest = ckpt.latest_checkpoint(Path(output_dir))
+    resume = (f"resume from {newest} with skip_steps=[{step}] (--skip-step {step}) to pass over them"
+              if newest else f"start again with skip_steps=[{step}] (--skip-step {step}) to pass over them")
+    return (f"training {what} is {value} at step {step}, and the cause is its data: the weights give a "
+            f"finite loss on other rows but not on this step's, rows {_shown(rows)} of train_data "
+            f"(epoch {epoch}); check or drop those rows, or {resume}")
+
+
+def _shown(rows: list, limit: int = 16) -> str:
+    return ", ".join(map(str, rows[:limit])) + (f", ... ({len(rows)} in all)" if len(rows) > limit else "")
+
+
+def divergence(output_dir, step: int, what: str, value: float, rows: Optional[list] = None) -> str:
     """The message of a non-finite loss or gradient norm at `step`, after setting aside the
     checkpoint of step - 1: its weights gave that loss, so resuming it diverges again. It is
     renamed ``diverged-step-N`` (kept for inspection; never taken by resume_from='latest')."""
@@ -156,7 +171,8 @@ def divergence(output_dir, step: int, what: str, value: float) -> str:
     resume = (f"the newest checkpoint with finite weights that a finite step has used is {newest}; "
               f"lower the learning rate and resume from it" if newest else
               "no checkpoint to go back to; lower the learning rate and start again")
-    return f"training {what} is {value} at step {step}{note}; {resume}"
+    data = f" (the step's rows: {_shown(rows)} of train_data)" if rows else ""
+    return f"training {what} is {value} at step {step}{data}{note}; {resume}"
 
 
 class DeadModelWatch:

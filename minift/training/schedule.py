@@ -75,6 +75,18 @@ def epoch_batches(train_data, config, epoch: int) -> list:
                           mode=config.batching, max_length=config.max_length, seed=config.seed + epoch)
 
 
+def batch_rows(train_data, config, epoch: int, start: int, count: int) -> list[int]:
+    """Indices into train_data of the examples (DPO: pairs) in micro-batches [start, start +
+    count) of `epoch`: what a step trained on, for a message that names its rows."""
+    if getattr(config, "objective", "sft") == "dpo":
+        batches = epoch_batches(train_data, config, epoch)[start:start + count]
+        return sorted(int(i) for b in batches for i in b["pair_index"])
+    groups = batch_examples(train_data, config.micro_batch_size, pad_id=config.pad_id,
+                            mode=config.batching, max_length=config.max_length,
+                            seed=config.seed + epoch, indices=True)
+    return sorted(i for g in groups[start:start + count] for i in g)
+
+
 def step_groups(train_data, config, epoch: int = 0, index: int = 0):
     """Yield one item per optimizer step, endlessly, starting at micro-batch `index` of `epoch`.
 
