@@ -40,6 +40,7 @@ from minift.names import METHODS, OPTIMIZERS, PARALLEL
 from minift.objectives.sft import evaluate
 from minift.training import rundir
 from minift.training.config import TrainConfig
+from minift.training.loop import tidy
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
@@ -243,7 +244,7 @@ def check_resume(model, config, train_data, say=print):
     base model, data order or training data (minift.train checks the same, but only once it
     runs, after the before-evaluation)."""
     try:  # a fresh run into a folder with another run's checkpoints, refused before any work
-        ckpt.clean_incomplete(config.output_dir)  # a complete .tmp-step-N counts as a checkpoint
+        tidy(config.output_dir)  # a complete .tmp-step-N counts as a checkpoint (rank 0 tidies)
         rundir.check_output_dir(config.output_dir, config.resume_from)
     except ValueError as err:
         raise UsageError(f"--output: {err}") from err
@@ -293,7 +294,7 @@ def evaluate_all(model, tokenizer, rows, examples, config, device, general=None)
 
 def original_perplexity(args, tokenizer, general, config, device) -> dict:
     """General-text perplexity of the unquantized base (loaded for it, then freed)."""
-    path = Path(args.model)
+    path, device = Path(args.model), torch.device(device)
     original = minift.load_model(path, dtype=compute_dtype(args, path, device), device=device)
     try:
         return perplexity(original, tokenizer, general, device, bf16=config.bf16,
@@ -509,7 +510,8 @@ def main(argv=None) -> int:
               "the last checkpoint", file=sys.stderr)
         return 130
     except (FloatingPointError, OSError) as err:  # divergence; a full disk while saving
-        print(f"train_llama.py: training stopped: {' '.join(str(err).split())}", file=sys.stderr)
+        if mdist.is_main():  # every rank stops; rank 0 says why, once
+            print(f"train_llama.py: training stopped: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     return 0
 

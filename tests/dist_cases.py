@@ -357,6 +357,27 @@ def resume_from_one(out: Path, parallel, method):
         out, parallel, method, WORLD, output_dir=str(run_dir), resume_from=str(run_dir / "step-2")))
 
 
+def nonfinite_save(out: Path, rank):
+    """NaN in rank 1's shard only: every rank refuses the sharded save before writing anything."""
+    from minift.distributed.run import DistRun
+    config = train_config(out, "fsdp", "full", WORLD, output_dir=str(out / "nonfinite"))
+    run = DistRun(config)
+    model = run.prepare(make_model("full"), torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if rank == 1:
+        with torch.no_grad():
+            dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"].to_local().view(-1)[3] = math.nan
+    try:
+        run.save(config.output_dir, 1, model=model, optimizer=opt, method="full", trainer_state={},
+                 keep_last=None)
+        refused = None
+    except FloatingPointError as err:
+        refused = str(err)
+    mdist.barrier()
+    root = Path(config.output_dir)
+    return {"refused": refused, "written": sorted(os.listdir(root)) if root.exists() else []}
+
+
 def worker(rank, port, out):
     join(rank, port, WORLD)
     out = Path(out)
@@ -368,6 +389,7 @@ def worker(rank, port, out):
         for case in OPTIM8_CASES:
             results[optim8_name(*case)] = optim8_sharded(out, *case, WORLD)
         results["adamw-from1"] = adamw_from_one(out, WORLD, rank)
+        results["nonfinite-save"] = nonfinite_save(out, rank)
         for parallel, method in TRAIN_CASES:
             results[f"train-{parallel}-{method}"] = run_train(out, parallel, method, WORLD)
             results[f"from1-{parallel}-{method}"] = resume_from_one(out, parallel, method)

@@ -439,3 +439,14 @@ def test_accumulate_on_one_process_equals_the_loop():
         grads.append(([p.grad for p in model.parameters() if p.requires_grad], float(loss), n))
     (g1, l1, n1), (g2, l2, n2) = grads
     assert (l1, n1) == (l2, n2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_a_sharded_save_with_nan_on_one_rank_is_refused_on_every_rank(runs):
+    # it used to pass its CRC, be what --resume picked, and hold Inf tensors
+    _, results = runs
+    for r in results:
+        got = r["nonfinite-save"]
+        assert got["written"] == []
+        assert got["refused"] == ("not saving step 1: tensor 'model.model.layers.0.mlp.up_proj.weight' holds "
+                                  "NaN or Inf (rank 1's shard); the newest finite checkpoint is none (no "
+                                  "checkpoint was written)")

@@ -381,6 +381,22 @@ def test_a_full_disk_ends_the_run_with_one_line(monkeypatch, capsys):
                    "in out: No space left on device; the newest intact checkpoint is out/step-1"]
 
 
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_says_why_training_stopped(monkeypatch, capsys, rank, said):
+    script = _script()
+
+    def diverge(args):
+        raise FloatingPointError("training loss is nan at step 2; no checkpoint to go back to")
+
+    monkeypatch.setattr(script, "run", diverge)
+    monkeypatch.setenv("RANK", rank)
+    assert script.main(["--device", "cpu"]) == 1  # every rank stops with the same code
+    err = capsys.readouterr().err
+    assert (err == "train_llama.py: training stopped: training loss is nan at step 2; no checkpoint "
+                   "to go back to\n") if said else err == ""
+
+
 def test_warnings_are_one_line(monkeypatch):
     import warnings
 

@@ -137,7 +137,8 @@ def clean_incomplete(output_dir) -> list[str]:
     return removed
 
 
-def _first_non_finite(tensors: dict) -> Optional[str]:
+def first_non_finite(tensors: dict) -> Optional[str]:
+    """The name of the first floating tensor holding NaN or Inf, or None."""
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
@@ -151,7 +152,7 @@ def _write_files(tmp: Path, step: int, model, optimizer, method, trainer_state, 
     # A checkpoint is the state to go back to; NaN or Inf in it is never one (resuming it fails
     # the same way), and it must not push an older, finite checkpoint out of keep_last.
     for kind, tensors in (("model", model_tensors), ("optimizer", opt_tensors)):
-        bad = _first_non_finite(tensors)
+        bad = first_non_finite(tensors)
         if bad is not None:
             newest = latest_checkpoint(tmp.parent)
             raise FloatingPointError(

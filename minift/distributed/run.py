@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from safetensors.torch import load_file, save_file
 
 from minift.checkpoints import steps as ckpt
@@ -88,6 +90,7 @@ class DistRun:
         """Write ``step-<step>`` with DCP shards from every rank; rank 0 adds the rest and the manifest."""
         root = Path(output_dir)
         tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+        self._refuse_non_finite(root, step, model, optimizer)
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
             ckpt.clean_incomplete(root)
@@ -103,6 +106,23 @@ class DistRun:
         mdist.barrier()
         return str(final)
 
+    def _refuse_non_finite(self, root: Path, step: int, model, optimizer) -> None:
+        """Every rank checks its own shards, and every rank refuses when any holds NaN or Inf,
+        before anything is written: a checkpoint is the state to go back to, and resume would
+        otherwise take this one (its CRCs are fine). The same one line on every rank."""
+        mine = ckpt.first_non_finite({**_local(model.state_dict(), "model"),
+                                      **_local(optimizer.state_dict()["state"], "optimizer")})
+        found = [None] * self.world_size
+        dist.all_gather_object(found, mine)
+        bad = [(r, name) for r, name in enumerate(found) if name is not None]
+        if bad:
+            rank, name = bad[0]
+            newest = ckpt.latest_checkpoint(root)
+            raise FloatingPointError(
+                f"not saving step {step}: tensor {name!r} holds NaN or Inf (rank {rank}'s shard"
+                f"{f', and {len(bad) - 1} other rank(s)' if len(bad) > 1 else ''}); the newest "
+                f"finite checkpoint is {newest or 'none (no checkpoint was written)'}")
+
     def load(self, path, *, model, optimizer, method: str) -> dict:
         """Restore a checkpoint of either kind; returns its trainer state."""
         if not is_sharded_checkpoint(path):  # written by a 1-process run
@@ -116,3 +136,15 @@ class DistRun:
         ckpt.set_rng_state(load_file(Path(path) / "rng.safetensors", device="cpu"), state["rng"])
         return state
 
+
+def _local(tree, prefix: str) -> dict:
+    """{dotted name: this rank's tensor} of a (nested) state dict; a DTensor gives its shard."""
+    out = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(_local(value, f"{prefix}.{key}"))
+    elif isinstance(tree, DTensor):
+        out[prefix] = tree.to_local()
+    elif isinstance(tree, torch.Tensor):
+        out[prefix] = tree
+    return out

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minift.checkpoints import steps as ckpt
+from minift.distributed import parallel as mdist
 from minift.distributed.parallel import reshard, unwrap
 from minift.distributed.run import DistRun
 from minift.files import write_json
@@ -88,6 +89,14 @@ class RunState:
 
 
 # ---- resume ------------------------------------------------------------------------------
+def tidy(output_dir) -> None:
+    """`clean_incomplete` on rank 0 only, the other ranks waiting for it: under torchrun two ranks
+    renaming or deleting one folder race, and one of them meets a FileNotFoundError."""
+    if mdist.is_main():
+        ckpt.clean_incomplete(output_dir)
+    mdist.barrier()
+
+
 def check_resume(config: TrainConfig, model, data) -> Optional[str]:
     """The checkpoint `config.resume_from` names, after checking it fits this run.
 
@@ -97,7 +106,7 @@ def check_resume(config: TrainConfig, model, data) -> Optional[str]:
     """
     if not config.resume_from:
         return None
-    ckpt.clean_incomplete(config.output_dir)  # a complete .tmp-step-N may be the newest checkpoint
+    tidy(config.output_dir)  # a complete .tmp-step-N may be the newest checkpoint
     path = ckpt.resolve_checkpoint(config.resume_from, Path(config.output_dir))
     # "full" checkpoints hold the whole model, so any base is overwritten on resume
     base = ckpt.base_fingerprint(model) if config.method != "full" else None
@@ -216,7 +225,7 @@ class _Run:
         self.out = Path(config.output_dir)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.clean_incomplete(self.out)
+        tidy(self.out)
         rundir.check_run(model, train_data, eval_data, config)
         seed_everything(config.seed)
         if not self.dist.active:  # one process: on the device before the fingerprint pass
