@@ -144,7 +144,7 @@ def run(args) -> dict:
     # under torchrun: join the process group first, so "cuda" is this rank's GPU from here on
     if args.distributed and not mdist.launched():
         raise UsageError("--parallel: needs a torchrun launch (torchrun --nproc_per_node N ...)")
-    device = (mdist.init_from_env(args.device, single=True) if args.distributed else
+    device = (mdist.init_from_env(args.device, single=True, timeout_s=args.dist_timeout) if args.distributed else
               torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     say = print if mdist.is_main() else (lambda *a, **k: None)
     # FSDP places each rank's shards itself: before training the model is held in host memory
@@ -168,7 +168,7 @@ def run(args) -> dict:
             micro_batch_size=args.batch_size, bf16=device.type == "cuda",
             pad_id=tokenizer.pad_token_id, output_dir=args.output, seed=args.seed,
             device=str(device), log_interval=10, save_interval=100, parallel=args.parallel,
-            fsdp_cpu_offload=args.fsdp_cpu_offload)
+            fsdp_cpu_offload=args.fsdp_cpu_offload, dist_timeout=args.dist_timeout)
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from err
     model = sft_policy(args, torch.device("cpu") if fsdp else device, say)

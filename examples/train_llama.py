@@ -159,6 +159,8 @@ def add_torchrun_arguments(add) -> None:
         help="under torchrun: fsdp (default with more than one process) or ddp")
     add("--fsdp-cpu-offload", action="store_true",
         help="FSDP: sharded parameters, gradients and optimizer states in host memory")
+    add("--dist-timeout", type=_number(float, 0, strict=True), default=1800.0, metavar="SECONDS",
+        help="under torchrun: how long a collective waits for the other ranks before the job fails")
 
 
 def with_launch(args: argparse.Namespace) -> argparse.Namespace:
@@ -340,7 +342,7 @@ FLAG_OF_FIELD = {"method": "--method", "learning_rate": "--lr", "epochs": "--epo
                  "loss_chunk_size": "--loss-chunk-size",
                  "activation_offload": "--activation-offload",
                  "optimizer_in_backward": "--optimizer-in-backward", "parallel": "--parallel",
-                 "skip_steps": "--skip-step"}
+                 "skip_steps": "--skip-step", "dist_timeout": "--dist-timeout"}
 
 
 def make_config(args, pad_id) -> TrainConfig:
@@ -356,7 +358,7 @@ def make_config(args, pad_id) -> TrainConfig:
             pad_id=pad_id, output_dir=args.output, seed=args.seed, resume_from=args.resume,
             device=args.device, log_interval=10, save_interval=args.save_interval, keep_last=2,
             parallel=args.parallel, fsdp_cpu_offload=args.fsdp_cpu_offload,
-            skip_steps=args.skip_step)
+            dist_timeout=args.dist_timeout, skip_steps=args.skip_step)
     except ValueError as err:
         field = str(err).split(" ", 1)[0].removeprefix("TrainConfig.").split("=")[0]
         raise UsageError(f"{FLAG_OF_FIELD.get(field, field)}: {err}") from err
@@ -437,7 +439,7 @@ def run(args) -> dict:
     # under torchrun: join the process group first, so "cuda" is this rank's GPU from here on
     if args.distributed and not mdist.launched():
         raise UsageError("--parallel: needs a torchrun launch (torchrun --nproc_per_node N ...)")
-    device = (mdist.init_from_env(args.device, single=True) if args.distributed else
+    device = (mdist.init_from_env(args.device, single=True, timeout_s=args.dist_timeout) if args.distributed else
               torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     args.device_type = device.type
     say = print if mdist.is_main() else (lambda *a, **k: None)

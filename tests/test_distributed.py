@@ -5,6 +5,7 @@ One spawn of 2 CPU processes (the `runs` fixture) runs every case of tests/dist_
 one-process pieces at the end need no process group.
 """
 import json
+import re
 import math
 import os
 import shutil
@@ -450,3 +451,37 @@ def test_a_sharded_save_with_nan_on_one_rank_is_refused_on_every_rank(runs):
         assert got["refused"] == ("not saving step 1: tensor 'model.model.layers.0.mlp.up_proj.weight' holds "
                                   "NaN or Inf (rank 1's shard); the newest finite checkpoint is none (no "
                                   "checkpoint was written)")
+
+
+def test_a_stalled_step_is_said_once_with_the_timeout():
+    # a stopped rank leaves the others in a collective until the process group's timeout; the
+    # waiting ranks now say so (after a minute by default; 0.2 s here)
+    import io
+    import time
+
+    out = io.StringIO()
+    watch = mdist_train.StallWatch(1800.0, after_s=0.2, factor=10.0, poll_s=0.02, out=out)
+    try:
+        for step in (1, 2):  # quick steps: nothing said, and they set the usual time
+            watch.begin(step)
+            watch.end()
+        assert out.getvalue() == ""
+        watch.begin(3)
+        time.sleep(0.6)
+        watch.end()
+        watch.begin(4)
+        watch.end()
+    finally:
+        watch.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(r"minift: rank 0: step 3 has run 0 s; finished steps took 0\.0 s; another rank "
+                        r"may be stopped or stuck, and this one waits for it in a collective; the job "
+                        r"fails after 1800 s of waiting \(TrainConfig.dist_timeout\)", lines[0]), lines[0]
+    assert watch.limit() == 0.2  # the median of 0.0, 0.0, 0.6, 0.0 times 10 stays below after_s
+
+
+def test_the_process_group_timeout_is_a_setting():
+    assert TrainConfig().dist_timeout == 1800.0
+    with pytest.raises(ValueError, match="TrainConfig.dist_timeout must be a finite number > 0"):
+        TrainConfig(dist_timeout=0)

@@ -13,6 +13,9 @@ re-slices the shards), a 1-process checkpoint by ``minift.checkpoints.steps`` on
 """
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -49,8 +52,24 @@ class DistRun:
         if self.active and world == 1 and not mdist.launched():
             raise ValueError(f"TrainConfig.parallel={config.parallel!r} needs a torchrun launch "
                              "(torchrun --nproc_per_node N ...); on one process leave it None")
-        self.device = mdist.init_from_env(config.device, single=True) if self.active else None
+        self.device = (mdist.init_from_env(config.device, single=True, timeout_s=config.dist_timeout)
+                       if self.active else None)
         self.fingerprint: Optional[dict] = None
+        # a stopped or stuck rank leaves the others waiting in a collective, silently until the
+        # process group's timeout; a stalled step is said after a minute
+        self.stalls = StallWatch(config.dist_timeout) if self.active else None
+
+    def begin_step(self, step: int) -> None:
+        if self.stalls:
+            self.stalls.begin(step)
+
+    def end_step(self) -> None:
+        if self.stalls:
+            self.stalls.end()
+
+    def close(self) -> None:
+        if self.stalls:
+            self.stalls.close()
 
     @property
     def world_size(self) -> int:
@@ -148,3 +167,60 @@ def _local(tree, prefix: str) -> dict:
     elif isinstance(tree, torch.Tensor):
         out[prefix] = tree
     return out
+
+
+class StallWatch:
+    """Says, once per step, when a step has run far longer than the steps before it.
+
+    Under torchrun every step meets the other ranks in collectives (FSDP's gathers, the loss's
+    all-reduce); when one rank is stopped (SIGSTOP, a swap storm, a hung device) the others wait
+    there without a word until the process group's timeout (TrainConfig.dist_timeout, 1800 s by
+    default). A thread checks the running step: past `after_s` seconds and `factor` times the
+    median finished step, one line on stderr names the rank, the step and the timeout.
+    """
+
+    def __init__(self, timeout_s: float, after_s: float = 60.0, factor: float = 10.0,
+                 poll_s: float = 1.0, out=None):
+        self.timeout_s, self.after_s, self.factor, self.poll_s = timeout_s, after_s, factor, poll_s
+        self.out = out
+        self.times: list[float] = []
+        self._step, self._since, self._warned = None, 0.0, False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="minift-stall-watch", daemon=True)
+        self._thread.start()
+
+    def begin(self, step: int) -> None:
+        with self._lock:
+            self._step, self._since, self._warned = step, time.monotonic(), False
+
+    def end(self) -> None:
+        with self._lock:
+            if self._step is not None:
+                self.times.append(time.monotonic() - self._since)
+            self._step = None
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def limit(self) -> float:
+        """Seconds a step may run before it is said to stall."""
+        usual = sorted(self.times)[len(self.times) // 2] if self.times else 0.0
+        return max(self.after_s, self.factor * usual)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            with self._lock:
+                if self._step is None or self._warned:
+                    continue
+                waited = time.monotonic() - self._since
+                if waited <= self.limit():
+                    continue
+                self._warned = True
+                step = self._step
+            usual = f"; finished steps took {sorted(self.times)[len(self.times) // 2]:.1f} s" \
+                if self.times else ""
+            print(f"minift: rank {mdist.rank()}: step {step} has run {waited:.0f} s{usual}; another "
+                  f"rank may be stopped or stuck, and this one waits for it in a collective; the "
+                  f"job fails after {self.timeout_s:.0f} s of waiting (TrainConfig.dist_timeout)",
+                  file=self.out or sys.stderr, flush=True)

@@ -63,6 +63,7 @@ class TrainConfig:
     | optimizer_in_backward | False | step each parameter in backward and free its gradient (needs max_grad_norm=None, grad_accum=1) |
     | mlp_tile_size | None | tokens per MLP tile (each checkpointed) for long sequences; None = whole sequence |
     | paged_device_budget | 2**30 | paged_adamw8bit: device bytes of state pages kept on the device; None = all kept |
+    | dist_timeout | 1800.0 | torchrun: seconds a collective waits for the other ranks before the job fails |
     | skip_steps | () | optimizer steps whose micro-batches are passed over untrained (a batch that gives NaN) |
     """
 
@@ -106,6 +107,7 @@ class TrainConfig:
     optimizer_in_backward: bool = False
     paged_device_budget: Optional[int] = DEFAULT_DEVICE_BUDGET  # 2**30
     mlp_tile_size: Optional[int] = None
+    dist_timeout: float = 1800.0
     skip_steps: tuple = ()
 
     def __post_init__(self):
@@ -122,7 +124,8 @@ class TrainConfig:
                 ("max_grad_norm", "> 0", lambda v: v > 0, True),
                 ("neftune_alpha", "> 0", lambda v: v > 0, True),
                 ("dpo_beta", "> 0", lambda v: v > 0, False),
-                ("dpo_sft_weight", ">= 0", lambda v: v >= 0, False)):
+                ("dpo_sft_weight", ">= 0", lambda v: v >= 0, False),
+                ("dist_timeout", "> 0", lambda v: v > 0, False)):
             check_number(f"TrainConfig.{name}", getattr(self, name), rule, ok, optional=optional)
         for name in ("epochs", "micro_batch_size", "grad_accum", "log_interval"):
             check_int(f"TrainConfig.{name}", getattr(self, name))

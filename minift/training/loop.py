@@ -172,6 +172,7 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             tracker = (MemoryTracker(model, opt, frozen=run.objective.frozen_models())
                        if run.memory is None and not run.dist.active else None)
             t0 = time.perf_counter()
+            run.dist.begin_step(step)
             with tracker.track() if tracker else contextlib.nullcontext():
                 # 2. forward/backward over the step's micro-batches; the objective normalises
                 # (with optimizer_in_backward each parameter is stepped there and its gradient freed)
@@ -189,6 +190,7 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
                     opt.step()
                 opt.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
+            run.dist.end_step()
             if not finite:
                 run.stop_non_finite(step, loss, norm, group)
             if tracker is not None:
@@ -290,6 +292,7 @@ class _Run:
                 yield log
         finally:
             self.bar.close()
+            self.dist.close()
 
     def stop_non_finite(self, step: int, loss: float, norm: float, group: list) -> None:
         # nothing is saved: the weights after step - 1 gave this loss, so they are no good state,
