@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import platform
 
 import pytest
 import torch
@@ -39,6 +40,9 @@ def test_tiny_run_times_every_side_and_records_the_machine(tiny_run):
     code, stdout, record = tiny_run
     assert code == 0
     assert record["machine"]["cpu_model"] and record["torch_threads"] == 1
+    if platform.machine() in ("x86_64", "AMD64"):  # every x86-64 CPU this runs on has AVX at least
+        assert any(f.startswith("avx") for f in record["machine"]["cpu_vector_flags"])
+    assert f"CPU: {record['machine']['cpu_model']}" in stdout and "vector flags: " in stdout
     assert set(record["load_average_1min"]) == {"before", "after"}
     res = record["results"]
     optim = res["optim"]["timings"]

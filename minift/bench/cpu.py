@@ -312,4 +312,14 @@ def results_markdown(record: dict) -> str:
                         f"{res['train']['batch'][0]}×{res['train']['batch'][1]} | "
                         f"{_cell(t['minift'])} | transformers+peft | "
                         f"{_cell(t['transformers+peft'])} | {entry['ratio_vs_peer']:.2f} |")
-    return "\n".join(rows)
+    return "\n".join(rows + ["", machine_line(record["machine"], record.get("torch_threads"))])
+
+
+def machine_line(machine: dict, threads=None) -> str:
+    """The CPU under the figures: the same code measures 3x apart on an AVX2 and an AVX-512 CPU,
+    so a figure without its CPU model and vector extensions says little."""
+    flags = ", ".join(machine.get("cpu_vector_flags", [])) or "no AVX flags read"
+    capability = machine.get("torch_cpu_capability")
+    return (f"CPU: {machine.get('cpu_model') or 'unknown'}"
+            f"{f'; torch kernels {capability}' if capability else ''}; vector flags: {flags}"
+            f"{f'; {threads} thread(s)' if threads else ''}")
