@@ -13,7 +13,7 @@ from minift.bench import gpu as bench_gpu
 from minift.bench import methods as bench
 from minift.cli import OneLineParser, ShowDefaults
 from minift.lora import soup
-from minift.memory import plan
+from minift.planning import plan
 
 
 def build_parser() -> argparse.ArgumentParser:

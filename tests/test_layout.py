@@ -26,7 +26,7 @@ FLOORS = {
     "objectives": 6,
     "evaluation": 7, "memory": 7,
     "training": 8,
-    "bench": 9,
+    "bench": 9, "planning": 9,
     "__init__": 10, "__main__": 10,
 }
 

@@ -9,7 +9,7 @@ import minift
 from minift.data.preference import collate_pairs
 from minift.memory import estimate_memory
 from minift.memory.dpo import estimate_dpo_memory
-from minift.memory.plan import plan
+from minift.planning.plan import plan
 from minift.memory.tracker import CATEGORIES, MemoryTracker
 from minift.models.config import ModelConfig
 from minift.models.llama import Llama
@@ -122,7 +122,7 @@ def test_planner_plans_the_dpo_stage():
     sft = plan(cfg, 24 * 2**30, seq_len=1024, gradient_checkpointing=True)
     dpo = plan(cfg, 24 * 2**30, seq_len=1024, gradient_checkpointing=True, objective="dpo")
     for m in ("lora", "qlora"):
-        want = estimate_dpo_memory(cfg, m, 1, 1024, r=16, gradient_checkpointing=True)
+        want = estimate_dpo_memory(cfg, m, 1, 1024, r=16, gradient_checkpointing=True, loss_chunk_size=1024)
         assert dpo["methods"][m]["estimate"].total == want.total
         assert dpo["methods"][m]["max_batch_size"] <= sft["methods"][m]["max_batch_size"]
 

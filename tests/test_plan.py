@@ -5,7 +5,7 @@ import pytest
 
 from minift.__main__ import main
 from minift.memory.estimate import estimate_memory
-from minift.memory.plan import parse_memory, plan
+from minift.planning.plan import parse_memory, plan
 from minift.models.config import ModelConfig
 
 
@@ -72,7 +72,8 @@ def test_plan_fits_and_largest_batch_agree_with_the_estimator():
     res = plan(cfg, parse_memory("24GB"), batch_size=1, seq_len=512, reserve=2**30)
     m = res["methods"]
     assert [m[k]["fits"] for k in ("full", "lora", "qlora")] == [False, True, True]
-    assert res["recommendation"] == "lora"
+    # full does not fit as asked, but does with the memory features: the best that fits either way
+    assert res["features"]["full"]["fits"] and res["recommendation"] == "full"
     b = m["qlora"]["max_batch_size"]
     budget = res["budget"]
     assert estimate_memory(cfg, "qlora", b, 512).total <= budget < estimate_memory(cfg, "qlora", b + 1, 512).total
@@ -86,7 +87,9 @@ def test_cli_plan_prints_side_by_side(capsys):
     out = capsys.readouterr().out
     assert "| category | full | LoRA | QLoRA |" in out
     assert "| fits | no | yes | yes |" in out
-    assert "Recommendation: LoRA" in out
+    assert "Recommendation: full — the highest-quality method that fits batch 4 x seq 512, with " in out
+    assert "TrainConfig(method='full', optimizer='paged_adamw8bit', gradient_checkpointing=True" in out
+    assert "Without memory features LoRA fits as asked" in out
     assert "largest batch at seq 512" in out and "longest seq at batch 4" in out
 
 
@@ -150,7 +153,7 @@ def test_cli_plan_turns_features_on_and_reports_host_and_longest(capsys):
 
 # ---- advice a user can act on -------------------------------------------------------------
 def _gib(n):
-    from minift.memory.plan import fmt_auto
+    from minift.planning.plan import fmt_auto
     return fmt_auto(n)
 
 
@@ -175,7 +178,7 @@ def test_plan_shows_the_host_ram_of_paged_states(capsys):
 
 
 def test_plan_says_what_would_fit_when_nothing_does():
-    from minift.memory.plan import plan as run_plan
+    from minift.planning.plan import plan as run_plan
     res = run_plan(ModelConfig.from_name("llama-3-70b"), 16 * 2**30)
     assert res["recommendation"] is None
     line = next(a for a in res["advice"] if a.startswith("QLoRA would fit on "))
@@ -190,3 +193,59 @@ def test_plan_says_what_would_fit_when_nothing_does():
     t = int(line.split("--seq-len ")[1].split()[0])
     assert estimate_memory("llama-2-7b", "qlora", 1, t, gradient_checkpointing=True).total <= 6e9
     assert estimate_memory("llama-2-7b", "qlora", 1, t + 1, gradient_checkpointing=True).total > 6e9
+
+
+
+# ---- the planner does not contradict itself ------------------------------------------------
+def _plan_text(capsys, *args):
+    assert main(["plan", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_recommendation_agrees_with_the_feature_lines(capsys):
+    # llama-3.1-8b on 24GB recommended QLoRA while printing "full: fits with ... 17.02 GiB"
+    out = _plan_text(capsys, "--model", "llama-3.1-8b", "--gpu-memory", "24GB")
+    assert "- full: fits with " in out
+    assert "Recommendation: full — " in out and "Without memory features QLoRA fits as asked" in out
+
+
+def test_a_small_model_is_not_said_to_fit_nowhere(capsys):
+    # a 0.5B model on 8GB said "nothing fits" beside feature lines where all three fit with the
+    # loss chunk TrainConfig uses by default
+    out = _plan_text(capsys, "--model", "qwen2.5-0.5b", "--gpu-memory", "8GB")
+    assert "nothing fits" not in out
+    assert "- qlora: fits with gradient checkpointing (loss_chunk_size=1024)" in out
+    assert "Recommendation: full — " in out and "TrainConfig(method='full', gradient_checkpointing=True)" in out
+
+
+def test_given_gradient_checkpointing_is_not_advised_again(capsys):
+    out = _plan_text(capsys, "--model", "llama-2-70b", "--gpu-memory", "24GB", "--gradient-checkpointing")
+    assert "would fit on" in out  # the ways out are still given ...
+    assert "--gradient-checkpointing" not in out.split("Recommendation:")[1]  # ... without the flag
+    assert "gradient checkpointing on | loss chunk 1024" in out
+
+
+def test_a_dpo_plan_counts_dpo_in_the_feature_lines_too(capsys):
+    # the feature lines printed SFT numbers and left out full fine-tuning's frozen reference
+    cfg = ModelConfig.from_name("llama-3.1-8b")
+    sft = plan(cfg, parse_memory("24GB"))
+    dpo = plan(cfg, parse_memory("24GB"), objective="dpo")
+    for m in ("full", "lora", "qlora"):
+        est, settings = dpo["features"][m]["estimate"], dpo["features"][m]["settings"]
+        assert est.settings["objective"] == "dpo" and est.settings["pairs"] == 1
+        assert est.total > estimate_memory(cfg, m, 1, 2048, attention_mask=False, **settings).total
+    assert sft["features"]["full"]["estimate"].settings.get("objective") is None
+    full = dpo["features"]["full"]["estimate"]
+    assert full.terms["reference_weights"] > 0 and full.settings["objective"] == "dpo"
+
+
+def test_the_loss_chunk_is_a_flag_with_trainconfigs_default(capsys):
+    from minift.training.config import TrainConfig
+    cfg = ModelConfig.from_name("llama-3.1-8b")
+    chunked = plan(cfg, parse_memory("80GB"), gradient_checkpointing=True)
+    assert chunked["loss_chunk_size"] == TrainConfig().loss_chunk_size == 1024
+    full_logits = plan(cfg, parse_memory("80GB"), gradient_checkpointing=True, loss_chunk_size=None)
+    assert full_logits["methods"]["qlora"]["estimate"].total > chunked["methods"]["qlora"]["estimate"].total
+    out = _plan_text(capsys, "--model", "llama-3.1-8b", "--gpu-memory", "80GB", "--gradient-checkpointing",
+                     "--loss-chunk-size", "0")
+    assert "loss chunk off (full logits)" in out

@@ -21,8 +21,11 @@ from minift.memory.estimate import METHODS, estimate_memory
 from minift.memory.tracker import CATEGORIES, breakdown_table
 from minift.models.config import PRESETS, ModelConfig
 from minift.sizes import fmt_in, format_bytes, parse_bytes, unit_for
+from minift.training.config import TrainConfig
 
 LABELS = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
+# the training loop's defaults: the plan starts where `minift.train` starts
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 MAX_BATCH = 1 << 16
 
 
@@ -61,7 +64,8 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
          r: int = 16, optimizer: str = "adamw", gradient_checkpointing: bool = False,
          dtype: torch.dtype = torch.bfloat16, reserve: int = 2**30,
          target_modules="all-linear", objective: str = "sft", gpus: int = 1, parallel=None,
-         cpu_offload: bool = False, host_memory: int = 128 * 2**30) -> dict:
+         cpu_offload: bool = False, host_memory: int = 128 * 2**30,
+         loss_chunk_size=TRAIN_DEFAULTS["loss_chunk_size"]) -> dict:
     """Estimates and fits for the three methods (per GPU when `gpus` > 1).
 
     Args:
@@ -69,6 +73,8 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
         gpu_memory: bytes of GPU memory.
         batch_size, seq_len: the micro-batch to check.
         r, optimizer, gradient_checkpointing, dtype, target_modules: as for `estimate_memory`.
+        loss_chunk_size: tokens per lm_head + loss chunk, TrainConfig's default (1024) unless
+            given; None = full logits.
         reserve: bytes kept free for the CUDA context and allocator slack (a margin chosen by
             the user, not a measurement).
         objective: "sft", or "dpo" (batch_size counts pairs; `estimate_dpo_memory` with its
@@ -96,8 +102,11 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
     estimator = estimate_dpo_memory if objective == "dpo" else estimate_memory
     if gpus > 1 and parallel is None:
         parallel = "fsdp"
+    # the hand-written estimate counts a chunked loss for checkpointed steps only: without
+    # gradient checkpointing the table shows full logits (the header says so)
+    table_chunk = loss_chunk_size if gradient_checkpointing else None
     common = dict(r=r, target_modules=target_modules, optimizer=optimizer, dtype=dtype,
-                  gradient_checkpointing=gradient_checkpointing)
+                  gradient_checkpointing=gradient_checkpointing, loss_chunk_size=table_chunk)
     if parallel:
         if objective != "sft":
             raise ValueError("--gpus: the per-GPU plan covers objective 'sft' (minift trains DPO on one process)")
@@ -121,15 +130,23 @@ def plan(cfg: ModelConfig, gpu_memory: int, *, batch_size: int = 1, seq_len: int
                                       and gpus * offloaded.terms["host_bytes"] <= host_memory}
     fitting = [m for m in METHODS if out[m]["fits"]]
     settings = dict(r=r, target_modules=target_modules, optimizer=optimizer, dtype=dtype,
-                    gradient_checkpointing=gradient_checkpointing)
+                    gradient_checkpointing=gradient_checkpointing, loss_chunk_size=table_chunk)
     # the memory features the loop offers, turned on one at a time until each method fits
-    # (on one GPU; the per-GPU table of a multi-GPU plan has its own offload column instead)
+    # (on one GPU; the per-GPU table of a multi-GPU plan has its own offload column instead);
+    # for DPO with DPO's estimate (2x sequences, the reference's forward and weights)
     features = None if parallel else {
-        m: plan_features(cfg, budget, m, batch_size, seq_len, r=r, optimizer=optimizer, dtype=dtype,
-                         target_modules=target_modules) for m in METHODS}
-    return {"methods": out, "recommendation": fitting[0] if fitting else None, "budget": budget,
+        m: plan_features(cfg, budget, m, batch_size, seq_len, estimator=estimator, r=r,
+                         optimizer=optimizer, dtype=dtype, target_modules=target_modules,
+                         loss_chunk_size=table_chunk, wanted_chunk=loss_chunk_size,
+                         gradient_checkpointing=gradient_checkpointing) for m in METHODS}
+    # the highest-quality method that fits, as asked or with memory features (the features'
+    # lines would contradict a recommendation that ignored them)
+    recommendation = next((m for m in METHODS if out[m]["fits"]
+                           or (features and features[m]["fits"])), None)
+    return {"methods": out, "recommendation": recommendation, "budget": budget,
             "max_position_embeddings": max_pos, "objective": objective, "features": features,
             "gpus": gpus, "parallel": parallel, "cpu_offload": cpu_offload, "host_memory": host_memory,
+            "loss_chunk_size": table_chunk,
             # the advice re-estimates one-GPU SFT steps; a DPO plan has its own estimator
             "advice": advice(cfg, out, budget, batch_size, seq_len, settings)
             if objective == "sft" and not parallel else []}
@@ -151,7 +168,7 @@ def advice(cfg, methods: dict, budget: int, batch_size: int, seq_len: int, setti
         lines.append("paged_adamw8bit keeps the optimizer states in host RAM, not on the GPU: "
                      + ", ".join(f"{LABELS[m]} {format_bytes(host[m])}" for m in METHODS) + ".")
     gc_fits = []
-    if not settings["gradient_checkpointing"]:
+    if not settings["gradient_checkpointing"] and not any(methods[m]["fits"] for m in METHODS):
         for m in METHODS:
             total = est(m, gradient_checkpointing=True).total
             if not methods[m]["fits"] and total <= budget:
@@ -160,11 +177,14 @@ def advice(cfg, methods: dict, budget: int, batch_size: int, seq_len: int, setti
                              f"({format_bytes(total)} of {format_bytes(budget)}).")
     if any(methods[m]["fits"] for m in METHODS) or gc_fits:
         return lines
-    return lines + _what_would_fit(est, budget, seq_len, cfg.max_position_embeddings)
+    return lines + _what_would_fit(est, budget, seq_len, cfg.max_position_embeddings,
+                                   settings["gradient_checkpointing"])
 
 
-def _what_would_fit(est, budget: int, seq_len: int, max_pos: int) -> list:
-    """Nothing fits one GPU even with gradient checkpointing: the ways out, with numbers."""
+def _what_would_fit(est, budget: int, seq_len: int, max_pos: int, checkpointing: bool) -> list:
+    """Nothing fits one GPU even with gradient checkpointing: the ways out, with numbers (the
+    --gradient-checkpointing flag named only where the user has not given it)."""
+    with_gc = "" if checkpointing else " and --gradient-checkpointing"
     lines = []
     for m in METHODS:  # weights, gradients and optimizer states divide over N GPUs; activations not
         e = est(m, gradient_checkpointing=True)
@@ -173,18 +193,17 @@ def _what_would_fit(est, budget: int, seq_len: int, max_pos: int) -> list:
         if rest < budget:
             n = -(-states // (budget - rest))
             lines.append(f"{LABELS[m]} would fit on {n} GPUs of this size with weights, gradients and "
-                         f"optimizer states sharded {n} ways (FSDP) and --gradient-checkpointing.")
+                         f"optimizer states sharded {n} ways (FSDP){with_gc}.")
     paged = est("qlora", gradient_checkpointing=True, optimizer="paged_adamw8bit")
     if paged.total <= budget:
         host = est("qlora", gradient_checkpointing=True, optimizer="adamw8bit").optimizer_states
         lines.append(f"QLoRA fits with the optimizer states offloaded to CPU (--optimizer "
-                     f"paged_adamw8bit: {format_bytes(host)} of host RAM) and --gradient-checkpointing "
+                     f"paged_adamw8bit: {format_bytes(host)} of host RAM){with_gc} "
                      f"({format_bytes(paged.total)} of {format_bytes(budget)}).")
     shorter = _largest(lambda t: est("qlora", gradient_checkpointing=True, b=1, t=t).total <= budget,
                        2, min(seq_len, max_pos))
     if shorter >= 2:
-        lines.append(f"QLoRA fits at batch 1 with --gradient-checkpointing and --seq-len {shorter} "
-                     f"or shorter.")
+        lines.append(f"QLoRA fits at batch 1 with --seq-len {shorter} or shorter{with_gc}.")
     if not lines:
         lines.append("No method fits at batch 1 even with 2 tokens: the weights alone exceed "
                      "this GPU; pick a smaller model.")
@@ -197,8 +216,10 @@ def format_plan(result: dict, *, model_name: str, gpu_memory: int, reserve: int,
     """The planner's report as printed by ``python -m minift plan``."""
     methods = result["methods"]
     ckpt = "on" if gradient_checkpointing else "off"
+    chunk = result.get("loss_chunk_size")
     lines = [f"model {model_name} | batch {batch_size} x seq {seq_len} | optimizer {optimizer} | "
-             f"LoRA r={r} | gradient checkpointing {ckpt}"
+             f"LoRA r={r} | gradient checkpointing {ckpt} | loss chunk "
+             f"{chunk if chunk else 'off (full logits' + ('' if gradient_checkpointing else '; the estimate of a chunked loss needs gradient checkpointing') + ')'}"
              + (" | DPO: batch = pairs, 2x sequences + reference forward"
                 if result.get("objective") == "dpo" else ""),
              *([f"{result['gpus']} GPUs, {result['parallel'].upper()}"
@@ -251,10 +272,19 @@ def _count(n: int, low: int, high: int) -> str:
 def _recommend(result, batch_size, seq_len, gradient_checkpointing) -> str:
     best = result["recommendation"]
     methods = result["methods"]
-    if best is not None:
+    if best is not None and methods[best]["fits"]:
         return (f"Recommendation: {LABELS[best]} — the highest-quality method that fits batch "
                 f"{batch_size} x seq {seq_len} ({format_bytes(methods[best]['estimate'].total)} of "
                 f"{format_bytes(result['budget'])}).")
+    if best is not None:
+        feat = result["features"][best]
+        plain = next((m for m in METHODS if methods[m]["fits"]), None)
+        without = (f" Without memory features {LABELS[plain]} fits as asked "
+                   f"({format_bytes(methods[plain]['estimate'].total)})." if plain else "")
+        return (f"Recommendation: {LABELS[best]} — the highest-quality method that fits batch "
+                f"{batch_size} x seq {seq_len}, with {', '.join(feat['features'])} "
+                f"({format_bytes(feat['estimate'].total)} of {format_bytes(result['budget'])}): "
+                f"{train_config_text(best, feat['settings'])}.{without}")
     offload = [m for m in METHODS if methods[m].get("offload", {}).get("fits")]
     if offload:
         m, est = offload[0], methods[offload[0]]["offload"]["estimate"]
@@ -262,6 +292,7 @@ def _recommend(result, batch_size, seq_len, gradient_checkpointing) -> str:
                 f"batch {batch_size} x seq {seq_len} without it; with it {format_bytes(est.total)} per GPU "
                 f"and {format_bytes(est.terms['host_bytes'])} of host memory per GPU.")
     smaller = [m for m in METHODS if methods[m]["max_batch_size"] >= 1]
+    gradient_checkpointing = gradient_checkpointing or bool(result.get("features"))
     if smaller:
         m = smaller[0]
         return (f"Recommendation: nothing fits batch {batch_size} x seq {seq_len}; {LABELS[m]} "
@@ -288,6 +319,10 @@ def add_plan_arguments(parser) -> None:
                         help="optimizer whose states are counted")
     parser.add_argument("--gradient-checkpointing", action="store_true", dest="gradient_checkpointing",
                         help="recompute each layer in backward (less activation memory)")
+    parser.add_argument("--loss-chunk-size", type=int, default=TRAIN_DEFAULTS["loss_chunk_size"],
+                        dest="loss_chunk_size",
+                        help="tokens per lm_head + loss chunk, as TrainConfig.loss_chunk_size; 0 = "
+                             "full (B, T, V) logits")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                         help="dtype of the weights and activations")
     parser.add_argument("--objective", default="sft", choices=("sft", "dpo"),
@@ -312,6 +347,8 @@ def run_plan(args, parser) -> int:
         host = parse_memory(args.host_memory, "--host-memory")
         if args.cpu_offload and args.parallel == "ddp":
             raise ValueError("--cpu-offload: applies to --parallel fsdp only")
+        if args.loss_chunk_size < 0:
+            raise ValueError(f"--loss-chunk-size must be >= 0 (0 = full logits), got {args.loss_chunk_size}")
         for name in ("batch_size", "seq_len", "r", "gpus"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
@@ -324,7 +361,8 @@ def run_plan(args, parser) -> int:
         result = plan(cfg, gpu, batch_size=args.batch_size, seq_len=args.seq_len, r=args.r,
                       optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
                       dtype=dtype, reserve=reserve, objective=args.objective, gpus=args.gpus,
-                      parallel=args.parallel, cpu_offload=args.cpu_offload, host_memory=host)
+                      parallel=args.parallel, cpu_offload=args.cpu_offload, host_memory=host,
+                      loss_chunk_size=args.loss_chunk_size or None)
     except (ValueError, FileNotFoundError, TypeError) as err:
         parser.error(str(err))
     print(format_plan(result, model_name=name, gpu_memory=gpu, reserve=reserve,
@@ -350,40 +388,64 @@ LONGEST_LIMIT = 1 << 22  # 4M tokens: the search's upper bound
 
 
 def plan_features(cfg: ModelConfig, budget: int, method: str, batch_size: int, seq_len: int,
-                  **common) -> dict:
-    """The fewest rungs of `LADDER` with which `method` fits `budget` device bytes.
+                  estimator=estimate_memory, wanted_chunk=None, **common) -> dict:
+    """The fewest memory features with which `method` fits `budget` device bytes: the user's
+    settings first, then gradient checkpointing, then the rungs of `LADDER` one at a time.
 
-    Returns {"fits", "features" (names of the rungs used), "settings" (estimate_memory
-    keywords), "estimate", "longest_seq_batch_1"}; `common` holds r, optimizer, dtype, ...
+    Returns {"fits", "features" (names of what was turned on), "settings" (estimator keywords,
+    gradient checkpointing included), "estimate", "longest_seq_batch_1"}; `common` holds r,
+    optimizer, dtype, loss_chunk_size, gradient_checkpointing ...; `wanted_chunk` is the loss
+    chunk the user asked for, turned on with gradient checkpointing.
     """
-    settings, used = dict(common, loss_chunk_size=None), []
-    est = _feature_estimate(cfg, method, batch_size, seq_len, settings)
-    for name, change in LADDER:
+    settings, used = dict(common), []
+    settings.setdefault("gradient_checkpointing", False)
+    est = _feature_estimate(cfg, method, batch_size, seq_len, settings, estimator)
+    checkpointing = dict(gradient_checkpointing=True, loss_chunk_size=wanted_chunk)
+    rungs = LADDER if settings["gradient_checkpointing"] else \
+        (("gradient checkpointing" + (f" (loss_chunk_size={wanted_chunk})" if wanted_chunk else ""),
+          checkpointing),) + LADDER
+    for name, change in rungs:
         if est.total <= budget:
             break
+        if all(settings.get(k) == v for k, v in change.items()):
+            continue  # already on (the user's loss_chunk_size=1024, say)
         settings.update(change)
         used.append(name)
-        est = _feature_estimate(cfg, method, batch_size, seq_len, settings)
-    full_set = dict(settings)
+        est = _feature_estimate(cfg, method, batch_size, seq_len, settings, estimator)
+    full_set = dict(settings, gradient_checkpointing=True)
     for _, change in LADDER:
         full_set.update(change)
     return {"fits": est.total <= budget, "features": used, "settings": settings, "estimate": est,
-            "longest_seq_batch_1": longest_seq(cfg, budget, method, **full_set)}
+            "longest_seq_batch_1": longest_seq(cfg, budget, method, estimator=estimator, **full_set)}
 
 
-def _feature_estimate(cfg, method, batch_size, seq_len, settings):
+def _feature_estimate(cfg, method, batch_size, seq_len, settings, estimator=estimate_memory):
     # rows without padding (the fused causal attention; packed rows are the same size)
-    return estimate_memory(cfg, method, batch_size, seq_len, gradient_checkpointing=True,
-                           attention_mask=False, **settings)
+    return estimator(cfg, method, batch_size, seq_len, attention_mask=False, **settings)
 
 
-def longest_seq(cfg: ModelConfig, budget: int, method: str, **settings) -> int:
+def train_config_text(method: str, settings: dict) -> str:
+    """The TrainConfig(...) that runs `method` with planner `settings` (fields that differ from
+    TrainConfig's defaults; the optimizer step in backward needs max_grad_norm=None)."""
+    fields = {"method": method}
+    for key in ("optimizer", "gradient_checkpointing", "loss_chunk_size", "activation_offload",
+                "mlp_tile_size", "paged_device_budget", "optimizer_in_backward"):
+        if key in settings and settings[key] != TRAIN_DEFAULTS[key]:
+            fields[key] = settings[key]
+    if fields.get("optimizer") != "paged_adamw8bit":
+        fields.pop("paged_device_budget", None)
+    if fields.get("optimizer_in_backward"):
+        fields["max_grad_norm"] = None
+    return "TrainConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+
+def longest_seq(cfg: ModelConfig, budget: int, method: str, estimator=estimate_memory, **settings) -> int:
     """Longest sequence at batch 1 whose estimate fits `budget` (0 if none), memory only: the
     search goes past max_position_embeddings (the caller says when the answer is beyond it)."""
     roomy = dataclasses.replace(cfg, max_position_embeddings=LONGEST_LIMIT)
 
     def fits(t):
-        return _feature_estimate(roomy, method, 1, t, settings).total <= budget
+        return _feature_estimate(roomy, method, 1, t, settings, estimator).total <= budget
 
     if not fits(2):
         return 0
