@@ -42,7 +42,7 @@ from minift.checkpoints.fingerprint import (  # noqa: F401
     model_fingerprint,
 )
 from minift.checkpoints.state import _join_optimizer_state, _split_optimizer_state, rng_state, set_rng_state  # noqa: F401
-from minift.files import fsync_path, read_json, write_json
+from minift.files import fsync_path, is_disk_full, read_json, reporting_write_errors, write_json
 from minift.lora.layer import lora_state_dict
 
 MANIFEST = "manifest.json"
@@ -144,8 +144,9 @@ def _first_non_finite(tensors: dict) -> Optional[str]:
     return None
 
 
-def _write_files(tmp: Path, step: int, model, optimizer, method, trainer_state, rng) -> dict:
-    """Every file of the checkpoint but the manifest; returns the manifest."""
+def _contents(tmp: Path, step: int, model, optimizer, method, rng, trainer_state) -> tuple[dict, dict, dict]:
+    """What a 1-process checkpoint holds: ({file: (tensors, metadata)} of its safetensors files,
+    optimizer.json, trainer_state.json)."""
     model_tensors, aliases = _model_tensors(model, method)
     opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
     # A checkpoint is the state to go back to; NaN or Inf in it is never one (resuming it fails
@@ -157,14 +158,27 @@ def _write_files(tmp: Path, step: int, model, optimizer, method, trainer_state, 
             raise FloatingPointError(
                 f"not saving step {step}: {kind} tensor {bad!r} holds NaN or Inf; the newest "
                 f"finite checkpoint is {newest or 'none (no checkpoint was written)'}")
-    tmp.mkdir()
-    save_file(model_tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    write_json(tmp / "optimizer.json", opt_meta, indent=None, atomic=False)
     rng_tensors, rng_meta = rng if rng is not None else rng_state()
-    save_file(rng_tensors, tmp / "rng.safetensors")
+    files = {"model.safetensors": (model_tensors, {"aliases": json.dumps(aliases)}),
+             "optimizer.safetensors": (opt_tensors, None), "rng.safetensors": (rng_tensors, None)}
     state = dict(trainer_state, step=step, method=method, rng=rng_meta,
                  fingerprint=model_fingerprint(model), format_version=FORMAT_VERSION)
+    return files, opt_meta, state
+
+
+def _size_of(files: dict, *documents: dict) -> int:
+    """Bytes a checkpoint takes, near enough to say how much space a failed save needed: its
+    tensors and JSON documents (the safetensors headers and the manifest add a few KB)."""
+    tensors = sum(t.nbytes for group, _ in files.values() for t in group.values())
+    return tensors + sum(len(json.dumps(d)) for d in documents)
+
+
+def _write_files(tmp: Path, step: int, files: dict, opt_meta: dict, state: dict) -> dict:
+    """Every file of the checkpoint but the manifest; returns the manifest."""
+    tmp.mkdir()
+    for name, (tensors, metadata) in files.items():
+        save_file(tensors, tmp / name, metadata=metadata)
+    write_json(tmp / "optimizer.json", opt_meta, indent=None, atomic=False)
     return _seal(tmp, step, state)
 
 
@@ -199,8 +213,9 @@ def _install(root: Path, tmp: Path, step: int, keep_last: Optional[int], run_id)
 def finish_checkpoint(root: Path, tmp: Path, step: int, state: dict, keep_last: Optional[int]) -> str:
     """Seal a ``tmp`` directory whose other files are written (the distributed checkpoints of
     `minift.distributed.run`), write its manifest last, install it as ``step-<step>`` and prune."""
-    write_json(tmp / MANIFEST, _seal(tmp, step, state), indent=None, atomic=False)
-    fsync_path(tmp)
+    with saving(Path(root), tmp, step, None):
+        write_json(tmp / MANIFEST, _seal(tmp, step, state), indent=None, atomic=False)
+        fsync_path(tmp)
     return _install(Path(root), tmp, step, keep_last, state.get("run_id"))
 
 
@@ -225,25 +240,39 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, tra
 
     Raises:
         FloatingPointError: a model or optimizer tensor holds NaN/Inf (nothing is written).
-        OSError: the disk is full or not writable; one line naming the newest intact
-            checkpoint (the partial one is removed).
+        OSError: the disk is full or not writable (`minift.files.WriteError`); one line naming
+            the folder, the bytes needed and free, and the newest intact checkpoint (the
+            partial one is removed).
     """
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     clean_incomplete(root)
     tmp = root / f".tmp-step-{step}"
-    try:
-        manifest = _write_files(tmp, step, model, optimizer, method, trainer_state, rng)
+    files, opt_meta, state = _contents(tmp, step, model, optimizer, method, rng, trainer_state)
+    with saving(root, tmp, step, _size_of(files, opt_meta, state)):
+        manifest = _write_files(tmp, step, files, opt_meta, state)
         write_json(tmp / MANIFEST, manifest, indent=None, atomic=False)
         fsync_path(tmp)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk needs the space back
-        newest = latest_checkpoint(root)
-        hint = (f"the newest intact checkpoint is {newest}; free space, then run again with "
-                f"resume_from='latest' (--resume)" if newest else "no checkpoint was written yet")
-        raise OSError(err.errno, f"cannot save the checkpoint of step {step} in {root}: "
-                                 f"{err.strerror or err}; {hint}") from err
     return _install(root, tmp, step, keep_last, trainer_state.get("run_id"))
+
+
+def resume_hint(root, err: Optional[BaseException] = None) -> str:
+    """What is intact after a write in `root` failed with `err`, and how to go on."""
+    newest = latest_checkpoint(root)
+    if newest is None:
+        return "no checkpoint was written yet"
+    fix = "free space, then run" if err is None or is_disk_full(err) else "fix that, then run"
+    return (f"the newest intact checkpoint is {newest}; {fix} again with resume_from='latest' "
+            f"(--resume)")
+
+
+def saving(root: Path, tmp: Path, step: int, needed: Optional[int] = None):
+    """A write error while filling `tmp` (a full disk: an OSError, or safetensors' own
+    SafetensorError) removes the partial checkpoint to give its space back and becomes one line
+    naming the folder, the bytes needed and free, and the newest intact checkpoint."""
+    return reporting_write_errors(f"cannot save the checkpoint of step {step} in {root}", root,
+                                  needed, then=lambda err: resume_hint(root, err),
+                                  undo=lambda: shutil.rmtree(tmp, ignore_errors=True))
 
 
 def prune(output_dir, keep_last: int, step: int, run_id: Optional[str]) -> list[str]:

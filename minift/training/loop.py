@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from minift.checkpoints import steps as ckpt
 from minift.distributed.parallel import reshard, unwrap
 from minift.distributed.run import DistRun
-from minift.files import write_json
+from minift.files import reporting_write_errors, write_json
 from minift.lora.layer import trainable_parameters
 from minift.memory.tracker import MemoryTracker
 from minift.models.switches import gradient_checkpointing, mlp_tiling, offloading
@@ -260,7 +259,7 @@ class _Run:
                     mlp_tiling(plain, self.config.mlp_tile_size), \
                     self.stepper or contextlib.nullcontext(), \
                     neftune(plain, self.config.neftune_alpha), \
-                    open(metrics if self.dist.is_main else os.devnull, "a") as log:
+                    open(metrics if self.dist.is_main else os.devnull, "ab", buffering=0) as log:
                 yield log
         finally:
             self.bar.close()
@@ -279,8 +278,7 @@ class _Run:
                  f"{rundir.peak_label(self.device)})")
 
     def log(self, line: dict, log) -> None:
-        log.write(json.dumps(line) + "\n")
-        log.flush()
+        rundir.append_metrics(log, line, self.out / "metrics.jsonl")
         self.bar.update(1)
         step = line["step"]
         dead = self.watch.update(step, line["loss"], line["grad_norm"])
@@ -332,7 +330,10 @@ class _Run:
             self.say(f"padding efficiency {summary['padding_efficiency']:.1%} (real tokens / "
                      f"slots of the padded micro-batches of all {summary['steps']} steps)")
         if self.dist.is_main:
-            write_json(self.out / "summary.json", summary)  # atomic: a kill keeps the last summary
+            path = self.out / "summary.json"
+            with reporting_write_errors(f"cannot write {path}", self.out,
+                                        then=lambda err: ckpt.resume_hint(self.out, err)):
+                write_json(path, summary)  # atomic: a kill keeps the last summary
         return summary
 
     def summary(self) -> dict:

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import numpy as np
 
 from minift.checkpoints import steps as ckpt
 from minift.data.preference import PAIR_KEYS
-from minift.files import atomic_write
+from minift.files import atomic_write, reporting_write_errors
 from minift.lora.layer import LoRALinear
 from minift.names import IGNORE_INDEX
 from minift.nf4.linear import NF4Linear
@@ -137,8 +138,31 @@ def trim_metrics(path, step: int) -> int:
             raise ValueError(f"{path}:{lineno}: not a metrics record ({err})") from None
         if record_step <= step:
             kept.append(line)
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+    text = "".join(k + "\n" for k in kept)
+    with reporting_write_errors(f"cannot rewrite {path}", path.parent, len(text.encode()),
+                                then=lambda err: ckpt.resume_hint(path.parent, err)):
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return len(kept)
+
+
+def append_metrics(log, line: dict, path) -> None:
+    """Append one record to the open metrics file `log` (unbuffered, binary). A failed write (a
+    full disk) is cut back off, so the file keeps whole lines, and raises one line naming the
+    file, the bytes and the newest intact checkpoint."""
+    data = (json.dumps(line) + "\n").encode()
+    path = Path(path)
+    end = os.fstat(log.fileno()).st_size
+
+    def cut_back():  # truncating needs no space
+        with contextlib.suppress(OSError):
+            os.ftruncate(log.fileno(), end)
+
+    with reporting_write_errors(f"cannot append step {line['step']} to {path}", path.parent,
+                                len(data), then=lambda err: ckpt.resume_hint(path.parent, err),
+                                undo=cut_back):
+        view = memoryview(data)
+        while view:  # a raw file may write part of it
+            view = view[log.write(view):]
 
 
 # ---- when a step fails ---------------------------------------------------------------------
