@@ -117,3 +117,25 @@ def test_dead_model_watch():
         == [None] * 4
     assert watch.update(10, uniform, 0.1) is None and watch.update(11, uniform + 1e-6, 0.1) is None
     assert "stayed at ln(vocab) = 3.4657 for 3 steps" in watch.update(12, uniform, 0.1)
+
+
+def test_a_trim_killed_midway_leaves_no_temporary_file_behind(tmp_path):
+    from test_trainer import cfg, make_examples
+
+    from minift.training.loop import train
+
+    run = tmp_path / "run"
+    train(TinyLM(), make_examples(16), cfg(tmp_path, max_steps=2))
+    # what atomic_write's temporary files look like when SIGKILL came before their rename
+    killed = [run / ".metrics.jsonl.k1x9_q2.tmp", run / ".summary.json.p0a7zz3w.tmp"]
+    for path in killed:
+        path.write_text('{"step": 1}\n')
+    kept = [run / ".notes.txt.tmp", run / "metrics.jsonl.tmp"]  # not minift's: left alone
+    for path in kept:
+        path.write_text("mine")
+    assert rundir.clean_leftovers(run) == [str(p) for p in killed]
+    for path in killed:
+        path.write_text('{"step": 1}\n')
+    train(TinyLM(), make_examples(16), cfg(tmp_path, max_steps=3, resume_from="latest"))
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [".notes.txt.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "step-2", "step-3", "summary.json"])

@@ -198,7 +198,7 @@ class _Run:
         self.out = Path(config.output_dir)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.clean_incomplete(self.out)
+            rundir.clean_leftovers(self.out)  # of a killed run: partial saves, temporary files
         rundir.check_run(model, train_data, eval_data, config)
         seed_everything(config.seed)
         if not self.dist.active:  # one process: on the device before the fingerprint pass

@@ -5,7 +5,8 @@
 - The method must match what is trainable: "lora" on a model without adapters would fine-tune
   every weight and label the run "lora".
 - Every token id must index the embedding (an index error deep in the forward names nothing).
-- metrics.jsonl is trimmed to the resumed step atomically; a torn last line is dropped.
+- metrics.jsonl is trimmed to the resumed step atomically; a torn last line is dropped, and the
+  temporary file of a trim cut short by a kill is removed at the next run's start.
 - A divergence names the newest checkpoint whose weights a finite step has used.
 - A model that stopped learning (gradient norm exactly 0, loss pinned at ln(vocab)) is reported.
 """
@@ -24,7 +25,7 @@ import numpy as np
 
 from minift.checkpoints import steps as ckpt
 from minift.data.preference import PAIR_KEYS
-from minift.files import atomic_write, reporting_write_errors
+from minift.files import atomic_write, reporting_write_errors, stale_temp_files
 from minift.lora.layer import LoRALinear
 from minift.names import IGNORE_INDEX
 from minift.nf4.linear import NF4Linear
@@ -111,6 +112,23 @@ def check_token_ids(examples, vocab_size: Optional[int], name: str) -> None:
                 raise ValueError(f"{name}[{i}]: {key}[{j}] is token id {int(ids[j])}, outside the "
                                  f"model's vocabulary of {vocab_size} (ids 0..{vocab_size - 1}); "
                                  f"was the data tokenized with this model's tokenizer?")
+
+
+# ---- leftovers of a killed run -------------------------------------------------------------
+RUN_FILES = ("metrics.jsonl", "summary.json")  # rewritten atomically through a temporary file
+
+
+def clean_leftovers(output_dir) -> list[str]:
+    """What a killed run left in `output_dir`: interrupted checkpoint saves and prunes
+    (`ckpt.clean_incomplete`), and the temporary files of an interrupted rewrite of
+    metrics.jsonl (the trim on resume) or summary.json, which nothing else would ever remove.
+    Returns what was removed."""
+    removed = ckpt.clean_incomplete(output_dir)
+    for name in RUN_FILES:
+        for leftover in stale_temp_files(output_dir, name):
+            leftover.unlink(missing_ok=True)
+            removed.append(str(leftover))
+    return removed
 
 
 # ---- metrics.jsonl -----------------------------------------------------------------------
