@@ -106,6 +106,21 @@ def _remove_checkpoint(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def set_aside(path, prefix: str) -> Path:
+    """Rename the folder `path` to ``<prefix>-<name>`` beside it, or ``<prefix>-<name>-2``, -3,
+    ... when that is taken (the same step can be set aside twice: a run that diverges at step N,
+    is resumed, and diverges there again); returns the new path. No such name is ever read as a
+    checkpoint."""
+    path = Path(path)
+    base = f"{prefix}-{path.name}"
+    target, n = path.parent / base, 1
+    while target.exists():
+        n += 1
+        target = path.parent / f"{base}-{n}"
+    os.rename(path, target)
+    return target
+
+
 def clean_incomplete(output_dir) -> list[str]:
     """Tidy up after interrupted saves and prunes; returns the directories removed.
 

@@ -187,13 +187,14 @@ def append_metrics(log, line: dict, path) -> None:
 def divergence(output_dir, step: int, what: str, value: float) -> str:
     """The message of a non-finite loss or gradient norm at `step`, after setting aside the
     checkpoint of step - 1: its weights gave that loss, so resuming it diverges again. It is
-    renamed ``diverged-step-N`` (kept for inspection; never taken by resume_from='latest')."""
+    renamed ``diverged-step-N`` (``diverged-step-N-2``, ... when a resumed run diverged at the
+    same step before; kept for inspection, never taken by resume_from='latest')."""
     root = Path(output_dir)
     suspect = root / f"step-{step - 1}"
     note = ""
     if suspect.is_dir():
-        os.rename(suspect, root / f"diverged-{suspect.name}")
-        note = f"; {suspect.name}, whose weights gave it, is renamed diverged-{suspect.name}"
+        aside = ckpt.set_aside(suspect, "diverged")
+        note = f"; {suspect.name}, whose weights gave it, is renamed {aside.name}"
     newest = ckpt.latest_checkpoint(root)
     resume = (f"the newest checkpoint with finite weights that a finite step has used is {newest}; "
               f"lower the learning rate and resume from it" if newest else
