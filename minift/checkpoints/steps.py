@@ -12,11 +12,12 @@ A checkpoint is a directory ``<output_dir>/step-N`` holding
                             written last, it marks the checkpoint complete
 
 It is first written into ``<output_dir>/.tmp-step-N``, every file is fsync'ed, and only then the
-directory is renamed to ``step-N``. A crash mid-save leaves a ``.tmp-`` directory (never read,
-removed on the next save) or a directory without a valid manifest (never taken for a checkpoint).
+directory is renamed to ``step-N``. A crash mid-save leaves a ``.tmp-`` directory (never read;
+the next save or run keeps it as ``step-N`` if it is sealed and intact, else deletes it).
 Pruning renames ``step-N`` to ``.del-step-N`` before deleting it, so a crash mid-prune never
-leaves a half-deleted ``step-N``. Resuming verifies every checksum: a corrupt file (same size,
-other bytes) is found before a single weight is loaded.
+leaves a half-deleted ``step-N``; a ``step-N`` without a manifest is therefore none of minift's,
+and is moved aside rather than deleted. Resuming verifies every checksum: a corrupt file (same
+size, other bytes) is found before a single weight is loaded.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from minift.lora.layer import lora_state_dict
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_LEFTOVER = re.compile(r"^\.(tmp|old|del)-step-(\d+)$")  # an interrupted save, re-save or prune
 _CRC_CHUNK = 1 << 22  # bytes read at a time for the checksum: bounded memory for any file size
 _verified: dict = {}  # checkpoint path -> (file stats) that last passed `verify`
 
@@ -124,31 +126,66 @@ def set_aside(path, prefix: str) -> Path:
 def clean_incomplete(output_dir) -> list[str]:
     """Tidy up after interrupted saves and prunes; returns the directories removed.
 
-    A ``.tmp-step-N`` whose manifest is complete (the crash came after writing it) becomes
-    ``step-N`` if there is none; so does an ``.old-step-N`` left by a crash in the middle of
-    replacing ``step-N``. Everything else of that kind is deleted, and so are ``.del-step-N``
-    (a prune cut short) and ``step-N`` folders without a manifest (the remains of a prune cut
-    short; a save never renames a folder to step-N before its manifest is written).
+    Each step's copies (``.tmp-step-N`` being written or sealed, ``step-N``, ``.old-step-N``
+    swapped out by a re-save) are settled by `_settle`: the newest that passes `verify` becomes
+    ``step-N``, the others go. ``.del-step-N`` (a prune cut short) is deleted. A ``step-N``
+    without a manifest is never a save's or a prune's remnant (a save names a folder step-N only
+    once its manifest is written; a prune renames it to .del- first), so it is not deleted but
+    warned about and moved aside to ``unrecognized-step-N``.
     """
     root = Path(output_dir)
     removed = []
     if not root.is_dir():
         return removed
+    copies: dict = {}  # step -> {"tmp" | "old": path}
     for entry in sorted(root.iterdir()):
         if not entry.is_dir():
             continue
-        for prefix in (".tmp-", ".old-"):
-            if entry.name.startswith(prefix + "step-"):
-                final = root / entry.name[len(prefix):]
-                if not final.exists() and is_complete(entry):
-                    os.rename(entry, final)
-                else:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(str(entry))
-        half_pruned = _STEP_DIR.match(entry.name) and not (entry / MANIFEST).exists()
-        if entry.name.startswith(".del-step-") or half_pruned:
+        leftover = _LEFTOVER.match(entry.name)
+        if leftover and leftover.group(1) == "del":
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(str(entry))
+        elif leftover:
+            copies.setdefault(int(leftover.group(2)), {})[leftover.group(1)] = entry
+        elif _STEP_DIR.match(entry.name) and not (entry / MANIFEST).exists():
+            aside = set_aside(entry, "unrecognized")
+            warnings.warn(f"{entry} has no {MANIFEST}, so minift did not leave it (a save names a "
+                          f"folder step-N only after writing its manifest, a prune renames it "
+                          f".del-step-N before deleting); moved aside to {aside.name}, not "
+                          f"deleted and not read as a checkpoint", stacklevel=2)
+    for step, found in sorted(copies.items()):
+        removed += _settle(root / f"step-{step}", found)
+    return removed
+
+
+def _settle(final: Path, found: dict) -> list[str]:
+    """Keep one copy of a step whose save or re-save was cut short; returns those removed.
+
+    The copies, newest first: ``.tmp-step-N`` (sealed or not), ``step-N``, ``.old-step-N``.
+    The newest that passes `verify` (every checksum: a size check cannot tell a corrupt copy
+    from a good one) is kept as ``step-N``; when none passes, ``step-N`` stays if it exists,
+    else the newest complete one is named ``step-N`` (resuming then reports what is wrong
+    with it rather than finding nothing). Only sealed copies are verified.
+    """
+    copies = [found.get("tmp"), final if (final / MANIFEST).exists() else None, found.get("old")]
+    copies = [c for c in copies if c is not None]
+    keep = next((c for c in copies if verify(c) is None), None)
+    if keep is None:
+        keep = final if final in copies else next((c for c in copies if is_complete(c)), None)
+    removed = []
+    for copy in copies:
+        if copy == keep:
+            continue
+        if copy == final:
+            _remove_checkpoint(final)  # via .del-step-N: never a half-deleted step-N
+        else:
+            shutil.rmtree(copy, ignore_errors=True)
+        removed.append(str(copy))
+    if keep is not None and keep != final:
+        os.rename(keep, final)
+        if str(keep) in _verified:  # the same files (inodes, sizes, times): checked already
+            _verified[str(final)] = _verified.pop(str(keep))
+        fsync_path(final.parent)
     return removed
 
 
