@@ -360,7 +360,7 @@ def writing(path, needed, out):
     as one line: the path, the bytes needed and free, and that the run's checkpoints are intact."""
     def then(err):
         newest = ckpt.latest_checkpoint(out)
-        fix = "free space" if is_disk_full(err) else "fix that"
+        fix = "free space" if is_disk_full(err) else "fix the cause"
         done = f"training finished and its checkpoint {newest} is intact" if newest else "training finished"
         return f"{done}; {fix}, then run the same command with --resume to write the outputs"
     return reporting_write_errors(f"cannot write {path}", out, needed, then=then)

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from test_trainer import TinyLM, cfg, make_examples
 
 import minift.checkpoints.steps as ckpt
-from minift.files import WriteError
+from minift.files import WriteError, write_error
 from minift.training import loop
 from minift.training.config import TrainConfig
 from minift.training.loop import train
@@ -64,6 +64,21 @@ def assert_resumes_exactly(tmp_path, data, from_step):
     assert losses(tmp_path / "run") == losses(tmp_path / "whole")
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_write_errors_as_one_line(tmp_path):
+    full = write_error(SafetensorError(NO_SPACE), "cannot write x", tmp_path, 1234, "then this")
+    assert isinstance(full, OSError) and full.errno == errno.ENOSPC
+    said = str(full)
+    assert said.startswith("[Errno 28] cannot write x: No space left on device (it needs about "
+                           "1,234 bytes; ") and said.endswith(f" bytes are free in {tmp_path}); then this")
+    free = int(said.split("; ")[1].split(" bytes")[0].replace(",", ""))  # others write to /tmp too
+    assert abs(free - shutil.disk_usage(tmp_path).free) < 2**30
+    denied = write_error(PermissionError(errno.EACCES, "Permission denied"), "cannot write x",
+                         tmp_path, 1234)
+    assert str(denied) == "[Errno 13] cannot write x: Permission denied"  # sizes only when full
+    # a SafetensorError about the tensors themselves is no I/O error: left as it is
+    assert write_error(SafetensorError("invalid dtype"), "cannot write x", tmp_path) is None
 
 
 def test_a_checkpoint_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
@@ -151,6 +166,31 @@ def test_a_metrics_line_on_a_full_disk_is_cut_back_and_named(tmp_path, monkeypat
     assert "\n" not in message
     monkeypatch.undo()
     assert_resumes_exactly(tmp_path, data, from_step=3)
+
+
+def test_the_metrics_trim_and_the_summary_on_a_full_disk_are_named(tmp_path, monkeypatch):
+    from minift.training import rundir
+
+    data, run = make_examples(24), tmp_path / "run"
+    train(start(), data, cfg(tmp_path, **SETTINGS))
+    metrics = run / "metrics.jsonl"
+    kept = "".join(line + "\n" for line in metrics.read_text().splitlines()[:2])
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rundir, "atomic_write", full)
+    with pytest.raises(WriteError, match=rf"^\[Errno 28\] cannot rewrite {metrics}: No space left on "
+                                         rf"device \(it needs about {len(kept):,} bytes; [\d,]+ bytes "
+                                         rf"are free in {run}\); the newest intact checkpoint is "
+                                         rf"{run}/step-5; free space"):
+        rundir.trim_metrics(metrics, 2)
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "write_json", full)
+    with pytest.raises(WriteError, match=rf"^\[Errno 28\] cannot write {run}/summary.json: No space "
+                                         rf"left on device \([\d,]+ bytes are free in {run}\); the "
+                                         rf"newest intact checkpoint is {run}/step-5; free space"):
+        train(start(), data, cfg(tmp_path, resume_from="latest", **SETTINGS))
 
 
 def _script():

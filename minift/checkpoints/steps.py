@@ -313,7 +313,7 @@ def resume_hint(root, err: Optional[BaseException] = None) -> str:
     newest = latest_checkpoint(root)
     if newest is None:
         return "no checkpoint was written yet"
-    fix = "free space, then run" if err is None or is_disk_full(err) else "fix that, then run"
+    fix = "free space, then run" if err is None or is_disk_full(err) else "fix the cause, then run"
     return (f"the newest intact checkpoint is {newest}; {fix} again with resume_from='latest' "
             f"(--resume)")
 
