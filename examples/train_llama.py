@@ -33,7 +33,8 @@ from minift.distributed import checkpoint as dckpt
 from minift.distributed import parallel as mdist
 from minift.evaluation.forgetting import forgetting, load_texts, perplexity
 from minift.evaluation.metrics import task_metrics
-from minift.files import write_json
+from minift.files import WriteError, is_disk_full, reporting_write_errors, write_json
+from minift.lora.layer import lora_state_dict
 from minift.lora.merging import describe, merge_and_check
 from minift.models.loading import as_dtype
 from minift.names import METHODS, OPTIMIZERS, PARALLEL
@@ -376,18 +377,42 @@ def check_output(path) -> None:
             return
 
 
+class OutputsNotSaved(Exception):
+    """Training finished, but an output could not be written (a full disk): one line, exit 1."""
+
+
+def writing(path, needed, out):
+    """An I/O error while writing the output `path` (an OSError, or safetensors' SafetensorError)
+    as one line: the path, the bytes needed and free, and that the run's checkpoints are intact."""
+    def then(err):
+        newest = ckpt.latest_checkpoint(out)
+        fix = "free space" if is_disk_full(err) else "fix the cause"
+        done = f"training finished and its checkpoint {newest} is intact" if newest else "training finished"
+        return f"{done}; {fix}, then run the same command with --resume to write the outputs"
+    return reporting_write_errors(f"cannot write {path}", out, needed, then=then)
+
+
+def model_bytes(model, dtype) -> int:
+    """Bytes of a model's weights saved in `dtype` (tied weights counted twice: an upper bound)."""
+    return sum(t.numel() for t in model.state_dict().values()) * dtype.itemsize
+
+
 def save_outputs(model, tokenizer, args, samples=()) -> dict:
     if args.distributed:
-        return save_outputs_distributed(model, tokenizer, args)
+        with writing(Path(args.output), None, Path(args.output)):
+            return save_outputs_distributed(model, tokenizer, args)
     out, saved = Path(args.output), {}
     keep = checkpoint_dtype(args.model)  # the saved model has the dtype the checkpoint had
     if args.method == "full":
-        minift.save_model(model.to(keep), out / "model")
-        tokenizer.save(out / "model")
+        with writing(out / "model", model_bytes(model, keep), out):
+            minift.save_model(model.to(keep), out / "model")
+            tokenizer.save(out / "model")
         saved["model"] = str(out / "model")
         return saved
-    minift.save_adapter(model, out / "adapter",
-                        base_model_name_or_path=os.path.abspath(args.model))
+    adapter_bytes = sum(t.nbytes for t in lora_state_dict(model).values())
+    with writing(out / "adapter", adapter_bytes, out):
+        minift.save_adapter(model, out / "adapter",
+                            base_model_name_or_path=os.path.abspath(args.model))
     saved["adapter"] = str(out / "adapter")
     if args.merge:
         # the merged model is checked against the adapter model on held-out samples first
@@ -396,8 +421,9 @@ def save_outputs(model, tokenizer, args, samples=()) -> dict:
         merged, check = merge_and_check(model, list(samples), base_weights=base, dtype=keep)
         print(describe(check))
         saved["merge_check"] = check
-        minift.save_model(merged, out / "merged")
-        tokenizer.save(out / "merged")
+        with writing(out / "merged", model_bytes(merged, keep), out):
+            minift.save_model(merged, out / "merged")
+            tokenizer.save(out / "merged")
         saved["merged"] = str(out / "merged")
     return saved
 
@@ -478,21 +504,33 @@ def run(args) -> dict:
     after = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device, general)
     say(f"\n{report(before, after)}")
     samples = [torch.tensor(ex["input_ids"]) for ex in eval_data[:4]]
-    saved = save_outputs(model, tokenizer, args, samples)
-    check = saved.pop("merge_check", None)
-    summary.update(before=before, after=after, saved=saved, base_model=str(args.model))
-    if check is not None:
-        summary["merge_check"] = check
+    summary.update(before=before, after=after, base_model=str(args.model))
     if general:
         # against the original base where the base was quantized (QLoRA): what a user ships
         summary["forgetting"] = forgetting(before.get("general_original", before["general"]),
                                            after["general"])
         if "general_original" in before:
             summary["forgetting_vs_nf4_base"] = forgetting(before["general"], after["general"])
-    if mdist.is_main():
-        write_json(Path(args.output) / "summary.json", summary)
+    saved = write_outputs(model, tokenizer, args, summary, samples)
     say("saved: " + ", ".join(f"{k} -> {v}" for k, v in saved.items()))
     return summary
+
+
+def write_outputs(model, tokenizer, args, summary: dict, samples=()) -> dict:
+    """The outputs (save_outputs), then summary.json with what was saved. A failed write (a full
+    disk) is OutputsNotSaved: training is done and its checkpoints are intact."""
+    try:
+        saved = save_outputs(model, tokenizer, args, samples)
+        check = saved.pop("merge_check", None)
+        summary["saved"] = saved
+        if check is not None:
+            summary["merge_check"] = check
+        if mdist.is_main():
+            with writing(Path(args.output) / "summary.json", None, Path(args.output)):
+                write_json(Path(args.output) / "summary.json", summary)
+    except WriteError as err:
+        raise OutputsNotSaved(str(err)) from err
+    return saved
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
@@ -507,6 +545,9 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"train_llama.py: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except OutputsNotSaved as err:
+        print(f"train_llama.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("train_llama.py: interrupted; run the same command with --resume to continue from "
               "the last checkpoint", file=sys.stderr)

@@ -1,11 +1,18 @@
-"""Files: atomic writes, and JSON / JSONL reading whose every error names the file and line."""
+"""Files: atomic writes, one-line write errors, and JSON / JSONL reading whose every error names
+the file and line."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
+
+from safetensors import SafetensorError
 
 
 def fsync_path(path) -> None:
@@ -43,6 +50,93 @@ def atomic_write(path, write: Callable[[str], None], mode: Optional[int] = None)
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def stale_temp_files(folder, name: str) -> list[Path]:
+    """Temporary files that `atomic_write` left beside ``folder/name`` when the process was killed
+    before it could remove them (``.<name>.<random>.tmp``)."""
+    folder = Path(folder)
+    return sorted(folder.glob(f".{name}.*.tmp")) if folder.is_dir() else []
+
+
+# ---- write errors --------------------------------------------------------------------------
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class WriteError(OSError):
+    """A failed write as one line: what was written where, why, and what is intact. Handlers
+    that see one pass it on unchanged rather than wrapping it again."""
+
+
+def os_error_of(err: BaseException) -> Optional[OSError]:
+    """The OSError behind a failed write; None when `err` is no I/O error. safetensors reports
+    its I/O errors as a SafetensorError ('Error while serializing: I/O error: No space left on
+    device (os error 28)'), which no ``except OSError`` sees."""
+    if isinstance(err, OSError):
+        return err
+    match = _OS_ERROR.search(str(err)) if isinstance(err, SafetensorError) else None
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
+
+
+def is_disk_full(err: BaseException) -> bool:
+    cause = os_error_of(err)
+    return cause is not None and cause.errno in _NO_SPACE
+
+
+def free_bytes(path) -> Optional[int]:
+    """Bytes free to this user on the file system of `path` (or of its nearest existing parent)."""
+    path = Path(path).absolute()
+    for existing in (path, *path.parents):
+        if existing.exists():
+            try:
+                return shutil.disk_usage(existing).free
+            except OSError:
+                return None
+    return None
+
+
+def write_error(err: BaseException, what: str, folder, needed: Optional[int] = None,
+                then: str = "") -> Optional[WriteError]:
+    """`err` as one line, ``<what>: <reason>; <then>``; None when it is no I/O error.
+
+    On a full disk the reason carries the bytes the write needed and those free in `folder`
+    (measured now: after the caller removed what it had partly written).
+    """
+    if isinstance(err, WriteError):
+        return err
+    cause = os_error_of(err)
+    if cause is None:
+        return None
+    reason = cause.strerror or str(cause)
+    if cause.errno in _NO_SPACE:
+        free = free_bytes(folder)
+        sizes = [f"it needs about {needed:,} bytes" if needed is not None else None,
+                 f"{free:,} bytes are free in {folder}" if free is not None else None]
+        reason += f" ({'; '.join(s for s in sizes if s)})" if any(sizes) else ""
+    return WriteError(cause.errno, f"{what}: {reason}" + (f"; {then}" if then else ""))
+
+
+@contextlib.contextmanager
+def reporting_write_errors(what: str, folder, needed: Optional[int] = None,
+                           then: Union[str, Callable[[BaseException], str]] = "",
+                           undo: Optional[Callable[[], None]] = None):
+    """Turn an I/O error (an OSError, or safetensors' SafetensorError) inside the block into one
+    `write_error` line; `undo` runs first (remove a partial file to give the space back), and
+    `then` may be a function of the error (what to do depends on whether the disk was full)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        if os_error_of(err) is None:
+            raise
+        if undo is not None:
+            undo()
+        if isinstance(err, WriteError):  # already one line, from a write inside this one
+            raise
+        raise write_error(err, what, folder, needed, then(err) if callable(then) else then) from err
 
 
 def write_json(path, obj, *, indent: Optional[int] = 2, sort_keys: bool = False,

@@ -3,6 +3,7 @@ NaN/Inf, pruning only this run's checkpoints, and one-line errors for damaged fi
 import errno
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,15 +150,83 @@ def test_pruning_keeps_other_runs_and_the_newest_checkpoint_a_step_has_used(tmp_
     assert ckpt.prune(tmp_path, 2, 4, "now") == []
 
 
-def test_half_pruned_checkpoints_are_removed(tmp_path):
+def test_a_prune_cut_short_is_finished(tmp_path):
     good = _save(tmp_path, 3)
-    half = tmp_path / "step-1"  # an older prune that stopped after deleting the manifest
-    half.mkdir()
-    (half / "model.safetensors").write_bytes(b"left over")
     (tmp_path / ".del-step-2").mkdir()  # a prune that stopped after its rename
-    removed = ckpt.clean_incomplete(tmp_path)
-    assert sorted(removed) == [str(tmp_path / ".del-step-2"), str(half)]
+    (tmp_path / ".del-step-2" / "model.safetensors").write_bytes(b"left over")
+    assert ckpt.clean_incomplete(tmp_path) == [str(tmp_path / ".del-step-2")]
     assert sorted(os.listdir(tmp_path)) == ["step-3"] and ckpt.verify(good) is None
+
+
+def test_a_step_folder_without_manifest_is_moved_aside_not_deleted(tmp_path):
+    good = _save(tmp_path, 3)
+    weights = os.urandom(980_000)
+    for attempt in (1, 2):  # the same name twice: the second gets its own folder
+        stray = tmp_path / "step-1"
+        stray.mkdir()
+        (stray / "model.safetensors").write_bytes(weights)
+        with pytest.warns(UserWarning) as caught:
+            assert ckpt.clean_incomplete(tmp_path) == []
+        aside = "unrecognized-step-1" + ("" if attempt == 1 else "-2")
+        assert [str(w.message) for w in caught] == [
+            f"{stray} has no manifest.json, so minift did not leave it (a save names a folder "
+            f"step-N only after writing its manifest, a prune renames it .del-step-N before "
+            f"deleting); moved aside to {aside}, not deleted and not read as a checkpoint"]
+        assert (tmp_path / aside / "model.safetensors").read_bytes() == weights
+    assert sorted(os.listdir(tmp_path)) == ["step-3", "unrecognized-step-1", "unrecognized-step-1-2"]
+    assert ckpt.list_checkpoints(tmp_path) == [(3, good)]  # not counted by a later run
+    assert ckpt.resolve_checkpoint("latest", tmp_path) == good
+    ckpt.clean_incomplete(tmp_path)  # nothing more to say or move
+    assert sorted(os.listdir(tmp_path)) == ["step-3", "unrecognized-step-1", "unrecognized-step-1-2"]
+
+
+def _copy_of_step_10(where, seed):
+    """A complete step-10 checkpoint of a model drawn with `seed`, written under `where`."""
+    torch.manual_seed(seed)
+    model = TinyLM()
+    return Path(_save(where, 10, model=model)), model
+
+
+@pytest.mark.parametrize("corrupt,winner", [("old", "tmp"), (None, "tmp"), ("tmp", "old")])
+def test_a_kill_between_the_renames_of_a_resave_keeps_the_newest_intact_copy(tmp_path, corrupt, winner):
+    """_install renames step-10 to .old-step-10, then .tmp-step-10 to step-10; killed between
+    the two, both copies are there and neither is step-10. Sizes cannot tell a corrupt copy (same
+    size, other bytes) from a good one; checksums can, and the newer copy wins a tie."""
+    run = tmp_path / "run"
+    run.mkdir()
+    old, old_model = _copy_of_step_10(tmp_path / "a", seed=1)
+    new, new_model = _copy_of_step_10(tmp_path / "b", seed=2)
+    os.rename(old, run / ".old-step-10")
+    os.rename(new, run / ".tmp-step-10")
+    if corrupt:
+        _flip_byte(run / f".{corrupt}-step-10" / "model.safetensors")
+    loser = {"tmp": ".old-step-10", "old": ".tmp-step-10"}[winner]
+    assert ckpt.clean_incomplete(run) == [str(run / loser)]
+    assert sorted(os.listdir(run)) == ["step-10"] and ckpt.verify(run / "step-10") is None
+    model = TinyLM()
+    ckpt.load_checkpoint(run / "step-10", model=model, optimizer=_opt(model))
+    want = new_model if winner == "tmp" else old_model
+    for (name, a), b in zip(want.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_kill_after_sealing_a_resave_keeps_the_new_copy(tmp_path):
+    """Killed after the new copy's manifest, before the first rename: step-10 and a complete
+    .tmp-step-10; the newer one wins. Killed while writing it: step-10 stays."""
+    run = tmp_path / "run"
+    run.mkdir()
+    old, _ = _copy_of_step_10(tmp_path / "a", seed=1)
+    new, new_model = _copy_of_step_10(tmp_path / "b", seed=2)
+    os.rename(old, run / "step-10")
+    os.rename(new, run / ".tmp-step-10")
+    assert ckpt.clean_incomplete(run) == [str(run / "step-10")]
+    model = TinyLM()
+    ckpt.load_checkpoint(run / "step-10", model=model, optimizer=_opt(model))
+    assert torch.equal(model.lm_head.weight, new_model.lm_head.weight)
+    (run / ".tmp-step-10").mkdir()  # a re-save killed before its manifest
+    (run / ".tmp-step-10" / "model.safetensors").write_bytes(b"half")
+    assert ckpt.clean_incomplete(run) == [str(run / ".tmp-step-10")]
+    assert sorted(os.listdir(run)) == ["step-10"] and ckpt.verify(run / "step-10") is None
 
 
 def test_train_resumes_from_the_newest_intact_checkpoint(tmp_path):

@@ -117,3 +117,49 @@ def test_dead_model_watch():
         == [None] * 4
     assert watch.update(10, uniform, 0.1) is None and watch.update(11, uniform + 1e-6, 0.1) is None
     assert "stayed at ln(vocab) = 3.4657 for 3 steps" in watch.update(12, uniform, 0.1)
+
+
+def test_a_trim_killed_midway_leaves_no_temporary_file_behind(tmp_path):
+    from test_trainer import cfg, make_examples
+
+    from minift.training.loop import train
+
+    run = tmp_path / "run"
+    train(TinyLM(), make_examples(16), cfg(tmp_path, max_steps=2))
+    # what atomic_write's temporary files look like when SIGKILL came before their rename
+    killed = [run / ".metrics.jsonl.k1x9_q2.tmp", run / ".summary.json.p0a7zz3w.tmp"]
+    for path in killed:
+        path.write_text('{"step": 1}\n')
+    kept = [run / ".notes.txt.tmp", run / "metrics.jsonl.tmp"]  # not minift's: left alone
+    for path in kept:
+        path.write_text("mine")
+    assert rundir.clean_leftovers(run) == [str(p) for p in killed]
+    for path in killed:
+        path.write_text('{"step": 1}\n')
+    train(TinyLM(), make_examples(16), cfg(tmp_path, max_steps=3, resume_from="latest"))
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [".notes.txt.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "step-2", "step-3", "summary.json"])
+
+
+def test_diverging_twice_at_one_step_sets_aside_both_and_names_the_checkpoint(tmp_path):
+    from test_trainer import cfg, make_examples
+
+    from minift.training.loop import train
+
+    data, run = make_examples(40), tmp_path / "run"
+    settings = dict(max_steps=6, save_interval=2, grad_accum=1)
+    with pytest.raises(FloatingPointError, match=r"renamed diverged-step-4;"):
+        train(TinyLM(nan_at_call=5), data, cfg(tmp_path, **settings))  # step 5's forward
+    # resumed from step-2, the run saves step-4 again and its step 5 diverges again
+    with pytest.raises(FloatingPointError) as caught:
+        train(TinyLM(nan_at_call=3), data, cfg(tmp_path, resume_from="latest", **settings))
+    assert str(caught.value) == (
+        f"training loss is nan at step 5 (the step's rows: 14, 19, 20, 30 of train_data); step-4, "
+        f"whose weights gave it, is renamed "
+        f"diverged-step-4-2; the newest checkpoint with finite weights that a finite step has "
+        f"used is {run / 'step-2'}; lower the learning rate and resume from it")
+    assert sorted(p.name for p in run.iterdir() if "step" in p.name) == \
+        ["diverged-step-4", "diverged-step-4-2", "step-2"]
+    assert ckpt.verify(run / "diverged-step-4-2") is None  # kept whole, for inspection
+    assert rundir.divergence(tmp_path / "nothing", 3, "loss", float("inf")).endswith(
+        "no checkpoint to go back to; lower the learning rate and start again")

@@ -12,11 +12,12 @@ A checkpoint is a directory ``<output_dir>/step-N`` holding
                             written last, it marks the checkpoint complete
 
 It is first written into ``<output_dir>/.tmp-step-N``, every file is fsync'ed, and only then the
-directory is renamed to ``step-N``. A crash mid-save leaves a ``.tmp-`` directory (never read,
-removed on the next save) or a directory without a valid manifest (never taken for a checkpoint).
+directory is renamed to ``step-N``. A crash mid-save leaves a ``.tmp-`` directory (never read;
+the next save or run keeps it as ``step-N`` if it is sealed and intact, else deletes it).
 Pruning renames ``step-N`` to ``.del-step-N`` before deleting it, so a crash mid-prune never
-leaves a half-deleted ``step-N``. Resuming verifies every checksum: a corrupt file (same size,
-other bytes) is found before a single weight is loaded.
+leaves a half-deleted ``step-N``; a ``step-N`` without a manifest is therefore none of minift's,
+and is moved aside rather than deleted. Resuming verifies every checksum: a corrupt file (same
+size, other bytes) is found before a single weight is loaded.
 """
 from __future__ import annotations
 
@@ -42,12 +43,13 @@ from minift.checkpoints.fingerprint import (  # noqa: F401
     model_fingerprint,
 )
 from minift.checkpoints.state import _join_optimizer_state, _split_optimizer_state, rng_state, set_rng_state  # noqa: F401
-from minift.files import fsync_path, read_json, write_json
+from minift.files import fsync_path, is_disk_full, read_json, reporting_write_errors, write_json
 from minift.lora.layer import lora_state_dict
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_LEFTOVER = re.compile(r"^\.(tmp|old|del)-step-(\d+)$")  # an interrupted save, re-save or prune
 _CRC_CHUNK = 1 << 22  # bytes read at a time for the checksum: bounded memory for any file size
 _verified: dict = {}  # checkpoint path -> (file stats) that last passed `verify`
 
@@ -106,34 +108,90 @@ def _remove_checkpoint(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def set_aside(path, prefix: str) -> Path:
+    """Rename the folder `path` to ``<prefix>-<name>`` beside it, or ``<prefix>-<name>-2``, -3,
+    ... when that is taken (the same step can be set aside twice: a run that diverges at step N,
+    is resumed, and diverges there again); returns the new path. No such name is ever read as a
+    checkpoint."""
+    target = aside_name(path, prefix)
+    os.rename(path, target)
+    return target
+
+
+def aside_name(path, prefix: str) -> Path:
+    """Where `set_aside` would move `path`: the first free ``<prefix>-<name>[-n]`` beside it."""
+    path = Path(path)
+    base = f"{prefix}-{path.name}"
+    target, n = path.parent / base, 1
+    while target.exists():
+        n += 1
+        target = path.parent / f"{base}-{n}"
+    return target
+
+
 def clean_incomplete(output_dir) -> list[str]:
     """Tidy up after interrupted saves and prunes; returns the directories removed.
 
-    A ``.tmp-step-N`` whose manifest is complete (the crash came after writing it) becomes
-    ``step-N`` if there is none; so does an ``.old-step-N`` left by a crash in the middle of
-    replacing ``step-N``. Everything else of that kind is deleted, and so are ``.del-step-N``
-    (a prune cut short) and ``step-N`` folders without a manifest (the remains of a prune cut
-    short; a save never renames a folder to step-N before its manifest is written).
+    Each step's copies (``.tmp-step-N`` being written or sealed, ``step-N``, ``.old-step-N``
+    swapped out by a re-save) are settled by `_settle`: the newest that passes `verify` becomes
+    ``step-N``, the others go. ``.del-step-N`` (a prune cut short) is deleted. A ``step-N``
+    without a manifest is never a save's or a prune's remnant (a save names a folder step-N only
+    once its manifest is written; a prune renames it to .del- first), so it is not deleted but
+    warned about and moved aside to ``unrecognized-step-N``.
     """
     root = Path(output_dir)
     removed = []
     if not root.is_dir():
         return removed
+    copies: dict = {}  # step -> {"tmp" | "old": path}
     for entry in sorted(root.iterdir()):
         if not entry.is_dir():
             continue
-        for prefix in (".tmp-", ".old-"):
-            if entry.name.startswith(prefix + "step-"):
-                final = root / entry.name[len(prefix):]
-                if not final.exists() and is_complete(entry):
-                    os.rename(entry, final)
-                else:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(str(entry))
-        half_pruned = _STEP_DIR.match(entry.name) and not (entry / MANIFEST).exists()
-        if entry.name.startswith(".del-step-") or half_pruned:
+        leftover = _LEFTOVER.match(entry.name)
+        if leftover and leftover.group(1) == "del":
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(str(entry))
+        elif leftover:
+            copies.setdefault(int(leftover.group(2)), {})[leftover.group(1)] = entry
+        elif _STEP_DIR.match(entry.name) and not (entry / MANIFEST).exists():
+            aside = set_aside(entry, "unrecognized")
+            warnings.warn(f"{entry} has no {MANIFEST}, so minift did not leave it (a save names a "
+                          f"folder step-N only after writing its manifest, a prune renames it "
+                          f".del-step-N before deleting); moved aside to {aside.name}, not "
+                          f"deleted and not read as a checkpoint", stacklevel=2)
+    for step, found in sorted(copies.items()):
+        removed += _settle(root / f"step-{step}", found)
+    return removed
+
+
+def _settle(final: Path, found: dict) -> list[str]:
+    """Keep one copy of a step whose save or re-save was cut short; returns those removed.
+
+    The copies, newest first: ``.tmp-step-N`` (sealed or not), ``step-N``, ``.old-step-N``.
+    The newest that passes `verify` (every checksum: a size check cannot tell a corrupt copy
+    from a good one) is kept as ``step-N``; when none passes, ``step-N`` stays if it exists,
+    else the newest complete one is named ``step-N`` (resuming then reports what is wrong
+    with it rather than finding nothing). Only sealed copies are verified.
+    """
+    copies = [found.get("tmp"), final if (final / MANIFEST).exists() else None, found.get("old")]
+    copies = [c for c in copies if c is not None]
+    keep = next((c for c in copies if verify(c) is None), None)
+    if keep is None:
+        keep = final if final in copies else next((c for c in copies if is_complete(c)), None)
+    removed = []
+    for copy in copies:
+        if copy == keep:
+            continue
+        if copy == final:
+            _remove_checkpoint(final)  # via .del-step-N: never a half-deleted step-N
+        else:
+            shutil.rmtree(copy, ignore_errors=True)
+        removed.append(str(copy))
+    if keep is not None and keep != final:
+        os.rename(keep, final)
+        if str(keep) in _verified:  # the same files (inodes, sizes, times): checked already
+            _verified[str(final)] = _verified.pop(str(keep))
+        fsync_path(final.parent)
     return removed
 
 
@@ -145,8 +203,9 @@ def first_non_finite(tensors: dict) -> Optional[str]:
     return None
 
 
-def _write_files(tmp: Path, step: int, model, optimizer, method, trainer_state, rng) -> dict:
-    """Every file of the checkpoint but the manifest; returns the manifest."""
+def _contents(tmp: Path, step: int, model, optimizer, method, rng, trainer_state) -> tuple[dict, dict, dict]:
+    """What a 1-process checkpoint holds: ({file: (tensors, metadata)} of its safetensors files,
+    optimizer.json, trainer_state.json)."""
     model_tensors, aliases = _model_tensors(model, method)
     opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
     # A checkpoint is the state to go back to; NaN or Inf in it is never one (resuming it fails
@@ -158,14 +217,27 @@ def _write_files(tmp: Path, step: int, model, optimizer, method, trainer_state, 
             raise FloatingPointError(
                 f"not saving step {step}: {kind} tensor {bad!r} holds NaN or Inf; the newest "
                 f"finite checkpoint is {newest or 'none (no checkpoint was written)'}")
-    tmp.mkdir()
-    save_file(model_tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    write_json(tmp / "optimizer.json", opt_meta, indent=None, atomic=False)
     rng_tensors, rng_meta = rng if rng is not None else rng_state()
-    save_file(rng_tensors, tmp / "rng.safetensors")
+    files = {"model.safetensors": (model_tensors, {"aliases": json.dumps(aliases)}),
+             "optimizer.safetensors": (opt_tensors, None), "rng.safetensors": (rng_tensors, None)}
     state = dict(trainer_state, step=step, method=method, rng=rng_meta,
                  fingerprint=model_fingerprint(model), format_version=FORMAT_VERSION)
+    return files, opt_meta, state
+
+
+def _size_of(files: dict, *documents: dict) -> int:
+    """Bytes a checkpoint takes, near enough to say how much space a failed save needed: its
+    tensors and JSON documents (the safetensors headers and the manifest add a few KB)."""
+    tensors = sum(t.nbytes for group, _ in files.values() for t in group.values())
+    return tensors + sum(len(json.dumps(d)) for d in documents)
+
+
+def _write_files(tmp: Path, step: int, files: dict, opt_meta: dict, state: dict) -> dict:
+    """Every file of the checkpoint but the manifest; returns the manifest."""
+    tmp.mkdir()
+    for name, (tensors, metadata) in files.items():
+        save_file(tensors, tmp / name, metadata=metadata)
+    write_json(tmp / "optimizer.json", opt_meta, indent=None, atomic=False)
     return _seal(tmp, step, state)
 
 
@@ -200,8 +272,9 @@ def _install(root: Path, tmp: Path, step: int, keep_last: Optional[int], run_id)
 def finish_checkpoint(root: Path, tmp: Path, step: int, state: dict, keep_last: Optional[int]) -> str:
     """Seal a ``tmp`` directory whose other files are written (the distributed checkpoints of
     `minift.distributed.run`), write its manifest last, install it as ``step-<step>`` and prune."""
-    write_json(tmp / MANIFEST, _seal(tmp, step, state), indent=None, atomic=False)
-    fsync_path(tmp)
+    with saving(Path(root), tmp, step, None):
+        write_json(tmp / MANIFEST, _seal(tmp, step, state), indent=None, atomic=False)
+        fsync_path(tmp)
     return _install(Path(root), tmp, step, keep_last, state.get("run_id"))
 
 
@@ -226,25 +299,39 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, method: str, tra
 
     Raises:
         FloatingPointError: a model or optimizer tensor holds NaN/Inf (nothing is written).
-        OSError: the disk is full or not writable; one line naming the newest intact
-            checkpoint (the partial one is removed).
+        OSError: the disk is full or not writable (`minift.files.WriteError`); one line naming
+            the folder, the bytes needed and free, and the newest intact checkpoint (the
+            partial one is removed).
     """
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     clean_incomplete(root)
     tmp = root / f".tmp-step-{step}"
-    try:
-        manifest = _write_files(tmp, step, model, optimizer, method, trainer_state, rng)
+    files, opt_meta, state = _contents(tmp, step, model, optimizer, method, rng, trainer_state)
+    with saving(root, tmp, step, _size_of(files, opt_meta, state)):
+        manifest = _write_files(tmp, step, files, opt_meta, state)
         write_json(tmp / MANIFEST, manifest, indent=None, atomic=False)
         fsync_path(tmp)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk needs the space back
-        newest = latest_checkpoint(root)
-        hint = (f"the newest intact checkpoint is {newest}; free space, then run again with "
-                f"resume_from='latest' (--resume)" if newest else "no checkpoint was written yet")
-        raise OSError(err.errno, f"cannot save the checkpoint of step {step} in {root}: "
-                                 f"{err.strerror or err}; {hint}") from err
     return _install(root, tmp, step, keep_last, trainer_state.get("run_id"))
+
+
+def resume_hint(root, err: Optional[BaseException] = None) -> str:
+    """What is intact after a write in `root` failed with `err`, and how to go on."""
+    newest = latest_checkpoint(root)
+    if newest is None:
+        return "no checkpoint was written yet"
+    fix = "free space, then run" if err is None or is_disk_full(err) else "fix the cause, then run"
+    return (f"the newest intact checkpoint is {newest}; {fix} again with resume_from='latest' "
+            f"(--resume)")
+
+
+def saving(root: Path, tmp: Path, step: int, needed: Optional[int] = None):
+    """A write error while filling `tmp` (a full disk: an OSError, or safetensors' own
+    SafetensorError) removes the partial checkpoint to give its space back and becomes one line
+    naming the folder, the bytes needed and free, and the newest intact checkpoint."""
+    return reporting_write_errors(f"cannot save the checkpoint of step {step} in {root}", root,
+                                  needed, then=lambda err: resume_hint(root, err),
+                                  undo=lambda: shutil.rmtree(tmp, ignore_errors=True))
 
 
 def prune(output_dir, keep_last: int, step: int, run_id: Optional[str]) -> list[str]:

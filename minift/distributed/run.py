@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from minift.checkpoints import steps as ckpt
 from minift.distributed import checkpoint as dckpt
@@ -118,7 +118,8 @@ class DistRun:
         dckpt.save_sharded(tmp, model, optimizer, trainable_only=method != "full")
         if self.is_main:
             rng_tensors, rng_meta = rng if rng is not None else ckpt.rng_state()
-            save_file(rng_tensors, tmp / "rng.safetensors")
+            with ckpt.saving(root, tmp, step, None):  # a full disk: one line, the space given back
+                save_file(rng_tensors, tmp / "rng.safetensors")
             state = dict(trainer_state, step=step, method=method, rng=rng_meta, fingerprint=self.fingerprint,
                          format_version=ckpt.FORMAT_VERSION, world_size=self.world_size, parallel=self.parallel)
             ckpt.finish_checkpoint(root, tmp, step, state, keep_last)

@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from safetensors.torch import save_file
 
 from minift.checks import check_number

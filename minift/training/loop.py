@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -29,7 +28,7 @@ from minift.checkpoints import steps as ckpt
 from minift.distributed import parallel as mdist
 from minift.distributed.parallel import reshard, unwrap
 from minift.distributed.run import DistRun
-from minift.files import write_json
+from minift.files import reporting_write_errors, write_json
 from minift.lora.layer import trainable_parameters
 from minift.memory.tracker import MemoryTracker
 from minift.models.switches import gradient_checkpointing, mlp_tiling, offloading
@@ -90,10 +89,10 @@ class RunState:
 
 # ---- resume ------------------------------------------------------------------------------
 def tidy(output_dir) -> None:
-    """`clean_incomplete` on rank 0 only, the other ranks waiting for it: under torchrun two ranks
-    renaming or deleting one folder race, and one of them meets a FileNotFoundError."""
+    """`rundir.clean_leftovers` on rank 0 only, the other ranks waiting for it: under torchrun two
+    ranks renaming or deleting one folder race, and one of them meets a FileNotFoundError."""
     if mdist.is_main():
-        ckpt.clean_incomplete(output_dir)
+        rundir.clean_leftovers(output_dir)
     mdist.barrier()
 
 
@@ -227,7 +226,7 @@ class _Run:
         self.out = Path(config.output_dir)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        tidy(self.out)
+        tidy(self.out)  # of a killed run: partial saves, temporary files
         rundir.check_run(model, train_data, eval_data, config)
         seed_everything(config.seed)
         if not self.dist.active:  # one process: on the device before the fingerprint pass
@@ -288,7 +287,7 @@ class _Run:
                     mlp_tiling(plain, self.config.mlp_tile_size), \
                     self.stepper or contextlib.nullcontext(), \
                     neftune(plain, self.config.neftune_alpha), \
-                    open(metrics if self.dist.is_main else os.devnull, "a") as log:
+                    open(metrics if self.dist.is_main else os.devnull, "ab", buffering=0) as log:
                 yield log
         finally:
             self.bar.close()
@@ -328,8 +327,7 @@ class _Run:
         rows = batch_rows(self.data, self.config, st.epoch, st.batch_index, len(group))
         st.epoch, st.batch_index = position
         st.epochs_done, st.step = epochs_done, step
-        log.write(json.dumps({"step": step, "skipped": True, "rows": rows}) + "\n")
-        log.flush()
+        rundir.append_metrics(log, {"step": step, "skipped": True, "rows": rows}, self.out / "metrics.jsonl")
         self.bar.update(1)
         self.say(f"step {step}/{self.total} skipped (skip_steps): rows {rows} of train_data")
         if self.config.save_interval and step % self.config.save_interval == 0:
@@ -341,8 +339,7 @@ class _Run:
                  f"{rundir.peak_label(self.device)})")
 
     def log(self, line: dict, log) -> None:
-        log.write(json.dumps(line) + "\n")
-        log.flush()
+        rundir.append_metrics(log, line, self.out / "metrics.jsonl")
         self.bar.update(1)
         step = line["step"]
         dead = self.watch.update(step, line["loss"], line["grad_norm"])
@@ -394,7 +391,10 @@ class _Run:
             self.say(f"padding efficiency {summary['padding_efficiency']:.1%} (real tokens / "
                      f"slots of the padded micro-batches of all {summary['steps']} steps)")
         if self.dist.is_main:
-            write_json(self.out / "summary.json", summary)  # atomic: a kill keeps the last summary
+            path = self.out / "summary.json"
+            with reporting_write_errors(f"cannot write {path}", self.out,
+                                        then=lambda err: ckpt.resume_hint(self.out, err)):
+                write_json(path, summary)  # atomic: a kill keeps the last summary
         return summary
 
     def summary(self) -> dict:

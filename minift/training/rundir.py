@@ -5,12 +5,14 @@
 - The method must match what is trainable: "lora" on a model without adapters would fine-tune
   every weight and label the run "lora".
 - Every token id must index the embedding (an index error deep in the forward names nothing).
-- metrics.jsonl is trimmed to the resumed step atomically; a torn last line is dropped.
+- metrics.jsonl is trimmed to the resumed step atomically; a torn last line is dropped, and the
+  temporary file of a trim cut short by a kill is removed at the next run's start.
 - A divergence names the newest checkpoint whose weights a finite step has used.
 - A model that stopped learning (gradient norm exactly 0, loss pinned at ln(vocab)) is reported.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +25,8 @@ import numpy as np
 
 from minift.checkpoints import steps as ckpt
 from minift.data.preference import PAIR_KEYS
-from minift.files import atomic_write
+from minift.distributed import parallel as mdist
+from minift.files import atomic_write, reporting_write_errors, stale_temp_files
 from minift.lora.layer import LoRALinear
 from minift.names import IGNORE_INDEX
 from minift.nf4.linear import NF4Linear
@@ -112,6 +115,23 @@ def check_token_ids(examples, vocab_size: Optional[int], name: str) -> None:
                                  f"was the data tokenized with this model's tokenizer?")
 
 
+# ---- leftovers of a killed run -------------------------------------------------------------
+RUN_FILES = ("metrics.jsonl", "summary.json")  # rewritten atomically through a temporary file
+
+
+def clean_leftovers(output_dir) -> list[str]:
+    """What a killed run left in `output_dir`: interrupted checkpoint saves and prunes
+    (`ckpt.clean_incomplete`), and the temporary files of an interrupted rewrite of
+    metrics.jsonl (the trim on resume) or summary.json, which nothing else would ever remove.
+    Returns what was removed."""
+    removed = ckpt.clean_incomplete(output_dir)
+    for name in RUN_FILES:
+        for leftover in stale_temp_files(output_dir, name):
+            leftover.unlink(missing_ok=True)
+            removed.append(str(leftover))
+    return removed
+
+
 # ---- metrics.jsonl -----------------------------------------------------------------------
 def trim_metrics(path, step: int) -> int:
     """Keep the lines of steps <= `step` (a crashed run may have logged past its checkpoint),
@@ -137,8 +157,31 @@ def trim_metrics(path, step: int) -> int:
             raise ValueError(f"{path}:{lineno}: not a metrics record ({err})") from None
         if record_step <= step:
             kept.append(line)
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+    text = "".join(k + "\n" for k in kept)
+    with reporting_write_errors(f"cannot rewrite {path}", path.parent, len(text.encode()),
+                                then=lambda err: ckpt.resume_hint(path.parent, err)):
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return len(kept)
+
+
+def append_metrics(log, line: dict, path) -> None:
+    """Append one record to the open metrics file `log` (unbuffered, binary). A failed write (a
+    full disk) is cut back off, so the file keeps whole lines, and raises one line naming the
+    file, the bytes and the newest intact checkpoint."""
+    data = (json.dumps(line) + "\n").encode()
+    path = Path(path)
+    end = os.fstat(log.fileno()).st_size
+
+    def cut_back():  # truncating needs no space
+        with contextlib.suppress(OSError):
+            os.ftruncate(log.fileno(), end)
+
+    with reporting_write_errors(f"cannot append step {line['step']} to {path}", path.parent,
+                                len(data), then=lambda err: ckpt.resume_hint(path.parent, err),
+                                undo=cut_back):
+        view = memoryview(data)
+        while view:  # a raw file may write part of it
+            view = view[log.write(view):]
 
 
 # ---- when a step fails ---------------------------------------------------------------------
@@ -160,14 +203,21 @@ def _shown(rows: list, limit: int = 16) -> str:
 def divergence(output_dir, step: int, what: str, value: float, rows: Optional[list] = None) -> str:
     """The message of a non-finite loss or gradient norm at `step`, after setting aside the
     checkpoint of step - 1: its weights gave that loss, so resuming it diverges again. It is
-    renamed ``diverged-step-N`` (kept for inspection; never taken by resume_from='latest')."""
+    renamed ``diverged-step-N`` (``diverged-step-N-2``, ... when a resumed run diverged at the
+    same step before; kept for inspection, never taken by resume_from='latest')."""
     root = Path(output_dir)
     suspect = root / f"step-{step - 1}"
-    note = ""
+    note, aside = "", None
+    # every rank words the message alike before anything moves; under torchrun rank 0 renames
+    # and the others wait (two ranks renaming one folder race)
     if suspect.is_dir():
-        os.rename(suspect, root / f"diverged-{suspect.name}")
-        note = f"; {suspect.name}, whose weights gave it, is renamed diverged-{suspect.name}"
-    newest = ckpt.latest_checkpoint(root)
+        aside = ckpt.aside_name(suspect, "diverged")
+        note = f"; {suspect.name}, whose weights gave it, is renamed {aside.name}"
+    newest = next((p for _, p in reversed(ckpt.list_checkpoints(root)) if Path(p) != suspect), None)
+    mdist.barrier()
+    if aside is not None and mdist.is_main():
+        os.rename(suspect, aside)
+    mdist.barrier()
     resume = (f"the newest checkpoint with finite weights that a finite step has used is {newest}; "
               f"lower the learning rate and resume from it" if newest else
               "no checkpoint to go back to; lower the learning rate and start again")
