@@ -163,3 +163,16 @@ def test_diverging_twice_at_one_step_sets_aside_both_and_names_the_checkpoint(tm
     assert ckpt.verify(run / "diverged-step-4-2") is None  # kept whole, for inspection
     assert rundir.divergence(tmp_path / "nothing", 3, "loss", float("inf")).endswith(
         "no checkpoint to go back to; lower the learning rate and start again")
+
+
+def test_only_rank_0_sets_a_diverged_checkpoint_aside_and_every_rank_says_the_same(tmp_path, monkeypatch):
+    # under torchrun every rank handles the divergence; two ranks renaming one folder raced
+    from minift.distributed import parallel as mdist
+    (tmp_path / "step-2").mkdir()
+    monkeypatch.setattr(mdist, "is_main", lambda: False)
+    other = rundir.divergence(tmp_path, 3, "loss", float("nan"))
+    assert (tmp_path / "step-2").is_dir() and not (tmp_path / "diverged-step-2").exists()
+    monkeypatch.setattr(mdist, "is_main", lambda: True)
+    main = rundir.divergence(tmp_path, 3, "loss", float("nan"))
+    assert main == other and "is renamed diverged-step-2" in main
+    assert not (tmp_path / "step-2").exists() and (tmp_path / "diverged-step-2").is_dir()
