@@ -149,6 +149,9 @@ class TrainConfig:
         if self.parallel is not None:
             check_choice("TrainConfig.parallel", self.parallel, PARALLEL)
         check_flag("TrainConfig.fsdp_cpu_offload", self.fsdp_cpu_offload)
+        if self.fsdp_cpu_offload and self.parallel == "ddp":
+            raise ValueError("TrainConfig.fsdp_cpu_offload=True moves FSDP's shards to host memory, "
+                             "and parallel='ddp' has none; use parallel='fsdp'")
         if self.batching == "pack" and self.max_length is None:
             raise ValueError("TrainConfig.max_length must be set when batching='pack' (the row length)")
 
