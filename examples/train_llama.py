@@ -26,6 +26,20 @@ from pathlib import Path
 import torch
 
 import minift
+
+if not hasattr(minift, "load_model"):
+    # A folder named minift/ without __init__.py, earlier on Python's path than the package (the
+    # script's own folder comes first), is imported as a namespace package in the package's
+    # place; with `pip install -e` that happens even though minift is installed.
+    if os.environ.get("RANK", "0") == "0":
+        found = ", ".join(getattr(minift, "__path__", None) or [str(minift.__file__)])
+        print(f"{Path(sys.argv[0]).name}: error: `import minift` found the folder {found}, not the "
+              f"minift package: a folder named minift on Python's path (beside the script, or in "
+              f"the current directory) takes its place; rename or move that folder, or run the "
+              f"script from another folder (docs/training.md, 'Where the script runs')",
+              file=sys.stderr)
+    sys.exit(2)
+
 from minift.checkpoints import steps as ckpt
 from minift.cli import ShowDefaults
 from minift.data.sft import load_dataset, load_jsonl, row_to_messages

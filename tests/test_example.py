@@ -372,3 +372,45 @@ def test_warnings_are_one_line(monkeypatch):
     text = warnings.formatwarning(UserWarning("step 3: gradient norm is exactly 0,\n  so no weight "
                                               "changes"), UserWarning, "trainer.py", 300)
     assert text == "train_llama.py: warning: step 3: gradient norm is exactly 0, so no weight changes\n"
+
+
+# How `pip install -e` finds the package: a finder that Python asks after its path search. A
+# folder named minift/ on the path (beside the script) has no __init__.py, so the path search
+# makes it a namespace package, and that wins over the finder.
+EDITABLE = """
+import importlib.abc, importlib.util, os, runpy, sys
+root, script = sys.argv[1], sys.argv[2]
+sys.path[:] = [p for p in sys.path if p not in ('', root)
+               and not os.path.isfile(os.path.join(p, 'minift', '__init__.py'))]
+class Editable(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == 'minift':
+            return importlib.util.spec_from_file_location(
+                name, os.path.join(root, 'minift', '__init__.py'),
+                submodule_search_locations=[os.path.join(root, 'minift')])
+sys.meta_path.append(Editable())
+sys.path.insert(0, os.path.dirname(script))  # as `python script.py` does
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize("name", ["train_llama.py", "train_dpo.py"])
+def test_a_minift_folder_beside_the_script_is_named(tmp_path, name):
+    (tmp_path / "minift").mkdir()  # a data folder, or a clone, beside a copy of the script
+    for script in ("train_llama.py", "train_dpo.py"):
+        shutil.copy(ROOT / "examples" / script, tmp_path / script)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK")}
+    proc = subprocess.run([sys.executable, "-c", EDITABLE, str(ROOT), str(tmp_path / name), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr == (f"{name}: error: `import minift` found the folder {tmp_path / 'minift'}, "
+                           f"not the minift package: a folder named minift on Python's path (beside "
+                           f"the script, or in the current directory) takes its place; rename or "
+                           f"move that folder, or run the script from another folder "
+                           f"(docs/training.md, 'Where the script runs')\n")
+    # without the folder the same launch finds the package
+    (tmp_path / "minift").rmdir()
+    proc = subprocess.run([sys.executable, "-c", EDITABLE, str(ROOT), str(tmp_path / name), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
