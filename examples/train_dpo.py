@@ -13,7 +13,7 @@ reports on held-out pairs the reward accuracy and how often the policy gives the
 higher log-probability, the exact match of greedy replies to the held-out questions, and the
 perplexity of the shipped general text (forgetting). Bad input: one line on stderr, exit code 2.
 Under torchrun every rank trains its share of each step's pairs (the flags give the global batch)
-and rank 0 alone prints and writes the outputs.
+and rank 0 alone prints and writes the outputs, errors included.
 """
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     try:
         run(parse_args(argv))
     except UsageError as err:
-        print(f"train_dpo.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sft.usage_error("train_dpo.py", err)
         return 2
     except FloatingPointError as err:
         print(f"train_dpo.py: training stopped: {' '.join(str(err).split())}", file=sys.stderr)

@@ -12,7 +12,7 @@ trained: the adapter (PEFT format) for LoRA/QLoRA, the whole model for full fine
 with --merge the merged model in Hugging Face format, after comparing its logits with the
 adapter model's on held-out samples. Bad input ends the run with one line on stderr and exit
 code 2. Under torchrun every rank trains its share of each step (the flags give the global
-batch); rank 0 alone prints and writes the outputs.
+batch); rank 0 alone prints and writes the outputs, errors included (every rank exits with 2).
 """
 from __future__ import annotations
 
@@ -475,6 +475,13 @@ def run(args) -> dict:
     return summary
 
 
+def usage_error(prog, err) -> None:
+    """The one line of a usage error, on stderr. Under torchrun every rank finds the same error
+    and exits with 2; rank 0 (RANK, which torchrun sets) alone prints it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+
+
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     """Warnings (a dead model, a skipped corrupt checkpoint, dropped rows) as one line each."""
     return f"train_llama.py: warning: {' '.join(str(message).split())}\n"
@@ -485,7 +492,7 @@ def main(argv=None) -> int:
     try:
         run(parse_args(argv))
     except UsageError as err:
-        print(f"train_llama.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        usage_error("train_llama.py", err)
         return 2
     except KeyboardInterrupt:
         print("train_llama.py: interrupted; run the same command with --resume to continue from "

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import minift
+from minift.distributed.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_llama.py"
@@ -372,6 +373,38 @@ def test_warnings_are_one_line(monkeypatch):
     text = warnings.formatwarning(UserWarning("step 3: gradient norm is exactly 0,\n  so no weight "
                                               "changes"), UserWarning, "trainer.py", 300)
     assert text == "train_llama.py: warning: step 3: gradient norm is exactly 0, so no weight changes\n"
+
+
+# ---- in this process (no interpreter start-up)
+def main_cli(capsys, *args):
+    """train_llama.main(args): (exit code, stdout, stderr)."""
+    script = _script()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = script.main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_under_torchrun_a_usage_error_is_printed_by_rank_0_alone(capsys, monkeypatch):
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        code, _, err = main_cli(capsys, "--lr", "-1")
+        assert code == 2 and bool(err) == printed, (rank, err)
+    assert err == "train_llama.py: error: argument --lr: must be > 0, got -1\n"
+
+
+def test_torchrun_prints_a_usage_error_once():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(SCRIPT), "--lr", "-1", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0  # torchrun's own code for a failed worker; the ranks exit with 2
+    assert (proc.stdout + proc.stderr).count("train_llama.py: error: argument --lr") == 1
+    assert "exitcode  : 2" in proc.stderr
 
 
 # How `pip install -e` finds the package: a finder that Python asks after its path search. A

@@ -105,6 +105,12 @@ def test_under_torchrun_matches_one_process(dpo_run, tmp_path):
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_under_torchrun_rank_1_exits_2_without_printing(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    proc = run_cli("--beta", "0")
+    assert (proc.returncode, proc.stderr) == (2, "")
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--beta", "0"], "argument --beta: must be > 0, got 0"),
     (["--data", "{tmp}/bad.jsonl"], "--data: {tmp}/bad.jsonl:2: a preference row needs 'prompt'"),
