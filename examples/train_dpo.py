@@ -31,6 +31,7 @@ from minift.data.preference import load_preferences
 from minift.distributed import checkpoint as dckpt
 from minift.distributed import parallel as mdist
 from minift.evaluation.forgetting import forgetting, load_texts
+from minift.models.config import ModelConfig
 from minift.objectives.dpo import AdapterReference, DPOObjective
 
 DATA = HERE / "data"
@@ -94,17 +95,27 @@ def sft_policy(args, device, say=print):
     return minift.lora_wrap(sft_model(args, device, say), r=args.r, alpha=args.alpha)
 
 
-def load_pairs(flag, path, tokenizer, seq_len, limit=None):
+def load_pairs(flag, path, tokenizer, seq_len, limit=None, positions=None):
+    """Tokenized pairs of a preference JSONL file, each sequence (prompt + one reply) within
+    --seq-len and the model's positions; errors name the flag and line."""
     if not Path(path).is_file():
         raise UsageError(f"{flag} {path}: no such file")
     try:
-        pairs, stats = load_preferences(path, tokenizer, seq_len)
+        pairs, stats = load_preferences(path, tokenizer, sft.NO_CUT)
     except ValueError as err:
         raise UsageError(f"{flag}: {err}") from err
-    if stats["truncated"]:
-        raise UsageError(f"{flag} {path}: {stats['truncated']} sequence(s) longer than --seq-len "
-                         f"{seq_len} tokens; raise --seq-len")
+    lengths = [max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
+    sft.check_lengths(flag, path, lengths, stats["longest"], stats["longest_line"], seq_len,
+                      positions, what="sequence")
     return pairs[:limit]
+
+
+def model_config(path) -> ModelConfig:
+    """The base's config.json, read before the model loads (and before any SFT run)."""
+    try:
+        return ModelConfig.from_json(path)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise UsageError(f"--model {path}: {err}") from err
 
 
 def measure(model, objective, tokenizer, pairs, chat, general, config, device) -> dict:
@@ -155,9 +166,12 @@ def run(args) -> dict:
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
         raise UsageError(f"--model {args.model}: {err}") from err
     # every input is read and checked before any training (the SFT run included)
-    pairs = load_pairs("--data", args.data, tokenizer, args.seq_len)
-    eval_pairs = load_pairs("--eval-data", args.eval_data, tokenizer, args.seq_len, args.eval_samples)
-    chat, _ = sft.load_rows("--chat-eval", args.chat_eval, tokenizer, args.seq_len, args.eval_samples)
+    positions = model_config(args.model).max_position_embeddings
+    pairs = load_pairs("--data", args.data, tokenizer, args.seq_len, positions=positions)
+    eval_pairs = load_pairs("--eval-data", args.eval_data, tokenizer, args.seq_len, args.eval_samples,
+                            positions)
+    chat, _ = sft.load_rows("--chat-eval", args.chat_eval, tokenizer, args.seq_len, args.eval_samples,
+                            positions)
     try:
         general = load_texts(args.general)
         config = minift.TrainConfig(

@@ -58,6 +58,7 @@ from minift.training.config import TrainConfig
 HERE = Path(__file__).resolve().parent
 DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+NO_CUT = 2**62  # rows are tokenized whole: one longer than --seq-len is refused, never cut
 
 
 class UsageError(Exception):
@@ -223,22 +224,22 @@ def compute_dtype(args, path, device) -> torch.dtype:
     return checkpoint_dtype(path) if device.type == "cuda" else torch.float32
 
 
-def load_rows(flag, path, tokenizer, seq_len, limit=None):
-    """(raw rows, tokenized examples) of a chat JSONL file; errors name the flag and line."""
+def load_rows(flag, path, tokenizer, seq_len, limit=None, positions=None):
+    """(raw rows, tokenized examples) of a chat JSONL file; errors name the flag and line.
+    `positions`: the model's max_position_embeddings, which no row may exceed."""
     if not Path(path).is_file():
         raise UsageError(f"{flag} {path}: no such file")
     try:
         rows = load_jsonl(path)
         with warnings.catch_warnings(record=True) as caught:  # dropped rows: reported below
             warnings.simplefilter("always")
-            examples, stats = load_dataset(path, tokenizer, seq_len)
+            examples, stats = load_dataset(path, tokenizer, NO_CUT)
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{flag}: {err}") from err
-    if stats.truncated:
-        raise UsageError(f"{flag} {path}: {stats.truncated} row(s) longer than --seq-len {seq_len} "
-                         f"tokens; raise --seq-len")
-    if stats.dropped:  # a row whose reply was empty or cut away: nothing to train or score
+    if stats.dropped:  # a row without an assistant reply: nothing to train or score
         raise UsageError(f"{flag}: {caught[-1].message if caught else f'{stats.dropped} row(s) dropped'}")
+    check_lengths(flag, path, [len(ex["input_ids"]) for ex in examples], stats.longest,
+                  stats.longest_line, seq_len, positions)
     # every chat row shape (chat, ShareGPT, alpaca, prompt/completion) as messages, for exact
     # match; raw text rows are trained on but have no reply to match
     conversations = [{"messages": row_to_messages(row)} for row in rows[:limit]
@@ -247,6 +248,27 @@ def load_rows(flag, path, tokenizer, seq_len, limit=None):
         if conversation["messages"][-1]["role"] != "assistant":
             raise UsageError(f"{flag} {path}: row {i + 1} does not end with an assistant reply")
     return conversations, examples[:limit]
+
+
+def check_lengths(flag, path, lengths, longest, line, seq_len, positions=None, what="row") -> None:
+    """Every row within --seq-len, and --seq-len within the model's positions; one line naming
+    --seq-len, the longest row (its line and length) and max_position_embeddings otherwise."""
+    if positions is not None and seq_len > positions:
+        beyond = (f"; {flag} {path}:{line} has a {what} of {longest} tokens, which the model cannot "
+                  f"take at any --seq-len: shorten it or leave it out" if longest > positions else "")
+        raise UsageError(f"--seq-len {seq_len} is more than the model's max_position_embeddings "
+                         f"{positions} (it has no positions past that); use --seq-len {positions} "
+                         f"or less{beyond}")
+    over = sum(n > seq_len for n in lengths)
+    if not over:
+        return
+    if positions is not None and longest > positions:
+        fix = (f"the model's max_position_embeddings is {positions}, so no --seq-len takes the "
+               f"{what}s longer than that: shorten them or leave them out")
+    else:
+        fix = f"raise --seq-len to {longest}"
+    raise UsageError(f"{flag} {path}: {over} {what}(s) longer than --seq-len {seq_len} tokens (the "
+                     f"longest, line {line}, has {longest}); {fix}")
 
 
 def check_resume(model, config, train_data, say=print):
@@ -443,9 +465,11 @@ def run(args) -> dict:
     if tokenizer.pad_token_id is None:
         raise UsageError(f"--model {args.model}: the tokenizer has neither a pad nor an end token")
     config = make_config(args, tokenizer.pad_token_id)
-    train_rows, train_data = load_rows("--data", args.data, tokenizer, args.seq_len)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    train_rows, train_data = load_rows("--data", args.data, tokenizer, args.seq_len,
+                                       positions=positions)
     eval_rows, eval_data = load_rows("--eval-data", args.eval_data, tokenizer, args.seq_len,
-                                     args.eval_samples)
+                                     args.eval_samples, positions=positions)
     check_resume(model, config, train_data, say)
     say(f"model {args.model}: {minift.trainable_summary(model)}")
     say(f"data: {len(train_data)} training examples, {len(eval_data)} held-out; "

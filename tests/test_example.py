@@ -389,6 +389,72 @@ def main_cli(capsys, *args):
     return code, out.out, out.err
 
 
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory):
+    """Data files a user may hand the script by mistake."""
+    tmp = tmp_path_factory.mktemp("odd")
+    rows = [json.loads(line) for line in (ROOT / "examples" / "data" / "train.jsonl").read_text().splitlines()]
+    user = {"role": "user", "content": "Write 35 in words."}
+    long_row = {"messages": [{"role": "user", "content": "Write 35 in words. " * 2500},
+                             {"role": "assistant", "content": "thirty-five"}]}
+    files = {"long": rows[:2] + [long_row] + rows[2:200], "short": rows[:200],
+             "empty_reply": [rows[0], {"messages": [user, {"role": "assistant", "content": ""}]}],
+             "nul": [rows[0], {"messages": [{"role": "user", "content": "Write\u0000 35"},
+                                            {"role": "assistant", "content": "thirty-five"}]}],
+             "special": [rows[0], {"text": "<s></s>"}]}
+    for name, content in files.items():
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in content))
+    return tmp
+
+
+REFUSED = {  # case -> (arguments, words of the one error line)
+    "seq-len past the model's positions": (
+        ["--seq-len", "1000000000"], ["--seq-len 1000000000 is more than the model's "
+                                      "max_position_embeddings 512 (it has no positions past that); "
+                                      "use --seq-len 512 or less"]),
+    # the row that went to 23 GB before being killed for memory
+    "a row past the model's positions": (
+        ["--data", "{tmp}/long.jsonl", "--seq-len", "100000"],
+        ["--seq-len 100000 is more than the model's max_position_embeddings 512",
+         "--data {tmp}/long.jsonl:3 has a row of 250", "tokens, which the model cannot take at any --seq-len"]),
+    "a row past --seq-len and the positions": (
+        ["--data", "{tmp}/long.jsonl", "--seq-len", "512"],
+        ["--data {tmp}/long.jsonl: 1 row(s) longer than --seq-len 512 tokens (the longest, line 3, has 250",
+         "the model's max_position_embeddings is 512, so no --seq-len takes the rows longer than that"]),
+    "every reply past --seq-len": (
+        ["--data", "{tmp}/short.jsonl", "--seq-len", "8"],
+        ["--data {tmp}/short.jsonl: 200 row(s) longer than --seq-len 8 tokens (the longest, line",
+         "raise --seq-len to 2"]),
+}
+
+
+# a 25,000-token row, once accepted, took 23 GB: these run in a process of at most 4 GiB
+CAPPED = {"a row past the model's positions", "a row past --seq-len and the positions"}
+
+
+def _at_most_4_gib():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_odd_input_is_one_line_naming_the_flag(case, odd_data, capsys, tmp_path):
+    args, words = REFUSED[case]
+    args = [*FAST, *(a.format(tmp=odd_data) for a in args), "--output", str(tmp_path / "out")]
+    if case in CAPPED:
+        proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT,
+                              preexec_fn=_at_most_4_gib)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        code, out, err = main_cli(capsys, *args)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("train_llama.py: error: "), err
+    for w in words:
+        assert w.format(tmp=odd_data) in err
+    assert "before: exact match" not in out  # refused before any evaluation or training
+
+
 def test_under_torchrun_a_usage_error_is_printed_by_rank_0_alone(capsys, monkeypatch):
     for rank, printed in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)

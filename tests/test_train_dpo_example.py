@@ -115,6 +115,9 @@ def test_under_torchrun_rank_1_exits_2_without_printing(monkeypatch):
     (["--beta", "0"], "argument --beta: must be > 0, got 0"),
     (["--data", "{tmp}/bad.jsonl"], "--data: {tmp}/bad.jsonl:2: a preference row needs 'prompt'"),
     (["--loss", "kto"], "argument --loss: invalid choice"),
+    (["--seq-len", "16"], "--data {data}/dpo_train.jsonl: 677 sequence(s) longer than --seq-len 16 "
+                          "tokens (the longest, line 2, has 23); raise --seq-len to 23"),
+    (["--seq-len", "100000"], "--seq-len 100000 is more than the model's max_position_embeddings 512"),
 ])
 def test_bad_input_is_one_line_before_any_training(tmp_path, flags, words):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "1", "rejected": "2"}\n'
@@ -124,7 +127,8 @@ def test_bad_input_is_one_line_before_any_training(tmp_path, flags, words):
                    "--output", tmp_path / "o")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("train_dpo.py: error: ")
-    assert words.format(tmp=tmp_path) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert words.format(tmp=tmp_path, data=DATA) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert "training it first" not in proc.stdout and not (tmp_path / "none").exists()
 
 
