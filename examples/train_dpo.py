@@ -166,12 +166,16 @@ def run(args) -> dict:
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
         raise UsageError(f"--model {args.model}: {err}") from err
     # every input is read and checked before any training (the SFT run included)
-    positions = model_config(args.model).max_position_embeddings
+    shape = model_config(args.model)
+    with torch.device("meta"):  # the layers' shapes, no weights: --r is checked before any work
+        sft.check_rank(minift.Llama(shape), args.r, say=say)
+    positions = shape.max_position_embeddings
     pairs = load_pairs("--data", args.data, tokenizer, args.seq_len, positions=positions)
     eval_pairs = load_pairs("--eval-data", args.eval_data, tokenizer, args.seq_len, args.eval_samples,
                             positions)
     chat, _ = sft.load_rows("--chat-eval", args.chat_eval, tokenizer, args.seq_len, args.eval_samples,
                             positions)
+    sft.check_batches(args, len(pairs), what="pairs", say=say)
     try:
         general = load_texts(args.general)
         config = minift.TrainConfig(

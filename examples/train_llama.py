@@ -48,6 +48,7 @@ from minift.distributed import parallel as mdist
 from minift.evaluation.forgetting import forgetting, load_texts, perplexity
 from minift.evaluation.metrics import task_metrics
 from minift.files import write_json
+from minift.lora.layer import find_targets
 from minift.lora.merging import describe, merge_and_check
 from minift.models.loading import as_dtype
 from minift.names import METHODS, OPTIMIZERS, PARALLEL
@@ -199,10 +200,35 @@ def load_base(args, device):
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     try:
+        check_rank(model, args.r, targets)
         model = minift.lora_wrap(model, r=args.r, alpha=args.alpha, target_modules=targets)
     except (ValueError, TypeError) as err:
         raise UsageError(f"--target-modules {args.target_modules!r}: {err}") from err
     return tokenizer, model
+
+
+def check_rank(model, r, targets="all-linear", say=print) -> None:
+    """--r against the layers it adapts: B @ A of an (out, in) weight has rank at most
+    min(in, out), so a larger r only adds parameters. Refused when no adapted layer can use it,
+    a note when some cannot; checked before lora_wrap allocates anything."""
+    modules = dict(model.named_modules())
+    sizes = {name: (modules[name].in_features, modules[name].out_features)
+             for name in find_targets(model, targets)}
+    if not sizes:
+        return
+    widest = max(sizes, key=lambda n: min(sizes[n]))
+    if r > min(sizes[widest]):
+        i, o = sizes[widest]
+        raise UsageError(f"--r {r} is more than the dimensions of every adapted layer (the largest, "
+                         f"{widest}, has {i} in, {o} out): an update B @ A of such a weight has rank "
+                         f"at most {min(i, o)}, and more only adds parameters; use --r {min(i, o)} "
+                         f"or less")
+    small = [n for n in sizes if r > min(sizes[n])]
+    if small and mdist.is_main():
+        i, o = sizes[small[0]]
+        say(f"note: --r {r} is more than the dimensions of {len(small)} of the {len(sizes)} adapted "
+            f"layers (e.g. {small[0]}: {i} in, {o} out); their updates have rank at most "
+            f"{min(min(sizes[n]) for n in small)}")
 
 
 def checkpoint_dtype(path) -> torch.dtype:
@@ -269,6 +295,22 @@ def check_lengths(flag, path, lengths, longest, line, seq_len, positions=None, w
         fix = f"raise --seq-len to {longest}"
     raise UsageError(f"{flag} {path}: {over} {what}(s) longer than --seq-len {seq_len} tokens (the "
                      f"longest, line {line}, has {longest}); {fix}")
+
+
+def check_batches(args, n_train, what="examples", say=print) -> None:
+    """Notes (not errors) when --batch-size or --grad-accum asks for more than --data has: a
+    micro-batch holds at most every example, and a step never spans two epochs."""
+    if args.batch_size > n_train:
+        say(f"note: --batch-size {args.batch_size} is more than the {n_train} {what} of --data: "
+            f"each micro-batch holds all {n_train}")
+    per_epoch = -(-n_train // args.batch_size)  # micro-batches of an epoch
+    grad_accum = getattr(args, "grad_accum", 1)
+    if grad_accum > per_epoch:
+        steps = args.max_steps or args.epochs
+        say(f"note: --grad-accum {grad_accum} is more than the {per_epoch} micro-batch(es) of an "
+            f"epoch ({n_train} {what} of --data, --batch-size {min(args.batch_size, n_train)}), "
+            f"and a step never spans two epochs: each step takes one epoch, {per_epoch} "
+            f"micro-batch(es), so the run has {steps} optimizer step(s)")
 
 
 def check_resume(model, config, train_data, say=print):
@@ -470,6 +512,7 @@ def run(args) -> dict:
                                        positions=positions)
     eval_rows, eval_data = load_rows("--eval-data", args.eval_data, tokenizer, args.seq_len,
                                      args.eval_samples, positions=positions)
+    check_batches(args, len(train_data), say=say)
     check_resume(model, config, train_data, say)
     say(f"model {args.model}: {minift.trainable_summary(model)}")
     say(f"data: {len(train_data)} training examples, {len(eval_data)} held-out; "

@@ -425,6 +425,10 @@ REFUSED = {  # case -> (arguments, words of the one error line)
         ["--data", "{tmp}/short.jsonl", "--seq-len", "8"],
         ["--data {tmp}/short.jsonl: 200 row(s) longer than --seq-len 8 tokens (the longest, line",
          "raise --seq-len to 2"]),
+    "rank past every layer": (
+        ["--r", "100000"], ["--r 100000 is more than the dimensions of every adapted layer (the "
+                            "largest, model.layers.0.self_attn.q_proj, has 128 in, 128 out)",
+                            "use --r 128 or less"]),
 }
 
 
@@ -453,6 +457,23 @@ def test_odd_input_is_one_line_naming_the_flag(case, odd_data, capsys, tmp_path)
     for w in words:
         assert w.format(tmp=odd_data) in err
     assert "before: exact match" not in out  # refused before any evaluation or training
+
+
+def test_more_than_the_data_has_is_a_note(capsys, tmp_path):
+    # a micro-batch holds at most every example, and a step never spans two epochs: the run goes
+    # on and says what it does instead
+    code, out, err = main_cli(capsys, *FAST, "--max-steps", "1", "--batch-size", "100000",
+                              "--grad-accum", "3", "--r", "100", "--general", "", "--output", tmp_path)
+    assert code == 0, err
+    assert "note: --batch-size 100000 is more than the 800 examples of --data: each micro-batch " \
+           "holds all 800" in out
+    assert "note: --grad-accum 3 is more than the 1 micro-batch(es) of an epoch (800 examples of " \
+           "--data, --batch-size 800), and a step never spans two epochs: each step takes one " \
+           "epoch, 1 micro-batch(es), so the run has 1 optimizer step(s)" in out
+    assert "note: --r 100 is more than the dimensions of 8 of the 28 adapted layers (e.g. " \
+           "model.layers.0.self_attn.k_proj: 128 in, 64 out); their updates have rank at most 64" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 1 and "forgetting" not in summary
 
 
 def test_under_torchrun_a_usage_error_is_printed_by_rank_0_alone(capsys, monkeypatch):

@@ -118,6 +118,7 @@ def test_under_torchrun_rank_1_exits_2_without_printing(monkeypatch):
     (["--seq-len", "16"], "--data {data}/dpo_train.jsonl: 677 sequence(s) longer than --seq-len 16 "
                           "tokens (the longest, line 2, has 23); raise --seq-len to 23"),
     (["--seq-len", "100000"], "--seq-len 100000 is more than the model's max_position_embeddings 512"),
+    (["--r", "100000"], "--r 100000 is more than the dimensions of every adapted layer"),
 ])
 def test_bad_input_is_one_line_before_any_training(tmp_path, flags, words):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "1", "rejected": "2"}\n'
