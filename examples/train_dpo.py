@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import train_llama as sft
-from train_llama import HERE, UsageError, _number, check_output
+from train_llama import HERE, UsageError, _number, check_output, in_flags
 
 import minift
 from minift.data.preference import load_preferences
@@ -35,6 +35,11 @@ from minift.models.config import ModelConfig
 from minift.objectives.dpo import AdapterReference, DPOObjective
 
 DATA = HERE / "data"
+# TrainConfig field -> flag of this script, for errors in the flags' words (train_llama.in_flags)
+FLAG_OF_FIELD = {**{k: v for k, v in sft.FLAG_OF_FIELD.items() if k in (
+                     "method", "learning_rate", "epochs", "max_steps", "micro_batch_size", "seed",
+                     "device", "output_dir", "parallel", "fsdp_cpu_offload")},
+                 "dpo_beta": "--beta", "dpo_loss": "--loss", "dpo_sft_weight": "--sft-weight"}
 
 
 def parse_args(argv=None):
@@ -152,8 +157,7 @@ def report(before: dict, after: dict, change: dict) -> str:
 
 def run(args) -> dict:
     # under torchrun: join the process group first, so "cuda" is this rank's GPU from here on
-    if args.distributed and not mdist.launched():
-        raise UsageError("--parallel: needs a torchrun launch (torchrun --nproc_per_node N ...)")
+    sft.check_launch(args)
     device = (mdist.init_from_env(args.device, single=True) if args.distributed else
               torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     say = print if mdist.is_main() else (lambda *a, **k: None)
@@ -176,6 +180,8 @@ def run(args) -> dict:
     chat, _ = sft.load_rows("--chat-eval", args.chat_eval, tokenizer, args.seq_len, args.eval_samples,
                             positions)
     sft.check_batches(args, len(pairs), what="pairs", say=say)
+    if not Path(args.general).is_file():
+        raise UsageError(f"--general {args.general}: no such file")
     try:
         general = load_texts(args.general)
         config = minift.TrainConfig(
@@ -187,7 +193,7 @@ def run(args) -> dict:
             device=str(device), log_interval=10, save_interval=100, parallel=args.parallel,
             fsdp_cpu_offload=args.fsdp_cpu_offload)
     except (ValueError, OSError) as err:
-        raise UsageError(str(err)) from err
+        raise UsageError(in_flags(str(err), FLAG_OF_FIELD)) from err
     model = sft_policy(args, torch.device("cpu") if fsdp else device, say)
     say(f"policy: SFT model ({args.sft_adapter} merged into {args.model}) + fresh LoRA: "
         f"{minift.trainable_summary(model)}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -53,6 +54,8 @@ from minift.lora.merging import describe, merge_and_check
 from minift.models.loading import as_dtype
 from minift.names import METHODS, OPTIMIZERS, PARALLEL
 from minift.objectives.sft import evaluate
+from minift.optim.paging import DEFAULT_DEVICE_BUDGET
+from minift.sizes import parse_bytes
 from minift.training import rundir
 from minift.training.config import TrainConfig
 
@@ -87,6 +90,18 @@ def _number(kind, minimum, strict=False, maximum=None):
             raise argparse.ArgumentTypeError(f"must be < {maximum}, got {text}")
         return value
     return parse
+
+
+def _budget(text):
+    """argparse type of --paged-device-budget: a byte size ("512MiB", "2GB", "0") or "all"."""
+    if text.strip().lower() == "all":
+        return "all"
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_bytes(text, "size", allow_zero=True)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("size: ")) from None
 
 
 def _device(text):
@@ -146,6 +161,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="keep checkpointed layer inputs in host memory (with --gradient-checkpointing)")
     add("--optimizer-in-backward", action="store_true",
         help="step each parameter in backward and free its gradient (with --max-grad-norm 0)")
+    add("--mlp-tile-size", type=_number(int, 1), default=None,
+        help="tokens per MLP tile for long sequences: each layer's MLP runs over checkpointed "
+             "tiles of the sequence (default: the whole sequence at once)")
+    add("--paged-device-budget", type=_budget, default=None, metavar="SIZE",
+        help="with --optimizer paged_adamw8bit: device memory for the 8-bit state pages, e.g. "
+             "512MiB or 2GB; the rest streams from host memory each step; 0 = stream every page, "
+             "all = keep every page (default: 1GiB)")
     add("--output", default="runs/train_llama", help="output folder")
     add("--save-interval", type=_number(int, 1), default=100,
         help="write a checkpoint every N steps (and at the end), for --resume")
@@ -321,11 +343,11 @@ def check_resume(model, config, train_data, say=print):
         ckpt.clean_incomplete(config.output_dir)  # a complete .tmp-step-N counts as a checkpoint
         rundir.check_output_dir(config.output_dir, config.resume_from)
     except ValueError as err:
-        raise UsageError(f"--output: {err}") from err
+        raise UsageError(f"--output: {in_flags(str(err))}") from err
     try:
         path = minift.check_resume(config, model, train_data)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise UsageError(f"--resume: {err}") from err
+        raise UsageError(f"--resume: {in_flags(str(err))}") from err
     if path is not None:
         say(f"resuming from {path} (step {ckpt.read_trainer_state(path).get('step')})")
 
@@ -387,18 +409,54 @@ def report(before: dict, after: dict) -> str:
 
 
 # ---- the run -----------------------------------------------------------------------------
-# TrainConfig field -> the flag that sets it, so that a rejected value names the flag.
+# TrainConfig field -> the flag that sets it: errors of TrainConfig and minift.train are told in
+# the words of the flags (`--max-grad-norm 0`, not `max_grad_norm=None`) by `in_flags`.
 FLAG_OF_FIELD = {"method": "--method", "learning_rate": "--lr", "epochs": "--epochs",
                  "max_steps": "--max-steps", "micro_batch_size": "--batch-size",
                  "grad_accum": "--grad-accum", "optimizer": "--optimizer", "seed": "--seed",
                  "save_interval": "--save-interval", "device": "--device", "output_dir": "--output",
                  "resume_from": "--resume", "max_grad_norm": "--max-grad-norm",
+                 "gradient_checkpointing": "--gradient-checkpointing",
                  "loss_chunk_size": "--loss-chunk-size",
                  "activation_offload": "--activation-offload",
-                 "optimizer_in_backward": "--optimizer-in-backward", "parallel": "--parallel"}
+                 "optimizer_in_backward": "--optimizer-in-backward", "parallel": "--parallel",
+                 "fsdp_cpu_offload": "--fsdp-cpu-offload", "mlp_tile_size": "--mlp-tile-size",
+                 "paged_device_budget": "--paged-device-budget"}
+# fields set by a switch (store_true): field=True is the flag, field=False its absence
+SWITCHES = {"gradient_checkpointing", "activation_offload", "optimizer_in_backward",
+            "fsdp_cpu_offload", "precompute_reference"}
+# values the flags spell their own way
+SPELLED = {("max_grad_norm", "None"): "--max-grad-norm 0",
+           ("loss_chunk_size", "None"): "--loss-chunk-size 0",
+           ("paged_device_budget", "None"): "--paged-device-budget all",
+           ("resume_from", "latest"): "--resume"}
+_FIELD = re.compile(r"(TrainConfig\.)?\b([a-z][a-z0-9_]*)(=(?:'[^']*'|[^\s,;)]+))?( \(--[a-z-]+\))?")
+
+
+def in_flags(message: str, flags: dict = FLAG_OF_FIELD) -> str:
+    """`message` with every `TrainConfig.field` and `field=value` of `flags` written as the flag
+    that sets it: "TrainConfig.optimizer_in_backward=True ...; set max_grad_norm=None" becomes
+    "--optimizer-in-backward ...; set --max-grad-norm 0". Bare words ("method") stay."""
+    def spell(match):
+        prefix, field, value, aside = match.groups()
+        if field not in flags or not (prefix or value):
+            return match.group(0)
+        flag, value = flags[field], value and value[1:].strip("'")
+        if not value:
+            words = flag
+        elif (field, value) in SPELLED:
+            words = SPELLED[field, value]
+        elif field in SWITCHES:
+            words = flag if value == "True" else f"no {flag}"
+        else:
+            words = f"no {flag}" if value == "None" else f"{flag} {value}"
+        return words + (aside if aside and aside[2:-1] != flag else "")
+    return _FIELD.sub(spell, message)
 
 
 def make_config(args, pad_id) -> TrainConfig:
+    budget = {None: DEFAULT_DEVICE_BUDGET, "all": None}.get(args.paged_device_budget,
+                                                           args.paged_device_budget)
     try:
         return TrainConfig(
             method=args.method, learning_rate=args.lr or DEFAULT_LR[args.method], warmup_ratio=0.05,
@@ -407,13 +465,23 @@ def make_config(args, pad_id) -> TrainConfig:
             gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
             max_grad_norm=args.max_grad_norm or None, loss_chunk_size=args.loss_chunk_size or None,
             activation_offload=args.activation_offload,
-            optimizer_in_backward=args.optimizer_in_backward,
+            optimizer_in_backward=args.optimizer_in_backward, mlp_tile_size=args.mlp_tile_size,
+            paged_device_budget=budget,
             pad_id=pad_id, output_dir=args.output, seed=args.seed, resume_from=args.resume,
             device=args.device, log_interval=10, save_interval=args.save_interval, keep_last=2,
             parallel=args.parallel, fsdp_cpu_offload=args.fsdp_cpu_offload)
     except ValueError as err:
-        field = str(err).split(" ", 1)[0].removeprefix("TrainConfig.").split("=")[0]
-        raise UsageError(f"{FLAG_OF_FIELD.get(field, field)}: {err}") from err
+        raise UsageError(in_flags(str(err))) from err
+
+
+def check_launch(args) -> None:
+    """Flags that need what this launch lacks, refused before any work."""
+    if args.distributed and not mdist.launched():
+        raise UsageError("--parallel: needs a torchrun launch (torchrun --nproc_per_node N ...)")
+    if args.fsdp_cpu_offload and not (args.distributed and args.parallel != "ddp"):
+        how = "--parallel ddp shards nothing" if args.parallel == "ddp" else \
+            "this is one process: start it with torchrun --nproc_per_node N"
+        raise UsageError(f"--fsdp-cpu-offload moves FSDP's shards to host memory, and {how}")
 
 
 def check_output(path) -> None:
@@ -479,8 +547,11 @@ def save_outputs_distributed(model, tokenizer, args) -> dict:
 
 
 def load_general(path):
+    """The texts of --general ('' = no forgetting check); errors name the flag."""
     if not path:
         return None
+    if not Path(path).is_file():
+        raise UsageError(f"--general {path}: no such file")
     try:
         return load_texts(path)
     except (ValueError, OSError) as err:
@@ -489,8 +560,7 @@ def load_general(path):
 
 def run(args) -> dict:
     # under torchrun: join the process group first, so "cuda" is this rank's GPU from here on
-    if args.distributed and not mdist.launched():
-        raise UsageError("--parallel: needs a torchrun launch (torchrun --nproc_per_node N ...)")
+    check_launch(args)
     device = (mdist.init_from_env(args.device, single=True) if args.distributed else
               torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     args.device_type = device.type
@@ -498,6 +568,9 @@ def run(args) -> dict:
     if args.merge_into == "original" and args.method != "qlora":
         raise UsageError("--merge-into original: only a qlora base is quantized; lora and full "
                          "merge into the original weights already")
+    if args.paged_device_budget is not None and args.optimizer != "paged_adamw8bit":
+        raise UsageError(f"--paged-device-budget: only --optimizer paged_adamw8bit pages its states "
+                         f"(this run uses --optimizer {args.optimizer})")
     check_output(args.output)
     make_config(args, pad_id=0)  # every training flag checked before anything is loaded
     torch.manual_seed(args.seed)
@@ -525,7 +598,7 @@ def run(args) -> dict:
         # "eval_loss" carry the final held-out loss (the same number as "after" below).
         summary = minift.train(model, train_data, config, eval_data=eval_data)
     except (ValueError, FileNotFoundError) as err:  # what check_resume cannot see in advance
-        raise UsageError(str(err)) from err
+        raise UsageError(in_flags(str(err))) from err
     after = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device, general)
     say(f"\n{report(before, after)}")
     samples = [torch.tensor(ex["input_ids"]) for ex in eval_data[:4]]

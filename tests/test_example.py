@@ -256,11 +256,50 @@ def test_config_errors_name_the_flag():
     spec.loader.exec_module(script)
     args = script.parse_args(["--device", "cpu"])
     args.device_type, args.lr = "cpu", float("inf")
-    with pytest.raises(script.UsageError, match=r"^--lr: TrainConfig.learning_rate must be a finite"):
+    with pytest.raises(script.UsageError, match=r"^--lr must be a finite number in \(0, 3.4e37\), got inf$"):
         script.make_config(args, pad_id=0)
     args.lr, args.seed = None, -1
-    with pytest.raises(script.UsageError, match=r"^--seed: TrainConfig.seed must be an integer"):
+    with pytest.raises(script.UsageError, match=r"^--seed must be an integer in \[0, 2\*\*32\), got -1$"):
         script.make_config(args, pad_id=0)
+    # the field=value words of TrainConfig's rules are the flags a user types, too
+    args.seed, args.optimizer_in_backward, args.max_grad_norm, args.grad_accum = 0, True, 0, 4
+    with pytest.raises(script.UsageError, match=r"^--optimizer-in-backward needs --grad-accum 1 "
+                                                r"\(.*\); got --grad-accum 4$"):
+        script.make_config(args, pad_id=0)
+    args.optimizer_in_backward, args.activation_offload = False, True
+    with pytest.raises(script.UsageError, match=r"^--activation-offload moves the inputs that "
+                                                r"gradient checkpointing keeps; set "
+                                                r"--gradient-checkpointing as well$"):
+        script.make_config(args, pad_id=0)
+
+
+def test_train_config_words_become_flags():
+    script = _script()
+    assert script.in_flags("TrainConfig.optimizer_in_backward=True with parallel='fsdp' is not "
+                           "supported") == "--optimizer-in-backward with --parallel fsdp is not supported"
+    assert script.in_flags("continue it with resume_from='latest' (--resume), or train into a new "
+                           "output_dir (--output)") == ("continue it with --resume, or train into a "
+                                                        "new output_dir (--output)")
+    assert script.in_flags("TrainConfig.paged_device_budget=None") == "--paged-device-budget all"
+    assert script.in_flags("checkpoint was trained with method 'lora'") == \
+        "checkpoint was trained with method 'lora'"  # a bare word in a sentence is no field
+
+
+def test_mlp_tile_size_and_paged_device_budget_reach_the_config():
+    script = _script()
+
+    def config(*flags):
+        args = script.parse_args(["--device", "cpu", *flags])
+        args.device_type = "cpu"
+        return script.make_config(args, pad_id=0)
+
+    assert (config().mlp_tile_size, config().paged_device_budget) == (None, 2**30)
+    paged = ["--optimizer", "paged_adamw8bit", "--paged-device-budget"]
+    assert config(*paged, "512MiB").paged_device_budget == 512 * 2**20
+    assert config(*paged, "2GB").paged_device_budget == 2 * 10**9
+    assert config(*paged, "0").paged_device_budget == 0
+    assert config(*paged, "all").paged_device_budget is None
+    assert config("--mlp-tile-size", "256").mlp_tile_size == 256
 
 
 @pytest.mark.slow  # four 3-step runs of the script
@@ -283,7 +322,9 @@ def test_memory_features_on_equal_off(tmp_path, method):
 def test_feature_flag_errors_name_the_flag():
     proc = run_cli("--device", "cpu", "--optimizer-in-backward", "--max-steps", "1")
     assert proc.returncode == 2
-    assert "--optimizer-in-backward: TrainConfig.optimizer_in_backward=True cannot clip" in proc.stderr
+    assert proc.stderr.startswith("train_llama.py: error: --optimizer-in-backward cannot clip the "
+                                  "global gradient norm")
+    assert "set --max-grad-norm 0 (got 1.0)" in proc.stderr and "TrainConfig" not in proc.stderr
 
 
 @pytest.fixture(autouse=True)
@@ -302,7 +343,8 @@ def _script():
     return script
 
 
-def test_help_shows_every_default(capsys):
+def test_help_shows_every_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # a default path is never wrapped at one of its hyphens
     script = _script()
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
@@ -375,7 +417,7 @@ def test_warnings_are_one_line(monkeypatch):
     assert text == "train_llama.py: warning: step 3: gradient norm is exactly 0, so no weight changes\n"
 
 
-# ---- in this process (no interpreter start-up)
+# ---- input the script refuses, or accepts with a note (in this process: no interpreter start-up)
 def main_cli(capsys, *args):
     """train_llama.main(args): (exit code, stdout, stderr)."""
     script = _script()
@@ -429,6 +471,26 @@ REFUSED = {  # case -> (arguments, words of the one error line)
         ["--r", "100000"], ["--r 100000 is more than the dimensions of every adapted layer (the "
                             "largest, model.layers.0.self_attn.q_proj, has 128 in, 128 out)",
                             "use --r 128 or less"]),
+    "fsdp offload on one process": (
+        ["--fsdp-cpu-offload"], ["--fsdp-cpu-offload moves FSDP's shards to host memory, and this "
+                                 "is one process: start it with torchrun --nproc_per_node N"]),
+    "paged budget without the paged optimizer": (
+        ["--paged-device-budget", "1GB"], ["--paged-device-budget: only --optimizer paged_adamw8bit "
+                                           "pages its states (this run uses --optimizer adamw)"]),
+    "paged budget that is no size": (
+        ["--optimizer", "paged_adamw8bit", "--paged-device-budget", "12xy"],
+        ["argument --paged-device-budget: cannot read '12xy' as a memory size"]),
+    "zero mlp tile": (["--mlp-tile-size", "0"], ["argument --mlp-tile-size: must be >= 1, got 0"]),
+    "empty reply": (["--data", "{tmp}/empty_reply.jsonl"],
+                    ["--data: {tmp}/empty_reply.jsonl:2: messages[1].content, an assistant reply, is empty"]),
+    "NUL in a row": (["--data", "{tmp}/nul.jsonl"],
+                     ["--data: {tmp}/nul.jsonl:2: messages[0].content holds a NUL character (\\u0000) "
+                      "at offset 5"]),
+    "special tokens only": (["--data", "{tmp}/special.jsonl"],
+                            ["--data: {tmp}/special.jsonl:2: field 'text' holds only special tokens "
+                             "('<s></s>')"]),
+    "general text that is not there": (["--general", "{tmp}/nowhere.jsonl"],
+                                       ["--general {tmp}/nowhere.jsonl: no such file"]),
 }
 
 

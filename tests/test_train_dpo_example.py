@@ -105,6 +105,14 @@ def test_under_torchrun_matches_one_process(dpo_run, tmp_path):
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_train_config_errors_name_this_scripts_flags():
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
+    script = importlib.import_module("train_dpo")
+    assert script.in_flags("TrainConfig.dpo_beta must be a finite number > 0, got 0",
+                           script.FLAG_OF_FIELD) == "--beta must be a finite number > 0, got 0"
+
+
 def test_under_torchrun_rank_1_exits_2_without_printing(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     proc = run_cli("--beta", "0")
@@ -119,6 +127,9 @@ def test_under_torchrun_rank_1_exits_2_without_printing(monkeypatch):
                           "tokens (the longest, line 2, has 23); raise --seq-len to 23"),
     (["--seq-len", "100000"], "--seq-len 100000 is more than the model's max_position_embeddings 512"),
     (["--r", "100000"], "--r 100000 is more than the dimensions of every adapted layer"),
+    (["--fsdp-cpu-offload"], "--fsdp-cpu-offload moves FSDP's shards to host memory, and this is "
+                             "one process"),
+    (["--general", "{tmp}/nowhere.jsonl"], "--general {tmp}/nowhere.jsonl: no such file"),
 ])
 def test_bad_input_is_one_line_before_any_training(tmp_path, flags, words):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "1", "rejected": "2"}\n'
