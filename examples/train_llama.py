@@ -12,13 +12,14 @@ trained: the adapter (PEFT format) for LoRA/QLoRA, the whole model for full fine
 with --merge the merged model in Hugging Face format, after comparing its logits with the
 adapter model's on held-out samples. Bad input ends the run with one line on stderr and exit
 code 2. Under torchrun every rank trains its share of each step (the flags give the global
-batch); rank 0 alone prints and writes the outputs.
+batch); rank 0 alone prints and writes the outputs, errors included (every rank exits with 2).
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -26,6 +27,20 @@ from pathlib import Path
 import torch
 
 import minift
+
+if not hasattr(minift, "load_model"):
+    # A folder named minift/ without __init__.py, earlier on Python's path than the package (the
+    # script's own folder comes first), is imported as a namespace package in the package's
+    # place; with `pip install -e` that happens even though minift is installed.
+    if os.environ.get("RANK", "0") == "0":
+        found = ", ".join(getattr(minift, "__path__", None) or [str(minift.__file__)])
+        print(f"{Path(sys.argv[0]).name}: error: `import minift` found the folder {found}, not the "
+              f"minift package: a folder named minift on Python's path (beside the script, or in "
+              f"the current directory) takes its place; rename or move that folder, or run the "
+              f"script from another folder (docs/training.md, 'Where the script runs')",
+              file=sys.stderr)
+    sys.exit(2)
+
 from minift.checkpoints import steps as ckpt
 from minift.cli import ShowDefaults
 from minift.data.sft import load_dataset, load_jsonl, row_to_messages
@@ -34,11 +49,13 @@ from minift.distributed import parallel as mdist
 from minift.evaluation.forgetting import forgetting, load_texts, perplexity
 from minift.evaluation.metrics import task_metrics
 from minift.files import WriteError, is_disk_full, reporting_write_errors, write_json
-from minift.lora.layer import lora_state_dict
+from minift.lora.layer import find_targets, lora_state_dict
 from minift.lora.merging import describe, merge_and_check
 from minift.models.loading import as_dtype
 from minift.names import METHODS, OPTIMIZERS, PARALLEL
 from minift.objectives.sft import evaluate
+from minift.optim.paging import DEFAULT_DEVICE_BUDGET
+from minift.sizes import parse_bytes
 from minift.training import rundir
 from minift.training.config import TrainConfig
 from minift.training.loop import tidy
@@ -46,6 +63,7 @@ from minift.training.loop import tidy
 HERE = Path(__file__).resolve().parent
 DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+NO_CUT = 2**62  # rows are tokenized whole: one longer than --seq-len is refused, never cut
 
 
 class UsageError(Exception):
@@ -73,6 +91,18 @@ def _number(kind, minimum, strict=False, maximum=None):
             raise argparse.ArgumentTypeError(f"must be < {maximum}, got {text}")
         return value
     return parse
+
+
+def _budget(text):
+    """argparse type of --paged-device-budget: a byte size ("512MiB", "2GB", "0") or "all"."""
+    if text.strip().lower() == "all":
+        return "all"
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_bytes(text, "size", allow_zero=True)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("size: ")) from None
 
 
 def _device(text):
@@ -132,6 +162,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="keep checkpointed layer inputs in host memory (with --gradient-checkpointing)")
     add("--optimizer-in-backward", action="store_true",
         help="step each parameter in backward and free its gradient (with --max-grad-norm 0)")
+    add("--mlp-tile-size", type=_number(int, 1), default=None,
+        help="tokens per MLP tile for long sequences: each layer's MLP runs over checkpointed "
+             "tiles of the sequence (default: the whole sequence at once)")
+    add("--paged-device-budget", type=_budget, default=None, metavar="SIZE",
+        help="with --optimizer paged_adamw8bit: device memory for the 8-bit state pages, e.g. "
+             "512MiB or 2GB; the rest streams from host memory each step; 0 = stream every page, "
+             "all = keep every page (default: 1GiB)")
     add("--output", default="runs/train_llama", help="output folder")
     add("--save-interval", type=_number(int, 1), default=100,
         help="write a checkpoint every N steps (and at the end), for --resume")
@@ -191,10 +228,35 @@ def load_base(args, device):
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     try:
+        check_rank(model, args.r, targets)
         model = minift.lora_wrap(model, r=args.r, alpha=args.alpha, target_modules=targets)
     except (ValueError, TypeError) as err:
         raise UsageError(f"--target-modules {args.target_modules!r}: {err}") from err
     return tokenizer, model
+
+
+def check_rank(model, r, targets="all-linear", say=print) -> None:
+    """--r against the layers it adapts: B @ A of an (out, in) weight has rank at most
+    min(in, out), so a larger r only adds parameters. Refused when no adapted layer can use it,
+    a note when some cannot; checked before lora_wrap allocates anything."""
+    modules = dict(model.named_modules())
+    sizes = {name: (modules[name].in_features, modules[name].out_features)
+             for name in find_targets(model, targets)}
+    if not sizes:
+        return
+    widest = max(sizes, key=lambda n: min(sizes[n]))
+    if r > min(sizes[widest]):
+        i, o = sizes[widest]
+        raise UsageError(f"--r {r} is more than the dimensions of every adapted layer (the largest, "
+                         f"{widest}, has {i} in, {o} out): an update B @ A of such a weight has rank "
+                         f"at most {min(i, o)}, and more only adds parameters; use --r {min(i, o)} "
+                         f"or less")
+    small = [n for n in sizes if r > min(sizes[n])]
+    if small and mdist.is_main():
+        i, o = sizes[small[0]]
+        say(f"note: --r {r} is more than the dimensions of {len(small)} of the {len(sizes)} adapted "
+            f"layers (e.g. {small[0]}: {i} in, {o} out); their updates have rank at most "
+            f"{min(min(sizes[n]) for n in small)}")
 
 
 def checkpoint_dtype(path) -> torch.dtype:
@@ -216,22 +278,22 @@ def compute_dtype(args, path, device) -> torch.dtype:
     return checkpoint_dtype(path) if device.type == "cuda" else torch.float32
 
 
-def load_rows(flag, path, tokenizer, seq_len, limit=None):
-    """(raw rows, tokenized examples) of a chat JSONL file; errors name the flag and line."""
+def load_rows(flag, path, tokenizer, seq_len, limit=None, positions=None):
+    """(raw rows, tokenized examples) of a chat JSONL file; errors name the flag and line.
+    `positions`: the model's max_position_embeddings, which no row may exceed."""
     if not Path(path).is_file():
         raise UsageError(f"{flag} {path}: no such file")
     try:
         rows = load_jsonl(path)
         with warnings.catch_warnings(record=True) as caught:  # dropped rows: reported below
             warnings.simplefilter("always")
-            examples, stats = load_dataset(path, tokenizer, seq_len)
+            examples, stats = load_dataset(path, tokenizer, NO_CUT)
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"{flag}: {err}") from err
-    if stats.truncated:
-        raise UsageError(f"{flag} {path}: {stats.truncated} row(s) longer than --seq-len {seq_len} "
-                         f"tokens; raise --seq-len")
-    if stats.dropped:  # a row whose reply was empty or cut away: nothing to train or score
+    if stats.dropped:  # a row without an assistant reply: nothing to train or score
         raise UsageError(f"{flag}: {caught[-1].message if caught else f'{stats.dropped} row(s) dropped'}")
+    check_lengths(flag, path, [len(ex["input_ids"]) for ex in examples], stats.longest,
+                  stats.longest_line, seq_len, positions)
     # every chat row shape (chat, ShareGPT, alpaca, prompt/completion) as messages, for exact
     # match; raw text rows are trained on but have no reply to match
     conversations = [{"messages": row_to_messages(row)} for row in rows[:limit]
@@ -242,6 +304,43 @@ def load_rows(flag, path, tokenizer, seq_len, limit=None):
     return conversations, examples[:limit]
 
 
+def check_lengths(flag, path, lengths, longest, line, seq_len, positions=None, what="row") -> None:
+    """Every row within --seq-len, and --seq-len within the model's positions; one line naming
+    --seq-len, the longest row (its line and length) and max_position_embeddings otherwise."""
+    if positions is not None and seq_len > positions:
+        beyond = (f"; {flag} {path}:{line} has a {what} of {longest} tokens, which the model cannot "
+                  f"take at any --seq-len: shorten it or leave it out" if longest > positions else "")
+        raise UsageError(f"--seq-len {seq_len} is more than the model's max_position_embeddings "
+                         f"{positions} (it has no positions past that); use --seq-len {positions} "
+                         f"or less{beyond}")
+    over = sum(n > seq_len for n in lengths)
+    if not over:
+        return
+    if positions is not None and longest > positions:
+        fix = (f"the model's max_position_embeddings is {positions}, so no --seq-len takes the "
+               f"{what}s longer than that: shorten them or leave them out")
+    else:
+        fix = f"raise --seq-len to {longest}"
+    raise UsageError(f"{flag} {path}: {over} {what}(s) longer than --seq-len {seq_len} tokens (the "
+                     f"longest, line {line}, has {longest}); {fix}")
+
+
+def check_batches(args, n_train, what="examples", say=print) -> None:
+    """Notes (not errors) when --batch-size or --grad-accum asks for more than --data has: a
+    micro-batch holds at most every example, and a step never spans two epochs."""
+    if args.batch_size > n_train:
+        say(f"note: --batch-size {args.batch_size} is more than the {n_train} {what} of --data: "
+            f"each micro-batch holds all {n_train}")
+    per_epoch = -(-n_train // args.batch_size)  # micro-batches of an epoch
+    grad_accum = getattr(args, "grad_accum", 1)
+    if grad_accum > per_epoch:
+        steps = args.max_steps or args.epochs
+        say(f"note: --grad-accum {grad_accum} is more than the {per_epoch} micro-batch(es) of an "
+            f"epoch ({n_train} {what} of --data, --batch-size {min(args.batch_size, n_train)}), "
+            f"and a step never spans two epochs: each step takes one epoch, {per_epoch} "
+            f"micro-batch(es), so the run has {steps} optimizer step(s)")
+
+
 def check_resume(model, config, train_data, say=print):
     """Fail before any work when --resume points at a checkpoint of another method, model shape,
     base model, data order or training data (minift.train checks the same, but only once it
@@ -250,11 +349,11 @@ def check_resume(model, config, train_data, say=print):
         tidy(config.output_dir)  # a complete .tmp-step-N counts as a checkpoint (rank 0 tidies)
         rundir.check_output_dir(config.output_dir, config.resume_from)
     except ValueError as err:
-        raise UsageError(f"--output: {err}") from err
+        raise UsageError(f"--output: {in_flags(str(err))}") from err
     try:
         path = minift.check_resume(config, model, train_data)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise UsageError(f"--resume: {err}") from err
+        raise UsageError(f"--resume: {in_flags(str(err))}") from err
     if path is not None:
         say(f"resuming from {path} (step {ckpt.read_trainer_state(path).get('step')})")
 
@@ -334,19 +433,55 @@ def report(before: dict, after: dict) -> str:
 
 
 # ---- the run -----------------------------------------------------------------------------
-# TrainConfig field -> the flag that sets it, so that a rejected value names the flag.
+# TrainConfig field -> the flag that sets it: errors of TrainConfig and minift.train are told in
+# the words of the flags (`--max-grad-norm 0`, not `max_grad_norm=None`) by `in_flags`.
 FLAG_OF_FIELD = {"method": "--method", "learning_rate": "--lr", "epochs": "--epochs",
                  "max_steps": "--max-steps", "micro_batch_size": "--batch-size",
                  "grad_accum": "--grad-accum", "optimizer": "--optimizer", "seed": "--seed",
                  "save_interval": "--save-interval", "device": "--device", "output_dir": "--output",
                  "resume_from": "--resume", "max_grad_norm": "--max-grad-norm",
+                 "gradient_checkpointing": "--gradient-checkpointing",
                  "loss_chunk_size": "--loss-chunk-size",
                  "activation_offload": "--activation-offload",
                  "optimizer_in_backward": "--optimizer-in-backward", "parallel": "--parallel",
-                 "skip_steps": "--skip-step", "dist_timeout": "--dist-timeout"}
+                 "fsdp_cpu_offload": "--fsdp-cpu-offload", "mlp_tile_size": "--mlp-tile-size",
+                 "paged_device_budget": "--paged-device-budget", "skip_steps": "--skip-step",
+                 "dist_timeout": "--dist-timeout"}
+# fields set by a switch (store_true): field=True is the flag, field=False its absence
+SWITCHES = {"gradient_checkpointing", "activation_offload", "optimizer_in_backward",
+            "fsdp_cpu_offload", "precompute_reference"}
+# values the flags spell their own way
+SPELLED = {("max_grad_norm", "None"): "--max-grad-norm 0",
+           ("loss_chunk_size", "None"): "--loss-chunk-size 0",
+           ("paged_device_budget", "None"): "--paged-device-budget all",
+           ("resume_from", "latest"): "--resume"}
+_FIELD = re.compile(r"(TrainConfig\.)?\b([a-z][a-z0-9_]*)(=(?:'[^']*'|[^\s,;)]+))?( \(--[a-z-]+\))?")
+
+
+def in_flags(message: str, flags: dict = FLAG_OF_FIELD) -> str:
+    """`message` with every `TrainConfig.field` and `field=value` of `flags` written as the flag
+    that sets it: "TrainConfig.optimizer_in_backward=True ...; set max_grad_norm=None" becomes
+    "--optimizer-in-backward ...; set --max-grad-norm 0". Bare words ("method") stay."""
+    def spell(match):
+        prefix, field, value, aside = match.groups()
+        if field not in flags or not (prefix or value):
+            return match.group(0)
+        flag, value = flags[field], value and value[1:].strip("'")
+        if not value:
+            words = flag
+        elif (field, value) in SPELLED:
+            words = SPELLED[field, value]
+        elif field in SWITCHES:
+            words = flag if value == "True" else f"no {flag}"
+        else:
+            words = f"no {flag}" if value == "None" else f"{flag} {value}"
+        return words + (aside if aside and aside[2:-1] != flag else "")
+    return _FIELD.sub(spell, message)
 
 
 def make_config(args, pad_id) -> TrainConfig:
+    budget = {None: DEFAULT_DEVICE_BUDGET, "all": None}.get(args.paged_device_budget,
+                                                           args.paged_device_budget)
     try:
         return TrainConfig(
             method=args.method, learning_rate=args.lr or DEFAULT_LR[args.method], warmup_ratio=0.05,
@@ -355,14 +490,24 @@ def make_config(args, pad_id) -> TrainConfig:
             gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
             max_grad_norm=args.max_grad_norm or None, loss_chunk_size=args.loss_chunk_size or None,
             activation_offload=args.activation_offload,
-            optimizer_in_backward=args.optimizer_in_backward,
+            optimizer_in_backward=args.optimizer_in_backward, mlp_tile_size=args.mlp_tile_size,
+            paged_device_budget=budget,
             pad_id=pad_id, output_dir=args.output, seed=args.seed, resume_from=args.resume,
             device=args.device, log_interval=10, save_interval=args.save_interval, keep_last=2,
             parallel=args.parallel, fsdp_cpu_offload=args.fsdp_cpu_offload,
             dist_timeout=args.dist_timeout, skip_steps=args.skip_step)
     except ValueError as err:
-        field = str(err).split(" ", 1)[0].removeprefix("TrainConfig.").split("=")[0]
-        raise UsageError(f"{FLAG_OF_FIELD.get(field, field)}: {err}") from err
+        raise UsageError(in_flags(str(err))) from err
+
+
+def check_launch(args) -> None:
+    """Flags that need what this launch lacks, refused before any work."""
+    if args.distributed and not mdist.launched():
+        raise UsageError("--parallel: needs a torchrun launch (torchrun --nproc_per_node N ...)")
+    if args.fsdp_cpu_offload and not (args.distributed and args.parallel != "ddp"):
+        how = "--parallel ddp shards nothing" if args.parallel == "ddp" else \
+            "this is one process: start it with torchrun --nproc_per_node N"
+        raise UsageError(f"--fsdp-cpu-offload moves FSDP's shards to host memory, and {how}")
 
 
 def check_output(path) -> None:
@@ -453,8 +598,11 @@ def save_outputs_distributed(model, tokenizer, args) -> dict:
 
 
 def load_general(path):
+    """The texts of --general ('' = no forgetting check); errors name the flag."""
     if not path:
         return None
+    if not Path(path).is_file():
+        raise UsageError(f"--general {path}: no such file")
     try:
         return load_texts(path)
     except (ValueError, OSError) as err:
@@ -463,8 +611,7 @@ def load_general(path):
 
 def run(args) -> dict:
     # under torchrun: join the process group first, so "cuda" is this rank's GPU from here on
-    if args.distributed and not mdist.launched():
-        raise UsageError("--parallel: needs a torchrun launch (torchrun --nproc_per_node N ...)")
+    check_launch(args)
     device = (mdist.init_from_env(args.device, single=True, timeout_s=args.dist_timeout) if args.distributed else
               torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     args.device_type = device.type
@@ -472,6 +619,9 @@ def run(args) -> dict:
     if args.merge_into == "original" and args.method != "qlora":
         raise UsageError("--merge-into original: only a qlora base is quantized; lora and full "
                          "merge into the original weights already")
+    if args.paged_device_budget is not None and args.optimizer != "paged_adamw8bit":
+        raise UsageError(f"--paged-device-budget: only --optimizer paged_adamw8bit pages its states "
+                         f"(this run uses --optimizer {args.optimizer})")
     check_output(args.output)
     make_config(args, pad_id=0)  # every training flag checked before anything is loaded
     torch.manual_seed(args.seed)
@@ -481,9 +631,12 @@ def run(args) -> dict:
     if tokenizer.pad_token_id is None:
         raise UsageError(f"--model {args.model}: the tokenizer has neither a pad nor an end token")
     config = make_config(args, tokenizer.pad_token_id)
-    train_rows, train_data = load_rows("--data", args.data, tokenizer, args.seq_len)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    train_rows, train_data = load_rows("--data", args.data, tokenizer, args.seq_len,
+                                       positions=positions)
     eval_rows, eval_data = load_rows("--eval-data", args.eval_data, tokenizer, args.seq_len,
-                                     args.eval_samples)
+                                     args.eval_samples, positions=positions)
+    check_batches(args, len(train_data), say=say)
     check_resume(model, config, train_data, say)
     say(f"model {args.model}: {minift.trainable_summary(model)}")
     say(f"data: {len(train_data)} training examples, {len(eval_data)} held-out; "
@@ -500,7 +653,7 @@ def run(args) -> dict:
         # "eval_loss" carry the final held-out loss (the same number as "after" below).
         summary = minift.train(model, train_data, config, eval_data=eval_data)
     except (ValueError, FileNotFoundError) as err:  # what check_resume cannot see in advance
-        raise UsageError(str(err)) from err
+        raise UsageError(in_flags(str(err))) from err
     after = evaluate_all(model, tokenizer, eval_rows, eval_data, config, device, general)
     say(f"\n{report(before, after)}")
     samples = [torch.tensor(ex["input_ids"]) for ex in eval_data[:4]]
@@ -533,6 +686,13 @@ def write_outputs(model, tokenizer, args, summary: dict, samples=()) -> dict:
     return saved
 
 
+def usage_error(prog, err) -> None:
+    """The one line of a usage error, on stderr. Under torchrun every rank finds the same error
+    and exits with 2; rank 0 (RANK, which torchrun sets) alone prints it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+
+
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     """Warnings (a dead model, a skipped corrupt checkpoint, dropped rows) as one line each."""
     return f"train_llama.py: warning: {' '.join(str(message).split())}\n"
@@ -543,7 +703,7 @@ def main(argv=None) -> int:
     try:
         run(parse_args(argv))
     except UsageError as err:
-        print(f"train_llama.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        usage_error("train_llama.py", err)
         return 2
     except OutputsNotSaved as err:
         print(f"train_llama.py: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -102,7 +102,12 @@ def test_truncation_counts_and_drops_rows_without_trainable_tokens(tok):
     assert (stats.rows, stats.examples, stats.dropped) == (4, 2, 2)
     # CHAT (85 tokens, first reply from token 35) and both long prompts exceed 44; PROMPT fits
     assert stats.truncated == 3 and [len(ex["input_ids"]) for ex in examples] == [44, 43]
-    with pytest.raises(ValueError, match=r"train.jsonl: no example .*2 of 2 rows dropped"):
+    whole, _ = tokenize_rows(rows, tok, max_length=512)  # the longest row is counted before the cut
+    longest = max(range(4), key=lambda i: len(whole[i]["input_ids"]))
+    assert (stats.longest, stats.longest_line) == (len(whole[longest]["input_ids"]), longest + 1)
+    with pytest.raises(ValueError, match=r"train.jsonl: no example .*2 of 2 rows dropped: 1 whose "
+                                         r"replies start after max_length=40 tokens and 1 without "
+                                         r"an assistant reply"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tokenize_rows([long_prompt, {"messages": [{"role": "user", "content": "hi"}]}], tok,

@@ -5,9 +5,9 @@ One spawn of 2 CPU processes (the `runs` fixture) runs every case of tests/dist_
 one-process pieces at the end need no process group.
 """
 import json
-import re
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -416,6 +416,19 @@ def test_train_config_parallel_fields():
         TrainConfig(parallel="tp")
     with pytest.raises(TypeError, match="TrainConfig.fsdp_cpu_offload must be True or False"):
         TrainConfig(fsdp_cpu_offload="yes")
+    with pytest.raises(ValueError, match="TrainConfig.fsdp_cpu_offload=True moves FSDP's shards to "
+                                         "host memory, and parallel='ddp' has none"):
+        TrainConfig(fsdp_cpu_offload=True, parallel="ddp")
+
+
+def test_fsdp_cpu_offload_on_one_process_is_refused(monkeypatch):
+    # without torchrun nothing is sharded, so the offload would silently do nothing
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=r"TrainConfig.fsdp_cpu_offload=True .* this run is not "
+                                         r"sharded: it needs a torchrun launch"):
+        mdist_train.DistRun(TrainConfig(fsdp_cpu_offload=True))
+    assert not mdist_train.DistRun(TrainConfig()).active
 
 
 def test_apply_parallel_needs_a_process_group_and_decoder_layers():

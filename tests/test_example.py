@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import minift
+from minift.distributed.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_llama.py"
@@ -273,11 +274,50 @@ def test_config_errors_name_the_flag():
     spec.loader.exec_module(script)
     args = script.parse_args(["--device", "cpu"])
     args.device_type, args.lr = "cpu", float("inf")
-    with pytest.raises(script.UsageError, match=r"^--lr: TrainConfig.learning_rate must be a finite"):
+    with pytest.raises(script.UsageError, match=r"^--lr must be a finite number in \(0, 3.4e37\), got inf$"):
         script.make_config(args, pad_id=0)
     args.lr, args.seed = None, -1
-    with pytest.raises(script.UsageError, match=r"^--seed: TrainConfig.seed must be an integer"):
+    with pytest.raises(script.UsageError, match=r"^--seed must be an integer in \[0, 2\*\*32\), got -1$"):
         script.make_config(args, pad_id=0)
+    # the field=value words of TrainConfig's rules are the flags a user types, too
+    args.seed, args.optimizer_in_backward, args.max_grad_norm, args.grad_accum = 0, True, 0, 4
+    with pytest.raises(script.UsageError, match=r"^--optimizer-in-backward needs --grad-accum 1 "
+                                                r"\(.*\); got --grad-accum 4$"):
+        script.make_config(args, pad_id=0)
+    args.optimizer_in_backward, args.activation_offload = False, True
+    with pytest.raises(script.UsageError, match=r"^--activation-offload moves the inputs that "
+                                                r"gradient checkpointing keeps; set "
+                                                r"--gradient-checkpointing as well$"):
+        script.make_config(args, pad_id=0)
+
+
+def test_train_config_words_become_flags():
+    script = _script()
+    assert script.in_flags("TrainConfig.optimizer_in_backward=True with parallel='fsdp' is not "
+                           "supported") == "--optimizer-in-backward with --parallel fsdp is not supported"
+    assert script.in_flags("continue it with resume_from='latest' (--resume), or train into a new "
+                           "output_dir (--output)") == ("continue it with --resume, or train into a "
+                                                        "new output_dir (--output)")
+    assert script.in_flags("TrainConfig.paged_device_budget=None") == "--paged-device-budget all"
+    assert script.in_flags("checkpoint was trained with method 'lora'") == \
+        "checkpoint was trained with method 'lora'"  # a bare word in a sentence is no field
+
+
+def test_mlp_tile_size_and_paged_device_budget_reach_the_config():
+    script = _script()
+
+    def config(*flags):
+        args = script.parse_args(["--device", "cpu", *flags])
+        args.device_type = "cpu"
+        return script.make_config(args, pad_id=0)
+
+    assert (config().mlp_tile_size, config().paged_device_budget) == (None, 2**30)
+    paged = ["--optimizer", "paged_adamw8bit", "--paged-device-budget"]
+    assert config(*paged, "512MiB").paged_device_budget == 512 * 2**20
+    assert config(*paged, "2GB").paged_device_budget == 2 * 10**9
+    assert config(*paged, "0").paged_device_budget == 0
+    assert config(*paged, "all").paged_device_budget is None
+    assert config("--mlp-tile-size", "256").mlp_tile_size == 256
 
 
 @pytest.mark.slow  # four 3-step runs of the script
@@ -300,7 +340,9 @@ def test_memory_features_on_equal_off(tmp_path, method):
 def test_feature_flag_errors_name_the_flag():
     proc = run_cli("--device", "cpu", "--optimizer-in-backward", "--max-steps", "1")
     assert proc.returncode == 2
-    assert "--optimizer-in-backward: TrainConfig.optimizer_in_backward=True cannot clip" in proc.stderr
+    assert proc.stderr.startswith("train_llama.py: error: --optimizer-in-backward cannot clip the "
+                                  "global gradient norm")
+    assert "set --max-grad-norm 0 (got 1.0)" in proc.stderr and "TrainConfig" not in proc.stderr
 
 
 @pytest.fixture(autouse=True)
@@ -319,7 +361,8 @@ def _script():
     return script
 
 
-def test_help_shows_every_default(capsys):
+def test_help_shows_every_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # a default path is never wrapped at one of its hyphens
     script = _script()
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
@@ -406,3 +449,184 @@ def test_warnings_are_one_line(monkeypatch):
     text = warnings.formatwarning(UserWarning("step 3: gradient norm is exactly 0,\n  so no weight "
                                               "changes"), UserWarning, "trainer.py", 300)
     assert text == "train_llama.py: warning: step 3: gradient norm is exactly 0, so no weight changes\n"
+
+
+# ---- input the script refuses, or accepts with a note (in this process: no interpreter start-up)
+def main_cli(capsys, *args):
+    """train_llama.main(args): (exit code, stdout, stderr)."""
+    script = _script()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = script.main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory):
+    """Data files a user may hand the script by mistake."""
+    tmp = tmp_path_factory.mktemp("odd")
+    rows = [json.loads(line) for line in (ROOT / "examples" / "data" / "train.jsonl").read_text().splitlines()]
+    user = {"role": "user", "content": "Write 35 in words."}
+    long_row = {"messages": [{"role": "user", "content": "Write 35 in words. " * 2500},
+                             {"role": "assistant", "content": "thirty-five"}]}
+    files = {"long": rows[:2] + [long_row] + rows[2:200], "short": rows[:200],
+             "empty_reply": [rows[0], {"messages": [user, {"role": "assistant", "content": ""}]}],
+             "nul": [rows[0], {"messages": [{"role": "user", "content": "Write\u0000 35"},
+                                            {"role": "assistant", "content": "thirty-five"}]}],
+             "special": [rows[0], {"text": "<s></s>"}]}
+    for name, content in files.items():
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in content))
+    return tmp
+
+
+REFUSED = {  # case -> (arguments, words of the one error line)
+    "seq-len past the model's positions": (
+        ["--seq-len", "1000000000"], ["--seq-len 1000000000 is more than the model's "
+                                      "max_position_embeddings 512 (it has no positions past that); "
+                                      "use --seq-len 512 or less"]),
+    # the row that went to 23 GB before being killed for memory
+    "a row past the model's positions": (
+        ["--data", "{tmp}/long.jsonl", "--seq-len", "100000"],
+        ["--seq-len 100000 is more than the model's max_position_embeddings 512",
+         "--data {tmp}/long.jsonl:3 has a row of 250", "tokens, which the model cannot take at any --seq-len"]),
+    "a row past --seq-len and the positions": (
+        ["--data", "{tmp}/long.jsonl", "--seq-len", "512"],
+        ["--data {tmp}/long.jsonl: 1 row(s) longer than --seq-len 512 tokens (the longest, line 3, has 250",
+         "the model's max_position_embeddings is 512, so no --seq-len takes the rows longer than that"]),
+    "every reply past --seq-len": (
+        ["--data", "{tmp}/short.jsonl", "--seq-len", "8"],
+        ["--data {tmp}/short.jsonl: 200 row(s) longer than --seq-len 8 tokens (the longest, line",
+         "raise --seq-len to 2"]),
+    "rank past every layer": (
+        ["--r", "100000"], ["--r 100000 is more than the dimensions of every adapted layer (the "
+                            "largest, model.layers.0.self_attn.q_proj, has 128 in, 128 out)",
+                            "use --r 128 or less"]),
+    "fsdp offload on one process": (
+        ["--fsdp-cpu-offload"], ["--fsdp-cpu-offload moves FSDP's shards to host memory, and this "
+                                 "is one process: start it with torchrun --nproc_per_node N"]),
+    "paged budget without the paged optimizer": (
+        ["--paged-device-budget", "1GB"], ["--paged-device-budget: only --optimizer paged_adamw8bit "
+                                           "pages its states (this run uses --optimizer adamw)"]),
+    "paged budget that is no size": (
+        ["--optimizer", "paged_adamw8bit", "--paged-device-budget", "12xy"],
+        ["argument --paged-device-budget: cannot read '12xy' as a memory size"]),
+    "zero mlp tile": (["--mlp-tile-size", "0"], ["argument --mlp-tile-size: must be >= 1, got 0"]),
+    "empty reply": (["--data", "{tmp}/empty_reply.jsonl"],
+                    ["--data: {tmp}/empty_reply.jsonl:2: messages[1].content, an assistant reply, is empty"]),
+    "NUL in a row": (["--data", "{tmp}/nul.jsonl"],
+                     ["--data: {tmp}/nul.jsonl:2: messages[0].content holds a NUL character (\\u0000) "
+                      "at offset 5"]),
+    "special tokens only": (["--data", "{tmp}/special.jsonl"],
+                            ["--data: {tmp}/special.jsonl:2: field 'text' holds only special tokens "
+                             "('<s></s>')"]),
+    "general text that is not there": (["--general", "{tmp}/nowhere.jsonl"],
+                                       ["--general {tmp}/nowhere.jsonl: no such file"]),
+}
+
+
+# a 25,000-token row, once accepted, took 23 GB: these run in a process of at most 4 GiB
+CAPPED = {"a row past the model's positions", "a row past --seq-len and the positions"}
+
+
+def _at_most_4_gib():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_odd_input_is_one_line_naming_the_flag(case, odd_data, capsys, tmp_path):
+    args, words = REFUSED[case]
+    args = [*FAST, *(a.format(tmp=odd_data) for a in args), "--output", str(tmp_path / "out")]
+    if case in CAPPED:
+        proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT,
+                              preexec_fn=_at_most_4_gib)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        code, out, err = main_cli(capsys, *args)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("train_llama.py: error: "), err
+    for w in words:
+        assert w.format(tmp=odd_data) in err
+    assert "before: exact match" not in out  # refused before any evaluation or training
+
+
+def test_more_than_the_data_has_is_a_note(capsys, tmp_path):
+    # a micro-batch holds at most every example, and a step never spans two epochs: the run goes
+    # on and says what it does instead
+    code, out, err = main_cli(capsys, *FAST, "--max-steps", "1", "--batch-size", "100000",
+                              "--grad-accum", "3", "--r", "100", "--general", "", "--output", tmp_path)
+    assert code == 0, err
+    assert "note: --batch-size 100000 is more than the 800 examples of --data: each micro-batch " \
+           "holds all 800" in out
+    assert "note: --grad-accum 3 is more than the 1 micro-batch(es) of an epoch (800 examples of " \
+           "--data, --batch-size 800), and a step never spans two epochs: each step takes one " \
+           "epoch, 1 micro-batch(es), so the run has 1 optimizer step(s)" in out
+    assert "note: --r 100 is more than the dimensions of 8 of the 28 adapted layers (e.g. " \
+           "model.layers.0.self_attn.k_proj: 128 in, 64 out); their updates have rank at most 64" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 1 and "forgetting" not in summary
+
+
+def test_under_torchrun_a_usage_error_is_printed_by_rank_0_alone(capsys, monkeypatch):
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        code, _, err = main_cli(capsys, "--lr", "-1")
+        assert code == 2 and bool(err) == printed, (rank, err)
+    assert err == "train_llama.py: error: argument --lr: must be > 0, got -1\n"
+
+
+def test_torchrun_prints_a_usage_error_once():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(SCRIPT), "--lr", "-1", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0  # torchrun's own code for a failed worker; the ranks exit with 2
+    assert (proc.stdout + proc.stderr).count("train_llama.py: error: argument --lr") == 1
+    assert "exitcode  : 2" in proc.stderr
+
+
+# How `pip install -e` finds the package: a finder that Python asks after its path search. A
+# folder named minift/ on the path (beside the script) has no __init__.py, so the path search
+# makes it a namespace package, and that wins over the finder.
+EDITABLE = """
+import importlib.abc, importlib.util, os, runpy, sys
+root, script = sys.argv[1], sys.argv[2]
+sys.path[:] = [p for p in sys.path if p not in ('', root)
+               and not os.path.isfile(os.path.join(p, 'minift', '__init__.py'))]
+class Editable(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == 'minift':
+            return importlib.util.spec_from_file_location(
+                name, os.path.join(root, 'minift', '__init__.py'),
+                submodule_search_locations=[os.path.join(root, 'minift')])
+sys.meta_path.append(Editable())
+sys.path.insert(0, os.path.dirname(script))  # as `python script.py` does
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize("name", ["train_llama.py", "train_dpo.py"])
+def test_a_minift_folder_beside_the_script_is_named(tmp_path, name):
+    (tmp_path / "minift").mkdir()  # a data folder, or a clone, beside a copy of the script
+    for script in ("train_llama.py", "train_dpo.py"):
+        shutil.copy(ROOT / "examples" / script, tmp_path / script)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK")}
+    proc = subprocess.run([sys.executable, "-c", EDITABLE, str(ROOT), str(tmp_path / name), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr == (f"{name}: error: `import minift` found the folder {tmp_path / 'minift'}, "
+                           f"not the minift package: a folder named minift on Python's path (beside "
+                           f"the script, or in the current directory) takes its place; rename or "
+                           f"move that folder, or run the script from another folder "
+                           f"(docs/training.md, 'Where the script runs')\n")
+    # without the folder the same launch finds the package
+    (tmp_path / "minift").rmdir()
+    proc = subprocess.run([sys.executable, "-c", EDITABLE, str(ROOT), str(tmp_path / name), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]

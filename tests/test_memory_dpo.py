@@ -9,12 +9,12 @@ import minift
 from minift.data.preference import collate_pairs
 from minift.memory import estimate_memory
 from minift.memory.dpo import estimate_dpo_memory
-from minift.planning.plan import plan
 from minift.memory.tracker import CATEGORIES, MemoryTracker
 from minift.models.config import ModelConfig
 from minift.models.llama import Llama
 from minift.models.switches import gradient_checkpointing
 from minift.objectives.dpo import AdapterReference, DPOObjective
+from minift.planning.plan import plan
 
 SMALL = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)

@@ -5,8 +5,8 @@ import pytest
 
 from minift.__main__ import main
 from minift.memory.estimate import estimate_memory
-from minift.planning.plan import parse_memory, plan
 from minift.models.config import ModelConfig
+from minift.planning.plan import parse_memory, plan
 
 
 @pytest.mark.parametrize("text, expected", [

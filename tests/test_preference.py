@@ -34,8 +34,9 @@ def test_prompt_row_labels_cover_only_the_reply(tok):
         scored = [t for t in labels if t != -100]
         # the reply's tokens and the end token that closes it, nothing of the prompt
         assert tok.decode(scored, skip_special_tokens=False) == reply + "</s>"
-    assert stats == {"rows": 1, "pairs": 1, "truncated": 0, "tokens": len(pair["chosen_ids"])
-                     + len(pair["rejected_ids"])}
+    lengths = [len(pair["chosen_ids"]), len(pair["rejected_ids"])]
+    assert stats == {"rows": 1, "pairs": 1, "truncated": 0, "tokens": sum(lengths),
+                     "longest": max(lengths), "longest_line": 1}
 
 
 def test_chat_row_scores_only_the_final_reply(tok):
@@ -69,6 +70,13 @@ def test_load_preferences_reads_file_and_skips_blank_lines(tok, tmp_path):
     ({"messages": [{"role": "user"}], "chosen": "1", "rejected": "2"}, "messages[0]"),
     ("[1, 2]", "expected a JSON object"),
     ("{not json", "invalid JSON"),
+    ({"prompt": "a\u0000b", "chosen": "1", "rejected": "2"},
+     "field 'prompt' holds a NUL character (\\u0000) at offset 1"),
+    ({"prompt": "a", "chosen": "1", "rejected": "\u0000"}, "field 'rejected' holds a NUL character"),
+    ({"messages": [{"role": "user", "content": "q\u0000"}], "chosen": "1", "rejected": "2"},
+     "messages[0].content holds a NUL character"),
+    ({"prompt": "a", "chosen": "</s>", "rejected": "2"},
+     "field 'chosen' holds only special tokens ('</s>')"),
 ])
 def test_bad_rows_name_file_and_line(tok, tmp_path, row, words):
     path = write_rows(tmp_path, [{"prompt": "ok", "chosen": "1", "rejected": "2"}, row])
@@ -84,6 +92,7 @@ def test_truncation_counts_and_a_prompt_that_leaves_no_reply_is_an_error(tok, tm
     cut = len(full[0]["chosen_ids"]) - 2
     (pair,), stats = tokenize_preferences([row], tok, cut)
     assert stats["truncated"] == 1 and len(pair["chosen_ids"]) == cut
+    assert (stats["longest"], stats["longest_line"]) == (cut + 2, 1)  # counted before the cut
     path = write_rows(tmp_path, [row])
     with pytest.raises(ValueError, match=rf"{path}:1: the prompt fills max_length=5"):
         load_preferences(path, tok, 5)

@@ -45,6 +45,42 @@ def test_unknown_roles_are_errors_not_dropped_rows(tmp_path, tok, row, match):
             load_dataset(path, tok, 128)
 
 
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize("row,match", [
+    # an empty reply would train the model to end its turn at once
+    ({"messages": [USER, {"role": "assistant", "content": ""}]},
+     r"d.jsonl:2: messages\[1\].content, an assistant reply, is empty; write the reply"),
+    ({"messages": [USER, {"role": "assistant", "content": " \n"}]}, r"messages\[1\].content, an assistant reply, is empty"),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]},
+     r"d.jsonl:2: conversations\[1\].value, an assistant reply, is empty"),
+    ({"instruction": "a", "output": ""}, r"d.jsonl:2: 'output', an assistant reply, is empty"),
+    ({"prompt": "a", "completion": ""}, r"d.jsonl:2: 'completion', an assistant reply, is empty"),
+    # special tokens only: no words to learn, markers where words belong
+    ({"text": "<s></s>"}, r"d.jsonl:2: field 'text' holds only special tokens \('<s></s>'\)"),
+    ({"text": "<|im_end|>\n<|im_start|>"}, r"d.jsonl:2: field 'text' holds only special tokens"),
+    ({"messages": [USER, {"role": "assistant", "content": "<|im_end|>"}]},
+     r"d.jsonl:2: messages\[1\].content, an assistant reply, holds only special tokens"),
+    ({"prompt": "a", "completion": "</s> </s>"}, r"d.jsonl:2: 'completion', an assistant reply, holds only"),
+    ({"text": "   "}, r"d.jsonl:2: field 'text' is empty"),
+    # NUL characters ("\u0000" in JSON) come from binary files and broken exports
+    ({"messages": [USER, {"role": "assistant", "content": "ok\u0000"}]},
+     r"d.jsonl:2: messages\[1\].content holds a NUL character \(\\u0000\) at offset 2; that is "
+     r"binary data"),
+    ({"text": "\u0000abc"}, r"d.jsonl:2: field 'text' holds a NUL character \(\\u0000\) at offset 0"),
+    ({"instruction": "a", "input": "b\u0000", "output": "c"}, r"d.jsonl:2: field 'input' holds a NUL"),
+    ({"conversations": [{"from": "human", "value": "\u0000"}, {"from": "gpt", "value": "b"}]},
+     r"d.jsonl:2: conversations\[0\].value holds a NUL"),
+])
+def test_empty_replies_special_tokens_only_and_nul_are_errors_naming_the_field(tmp_path, tok, row,
+                                                                               match):
+    import json
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(PROMPT), json.dumps(row)])
+    with pytest.raises(ValueError, match=match):
+        load_dataset(path, tok, 128)
+
+
 def test_text_rows_train_every_token_and_end_with_eos(tok):
     (ex,), stats = tokenize_rows([{"text": "Paris is the capital of France."}], tok, max_length=64)
     assert ex["labels"] == ex["input_ids"] and IGNORE_INDEX not in ex["labels"]

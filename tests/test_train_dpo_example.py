@@ -105,10 +105,55 @@ def test_under_torchrun_matches_one_process(dpo_run, tmp_path):
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_qlora_with_precomputed_reference_and_no_forgetting_check(dpo_run, tmp_path):
+    tmp, _ = dpo_run  # its SFT adapter, trained by the first run
+    out = tmp_path / "dpo"
+    proc = run_cli("--sft-adapter", tmp / "sft" / "adapter", "--method", "qlora",
+                   "--precompute-reference", "--general", "", "--max-steps", "2",
+                   "--eval-samples", "4", "--batch-size", "4", "--output", out, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["method"], summary["steps"], summary["forgetting"]) == ("qlora", 2, None)
+    # minift.train runs method "qlora" only on an NF4 base with LoRA adapters and nothing else
+    # trainable: the SFT model went to NF4 under the fresh adapter
+    assert summary["trainable_params"] == 77_824 < summary["total_params"]
+    for name in ("reference_logps.safetensors", "eval_reference_logps.safetensors"):
+        assert (out / name).is_file()  # scored once before step 1, then read from disk
+    assert summary["before"]["eval_loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert "general-text perplexity" not in proc.stdout and "general" not in summary["before"]
+    # sft_merged holds the dequantized NF4 weights the adapter was trained on
+    model = minift.load_adapter(minift.load_model(out / "sft_merged", dtype=torch.float32), out / "adapter")
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_train_config_errors_name_this_scripts_flags():
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
+    script = importlib.import_module("train_dpo")
+    assert script.in_flags("TrainConfig.dpo_beta must be a finite number > 0, got 0",
+                           script.FLAG_OF_FIELD) == "--beta must be a finite number > 0, got 0"
+    assert script.in_flags("TrainConfig.precompute_reference=True", script.FLAG_OF_FIELD) == \
+        "--precompute-reference"
+
+
+def test_under_torchrun_rank_1_exits_2_without_printing(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    proc = run_cli("--beta", "0")
+    assert (proc.returncode, proc.stderr) == (2, "")
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--beta", "0"], "argument --beta: must be > 0, got 0"),
     (["--data", "{tmp}/bad.jsonl"], "--data: {tmp}/bad.jsonl:2: a preference row needs 'prompt'"),
     (["--loss", "kto"], "argument --loss: invalid choice"),
+    (["--general", "{tmp}/nowhere.jsonl"], "--general {tmp}/nowhere.jsonl: no such file"),
+    (["--seq-len", "16"], "--data {data}/dpo_train.jsonl: 677 sequence(s) longer than --seq-len 16 "
+                          "tokens (the longest, line 2, has 23); raise --seq-len to 23"),
+    (["--seq-len", "100000"], "--seq-len 100000 is more than the model's max_position_embeddings 512"),
+    (["--r", "100000"], "--r 100000 is more than the dimensions of every adapted layer"),
+    (["--fsdp-cpu-offload"], "--fsdp-cpu-offload moves FSDP's shards to host memory, and this is "
+                             "one process"),
+    (["--method", "full"], "argument --method: invalid choice: 'full'"),
 ])
 def test_bad_input_is_one_line_before_any_training(tmp_path, flags, words):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "1", "rejected": "2"}\n'
@@ -118,7 +163,8 @@ def test_bad_input_is_one_line_before_any_training(tmp_path, flags, words):
                    "--output", tmp_path / "o")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("train_dpo.py: error: ")
-    assert words.format(tmp=tmp_path) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert words.format(tmp=tmp_path, data=DATA) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert "training it first" not in proc.stdout and not (tmp_path / "none").exists()
 
 

@@ -15,6 +15,7 @@ import random
 
 import torch
 
+from minift.data.rows import check_no_nul, only_special_tokens
 from minift.data.sft import _assistant_spans, _bucket_groups, _read_jsonl, row_to_messages
 from minift.names import IGNORE_INDEX
 
@@ -28,7 +29,7 @@ def _reply(row, key, where) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{where}: field {key!r} must be a non-empty string (the assistant's "
                          f"reply), got {type(value).__name__} {value!r}"[:300])
-    return value
+    return check_no_nul(value, where, f"field {key!r}")
 
 
 def row_to_preference(row, where="<row>"):
@@ -52,7 +53,7 @@ def row_to_preference(row, where="<row>"):
     else:
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
             raise ValueError(f"{where}: field 'prompt' must be a non-empty string")
-        prompt = [{"role": "user", "content": row["prompt"]}]
+        prompt = [{"role": "user", "content": check_no_nul(row["prompt"], where, "field 'prompt'")}]
     chosen, rejected = _reply(row, "chosen", where), _reply(row, "rejected", where)
     if chosen == rejected:
         raise ValueError(f"{where}: 'chosen' and 'rejected' are the same reply; a pair must differ")
@@ -60,18 +61,19 @@ def row_to_preference(row, where="<row>"):
 
 
 def _tokenize_reply(tokenizer, prompt, reply, max_length, where):
-    """Ids of prompt + reply and labels on the reply's tokens only (the last assistant span)."""
+    """Ids of prompt + reply cut to `max_length`, labels on the reply's tokens only (the last
+    assistant span), and the length in tokens before the cut."""
     messages = prompt + [{"role": "assistant", "content": reply}]
     text, spans = _assistant_spans(tokenizer, messages, where)
     start, end = spans[-1]
     ids, offsets = tokenizer.encode_with_offsets(text)
     labels = [tok if s < end and e > start else IGNORE_INDEX for tok, (s, e) in zip(ids, offsets)]
-    truncated = len(ids) > max_length
+    length = len(ids)
     ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels[1:]):
         raise ValueError(f"{where}: the prompt fills max_length={max_length} tokens, so no token "
                          f"of the reply is left to score; raise max_length or shorten the prompt")
-    return ids, labels, truncated
+    return ids, labels, length
 
 
 def tokenize_preferences(rows, tokenizer, max_length, source="<data>", *, line_numbers=None):
@@ -86,20 +88,28 @@ def tokenize_preferences(rows, tokenizer, max_length, source="<data>", *, line_n
 
     Returns:
         (pairs, stats): pairs are dicts with chosen_ids, chosen_labels, rejected_ids,
-        rejected_labels (lists of ints); stats counts rows, truncated sequences and tokens.
+        rejected_labels (lists of ints); stats counts rows, truncated sequences and tokens, and
+        gives the longest sequence before any cut (``longest``) and its line (``longest_line``).
     """
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
     if not rows:
         raise ValueError(f"{source}: empty dataset (no rows)")
     lines = list(line_numbers) if line_numbers is not None else range(1, len(rows) + 1)
-    pairs, stats = [], {"rows": len(rows), "pairs": 0, "truncated": 0, "tokens": 0}
+    pairs = []
+    stats = {"rows": len(rows), "pairs": 0, "truncated": 0, "tokens": 0, "longest": 0, "longest_line": 0}
     for lineno, row in zip(lines, rows):
         where = f"{source}:{lineno}"
         prompt, chosen, rejected = row_to_preference(row, where)
         pair = {}
         for half, reply in (("chosen", chosen), ("rejected", rejected)):
-            ids, labels, cut = _tokenize_reply(tokenizer, prompt, reply, max_length, where)
+            if only_special_tokens(tokenizer, reply):
+                raise ValueError(f"{where}: field {half!r} holds only special tokens "
+                                 f"({reply[:80]!r}), no reply to score")
+            ids, labels, full = _tokenize_reply(tokenizer, prompt, reply, max_length, where)
+            if full > stats["longest"]:
+                stats["longest"], stats["longest_line"] = full, lineno
+            cut = full > max_length
             pair[f"{half}_ids"], pair[f"{half}_labels"] = ids, labels
             stats["truncated"] += cut
             stats["tokens"] += len(ids)

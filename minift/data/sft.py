@@ -23,7 +23,9 @@ from minift.data.rows import (  # noqa: F401
     _read_jsonl,
     _text_field,
     _tokenize_text,
+    conversation,
     load_jsonl,
+    only_special_tokens,
     row_to_messages,
 )
 from minift.names import IGNORE_INDEX
@@ -31,14 +33,17 @@ from minift.names import IGNORE_INDEX
 
 @dataclass
 class DataStats:
-    """Counts from `tokenize_rows`: rows read, examples kept, truncated and dropped rows, and
-    tokens (trained = labels that are not -100, total = all input ids of kept examples)."""
+    """Counts from `tokenize_rows`: rows read, examples kept, truncated and dropped rows, tokens
+    (trained = labels that are not -100, total = all input ids of kept examples), and the
+    longest row in tokens before any cut, with its line."""
     rows: int = 0
     examples: int = 0
     truncated: int = 0
     dropped: int = 0
     trained_tokens: int = 0
     total_tokens: int = 0
+    longest: int = 0
+    longest_line: int = 0
 
     def __getitem__(self, key):
         return getattr(self, key)
@@ -77,14 +82,20 @@ def _assistant_spans(tokenizer, messages, where):
     return text, spans
 
 
-def _tokenize_messages(tokenizer, messages, where):
+def _tokenize_messages(tokenizer, messages, where, fields=None):
     """Input ids of the whole rendered conversation and labels aligned with them.
 
     The conversation is tokenized once as a whole (the ids equal those of
     `apply_chat_template(..., tokenize=True)`), and a token is trained when its characters
     overlap a reply span. A token that straddles the prompt/reply boundary (a merged leading
-    space) is one the model has to produce, so it is trained.
+    space) is one the model has to produce, so it is trained. A reply of special tokens only
+    ("</s>") is an error naming its field (``fields[i]``, as `conversation` gives them).
     """
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and only_special_tokens(tokenizer, m["content"]):
+            field = fields[i] if fields else f"messages[{i}].content"
+            raise ValueError(f"{where}: {field}, an assistant reply, holds only special tokens "
+                             f"({m['content'][:80]!r}), no words to train on")
     text, spans = _assistant_spans(tokenizer, messages, where)
     ids, offsets = tokenizer.encode_with_offsets(text)
     labels = [tok if any(s < b and e > a for a, b in spans) else IGNORE_INDEX
@@ -108,7 +119,8 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, source: str = "<
         stats is a `DataStats`.
 
     Raises:
-        ValueError: no rows, a row of unknown shape (naming source:line and its keys), or no
+        ValueError: naming source:line: no rows, a row of unknown shape (and its keys), a field
+            holding a NUL character, an empty reply or text of special tokens only; or no
             example left with a trainable token.
     """
     if not isinstance(max_length, int) or max_length < 2:
@@ -124,7 +136,10 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, source: str = "<
         if "text" in row and not {"messages", "conversations", "prompt", "instruction"} & set(row):
             ids, labels = _tokenize_text(tokenizer, _text_field(row, "text", where), where)
         else:
-            ids, labels = _tokenize_messages(tokenizer, row_to_messages(row, where), where)
+            messages, fields = conversation(row, where)
+            ids, labels = _tokenize_messages(tokenizer, messages, where, fields)
+        if len(ids) > stats.longest:
+            stats.longest, stats.longest_line = len(ids), lineno
         was_cut = len(ids) > max_length
         if was_cut:
             ids, labels = ids[:max_length], labels[:max_length]
@@ -150,7 +165,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, source: str = "<
                       f"{' and '.join(why)} (first at line {first_dropped})", stacklevel=2)
     if not examples:
         raise ValueError(f"{source}: no example with a trainable token is left "
-                         f"({stats.dropped} of {stats.rows} rows dropped)")
+                         f"({stats.dropped} of {stats.rows} rows dropped: {' and '.join(why)})")
     return examples, stats
 
 

@@ -52,6 +52,11 @@ class DistRun:
         if self.active and world == 1 and not mdist.launched():
             raise ValueError(f"TrainConfig.parallel={config.parallel!r} needs a torchrun launch "
                              "(torchrun --nproc_per_node N ...); on one process leave it None")
+        if getattr(config, "fsdp_cpu_offload", False) and self.parallel != "fsdp":
+            # apply_parallel reads it only when it shards: on one process it would do nothing
+            raise ValueError("TrainConfig.fsdp_cpu_offload=True moves FSDP's shards to host memory, "
+                             "and this run is not sharded: it needs a torchrun launch "
+                             "(torchrun --nproc_per_node N ...) with parallel='fsdp'")
         self.device = (mdist.init_from_env(config.device, single=True, timeout_s=config.dist_timeout)
                        if self.active else None)
         self.fingerprint: Optional[dict] = None

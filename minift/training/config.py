@@ -157,6 +157,9 @@ class TrainConfig:
             raise TypeError(f"TrainConfig.skip_steps must be a list of step numbers, got {self.skip_steps!r}")
         self.skip_steps = tuple(sorted({check_int("TrainConfig.skip_steps[]", s) for s in self.skip_steps}))
         check_flag("TrainConfig.fsdp_cpu_offload", self.fsdp_cpu_offload)
+        if self.fsdp_cpu_offload and self.parallel == "ddp":
+            raise ValueError("TrainConfig.fsdp_cpu_offload=True moves FSDP's shards to host memory, "
+                             "and parallel='ddp' has none; use parallel='fsdp'")
         if self.batching == "pack" and self.max_length is None:
             raise ValueError("TrainConfig.max_length must be set when batching='pack' (the row length)")
 
