@@ -235,7 +235,9 @@ def run(args) -> dict:
 def save_outputs(model, tokenizer, args, out: Path) -> None:
     """The SFT model the adapter is for (merged, HF format; with --method qlora its dequantized
     NF4 weights, which the adapter was trained on) and the adapter (PEFT format)."""
-    minift.save_model(minift.merge_lora(_copy_base(model)), out / "sft_merged")
+    # in the checkpoint's dtype: a merge into NF4 weights without a compute dtype is bfloat16
+    keep = sft.checkpoint_dtype(args.model)
+    minift.save_model(minift.merge_lora(_copy_base(model)).to(keep), out / "sft_merged")
     tokenizer.save(out / "sft_merged")
     minift.save_adapter(model, out / "adapter", base_model_name_or_path=str(out / "sft_merged"))
 
@@ -247,6 +249,7 @@ def save_outputs_distributed(model, tokenizer, args, out: Path) -> None:
     if mdist.is_main():
         # the policy as it started, adapters at zero: the SFT model (dequantized NF4 with qlora)
         start = minift.merge_lora(sft_policy(args, torch.device("cpu"), say=lambda *a: None))
+        start = start.to(sft.checkpoint_dtype(args.model))
         minift.save_model(start, out / "sft_merged")
         tokenizer.save(out / "sft_merged")
     mdist.barrier()

@@ -121,7 +121,9 @@ def test_qlora_with_precomputed_reference_and_no_forgetting_check(dpo_run, tmp_p
         assert (out / name).is_file()  # scored once before step 1, then read from disk
     assert summary["before"]["eval_loss"] == pytest.approx(0.693147, abs=1e-5)
     assert "general-text perplexity" not in proc.stdout and "general" not in summary["before"]
-    # sft_merged holds the dequantized NF4 weights the adapter was trained on
+    # sft_merged holds the dequantized NF4 weights the adapter was trained on, in the base's dtype
+    assert json.loads((out / "sft_merged" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert "are stored as" not in proc.stderr  # one dtype, not bf16 linears beside fp32 norms
     model = minift.load_adapter(minift.load_model(out / "sft_merged", dtype=torch.float32), out / "adapter")
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
