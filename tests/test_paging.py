@@ -203,3 +203,20 @@ def test_flush_orders_the_copy_out_after_the_compute(monkeypatch):
     assert [e for e in log if isinstance(e, tuple) and e[0] == "copy"] == [("copy", "d2h")] * 2
     assert log[-1] == "synchronize"
     assert torch.equal(host, torch.arange(128, dtype=torch.float32) + 1)
+
+
+def test_the_paging_defaults_are_defined_once():
+    # the 1 GiB budget and the page size were copied into the estimator and TrainConfig
+    import inspect
+
+    from minift.memory import estimate, features
+    from minift.optim import paging
+    from minift.training.config import TrainConfig
+    assert paging.DEFAULT_DEVICE_BUDGET == 2**30 and paging.DEFAULT_PAGE_SIZE == 2**20
+    assert TrainConfig().paged_device_budget == paging.DEFAULT_DEVICE_BUDGET
+    assert inspect.signature(estimate.estimate_memory).parameters["paged_device_budget"].default \
+        == paging.DEFAULT_DEVICE_BUDGET
+    assert inspect.signature(AdamW8bit).parameters["page_size"].default == paging.DEFAULT_PAGE_SIZE
+    assert features.DEFAULT_PAGE_SIZE is paging.DEFAULT_PAGE_SIZE
+    source = "".join(inspect.getsource(m) for m in (features, estimate)) + inspect.getsource(TrainConfig)
+    assert "2**30" not in source.replace("# 2**30", "").replace("| 2**30 |", "")

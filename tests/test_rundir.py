@@ -176,3 +176,16 @@ def test_only_rank_0_sets_a_diverged_checkpoint_aside_and_every_rank_says_the_sa
     main = rundir.divergence(tmp_path, 3, "loss", float("nan"))
     assert main == other and "is renamed diverged-step-2" in main
     assert not (tmp_path / "step-2").exists() and (tmp_path / "diverged-step-2").is_dir()
+
+
+def test_only_rank_0_tidies_the_run_folder(tmp_path, monkeypatch):
+    # every rank called clean_incomplete on one folder under torchrun; they raced on its renames
+    from minift.distributed import parallel as mdist
+    from minift.training.loop import tidy
+    (tmp_path / ".del-step-3").mkdir()  # a prune cut short: clean-up removes it
+    monkeypatch.setattr(mdist, "is_main", lambda: False)
+    tidy(tmp_path)
+    assert (tmp_path / ".del-step-3").is_dir()
+    monkeypatch.setattr(mdist, "is_main", lambda: True)
+    tidy(tmp_path)
+    assert not (tmp_path / ".del-step-3").exists()
