@@ -22,11 +22,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch.distributed.tensor import DTensor
 
 from minift.checkpoints import steps as ckpt
 from minift.distributed import checkpoint as dckpt
 from minift.distributed import parallel as mdist
+from minift.optim.sharded import local
 
 _DCP_MARKER = ".metadata"
 
@@ -168,10 +168,8 @@ def _local(tree, prefix: str) -> dict:
     if isinstance(tree, dict):
         for key, value in tree.items():
             out.update(_local(value, f"{prefix}.{key}"))
-    elif isinstance(tree, DTensor):
-        out[prefix] = tree.to_local()
     elif isinstance(tree, torch.Tensor):
-        out[prefix] = tree
+        out[prefix] = local(tree)
     return out
 
 

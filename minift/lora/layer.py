@@ -40,7 +40,7 @@ def _lora_scale(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-# The rules are _util's (any integral r, any real finite alpha and dropout; never a bool); the
+# The rules are minift.checks' (any integral r, any real finite alpha and dropout; never a bool); the
 # messages keep the name=value form that adapter_config.json errors quote after the field name.
 def check_rank(r: int) -> int:
     """`r` as an int if it is a positive integer (int, numpy ints; not bool or float)."""

@@ -5,7 +5,7 @@ estimates full fine-tuning, LoRA and QLoRA side by side with `minift.estimate_me
 fit, finds the largest batch size and the longest sequence that fit for each, and recommends the
 highest-quality method that fits (full > LoRA > QLoRA).
 
-Memory sizes are read by `minift._util.parse_bytes`, the one size grammar of minift: "24GB" is
+Memory sizes are read by `minift.sizes.parse_bytes`, the one size grammar of minift: "24GB" is
 24e9 bytes, "24GiB" and "24G" are 24 * 2^30, in any case ("24gb" is 24GB).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 MAX_BATCH = 1 << 16
 
 
-parse_memory = parse_bytes  # sizes read as everywhere in minift (see minift._util)
+parse_memory = parse_bytes  # sizes read as everywhere in minift (see minift.sizes)
 
 
 def fmt_auto(n: float) -> str:
