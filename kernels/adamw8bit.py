@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minift.kernels.common import device_guard, program_offsets, round_to_bf16
+from minift.kernels.common import device_guard, launch, program_offsets, round_to_bf16
 
 BLOCK = 256  # elements per program = elements per absmax block
 
@@ -114,7 +114,7 @@ def adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, map_v, s, 
         return
     grid = (triton.cdiv(n, BLOCK),)
     with device_guard(p.device):
-        _adamw8bit_kernel[grid](
+        launch(_adamw8bit_kernel, grid)(
             p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, map_v, n,
             s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps, s.decay, s.step_size,
             s.inv_bc2_sqrt, s.seed, offset,

@@ -40,3 +40,19 @@ def device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def launch(kernel, grid):
+    """``kernel[grid]``, except that a call with fake tensors (a planning trace of the CUDA path,
+    ``minift.tracing``) launches nothing: the launcher has already allocated its outputs and
+    scratch exactly as for a real launch, which is all a trace measures."""
+    def run(*args, **kwargs):
+        if any(_is_fake(a) for a in args):
+            return None
+        return kernel[grid](*args, **kwargs)
+    return run
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)

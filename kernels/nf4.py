@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minift.kernels.common import device_guard, program_offsets, round_to_bf16
+from minift.kernels.common import device_guard, launch, program_offsets, round_to_bf16
 
 _BLOCK = 1024  # output elements per program: 512 bytes in, 2 KiB of bf16 out
 
@@ -117,7 +117,7 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
         return out
     grid = (triton.cdiv(n, _BLOCK),)
     with device_guard(packed.device):
-        _nf4_dequant_kernel[grid](
+        launch(_nf4_dequant_kernel, grid)(
             packed.reshape(-1), absmax, nested_absmax if double_quant else absmax,
             nested_code if double_quant else code, code, out, float(offset) if double_quant else 0.0,
             n, packed.numel(), triton.cdiv(n, blocksize),

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minift.kernels.common import device_guard, round_to_bf16
+from minift.kernels.common import device_guard, launch, round_to_bf16
 
 
 @triton.jit
@@ -81,7 +81,7 @@ def rms_norm_forward(x, weight, eps):
         return y, rstd
     block, warps = _settings(n)
     with device_guard(x.device):
-        _rmsnorm_fwd_kernel[(m,)](x, weight.contiguous(), y, rstd, x.stride(0), y.stride(0), n, eps,
+        launch(_rmsnorm_fwd_kernel, (m,))(x, weight.contiguous(), y, rstd, x.stride(0), y.stride(0), n, eps,
                                   X_BF16=x.dtype == torch.bfloat16, Y_BF16=y.dtype == torch.bfloat16,
                                   BLOCK_N=block, num_warps=warps, enable_fp_fusion=False)
     return y, rstd
@@ -102,7 +102,7 @@ def rms_norm_backward(dy, x, weight, rstd, programs=None):
     block, warps = _settings(n, per_thread=16)
     if m:
         with device_guard(x.device):
-            _rmsnorm_bwd_kernel[(programs,)](
+            launch(_rmsnorm_bwd_kernel, (programs,))(
                 dy, x, weight.contiguous(), rstd, dx, partial, m, n, per_program, dy.stride(0),
                 x.stride(0), dx.stride(0), X_BF16=x.dtype == torch.bfloat16,
                 DX_BF16=x.dtype == torch.bfloat16, BLOCK_N=block, num_warps=warps,

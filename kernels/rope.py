@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minift.kernels.common import device_guard, round_to_bf16
+from minift.kernels.common import device_guard, launch, round_to_bf16
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def _rotate(x, cos, sin, backward):
         return out
     half = dim // 2
     with device_guard(x.device):
-        _rope_kernel[(b * t,)](
+        launch(_rope_kernel, (b * t,))(
             x, cos, sin, out, t, heads, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
             out.stride(1), out.stride(2), cos.stride(0), cos.stride(2), HALF=half,
             BLOCK_D=triton.next_power_of_2(half), BLOCK_H=triton.next_power_of_2(heads),

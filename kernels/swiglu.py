@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minift.kernels.common import device_guard, program_offsets, round_to_bf16
+from minift.kernels.common import device_guard, launch, program_offsets, round_to_bf16
 
 BLOCK = 1024
 
@@ -55,7 +55,7 @@ def swiglu_forward(gate, up):
     y = torch.empty_like(g)
     if g.numel():
         with device_guard(g.device):
-            _swiglu_fwd_kernel[(triton.cdiv(g.numel(), BLOCK),)](
+            launch(_swiglu_fwd_kernel, (triton.cdiv(g.numel(), BLOCK),))(
                 g, u, y, g.numel(), BF16=g.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=4,
                 enable_fp_fusion=False)
     return y.view(gate.shape)
@@ -67,7 +67,7 @@ def swiglu_backward(dy, gate, up):
     dg, du = torch.empty_like(g), torch.empty_like(u)
     if g.numel():
         with device_guard(g.device):
-            _swiglu_bwd_kernel[(triton.cdiv(g.numel(), BLOCK),)](
+            launch(_swiglu_bwd_kernel, (triton.cdiv(g.numel(), BLOCK),))(
                 d, g, u, dg, du, g.numel(), BF16=g.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=4,
                 enable_fp_fusion=False)
     return dg.view(gate.shape), du.view(gate.shape)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 # NormalFloat4 (QLoRA paper, appendix E): quantiles of N(0, 1) rescaled to [-1, 1], with an exact
 # zero. 7 negative levels, zero, 8 positive levels. Index 7 is 0.0, index 15 is 1.0.
@@ -21,8 +22,11 @@ NF4_CODE_VALUES = (
 
 
 def nf4_code(device=None) -> torch.Tensor:
-    """The 16 NF4 levels as float32, shape (16,)."""
-    return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
+    """The 16 NF4 levels as float32, shape (16,). A real tensor even in a planning trace (under a
+    fake mode, ``minift.tracing``): code books are constants, and caches built from them must not
+    hold fake tensors."""
+    with unset_fake_temporarily():
+        return torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,4 +52,5 @@ def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
 
 def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
     """The 256-entry dynamic map (signed for values in [-1, 1], unsigned for [0, 1]), float32."""
-    return _dynamic_map_cpu(bool(signed)).to(device)
+    with unset_fake_temporarily():  # a constant, real in a planning trace too (as nf4_code)
+        return _dynamic_map_cpu(bool(signed)).to(device)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from minift.tracing import known
+
 
 def to_device(batch: dict, device) -> dict:
     """`batch`'s (B, T) tensors on `device`, copied before any compute is queued.
@@ -20,6 +22,6 @@ def to_device(batch: dict, device) -> dict:
     device = torch.device(device)
     mask = batch.get("attention_mask")
     unpadded = (mask is not None and "segment_ids" not in batch and mask.device.type == "cpu"
-                and bool(mask.all()))
+                and known(lambda: mask.all(), False))
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()
             if not (k == "attention_mask" and unpadded)}

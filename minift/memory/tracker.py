@@ -58,6 +58,12 @@ def _storage(t):
         return None
 
 
+def _on(t, st) -> torch.device:
+    """Where the storage ``st`` of ``t`` lives: a fake tensor's (a planning trace's) storage is a
+    meta one, its device the tensor's."""
+    return st.device if st.device.type != "meta" else local(t).device
+
+
 class _Saved:
     """What autograd keeps in place of a saved tensor while the tracker listens."""
 
@@ -160,7 +166,7 @@ class MemoryTracker:
         if st is None or id(st) in self._static:
             return 0
         self._static[id(st)] = st
-        if st.device != self.device:
+        if _on(t, st) != self.device:
             return 0
         if category is not None:
             self._weights[category] += st.nbytes()
@@ -195,7 +201,7 @@ class MemoryTracker:
             seen.add(id(st))
             if register:
                 self._static[id(st)] = st
-            if st.device == self.device:
+            if _on(t, st) == self.device:
                 total += st.nbytes()
         if register:
             for t in self._optimizer_tensors(host=True):
@@ -222,7 +228,7 @@ class MemoryTracker:
 
     def _created(self, t):
         st = _storage(t)
-        if st is None or st.device != self.device:
+        if st is None or _on(t, st) != self.device:
             return
         key = id(st)
         if key in self._static or key in self._live or key in self._host_live:
@@ -247,7 +253,7 @@ class MemoryTracker:
 
     def _pack(self, t):
         st = _storage(t)
-        if st is not None and st.device == self.device and id(st) not in self._static \
+        if st is not None and _on(t, st) == self.device and id(st) not in self._static \
                 and id(st) not in self._pending and id(st) not in self._kept:
             key = id(st)
             entry = self._saved.get(key)
@@ -279,7 +285,7 @@ class MemoryTracker:
         if p.grad is None:  # already consumed and freed by an optimizer step inside backward
             return
         st = _storage(p.grad)
-        if st is not None and st.device == self.device and id(st) in self._serial_of:
+        if st is not None and _on(p.grad, st) == self.device and id(st) in self._serial_of:
             self._grads[id(st)] = self._serial_of[id(st)]
         self.grad_max = max(self.grad_max, self._grads_live())
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from minift.kernels import HAS_TRITON
+from minift.tracing import on_cuda, tracing
 
 if HAS_TRITON:  # the CUDA path; the references serve everywhere else
     from minift.kernels.rmsnorm import rms_norm_backward, rms_norm_forward
@@ -24,8 +25,10 @@ Tensor = torch.Tensor
 
 
 def uses_triton(t: Tensor) -> bool:
-    """Whether the fused kernels serve tensors like ``t``: on CUDA with Triton, else the references."""
-    return t.is_cuda and HAS_TRITON
+    """Whether the fused kernels serve tensors like ``t``: on CUDA with Triton, else the references.
+    A planning trace of the CUDA path (``minift.tracing``) takes the kernels' ops, whose fake
+    implementations allocate what the kernels return."""
+    return on_cuda(t) and (HAS_TRITON or tracing())
 
 
 # ---- references (the CPU path and the oracle) ------------------------------------------------
@@ -77,9 +80,18 @@ def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -
     return dx.view(x.shape), dw
 
 
+# the launcher's float32 partial sums of dw, one row per program: two programs per multiprocessor,
+# 132 on an H100 SXM (minift.kernels.rmsnorm.rms_norm_backward reads the real count)
+_PLANNED_PROGRAMS = 2 * 132
+
+
 @_rms_norm_backward_op.register_fake
 def _(dy, x, weight, rstd):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    partial = x.new_empty((max(1, min(_PLANNED_PROGRAMS, rows)), x.shape[-1]), dtype=torch.float32)
+    dw = partial.sum(0).to(weight.dtype)
+    del partial
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw
 
 
 @torch.library.custom_op("minift::rope", mutates_args=())

@@ -14,23 +14,30 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 # Values per slice: a float32 slice of 1 MiB sits in a core's 2 MiB L2 while it is scaled and
 # converted (measured on a 2-core Xeon: 256 Ki values was the fastest of 16 Ki .. 1 Mi).
 SLICE = 1 << 18
 
 
-@functools.lru_cache(maxsize=8)
-def _pair_table_cached(code_bytes: bytes) -> torch.Tensor:
+def _pair_table_cached_impl(code_bytes: bytes) -> torch.Tensor:
     code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)  # (16,)
     # Row b holds (code[b >> 4], code[b & 15]): the even element sits in the high nibble.
     pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # (256, 2)
     return pairs.contiguous().view(torch.int64).view(-1)  # (256,): both floats in one word
 
 
+@functools.lru_cache(maxsize=8)
+def _pair_table_cached(code_bytes: bytes) -> torch.Tensor:
+    with unset_fake_temporarily():  # cached: real even when first built in a planning trace
+        return _pair_table_cached_impl(code_bytes)
+
+
 def pair_table(code: torch.Tensor) -> torch.Tensor:
     """int64 (256,): entry b is the float32 pair (code[b >> 4], code[b & 15]) in one word."""
-    return _pair_table_cached(code.detach().float().cpu().contiguous().numpy().tobytes())
+    with unset_fake_temporarily():  # code books are real tensors in a planning trace too
+        return _pair_table_cached(code.detach().float().cpu().contiguous().numpy().tobytes())
 
 
 def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape,

@@ -219,7 +219,7 @@ class NF4Linear(nn.Module):
 def _model_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.device, t.data_ptr())
+        key = (t.device, id(t.untyped_storage()))  # the storage, alive while the module holds it
         if key not in seen:
             seen.add(key)
             total += t.nbytes

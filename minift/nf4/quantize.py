@@ -18,8 +18,10 @@ import functools
 from dataclasses import replace
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from minift.kernels import HAS_TRITON
+from minift.tracing import known, on_cuda
 from minift.nf4.dequant import dequantize_packed
 from minift.nf4.format import FLOAT_DTYPES, NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, NF4Weight
 from minift.quantmaps import dynamic_map, nf4_code
@@ -53,7 +55,7 @@ def check_weight(w, what: str = "quantize_nf4", name: str = "w") -> None:
         raise TypeError(f"{what}: {name} must be float32, bfloat16 or float16, got dtype {w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"{what}: {name} is empty (shape {tuple(w.shape)})")
-    if not bool(torch.isfinite(w).all()):
+    if not known(lambda: torch.isfinite(w).all(), True):  # a fake weight (a planning trace) passes
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"{what}: {name} holds {bad} NaN/Inf value(s); they would poison the block absmax")
 
@@ -88,10 +90,11 @@ def _code_lut(device_str: str) -> torch.Tensor:
     # bitsandbytes' CPU 8-bit quantizer snaps the normalized value to one of 65536 evenly spaced
     # grid points over [-1, 1] and takes that point's nearest code (ties to the lower code), so a
     # value within half a grid step of a midpoint may land one code away from the exact nearest.
-    code = dynamic_map(True)
-    midpoints = 0.5 * (code[:-1] + code[1:])
-    grid = torch.arange(_LUT_SIZE, dtype=torch.float32) * 2.0 / float(_LUT_SIZE - 1) + -1.0
-    return torch.searchsorted(midpoints, grid).to(torch.uint8).to(device_str)
+    with unset_fake_temporarily():  # cached: real even when first built in a planning trace
+        code = dynamic_map(True)
+        midpoints = 0.5 * (code[:-1] + code[1:])
+        grid = torch.arange(_LUT_SIZE, dtype=torch.float32) * 2.0 / float(_LUT_SIZE - 1) + -1.0
+        return torch.searchsorted(midpoints, grid).to(torch.uint8).to(device_str)
 
 
 def _quantize_8bit(flat: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
@@ -152,7 +155,7 @@ def double_quantize(q: NF4Weight, nested_blocksize: int = NESTED_BLOCKSIZE) -> N
     offset = q.absmax.mean()  # same reduction as bitsandbytes, so the same fp32 value
     codes, nested_absmax = _quantize_8bit(q.absmax - offset, nested_blocksize)
     return replace(q, absmax=codes, nested_absmax=nested_absmax, nested_code=dynamic_map(True, q.device),
-                   offset=float(offset.item()), nested_blocksize=nested_blocksize)
+                   offset=float(known(offset, 0.0)), nested_blocksize=nested_blocksize)
 
 
 # ------------------------------------------------------------------------------ dequantize
@@ -191,7 +194,7 @@ def check_out(out: torch.Tensor, q: NF4Weight, dtype: torch.dtype) -> None:
 
 def _use_kernel(q: NF4Weight) -> bool:
     """Whether ``dequantize_nf4`` runs the Triton kernel (CUDA tensors with Triton installed)."""
-    return q.packed.is_cuda and HAS_TRITON
+    return on_cuda(q.packed) and HAS_TRITON
 
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

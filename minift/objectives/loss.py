@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from minift.checks import check_int
 from minift.names import IGNORE_INDEX
+from minift.tracing import known
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -190,7 +191,7 @@ def _scored_chunks(labels: torch.Tensor, chunk: int):
     """(start, labels of the chunk) for every chunk with at least one scored token."""
     for start in range(0, labels.shape[0], chunk):
         y = labels[start:start + chunk]
-        if bool((y != IGNORE_INDEX).any()):
+        if known(lambda: (y != IGNORE_INDEX).any(), True):  # fake labels: every chunk scored
             yield start, y
 
 

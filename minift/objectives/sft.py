@@ -19,13 +19,16 @@ from minift.distributed import parallel as mdist
 from minift.names import IGNORE_INDEX
 from minift.objectives.loss import model_loss_sum, supports_chunked_loss, token_loss_sum
 from minift.placement import default_device
+from minift.tracing import known
 
 __all__ = ["SFTObjective", "accumulate_gradients", "evaluate", "trained_tokens"]
 
 
 def trained_tokens(batch: dict) -> int:
     """Number of label positions that contribute to the loss (after the shift)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    labels = batch["labels"][:, 1:]
+    # fake labels (a planning trace) have no values: every position counts
+    return int(known(lambda: (labels != IGNORE_INDEX).sum(), labels.numel()))
 
 
 def _batch_loss_sum(model, batch: dict, device, bf16: bool, chunk=None) -> torch.Tensor:

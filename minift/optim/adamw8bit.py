@@ -24,6 +24,7 @@ import torch
 
 from minift.checks import check_int, check_number
 from minift.kernels import HAS_TRITON
+from minift.tracing import known, on_cuda
 from minift.optim import sharded
 from minift.optim.adamw8bit_state import KEYS_8BIT, VERSION, VERSION_KEY, check_state_dict, exchange_state
 from minift.optim.adamw8bit_state import check_hparams as _check_hparams
@@ -38,7 +39,7 @@ if HAS_TRITON:  # the CUDA path; the torch reference serves everywhere else
 def _step8(p, g, states, maps, s: StepScalars, offset: int, stochastic: bool) -> None:
     """One 8-bit step on flat slices: the fused kernel on CUDA, the fast torch step elsewhere."""
     m_codes, m_absmax, v_codes, v_absmax = states
-    if p.is_cuda and HAS_TRITON:
+    if on_cuda(p) and HAS_TRITON:
         adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset, stochastic)
     else:
         adamw8bit_step_cpu(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset,
@@ -172,7 +173,7 @@ class AdamW8bit(torch.optim.Optimizer):
             device = held[0][1].device
             norms = torch._foreach_norm([g for _, g in held], math.inf)
             finite = torch.isfinite(torch.stack([x.float().to(device, non_blocking=True) for x in norms]))
-        if sharded.agree_all_finite(bool(finite.all()), [p for _, _, p in todo]):  # the one sync
+        if sharded.agree_all_finite(known(finite.all(), True), [p for _, _, p in todo]):  # the one sync
             return True
         bad = [f"#{index} (shape {tuple(p.shape)})" for ((index, _, p), _), ok in zip(held, finite.tolist())
                if not ok]
@@ -209,7 +210,7 @@ class AdamW8bit(torch.optim.Optimizer):
             return
         signed, unsigned = dynamic_map(True), dynamic_map(False)
         for prefix, code in (("exp_avg", signed), ("exp_avg_sq", unsigned)):
-            zero = int(nearest_code(torch.zeros(1), code))  # the map's 0.0 entry
+            zero = int(known(lambda: nearest_code(torch.zeros(1), code), 0))  # the map's 0.0 entry
             codes = host_empty((n,), torch.uint8) if self.paged else \
                 torch.empty(n, dtype=torch.uint8, device=p.device)
             state[prefix + "_codes"] = codes.fill_(zero)

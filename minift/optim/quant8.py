@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 BLOCK = 256  # elements per absmax block (the paper's block size; also the kernel's program size)
 
@@ -204,8 +205,7 @@ def _bucket_values(prefix: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
 
 
-@functools.lru_cache(maxsize=8)
-def _requant_table_cached(code_bytes: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+def _requant_table_cached_impl(code_bytes: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
     nearest = lambda y: nearest_code(y, code).long()  # noqa: E731
     prefix = torch.arange(_PREFIXES, dtype=torch.int64)
@@ -234,6 +234,12 @@ def _requant_table_cached(code_bytes: bytes) -> tuple[torch.Tensor, torch.Tensor
     return threshold, torch.cat([low_code, high_code]).to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=8)
+def _requant_table_cached(code_bytes: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    with unset_fake_temporarily():  # cached: real even when first built in a planning trace
+        return _requant_table_cached_impl(code_bytes)
+
+
 def requant_table(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tables that give ``nearest_code(y, code)`` without a search, for every float32 ``y``.
 
@@ -248,7 +254,8 @@ def requant_table(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _requant_table_of(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Keyed by the map tensor itself (the optimizer keeps one pair of constant maps per device),
     # so a step reads no map values back to the host; a new map object is keyed by its values.
-    return _requant_table_cached(code.detach().float().cpu().contiguous().numpy().tobytes())
+    with unset_fake_temporarily():  # code books are real tensors in a planning trace too
+        return _requant_table_cached(code.detach().float().cpu().contiguous().numpy().tobytes())
 
 
 @dataclass
