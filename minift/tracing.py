@@ -137,3 +137,9 @@ def on_stream(stream):
 def current_stream(device):
     """``torch.cuda.current_stream(device)``; a stand-in in a trace."""
     return _NoStream() if tracing() else torch.cuda.current_stream(device)
+
+
+def record_stream(t, stream) -> None:
+    """``t.record_stream(stream)``; nothing in a trace (a fake tensor has no allocation)."""
+    if not isinstance(stream, _NoStream):
+        t.record_stream(stream)

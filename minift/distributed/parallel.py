@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from minift.checks import check_choice
 from minift.data.preference import select_pairs
 from minift.models.switches import decoder_layers
+from minift.tracing import known
 from minift.names import IGNORE_INDEX, PARALLEL
 from minift.nf4.fsdp import shardable_nf4
 
@@ -342,4 +343,4 @@ def clip_grad_norm(params: list, max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
-    return float(norm)
+    return float(known(norm, 0.0))  # a planning trace's norm has no value: assumed finite

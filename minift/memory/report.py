@@ -47,12 +47,15 @@ class MemoryReport:
     device: str = "cpu"
     reserved: int | None = None  # CUDA max_memory_reserved during the step (peak)
     notes: list = field(default_factory=list)
+    moment: str | None = None  # where the step was at the peak (phase, module, operator)
 
     def as_dict(self) -> dict:
         out = {c: int(getattr(self, c)) for c in CATEGORIES}
         out.update(peak=int(self.peak), host=int(self.host), device=self.device)
         if self.reserved is not None:  # CUDA only
             out["reserved"] = int(self.reserved)
+        if self.moment is not None:
+            out["moment"] = self.moment
         return out
 
     def table(self) -> str:

@@ -86,6 +86,7 @@ class _Watch(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 (self.tracker._created_host if host else self.tracker._created)(t)
+        self.tracker._op = func
         self.tracker._check_peak()
         return out
 
@@ -104,7 +105,7 @@ class MemoryTracker:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 frozen: tuple = ()):
+                 frozen: tuple = (), record_events: bool = False):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"MemoryTracker: model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -112,6 +113,9 @@ class MemoryTracker:
                             f"got {type(optimizer).__name__}")
         self.model, self.optimizer = model, optimizer
         self.frozen = tuple(frozen)
+        # with record_events: every device allocation and free of the step, in order, for the
+        # caching allocator's simulation (minift.memory.allocator); see `events()`
+        self.record_events = bool(record_events)
         for i, m in enumerate(self.frozen):
             if not isinstance(m, torch.nn.Module):
                 raise TypeError(f"MemoryTracker: frozen[{i}] must be a torch.nn.Module, got {type(m).__name__}")
@@ -159,6 +163,9 @@ class MemoryTracker:
         self.grad_max = self._grad_pre
         self._recomputing = 0
         self._phase = "pre"  # "pre" until the optimizer's step starts, then "post"
+        self._op, self._module = None, None  # the operator and module running now (the peak's moment)
+        self._names = {id(m): n or "model" for n, m in self.model.named_modules()}
+        self._events = [] if self.record_events else None
         self._best = {"pre": (-1, None), "post": (-1, None)}
 
     def _add_static(self, t, category) -> int:
@@ -238,13 +245,17 @@ class MemoryTracker:
         self._serial += 1
         self._serial_of[key] = self._serial
         self._refs[key] = weakref.ref(st, lambda _, k=key: self._freed(k))
+        if self._events is not None:
+            self._events.append(("alloc", self._serial, self._live[key]))
         if self._recomputing:
             self._pending[key] = self._serial
 
     def _freed(self, key):
         nbytes = self._live.pop(key, 0)
         self._live_sum -= nbytes
-        self._serial_of.pop(key, None)
+        serial = self._serial_of.pop(key, None)
+        if self._events is not None and serial is not None:
+            self._events.append(("free", serial))
         self._refs.pop(key, None)
         self._pending.pop(key, None)
         if key in self._kept:
@@ -300,8 +311,20 @@ class MemoryTracker:
         if value > best[0]:
             self._best[self._phase] = (value, self._snapshot(old))
 
+    def _moment(self) -> str:
+        """Where the step is: phase, the module running (or recomputed), the operator."""
+        if self._phase == "post":
+            phase = "optimizer step"
+        elif torch._C._current_graph_task_id() != -1:
+            phase = "backward (recomputing)" if self._recomputing else "backward"
+        else:
+            phase = "forward"
+        where = f" in {self._module}" if self._module and phase != "optimizer step" else ""
+        op = f", {self._op}" if self._op is not None else ""
+        return phase + where + op
+
     def _snapshot(self, old_saved):
-        return {"live": {self._serial_of[k]: n for k, n in self._live.items()},
+        return {"moment": self._moment(), "live": {self._serial_of[k]: n for k, n in self._live.items()},
                 "activations": self.act_live, "gradients": self._grads_live(),
                 "pending": dict(self._pending),
                 "old_saved": old_saved}
@@ -321,6 +344,7 @@ class MemoryTracker:
         stack.callback(lambda: [h.remove() for h in handles])
 
     def _enter_forward(self, module, args):
+        self._module = self._names.get(id(module), self._module)
         # A forward that runs inside backward is gradient checkpointing recomputing a layer:
         # what it creates and still holds when it returns is activation memory.
         if torch._C._current_graph_task_id() != -1:
@@ -370,6 +394,25 @@ class MemoryTracker:
         self._report = self._build_report(cuda)
 
     # ---- the report ---------------------------------------------------------------------
+    def events(self) -> list:
+        """The device allocations of the tracked step as the caching allocator would see them in
+        the steady state (``record_events=True``): ("alloc", key, nbytes) for every weight,
+        trainable tensor, gradient and optimizer state alive before the step (and the states the
+        first step creates, which are alive from the second step on), then the step's own
+        allocations and frees in order."""
+        if self._events is None:
+            raise RuntimeError("MemoryTracker.events(): create the tracker with record_events=True")
+        before, seen = [], set()
+        for st in self._static.values():
+            if id(st) not in seen and st.device.type in (self.device.type, "meta"):
+                seen.add(id(st))
+                before.append(("alloc", ("static", id(st)), st.nbytes()))
+        states = {self._serial_of[id(st)] for st in map(_storage, self._optimizer_tensors())
+                  if st is not None and id(st) in self._serial_of}
+        step = [e for e in self._events if e[1] not in states]
+        made = [("alloc", e[1], e[2]) for e in self._events if e[0] == "alloc" and e[1] in states]
+        return before + made + step
+
     def report(self) -> MemoryReport:
         """The breakdown of the last tracked step."""
         if self._report is None:
@@ -409,6 +452,7 @@ class MemoryTracker:
             gradients=self.grad_max, optimizer_states=opt_end, activations=self.act_max,
             other=max(0, other), peak=phase_peak, device=str(self.device),
             host=max(self.host_max, self._host_static))
+        report.moment = at_peak.get("moment")
         if cuda:
             report.peak = torch.cuda.max_memory_allocated(self.device)
             # the allocator's high-water mark since reset_peak_memory_stats in track(): what the

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from minift.tracing import known, on_cuda, tracing
+
 ATTENTION_IMPLS = ("auto", "sdpa", "flex")
 
 
@@ -89,13 +91,61 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
+# ---- FlexAttention in a planning trace of the CUDA path (minift.tracing) --------------------------
+# The compiled kernel cannot run on fake tensors, and torch has no CPU flex backward. These ops
+# stand in for it: their fake implementations allocate what the kernel allocates. Forward: the
+# output and one float32 log-sum-exp per (batch, head, query), both kept for backward. Backward:
+# a float32 (B, H, T) row sum of dO * O, then dq and dk, dv in the keys' own shape (GQA is
+# handled inside the kernel). They have no real implementation.
+@torch.library.custom_op("minift::flex_attention_planned", mutates_args=())
+def _flex_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    raise RuntimeError("minift::flex_attention_planned stands in for FlexAttention in planning traces "
+                       "only; it has no kernel")
+
+
+@_flex_planned.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("minift::flex_attention_planned_backward", mutates_args=())
+def _flex_planned_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    raise RuntimeError("minift::flex_attention_planned_backward stands in for FlexAttention in planning "
+                       "traces only; it has no kernel")
+
+
+@_flex_planned_backward.register_fake
+def _(dout, q, k, v, out, lse):
+    delta = torch.empty_like(lse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    del delta
+    return dq, dk, dv
+
+
+def _flex_planned_setup(ctx, inputs, output):
+    q, k, v = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _flex_planned_grad(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return torch.ops.minift.flex_attention_planned_backward(dout, q, k, v, out, lse)
+
+
+_flex_planned.register_autograd(_flex_planned_grad, setup_context=_flex_planned_setup)
+
+
 def flex_attend(q, k, v, block: BlockMask) -> torch.Tensor:
     """FlexAttention of q (B, H, T, D) over k, v (B, KV, T, D) -> (B, H, T, D).
 
     On CUDA the compiled kernel; elsewhere flex's eager reference (forward only: torch has no
-    CPU flex backward), which is how the CPU tests check this path against the dense one.
+    CPU flex backward), which is how the CPU tests check this path against the dense one. A
+    planning trace of the CUDA path takes the stand-in ops above.
     """
     gqa = k.shape[1] != q.shape[1]
+    if on_cuda(q) and tracing():
+        return torch.ops.minift.flex_attention_planned(q, k, v)[0]
     if q.is_cuda:
         return _compiled_flex()(q, k, v, block_mask=block, enable_gqa=gqa)
     with warnings.catch_warnings():  # eager flex warns that it is unfused; known and wanted here
@@ -130,7 +180,7 @@ def batch_mask(t: int, past: int, attention_mask, segment_ids, window, device,
     if window is not None and past + t <= window:
         window = None  # the window cannot cut anything yet
     if (attention_mask is not None and segment_ids is None and past == 0
-            and attention_mask.device.type == "cpu" and bool(attention_mask.all())):
+            and attention_mask.device.type == "cpu" and known(lambda: attention_mask.all(), False)):
         attention_mask = None  # nothing padded (read on the host): keep the fused causal kernel
     if attention_mask is None and segment_ids is None and window is None and past == 0:
         return None  # plain causal: SDPA's is_causal path

@@ -20,6 +20,7 @@ from minift.models import fused
 from minift.models.attention import ATTENTION_IMPLS, BatchMask, attend, batch_mask
 from minift.models.config import ROPE_REQUIRED_KEYS, ModelConfig
 from minift.models.fused import uses_triton
+from minift.tracing import device_is_cuda
 from minift.models.offload import ActivationOffload
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -285,7 +286,7 @@ class Llama(nn.Module):
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"Llama.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
                              f"got {impl!r}")
-        use_flex = impl == "flex" or (impl == "auto" and device.type == "cuda")
+        use_flex = impl == "flex" or (impl == "auto" and device_is_cuda(device))
         return batch_mask(t, past, attention_mask, segment_ids, sliding_window(self.config),
                           device, use_flex)
 

@@ -28,6 +28,7 @@ import weakref
 import torch
 
 from minift.placement import host_side
+from minift.tracing import current_stream, device_is_cuda, new_event, on_stream, record_stream, side_stream, tracing
 
 
 class _OffloadedInput:
@@ -50,7 +51,8 @@ class ActivationOffload:
 
     def __init__(self, device):
         self.device = torch.device(device)
-        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # a planning trace of the CUDA path (minift.tracing) takes this branch with stand-in streams
+        self._side = side_stream(self.device) if device_is_cuda(self.device) else None
         # Host buffers return to the pool when autograd drops what holds them (after backward),
         # so a buffer is never overwritten while a graph still needs it.
         self._free: dict[tuple, list] = {}  # (shape, dtype) -> idle host buffers
@@ -82,7 +84,7 @@ class ActivationOffload:
             return idle.pop()
         self.host_bytes += t.nbytes
         with host_side():
-            return torch.empty(t.shape, dtype=t.dtype, pin_memory=self._side is not None)
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=self._side is not None and not tracing())
 
     def _release(self, buf: torch.Tensor) -> None:
         self._free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
@@ -91,12 +93,12 @@ class ActivationOffload:
         host = self._host_buffer(t)
         event = None
         if self._side is not None:
-            self._side.wait_stream(torch.cuda.current_stream(self.device))  # t is written
-            with torch.cuda.stream(self._side), host_side():
+            self._side.wait_stream(current_stream(self.device))  # t is written
+            with on_stream(self._side), host_side():
                 host.copy_(t, non_blocking=True)
-                event = torch.cuda.Event()
+                event = new_event()
                 event.record(self._side)
-            t.record_stream(self._side)  # freed t is reused only after the copy ran
+            record_stream(t, self._side)  # freed t is reused only after the copy ran
         else:
             with host_side():
                 host.copy_(t)
@@ -109,10 +111,10 @@ class ActivationOffload:
     def _fetch(self, saved: _OffloadedInput) -> tuple:
         if self._side is None:
             return saved.host.to(saved.device, copy=True), None
-        with torch.cuda.stream(self._side):
+        with on_stream(self._side):
             # the side stream runs in order: this fetch follows the offload copy of the buffer
-            dev = saved.host.to(saved.device, non_blocking=True)
-            event = torch.cuda.Event()
+            dev = saved.host.to(saved.device, non_blocking=True, copy=True)
+            event = new_event()
             event.record(self._side)
         return dev, event
 
@@ -120,9 +122,9 @@ class ActivationOffload:
         dev, event = saved.ready if saved.ready is not None else self._fetch(saved)
         saved.ready = None
         if event is not None:
-            stream = torch.cuda.current_stream(self.device)
+            stream = current_stream(self.device)
             stream.wait_event(event)
-            dev.record_stream(stream)  # allocated on the side stream, used and freed on main
+            record_stream(dev, stream)  # allocated on the side stream, used and freed on main
         below = self._latest.get(saved.layer - 1)
         if below is not None and below.ready is None:
             below.ready = self._fetch(below)  # layer i-1's input arrives during layer i's backward

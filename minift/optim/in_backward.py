@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from minift.tracing import known
+
 
 def check_step_in_backward(*, max_grad_norm, grad_accum: int) -> None:
     """Raise ValueError (naming the TrainConfig fields) for settings the hooks cannot honour."""
@@ -74,7 +76,7 @@ class StepInBackward:
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         # vector_norm with dtype=float32 reduces bf16 gradients in fp32 without an fp32 copy
-        norm = float(torch.linalg.vector_norm(p.grad, dtype=torch.float32))
+        norm = float(known(torch.linalg.vector_norm(p.grad, dtype=torch.float32), 0.0))  # trace: finite
         if math.isfinite(norm):
             self._norm_sq += norm * norm
             self.optimizer.step()  # only p has a gradient now: every other one is freed

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minift.placement import host_side
+from minift.tracing import current_stream, device_is_cuda, new_event, on_stream, record_stream, side_stream, tracing
 
 # Device bytes of pages a paged optimizer keeps on the device by default: 1 GiB. Llama-3.1-8B's 8-bit AdamW
 # states are 16.3 GB; keeping them all would save nothing, streaming all of them costs
@@ -67,7 +68,8 @@ class Pager:
         self.kept_bytes = 0
         self.stats = PagerStats()
         # A side stream only where there is something to overlap; decided when the pager is built.
-        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # (a planning trace of the CUDA path, minift.tracing, takes it with stand-in streams)
+        self._side = side_stream(self.device) if device_is_cuda(self.device) else None
 
     def add_page(self, key, host_tensors) -> Page:
         """Register a page; it is kept on the device if it still fits within ``keep_bytes``."""
@@ -117,7 +119,7 @@ class Pager:
         if self._side is not None:
             # The kept pages were last written by an update on the current stream: the copy
             # out on the side stream must not start before that update has finished.
-            self._side.wait_stream(torch.cuda.current_stream(self.device))
+            self._side.wait_stream(current_stream(self.device))
         for page in self.pages:
             if page.kept and page.device is not None:
                 self._copy(page.host, page.device, "d2h", page.key)
@@ -131,7 +133,7 @@ class Pager:
         dev = tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in page.host)
         if self._side is not None:
             # The new buffers may reuse memory the current stream still reads (a freed page).
-            self._side.wait_stream(torch.cuda.current_stream(self.device))
+            self._side.wait_stream(current_stream(self.device))
         event = self._copy(dev, page.host, "h2d", page.key)
         if page.kept:
             page.device = dev  # stays on the device from now on
@@ -140,18 +142,18 @@ class Pager:
     def _write_back(self, page: Page, dev) -> None:
         if self._side is not None:
             # The side stream must not copy before the compute on the current stream is done.
-            self._side.wait_stream(torch.cuda.current_stream(self.device))
+            self._side.wait_stream(current_stream(self.device))
             for t in dev:
-                t.record_stream(self._side)  # keep the buffer alive until the copy ran
+                record_stream(t, self._side)  # keep the buffer alive until the copy ran
         self._copy(page.host, dev, "d2h", page.key)
 
     def _copy(self, dst, src, direction: str, key):
-        stream_ctx = torch.cuda.stream(self._side) if self._side is not None else nullcontext()
+        stream_ctx = on_stream(self._side) if self._side is not None else nullcontext()
         nbytes = sum(t.nbytes for t in src)
         with stream_ctx:
             for d, s in zip(dst, src):
                 d.copy_(s, non_blocking=self._side is not None)
-            event = torch.cuda.Event() if self._side is not None else None
+            event = new_event() if self._side is not None else None
             if event is not None:
                 event.record(self._side)
         if direction == "h2d":
@@ -166,7 +168,7 @@ class Pager:
 
     def _wait(self, event) -> None:
         if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+            current_stream(self.device).wait_event(event)
 
 
 def host_empty(shape, dtype) -> torch.Tensor:
@@ -175,4 +177,4 @@ def host_empty(shape, dtype) -> torch.Tensor:
     Created inside ``host_side()`` so that a MemoryTracker files it as host memory.
     """
     with host_side():
-        return torch.zeros(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
+        return torch.zeros(shape, dtype=dtype, pin_memory=torch.cuda.is_available() and not tracing())

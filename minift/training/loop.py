@@ -36,6 +36,7 @@ from minift.objectives.dpo import DPOObjective, objective_for
 from minift.objectives.sft import SFTObjective
 from minift.optim.in_backward import StepInBackward
 from minift.placement import default_device
+from minift.tracing import known
 from minift.training import rundir
 from minift.training.compile import compiled_layers
 from minift.training.config import DATA_ORDER_FIELDS, TrainConfig
@@ -173,21 +174,10 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
             t0 = time.perf_counter()
             run.dist.begin_step(step)
             with tracker.track() if tracker else contextlib.nullcontext():
-                # 2. forward/backward over the step's micro-batches; the objective normalises
-                # (with optimizer_in_backward each parameter is stepped there and its gradient freed)
-                if run.stepper:
-                    run.stepper.reset()
-                # (under torchrun: this rank's share of them, normalised by all ranks' tokens)
-                loss, n_trained, extra = run.step(group)
-                # 3. clip the global gradient norm (and learn whether the step is finite)
-                norm = run.stepper.grad_norm() if run.stepper else \
-                    run.dist.clip(run.params, config.max_grad_norm or math.inf)
-                loss, norm = float(loss), float(norm)
-                finite = math.isfinite(loss) and math.isfinite(norm)
-                # 4. optimizer step, only on finite gradients; 5. drop the gradients
-                if finite and not run.stepper:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
+                loss, norm, n_trained, extra, finite = run_step(
+                    model, opt, run.objective, group, run.device, config, run.stepper,
+                    clip=lambda: run.dist.clip(run.params, config.max_grad_norm or math.inf),
+                    shard=run.dist.shard)
             seconds = time.perf_counter() - t0
             run.dist.end_step()
             if not finite:
@@ -212,6 +202,49 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
                 run.save()
         run.finish()
     return run.write_summary()
+
+
+def run_step(model, optimizer, objective, group: list, device, config: TrainConfig, stepper=None,
+             clip=None, shard=None):
+    """One optimizer step: forward/backward over the step's micro-batches (the objective
+    normalises; with optimizer_in_backward each parameter is stepped there and its gradient
+    freed), the clipped gradient norm, the optimizer step on finite gradients, the gradients
+    dropped. Under torchrun ``shard`` names this rank's share. A planning trace
+    (``minift.planning.trace``) runs exactly this on fake tensors.
+
+    Returns (loss, grad norm, trained tokens, extra metrics, finite).
+    """
+    if stepper:
+        stepper.reset()
+    loss, n_trained, extra = objective.step(model, group, device, config.bf16, shard=shard)
+    if stepper:
+        norm = stepper.grad_norm()
+    elif clip is not None:
+        norm = clip()
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = mdist.clip_grad_norm(params, config.max_grad_norm or math.inf)
+    # one read of each value for the whole step; a planning trace has none and assumes finite
+    loss, norm = float(known(loss, 0.0)), float(known(norm, 0.0))
+    finite = math.isfinite(loss) and math.isfinite(norm)
+    if finite and not stepper:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm, n_trained, extra, finite
+
+
+@contextlib.contextmanager
+def step_switches(model, config: TrainConfig, stepper=None, compile_layers: bool = True):
+    """The model switches a run's steps take: gradient checkpointing, compiled layers, activation
+    offload, MLP tiles, the optimizer step in backward and NEFTune; ``model`` is the plain Llama
+    (inside DDP's wrapper; FSDP2 shards in place)."""
+    with gradient_checkpointing(model, config.gradient_checkpointing), \
+            compiled_layers(model, config.compile if compile_layers else False), \
+            offloading(model, config.activation_offload), \
+            mlp_tiling(model, config.mlp_tile_size), \
+            stepper or contextlib.nullcontext(), \
+            neftune(model, config.neftune_alpha):
+        yield
 
 
 class _Run:
@@ -281,12 +314,7 @@ class _Run:
         self.model.train()
         plain = unwrap(self.model)  # the Llama inside a DDP wrapper (FSDP2 shards in place)
         try:
-            with gradient_checkpointing(plain, self.config.gradient_checkpointing), \
-                    compiled_layers(plain, self.config.compile), \
-                    offloading(plain, self.config.activation_offload), \
-                    mlp_tiling(plain, self.config.mlp_tile_size), \
-                    self.stepper or contextlib.nullcontext(), \
-                    neftune(plain, self.config.neftune_alpha), \
+            with step_switches(plain, self.config, self.stepper), \
                     open(metrics if self.dist.is_main else os.devnull, "ab", buffering=0) as log:
                 yield log
         finally:

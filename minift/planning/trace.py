@@ -1,0 +1,198 @@
+"""The memory of a training step, traced: the real step on fake tensors, counted by the tracker.
+
+`trace_step` builds the model at its real shapes under ``torch._subclasses.FakeTensorMode``
+(shapes and dtypes, no storage: Llama-3.1-70B on a laptop), prepares it as
+``examples/train_llama.py`` does (full; LoRA-wrapped; NF4-quantized and LoRA-wrapped), makes a
+batch of the asked shape from real token ids, and runs `minift.training.loop.run_step` with
+`minift.training.loop.step_switches` — the code `minift.train` runs for one step — under a
+`MemoryTracker`. The target device's code path is chosen with `minift.tracing.planning`: Flex
+attention, the fused kernels, pinned-host offload with its prefetch, paging's streams and the fused
+8-bit step on "cuda", the CPU path on "cpu".
+
+What it returns is the tracker's report (the same categories and accounting as a measured step),
+the moment of the peak, and the step's allocation sequence replayed through a simulation of
+PyTorch's CUDA caching allocator (`minift.memory.allocator`) for the ``reserved`` bytes.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from minift.checks import check_choice, check_flag, check_int
+from minift.lora.layer import lora_wrap
+from minift.memory.allocator import replay
+from minift.memory.report import MemoryReport
+from minift.memory.tracker import MemoryTracker
+from minift.models.config import ModelConfig
+from minift.models.llama import Llama
+from minift.names import LINEARS
+from minift.nf4.linear import quantize_model
+from minift.objectives.dpo import objective_for
+from minift.objectives.sft import SFTObjective
+from minift.tracing import planning
+from minift.training.config import TrainConfig
+from minift.training.loop import run_step, step_switches
+from minift.training.schedule import step_groups
+from minift.training.setup import make_optimizer, seed_everything
+
+
+@dataclass
+class Trace:
+    """One traced step: the tracker's report and what the trace adds to it."""
+
+    report: MemoryReport  # device categories, peak, host; `moment` names where the peak is
+    reserved: int  # simulated peak of the CUDA caching allocator's reserved bytes
+    reserved_expandable: int  # the same with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    seconds: float  # time to build the model and trace the step
+    settings: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.report.as_dict(), reserved=self.reserved,
+                    reserved_expandable=self.reserved_expandable,
+                    trace_seconds=round(self.seconds, 2), settings=self.settings)
+
+
+def resolve_config(config_or_preset: Union[ModelConfig, str]) -> ModelConfig:
+    if isinstance(config_or_preset, ModelConfig):
+        return config_or_preset
+    if isinstance(config_or_preset, str):
+        return ModelConfig.from_name(config_or_preset)
+    raise TypeError(f"config_or_preset must be a ModelConfig or a preset name, "
+                    f"got {type(config_or_preset).__name__}")
+
+
+def targets_of(target_modules) -> Union[str, list]:
+    """``target_modules`` checked: "all-linear" or a list of decoder linear names."""
+    if target_modules == "all-linear":
+        return target_modules
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    try:
+        names = list(dict.fromkeys(target_modules))  # lora_wrap adapts a module once
+    except TypeError:
+        raise TypeError(f"target_modules must be 'all-linear' or a list of names, got "
+                        f"{type(target_modules).__name__}") from None
+    if not names:
+        raise ValueError(f"target_modules is empty: nothing would be adapted; use 'all-linear' or a "
+                         f"list of {', '.join(LINEARS)}")
+    unknown = [t for t in names if t not in LINEARS]
+    if unknown:
+        raise ValueError(f"target_modules: unknown names {unknown}; use 'all-linear' or a list of "
+                         f"{', '.join(LINEARS)}")
+    return names
+
+
+def build_model(cfg: ModelConfig, method: str, dtype: torch.dtype, *, r: int = 16,
+                target_modules="all-linear", adapter_dtype: torch.dtype = torch.float32,
+                blocksize: int = 64) -> torch.nn.Module:
+    """The model as a run prepares it: weights in ``dtype``; full trains them all; LoRA freezes
+    them and wraps adapters; QLoRA quantizes the decoder linears to NF4 (lm_head stays, as
+    ``minift.load_model(quantize="nf4")`` leaves it) and wraps adapters. Under a fake mode the
+    weights are fake."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in place: .to(dtype) cannot swap fake parameters
+    try:
+        model = Llama(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    if method == "full":
+        return model.requires_grad_(True)
+    if method == "qlora":
+        quantize_model(model, blocksize=blocksize)
+    return lora_wrap(model, r=r, alpha=2 * r, target_modules=target_modules,
+                     adapter_dtype=adapter_dtype)
+
+
+def make_data(cfg: ModelConfig, config: TrainConfig, batch_size: int, seq_len: int,
+              padded: bool) -> list:
+    """Rows of real token ids that batch into ``grad_accum`` micro-batches of (batch_size,
+    seq_len): SFT examples with every label trained, or DPO pairs whose halves are seq_len long
+    (the prompt is half of each). With ``padded`` one row is a token short, so the batches carry
+    padding and take the masked attention path."""
+    rows = batch_size * config.grad_accum
+    vocab = cfg.vocab_size
+
+    def ids(i, length):
+        return [(7 * i + j) % vocab for j in range(length)]
+
+    lengths = [seq_len - (1 if padded and i % batch_size == 0 else 0) for i in range(rows)]
+    if config.objective == "dpo":
+        prompt = seq_len // 2
+        return [{"chosen_ids": ids(i, n), "rejected_ids": ids(i + 1, n),
+                 "chosen_labels": [-100] * prompt + ids(i, n)[prompt:],
+                 "rejected_labels": [-100] * prompt + ids(i + 1, n)[prompt:]}
+                for i, n in enumerate(lengths)]
+    return [{"input_ids": ids(i, n), "labels": ids(i, n)} for i, n in enumerate(lengths)]
+
+
+def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[TrainConfig] = None, *,
+               batch_size: int = 1, seq_len: int = 512, device: str = "cuda",
+               dtype: torch.dtype = torch.bfloat16, r: int = 16, target_modules="all-linear",
+               adapter_dtype: torch.dtype = torch.float32, blocksize: int = 64,
+               padded: bool = False, fake: bool = True) -> Trace:
+    """Trace one training step of ``config`` (a `TrainConfig`; its micro_batch_size is replaced by
+    ``batch_size``) on a model of ``config_or_preset``'s shape, on ``device``'s code path.
+
+    ``fake=False`` runs the same step on real tensors instead (the CPU path only): what the
+    agreement tests compare the trace with.
+    """
+    cfg = resolve_config(config_or_preset)
+    config = config if config is not None else TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a minift.TrainConfig, got {type(config).__name__}")
+    batch_size = check_int("batch_size", batch_size, error=TypeError)
+    seq_len = check_int("seq_len", seq_len, error=TypeError)
+    device = check_choice("device", device, ("cuda", "cpu"))
+    padded = check_flag("padded", padded)
+    if seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} is longer than the model's max_position_embeddings "
+                         f"({cfg.max_position_embeddings})")
+    if not fake and device != "cpu":
+        raise ValueError("a step on real tensors runs the CPU path only (device='cpu')")
+    if config.precompute_reference:
+        raise ValueError("precompute_reference scores the pairs before training; trace the step "
+                         "without it (the stored log-probs take no device memory)")
+    config = config.replace(micro_batch_size=batch_size, max_length=None) \
+        if hasattr(config, "replace") else _replace(config, batch_size)
+    started = time.perf_counter()
+    data = make_data(cfg, config, batch_size, seq_len, padded)  # real: values read on the host
+    group = next(step_groups(data, config))[2]
+    mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) if fake \
+        else contextlib.nullcontext()
+    cpu = torch.device("cpu")
+    with planning(device), mode:
+        seed_everything(config.seed)
+        model = build_model(cfg, config.method, dtype, r=r, target_modules=targets_of(target_modules),
+                            adapter_dtype=adapter_dtype, blocksize=blocksize)
+        objective = objective_for(model, config, data) if config.objective == "dpo" \
+            else SFTObjective(config.loss_chunk_size)
+        optimizer = make_optimizer(model, config)
+        stepper = None
+        if config.optimizer_in_backward:
+            from minift.optim.in_backward import StepInBackward
+            stepper = StepInBackward(optimizer)
+        tracker = MemoryTracker(model, optimizer, frozen=objective.frozen_models(), record_events=True)
+        model.train()
+        with step_switches(model, config, stepper, compile_layers=False):
+            with tracker.track():
+                run_step(model, optimizer, objective, group, cpu, config, stepper)
+        report = tracker.report()
+        events = tracker.events()
+    report.device = device
+    seconds = time.perf_counter() - started
+    settings = dict(model=cfg.name, method=config.method, objective=config.objective,
+                    batch_size=batch_size, seq_len=seq_len, grad_accum=config.grad_accum,
+                    r=r if config.method != "full" else None, dtype=str(dtype).replace("torch.", ""),
+                    device=device, padded=padded, optimizer=config.optimizer)
+    return Trace(report=report, reserved=replay(events)["max_reserved"],
+                 reserved_expandable=replay(events, expandable_segments=True)["max_reserved"],
+                 seconds=seconds, settings=settings)
+
+
+def _replace(config: TrainConfig, batch_size: int) -> TrainConfig:
+    import dataclasses
+    return dataclasses.replace(config, micro_batch_size=batch_size, max_length=None)
