@@ -5,6 +5,7 @@
 * ``dpo``: `estimate_dpo_memory`, a DPO step (2x sequences, reference forward and weights).
 * ``formulas``: the byte formulas the estimate sums (stored tensors, tensors saved for backward).
 * ``plan``: what fits on a GPU (``python -m minift plan``).
+* ``allocator``: `CachingAllocator` and `replay`, the CUDA caching allocator simulated (reserved bytes).
 """
 from minift.memory.dpo import estimate_dpo_memory
 from minift.memory.estimate import MemoryEstimate, estimate_memory
