@@ -70,17 +70,19 @@ def known(value, assume):
     """A value read from tensors, as a Python number or bool.
 
     ``value`` is a 0-d tensor (its ``.item()``) or a function of no arguments returning a tensor
-    or a number. In a planning trace the function runs outside the fake mode, so values read from
-    real inputs (a trace's token ids and labels are real) come out exact; a value that depends on
-    fake tensors (weights, activations) has none, and ``assume`` is returned instead.
+    or a number. The function is a read on the host: it runs with every dispatch mode switched
+    off, so neither a fake mode nor a MemoryTracker sees it, and values read from real inputs (a
+    trace's token ids and labels are real) come out exact. A value that depends on fake tensors
+    (weights, activations) has none, and ``assume`` is returned instead.
     """
-    from torch._subclasses.fake_tensor import DataDependentOutputException, unset_fake_temporarily
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+    from torch.utils._python_dispatch import _disable_current_modes
     if not callable(value):
         if isinstance(value, torch.Tensor):
             return assume if is_fake(value) else value.item()
         return value
     try:
-        with unset_fake_temporarily():
+        with _disable_current_modes():
             out = value()
             if isinstance(out, torch.Tensor):
                 return assume if is_fake(out) else out.item()

@@ -165,6 +165,10 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
         else contextlib.nullcontext()
     cpu = torch.device("cpu")
     with planning(device), mode:
+        # the batch stays real (the step reads its values on the host, minift.tracing.known);
+        # its fake twins are made once and held, so every operator sees the same fake storage
+        held = [mode.from_tensor(t) for b in group for t in b.values()] if fake else []
+        _warm_caches()
         seed_everything(config.seed)
         model = build_model(cfg, config.method, dtype, r=r, target_modules=targets_of(target_modules),
                             adapter_dtype=adapter_dtype, blocksize=blocksize)
@@ -182,15 +186,28 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
                 run_step(model, optimizer, objective, group, cpu, config, stepper)
         report = tracker.report()
         events = tracker.events()
+        del held
     report.device = device
     seconds = time.perf_counter() - started
-    settings = dict(model=cfg.name, method=config.method, objective=config.objective,
+    settings = dict(model=config_or_preset if isinstance(config_or_preset, str) else cfg.model_type, method=config.method, objective=config.objective,
                     batch_size=batch_size, seq_len=seq_len, grad_accum=config.grad_accum,
                     r=r if config.method != "full" else None, dtype=str(dtype).replace("torch.", ""),
                     device=device, padded=padded, optimizer=config.optimizer)
     return Trace(report=report, reserved=replay(events)["max_reserved"],
                  reserved_expandable=replay(events, expandable_segments=True)["max_reserved"],
                  seconds=seconds, settings=settings)
+
+
+def _warm_caches() -> None:
+    """Build the per-process tables the CPU path caches (NF4 byte-pair table, 8-bit requantize
+    tables) before the step: a process builds them once, not in every step."""
+    from minift.nf4.dequant import pair_table
+    from minift.optim.quant8 import requant_table
+    from minift.quantmaps import dynamic_map, nf4_code
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        pair_table(nf4_code())
+        for signed in (True, False):
+            requant_table(dynamic_map(signed))
 
 
 def _replace(config: TrainConfig, batch_size: int) -> TrainConfig:
