@@ -11,6 +11,8 @@ Two ways to run the masked shapes:
 - "flex": FlexAttention with a `BlockMask` built once per forward. The kernel skips every
   (128 x 128) block with no allowed pair, so a packed row of samples of length L costs
   O(T * L), not O(T^2), and a sliding window of W costs O(T * W). GQA runs in the kernel.
+  The block mask is built from per-block summaries of the padding and sample ids, never from a
+  dense mask: O(B * (T / 128)^2) block tables, 4 MiB at B 2 and T 64k.
 
 The plain causal shape always takes SDPA's `is_causal=True` path (flash attention on a GPU).
 """
@@ -22,7 +24,7 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from minift.tracing import known, on_cuda, tracing
 
@@ -59,6 +61,9 @@ def flex_block_mask(batch: int, t: int, key_valid=None, segment_ids=None, window
                     device=None, block_size: int = 128) -> BlockMask:
     """The `BlockMask` of a forward without a cache: the same pairs as `attention_mask_4d`.
 
+    Built from per-block summaries of the (B, T) inputs, never from the dense (B, T, T) mask:
+    the largest tensors are the (B, T/block_size, T/block_size) block tables.
+
     Args:
         batch, t: the batch size B and sequence length T (queries = keys, positions 0..T-1).
         key_valid: (B, T) bool, False at padding; None = no padding.
@@ -77,11 +82,86 @@ def flex_block_mask(batch: int, t: int, key_valid=None, segment_ids=None, window
             allowed = allowed & (segment_ids[b, q] == segment_ids[b, k]) & (segment_ids[b, k] > 0)
         return allowed | (q == k)  # as attention_mask_4d: a padding query sees itself
 
+    if device is None:
+        given = key_valid if key_valid is not None else segment_ids
+        device = given.device if given is not None else \
+            torch.accelerator.current_accelerator() or "cpu"  # create_block_mask's default
     per_row = key_valid is not None or segment_ids is not None
-    # create_block_mask evaluates mask_mod on the dense (B, T, T) grid once per forward; the
-    # attention kernel then reads only the compressed block lists.
-    return create_block_mask(mask_mod, batch if per_row else None, None, t, t, device=device,
-                             BLOCK_SIZE=block_size)
+    partial, full = _block_kinds(batch if per_row else 1, t, key_valid, segment_ids, window,
+                                 torch.device(device), block_size)
+    # The attention kernel calls mask_mod only inside partial blocks; full ones need no call.
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=(t, t))
+
+
+def _ordered(blocks: torch.Tensor):
+    """(B, Nq, Nk) bool block map -> flex's (B, 1, Nq) counts and (B, 1, Nq, Nk) kv indices: per
+    query block the kept kv blocks in ascending order, then the others (as create_block_mask)."""
+    blocks = blocks[:, None].to(torch.int32)
+    indices = torch.argsort(blocks, dim=-1, descending=True, stable=True)
+    return blocks.sum(-1, dtype=torch.int32), indices.to(torch.int32)
+
+
+def _first_occurrence(seg: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids -> (B, T) position of each token's id's first occurrence in its row."""
+    values, order = torch.sort(seg, dim=-1, stable=True)  # equal ids keep position order
+    pos = torch.arange(seg.shape[-1], device=seg.device).expand_as(seg)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    group_start = torch.where(starts, pos, 0).cummax(-1).values  # sorted index of the id's first
+    return torch.empty_like(order).scatter_(-1, order, order.gather(-1, group_start))
+
+
+def _block_kinds(b, t, key_valid, segment_ids, window, device, bs):
+    """Which (query block, kv block) pairs of each row hold an allowed pair: (partial, full),
+    each (B, N, N) bool with N = ceil(T / bs); a full block allows all of its bs x bs pairs.
+
+    Exact (the same blocks as create_block_mask) when every sample's tokens are contiguous;
+    otherwise some empty blocks may be kept as partial (mask_mod still masks them), never the
+    reverse. A query q may see key k < q iff k is valid and in q's sample and q - k < window:
+    with contiguous samples those keys are the valid ones of [lo(q), q], lo(q) = max(start of
+    q's sample, q - window + 1). Keys in the diagonal block are decided by mask_mod.
+    """
+    n = -(-t // bs)
+    pos = torch.arange(t, device=device)
+    ok = torch.ones(b, t, dtype=torch.bool, device=device)  # keys anyone may attend to
+    if key_valid is not None:
+        ok = ok & key_valid.to(device=device, dtype=torch.bool)
+    lo = (pos - window + 1).clamp(min=0) if window is not None else torch.zeros_like(pos)
+    lo = lo.expand(b, t)
+    if segment_ids is not None:
+        seg = segment_ids.to(device)
+        ok = ok & (seg > 0)
+        # The id's first occurrence: its sample's start when samples are contiguous, and before
+        # every key of the same id otherwise (a superset of q's keys: only ever more blocks).
+        lo = torch.where(seg > 0, torch.maximum(lo, _first_occurrence(seg)), pos + 1)
+    valid_before = F.pad(ok.cumsum(-1, dtype=torch.int32), (1, 0))  # (B, T + 1): valid keys < i
+    blk = torch.arange(n, device=device)
+    first, last = blk * bs, (blk * bs + bs).clamp(max=t) - 1  # each block's positions in range
+    below = blk[:, None] > blk[None, :]  # (N, N): kv block wholly before the query block
+    diagonal = blk[:, None] == blk[None, :]
+
+    # Some pair is allowed iff the query block's smallest lo leaves a valid key in the kv block:
+    # valid keys in [max(lo, first), last] of each (query block, kv block).
+    lo_min = F.pad(lo, (0, n * bs - t), value=t).view(b, n, bs).amin(-1)  # (B, N)
+    start = torch.maximum(lo_min[:, :, None], first).view(b, n * n)  # (B, N*N), at most T
+    hits = valid_before[:, last + 1].repeat(1, n) - valid_before.gather(-1, start)
+    nonempty = below & (hits.view(b, n, n) > 0) | diagonal  # the diagonal: q == k is allowed
+
+    # Every pair allowed: whole blocks (create_block_mask pads the last one with False), every
+    # key valid, all within the window, and one sample id over both blocks.
+    keys_all_valid = valid_before[:, last + 1] - valid_before[:, first] == bs  # (B, N)
+    full = below & (last - first + 1 == bs)[:, None] & keys_all_valid[:, None, :]
+    if window is not None:
+        full = full & (last[:, None] - first[None, :] < window)
+    if segment_ids is not None:
+        padded = F.pad(seg, (0, n * bs - t), value=-1).view(b, n, bs)  # -1: outside the row
+        lowest, highest = padded.amin(-1), padded.amax(-1)
+        one_id = (lowest == highest)
+        full = full & one_id[:, :, None] & one_id[:, None, :] & (lowest[:, :, None] == lowest[:, None, :])
+    if bs == 1:
+        full = full | diagonal  # a 1 x 1 diagonal block is the pair q == k
+    return nonempty & ~full, full
 
 
 @functools.lru_cache(maxsize=None)
