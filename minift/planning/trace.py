@@ -88,7 +88,7 @@ def targets_of(target_modules) -> Union[str, list]:
 
 def build_model(cfg: ModelConfig, method: str, dtype: torch.dtype, *, r: int = 16,
                 target_modules="all-linear", adapter_dtype: torch.dtype = torch.float32,
-                blocksize: int = 64) -> torch.nn.Module:
+                blocksize: int = 64, lm_head_nf4: bool = False) -> torch.nn.Module:
     """The model as a run prepares it: weights in ``dtype``; full trains them all; LoRA freezes
     them and wraps adapters; QLoRA quantizes the decoder linears to NF4 (lm_head stays, as
     ``minift.load_model(quantize="nf4")`` leaves it) and wraps adapters. Under a fake mode the
@@ -102,7 +102,7 @@ def build_model(cfg: ModelConfig, method: str, dtype: torch.dtype, *, r: int = 1
     if method == "full":
         return model.requires_grad_(True)
     if method == "qlora":
-        quantize_model(model, blocksize=blocksize)
+        quantize_model(model, skip=() if lm_head_nf4 else ("lm_head",), blocksize=blocksize)
     return lora_wrap(model, r=r, alpha=2 * r, target_modules=target_modules,
                      adapter_dtype=adapter_dtype)
 
@@ -133,7 +133,7 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
                batch_size: int = 1, seq_len: int = 512, device: str = "cuda",
                dtype: torch.dtype = torch.bfloat16, r: int = 16, target_modules="all-linear",
                adapter_dtype: torch.dtype = torch.float32, blocksize: int = 64,
-               padded: bool = False, fake: bool = True) -> Trace:
+               padded: bool = False, lm_head_nf4: bool = False, fake: bool = True) -> Trace:
     """Trace one training step of ``config`` (a `TrainConfig`; its micro_batch_size is replaced by
     ``batch_size``) on a model of ``config_or_preset``'s shape, on ``device``'s code path.
 
@@ -171,7 +171,7 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
         _warm_caches()
         seed_everything(config.seed)
         model = build_model(cfg, config.method, dtype, r=r, target_modules=targets_of(target_modules),
-                            adapter_dtype=adapter_dtype, blocksize=blocksize)
+                            adapter_dtype=adapter_dtype, blocksize=blocksize, lm_head_nf4=lm_head_nf4)
         objective = objective_for(model, config, data) if config.objective == "dpo" \
             else SFTObjective(config.loss_chunk_size)
         optimizer = make_optimizer(model, config)
