@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
@@ -166,7 +167,8 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
                            "minift.distributed.parallel.init_from_env() under torchrun first")
     device = torch.device(device or _rank_device("cuda" if torch.cuda.is_available() else "cpu"))
     if parallel == "ddp":
-        model.to(device)
+        if any(t.device != device for t in list(model.parameters()) + list(model.buffers())):
+            model.to(device)  # (a planning trace's fake model is in place already: no swap)
         # NF4 buffers are identical on every rank (same checkpoint); broadcasting them each step
         # would send the whole 4-bit base for nothing.
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -179,7 +181,8 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
     # pinned host memory makes the host-to-GPU copies asynchronous; it needs an accelerator, so a
     # CPU-only job (gloo) offloads to plain memory, which runs the same code path
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
-    mesh = init_device_mesh(device.type, (world_size(),))
+    with unset_fake_temporarily():  # the mesh is a table of ranks, real in a planning trace too
+        mesh = init_device_mesh(device.type, (world_size(),))
     for layer in decoder_layers(model, "apply_parallel shards one decoder layer at a time"):
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=frozen)
@@ -295,8 +298,11 @@ def accumulate_over_ranks(model: nn.Module, micro_batches: list, device, loss_su
     """
     device = torch.device(device)
     world = world_size() if dist.is_initialized() else 1
-    local = torch.tensor(float(sum(count(b) for b in micro_batches)), dtype=torch.float64, device=device)
-    n_trained = int(all_reduce_sum(local).item())  # counted before any forward
+    mine = sum(count(b) for b in micro_batches)
+    local = torch.tensor(float(mine), dtype=torch.float64, device=device)
+    # counted before any forward; a planning trace's fake collective returns no value: every
+    # rank is taken to hold as many as this one
+    n_trained = int(known(all_reduce_sum(local), mine * world))
     total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         with grad_sync(model, i == len(micro_batches) - 1):

@@ -34,6 +34,7 @@ from minift.data.preference import check_pairs, pair_batches
 from minift.distributed.parallel import accumulate_over_ranks
 from minift.lora.layer import lora_layers
 from minift.names import IGNORE_INDEX
+from minift.tracing import known
 from minift.objectives.reference import (
     MODEL_KEYS,
     REFERENCE_FILE,
@@ -131,7 +132,7 @@ class DPOObjective:
         b = logps.shape[0] // 2
         halves = [logps[:b], logps[b:], ref[:b], ref[b:], counts[:b], counts[b:]]
         real = batch.get("pair_index")
-        if real is not None and bool((real < 0).any()):
+        if real is not None and known(lambda: (real < 0).any(), False):  # fake: no blanks
             keep = (real >= 0).to(logps.device)
             halves = [t[keep] for t in halves]
             logps = torch.cat(halves[:2])
@@ -160,7 +161,7 @@ class DPOObjective:
         if shard is not None:
             return self._sharded_step(model, micro_batches, device, bf16, shard)
         n_pairs = sum(len(b["pair_index"]) for b in micro_batches)
-        n_scored = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        n_scored = sum(scored_tokens(b) for b in micro_batches)
         sums = torch.zeros(N_METRICS, dtype=torch.float64)
         total = torch.zeros((), device=device)
         for batch in micro_batches:
@@ -185,7 +186,7 @@ class DPOObjective:
         loss, n_pairs = accumulate_over_ranks(model, local, device, loss_sum, real_pairs)
         sums[N_METRICS] = sum(scored_tokens(b) for b in local)
         sums = shard.sum(sums)
-        return loss, int(sums[N_METRICS]), dict(pairs=n_pairs, **_metric_means(sums[:N_METRICS], n_pairs))
+        return loss, int(known(sums[N_METRICS], 0)), dict(pairs=n_pairs, **_metric_means(sums[:N_METRICS], n_pairs))
 
     @torch.no_grad()
     def evaluate(self, model, pairs, config, device, shard=None):
@@ -236,12 +237,14 @@ class DPOObjective:
 
 def real_pairs(batch) -> int:
     """Pairs of a pair batch that count (a blank pair's ``pair_index`` is -1)."""
-    return int((batch["pair_index"] >= 0).sum())
+    index = batch["pair_index"]
+    return int(known(lambda: (index >= 0).sum(), index.numel()))  # fake: every pair real
 
 
 def scored_tokens(batch) -> int:
     """Reply tokens a pair batch scores (label positions after the shift)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    labels = batch["labels"][:, 1:]
+    return int(known(lambda: (labels != IGNORE_INDEX).sum(), labels.numel()))  # fake: all scored
 
 
 def _metric_sums(chosen_rewards, rejected_rewards, logps):
@@ -261,7 +264,7 @@ N_METRICS = len(METRICS)
 
 
 def _metric_means(sums, n):
-    return {name: float(v) / max(n, 1) for name, v in zip(METRICS, sums)}
+    return {name: float(known(v, 0.0)) / max(n, 1) for name, v in zip(METRICS, sums)}
 
 
 def objective_for(model, config, train_data, eval_data=None, *, distributed=False):
@@ -278,7 +281,7 @@ def objective_for(model, config, train_data, eval_data=None, *, distributed=Fals
         reference = ModelReference.copy_of(model, nf4=True)
     elif lora_layers(model):
         reference = AdapterReference(model)
-        if any(bool(m.lora_B.weight.any()) for _, m in lora_layers(model)):
+        if any(known(m.lora_B.weight.any(), False) for _, m in lora_layers(model)):  # fake: fresh
             # DPO's reference is the policy it starts from; switched-off trained adapters give the
             # base instead. Merge a starting (SFT) adapter first and wrap a fresh one on top.
             warnings.warn("DPO with adapters that are not zero: the reference (adapters off) is "

@@ -16,6 +16,8 @@ PyTorch's CUDA caching allocator (`minift.memory.allocator`) for the ``reserved`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -23,6 +25,7 @@ from typing import Optional, Union
 import torch
 
 from minift.checks import check_choice, check_flag, check_int
+from minift.distributed import parallel as mdist
 from minift.lora.layer import lora_wrap
 from minift.memory.allocator import replay
 from minift.memory.report import MemoryReport
@@ -133,12 +136,19 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
                batch_size: int = 1, seq_len: int = 512, device: str = "cuda",
                dtype: torch.dtype = torch.bfloat16, r: int = 16, target_modules="all-linear",
                adapter_dtype: torch.dtype = torch.float32, blocksize: int = 64,
-               padded: bool = False, lm_head_nf4: bool = False, fake: bool = True) -> Trace:
+               padded: bool = False, lm_head_nf4: bool = False, world_size: int = 1,
+               fake: bool = True) -> Trace:
     """Trace one training step of ``config`` (a `TrainConfig`; its micro_batch_size is replaced by
     ``batch_size``) on a model of ``config_or_preset``'s shape, on ``device``'s code path.
 
-    ``fake=False`` runs the same step on real tensors instead (the CPU path only): what the
-    agreement tests compare the trace with.
+    With ``world_size`` > 1 (``config.parallel`` "fsdp", the default, or "ddp") the step is one
+    rank's of a torchrun job: the model is sharded or replicated by
+    `minift.distributed.parallel.apply_parallel` over torch's fake process group (collectives
+    that move no data), and the report is per GPU.
+
+    ``fake=False`` runs the same step on real tensors instead (the CPU path only; with
+    world_size > 1 inside an initialized process group of that size): what the agreement tests
+    compare the trace with.
     """
     cfg = resolve_config(config_or_preset)
     config = config if config is not None else TrainConfig()
@@ -153,18 +163,24 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
                          f"({cfg.max_position_embeddings})")
     if not fake and device != "cpu":
         raise ValueError("a step on real tensors runs the CPU path only (device='cpu')")
+    world_size = check_int("world_size", world_size)
+    if world_size > 1 and config.optimizer_in_backward:
+        raise ValueError("optimizer_in_backward=True is not supported with world_size > 1 (its hooks "
+                         "would step on gradients before they are reduced across ranks)")
     if config.precompute_reference:
         raise ValueError("precompute_reference scores the pairs before training; trace the step "
                          "without it (the stored log-probs take no device memory)")
-    config = config.replace(micro_batch_size=batch_size, max_length=None) \
-        if hasattr(config, "replace") else _replace(config, batch_size)
+    config = dataclasses.replace(config, micro_batch_size=batch_size, max_length=None)
     started = time.perf_counter()
     data = make_data(cfg, config, batch_size, seq_len, padded)  # real: values read on the host
     group = next(step_groups(data, config))[2]
     mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) if fake \
         else contextlib.nullcontext()
     cpu = torch.device("cpu")
-    with planning(device), mode:
+    group_pg = _process_group(world_size, fake)
+    if world_size > 1:
+        config = dataclasses.replace(config, parallel=config.parallel or "fsdp")
+    with planning(device), mode, group_pg as shard:
         # the batch stays real (the step reads its values on the host, minift.tracing.known);
         # its fake twins are made once and held, so every operator sees the same fake storage
         held = [mode.from_tensor(t) for b in group for t in b.values()] if fake else []
@@ -172,8 +188,13 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
         seed_everything(config.seed)
         model = build_model(cfg, config.method, dtype, r=r, target_modules=targets_of(target_modules),
                             adapter_dtype=adapter_dtype, blocksize=blocksize, lm_head_nf4=lm_head_nf4)
-        objective = objective_for(model, config, data) if config.objective == "dpo" \
-            else SFTObjective(config.loss_chunk_size)
+        objective = objective_for(model, config, data, distributed=shard is not None) \
+            if config.objective == "dpo" else SFTObjective(config.loss_chunk_size)
+        if shard is not None:  # as minift.distributed.run.DistRun lays the run out
+            model = mdist.apply_parallel(model, config, device=cpu)
+            objective.distribute(shard, lambda m: mdist.apply_parallel(m, config, device=cpu, frozen=True)
+                                 if config.parallel == "fsdp" else m)
+            mdist.reshard(model)
         optimizer = make_optimizer(model, config)
         stepper = None
         if config.optimizer_in_backward:
@@ -182,8 +203,10 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
         tracker = MemoryTracker(model, optimizer, frozen=objective.frozen_models(), record_events=True)
         model.train()
         with step_switches(model, config, stepper, compile_layers=False):
+            params = [p for p in model.parameters() if p.requires_grad]
             with tracker.track():
-                run_step(model, optimizer, objective, group, cpu, config, stepper)
+                run_step(model, optimizer, objective, group, cpu, config, stepper, shard=shard,
+                         clip=lambda: mdist.clip_grad_norm(params, config.max_grad_norm or math.inf))
         report = tracker.report()
         events = tracker.events()
         del held
@@ -192,10 +215,36 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
     settings = dict(model=config_or_preset if isinstance(config_or_preset, str) else cfg.model_type, method=config.method, objective=config.objective,
                     batch_size=batch_size, seq_len=seq_len, grad_accum=config.grad_accum,
                     r=r if config.method != "full" else None, dtype=str(dtype).replace("torch.", ""),
-                    device=device, padded=padded, optimizer=config.optimizer)
+                    device=device, padded=padded, optimizer=config.optimizer, world_size=world_size,
+                    parallel=config.parallel if world_size > 1 else None)
     return Trace(report=report, reserved=replay(events)["max_reserved"],
                  reserved_expandable=replay(events, expandable_segments=True)["max_reserved"],
                  seconds=seconds, settings=settings)
+
+
+@contextlib.contextmanager
+def _process_group(world_size: int, fake: bool):
+    """The `Shard` of rank 0 of a ``world_size`` job (None for one process): over torch's fake
+    process group for a trace, over the caller's initialized group for a real step."""
+    import torch.distributed as dist
+    if world_size == 1:
+        yield None
+        return
+    if not fake:
+        if not dist.is_initialized() or dist.get_world_size() != world_size:
+            raise ValueError(f"a real step with world_size={world_size} runs inside an initialized "
+                             f"process group of that size")
+        yield mdist.Shard(dist.get_rank(), world_size, torch.device("cpu"))
+        return
+    if dist.is_initialized():
+        raise RuntimeError("trace_step with world_size > 1 sets up a fake process group; call it from a "
+                           "process without one (not under torchrun)")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield mdist.Shard(0, world_size, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
 
 
 def _warm_caches() -> None:
@@ -208,8 +257,3 @@ def _warm_caches() -> None:
         pair_table(nf4_code())
         for signed in (True, False):
             requant_table(dynamic_map(signed))
-
-
-def _replace(config: TrainConfig, batch_size: int) -> TrainConfig:
-    import dataclasses
-    return dataclasses.replace(config, micro_batch_size=batch_size, max_length=None)
