@@ -91,6 +91,16 @@ def known(value, assume):
         return assume
 
 
+@contextlib.contextmanager
+def host_read():
+    """Work on host batches (slicing a micro-batch into ranks' rows, counting tokens): run with
+    every dispatch mode off, so a planning trace keeps the batch real (its values readable by
+    `known`) and a MemoryTracker does not count host bookkeeping as device memory."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes():
+        yield
+
+
 class _NoStream:
     """Stands in for a CUDA stream or event in a trace of the CUDA path: ordering is all it
     gives, and a trace has nothing to order."""

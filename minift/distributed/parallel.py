@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from minift.checks import check_choice
 from minift.data.preference import select_pairs
 from minift.models.switches import decoder_layers
-from minift.tracing import known
+from minift.tracing import host_read, known
 from minift.names import IGNORE_INDEX, PARALLEL
 from minift.nf4.fsdp import shardable_nf4
 
@@ -332,10 +332,12 @@ class Shard:
         self.rank, self.world, self.device = rank, world, torch.device(device)
 
     def step(self, group: list) -> list:
-        return shard_group(group, self.rank, self.world)
+        with host_read():  # rows of host batches: read on the host, no device memory
+            return shard_group(group, self.rank, self.world)
 
     def eval(self, batches: list) -> list:
-        return shard_batches(batches, self.rank, self.world)
+        with host_read():
+            return shard_batches(batches, self.rank, self.world)
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(value.to(self.device)).to(value.device)

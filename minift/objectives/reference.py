@@ -119,7 +119,7 @@ class ModelReference:
 
     @torch.no_grad()
     def logps(self, batch, device, bf16=False):
-        if not self.placed:
+        if not self.placed and any(p.device != torch.device(device) for p in self.model.parameters()):
             self.model.to(device)
         return model_logps(self.model, batch, device, bf16, self.chunk)[0]
 

@@ -20,6 +20,7 @@ saves each rank's rows and reads them back re-sliced for any world size.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -61,7 +62,8 @@ def row_aligned(p: torch.Tensor) -> bool:
 
 def first_row(p: DTensor) -> int:
     """Global index of this rank's first row of ``p``."""
-    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    with unset_fake_temporarily():  # layout arithmetic on the mesh, real in a planning trace too
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     return int(offset[0]) if p.dim() else 0
 
 

@@ -1,0 +1,167 @@
+"""The traced estimate against the real step: every case run twice on the CPU path, once on fake
+tensors (`minift.planning.trace.trace_step`) and once on real ones under the same MemoryTracker
+(FSDP cases on two gloo processes, rank 0 reported). ``python -m minift bench trace-agreement``
+writes the table as JSON; tests/test_trace_agreement.py asserts each case.
+
+The model is a small Llama with grouped-query attention (3 layers, hidden 128, 4 heads over 2
+key/value heads, vocabulary 512), batch 2 x 64 unless a case says otherwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from typing import Optional
+
+import torch
+
+from minift.models.config import ModelConfig
+from minift.training.config import TrainConfig
+
+MODEL = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+CATEGORY_KEYS = ("frozen_weights", "trainable_params", "gradients", "optimizer_states",
+                 "activations", "other", "peak", "host")
+
+
+def _case(name, method, *, world_size=1, trace=None, **config) -> dict:
+    return dict(name=name, method=method, world_size=world_size, trace=trace or {}, config=config)
+
+
+# method x optimizer (checkpointed, loss in chunks of 32 tokens)
+CASES = [_case(f"{m}-{o}", m, optimizer=o, gradient_checkpointing=True, loss_chunk_size=32,
+               **({"paged_device_budget": 0} if o == "paged_adamw8bit" else {}))
+         for m in ("full", "lora", "qlora") for o in ("adamw", "adamw8bit", "paged_adamw8bit")]
+CASES += [
+    # each memory feature, alone or with its companions
+    _case("lora-plain", "lora"),
+    _case("qlora-no-checkpointing", "qlora", loss_chunk_size=None),
+    _case("full-full-logits", "full", gradient_checkpointing=True, loss_chunk_size=None),
+    _case("lora-offload", "lora", gradient_checkpointing=True, activation_offload=True),
+    _case("qlora-offload-chunked", "qlora", gradient_checkpointing=True, activation_offload=True,
+          loss_chunk_size=16),
+    _case("full-in-backward", "full", gradient_checkpointing=True, optimizer_in_backward=True,
+          max_grad_norm=None, optimizer="adamw8bit"),
+    _case("lora-in-backward-paged", "lora", gradient_checkpointing=True, optimizer_in_backward=True,
+          max_grad_norm=None, optimizer="paged_adamw8bit", paged_device_budget=0),
+    _case("qlora-mlp-tiles", "qlora", gradient_checkpointing=True, mlp_tile_size=16),
+    _case("full-paged-partial-budget", "full", optimizer="paged_adamw8bit",
+          paged_device_budget=200_000),
+    _case("lora-padded", "lora", trace={"padded": True}),
+    _case("qlora-padded-checkpointed", "qlora", gradient_checkpointing=True, trace={"padded": True}),
+    _case("lora-neftune-accum", "lora", neftune_alpha=5.0, grad_accum=2),
+    _case("full-fp32", "full", bf16=False, trace={"dtype": "float32"}),
+    _case("lora-bf16-adapters", "lora", trace={"adapter_dtype": "bfloat16"}),
+    _case("qlora-all-features", "qlora", gradient_checkpointing=True, activation_offload=True,
+          optimizer_in_backward=True, max_grad_norm=None, optimizer="paged_adamw8bit",
+          paged_device_budget=0, mlp_tile_size=16, loss_chunk_size=16),
+    # DPO: the reference is the adapters switched off (LoRA, QLoRA) or a frozen copy (full)
+    _case("dpo-lora", "lora", objective="dpo"),
+    _case("dpo-qlora-chunked", "qlora", objective="dpo", gradient_checkpointing=True, loss_chunk_size=32),
+    _case("dpo-full", "full", objective="dpo", loss_chunk_size=None),
+    _case("dpo-full-nf4-reference", "full", objective="dpo", dpo_reference="copy_nf4",
+          gradient_checkpointing=True),
+    # FSDP2 over two processes (gloo for the real step, the fake process group for the trace)
+    _case("fsdp-full", "full", world_size=2, gradient_checkpointing=True),
+    _case("fsdp-lora-8bit", "lora", world_size=2, optimizer="adamw8bit"),
+    _case("fsdp-qlora", "qlora", world_size=2, gradient_checkpointing=True, loss_chunk_size=32),
+    _case("fsdp-dpo-lora", "lora", world_size=2, objective="dpo"),
+]
+
+
+def model_config() -> ModelConfig:
+    return ModelConfig(**MODEL)
+
+
+def _trace_kwargs(case: dict) -> dict:
+    kw = dict(batch_size=2, seq_len=64, device="cpu", world_size=case["world_size"])
+    for key, value in case["trace"].items():
+        kw[key] = getattr(torch, value) if key in ("dtype", "adapter_dtype") else value
+    return kw
+
+
+def train_config(case: dict) -> TrainConfig:
+    return TrainConfig(method=case["method"], **case["config"])
+
+
+def _numbers(trace) -> dict:
+    return {k: v for k, v in trace.as_dict().items() if k in CATEGORY_KEYS + ("moment",)}
+
+
+def traced(case: dict) -> dict:
+    """The case on fake tensors."""
+    from minift.planning.trace import trace_step
+    return _numbers(trace_step(model_config(), train_config(case), fake=True, **_trace_kwargs(case)))
+
+
+def measured(case: dict) -> dict:
+    """The case on real tensors: in this process, or on ``world_size`` gloo processes (rank 0's)."""
+    from minift.planning.trace import trace_step
+    if case["world_size"] == 1:
+        return _numbers(trace_step(model_config(), train_config(case), fake=False, **_trace_kwargs(case)))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.json")
+        torch.multiprocessing.start_processes(_rank, args=(case, _free_port(), out), nprocs=case["world_size"],
+                                              start_method="spawn", join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def _rank(rank: int, case: dict, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from minift.planning.trace import trace_step
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=case["world_size"])
+    try:
+        numbers = _numbers(trace_step(model_config(), train_config(case), fake=False, **_trace_kwargs(case)))
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(numbers, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compare(case: dict, formulas: Optional[dict] = None) -> dict:
+    """Both runs of a case and their largest relative difference over the categories."""
+    fake, real = traced(case), measured(case)
+    worst = max((abs(fake[k] - real[k]) / max(real[k], 1) for k in CATEGORY_KEYS), default=0.0)
+    row = dict(name=case["name"], method=case["method"], world_size=case["world_size"],
+               config=case["config"], trace_settings=case["trace"], traced=fake, measured=real,
+               max_relative_difference=worst)
+    if formulas is not None:
+        row["formulas"] = formulas
+    return row
+
+
+def old_formulas(case: dict) -> dict:
+    """The hand-written estimator's figures for a case, while it existed (see `run`)."""
+    from minift.memory.dpo import estimate_dpo_memory
+    from minift.memory.estimate import estimate_memory
+    c = dict(TrainConfig(method=case["method"], **case["config"]).to_dict())
+    kw = _trace_kwargs(case)
+    args = dict(method=c["method"], batch_size=kw["batch_size"], seq_len=kw["seq_len"],
+                optimizer=c["optimizer"], gradient_checkpointing=c["gradient_checkpointing"],
+                dtype=kw.get("dtype", torch.bfloat16), adapter_dtype=kw.get("adapter_dtype", torch.float32),
+                attention_mask=kw.get("padded", False), device="cpu")
+    features = dict(loss_chunk_size=c["loss_chunk_size"], activation_offload=c["activation_offload"],
+                    optimizer_in_backward=c["optimizer_in_backward"], mlp_tile_size=c["mlp_tile_size"],
+                    paged_device_budget=c["paged_device_budget"])
+    try:
+        if c["objective"] == "dpo":
+            est = estimate_dpo_memory(model_config(), **args)
+        else:
+            est = estimate_memory(model_config(), **args, **features, world_size=case["world_size"])
+    except (ValueError, TypeError) as err:
+        return {"refused": str(err)}
+    out = est.as_dict()
+    out["peak"] = out.pop("total")
+    return out
