@@ -152,7 +152,10 @@ def old_formulas(case: dict) -> dict:
                 optimizer=c["optimizer"], gradient_checkpointing=c["gradient_checkpointing"],
                 dtype=kw.get("dtype", torch.bfloat16), adapter_dtype=kw.get("adapter_dtype", torch.float32),
                 attention_mask=kw.get("padded", False), device="cpu")
-    features = dict(loss_chunk_size=c["loss_chunk_size"], activation_offload=c["activation_offload"],
+    chunk = c["loss_chunk_size"]
+    if chunk is not None and chunk >= kw["batch_size"] * kw["seq_len"]:
+        chunk = None  # one chunk holds every token: the plain loss (minift.objectives.loss)
+    features = dict(loss_chunk_size=chunk, activation_offload=c["activation_offload"],
                     optimizer_in_backward=c["optimizer_in_backward"], mlp_tile_size=c["mlp_tile_size"],
                     paged_device_budget=c["paged_device_budget"])
     try:
