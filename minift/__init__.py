@@ -10,7 +10,8 @@ from minift.lora.layer import (
                          trainable_summary,
 )
 from minift.lora.soup import average_adapters
-from minift.memory import MemoryEstimate, MemoryTracker, estimate_memory
+from minift.memory import MemoryEstimate, MemoryTracker
+from minift.planning.estimate import estimate_memory
 from minift.models.config import PRESETS, LlamaConfig, ModelConfig
 from minift.models.generation import generate
 from minift.models.llama import Llama

@@ -70,7 +70,8 @@ class MemoryReport:
 
 @dataclass
 class MemoryEstimate:
-    """Estimated bytes per category for one training step; `total` is the estimated peak."""
+    """Bytes per category of one training step, traced (`minift.estimate_memory`); ``total`` is the
+    peak of allocated bytes, ``reserved`` the simulated CUDA caching allocator's peak."""
 
     frozen_weights: int
     trainable_params: int
@@ -80,18 +81,29 @@ class MemoryEstimate:
     other: int
     total: int
     settings: dict = field(default_factory=dict)
-    terms: dict = field(default_factory=dict)  # named parts of the activations and other
     host: int = 0  # host memory, apart from `total`: paged optimizer states, offloaded inputs
-    host_terms: dict = field(default_factory=dict)
+    moment: str | None = None  # where the step is at the peak (phase, module, operator)
+    reserved: int | None = None  # the caching allocator's peak (minift.memory.allocator)
+    reserved_expandable: int | None = None  # the same with expandable_segments:True
 
     def as_dict(self) -> dict:
         out = {c: int(getattr(self, c)) for c in CATEGORIES}
         out["total"] = int(self.total)
         out["host"] = int(self.host)
+        for key in ("reserved", "reserved_expandable"):
+            if getattr(self, key) is not None:
+                out[key] = int(getattr(self, key))
+        if self.moment is not None:
+            out["moment"] = self.moment
         return out
 
     def table(self) -> str:
         s = self.settings
         title = (f"{s.get('method')} | batch {s.get('batch_size')} x seq {s.get('seq_len')} | "
                  f"optimizer {s.get('optimizer')}")
-        return breakdown_table({title: self.as_dict()})
+        rows = CATEGORIES + ("total",) + (("reserved",) if self.reserved is not None else ())
+        text = breakdown_table({title: self.as_dict()}, rows=rows)
+        text += f"\n| host (apart from the peak) | {format_bytes(self.host)} |"
+        if self.moment:
+            text += f"\npeak: {self.moment}"
+        return text

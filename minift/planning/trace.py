@@ -164,6 +164,8 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
     if not fake and device != "cpu":
         raise ValueError("a step on real tensors runs the CPU path only (device='cpu')")
     world_size = check_int("world_size", world_size)
+    if world_size > 1 and config.parallel == "ddp" and fake:
+        return _ddp(cfg, config, world_size, locals())
     if world_size > 1 and config.optimizer_in_backward:
         raise ValueError("optimizer_in_backward=True is not supported with world_size > 1 (its hooks "
                          "would step on gradients before they are reduced across ranks)")
@@ -220,6 +222,27 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
     return Trace(report=report, reserved=replay(events)["max_reserved"],
                  reserved_expandable=replay(events, expandable_segments=True)["max_reserved"],
                  seconds=seconds, settings=settings)
+
+
+def _ddp(cfg: ModelConfig, config: TrainConfig, world_size: int, args: dict) -> Trace:
+    """One GPU of a DDP job: every rank holds the whole model and runs the one-process step on its
+    own micro-batch, and DDP's reducer adds its gradient buckets, a flat copy of every trainable
+    gradient (``gradient_as_bucket_view=False``, torch's default, kept by
+    ``minift.distributed.parallel.apply_parallel``), allocated at the first backward and kept from
+    then on. torch's DDP cannot be built over fake tensors, so this one closed form stays; the
+    buckets are made in C++ and a MemoryTracker on real tensors does not see them either."""
+    kw = {k: args[k] for k in ("batch_size", "seq_len", "device", "dtype", "r", "target_modules",
+                               "adapter_dtype", "blocksize", "padded", "lm_head_nf4")}
+    trace = trace_step(cfg, dataclasses.replace(config, parallel=None), **kw)
+    rep = trace.report
+    buckets = rep.trainable_params  # one gradient per trainable value, in its own dtype
+    rep.gradients += buckets
+    rep.peak += buckets
+    rep.notes.append(f"ddp: the reducer's gradient buckets ({buckets} bytes) added to gradients and peak")
+    trace.reserved += buckets
+    trace.reserved_expandable += buckets
+    trace.settings.update(world_size=world_size, parallel="ddp")
+    return trace
 
 
 @contextlib.contextmanager
