@@ -139,6 +139,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--method", default="lora", choices=METHODS, help="what is trained")
     add("--r", type=_number(int, 1), default=8, help="LoRA rank")
     add("--alpha", type=_number(float, 0, strict=True), default=16.0, help="LoRA alpha")
+    add("--adapter-dtype", default="float32", choices=("float32", "bfloat16"),
+        help="dtype of the LoRA weights (their gradients and 32-bit optimizer states follow it)")
+    add("--quantize-lm-head", action="store_true",
+        help="with --method qlora: store lm_head in NF4 too (default: it stays in --dtype)")
     add("--target-modules", default="all-linear",
         help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj")
     add("--lr", type=_number(float, 0, strict=True), default=None,
@@ -221,6 +225,13 @@ def load_base(args, device):
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(f"--model {path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"only {model.config.vocab_size}")
+    if args.quantize_lm_head:
+        if args.method != "qlora":
+            raise UsageError("--quantize-lm-head stores lm_head in NF4: it needs --method qlora")
+        if model.config.tie_word_embeddings:
+            raise UsageError("--quantize-lm-head: this model ties lm_head to the embedding, which "
+                             "stays trainable-shaped; leave lm_head as it is")
+        minift.quantize_model(model, skip=())  # the decoder's linears are NF4 already
     if args.method == "full":
         model.requires_grad_(True)
         return tokenizer, model
@@ -229,7 +240,8 @@ def load_base(args, device):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     try:
         check_rank(model, args.r, targets)
-        model = minift.lora_wrap(model, r=args.r, alpha=args.alpha, target_modules=targets)
+        model = minift.lora_wrap(model, r=args.r, alpha=args.alpha, target_modules=targets,
+                                 adapter_dtype=getattr(torch, args.adapter_dtype))
     except (ValueError, TypeError) as err:
         raise UsageError(f"--target-modules {args.target_modules!r}: {err}") from err
     return tokenizer, model
