@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Floors from the ground up (docs/index.md lists them in this order). A module may import its own
 # folder and any lower floor; a higher floor never. Folders on one floor do not import each other.
 FLOORS = {
-    "names": 0, "checks": 0, "sizes": 0, "files": 0, "cli": 0, "placement": 0, "quantmaps": 0,
+    "names": 0, "checks": 0, "sizes": 0, "files": 0, "cli": 0, "placement": 0, "quantmaps": 0, "tracing": 0,
     "kernels": 0,
     "nf4": 1, "optim": 1,
     "models": 2,

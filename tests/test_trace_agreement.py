@@ -1,12 +1,12 @@
 """The traced estimate equals the MemoryTracker of the real step, case by case (CPU path).
 
-Each case of `minift.bench.trace_agreement.CASES` runs on fake tensors and on real ones (FSDP
+Each case of `minift.planning.agreement.CASES` runs on fake tensors and on real ones (FSDP
 cases on two gloo processes); every category and the peak must agree within 1%, and the cases
 on one process exactly.
 """
 import pytest
 
-from minift.bench.trace_agreement import CASES, CATEGORY_KEYS, measured, traced
+from minift.planning.agreement import CASES, CATEGORY_KEYS, measured, traced
 
 
 def test_at_least_thirty_cases_cover_every_axis():

@@ -1,6 +1,6 @@
 """The traced estimate against the real step: every case run twice on the CPU path, once on fake
 tensors (`minift.planning.trace.trace_step`) and once on real ones under the same MemoryTracker
-(FSDP cases on two gloo processes, rank 0 reported). ``python -m minift bench trace-agreement``
+(FSDP cases on two gloo processes, rank 0 reported). ``python -m minift bench trace``
 writes the table as JSON; tests/test_trace_agreement.py asserts each case.
 
 The model is a small Llama with grouped-query attention (3 layers, hidden 128, 4 heads over 2
