@@ -1,12 +1,15 @@
-"""The planner: memory strings, fits and recommendations, the CLI's output and errors."""
+"""The planner: memory strings, the cheapest setting that fits each method (traced), the CLI's
+output, --json, --search and its errors. Small models keep the traces fast."""
 import json
 
 import pytest
 
+from minift import TrainConfig
 from minift.__main__ import main
-from minift.memory.estimate import estimate_memory
-from minift.models.config import ModelConfig
-from minift.planning.plan import parse_memory, plan
+from minift.planning.estimate import estimate_memory
+from minift.planning.plan import LADDER, Request, climb, largest, parse_memory, plan, search
+
+MIB = 2**20
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -42,210 +45,135 @@ def test_parse_memory_zero_only_when_allowed():
         parse_memory("-1GB", "--reserve", allow_zero=True)
 
 
-def test_cli_plan_reserve_zero_leaves_all_memory_usable(capsys):
-    assert main(["plan", "--model", "llama-2-7b", "--gpu-memory", "24GiB", "--seq-len", "512",
+def _json(capsys, *argv):
+    assert main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_defaults_are_trainconfigs():
+    import argparse
+
+    from minift.planning.plan import add_plan_arguments
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    args = parser.parse_args(["--model", "tiny", "--gpu-memory", "1GB"])
+    default = TrainConfig()
+    assert args.optimizer == default.optimizer and args.loss_chunk_size == default.loss_chunk_size
+    assert args.mlp_tile_size == default.mlp_tile_size and args.grad_accum == default.grad_accum
+    assert args.gradient_checkpointing == default.gradient_checkpointing
+    assert args.activation_offload == default.activation_offload
+    assert args.optimizer_in_backward == default.optimizer_in_backward
+    assert args.objective == default.objective
+
+
+def test_every_method_as_asked_is_the_traced_estimate(capsys):
+    out = _json(capsys, "--model", "tiny", "--gpu-memory", "2GiB", "--seq-len", "64", "--reserve", "0GB")
+    for method in ("full", "lora", "qlora"):
+        est = estimate_memory("tiny", method, 1, 64, attention_mask=False)
+        entry = out["methods"][method]
+        assert entry["asked"]["total"] == est.total and entry["asked"]["reserved"] == est.reserved
+        assert entry["fits"] and entry["features"] == []  # a tiny model fits 2 GiB as asked
+        config = eval(entry["train_config"].split("  with ")[0], {"TrainConfig": TrainConfig})
+        assert config.method == method
+    assert out["recommendation"] == "full"
+
+
+def test_a_method_that_does_not_fit_climbs_the_ladder_until_it_fits():
+    request = Request(batch_size=2, seq_len=256)
+    asked = request.estimate("llama-3.2-1b", "qlora")
+    budget = asked.total - 1  # as asked it misses by one byte
+    res = climb(__import__("minift").ModelConfig.from_name("llama-3.2-1b"), request, "qlora", budget)
+    assert res["asked"].total == asked.total > budget
+    assert res["fits"] and res["estimate"].total <= budget
+    assert res["features"] and res["features"][0] == LADDER[0].name  # the cheapest rung first
+    # the setting it prints is the one it traced
+    again = request.estimate("llama-3.2-1b", "qlora", res["fields"], res["prep"])
+    assert again.total == res["estimate"].total
+
+
+def test_nothing_fits_says_so_and_names_the_weights(capsys):
+    assert main(["plan", "--model", "llama-3.2-1b", "--gpu-memory", "1500MB", "--seq-len", "128",
                  "--reserve", "0GB"]) == 0
     out = capsys.readouterr().out
-    assert "minus a reserve of 0 B for the CUDA context: 24.00 GiB usable" in out
+    assert "full does not fit even with every feature" in out
+    assert "Recommendation:" in out
 
 
-def test_cli_plan_small_model_in_mib(capsys):
-    assert main(["plan", "--model", "tiny", "--gpu-memory", "2GB", "--seq-len", "64"]) == 0
-    out = capsys.readouterr().out
-    est = estimate_memory("tiny", "full", 1, 64)
-    assert f"| total | {est.total / 2**20:.2f} MiB |" in out
-    assert "0.00 GiB" not in out
-    usable = (2 * 10**9 - 2**30) / 2**20  # 2GB minus the default 1 GiB reserve
-    assert f"({est.total / 2**20:.2f} MiB of {usable:.2f} MiB)" in out
+def test_the_printed_command_and_config_run_the_traced_setting(capsys):
+    out = _json(capsys, "--model", "llama-3.2-1b", "--gpu-memory", "4GB", "--seq-len", "256",
+                "--batch-size", "2", "--reserve", "0GB")
+    lora = out["methods"]["lora"]
+    assert lora["command"].startswith("python examples/train_llama.py --method lora --batch-size 2 --seq-len 256")
+    if lora["features"]:
+        assert "--gradient-checkpointing" in lora["command"]
+        assert "gradient_checkpointing=True" in lora["train_config"]
+    assert lora["estimate"]["total"] <= out["budget"] or not lora["fits"]
 
 
-def test_plan_rejects_seq_len_beyond_the_model():
-    cfg = ModelConfig.from_name("llama-2-7b")
-    with pytest.raises(ValueError, match=r"seq_len 4097 is longer than the model's "
-                                         r"max_position_embeddings \(4096\)"):
-        plan(cfg, parse_memory("80GB"), seq_len=4097)
-    assert plan(cfg, parse_memory("80GB"), seq_len=4096)["methods"]["qlora"]["fits"]
+def test_search_brackets_the_longest_sequence_with_traces():
+    from minift.models.config import ModelConfig
+    cfg = ModelConfig.from_name("tiny")
+    request = Request(batch_size=1, seq_len=64)
+    budget = request.estimate(cfg, "lora", seq_len=1024).total  # 1024 tokens fit exactly
+    found = search(cfg, request, "lora", budget, {}, {}, seq_step=256, max_seq=4096)
+    assert found["longest_seq_batch_1"] >= 1024 and found["longest_seq_batch_1"] % 256 == 0
+    longest = found["longest_seq_batch_1"]
+    assert request.estimate(cfg, "lora", seq_len=longest, batch_size=1).total <= budget
+    if longest + 256 <= 4096:
+        assert request.estimate(cfg, "lora", seq_len=longest + 256, batch_size=1).total > budget
+    assert found["largest_batch"] >= 1
 
 
-def test_plan_fits_and_largest_batch_agree_with_the_estimator():
-    cfg = ModelConfig.from_name("llama-3-8b")
-    res = plan(cfg, parse_memory("24GB"), batch_size=1, seq_len=512, reserve=2**30)
-    m = res["methods"]
-    assert [m[k]["fits"] for k in ("full", "lora", "qlora")] == [False, True, True]
-    # full does not fit as asked, but does with the memory features: the best that fits either way
-    assert res["features"]["full"]["fits"] and res["recommendation"] == "full"
-    b = m["qlora"]["max_batch_size"]
-    budget = res["budget"]
-    assert estimate_memory(cfg, "qlora", b, 512).total <= budget < estimate_memory(cfg, "qlora", b + 1, 512).total
-    t = m["lora"]["max_seq_len"]
-    assert estimate_memory(cfg, "lora", 1, t).total <= budget < estimate_memory(cfg, "lora", 1, t + 1).total
+def test_largest_finds_the_boundary():
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        return n <= 777
+    assert largest(fits, 1, 10_000) == 777
+    assert len(calls) < 40
+    assert largest(lambda n: False, 1, 100) == 0
+    assert largest(lambda n: n <= 5000, 256, 100_000, 256) == 4864
 
 
-def test_cli_plan_prints_side_by_side(capsys):
-    assert main(["plan", "--model", "llama-2-7b", "--gpu-memory", "40GB", "--seq-len", "512",
-                 "--batch-size", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "| category | full | LoRA | QLoRA |" in out
-    assert "| fits | no | yes | yes |" in out
-    assert "Recommendation: full — the highest-quality method that fits batch 4 x seq 512, with " in out
-    assert "TrainConfig(method='full', optimizer='paged_adamw8bit', gradient_checkpointing=True" in out
-    assert "Without memory features LoRA fits as asked" in out
-    assert "largest batch at seq 512" in out and "longest seq at batch 4" in out
+def test_plan_function_recommends_the_best_method_that_fits():
+    from minift.models.config import ModelConfig
+    cfg = ModelConfig.from_name("tiny")
+    result = plan(cfg, 2 * 2**30, Request(seq_len=64), reserve=0)
+    assert result["recommendation"] == "full"
+    full = result["methods"]["full"]["estimate"].total
+    tight = plan(cfg, full - 1, Request(seq_len=64), reserve=0)
+    assert tight["methods"]["full"]["asked"].total > tight["budget"]
 
 
-def test_cli_plan_nothing_fits(capsys):
-    assert main(["plan", "--model", "llama-3-70b", "--gpu-memory", "16GiB"]) == 0
-    assert "nothing fits even at batch 1" in capsys.readouterr().out
-
-
-def test_cli_plan_reads_a_config_dir(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.from_name("tiny").to_hf_dict()))
-    assert main(["plan", "--model", str(tmp_path), "--gpu-memory", "2GB", "--seq-len", "64"]) == 0
-    assert "Recommendation: full" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("argv, match", [
-    (["--gpu-memory", "24 parsecs"], "--gpu-memory: cannot read '24 parsecs'"),
-    (["--gpu-memory", "24"], "--gpu-memory: '24' has no unit"),
-    (["--model", "llama-9"], "unknown model preset 'llama-9'; known presets:"),
-    (["--model", "./missing_dir"], "no config.json at"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
-    (["--seq-len", "-1"], "--seq-len must be a positive integer, got -1"),
-    (["--reserve", "30GB"], "--reserve .* leaves nothing"),
-    (["--gpu-memory", "24Gbit"], "--gpu-memory: cannot read '24Gbit'"),
-    (["--seq-len", "8193"], r"--seq-len 8193 is longer than llama-3-8b's "
-                            r"max_position_embeddings \(8192\)"),
+@pytest.mark.parametrize("argv, message", [
+    (["--gpu-memory", "lots"], "--gpu-memory"),
+    (["--gpu-memory", "1GB", "--seq-len", "99999"], "max_position_embeddings"),
+    (["--gpu-memory", "1GB", "--activation-offload"], "gradient_checkpointing"),
+    (["--gpu-memory", "1GB", "--cpu-offload"], "--cpu-offload"),
+    (["--gpu-memory", "1GB", "--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--gpu-memory", "1GB", "--loss-chunk-size", "-1"], "--loss-chunk-size"),
+    (["--gpu-memory", "1GB", "--reserve", "2GB"], "--reserve"),
+    (["--gpu-memory", "1GB", "--paged-device-budget", "some"], "--paged-device-budget"),
 ])
-def test_cli_plan_errors(argv, match, capsys):
-    args = {"--model": "llama-3-8b", "--gpu-memory": "24GB"}
-    it = iter(argv)
-    args.update(dict(zip(it, it)))
-    flat = [x for kv in args.items() for x in kv]
-    with pytest.raises(SystemExit) as exc:
-        main(["plan"] + flat)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("minift plan: error:")
-    import re
-    assert re.search(match, err)
+def test_bad_flags_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--model", "tiny", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(message in line for line in err), err
+    assert not any("Traceback" in line for line in err)
 
 
-def test_cli_bench_rejects_bad_paths(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "--model", str(tmp_path), "--no-chart"])
-    assert exc.value.code == 2
-    assert "--model: no config.json in" in capsys.readouterr().err
-
-
-def test_cli_plan_turns_features_on_and_reports_host_and_longest(capsys):
-    # Llama-3.1-8B, batch 2 x 2048 in 24 GiB: full fine-tuning needs every feature; the host RAM
-    # it needs is the paged 8-bit states plus the offloaded layer inputs
-    assert main(["plan", "--model", "llama-3.1-8b", "--gpu-memory", "24GiB", "--batch-size", "2",
-                 "--gradient-checkpointing"]) == 0
+def test_text_report_names_the_peak_and_the_budget(capsys):
+    assert main(["plan", "--model", "tiny", "--gpu-memory", "1GiB", "--seq-len", "64", "--reserve", "0GB"]) == 0
     out = capsys.readouterr().out
-    full = next(line for line in out.splitlines() if line.startswith("- full: fits with"))
-    assert "optimizer step in backward" in full and "activation offload" in full
-    assert "host RAM 16.19 GiB" in full
-    qlora = next(line for line in out.splitlines() if line.startswith("- qlora:"))
-    longest = int(qlora.split("with every feature: ")[1].split()[0])
-    assert longest >= 80_000
+    assert "1.00 GiB usable" in out and "peak at " in out and "| reserved |" in out
+    assert "TrainConfig(method='full'" in out and "python examples/train_llama.py --method full" in out
 
 
-# ---- advice a user can act on -------------------------------------------------------------
-def _gib(n):
-    from minift.planning.plan import fmt_auto
-    return fmt_auto(n)
-
-
-def test_plan_says_when_a_method_fits_only_with_gradient_checkpointing(capsys):
-    assert main(["plan", "--model", "llama-2-7b", "--gpu-memory", "24gb", "--seq-len", "2048",
-                 "--batch-size", "2"]) == 0
-    out = capsys.readouterr().out
-    budget = 24 * 10**9 - 2**30
-    lora = estimate_memory("llama-2-7b", "lora", 2, 2048, gradient_checkpointing=True)
-    assert estimate_memory("llama-2-7b", "lora", 2, 2048).total > budget >= lora.total
-    assert f"LoRA fits only with --gradient-checkpointing ({_gib(lora.total)} of {_gib(budget)})." in out
-
-
-def test_plan_shows_the_host_ram_of_paged_states(capsys):
-    assert main(["plan", "--model", "llama-2-7b", "--gpu-memory", "80GB", "--seq-len", "512",
-                 "--optimizer", "paged_adamw8bit"]) == 0
-    out = capsys.readouterr().out
-    full = estimate_memory("llama-2-7b", "full", 1, 512, optimizer="adamw8bit").optimizer_states
-    assert full > 10 * 2**30
-    assert (f"paged_adamw8bit keeps the optimizer states in host RAM, not on the GPU: full "
-            f"{_gib(full)}, LoRA ") in out
-
-
-def test_plan_says_what_would_fit_when_nothing_does():
-    from minift.planning.plan import plan as run_plan
-    res = run_plan(ModelConfig.from_name("llama-3-70b"), 16 * 2**30)
-    assert res["recommendation"] is None
-    line = next(a for a in res["advice"] if a.startswith("QLoRA would fit on "))
-    n = int(line.split()[4])
-    e = estimate_memory("llama-3-70b", "qlora", 1, 2048, gradient_checkpointing=True)
-    states = e.frozen_weights + e.trainable_params + e.gradients + e.optimizer_states
-    budget = res["budget"]
-    assert states / n + (e.total - states) <= budget < states / (n - 1) + (e.total - states)
-    # a model whose QLoRA base fits: a shorter sequence is offered, with a length that fits
-    res = run_plan(ModelConfig.from_name("llama-2-7b"), 6 * 10**9, seq_len=4096, reserve=0)
-    line = next(a for a in res["advice"] if "--seq-len" in a)
-    t = int(line.split("--seq-len ")[1].split()[0])
-    assert estimate_memory("llama-2-7b", "qlora", 1, t, gradient_checkpointing=True).total <= 6e9
-    assert estimate_memory("llama-2-7b", "qlora", 1, t + 1, gradient_checkpointing=True).total > 6e9
-
-
-
-# ---- the planner does not contradict itself ------------------------------------------------
-def _plan_text(capsys, *args):
-    assert main(["plan", *args]) == 0
-    return capsys.readouterr().out
-
-
-def test_the_recommendation_agrees_with_the_feature_lines(capsys):
-    # llama-3.1-8b on 24GB recommended QLoRA while printing "full: fits with ... 17.02 GiB"
-    out = _plan_text(capsys, "--model", "llama-3.1-8b", "--gpu-memory", "24GB")
-    assert "- full: fits with " in out
-    assert "Recommendation: full — " in out and "Without memory features QLoRA fits as asked" in out
-
-
-def test_a_small_model_is_not_said_to_fit_nowhere(capsys):
-    # a 0.5B model on 8GB said "nothing fits" beside feature lines where all three fit with the
-    # loss chunk TrainConfig uses by default
-    out = _plan_text(capsys, "--model", "qwen2.5-0.5b", "--gpu-memory", "8GB")
-    assert "nothing fits" not in out
-    assert "- qlora: fits with gradient checkpointing (loss_chunk_size=1024)" in out
-    assert "Recommendation: full — " in out and "TrainConfig(method='full', gradient_checkpointing=True)" in out
-
-
-def test_given_gradient_checkpointing_is_not_advised_again(capsys):
-    out = _plan_text(capsys, "--model", "llama-2-70b", "--gpu-memory", "24GB", "--gradient-checkpointing")
-    assert "would fit on" in out  # the ways out are still given ...
-    assert "--gradient-checkpointing" not in out.split("Recommendation:")[1]  # ... without the flag
-    assert "gradient checkpointing on | loss chunk 1024" in out
-
-
-def test_a_dpo_plan_counts_dpo_in_the_feature_lines_too(capsys):
-    # the feature lines printed SFT numbers and left out full fine-tuning's frozen reference
-    cfg = ModelConfig.from_name("llama-3.1-8b")
-    sft = plan(cfg, parse_memory("24GB"))
-    dpo = plan(cfg, parse_memory("24GB"), objective="dpo")
-    for m in ("full", "lora", "qlora"):
-        est, settings = dpo["features"][m]["estimate"], dpo["features"][m]["settings"]
-        assert est.settings["objective"] == "dpo" and est.settings["pairs"] == 1
-        assert est.total > estimate_memory(cfg, m, 1, 2048, attention_mask=False, **settings).total
-    assert sft["features"]["full"]["estimate"].settings.get("objective") is None
-    full = dpo["features"]["full"]["estimate"]
-    assert full.terms["reference_weights"] > 0 and full.settings["objective"] == "dpo"
-
-
-def test_the_loss_chunk_is_a_flag_with_trainconfigs_default(capsys):
-    from minift.training.config import TrainConfig
-    cfg = ModelConfig.from_name("llama-3.1-8b")
-    chunked = plan(cfg, parse_memory("80GB"), gradient_checkpointing=True)
-    assert chunked["loss_chunk_size"] == TrainConfig().loss_chunk_size == 1024
-    full_logits = plan(cfg, parse_memory("80GB"), gradient_checkpointing=True, loss_chunk_size=None)
-    assert full_logits["methods"]["qlora"]["estimate"].total > chunked["methods"]["qlora"]["estimate"].total
-    out = _plan_text(capsys, "--model", "llama-3.1-8b", "--gpu-memory", "80GB", "--gradient-checkpointing",
-                     "--loss-chunk-size", "0")
-    assert "loss chunk off (full logits)" in out
+def test_fsdp_plan_is_per_gpu(capsys):
+    one = _json(capsys, "--model", "tiny", "--gpu-memory", "1GiB", "--seq-len", "64")
+    two = _json(capsys, "--model", "tiny", "--gpu-memory", "1GiB", "--seq-len", "64", "--gpus", "2")
+    assert two["methods"]["full"]["asked"]["trainable_params"] < one["methods"]["full"]["asked"]["trainable_params"]
+    assert two["methods"]["full"]["command"].startswith("torchrun --nproc_per_node 2 ")
