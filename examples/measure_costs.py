@@ -26,7 +26,6 @@ import minift
 from minift.bench.runinfo import git_commit, git_modified, machine_info
 from minift.checkpoints.steps import file_crc32
 from minift.data.sft import load_dataset
-from minift.memory.estimate import estimate_memory
 from minift.models.config import ModelConfig
 
 HERE = Path(__file__).resolve().parent
@@ -44,7 +43,7 @@ def _random_file(path: Path, size: int) -> None:
 
 def crc_costs(folder: Path) -> list:
     """Seconds of file_crc32 over a 7B LoRA checkpoint's files and a 1B model's weights."""
-    lora = estimate_memory("llama-2-7b", "lora", 1, 512, r=16)  # adapters in fp32, AdamW states
+    lora = minift.estimate_memory("llama-2-7b", "lora", 1, 512, r=16)  # adapters in fp32, AdamW states
     one_b = ModelConfig.from_name("llama-3.2-1b").num_parameters()
     cases = [("7B LoRA r=16 adapter (fp32)", lora.trainable_params),
              ("7B LoRA r=16 checkpoint (adapter + AdamW states)",

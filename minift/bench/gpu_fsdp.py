@@ -8,7 +8,7 @@ the reduce-scatter of the gradients — so it checks on CUDA what the CPU tests 
   unsharded layer's dequantized weight bit for bit, and the gather moves 4-bit bytes;
 * a QLoRA training step (gradient checkpointing, chunked loss, ``AdamW8bit``) under FSDP against
   the same step without it: the losses, the step time and the peak memory, beside
-  ``estimate_memory(world_size=1, parallel="fsdp")``.
+  `minift.estimate_memory` of the one-process step (a trace runs FSDP only for world_size > 1).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from minift.bench.gpu_steps import LORA_R, _batch, _free, build, measure_step, train_flops_per_token
+from minift.bench.gpu_steps import (LORA_R, _batch, _estimate, _free, build, measure_step,
+                                    train_flops_per_token)
 from minift.distributed import parallel as mdist
-from minift.memory import estimate_memory
 from minift.models.config import ModelConfig
 from minift.nf4.fsdp import shardable_nf4
 from minift.nf4.linear import NF4Linear
@@ -107,10 +107,10 @@ def part_fsdp(ctx) -> dict:
                 model = params = opt = None
                 _free(ctx.device)
             out[name] = row
-        out["estimate_fsdp"] = estimate_memory(config, "qlora", batch_size=sizes.batch, seq_len=sizes.seq_len,
-                                               r=LORA_R, optimizer="adamw8bit", gradient_checkpointing=True,
-                                               attention_mask=False, device=ctx.device.type, world_size=1,
-                                               parallel="fsdp", loss_chunk_size=CHUNK).as_dict()
+        # the traced step of one process: a 1-rank FSDP job holds the same (whole) shards; what
+        # FSDP adds on top, its gathered copies, is the fsdp row's peak less this estimate
+        out["estimate"] = _estimate(config, "qlora", sizes, "adamw8bit", ctx.device.type,
+                                    loss_chunk_size=CHUNK, max_grad_norm=None)
     finally:
         if saved is not None:
             _leave(saved)

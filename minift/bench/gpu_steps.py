@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from minift.lora.layer import lora_wrap
-from minift.memory.estimate import estimate_memory
 from minift.models.config import ModelConfig
 from minift.models.llama import Llama
 from minift.nf4.linear import quantize_model
@@ -115,12 +114,18 @@ def part_train_steps(ctx) -> dict:
         finally:
             model = params = opt = None
             _free(ctx.device)
-        row["estimate"] = estimate_memory(config, method, batch_size=sizes.batch,
-                                          seq_len=sizes.seq_len, r=LORA_R, optimizer=optimizer,
-                                          gradient_checkpointing=True, attention_mask=False,
-                                          device=ctx.device.type).as_dict()
+        row["estimate"] = _estimate(config, method, sizes, optimizer, ctx.device.type, loss_chunk_size=None)
         out[method] = row
     return out
+
+
+def _estimate(config: ModelConfig, method: str, sizes, optimizer: str, device: str, **train_fields) -> dict:
+    """`minift.estimate_memory` of the suite's step: bf16, gradient checkpointing, unpadded rows of
+    ``sizes``, LoRA rank `LORA_R`; ``train_fields`` as the step differs from `minift.TrainConfig`."""
+    from minift import estimate_memory  # the public API: minift.planning shares bench's floor
+    return estimate_memory(config, method, batch_size=sizes.batch, seq_len=sizes.seq_len, r=LORA_R,
+                           optimizer=optimizer, gradient_checkpointing=True, attention_mask=False,
+                           device=device, **train_fields).as_dict()
 
 
 def _free(device) -> None:
