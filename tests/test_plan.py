@@ -10,6 +10,20 @@ from minift.planning.estimate import estimate_memory
 from minift.planning.plan import LADDER, Request, climb, largest, parse_memory, plan, search
 
 MIB = 2**20
+# a small model with a real-sized head: the ladder's rungs each change its trace
+SMALL = dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+
+
+@pytest.fixture
+def small(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(SMALL, model_type="llama")))
+    return str(tmp_path)
+
+
+def _small():
+    from minift.models.config import ModelConfig
+    return ModelConfig(**SMALL)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -80,27 +94,27 @@ def test_every_method_as_asked_is_the_traced_estimate(capsys):
 
 def test_a_method_that_does_not_fit_climbs_the_ladder_until_it_fits():
     request = Request(batch_size=2, seq_len=256)
-    asked = request.estimate("llama-3.2-1b", "qlora")
+    asked = request.estimate(_small(), "qlora")
     budget = asked.total - 1  # as asked it misses by one byte
-    res = climb(__import__("minift").ModelConfig.from_name("llama-3.2-1b"), request, "qlora", budget)
+    res = climb(_small(), request, "qlora", budget)
     assert res["asked"].total == asked.total > budget
     assert res["fits"] and res["estimate"].total <= budget
     assert res["features"] and res["features"][0] == LADDER[0].name  # the cheapest rung first
     # the setting it prints is the one it traced
-    again = request.estimate("llama-3.2-1b", "qlora", res["fields"], res["prep"])
+    again = request.estimate(_small(), "qlora", res["fields"], res["prep"])
     assert again.total == res["estimate"].total
 
 
-def test_nothing_fits_says_so_and_names_the_weights(capsys):
-    assert main(["plan", "--model", "llama-3.2-1b", "--gpu-memory", "1500MB", "--seq-len", "128",
+def test_nothing_fits_says_so_and_names_the_weights(capsys, small):
+    assert main(["plan", "--model", small, "--gpu-memory", "12MB", "--seq-len", "128",
                  "--reserve", "0GB"]) == 0
     out = capsys.readouterr().out
     assert "full does not fit even with every feature" in out
     assert "Recommendation:" in out
 
 
-def test_the_printed_command_and_config_run_the_traced_setting(capsys):
-    out = _json(capsys, "--model", "llama-3.2-1b", "--gpu-memory", "4GB", "--seq-len", "256",
+def test_the_printed_command_and_config_run_the_traced_setting(capsys, small):
+    out = _json(capsys, "--model", small, "--gpu-memory", "40MB", "--seq-len", "256",
                 "--batch-size", "2", "--reserve", "0GB")
     lora = out["methods"]["lora"]
     assert lora["command"].startswith("python examples/train_llama.py --method lora --batch-size 2 --seq-len 256")
@@ -111,8 +125,7 @@ def test_the_printed_command_and_config_run_the_traced_setting(capsys):
 
 
 def test_search_brackets_the_longest_sequence_with_traces():
-    from minift.models.config import ModelConfig
-    cfg = ModelConfig.from_name("tiny")
+    cfg = _small()
     request = Request(batch_size=1, seq_len=64)
     budget = request.estimate(cfg, "lora", seq_len=1024).total  # 1024 tokens fit exactly
     found = search(cfg, request, "lora", budget, {}, {}, seq_step=256, max_seq=4096)
@@ -153,7 +166,7 @@ def test_plan_function_recommends_the_best_method_that_fits():
     (["--gpu-memory", "1GB", "--cpu-offload"], "--cpu-offload"),
     (["--gpu-memory", "1GB", "--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--gpu-memory", "1GB", "--loss-chunk-size", "-1"], "--loss-chunk-size"),
-    (["--gpu-memory", "1GB", "--reserve", "2GB"], "--reserve"),
+    (["--gpu-memory", "1GB", "--seq-len", "64", "--reserve", "2GB"], "--reserve"),
     (["--gpu-memory", "1GB", "--paged-device-budget", "some"], "--paged-device-budget"),
 ])
 def test_bad_flags_are_one_line(capsys, argv, message):
