@@ -186,7 +186,7 @@ def test_text_report_names_the_peak_and_the_budget(capsys):
 
 
 def test_fsdp_plan_is_per_gpu(capsys):
-    one = _json(capsys, "--model", "tiny", "--gpu-memory", "1GiB", "--seq-len", "64")
-    two = _json(capsys, "--model", "tiny", "--gpu-memory", "1GiB", "--seq-len", "64", "--gpus", "2")
+    one = _json(capsys, "--model", "tiny", "--gpu-memory", "2GiB", "--seq-len", "64")
+    two = _json(capsys, "--model", "tiny", "--gpu-memory", "2GiB", "--seq-len", "64", "--gpus", "2")
     assert two["methods"]["full"]["asked"]["trainable_params"] < one["methods"]["full"]["asked"]["trainable_params"]
     assert two["methods"]["full"]["command"].startswith("torchrun --nproc_per_node 2 ")
