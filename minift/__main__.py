@@ -1,4 +1,5 @@
 """Command line: ``python -m minift plan ...`` (will it fit?), ``python -m minift bench``
+(with ``memory`` and ``trace``: the traced tables and the trace against the real step)
 (full vs LoRA vs QLoRA, measured), ``python -m minift bench gpu --out DIR`` (the GPU suite),
 ``python -m minift bench cpu`` (minift's CPU paths against the peers, interleaved) and
 ``python -m minift soup a b c --out d`` (adapter soup).
@@ -13,7 +14,7 @@ from minift.bench import gpu as bench_gpu
 from minift.bench import methods as bench
 from minift.cli import OneLineParser, ShowDefaults
 from minift.lora import soup
-from minift.planning import plan
+from minift.planning import agreement, plan, tables
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=shown)
     bench.add_bench_arguments(b)
     # `bench` alone is the CPU comparison above; `bench gpu` is a mode of its own with its options
-    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="{gpu,cpu}")
+    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="{gpu,cpu,memory,trace}")
     g = modes.add_parser("gpu", help="the GPU suite: kernels, bandwidth, 8B-shaped training steps",
                          description="Kernel checks and timings, NF4 dequant and 8-bit AdamW "
                                      "against bandwidth, Llama-3.1-8B-shaped training steps per "
@@ -41,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
                          description="8-bit AdamW step, NF4 dequant and full / LoRA / QLoRA steps, "
                                      "minift and the peer in interleaved rounds; JSON and a table.")
     bench_cpu.add_cpu_arguments(c)
+    m = modes.add_parser("memory", help="the traced 8B / 70B tables, SFT vs DPO, the longest context",
+                         description="Trace Llama-3.1-8B and Llama-3-70B steps on the CUDA path (fake "
+                                     "tensors) with and without the memory features, SFT vs DPO, and "
+                                     "search the longest QLoRA context in 24 GB and 80 GB; JSON.")
+    m.add_argument("--out", default="docs/benchmarks/traced_memory.json", help="JSON result file")
+    m.add_argument("--models", default="llama-3.1-8b,llama-3-70b", help="comma-separated presets")
+    m.add_argument("--no-longest", action="store_true", help="skip the longest-context search")
+    m.add_argument("--no-dpo", action="store_true", help="skip the SFT vs DPO rows")
+    t = modes.add_parser("trace", help="the traced estimate against the real step, 33 cases on CPU",
+                         description="Every agreement case on fake and on real tensors (FSDP on two gloo "
+                                     "processes); JSON with the largest relative difference.")
+    t.add_argument("--out", default="docs/benchmarks/trace_agreement.json", help="JSON result file")
     s = sub.add_parser("soup", help="average several LoRA adapters of one base (PEFT format)",
                        description="Average PEFT-format LoRA adapters tensor by tensor into a new "
                                    "adapter; adapters of other bases, ranks or targets are refused.")
@@ -49,8 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # command name (with its mode) -> its runner(args, subparser) -> exit code
+def _bench_memory(args, parser) -> int:
+    result = tables.run(args.out, tuple(m for m in args.models.split(",") if m), not args.no_longest,
+                        not args.no_dpo)
+    print(tables.summary(result))
+    return 0
+
+
+def _bench_trace(args, parser) -> int:
+    result = agreement.run(args.out)
+    print(f"{len(result['cases'])} cases; largest relative difference {result['max_relative_difference']:.2e}")
+    return 0
+
+
 COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "bench gpu": bench_gpu.run_bench_gpu,
-            "bench cpu": bench_cpu.run_cpu, "soup": soup.run_soup}
+            "bench cpu": bench_cpu.run_cpu, "bench memory": _bench_memory, "bench trace": _bench_trace,
+            "soup": soup.run_soup}
 
 
 def main(argv=None) -> int:

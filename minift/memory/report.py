@@ -48,10 +48,12 @@ class MemoryReport:
     reserved: int | None = None  # CUDA max_memory_reserved during the step (peak)
     notes: list = field(default_factory=list)
     moment: str | None = None  # where the step was at the peak (phase, module, operator)
+    host_parts: dict = field(default_factory=dict)  # host bytes by category (optimizer_states, activations)
 
     def as_dict(self) -> dict:
         out = {c: int(getattr(self, c)) for c in CATEGORIES}
         out.update(peak=int(self.peak), host=int(self.host), device=self.device)
+        out.update({f"host_{k}": int(v) for k, v in self.host_parts.items()})
         if self.reserved is not None:  # CUDA only
             out["reserved"] = int(self.reserved)
         if self.moment is not None:
@@ -85,11 +87,13 @@ class MemoryEstimate:
     moment: str | None = None  # where the step is at the peak (phase, module, operator)
     reserved: int | None = None  # the caching allocator's peak (minift.memory.allocator)
     reserved_expandable: int | None = None  # the same with expandable_segments:True
+    host_parts: dict = field(default_factory=dict)  # host bytes by category
 
     def as_dict(self) -> dict:
         out = {c: int(getattr(self, c)) for c in CATEGORIES}
         out["total"] = int(self.total)
         out["host"] = int(self.host)
+        out.update({f"host_{k}": int(v) for k, v in self.host_parts.items()})
         for key in ("reserved", "reserved_expandable"):
             if getattr(self, key) is not None:
                 out[key] = int(getattr(self, key))

@@ -453,6 +453,15 @@ class MemoryTracker:
             other=max(0, other), peak=phase_peak, device=str(self.device),
             host=max(self.host_max, self._host_static))
         report.moment = at_peak.get("moment")
+        # host memory by what it holds: paged optimizer states; the rest is offloaded layer inputs
+        seen, host_states = set(), 0
+        for t in self._optimizer_tensors(host=True):
+            st = _storage(t)
+            if st is not None and id(st) not in seen:
+                seen.add(id(st))
+                host_states += st.nbytes()
+        report.host_parts = {"optimizer_states": host_states,
+                             "activations": max(0, report.host - host_states)}
         if cuda:
             report.peak = torch.cuda.max_memory_allocated(self.device)
             # the allocator's high-water mark since reset_peak_memory_stats in track(): what the

@@ -89,6 +89,7 @@ def from_trace(trace: Trace, config: TrainConfig) -> MemoryEstimate:
         frozen_weights=rep.frozen_weights, trainable_params=rep.trainable_params,
         gradients=rep.gradients, optimizer_states=rep.optimizer_states, activations=rep.activations,
         other=rep.other, total=rep.peak, settings=settings, host=rep.host, moment=rep.moment,
+        host_parts=dict(rep.host_parts),
         reserved=trace.reserved, reserved_expandable=trace.reserved_expandable)
 
 
