@@ -166,6 +166,7 @@ class MemoryTracker:
         self._op, self._module = None, None  # the operator and module running now (the peak's moment)
         self._names = {id(m): n or "model" for n, m in self.model.named_modules()}
         self._events = [] if self.record_events else None
+        self._event_key = {}  # id(storage) -> its allocator key after a resize
         self._best = {"pre": (-1, None), "post": (-1, None)}
 
     def _add_static(self, t, category) -> int:
@@ -255,7 +256,7 @@ class MemoryTracker:
         self._live_sum -= nbytes
         serial = self._serial_of.pop(key, None)
         if self._events is not None and serial is not None:
-            self._events.append(("free", serial))
+            self._events.append(("free", self._event_key.pop(key, serial)))
         self._refs.pop(key, None)
         self._pending.pop(key, None)
         if key in self._kept:
@@ -280,6 +281,28 @@ class MemoryTracker:
             self._check_peak()
             return holder
         return _Saved(t)
+
+    def _resized(self, storage, before: int, after: int) -> None:
+        key, delta = id(storage), after - before
+        if delta == 0 or key not in self._live:
+            return
+        self._live[key] += delta
+        self._live_sum += delta
+        if self._events is not None:  # the allocator sees the block freed and a new one made
+            serial = self._serial_of[key]
+            old = self._event_key.get(key, serial)
+            new = self._event_key[key] = ("resized", serial, len(self._events))
+            self._events += [("free", old), ("alloc", new, self._live[key])]
+        entry = self._saved.get(key)
+        if entry is not None:  # saved for backward: its bytes follow the storage
+            entry[1] += delta
+            self.act_live += delta
+            if not entry[2]:
+                self._old_saved_sum += delta
+        if key in self._kept:
+            self.act_live += delta
+        self.act_max = max(self.act_max, self.act_live)
+        self._check_peak()
 
     def _unsaved(self, key):
         entry = self._saved.get(key)
@@ -332,6 +355,18 @@ class MemoryTracker:
     # ---- hooks ------------------------------------------------------------------------
     def _install(self, stack):
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.tensor))
+        # FSDP2 frees a gathered layer by resizing its storage to 0 bytes and gathers it again by
+        # resizing it back: storage calls that no dispatch mode sees, so they are watched here
+        original = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage, nbytes):
+            before = storage.nbytes()
+            out = original(storage, nbytes)
+            tracker._resized(storage, before, storage.nbytes())
+            return out
+        torch.UntypedStorage.resize_ = resize_
+        stack.callback(setattr, torch.UntypedStorage, "resize_", original)
         handles = []
         for p in self.model.parameters():
             if p.requires_grad:
