@@ -163,7 +163,7 @@ def test_plan_function_recommends_the_best_method_that_fits():
     (["--gpu-memory", "lots"], "--gpu-memory"),
     (["--gpu-memory", "1GB", "--seq-len", "99999"], "max_position_embeddings"),
     (["--gpu-memory", "1GB", "--activation-offload"], "gradient_checkpointing"),
-    (["--gpu-memory", "1GB", "--cpu-offload"], "--cpu-offload"),
+    (["--gpu-memory", "1GB", "--cpu-offload"], "unrecognized arguments"),
     (["--gpu-memory", "1GB", "--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--gpu-memory", "1GB", "--loss-chunk-size", "-1"], "--loss-chunk-size"),
     (["--gpu-memory", "1GB", "--seq-len", "64", "--reserve", "2GB"], "--reserve"),

@@ -49,8 +49,9 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
         attention_mask: whether batches carry padding (the masked attention path: Flex on CUDA,
             a dense mask on the CPU); False for full-length rows (the causal kernel).
         device: "cuda" or "cpu": whose code path the step takes.
-        world_size, parallel, cpu_offload: a torchrun job of ``world_size`` GPUs, "fsdp" (the
-            default) or "ddp", FSDP's CPU offload; the estimate is one GPU's.
+        world_size, parallel: a torchrun job of ``world_size`` GPUs, "fsdp" (the
+            default) or "ddp"; the estimate is one GPU's. cpu_offload (FSDP's CPU offload) is
+            refused: a trace cannot tell its host from its stand-in device.
         **train_fields: any other `minift.TrainConfig` field of the step (loss_chunk_size,
             activation_offload, optimizer_in_backward, mlp_tile_size, paged_device_budget,
             objective, grad_accum, bf16, neftune_alpha, dpo_reference, ...), defaults as there.

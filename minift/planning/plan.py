@@ -316,7 +316,6 @@ def add_plan_arguments(parser) -> None:
     add("--padded", action="store_true", help="batches carry padding (the masked attention path)")
     add("--gpus", type=int, default=1, help="GPUs of a torchrun job (memory is per GPU)")
     add("--parallel", choices=("fsdp", "ddp"), default=None, help="with --gpus > 1 (default fsdp)")
-    add("--cpu-offload", action="store_true", dest="cpu_offload", help="FSDP: shards in host memory")
     add("--reserve", default="1GiB", help="memory kept free for the CUDA context and allocator slack")
     add("--search", action="store_true",
         help="also find the longest sequence at batch 1 and the largest batch, by bisection on traces")
@@ -330,8 +329,6 @@ def request_of(args) -> Request:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.loss_chunk_size < 0:
         raise ValueError(f"--loss-chunk-size must be >= 0 (0 = full logits), got {args.loss_chunk_size}")
-    if args.cpu_offload and (args.gpus == 1 or args.parallel == "ddp"):
-        raise ValueError("--cpu-offload moves FSDP's shards to host memory: it needs --gpus > 1 with FSDP")
     if args.lm_head_nf4 and args.gpus > 1:
         raise ValueError("--quantize-lm-head: plan it on one GPU")
     budget = args.paged_device_budget
@@ -347,7 +344,7 @@ def request_of(args) -> Request:
     if args.paged_device_budget is not None:
         fields["paged_device_budget"] = budget
     if args.gpus > 1:
-        fields.update(parallel=args.parallel or "fsdp", fsdp_cpu_offload=args.cpu_offload)
+        fields.update(parallel=args.parallel or "fsdp")
     fields = {k: v for k, v in fields.items() if getattr(DEFAULTS, k) != v}
     TrainConfig(method="lora", **fields)  # refuses impossible combinations in one line
     prep = dict(r=args.r, dtype=getattr(torch, args.dtype), adapter_dtype=getattr(torch, args.adapter_dtype))

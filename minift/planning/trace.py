@@ -164,6 +164,9 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
     if not fake and device != "cpu":
         raise ValueError("a step on real tensors runs the CPU path only (device='cpu')")
     world_size = check_int("world_size", world_size)
+    if config.fsdp_cpu_offload:
+        raise ValueError("fsdp_cpu_offload is not traced: FSDP would move the shards to the host, and "
+                         "in a trace the host and the stand-in device are one CPU; plan without it")
     if world_size > 1 and config.parallel == "ddp" and fake:
         return _ddp(cfg, config, world_size, locals())
     if world_size > 1 and config.optimizer_in_backward:
