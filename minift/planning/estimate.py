@@ -20,7 +20,7 @@ from minift.training.config import TrainConfig
 # TrainConfig fields that describe the run, not one step: a trace neither needs nor checks them
 _RUN_FIELDS = {"learning_rate", "warmup_ratio", "lr_scheduler", "epochs", "max_steps", "eval_interval",
                "save_interval", "log_interval", "keep_last", "output_dir", "resume_from", "progress",
-               "dist_timeout", "skip_steps", "micro_batch_size", "max_length", "device"}
+               "dist_timeout", "skip_steps", "micro_batch_size", "max_length", "device", "method"}
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _RUN_FIELDS)
 
 

@@ -102,6 +102,9 @@ def build_model(cfg: ModelConfig, method: str, dtype: torch.dtype, *, r: int = 1
         model = Llama(cfg)
     finally:
         torch.set_default_dtype(previous)
+    if lm_head_nf4 and (method != "qlora" or cfg.tie_word_embeddings):
+        raise ValueError("lm_head_nf4 stores lm_head in NF4: it applies to method='qlora' on a model "
+                         "whose lm_head is not tied to the embedding")
     if method == "full":
         return model.requires_grad_(True)
     if method == "qlora":
@@ -164,6 +167,9 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
     if not fake and device != "cpu":
         raise ValueError("a step on real tensors runs the CPU path only (device='cpu')")
     world_size = check_int("world_size", world_size)
+    if config.compile:
+        raise ValueError("compile=True is not traced: torch.compile's fused kernels allocate other tensors "
+                         "than the eager step; trace with compile=False (an upper bound)")
     if config.fsdp_cpu_offload:
         raise ValueError("fsdp_cpu_offload is not traced: FSDP would move the shards to the host, and "
                          "in a trace the host and the stand-in device are one CPU; plan without it")
