@@ -335,16 +335,15 @@ class MemoryTracker:
             self._best[self._phase] = (value, self._snapshot(old))
 
     def _moment(self) -> str:
-        """Where the step is: phase, the module running (or recomputed), the operator."""
+        """Where the step is: phase, the module running (or last run), the operator."""
+        op = f"{self._op}" if self._op is not None else "-"
         if self._phase == "post":
-            phase = "optimizer step"
-        elif torch._C._current_graph_task_id() != -1:
-            phase = "backward (recomputing)" if self._recomputing else "backward"
-        else:
-            phase = "forward"
-        where = f" in {self._module}" if self._module and phase != "optimizer step" else ""
-        op = f", {self._op}" if self._op is not None else ""
-        return phase + where + op
+            return f"optimizer step, {op}"
+        if torch._C._current_graph_task_id() == -1:
+            return f"forward in {self._module}, {op}" if self._module else f"forward, {op}"
+        if self._recomputing:
+            return f"backward, recomputing {self._module}, {op}"
+        return f"backward, {op}" + (f" (last forward: {self._module})" if self._module else "")
 
     def _snapshot(self, old_saved):
         return {"moment": self._moment(), "live": {self._serial_of[k]: n for k, n in self._live.items()},

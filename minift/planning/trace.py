@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -191,7 +192,9 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
     group_pg = _process_group(world_size, fake)
     if world_size > 1:
         config = dataclasses.replace(config, parallel=config.parallel or "fsdp")
-    with planning(device), mode, group_pg as shard:
+    with planning(device), mode, group_pg as shard, warnings.catch_warnings():
+        # deep copies (a DPO reference) ask a fake tensor for its data pointer; nothing reads it
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         # the batch stays real (the step reads its values on the host, minift.tracing.known);
         # its fake twins are made once and held, so every operator sees the same fake storage
         held = [mode.from_tensor(t) for b in group for t in b.values()] if fake else []
