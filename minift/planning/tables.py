@@ -134,6 +134,7 @@ def run(out: str, models=("llama-3.1-8b", "llama-3-70b"), longest_context: bool 
               "published": PUBLISHED, "goals_gib": GOALS_GIB, "reserve_bytes": RESERVE,
               "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()},
+              "code": _commit(), "command": "python -m minift bench memory",
               "tables": {}, "longest_context": {}}
     for preset in models:
         result["tables"][preset] = [row(preset, m, s) for m in ("full", "lora", "qlora")
@@ -153,6 +154,16 @@ def run(out: str, models=("llama-3.1-8b", "llama-3-70b"), longest_context: bool 
     result["seconds"] = round(time.perf_counter() - started, 1)
     _write(out, result)
     return result
+
+
+def _commit() -> str:
+    """The git commit of the source traced (the file's folder), or "unknown"."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _write(out: str, result: dict) -> None:
