@@ -45,7 +45,10 @@ class Rung:
 
 # Turned on one at a time, each keeping those before it, cheapest in speed first: recomputing the
 # layers costs ~1/3 more compute; smaller loss chunks and MLP tiles cost launches, not FLOPs; the
-# host round trips (offload, paging) cost PCIe time; the last rungs change what is trained.
+# host round trips (offload, paging) cost PCIe time; the last rungs change what is trained. The
+# sizes are choices, not measurements: 256-token loss chunks hold (256, V) float32 buffers (125 MiB
+# at Llama-3's V = 128,256); 1024-token MLP tiles keep a tile's (1024, intermediate) tensors near a
+# layer's (T, hidden) attention tensors at the lengths where tiling starts to matter.
 LADDER = (
     Rung("gradient checkpointing", {"gradient_checkpointing": True}),
     Rung("loss chunks of 256 tokens", {"loss_chunk_size": 256}),
@@ -129,6 +132,8 @@ def largest(fits, low: int, high: int, step: int = 1) -> int:
 
 def search(cfg: ModelConfig, request: Request, method: str, budget: int, fields: dict, prep: dict,
            seq_step: int = 256, max_seq: int = 1 << 20) -> dict:
+    # seq_step: the answer's resolution (a choice); max_seq: the search's ceiling, 1M tokens (a
+    # choice, above the longest context any supported model was trained for)
     """Longest sequence at batch 1 (to ``seq_step`` tokens, memory only: it may pass the model's
     max_position_embeddings, which the caller states) and largest batch at the request's seq_len,
     both by bisection on traces of the setting ``fields`` / ``prep``."""
@@ -141,7 +146,7 @@ def search(cfg: ModelConfig, request: Request, method: str, budget: int, fields:
         return request.estimate(cfg, method, fields, prep, batch_size=b).total <= budget
 
     return {"longest_seq_batch_1": largest(fits_seq, seq_step, max_seq, seq_step),
-            "largest_batch": largest(fits_batch, 1, 1 << 12)}
+            "largest_batch": largest(fits_batch, 1, 1 << 12)}  # 4096 rows: the batch search's ceiling
 
 
 def plan(cfg: ModelConfig, gpu_memory: int, request: Request, *, reserve: int = 2**30,
