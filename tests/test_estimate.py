@@ -35,9 +35,6 @@ def small(method="lora", batch_size=2, seq_len=64, **kw):
     (dict(target_modules=()), "target_modules is empty"),
     (dict(seq_len=257), r"seq_len 257 is longer than the model's max_position_embeddings \(256\)"),
     (dict(device="tpu"), "device must be one of cuda, cpu"),
-    (dict(world_size=0), "world_size must be a positive integer, got 0"),
-    (dict(world_size=2, parallel="zero3"), "parallel must be one of fsdp, ddp"),
-    (dict(world_size=2, parallel="ddp", cpu_offload=True), "use parallel='fsdp'"),
     (dict(r=0), "r must be a positive integer"),
     (dict(objective="ppo"), "objective must be one of sft, dpo"),
     (dict(loss_chunk_size=0), "loss_chunk_size must be a positive integer or None, got 0"),
@@ -45,9 +42,9 @@ def small(method="lora", batch_size=2, seq_len=64, **kw):
     (dict(paged_device_budget=-1), "paged_device_budget must be an integer >= 0 or None, got -1"),
     (dict(activation_offload=True), "set gradient_checkpointing=True as well"),
     (dict(optimizer_in_backward=True), r"set max_grad_norm=None \(got 1.0\)"),
-    (dict(world_size=2, optimizer_in_backward=True, max_grad_norm=None), "not supported with world_size > 1"),
 ])
 def test_bad_values_name_the_argument(kwargs, match):
+    # the parallel settings: tests/test_memory_parallel.py
     args = dict(config_or_preset="tiny", seq_len=64)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
@@ -61,7 +58,6 @@ def test_bad_values_name_the_argument(kwargs, match):
     (dict(seq_len="64"), "seq_len must be a positive integer, got str '64'"),
     (dict(attention_mask=None), "attention_mask must be True or False, got NoneType"),
     (dict(target_modules=7), "target_modules must be 'all-linear' or a list of names, got int"),
-    (dict(cpu_offload="yes"), "cpu_offload must be True or False, got str 'yes'"),
     (dict(gradient_checkpointing=True, activation_offload="yes"),
      "activation_offload must be True or False, got str 'yes'"),
 ])

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Floors from the ground up (docs/index.md lists them in this order). A module may import its own
 # folder and any lower floor; a higher floor never. Folders on one floor do not import each other.
 FLOORS = {
-    "names": 0, "checks": 0, "sizes": 0, "files": 0, "cli": 0, "placement": 0, "quantmaps": 0, "tracing": 0,
-    "kernels": 0,
+    "names": 0, "checks": 0, "sizes": 0, "files": 0, "cli": 0, "placement": 0, "quantmaps": 0,
+    "tracing": 0, "kernels": 0,
     "nf4": 1, "optim": 1,
     "models": 2,
     "lora": 3, "data": 3,
@@ -26,8 +26,9 @@ FLOORS = {
     "objectives": 6,
     "evaluation": 7, "memory": 7,
     "training": 8,
-    "bench": 9, "planning": 9,
-    "__init__": 10, "__main__": 10,
+    "planning": 9,
+    "bench": 10,  # measures everything, the planner's trace included; only __main__ imports it
+    "__init__": 11, "__main__": 11,
 }
 
 
@@ -85,7 +86,7 @@ def test_no_folder_is_named_like_a_public_name():
 
 def test_the_top_of_the_package_is_folders_and_the_ground_floor():
     loose = sorted(p.stem for p in (ROOT / "minift").glob("*.py"))
-    assert all(FLOORS[name] in (0, 10) for name in loose), loose
+    assert all(FLOORS[name] in (0, FLOORS["__init__"]) for name in loose), loose
 
 
 # ---- docs name only what exists ----------------------------------------------------------------

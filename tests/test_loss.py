@@ -228,10 +228,17 @@ def test_one_chunk_for_every_token_is_the_plain_loss():
 
 
 def test_the_estimate_of_one_chunk_for_every_token_is_the_full_logits():
-    from minift.memory.features import _loss_moment
-    cfg = ModelConfig.from_name("tiny")
-    assert _loss_moment(cfg, "lora", 2, 100, 100) == _loss_moment(cfg, "lora", 2, 100, None)
-    assert _loss_moment(cfg, "lora", 2, 100, 99) != _loss_moment(cfg, "lora", 2, 100, None)
+    """The traced step takes the plain loss when one chunk holds all B * T tokens, and the chunked
+    one as soon as it does not."""
+    from minift import estimate_memory
+
+    def estimate(chunk):
+        est = estimate_memory("tiny", "lora", 2, 100, loss_chunk_size=chunk, device="cpu").as_dict()
+        return est.pop("moment"), est
+
+    plain = estimate(None)
+    assert estimate(2 * 100) == estimate(10_000) == plain
+    assert estimate(2 * 100 - 1)[1] != plain[1] and estimate(100)[1] != plain[1]
 
 
 def test_row_logps_backward_replays_the_heads_dropout():

@@ -206,17 +206,26 @@ def test_flush_orders_the_copy_out_after_the_compute(monkeypatch):
 
 
 def test_the_paging_defaults_are_defined_once():
-    # the 1 GiB budget and the page size were copied into the estimator and TrainConfig
+    # the 1 GiB budget and the page size live in minift.optim.paging; AdamW8bit and TrainConfig take
+    # them from there, and estimate_memory takes TrainConfig's (it has no paging default of its own)
+    import dataclasses
     import inspect
 
-    from minift.memory import estimate, features
-    from minift.optim import paging
+    from minift.optim import adamw8bit, paging
+    from minift.planning import estimate, trace
     from minift.training.config import TrainConfig
     assert paging.DEFAULT_DEVICE_BUDGET == 2**30 and paging.DEFAULT_PAGE_SIZE == 2**20
-    assert TrainConfig().paged_device_budget == paging.DEFAULT_DEVICE_BUDGET
-    assert inspect.signature(estimate.estimate_memory).parameters["paged_device_budget"].default \
-        == paging.DEFAULT_DEVICE_BUDGET
-    assert inspect.signature(AdamW8bit).parameters["page_size"].default == paging.DEFAULT_PAGE_SIZE
-    assert features.DEFAULT_PAGE_SIZE is paging.DEFAULT_PAGE_SIZE
-    source = "".join(inspect.getsource(m) for m in (features, estimate)) + inspect.getsource(TrainConfig)
-    assert "2**30" not in source.replace("# 2**30", "").replace("| 2**30 |", "")
+    field = {f.name: f for f in dataclasses.fields(TrainConfig)}["paged_device_budget"]
+    assert field.default is paging.DEFAULT_DEVICE_BUDGET  # the object itself, not a copy of its value
+    params = inspect.signature(AdamW8bit).parameters
+    assert params["page_size"].default is paging.DEFAULT_PAGE_SIZE
+    assert params["device_budget_bytes"].default is paging.DEFAULT_DEVICE_BUDGET
+    assert "paged_device_budget" not in inspect.signature(estimate.estimate_memory).parameters
+    assert "paged_device_budget" in estimate.TRAIN_FIELDS
+    est = estimate.estimate_memory("tiny", "lora", 1, 32, optimizer="paged_adamw8bit", device="cpu")
+    assert est.settings["train_config"] == "TrainConfig(method='lora', optimizer='paged_adamw8bit')"
+    traced = eval(est.settings["train_config"], {"TrainConfig": TrainConfig})  # noqa: S307
+    assert traced.paged_device_budget is paging.DEFAULT_DEVICE_BUDGET
+    source = "".join(inspect.getsource(m) for m in (estimate, trace, adamw8bit, TrainConfig))
+    source = source.replace("# 2**30", "").replace("| 2**30 |", "")
+    assert "2**30" not in source and "1073741824" not in source and "2**20" not in source

@@ -21,8 +21,15 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from minift.bench.gpu_steps import (LORA_R, _batch, _estimate, _free, build, measure_step,
-                                    train_flops_per_token)
+from minift.bench.gpu_steps import (
+    LORA_R,
+    _batch,
+    _estimate,
+    _free,
+    build,
+    measure_step,
+    train_flops_per_token,
+)
 from minift.distributed import parallel as mdist
 from minift.models.config import ModelConfig
 from minift.nf4.fsdp import shardable_nf4
