@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minift import estimate_memory
-from minift.bench.trace_agreement import model_config
+from minift.planning.agreement import model_config
 from minift.kernels import HAS_TRITON
 from minift.models.config import ModelConfig
 

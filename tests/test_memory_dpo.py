@@ -7,7 +7,7 @@ import pytest
 import torch.distributed as dist
 
 from minift import TrainConfig, estimate_memory
-from minift.bench.trace_agreement import model_config
+from minift.planning.agreement import model_config
 from minift.memory.report import CATEGORIES
 from minift.planning.estimate import estimate_dpo_memory
 from minift.planning.trace import trace_step

@@ -20,7 +20,8 @@ from minift.training.config import TrainConfig
 # TrainConfig fields that describe the run, not one step: a trace neither needs nor checks them
 _RUN_FIELDS = {"learning_rate", "warmup_ratio", "lr_scheduler", "epochs", "max_steps", "eval_interval",
                "save_interval", "log_interval", "keep_last", "output_dir", "resume_from", "progress",
-               "dist_timeout", "skip_steps", "micro_batch_size", "max_length", "device", "method"}
+               "dist_timeout", "skip_steps", "micro_batch_size", "max_length", "device", "method",
+               "fsdp_cpu_offload", "parallel"}  # the last two are the cpu_offload / parallel arguments
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _RUN_FIELDS)
 
 
@@ -71,6 +72,16 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
         raise TypeError(f"estimate_memory: unknown argument(s) {', '.join(unknown)}; TrainConfig fields "
                         f"of a step are {', '.join(TRAIN_FIELDS)}")
     attention_mask = check_flag("attention_mask", attention_mask)
+    gradient_checkpointing = check_flag("gradient_checkpointing", gradient_checkpointing)
+    for name, value in (("dtype", dtype), ("adapter_dtype", adapter_dtype)):
+        if not isinstance(value, torch.dtype) or not value.is_floating_point:
+            raise TypeError(f"{name} must be a floating torch.dtype, got {value!r}")
+    if parallel is not None and parallel not in ("fsdp", "ddp"):
+        raise ValueError(f"parallel must be one of fsdp, ddp (or None), got {parallel!r}")
+    if "bf16" in train_fields:
+        train_fields["bf16"] = check_flag("bf16", train_fields["bf16"])
+    if train_fields.get("batching") == "pack":  # rows of seq_len tokens each (trace_step packs them so)
+        train_fields["max_length"] = seq_len
     config = TrainConfig(method=method, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
                          parallel=parallel if world_size != 1 else None,
                          fsdp_cpu_offload=check_flag("cpu_offload", cpu_offload), **train_fields)

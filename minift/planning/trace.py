@@ -168,6 +168,9 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
     if not fake and device != "cpu":
         raise ValueError("a step on real tensors runs the CPU path only (device='cpu')")
     world_size = check_int("world_size", world_size)
+    if world_size > 1 and config.optimizer_in_backward:
+        raise ValueError("optimizer_in_backward=True is not supported with world_size > 1 (its hooks "
+                         "would step on gradients before they are reduced across ranks)")
     if config.compile:
         raise ValueError("compile=True is not traced: torch.compile's fused kernels allocate other tensors "
                          "than the eager step; trace with compile=False (an upper bound)")
@@ -182,7 +185,9 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
     if config.precompute_reference:
         raise ValueError("precompute_reference scores the pairs before training; trace the step "
                          "without it (the stored log-probs take no device memory)")
-    config = dataclasses.replace(config, micro_batch_size=batch_size, max_length=None)
+    # packed batching packs rows into max_length tokens: one row of seq_len each here
+    config = dataclasses.replace(config, micro_batch_size=batch_size,
+                                 max_length=seq_len if config.batching == "pack" else None)
     started = time.perf_counter()
     data = make_data(cfg, config, batch_size, seq_len, padded)  # real: values read on the host
     group = next(step_groups(data, config))[2]
