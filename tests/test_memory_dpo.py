@@ -95,9 +95,6 @@ def test_lora_dpo_under_fsdp_shards_the_policy():
     assert not dist.is_initialized()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="the sharded reference copy reshards after its forward, and the chunked "
-                          "log-probs then call its lm_head on DTensor shards (the real step fails too)")
 def test_full_dpo_under_fsdp_shards_the_reference_copy():
     one, two = dpo("full"), dpo("full", world_size=2)
     assert two.frozen_weights * 2 == one.frozen_weights

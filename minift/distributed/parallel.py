@@ -148,7 +148,8 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
     after the model's forward, and the backward starts with the root's gradients anyway, so the
     root stays gathered from its forward to the end of the backward (one all-gather a
     micro-batch instead of two). A ``frozen`` model (a DPO reference copy: forward only, no
-    backward to reshard it) reshards its root after forward too. A forward under ``no_grad``
+    backward to reshard it) keeps its root gathered after forward too, for its chunked log-probs;
+    its user calls `reshard` after them. A forward under ``no_grad``
     (evaluation) also leaves the root gathered: ``reshard`` frees it.
 
     On CUDA with bf16 the parameters are gathered in bf16 and gradients reduced in fp32; uint8
@@ -185,7 +186,10 @@ def apply_parallel(model: nn.Module, config, *, device: Optional[torch.device] =
         mesh = init_device_mesh(device.type, (world_size(),))
     for layer in decoder_layers(model, "apply_parallel shards one decoder layer at a time"):
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=frozen)
+    # the root stays gathered after its forward, a frozen copy's too: the chunked log-probs run its
+    # lm_head after the forward (a resharded head would meet DTensor shards); a frozen copy's
+    # user frees it with `reshard` once its log-probs are taken
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
     return model
 
 

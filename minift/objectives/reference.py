@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from minift.checkpoints.steps import data_fingerprint
 from minift.data.preference import check_pairs, pair_batches
-from minift.distributed.parallel import unwrap
+from minift.distributed.parallel import reshard, unwrap
 from minift.files import atomic_write
 from minift.lora.layer import disable_adapters, lora_layers
 from minift.names import IGNORE_INDEX
@@ -121,7 +121,9 @@ class ModelReference:
     def logps(self, batch, device, bf16=False):
         if not self.placed and any(p.device != torch.device(device) for p in self.model.parameters()):
             self.model.to(device)
-        return model_logps(self.model, batch, device, bf16, self.chunk)[0]
+        out = model_logps(self.model, batch, device, bf16, self.chunk)[0]
+        reshard(self.model)  # a sharded copy's root stays gathered after forward for its lm_head
+        return out
 
 
 class SelfReference:

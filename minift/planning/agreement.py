@@ -67,6 +67,7 @@ CASES += [
     _case("fsdp-lora-8bit", "lora", world_size=2, optimizer="adamw8bit"),
     _case("fsdp-qlora", "qlora", world_size=2, gradient_checkpointing=True, loss_chunk_size=32),
     _case("fsdp-dpo-lora", "lora", world_size=2, objective="dpo"),
+    _case("fsdp-dpo-full-chunked", "full", world_size=2, objective="dpo", loss_chunk_size=32),
 ]
 
 
