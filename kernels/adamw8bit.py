@@ -16,7 +16,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
 from minift.kernels.common import device_guard, launch, program_offsets, round_to_bf16
 
 BLOCK = 256  # elements per program = elements per absmax block

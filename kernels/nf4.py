@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from minift.kernels.common import device_guard, launch, program_offsets, round_to_bf16
 
 _BLOCK = 1024  # output elements per program: 512 bytes in, 2 KiB of bf16 out

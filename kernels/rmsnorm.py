@@ -9,7 +9,6 @@ rows, writes their dx and keeps a float32 partial sum of dw; the launcher adds t
 import torch
 import triton
 import triton.language as tl
-
 from minift.kernels.common import device_guard, launch, round_to_bf16
 
 

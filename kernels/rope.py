@@ -10,7 +10,6 @@ once for all heads. Math in float32, one rounding to the output dtype.
 import torch
 import triton
 import triton.language as tl
-
 from minift.kernels.common import device_guard, launch, round_to_bf16
 
 

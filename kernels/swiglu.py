@@ -9,7 +9,6 @@ The backward recomputes sigmoid(g) from the saved g instead of saving silu(g): o
 import torch
 import triton
 import triton.language as tl
-
 from minift.kernels.common import device_guard, launch, program_offsets, round_to_bf16
 
 BLOCK = 1024

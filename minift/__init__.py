@@ -11,7 +11,6 @@ from minift.lora.layer import (
 )
 from minift.lora.soup import average_adapters
 from minift.memory import MemoryEstimate, MemoryTracker
-from minift.planning.estimate import estimate_memory
 from minift.models.config import PRESETS, LlamaConfig, ModelConfig
 from minift.models.generation import generate
 from minift.models.llama import Llama
@@ -20,6 +19,7 @@ from minift.models.tokenizer import load_tokenizer
 from minift.nf4.linear import NF4Linear, quantize_model
 from minift.nf4.quantize import NF4Weight, dequantize_nf4, quantize_nf4
 from minift.optim import AdamW8bit, PagedAdamW8bit
+from minift.planning.estimate import estimate_memory
 from minift.training.config import TrainConfig
 from minift.training.loop import check_resume, train
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from minift import TrainConfig, estimate_memory
-from minift.planning.agreement import model_config
 from minift.memory.report import CATEGORIES
 from minift.models.config import ModelConfig
+from minift.planning.agreement import model_config
 from minift.planning.estimate import TRAIN_FIELDS
 from minift.planning.trace import trace_step
 

@@ -4,11 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+from minift.kernels import HAS_TRITON
 
 from minift import estimate_memory
-from minift.planning.agreement import model_config
-from minift.kernels import HAS_TRITON
 from minift.models.config import ModelConfig
+from minift.planning.agreement import model_config
 
 SMALL = model_config()  # 3 layers, hidden 128, 4 query / 2 key-value heads, vocabulary 512
 B, T = 2, 64

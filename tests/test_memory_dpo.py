@@ -7,8 +7,8 @@ import pytest
 import torch.distributed as dist
 
 from minift import TrainConfig, estimate_memory
-from minift.planning.agreement import model_config
 from minift.memory.report import CATEGORIES
+from minift.planning.agreement import model_config
 from minift.planning.estimate import estimate_dpo_memory
 from minift.planning.trace import trace_step
 

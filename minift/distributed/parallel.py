@@ -39,9 +39,9 @@ from torch.nn.parallel import DistributedDataParallel
 from minift.checks import check_choice
 from minift.data.preference import select_pairs
 from minift.models.switches import decoder_layers
-from minift.tracing import host_read, known
 from minift.names import IGNORE_INDEX, PARALLEL
 from minift.nf4.fsdp import shardable_nf4
+from minift.tracing import host_read, known
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -20,8 +20,8 @@ from minift.models import fused
 from minift.models.attention import ATTENTION_IMPLS, BatchMask, attend, batch_mask
 from minift.models.config import ROPE_REQUIRED_KEYS, ModelConfig
 from minift.models.fused import uses_triton
-from minift.tracing import device_is_cuda
 from minift.models.offload import ActivationOffload
+from minift.tracing import device_is_cuda
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

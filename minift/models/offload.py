@@ -28,7 +28,15 @@ import weakref
 import torch
 
 from minift.placement import host_side
-from minift.tracing import current_stream, device_is_cuda, new_event, on_stream, record_stream, side_stream, tracing
+from minift.tracing import (
+    current_stream,
+    device_is_cuda,
+    new_event,
+    on_stream,
+    record_stream,
+    side_stream,
+    tracing,
+)
 
 
 class _OffloadedInput:

@@ -21,10 +21,10 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from minift.kernels import HAS_TRITON
-from minift.tracing import known, on_cuda
 from minift.nf4.dequant import dequantize_packed
 from minift.nf4.format import FLOAT_DTYPES, NESTED_BLOCKSIZE, SUPPORTED_BLOCKSIZES, NF4Weight
 from minift.quantmaps import dynamic_map, nf4_code
+from minift.tracing import known, on_cuda
 
 if HAS_TRITON:  # the CUDA path; the torch reference below serves everywhere else
     from minift.kernels.nf4 import nf4_dequantize

@@ -34,7 +34,6 @@ from minift.data.preference import check_pairs, pair_batches
 from minift.distributed.parallel import accumulate_over_ranks
 from minift.lora.layer import lora_layers
 from minift.names import IGNORE_INDEX
-from minift.tracing import known
 from minift.objectives.reference import (
     MODEL_KEYS,
     REFERENCE_FILE,
@@ -48,6 +47,7 @@ from minift.objectives.reference import (
     sequence_logps,
 )
 from minift.placement import default_device
+from minift.tracing import known
 
 LOSS_TYPES = ("sigmoid", "ipo")
 __all__ = ["LOSS_TYPES", "MODEL_KEYS", "REFERENCE_FILE", "AdapterReference", "DPOObjective", "ModelReference",

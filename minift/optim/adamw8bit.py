@@ -24,13 +24,13 @@ import torch
 
 from minift.checks import check_int, check_number
 from minift.kernels import HAS_TRITON
-from minift.tracing import known, on_cuda
 from minift.optim import sharded
 from minift.optim.adamw8bit_state import KEYS_8BIT, VERSION, VERSION_KEY, check_state_dict, exchange_state
 from minift.optim.adamw8bit_state import check_hparams as _check_hparams
 from minift.optim.paging import DEFAULT_DEVICE_BUDGET, DEFAULT_PAGE_SIZE, Pager, host_empty
 from minift.optim.quant8 import BLOCK, StepScalars, adamw8bit_step_cpu, adamw32_step, nearest_code, num_blocks
 from minift.quantmaps import dynamic_map
+from minift.tracing import known, on_cuda
 
 if HAS_TRITON:  # the CUDA path; the torch reference serves everywhere else
     from minift.kernels.adamw8bit import adamw8bit_step

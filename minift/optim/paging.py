@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 import torch
 
 from minift.placement import host_side
-from minift.tracing import current_stream, device_is_cuda, new_event, on_stream, record_stream, side_stream, tracing
+from minift.tracing import (
+    current_stream,
+    device_is_cuda,
+    new_event,
+    on_stream,
+    record_stream,
+    side_stream,
+    tracing,
+)
 
 # Device bytes of pages a paged optimizer keeps on the device by default: 1 GiB. Llama-3.1-8B's 8-bit AdamW
 # states are 16.3 GB; keeping them all would save nothing, streaming all of them costs
