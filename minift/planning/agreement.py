@@ -103,7 +103,8 @@ def measured(case: dict) -> dict:
         return _numbers(trace_step(model_config(), train_config(case), fake=False, **_trace_kwargs(case)))
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
-        torch.multiprocessing.start_processes(_rank, args=(case, _free_port(), out), nprocs=case["world_size"],
+        torch.multiprocessing.start_processes(_rank, args=(case, _free_port(), out),
+                                              nprocs=case["world_size"],
                                               start_method="spawn", join=True)
         with open(out) as f:
             return json.load(f)

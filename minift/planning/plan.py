@@ -189,7 +189,8 @@ def train_llama_flags(request: Request, method: str, fields: dict, prep: dict) -
     if c.activation_offload:
         flags.append("--activation-offload")
     if c.optimizer == "paged_adamw8bit" and c.paged_device_budget != DEFAULTS.paged_device_budget:
-        flags.append(f"--paged-device-budget {'all' if c.paged_device_budget is None else c.paged_device_budget}")
+        budget = "all" if c.paged_device_budget is None else c.paged_device_budget
+        flags.append(f"--paged-device-budget {budget}")
     if c.optimizer_in_backward:
         flags.append("--optimizer-in-backward")
     if c.max_grad_norm is None:
@@ -241,7 +242,8 @@ def format_plan(result: dict, request: Request, model_name: str) -> str:
     methods = result["methods"]
     lines = [f"model {model_name} | batch {request.batch_size} x seq {request.seq_len}"
              + (f" | {request.world_size} GPUs, memory per GPU" if request.world_size > 1 else "")
-             + f" | as asked: {methods['lora']['asked'].settings['train_config'].replace('lora', '<method>', 1)}",
+             + " | as asked: "
+             + methods["lora"]["asked"].settings["train_config"].replace("lora", "<method>", 1),
              f"GPU memory {format_bytes(result['gpu_memory'])}, minus a reserve of "
              f"{format_bytes(result['reserve'])} for the CUDA context: {format_bytes(result['budget'])} "
              f"usable (compared with the allocated peak; the caching allocator's reserved peak beside it)",
@@ -315,7 +317,8 @@ def add_plan_arguments(parser) -> None:
     add("--paged-device-budget", default=None, dest="paged_device_budget",
         help="TrainConfig.paged_device_budget for paged_adamw8bit: a size (0 = stream every page) "
              "or 'all' (default 1GiB)")
-    add("--grad-accum", type=int, default=DEFAULTS.grad_accum, dest="grad_accum", help="TrainConfig.grad_accum")
+    add("--grad-accum", type=int, default=DEFAULTS.grad_accum, dest="grad_accum",
+        help="TrainConfig.grad_accum")
     add("--objective", default=DEFAULTS.objective, choices=("sft", "dpo"),
         help="sft, or dpo (--batch-size counts pairs; the reference as TrainConfig.dpo_reference)")
     add("--padded", action="store_true", help="batches carry padding (the masked attention path)")
@@ -331,7 +334,8 @@ def request_of(args) -> Request:
     """The parsed flags as a `Request` (checked by TrainConfig; a bad value is one line)."""
     for name in ("batch_size", "seq_len", "r", "gpus", "grad_accum"):
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
+                             f"got {getattr(args, name)}")
     if args.loss_chunk_size < 0:
         raise ValueError(f"--loss-chunk-size must be >= 0 (0 = full logits), got {args.loss_chunk_size}")
     if args.lm_head_nf4 and args.gpus > 1:

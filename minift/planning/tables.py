@@ -58,7 +58,8 @@ def row(preset: str, method: str, settings: dict, batch_size: int = 2, seq_len: 
     est = estimate_memory(preset, method, batch_size, seq_len, attention_mask=False, **settings)
     return {"model": preset, "method": method, "batch_size": batch_size, "seq_len": seq_len,
             "train_config": est.settings["train_config"],
-            "model_preparation": {k: str(v) for k, v in settings.items() if k in ("adapter_dtype", "lm_head_nf4")},
+            "model_preparation": {k: str(v) for k, v in settings.items()
+                                  if k in ("adapter_dtype", "lm_head_nf4")},
             **est.as_dict(), "allocated_gib": round(est.total / GIB, 3),
             "reserved_gib": round(est.reserved / GIB, 3), "trace_seconds": est.settings["trace_seconds"]}
 
@@ -121,7 +122,8 @@ def dpo_rows(preset: str = "llama-3.1-8b", seq_len: int = 1024) -> list:
         settings = dict(BASELINE, **({"optimizer": "paged_adamw8bit"} if method == "full" else {}))
         rows.append(dict(row(preset, method, settings, 1, seq_len), objective="sft"))
         for ref in references:
-            rows.append(dict(row(preset, method, dict(settings, objective="dpo", dpo_reference=ref), 1, seq_len),
+            dpo = dict(settings, objective="dpo", dpo_reference=ref)
+            rows.append(dict(row(preset, method, dpo, 1, seq_len),
                              objective="dpo", dpo_reference=ref))
     return rows
 
@@ -161,7 +163,8 @@ def _commit() -> str:
     import subprocess
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or "unknown"
+                              cwd=os.path.dirname(os.path.abspath(__file__)),
+                              timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -189,7 +192,8 @@ def summary(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minift.planning.tables", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m minift.planning.tables",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="docs/benchmarks/traced_memory.json", help="JSON result file")
     parser.add_argument("--models", default="llama-3.1-8b,llama-3-70b", help="comma-separated presets")
     parser.add_argument("--no-longest", action="store_true", help="skip the longest-context search")

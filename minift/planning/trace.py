@@ -231,7 +231,8 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
         del held
     report.device = device
     seconds = time.perf_counter() - started
-    settings = dict(model=config_or_preset if isinstance(config_or_preset, str) else cfg.model_type, method=config.method, objective=config.objective,
+    name = config_or_preset if isinstance(config_or_preset, str) else cfg.model_type
+    settings = dict(model=name, method=config.method, objective=config.objective,
                     batch_size=batch_size, seq_len=seq_len, grad_accum=config.grad_accum,
                     r=r if config.method != "full" else None, dtype=str(dtype).replace("torch.", ""),
                     device=device, padded=padded, optimizer=config.optimizer, world_size=world_size,
