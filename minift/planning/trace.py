@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import time
 import warnings
@@ -223,9 +224,14 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
         model.train()
         with step_switches(model, config, stepper, compile_layers=False):
             params = [p for p in model.parameters() if p.requires_grad]
-            with tracker.track():
-                run_step(model, optimizer, objective, group, cpu, config, stepper, shard=shard,
-                         clip=lambda: mdist.clip_grad_norm(params, config.max_grad_norm or math.inf))
+            gc.collect()  # no garbage of the setup is freed inside the step at a time the
+            gc.disable()  # collector chooses: what the step frees, it frees where the code says
+            try:
+                with tracker.track():
+                    run_step(model, optimizer, objective, group, cpu, config, stepper, shard=shard,
+                             clip=lambda: mdist.clip_grad_norm(params, config.max_grad_norm or math.inf))
+            finally:
+                gc.enable()
         report = tracker.report()
         events = tracker.events()
         del held
