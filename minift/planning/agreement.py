@@ -67,8 +67,14 @@ CASES += [
     _case("fsdp-lora-8bit", "lora", world_size=2, optimizer="adamw8bit"),
     _case("fsdp-qlora", "qlora", world_size=2, gradient_checkpointing=True, loss_chunk_size=32),
     _case("fsdp-dpo-lora", "lora", world_size=2, objective="dpo"),
-    _case("fsdp-dpo-full-chunked", "full", world_size=2, objective="dpo", loss_chunk_size=32),
 ]
+
+
+# Full-method DPO under FSDP with chunked log-probs: the real step's peak moves by up to 3% from
+# run to run (measured: 1 run in 4 holds one more unsharded gradient at the peak, whose storage a
+# gloo worker thread releases when its collective finishes), so it is not one of the exact cases;
+# tests/test_trace_agreement.py runs it for the crash it once had and bounds the difference at 5%.
+FSDP_DPO_FULL = _case("fsdp-dpo-full-chunked", "full", world_size=2, objective="dpo", loss_chunk_size=32)
 
 
 def model_config() -> ModelConfig:
