@@ -21,6 +21,7 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -63,6 +64,7 @@ from minift.training.loop import tidy
 HERE = Path(__file__).resolve().parent
 DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+USAGE_ERROR_WAIT_S = 3.0  # how long ranks other than 0 wait before exiting on a usage error (a choice)
 NO_CUT = 2**62  # rows are tokenized whole: one longer than --seq-len is refused, never cut
 
 
@@ -700,9 +702,13 @@ def write_outputs(model, tokenizer, args, summary: dict, samples=()) -> dict:
 
 def usage_error(prog, err) -> None:
     """The one line of a usage error, on stderr. Under torchrun every rank finds the same error
-    and exits with 2; rank 0 (RANK, which torchrun sets) alone prints it."""
+    and exits with 2; rank 0 (RANK, which torchrun sets) alone prints it. The other ranks wait a
+    moment before they exit: torchrun stops the remaining workers as soon as one fails, and on a
+    busy machine it stopped rank 0 before its line was out."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(USAGE_ERROR_WAIT_S)
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
