@@ -51,8 +51,6 @@ def planned_device() -> Optional[str]:
 
 def on_cuda(t) -> bool:
     """Whether ``t`` takes the CUDA code path: a CUDA tensor, or a fake one in a CUDA trace."""
-    if isinstance(t, torch.device):
-        return t.type == "cuda" or (_TARGET.get() == "cuda" and t.type == "cpu")
     return t.is_cuda or (_TARGET.get() == "cuda" and is_fake(t))
 
 
@@ -114,14 +112,8 @@ class _NoStream:
     def record(self, *args):
         pass
 
-    def record_event(self, *args):
-        return _NoStream()
-
     def synchronize(self):
         pass
-
-    def query(self):
-        return True
 
 
 def side_stream(device):

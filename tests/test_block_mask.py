@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_attention import _rows  # segment ids from per-row sample lengths
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -15,17 +16,6 @@ from minift.models.attention import attend, attention_mask_4d, flex_attend, flex
 
 TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
-
-
-def _packed(lengths, t):
-    """segment_ids (B, T) from per-row sample lengths, cut at T; the rest of a row is padding."""
-    seg = torch.zeros(len(lengths), t, dtype=torch.long)
-    for b, row in enumerate(lengths):
-        pos = 0
-        for i, n in enumerate(row, start=1):
-            seg[b, pos:pos + n] = i
-            pos += n
-    return seg
 
 
 def _blocks(num, idx, bs, t):
@@ -75,7 +65,7 @@ def test_block_tables_equal_create_block_mask(data, bs, t, b, window, padded, pa
     if packed:  # contiguous samples of random lengths, padding at the end of some rows
         rows = data.draw(st.lists(st.lists(st.integers(1, 80), min_size=0, max_size=6),
                                   min_size=b, max_size=b))
-        seg = _packed(rows, t)
+        seg = _rows(rows, t)
         valid = seg > 0 if data.draw(st.booleans()) else None
     if padded:  # padding anywhere (holes too), on its own or over the packed rows
         gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
@@ -109,7 +99,7 @@ def test_scattered_sample_ids_are_kept_conservatively(seed, t, ids, window):
 
 @pytest.mark.parametrize("t,bs,window", [(64, 16, None), (77, 32, 9), (45, 16, 20)])
 def test_flex_attention_equals_sdpa(t, bs, window):
-    seg = _packed([[20, t - 23], [t - 10], [5, 5, 5, t - 15]], t)  # padding at the ends
+    seg = _rows([[20, t - 23], [t - 10], [5, 5, 5, t - 15]], t)  # padding at the ends
     valid = seg > 0
     q = torch.randn(3, 4, t, 8)
     k, v = torch.randn(2, 3, 2, t, 8)  # GQA: 4 heads over 2

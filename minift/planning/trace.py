@@ -180,9 +180,6 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
                          "in a trace the host and the stand-in device are one CPU; plan without it")
     if world_size > 1 and config.parallel == "ddp" and fake:
         return _ddp(cfg, config, world_size, locals())
-    if world_size > 1 and config.optimizer_in_backward:
-        raise ValueError("optimizer_in_backward=True is not supported with world_size > 1 (its hooks "
-                         "would step on gradients before they are reduced across ranks)")
     if config.precompute_reference:
         raise ValueError("precompute_reference scores the pairs before training; trace the step "
                          "without it (the stored log-probs take no device memory)")
