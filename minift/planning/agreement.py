@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 from typing import Optional
 
@@ -107,11 +109,20 @@ def measured(case: dict) -> dict:
     from minift.planning.trace import trace_step
     if case["world_size"] == 1:
         return _numbers(trace_step(model_config(), train_config(case), fake=False, **_trace_kwargs(case)))
+    # each rank a fresh interpreter with a minimal environment: nothing of the calling process
+    # (a test session's imports, threads, environment) reaches the measured step
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rank0.json")
-        torch.multiprocessing.start_processes(_rank, args=(case, _free_port(), out),
-                                              nprocs=case["world_size"],
-                                              start_method="spawn", join=True)
+        out, port = os.path.join(tmp, "rank0.json"), _free_port()
+        env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR") if k in os.environ}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        code = ("import json, sys; from minift.planning.agreement import _rank; "
+                "_rank(int(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4])")
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), json.dumps(case), str(port), out],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for rank in range(case["world_size"])]
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise RuntimeError(f"a rank of the real FSDP step failed: {logs[-1][-2000:]}")
         with open(out) as f:
             return json.load(f)
 
