@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--models", default="llama-3.1-8b,llama-3-70b", help="comma-separated presets")
     m.add_argument("--no-longest", action="store_true", help="skip the longest-context search")
     m.add_argument("--no-dpo", action="store_true", help="skip the SFT vs DPO rows")
-    t = modes.add_parser("trace", help="the traced estimate against the real step, 32 cases on CPU",
+    t = modes.add_parser("trace", help="the traced estimate against the real step, 33 cases on CPU",
                          description="Every agreement case on fake and on real tensors (FSDP on two gloo "
                                      "processes); JSON with the largest relative difference.")
     t.add_argument("--out", default="docs/benchmarks/trace_agreement.json", help="JSON result file")

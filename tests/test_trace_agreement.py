@@ -6,7 +6,7 @@ on one process exactly.
 """
 import pytest
 
-from minift.planning.agreement import CASES, CATEGORY_KEYS, FSDP_DPO_FULL, measured, traced
+from minift.planning.agreement import CASES, CATEGORY_KEYS, measured, traced
 
 
 def test_at_least_thirty_cases_cover_every_axis():
@@ -30,10 +30,3 @@ def test_trace_equals_the_real_step(case):
         else:
             assert fake[key] == pytest.approx(real[key], rel=0.01), (key, fake[key], real[key])
 
-
-def test_full_dpo_under_fsdp_with_chunked_log_probs():
-    # the frozen reference copy's lm_head ran on DTensor shards once (the real step crashed); the
-    # real step's peak varies by up to 3% between runs here (see minift.planning.agreement)
-    fake, real = traced(FSDP_DPO_FULL), measured(FSDP_DPO_FULL)
-    assert real["frozen_weights"] == fake["frozen_weights"] > 0
-    assert fake["peak"] == pytest.approx(real["peak"], rel=0.05)
