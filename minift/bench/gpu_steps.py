@@ -9,9 +9,16 @@ of the steps after the first (optimizer states exist by then) beside `estimate_m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import importlib
+import importlib.util
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 
 import torch
 from torch import nn
@@ -184,7 +191,68 @@ def _bnb_4bit(model: nn.Module, bnb, device) -> None:
 
 
 def part_peer_steps(ctx) -> dict:
-    """The same step in transformers + peft (+ bitsandbytes for QLoRA and the 8-bit optimizer)."""
+    """The same step in transformers + peft (+ bitsandbytes for QLoRA and the 8-bit optimizer),
+    run by a child process started in a temporary directory: from the repository's root, its
+    top-level ``kernels/`` folder would be found by ``import kernels``, the name of a PyPI package
+    transformers and bitsandbytes import, and the peers would fail or take another path."""
+    args = {"device": str(ctx.device), "sizes": dataclasses.asdict(ctx.sizes), "seconds": ctx.seconds,
+            "peak_flops": ctx.peak_flops, "iters": ctx.clock.iters, "warmup": ctx.clock.warmup,
+            "dry_run": ctx.dry_run}
+    code = "import sys; from minift.bench.gpu_steps import peer_child; peer_child(sys.argv[1], sys.argv[2])"
+    limit = 3 * ctx.seconds + 300  # building two 8B models in transformers, imports included
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "peer_steps.json")
+        try:
+            proc = subprocess.run([sys.executable, "-c", code, json.dumps(args), out], cwd=tmp,
+                                  capture_output=True, text=True, timeout=limit)
+        except subprocess.TimeoutExpired:
+            return {"error": f"hung: the peer process ran past {limit:.0f} s and was stopped"}
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = (proc.stdout + proc.stderr)[-1500:]
+            return {"error": f"the peer process failed (exit code {proc.returncode}): {tail}"}
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def shadowing_dirs() -> set:
+    """The folders on ``sys.path`` through which ``import kernels`` would find minift's own
+    top-level ``kernels/`` folder (the repository's root, when run from there)."""
+    ours = set()
+    spec = importlib.util.find_spec("minift.kernels")
+    if spec is not None and spec.origin:
+        ours.add(os.path.realpath(os.path.dirname(spec.origin)))
+    import minift
+    ours.add(os.path.realpath(os.path.join(os.path.dirname(minift.__file__), os.pardir, "kernels")))
+    return {os.path.realpath(p or os.curdir) for p in sys.path
+            if os.path.realpath(os.path.join(p or os.curdir, "kernels")) in ours}
+
+
+def peer_child(args_json: str, out_path: str) -> None:
+    """The peer part inside its child process: minift is imported first (its kernels included),
+    then every folder through which ``import kernels`` would reach minift's own leaves
+    ``sys.path``, and the peers are imported and timed."""
+    from types import SimpleNamespace
+
+    from minift.bench.gpu import Clock, Sizes
+    args = json.loads(args_json)
+    dropped = shadowing_dirs()
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) not in dropped]
+    spec = importlib.util.find_spec("kernels")
+    device = torch.device(args["device"])
+    ctx = SimpleNamespace(device=device, sizes=Sizes(**args["sizes"]), seconds=args["seconds"],
+                          peak_flops=args["peak_flops"], dry_run=args["dry_run"],
+                          clock=Clock(device, args["iters"], args["warmup"]))
+    if args["dry_run"]:
+        torch.set_num_threads(1)
+    out = peer_steps_here(ctx)
+    out["process"] = {"cwd": os.getcwd(), "removed_from_sys_path": sorted(dropped),
+                      "kernels_module": spec.origin if spec is not None else None}
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=2, default=str)
+
+
+def peer_steps_here(ctx) -> dict:
+    """The peer steps in this process (see `part_peer_steps`)."""
     mods = _peer_modules()
     if mods["transformers"] is None or mods["peft"] is None:
         return {"skipped": "transformers and peft do not import here"}
