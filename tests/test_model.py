@@ -96,11 +96,9 @@ def test_llama3_rope_scaling_changes_low_frequencies_only():
 
 
 def test_unsupported_rope_type_lists_supported():
-    cfg = ModelConfig(**BASE, rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    with pytest.raises(ValueError, match="rope_type 'yarn'; supported: default, linear, llama3"):
-        Llama(cfg)
-    cfg.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
-    with pytest.raises(ValueError, match="rope_type 'dynamic'; supported"):
+    cfg = ModelConfig(**BASE, rope_scaling={"rope_type": "longrope", "factor": 4.0})
+    with pytest.raises(ValueError, match="rope_type 'longrope'; supported: default, linear, dynamic, "
+                                         "yarn, llama3"):
         Llama(cfg)
     cfg.rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
     with pytest.raises(ValueError, match="is missing high_freq_factor, original_max_position_embeddings"):

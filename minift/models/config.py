@@ -20,9 +20,23 @@ from minift.files import read_json
 _SOURCE = contextvars.ContextVar("minift_config_source", default="config")
 
 # rope_scaling keys each scaling type needs (the model divides or interpolates with them).
+# yarn's original_max_position_embeddings defaults to max_position_embeddings, as in transformers
+# (Qwen2.5's long-context recipe writes it; a config that leaves it out means "no stretch yet").
 ROPE_REQUIRED_KEYS = {"linear": ("factor",),
+                      "dynamic": ("factor",),
+                      "yarn": ("factor",),
                       "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                  "original_max_position_embeddings")}
+# optional rope_scaling keys checked when present and not null: key -> (check, what it must be)
+_ROPE_OPTIONAL_KEYS = {
+    "original_max_position_embeddings": (lambda v: _positive_int(v), "a positive integer"),
+    "attention_factor": (lambda v: _positive_number(v), "a finite number > 0"),
+    "beta_fast": (lambda v: _positive_number(v), "a finite number > 0"),
+    "beta_slow": (lambda v: _positive_number(v), "a finite number > 0"),
+    "mscale": (lambda v: _finite_number(v), "a finite number"),
+    "mscale_all_dim": (lambda v: _finite_number(v), "a finite number"),
+    "truncate": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 # config.json "model_type" values we implement, and the "architectures" entry we write back.
 SUPPORTED_MODEL_TYPES = {
@@ -124,7 +138,7 @@ class ModelConfig:
             return
         if not isinstance(scaling, dict):
             raise ValueError(f"{source}: field 'rope_scaling' must be an object or null, got {scaling!r}")
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        rope_type = _rope_type(scaling)
         keys = ROPE_REQUIRED_KEYS.get(rope_type, ())
         missing = [k for k in keys if k not in scaling]
         if missing:
@@ -134,6 +148,10 @@ class ModelConfig:
             if not _positive_number(scaling[k]):
                 raise ValueError(f"{source}: field 'rope_scaling' (rope_type {rope_type!r}): {k!r} "
                                  f"must be a finite number > 0, got {scaling[k]!r}")
+        for k, (ok, what) in _ROPE_OPTIONAL_KEYS.items():
+            if k not in keys and scaling.get(k) is not None and not ok(scaling[k]):
+                raise ValueError(f"{source}: field 'rope_scaling' (rope_type {rope_type!r}): {k!r} "
+                                 f"must be {what}, got {scaling[k]!r}")
 
     # ---- parameter counts (used by memory planning) -------------------------------------
     @property
@@ -253,6 +271,19 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def rope_type(config: ModelConfig) -> str:
+    """The config's RoPE family: rope_scaling's "rope_type" (or the older "type"), else "default"."""
+    return _rope_type(config.rope_scaling or {})
+
+
+def _rope_type(scaling: dict) -> str:
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
 def _positive_number(value) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and value > 0)
@@ -267,7 +298,7 @@ def _legacy_rope_fields(d: dict) -> dict:
     if "rope_theta" in params:
         d["rope_theta"] = params["rope_theta"]
     scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+    if _rope_type(scaling) != "default":
         d["rope_scaling"] = scaling
     return d
 

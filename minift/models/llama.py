@@ -8,7 +8,6 @@ in float32 and cast to the activation dtype) so logits agree to float rounding.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional
 
 import torch
@@ -18,12 +17,18 @@ from torch.utils.checkpoint import checkpoint
 
 from minift.models import fused
 from minift.models.attention import ATTENTION_IMPLS, BatchMask, attend, batch_mask
-from minift.models.config import ROPE_REQUIRED_KEYS, ModelConfig
+from minift.models.config import ModelConfig
 from minift.models.fused import uses_triton
 from minift.models.offload import ActivationOffload
+from minift.models.rope import (
+    check_rope,
+    dynamic_inv_freq,
+    rope_attention_factor,
+    rope_cos_sin,
+    rope_inv_freq,
+    rope_key,
+)
 from minift.tracing import device_is_cuda
-
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class KVCache:
@@ -60,48 +65,6 @@ class RMSNorm(nn.Module):
         if uses_triton(x):  # one kernel: read x once, write y and one float32 rstd per row
             return fused.rms_norm(x, self.weight, self.eps)
         return fused.rms_norm_reference(x, self.weight, self.eps)
-
-
-def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies (head_dim // 2,) in float32, with the config's rope_scaling applied."""
-    dim = config.head_dim
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (config.rope_theta ** exponents)
-    scaling = config.rope_scaling or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "default":
-        return inv_freq
-    if rope_type in ROPE_REQUIRED_KEYS:  # checked here too: rope_scaling may be set after validation
-        missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if k not in scaling]
-        if missing:
-            raise ValueError(f"config field 'rope_scaling' (rope_type {rope_type!r}) is missing "
-                             f"{', '.join(missing)}")
-    if rope_type == "linear":
-        return inv_freq / scaling["factor"]
-    if rope_type == "llama3":
-        return _llama3_inv_freq(inv_freq, scaling)
-    raise ValueError(f"config field 'rope_scaling': unsupported rope_type {rope_type!r}; "
-                     f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-
-
-def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
-    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between the
-    # two wavelength cut-offs is interpolated smoothly.
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (B, 1, T, head_dim) for the given positions, cast to `dtype`."""
-    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, T, head_dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
-    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
 
 
 class Attention(nn.Module):
@@ -203,7 +166,7 @@ class Llama(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        rope_inv_freq(config, device="meta")  # reject unsupported rope_scaling early
+        check_rope(config)  # reject unsupported rope_scaling early
         self.config = config
         self.gradient_checkpointing = False
         # "auto": FlexAttention for padded, packed or windowed batches on CUDA, dense SDPA masks
@@ -216,7 +179,9 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        # (device, what the frequencies depend on) -> inv_freq; a changed config (extend_context)
+        # misses the cache instead of reading stale tables
+        self._inv_freq: dict[tuple, torch.Tensor] = {}
         self.apply(self._init_weights)
 
     @staticmethod
@@ -233,10 +198,23 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """RoPE inverse frequencies (head_dim // 2,) float32 for sequences up to the config's
+        max_position_embeddings (``dynamic`` scales longer calls in `rope`)."""
         # Kept out of the module's buffers so that model.to(bfloat16) cannot round it.
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.config, device)
-        return self._inv_freq[device]
+        key = (device, rope_key(self.config))
+        if key not in self._inv_freq:
+            for old in [k for k in self._inv_freq if k[1] != key[1]]:
+                del self._inv_freq[old]  # tables of an earlier config
+            self._inv_freq[key] = rope_inv_freq(self.config, device)
+        return self._inv_freq[key]
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """cos, sin (B, 1, T, head_dim) in `dtype` for `position_ids` (B, T), the config's scaling
+        (and yarn's attention factor) applied."""
+        inv_freq = self.inv_freq(position_ids.device)
+        if check_rope(self.config) == "dynamic":
+            inv_freq = dynamic_inv_freq(self.config, position_ids, inv_freq)
+        return rope_cos_sin(inv_freq, position_ids, dtype, rope_attention_factor(self.config))
 
     def offloader(self, device: torch.device) -> ActivationOffload:
         """The activation offloader of `device` (its pooled host buffers are reused)."""
@@ -268,7 +246,7 @@ class Llama(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=device).expand(b, t)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
-        cos, sin = rope_cos_sin(self.inv_freq(device), position_ids, x.dtype)
+        cos, sin = self.rope(position_ids, x.dtype)
         mask = self._mask(t, past, attention_mask, segment_ids, device)
         checkpointing = self.gradient_checkpointing and self.training and kv_cache is None
         offload = self.offloader(device) if checkpointing and self.activation_offload else None
