@@ -112,6 +112,24 @@ def test_rope_matches_reference_and_its_autograd(kernel_device, b, heads, kv, t,
            dtype, kernel_device)
 
 
+def test_rope_takes_tables_scaled_by_an_attention_factor(kernel_device):
+    # yarn multiplies cos and sin by its attention factor (minift.models.rope.rope_cos_sin); the
+    # kernel applies the tables as given, forward and (transposed) backward
+    from minift.models.config import ModelConfig
+    from minift.models.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
+
+    config = ModelConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=16,
+                         rope_scaling={"rope_type": "yarn", "factor": 8.0})
+    factor = rope_attention_factor(config)
+    assert factor > 1
+    cos, sin = rope_cos_sin(rope_inv_freq(config), torch.arange(40, 49)[None], torch.float32, factor)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 9, 16, generator=gen), torch.randn(2, 1, 9, 16, generator=gen)
+    for dtype in DTYPES:
+        _check(apply_rope, apply_rope_reference, [(q, True), (k, True), (cos, False), (sin, False)],
+               dtype, kernel_device)
+
+
 @SETTINGS
 @given(shape=st.one_of(st.tuples(st.integers(1, 3000)), st.tuples(st.integers(1, 4), st.integers(1, 9),
                                                                       st.integers(1, 70))),

@@ -247,3 +247,29 @@ def test_changing_the_config_recomputes_cached_tables():
         model.config.rope_scaling = dict(YARN)
         assert max_diff(model(ids), hf(ids).logits) <= 1e-5
     assert len(model._inv_freq) == 1  # the stale table was dropped
+
+
+@pytest.mark.triton
+def test_fused_kernels_apply_the_attention_factor_as_the_reference(monkeypatch):
+    # The model hands the fused RoPE kernel yarn's scaled cos/sin tables; here every kernel runs
+    # (in Triton's interpreter on CPU) and must give the reference path's logits and gradients.
+    import minift.models.llama as llama_mod
+
+    config = ModelConfig(**dict(BASE, num_hidden_layers=1), rope_scaling=dict(YARN))
+    assert rope_attention_factor(config) > 1
+    model = Llama(config)
+    ids, pos = torch.randint(0, VOCAB, (1, L)), torch.arange(3 * L, 4 * L)[None]
+    calls = []
+    kernel = llama_mod.fused.apply_rope
+    monkeypatch.setattr(llama_mod.fused, "apply_rope", lambda *a: calls.append(1) or kernel(*a))
+    outs, grads = [], []
+    for fused in (False, True):
+        monkeypatch.setattr(llama_mod, "uses_triton", lambda t, fused=fused: fused)
+        model.zero_grad()
+        out = model(ids, position_ids=pos)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert len(calls) == 1  # the fused pass took the kernel
+    assert max_diff(*outs) <= 1e-5
+    assert max(max_diff(grads[0][n], grads[1][n]) for n in grads[0]) <= 1e-5
