@@ -12,6 +12,7 @@ from minift.lora.layer import (
 from minift.lora.soup import average_adapters
 from minift.memory import MemoryEstimate, MemoryTracker
 from minift.models.config import PRESETS, LlamaConfig, ModelConfig
+from minift.models.context import extend_context
 from minift.models.generation import generate
 from minift.models.llama import Llama
 from minift.models.loading import load_model, save_model
@@ -29,7 +30,7 @@ __all__ = [
     "AdamW8bit", "Llama", "LlamaConfig", "LoRALinear", "MemoryEstimate", "MemoryTracker",
     "ModelConfig", "NF4Linear", "NF4Weight", "PRESETS", "PagedAdamW8bit", "TrainConfig",
     "average_adapters", "check_resume", "dequantize_nf4", "disable_adapters", "estimate_memory",
-    "evaluate", "generate", "load_adapter", "load_model", "load_tokenizer", "lora_wrap",
-    "merge_lora", "quantize_model", "quantize_nf4", "save_adapter", "save_model", "train",
+    "evaluate", "extend_context", "generate", "load_adapter", "load_model", "load_tokenizer",
+    "lora_wrap", "merge_lora", "quantize_model", "quantize_nf4", "save_adapter", "save_model", "train",
     "trainable_parameters", "trainable_summary",
 ]

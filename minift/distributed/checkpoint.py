@@ -30,6 +30,7 @@ from minift.checkpoints import steps as ckpt
 from minift.distributed.parallel import barrier, is_main, reshard, unwrap
 from minift.lora.adapter import adapter_config, write_adapter
 from minift.models.config import ModelConfig
+from minift.models.context import rope_record
 from minift.models.llama import Llama
 from minift.models.loading import save_model
 from minift.nf4.fsdp import shardable_nf4
@@ -169,7 +170,8 @@ def export_adapter(model: nn.Module, path, base_model_name_or_path=None) -> None
     if is_main():
         config = adapter_config(unwrap(model), base_model_name_or_path)
         write_adapter(path, config, {k: v for k, v in tensors.items() if "lora_" in k},
-                      model_type=getattr(unwrap(model).config, "model_type", None))
+                      model_type=getattr(unwrap(model).config, "model_type", None),
+                      rope=rope_record(getattr(unwrap(model), "config", None)))
     barrier()
 
 

@@ -30,6 +30,7 @@ from minift.lora.layer import (
     lora_state_dict,
     lora_wrap,
 )
+from minift.models.context import ROPE_METADATA_KEY, apply_rope_record, rope_record
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -101,12 +102,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
         raise ValueError("save_adapter: some adapters are merged into their base weights; call "
                          "unmerge() on them first so the base stays the original")
     write_adapter(path, adapter_config(model, base_model_name_or_path), lora_state_dict(model),
-                  model_type=_model_type(model))
+                  model_type=_model_type(model), rope=rope_record(getattr(model, "config", None)))
 
 
-def write_adapter(path, config: dict, lora_tensors: dict, model_type: Optional[str] = None):
+def write_adapter(path, config: dict, lora_tensors: dict, model_type: Optional[str] = None,
+                  rope: Optional[str] = None):
     """Write an adapter directory from its config and its ``...lora_A/B.weight`` tensors, keyed as
-    in the model's state_dict (``save_adapter`` and the consolidated distributed export share it)."""
+    in the model's state_dict (``save_adapter`` and the consolidated distributed export share it).
+    `rope`: the stretched RoPE the adapter was trained under (`minift.models.context.rope_record`)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_tensors.items()}
@@ -115,6 +118,8 @@ def write_adapter(path, config: dict, lora_tensors: dict, model_type: Optional[s
     metadata = {"format": "pt"}
     if model_type:
         metadata["base_model_type"] = model_type
+    if rope:  # PEFT ignores it; load_adapter gives the base the same RoPE (extend_context)
+        metadata[ROPE_METADATA_KEY] = rope
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_json(path / CONFIG_NAME, config, sort_keys=True)
 
@@ -185,6 +190,15 @@ def _adapter_model_type(path, config):
         except ValueError:
             recorded = None
     return recorded if isinstance(recorded, str) else None
+
+
+def _adapter_rope(path) -> Optional[str]:
+    """The stretched RoPE the adapter was trained under, from its weights' metadata (or None)."""
+    try:
+        with safe_open(str(Path(path) / WEIGHTS_NAME), framework="pt") as f:
+            return (f.metadata() or {}).get(ROPE_METADATA_KEY)
+    except (SafetensorError, OSError):
+        return None
 
 
 def _warn_other_architecture(path, model, config):
@@ -286,6 +300,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     _check_tensors(path / WEIGHTS_NAME, tensors, expected)
     _warn_other_architecture(path, model, config)
     _warn_other_base(path, model, config)
+    rope = _adapter_rope(path)  # checked now, applied once the adapter is in
+    apply_rope_record(model, rope, str(path / WEIGHTS_NAME), check_only=True)
     if not wrapped:
         try:
             lora_wrap(model, r=config["r"], alpha=config["lora_alpha"],
@@ -297,4 +313,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for key, tensor in tensors.items():
             model.get_parameter(key[len(KEY_PREFIX):]).copy_(tensor)
+    apply_rope_record(model, rope, str(path / WEIGHTS_NAME))
     return model
