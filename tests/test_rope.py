@@ -273,3 +273,42 @@ def test_fused_kernels_apply_the_attention_factor_as_the_reference(monkeypatch):
     assert len(calls) == 1  # the fused pass took the kernel
     assert max_diff(*outs) <= 1e-5
     assert max(max_diff(grads[0][n], grads[1][n]) for n in grads[0]) <= 1e-5
+
+
+# Published sizes: Qwen2.5-7B's yarn recipe, Llama-2-7B with linear and dynamic x4, a DeepSeek-like
+# yarn with mscale: the tables (no model) against transformers' own functions, bit for bit.
+PUBLISHED = {
+    "qwen2.5-7b-yarn": ("qwen2.5-7b", {"type": "yarn", "factor": 4.0,
+                                       "original_max_position_embeddings": 32768}),
+    "llama-2-7b-linear": ("llama-2-7b", {"rope_type": "linear", "factor": 4.0}),
+    "llama-2-7b-dynamic": ("llama-2-7b", {"rope_type": "dynamic", "factor": 4.0}),
+    "llama-2-7b-yarn-mscale": ("llama-2-7b", {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0,
+                                              "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1,
+                                              "original_max_position_embeddings": 4096}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PUBLISHED))
+def test_tables_at_published_sizes_equal_transformers(case):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from minift.models.rope import dynamic_inv_freq
+
+    preset, scaling = PUBLISHED[case]
+    ours = ModelConfig.from_name(preset)
+    ours.rope_scaling = copy.deepcopy(scaling)
+    fields = {k: getattr(ours, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                            "num_hidden_layers", "num_attention_heads",
+                                            "num_key_value_heads", "head_dim", "max_position_embeddings",
+                                            "rope_theta")}
+    theirs = transformers.LlamaConfig(**fields, rope_scaling=copy.deepcopy(scaling))
+    kind = scaling.get("rope_type", scaling.get("type"))
+    inv, factor = ROPE_INIT_FUNCTIONS[kind](theirs, "cpu")
+    assert torch.equal(rope_inv_freq(ours), inv)
+    assert rope_attention_factor(ours) == factor
+    if kind == "dynamic":  # a call 3.5x the original length
+        seq_len = torch.tensor(int(3.5 * ours.max_position_embeddings))
+        grown, _ = ROPE_INIT_FUNCTIONS[kind](theirs, "cpu", seq_len=seq_len)
+        pos = torch.arange(int(seq_len))[None]
+        assert torch.equal(dynamic_inv_freq(ours, pos, rope_inv_freq(ours)), grown)
+        assert not torch.equal(grown, inv)
