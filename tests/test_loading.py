@@ -199,8 +199,12 @@ def test_config_errors_name_the_config_file(tmp_path):
     write_tiny(tmp_path, config=lambda c: dict(c, rms_norm_eps="1e-5"))
     with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: field 'rms_norm_eps'"):
         load_model(tmp_path)
-    write_tiny(tmp_path, config=lambda c: dict(c, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
-    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: .*unsupported rope_type 'yarn'"):
+    write_tiny(tmp_path, config=lambda c: dict(c, rope_scaling={"rope_type": "longrope", "factor": 4.0}))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: .*unsupported rope_type 'longrope'"):
+        load_model(tmp_path)
+    write_tiny(tmp_path, config=lambda c: dict(c, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                 "beta_fast": "32"}))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: field 'rope_scaling' .*'beta_fast'"):
         load_model(tmp_path)
 
 
