@@ -125,7 +125,8 @@ def rms_norm_backward(dy, x, weight, rstd, programs=None):
     programs = max(1, min(programs, m))
     per_program = triton.cdiv(m, programs)
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
+    # every program stores its row of partial sums (zeros if it got no rows): no memset needed
+    partial = (torch.empty if m else torch.zeros)((programs, n), dtype=torch.float32, device=x.device)
     if m:
         with device_guard(x.device):
             launch(_rmsnorm_bwd_kernel, (programs,))(

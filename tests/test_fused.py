@@ -96,6 +96,29 @@ def test_rms_norm_backward_splits_rows_over_programs(kernel_device):
     torch.testing.assert_close((dx, dw), want, rtol=1e-5, atol=1e-5)
 
 
+def test_rms_norm_backward_writes_every_partial_row(kernel_device, monkeypatch):
+    # 9 rows over 4 programs of 3: the last program gets none and still writes its (zero) partial
+    # dw row; the launcher's buffers come NaN-filled, so a row left unwritten would show
+    import minift.kernels.rmsnorm as kernel
+
+    class NaNFilled:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(shape, **kw):
+            return torch.empty(shape, **kw).fill_(float("nan"))
+
+    monkeypatch.setattr(kernel, "torch", NaNFilled())
+    x, w, dy = (torch.randn(9, 40, device=kernel_device), torch.randn(40, device=kernel_device),
+                torch.randn(9, 40, device=kernel_device))
+    _, rstd = kernel.rms_norm_forward(x, w, 1e-6)
+    dx, dw = kernel.rms_norm_backward(dy, x, w, rstd, programs=4)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = torch.autograd.grad(rms_norm_reference(xr, wr, 1e-6), (xr, wr), dy)
+    torch.testing.assert_close((dx, dw), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n,dtype,rows,prefetch", [
     (40, torch.bfloat16, 4, True),   # short rows: tiles of 4 rows
     (1000, torch.float32, 2, True),  # tiles of 2 rows
