@@ -1,12 +1,13 @@
-"""RMSNorm forward (one row per program) and backward (tiles of rows, loads one tile ahead).
+"""RMSNorm forward (one row per program) and backward (a persistent grid over tiles of rows).
 
 Forward, per row of N = hidden size elements, in float32:
     r = rsqrt(mean(x**2) + eps)          stored (M,) float32 for the backward
     y = w * cast(x * r)                  cast to x's dtype first, as minift's model does
-Backward (formula and reference in ``minift.models.fused``): a persistent grid of about two
-programs per multiprocessor, each over a run of rows that it walks ``ROWS`` rows at a time as a
-(ROWS, BLOCK_N) tile; it writes their dx and keeps a float32 partial sum of dw, which the launcher
-adds up. Sizes: ``minift.kernels.rmsnorm_sizes.backward_sizes``.
+Backward (formula and reference in ``minift.models.fused``): one or two programs per
+multiprocessor, each over a run of rows that it walks ``ROWS`` rows at a time as a
+(ROWS, BLOCK_N) tile, loading the next tile before it reduces this one where registers allow
+(``PREFETCH``); it writes their dx and keeps a float32 partial sum of dw, which the launcher adds
+up. Sizes and their reasons: ``minift.kernels.rmsnorm_sizes.backward_sizes``.
 """
 import torch
 import triton
