@@ -7,18 +7,21 @@ writes BLOCK contiguous elements. Nothing but the output is written to memory, s
 n / 2 bytes in, n * itemsize bytes out, plus the (cached) scales. The pure-torch reference is
 ``minift.nf4.quantize._dequantize_reference``.
 
-Compiled for sm_90 (tests/kernel_compile.py), the bf16 double-quant kernel has 12 global loads and
-22 registers, where per-byte scales and a byte mask derived in the kernel gave 24 loads (8 of
-them single bytes) and 30 registers.
+A program of 4 warps takes 2 KiB of packed bytes: 16 per thread, one 128-bit load each
+(``ld.global.v4.b32``), and 32 outputs per thread. Compiled, bf16 is rounded by the hardware
+(``cvt.rn.bf16x2.f32``, two values an instruction) instead of on the bits; same results, see
+``minift.kernels.common.to_bf16``. tests/kernel_compile.py records the loads, stores, conversions
+and registers (docs/kernels.md).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from minift.kernels.common import device_guard, launch, program_offsets, round_to_bf16
+from minift.kernels.common import compiled, device_guard, launch, program_offsets, to_bf16
 
-_BLOCK = 1024  # output elements per program: 512 bytes in, 2 KiB of bf16 out
+_BLOCK = 4096  # output elements per program: 2 KiB in, 8 KiB of bf16 out
+_WARPS = 4  # 128 threads: 16 packed bytes and 32 outputs a thread
 
 
 @triton.jit
@@ -38,7 +41,7 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, blk, valid, of
 def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
                         offset, n, n_bytes, n_blocks, BLOCKSIZE: tl.constexpr,
                         NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                        OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                        OUT_BF16: tl.constexpr, HW_BF16: tl.constexpr, BLOCK: tl.constexpr):
     # n_bytes is passed, not derived as (n + 1) // 2 here: Triton specialises an argument that is a
     # multiple of 16, so the byte mask is known to be 16-aligned and the loads vectorise.
     pid, byte_idx = program_offsets(BLOCK // 2)  # int64: weights may pass 2**31 elements
@@ -62,7 +65,7 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_p
     vals = tl.interleave(hi, lo)  # (BLOCK,) in memory order
     out_idx = pid * BLOCK + tl.arange(0, BLOCK)
     if OUT_BF16:
-        vals = round_to_bf16(vals)
+        vals = to_bf16(vals, HW_BF16)
     tl.store(out_ptr + out_idx, vals.to(out_ptr.dtype.element_ty), mask=out_idx < n)
 
 
@@ -121,7 +124,8 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
             nested_code if double_quant else code, code, out, float(offset) if double_quant else 0.0,
             n, packed.numel(), triton.cdiv(n, blocksize),
             BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
-            OUT_BF16=dtype == torch.bfloat16, BLOCK=_BLOCK,
+            OUT_BF16=dtype == torch.bfloat16, HW_BF16=compiled(_nf4_dequant_kernel), BLOCK=_BLOCK,
+            num_warps=_WARPS,
             # No fused multiply-add: the reference rounds the product and the sum separately.
             enable_fp_fusion=False,
         )

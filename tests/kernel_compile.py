@@ -4,7 +4,10 @@ Each case runs a launcher exactly as minift calls it, on meta tensors of realist
 an 8192 x 28672 weight), with the kernel swapped for a recorder; the recorded arguments go
 through Triton's own launch-time specialisation (argument types, 16-byte alignment, constexprs)
 and then ``triton.compile`` for a ``GPUTarget``, whose bundled ptxas needs no GPU. ptxas -v on the
-PTX gives registers, spills and shared memory.
+PTX gives registers, spills and shared memory; the PTX itself gives the width of every global load
+and store (``ld.global.v4.b32``: 16 bytes per thread in one instruction) and the bf16 conversions.
+From registers, warps and shared memory each record also derives how many programs fit on one
+multiprocessor (the occupancy a launch of enough programs reaches).
 
 Run as a script (Triton's interpreter must be off, so tests call it in a subprocess):
     python tests/kernel_compile.py [--json PATH]    # prints one JSON record per compiled kernel
@@ -18,6 +21,10 @@ import sys
 
 ARCHS = (80, 90)
 WARP_SIZE = 32
+# per multiprocessor, sm_80 (A100) and sm_90 (H100/H200): registers, resident warps and programs,
+# shared memory a program may use (the driver keeps 1 KiB per program besides), multiprocessors
+SM_LIMITS = {80: dict(registers=65536, warps=64, programs=32, smem=167936, sms=108),
+             90: dict(registers=65536, warps=64, programs=32, smem=233472, sms=132)}
 BIG = (8192, 28672)  # the largest Llama-family linear we meet (Llama-3.1-70B up/gate)
 
 
@@ -148,15 +155,20 @@ def _nf4_cases():
 def _rmsnorm_cases():
     import minift.kernels.rmsnorm as mod
     import torch
+    from minift.kernels.rmsnorm_sizes import H100_SMS, backward_programs
 
     rows = 2 * 2048  # a batch of 2 x 2048 tokens
-    for hidden, dtype in ((4096, torch.bfloat16), (8192, torch.bfloat16), (8192, torch.float32)):
+    # hidden 2048 (Llama-3.2-1B), 4096 (Llama-3.1-8B), 8192 (-70B), 16384 (-405B)
+    for hidden, dtype in ((2048, torch.bfloat16), (4096, torch.bfloat16), (4096, torch.float32),
+                          (8192, torch.bfloat16), (8192, torch.float32), (16384, torch.bfloat16)):
         x, w = _meta(rows, hidden, dtype=dtype), _meta(hidden, dtype=dtype)
         rstd = _meta(rows)
         label = f"{rows}x{hidden} {str(dtype)[6:]}"
+        # the grid a launch on an H100 / H200 (132 multiprocessors) takes
+        programs = backward_programs(rows, hidden, x.element_size(), H100_SMS)
         yield "rmsnorm_fwd", label, mod, "_rmsnorm_fwd_kernel", (lambda x=x, w=w: mod.rms_norm_forward(x, w, 1e-5))
         yield "rmsnorm_bwd", label, mod, "_rmsnorm_bwd_kernel", \
-            (lambda x=x, w=w, r=rstd: mod.rms_norm_backward(x, x, w, r, programs=264))
+            (lambda x=x, w=w, r=rstd, p=programs: mod.rms_norm_backward(x, x, w, r, programs=p))
 
 
 def _rope_cases():
@@ -195,30 +207,83 @@ def _cases():
     yield from _swiglu_cases()
 
 
-def _record(kname, label, entry, launch_index, grid, arch, compiled, signature, options):
+_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)+)")
+
+
+def global_widths(ptx: str, op: str) -> dict:
+    """Counts of the ``op`` ("ld" or "st") ``.global`` instructions in ``ptx`` by width, keyed
+    "v4.b32" (four 32-bit registers: 16 bytes per thread), "b16", ...; cache hints are dropped."""
+    counts = {}
+    for kind, suffix in _GLOBAL_ACCESS.findall(ptx):
+        if kind != op:
+            continue
+        parts = suffix.strip(".").split(".")
+        vec = [p for p in parts if re.fullmatch(r"v\d+", p)]
+        key = ".".join(vec + [parts[-1]])  # the element type comes last
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def width_bytes(key: str) -> int:
+    """Bytes per thread that one instruction of width ``key`` ("v4.b32" -> 16, "b8" -> 1) moves."""
+    *vec, elem = key.split(".")
+    return (int(vec[0][1:]) if vec else 1) * int(re.search(r"\d+", elem).group()) // 8
+
+
+def programs_per_sm(arch: int, num_warps: int, registers: int, smem: int) -> int:
+    """Programs of ``num_warps`` warps that fit on one multiprocessor at once, as CUDA's occupancy
+    calculator counts: registers are allocated per warp in units of 256 (8 per thread), from four
+    quarters of the register file, one per warp scheduler."""
+    lim = SM_LIMITS[arch]
+    per_warp = -(-registers * WARP_SIZE // 256) * 256
+    warps_by_regs = 4 * ((lim["registers"] // 4) // per_warp)
+    by_smem = lim["smem"] // (smem + 1024) if smem else lim["programs"]
+    return min(warps_by_regs // num_warps, lim["warps"] // num_warps, lim["programs"], by_smem)
+
+
+def _record(kname, label, entry, launch_index, grid, arch, compiled, signature, options, consts):
     """What the docs and tests read about one compiled launch."""
     ptx = compiled.asm["ptx"]
     rec = {"kernel": kname, "entry": entry, "case": label, "launch": launch_index,
            "arch": f"sm_{arch}", "grid": list(grid), "num_warps": options.num_warps,
+           "constexprs": consts,
            "fp_fusion": options.enable_fp_fusion, "shared_dynamic": compiled.metadata.shared,
            "int_args": {k: v for k, v in signature.items() if v in ("i32", "i64")},
            "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
-           "ld_global_u8": len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]8\b", ptx)),
-           "ld_global": len(re.findall(r"\bld\.global\b", ptx))}
+           "ld_global_u8": len(re.findall(r"ld\.global(?:\.[\w:]+)*\.[bu]8\b", ptx)),
+           "ld_global": len(re.findall(r"\bld\.global\b", ptx)),
+           "ld_global_widths": global_widths(ptx, "ld"), "st_global_widths": global_widths(ptx, "st"),
+           # float32 -> bf16: the hardware conversion, one value or two packed per instruction, and
+           # the integer rounding of common.round_to_bf16 (its "+ 0x7FFF" on the bits)
+           "cvt_bf16_f32": len(re.findall(r"\bcvt\.rn\.bf16\.f32\b", ptx)),
+           "cvt_bf16x2_f32": len(re.findall(r"\bcvt\.rn\.bf16x2\.f32\b", ptx)),
+           "add_0x7fff": len(re.findall(r"\badd\.[su]32\s+%r\d+,\s*%r\d+,\s*32767;", ptx))}
     rec.update(ptxas_usage(ptx, arch, options.enable_fp_fusion))
+    fit = programs_per_sm(arch, options.num_warps, rec["registers"], compiled.metadata.shared)
+    n_programs = 1
+    for g in grid:
+        n_programs *= g
+    # the launch's own grid may hold fewer programs than fit (a persistent grid of ~2 per SM)
+    resident = min(fit, -(-n_programs // SM_LIMITS[arch]["sms"]))
+    rec.update(programs_per_sm=fit, occupancy=fit * options.num_warps / SM_LIMITS[arch]["warps"],
+               occupancy_of_grid=resident * options.num_warps / SM_LIMITS[arch]["warps"])
     return rec
 
 
-def run(archs=ARCHS):
-    """One record per (case, launch, architecture)."""
+def run(archs=ARCHS, kernels=None):
+    """One record per (case, launch, architecture); ``kernels``: only these kernel names."""
     records = []
     for kname, label, module, attr, launch in _cases():
+        if kernels and kname not in kernels:
+            continue
         entry = f"{module.__name__.split('.')[-1]}.{attr}"  # e.g. "nf4._nf4_dequant_kernel"
         for i, (kernel, grid, args, kwargs) in enumerate(record(module, attr, launch)):
+            consts = {p.name: kwargs[p.name] for p in kernel.params
+                      if p.is_constexpr and isinstance(kwargs.get(p.name), (bool, int, float, str))}
             for arch in archs:
                 compiled, signature, options = compile_launch(kernel, args, kwargs, arch)
                 records.append(_record(kname, label, entry, i, grid, arch, compiled, signature,
-                                       options))
+                                       options, consts))
     return records
 
 
@@ -256,10 +321,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write the records to this file")
     ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90")
+    ap.add_argument("--kernel", action="append", help="only this kernel, e.g. rmsnorm_bwd (repeatable)")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("kernel_compile: unset TRITON_INTERPRET (the interpreter does not compile)")
-    records = run(tuple(a.arch or ARCHS))
+    records = run(tuple(a.arch or ARCHS), a.kernel)
     text = json.dumps(_report(records, argv), indent=1)
     if a.json:
         with open(a.json, "w") as f:

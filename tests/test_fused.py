@@ -96,6 +96,54 @@ def test_rms_norm_backward_splits_rows_over_programs(kernel_device):
     torch.testing.assert_close((dx, dw), want, rtol=1e-5, atol=1e-5)
 
 
+def test_rms_norm_backward_writes_every_partial_row(kernel_device, monkeypatch):
+    # 9 rows over 4 programs of 3: the last program gets none and still writes its (zero) partial
+    # dw row; the launcher's buffers come NaN-filled, so a row left unwritten would show
+    import minift.kernels.rmsnorm as kernel
+
+    class NaNFilled:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(shape, **kw):
+            return torch.empty(shape, **kw).fill_(float("nan"))
+
+    monkeypatch.setattr(kernel, "torch", NaNFilled())
+    x, w, dy = (torch.randn(9, 40, device=kernel_device), torch.randn(40, device=kernel_device),
+                torch.randn(9, 40, device=kernel_device))
+    _, rstd = kernel.rms_norm_forward(x, w, 1e-6)
+    dx, dw = kernel.rms_norm_backward(dy, x, w, rstd, programs=4)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = torch.autograd.grad(rms_norm_reference(xr, wr, 1e-6), (xr, wr), dy)
+    torch.testing.assert_close((dx, dw), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,dtype,rows,prefetch", [
+    (40, torch.bfloat16, 4, True),   # short rows: tiles of 4 rows
+    (1000, torch.float32, 2, True),  # tiles of 2 rows
+    (3000, torch.float32, 1, True),  # one row a tile, the next one loaded ahead
+    (4100, torch.float32, 1, False),  # a row of 32 KiB: loaded, then reduced
+])
+def test_rms_norm_backward_tiles(kernel_device, n, dtype, rows, prefetch):
+    # 11 rows over 3 programs (4 + 4 + 3): tiles run past a program's last row and are masked
+    from minift.kernels.rmsnorm import rms_norm_backward, rms_norm_forward
+    from minift.kernels.rmsnorm_sizes import backward_sizes
+
+    sizes = backward_sizes(n, dtype.itemsize)
+    assert (sizes.rows, sizes.prefetch) == (rows, prefetch)
+    gen = torch.Generator().manual_seed(n)
+    x, dy = (torch.randn(11, n, generator=gen) * 3).to(dtype), torch.randn(11, n, generator=gen).to(dtype)
+    w = (1 + torch.randn(n, generator=gen) * 0.1).to(dtype)
+    _, rstd = rms_norm_forward(x.to(kernel_device), w.to(kernel_device), 1e-6)
+    dx, dw = rms_norm_backward(dy.to(kernel_device), x.to(kernel_device), w.to(kernel_device), rstd, programs=3)
+    xr, wr = x.float().requires_grad_(), w.float().requires_grad_()
+    want = torch.autograd.grad(rms_norm_reference(xr, wr, 1e-6), (xr, wr), dy.float())
+    assert dx.dtype == dw.dtype == dtype
+    _close(dx, want[0], dtype)
+    _close(dw, want[1], dtype, scale=11)
+
+
 @SETTINGS
 @given(b=st.integers(1, 2), heads=st.integers(1, 5), kv=st.integers(1, 3), t=st.integers(1, 7),
        dim=st.sampled_from([2, 8, 24, 64]), dtype=st.sampled_from(DTYPES),

@@ -58,3 +58,52 @@ def test_nf4_packed_bytes_are_not_loaded_one_by_one(report):
     for r in report["records"]:
         if r["kernel"] == "nf4_dequant":
             assert r["ld_global_u8"] <= (1 if "double-quant" in r["case"] else 0), r
+
+
+def test_nf4_packed_bytes_come_in_16_bytes_per_thread(report):
+    # each thread's share of a program's packed bytes is at least 16 and arrives in 128-bit loads
+    # (ld.global.v4.b32); the other loads are the level and scale look-ups, 4 bytes or 1 each
+    from kernel_compile import width_bytes
+
+    records = [r for r in report["records"] if r["kernel"] == "nf4_dequant"]
+    assert records
+    for r in records:
+        per_thread = r["constexprs"]["BLOCK"] // 2 // (32 * r["num_warps"])
+        wide = sum(width_bytes(k) * n for k, n in r["ld_global_widths"].items() if width_bytes(k) >= 16)
+        assert per_thread >= 16 and wide >= per_thread, r
+
+
+def test_bf16_outputs_round_with_the_hardware_conversion(report):
+    # kernels with the HW_BF16 switch, compiled: cvt.rn.bf16(x2).f32 and none of round_to_bf16's
+    # integer rounding; in rope and swiglu, which still round on the bits, the count does find it
+    bf16 = [r for r in report["records"] if any(v is True for k, v in r["constexprs"].items()
+                                                 if k.endswith("BF16") and k != "HW_BF16")]
+    switched = [r for r in bf16 if "HW_BF16" in r["constexprs"]]
+    assert {r["kernel"] for r in switched} >= {"nf4_dequant", "rmsnorm_fwd", "rmsnorm_bwd"}
+    for r in switched:
+        assert r["constexprs"]["HW_BF16"] is True, r
+        assert r["add_0x7fff"] == 0 and r["cvt_bf16_f32"] + r["cvt_bf16x2_f32"] > 0, r
+    still_on_bits = [r for r in bf16 if r["kernel"] in ("rope", "swiglu_fwd", "swiglu_bwd")]
+    assert still_on_bits and all(r["add_0x7fff"] > 0 for r in still_on_bits)
+    nf4 = [r for r in switched if r["kernel"] == "nf4_dequant"]  # two values per conversion
+    assert all(2 * r["cvt_bf16x2_f32"] >= r["constexprs"]["BLOCK"] // (32 * r["num_warps"]) for r in nf4)
+
+
+def test_rmsnorm_compiles_without_spills_at_hidden_16384(report):
+    cases = [r for r in report["records"] if r["kernel"] in ("rmsnorm_fwd", "rmsnorm_bwd")
+             and r["case"].split()[0].endswith("x16384")]
+    assert {(r["kernel"], r["arch"]) for r in cases} == {(k, a) for k in ("rmsnorm_fwd", "rmsnorm_bwd")
+                                                         for a in ("sm_80", "sm_90")}
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in cases)
+
+
+def test_rmsnorm_backward_grid_is_resident_in_one_wave(report):
+    # the persistent grid (programs per multiprocessor x 132) must all fit at once, or the second
+    # wave would run after the first; its loads are 128-bit at the Llama hidden sizes
+    from kernel_compile import SM_LIMITS
+
+    records = [r for r in report["records"] if r["kernel"] == "rmsnorm_bwd"]
+    assert records
+    for r in records:
+        assert r["grid"][0] <= r["programs_per_sm"] * SM_LIMITS[90]["sms"], r
+        assert set(r["st_global_widths"]) == {"v4.b32"} and r["ld_global_widths"].get("v4.b32"), r

@@ -41,7 +41,7 @@ def test_kernel_equals_reference_into_poisoned_buffer(shape, dtype, blocksize, d
 
 
 # Few, small examples: every kernel program is run element by element by the interpreter. Sizes
-# reach past one 1,024-element program and past 256 absmax blocks; most are not a multiple of
+# reach past one 4,096-element program and past 256 absmax blocks; most are not a multiple of
 # the blocksize (a partial last block) or of 2 (a pad nibble).
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=st.one_of(st.tuples(st.integers(1, 9000)), st.tuples(st.integers(1, 40), st.integers(1, 90))),

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from minift.kernels import HAS_TRITON
+from minift.kernels.rmsnorm_sizes import backward_programs
 from minift.tracing import on_cuda, tracing
 
 if HAS_TRITON:  # the CUDA path; the references serve everywhere else
@@ -80,15 +81,13 @@ def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -
     return dx.view(x.shape), dw
 
 
-# the launcher's float32 partial sums of dw, one row per program: two programs per multiprocessor,
-# 132 on an H100 SXM (minift.kernels.rmsnorm.rms_norm_backward reads the real count)
-_PLANNED_PROGRAMS = 2 * 132
-
-
 @_rms_norm_backward_op.register_fake
 def _(dy, x, weight, rstd):
+    # the launcher's float32 partial sums of dw, one row per program of its persistent grid, sized
+    # for the 132 multiprocessors of an H100 / H200 (the launcher reads the real count)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    partial = x.new_empty((max(1, min(_PLANNED_PROGRAMS, rows)), x.shape[-1]), dtype=torch.float32)
+    programs = backward_programs(rows, x.shape[-1], x.element_size())
+    partial = x.new_empty((programs, x.shape[-1]), dtype=torch.float32)
     dw = partial.sum(0).to(weight.dtype)
     del partial
     return torch.empty_like(x, memory_format=torch.contiguous_format), dw
