@@ -5,8 +5,8 @@ The texts are joined into one token stream (each text BOS + its tokens) and cut,
 L, into consecutive windows of exactly L tokens; every token of a window after its first is
 scored with the window before it as context. A model that uses a longer context scores lower
 perplexity at longer L and in the later position buckets of a window; a model pushed past the
-positions it was trained on (or badly scaled RoPE) scores higher there (LongLoRA, Chen et al.
-2023, table 1; the perplexity-by-position view of Press et al. 2022, "ALiBi", figure 1).
+positions it was trained on (or badly scaled RoPE) scores higher there (the evaluation of
+LongLoRA, Chen et al. 2023, and of ALiBi, Press et al. 2022).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Passkey retrieval (Mohtashami & Jaggi 2023, "Landmark Attention", section 4.2; LongLoRA's
-long-context check): a random number is hidden at a chosen depth of long filler text and the
+"""Passkey retrieval (Mohtashami & Jaggi 2023, "Landmark Attention"; LongLoRA's long-context
+check): a random number is hidden at a chosen depth of long filler text and the
 model is asked for it at the end. Accuracy over a grid of prompt lengths (in tokens) x depths
 says up to which length, and where in the context, a model still finds what it read.
 
