@@ -257,3 +257,21 @@ def test_the_estimate_counts_the_saved_modules_as_trainable():
     assert saved.settings["modules_to_save"] == ["embed_tokens", "norm"]
     with pytest.raises(ValueError, match="modules_to_save applies to method='lora' or 'qlora'"):
         minift.estimate_memory("tiny", "full", modules_to_save=["norm"], **kw)
+
+
+def test_train_llama_flag_wraps_with_modules_to_save(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script_path = Path(__file__).resolve().parents[1] / "examples" / "train_llama.py"
+    spec = importlib.util.spec_from_file_location("train_llama_mts", script_path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--device", "cpu", "--modules-to-save", "embed_tokens, norm"])
+    _, model = script.load_base(args, torch.device("cpu"))
+    assert [n for n, _ in saved_modules(model)][:2] == ["model.embed_tokens", "model.layers.0.input_layernorm"]
+    assert len(saved_modules(model)) == 2 + 2 * model.config.num_hidden_layers
+    for flags, match in ((["--modules-to-save", "embedding"], r"--modules-to-save 'embedding': .*matches no module"),
+                         (["--modules-to-save", "norm", "--method", "full"], r"--method full trains every module")):
+        with pytest.raises(script.UsageError, match=match):
+            script.load_base(script.parse_args(["--device", "cpu", *flags]), torch.device("cpu"))
