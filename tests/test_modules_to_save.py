@@ -63,7 +63,8 @@ def perturb(model, std=0.3):
 def peft_saved(model):
     """The names peft wrapped in a ModulesToSaveWrapper, without peft's prefix."""
     wrapper = peft.utils.other.ModulesToSaveWrapper
-    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, wrapper))
+    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                  if isinstance(m, wrapper))
 
 
 @pytest.mark.parametrize("keys", KEYS)
@@ -269,9 +270,11 @@ def test_train_llama_flag_wraps_with_modules_to_save(tmp_path):
     spec.loader.exec_module(script)
     args = script.parse_args(["--device", "cpu", "--modules-to-save", "embed_tokens, norm"])
     _, model = script.load_base(args, torch.device("cpu"))
-    assert [n for n, _ in saved_modules(model)][:2] == ["model.embed_tokens", "model.layers.0.input_layernorm"]
-    assert len(saved_modules(model)) == 2 + 2 * model.config.num_hidden_layers
-    for flags, match in ((["--modules-to-save", "embedding"], r"--modules-to-save 'embedding': .*matches no module"),
-                         (["--modules-to-save", "norm", "--method", "full"], r"--method full trains every module")):
+    names = [n for n, _ in saved_modules(model)]
+    assert names[:2] == ["model.embed_tokens", "model.layers.0.input_layernorm"]
+    assert len(names) == 2 + 2 * model.config.num_hidden_layers
+    bad = [(["--modules-to-save", "embedding"], r"--modules-to-save 'embedding': .*matches no module"),
+           (["--modules-to-save", "norm", "--method", "full"], r"--method full trains every module")]
+    for flags, match in bad:
         with pytest.raises(script.UsageError, match=match):
             script.load_base(script.parse_args(["--device", "cpu", *flags]), torch.device("cpu"))

@@ -198,8 +198,8 @@ def _run_cell(model, tokenizer, prompts, method, device, batch_size) -> list:
     return out
 
 
-def passkey_grid(model, tokenizer, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-                 trials: int = 5, seed: int = 0, *, digits: int = 5, method: str = "generate",
+def passkey_grid(model, tokenizer, lengths: Sequence[int],
+                 depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 5, seed: int = 0, *, digits: int = 5, method: str = "generate",
                  batch_size: int = 4, device: Optional[torch.device] = None) -> PasskeyResult:
     """Passkey retrieval accuracy of ``model`` over ``lengths`` x ``depths``.
 

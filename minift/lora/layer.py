@@ -280,7 +280,7 @@ def find_modules_to_save(model: nn.Module, modules_to_save: str | Sequence[str],
     for key in keys:
         found = [n for n in modules if n and n.endswith(key)]
         if not found:
-            with_params = [n for n, m in modules.items() if n and any(True for _ in m.parameters(recurse=False))]
+            with_params = [n for n, m in modules.items() if n and next(m.parameters(False), None) is not None]
             raise ValueError(f"modules_to_save: {key!r} matches no module (a module is chosen when its "
                              f"name ends with the key); modules with weights: {_describe(with_params)}")
         chosen += [n for n in found if n not in chosen]
