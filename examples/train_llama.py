@@ -147,6 +147,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with --method qlora: store lm_head in NF4 too (default: it stays in --dtype)")
     add("--target-modules", default="all-linear",
         help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj")
+    add("--modules-to-save", default="",
+        help="lora/qlora: comma-separated module-name suffixes trained whole beside the adapters "
+             "and saved in the adapter (PEFT's modules_to_save), e.g. embed_tokens,norm (LongLoRA's "
+             "trainable embeddings and norms; 'norm' matches every *norm module, as in PEFT)")
     add("--lr", type=_number(float, 0, strict=True), default=None,
         help="peak learning rate (default: 1e-3 full, 3e-3 lora/qlora)")
     add("--max-steps", type=_number(int, 1), default=None, help="optimizer steps (overrides --epochs)")
@@ -234,7 +238,11 @@ def load_base(args, device):
             raise UsageError("--quantize-lm-head: this model ties lm_head to the embedding, which "
                              "stays trainable-shaped; leave lm_head as it is")
         minift.quantize_model(model, skip=())  # the decoder's linears are NF4 already
+    saved = [t.strip() for t in args.modules_to_save.split(",") if t.strip()] or None
     if args.method == "full":
+        if saved:
+            raise UsageError("--modules-to-save: --method full trains every module already; it "
+                             "applies to lora and qlora")
         model.requires_grad_(True)
         return tokenizer, model
     targets = args.target_modules
@@ -242,10 +250,14 @@ def load_base(args, device):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     try:
         check_rank(model, args.r, targets)
-        model = minift.lora_wrap(model, r=args.r, alpha=args.alpha, target_modules=targets,
-                                 adapter_dtype=getattr(torch, args.adapter_dtype))
+        find_targets(model, targets)
     except (ValueError, TypeError) as err:
         raise UsageError(f"--target-modules {args.target_modules!r}: {err}") from err
+    try:
+        model = minift.lora_wrap(model, r=args.r, alpha=args.alpha, target_modules=targets,
+                                 adapter_dtype=getattr(torch, args.adapter_dtype), modules_to_save=saved)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--modules-to-save {args.modules_to_save!r}: {err}") from err
     return tokenizer, model
 
 

@@ -2,7 +2,8 @@
 (with ``memory`` and ``trace``: the traced tables and the trace against the real step)
 (full vs LoRA vs QLoRA, measured), ``python -m minift bench gpu --out DIR`` (the GPU suite),
 ``python -m minift bench cpu`` (minift's CPU paths against the peers, interleaved) and
-``python -m minift soup a b c --out d`` (adapter soup).
+``python -m minift soup a b c --out d`` (adapter soup) and ``python -m minift eval MODEL_DIR``
+(passkey retrieval and perplexity by context length).
 Each command lives in its own module; this one parses and dispatches."""
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from minift.bench import cpu as bench_cpu
 from minift.bench import gpu as bench_gpu
 from minift.bench import methods as bench
 from minift.cli import OneLineParser, ShowDefaults
+from minift.evaluation import command as eval_command
 from minift.lora import soup
 from minift.planning import agreement, plan, tables
 
@@ -58,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Average PEFT-format LoRA adapters tensor by tensor into a new "
                                    "adapter; adapters of other bases, ranks or targets are refused.")
     soup.add_soup_arguments(s)
+    e = sub.add_parser("eval", help="passkey retrieval and perplexity by context length of a model",
+                       description="Passkey retrieval accuracy over prompt lengths x depths and the "
+                                   "perplexity of held-out text by window length; tables, PNGs, JSON.",
+                       formatter_class=shown)
+    eval_command.add_eval_arguments(e)
     return parser
 
 
@@ -77,7 +84,7 @@ def _bench_trace(args, parser) -> int:
 
 COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "bench gpu": bench_gpu.run_bench_gpu,
             "bench cpu": bench_cpu.run_cpu, "bench memory": _bench_memory, "bench trace": _bench_trace,
-            "soup": soup.run_soup}
+            "soup": soup.run_soup, "eval": eval_command.run_eval}
 
 
 def main(argv=None) -> int:

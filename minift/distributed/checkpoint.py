@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from minift.checkpoints import steps as ckpt
 from minift.distributed.parallel import barrier, is_main, reshard, unwrap
 from minift.lora.adapter import adapter_config, write_adapter
+from minift.lora.layer import adapter_predicate
 from minift.models.config import ModelConfig
 from minift.models.context import rope_record
 from minift.models.llama import Llama
@@ -169,7 +170,8 @@ def export_adapter(model: nn.Module, path, base_model_name_or_path=None) -> None
     tensors = full_state_dict(model, trainable_only=True)
     if is_main():
         config = adapter_config(unwrap(model), base_model_name_or_path)
-        write_adapter(path, config, {k: v for k, v in tensors.items() if "lora_" in k},
+        mine = adapter_predicate(unwrap(model))
+        write_adapter(path, config, {k: v for k, v in tensors.items() if mine(k)},
                       model_type=getattr(unwrap(model).config, "model_type", None),
                       rope=rope_record(getattr(unwrap(model), "config", None)))
     barrier()

@@ -14,7 +14,9 @@ import torch
 
 from minift.checks import check_int, check_number
 from minift.data.sft import _read_jsonl
+from minift.evaluation.length_perplexity import perplexity_by_length
 from minift.evaluation.metrics import task_metrics
+from minift.evaluation.passkey import passkey_grid
 from minift.models.generation import generate
 from minift.names import IGNORE_INDEX
 from minift.objectives.loss import model_loss_sum, supports_chunked_loss
@@ -112,8 +114,8 @@ def forgetting(before: dict, after: dict, budget=FORGETTING_BUDGET) -> dict:
 # ---- all of it ---------------------------------------------------------------------------
 def evaluate(model, tokenizer, conversations=None, references=None, *, general_texts=None,
              device="cpu", max_new_tokens=None, max_length=256, bf16=False,
-             loss_chunk_size=1024) -> dict:
-    """Task metrics of greedy replies and/or general-text perplexity of a model.
+             loss_chunk_size=1024, passkey=None, by_length=None) -> dict:
+    """Task metrics of greedy replies, general-text perplexity, and the long-context tasks.
 
     Args:
         model: any minift/Llama-style model returning logits.
@@ -123,11 +125,18 @@ def evaluate(model, tokenizer, conversations=None, references=None, *, general_t
         general_texts: plain texts for the perplexity check (see `load_texts`).
         bf16, loss_chunk_size: how the perplexity's forward and loss run (see `perplexity`);
             pass the TrainConfig's fields to score as training does.
+        passkey: passkey retrieval, as keyword arguments of
+            `minift.evaluation.passkey.passkey_grid`, e.g. ``{"lengths": [1024, 4096],
+            "depths": [0, 0.5, 1], "trials": 5}``.
+        by_length: perplexity of ``general_texts`` by context length, as keyword arguments of
+            `minift.evaluation.length_perplexity.perplexity_by_length`, e.g.
+            ``{"lengths": [512, 2048, 8192], "buckets": 4}``.
 
     Returns:
-        {"task": {...}, "samples": [...3 first replies...], "general": {...}}, each part present
-        when its inputs were given. Compare two with `forgetting(before["general"],
-        after["general"])`.
+        {"task": {...}, "samples": [...3 first replies...], "general": {...}, "passkey":
+        PasskeyResult, "perplexity_by_length": PerplexityCurve}, each part present when its
+        inputs were given (the last two have ``table()``, ``save_png(path)``, ``as_dict()``).
+        Compare two with `forgetting(before["general"], after["general"])`.
     """
     out = {}
     if conversations is not None:
@@ -140,4 +149,18 @@ def evaluate(model, tokenizer, conversations=None, references=None, *, general_t
     if general_texts is not None:
         out["general"] = perplexity(model, tokenizer, general_texts, device, max_length, bf16=bf16,
                                     loss_chunk_size=loss_chunk_size)
+    if passkey is not None:
+        if not isinstance(passkey, dict) or "lengths" not in passkey:
+            raise ValueError(f"evaluate: passkey must be a dict of passkey_grid arguments with "
+                             f"'lengths', got {passkey!r}")
+        out["passkey"] = passkey_grid(model, tokenizer, device=device, **passkey)
+    if by_length is not None:
+        if not isinstance(by_length, dict) or "lengths" not in by_length:
+            raise ValueError(f"evaluate: by_length must be a dict of perplexity_by_length arguments "
+                             f"with 'lengths', got {by_length!r}")
+        if general_texts is None:
+            raise ValueError("evaluate: by_length scores general_texts; give them too")
+        out["perplexity_by_length"] = perplexity_by_length(
+            model, tokenizer, general_texts, bf16=bf16, device=device, chunk=loss_chunk_size or 1024,
+            **by_length)
     return out

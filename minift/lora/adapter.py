@@ -5,6 +5,11 @@ A PEFT LoRA adapter is a directory with two files:
 ``adapter_model.safetensors`` with keys ``base_model.model.<module path>.lora_A.weight`` (r, in)
 and ``...lora_B.weight`` (out, r). Because minift's module names equal Hugging Face's, the module
 paths need no conversion.
+
+Modules trained whole (``lora_wrap(..., modules_to_save=[...])``) are written as PEFT writes them:
+their keys go into the config's ``modules_to_save`` and their tensors into the same file as
+``base_model.model.<module path>.weight`` (PEFT strips its ``modules_to_save.default`` wrapper
+from the names on saving and puts it back on loading).
 """
 from __future__ import annotations
 
@@ -20,15 +25,19 @@ from torch import nn
 
 from minift.files import atomic_write, read_json, write_json
 from minift.lora.layer import (
+    SETTINGS_ATTR,
     LoRALinear,
     check_alpha,
     check_dropout,
+    check_modules_to_save,
     check_rank,
+    find_modules_to_save,
     find_targets,
     is_linear,
     lora_layers,
     lora_state_dict,
     lora_wrap,
+    saved_modules,
 )
 from minift.models.context import ROPE_METADATA_KEY, apply_rope_record, rope_record
 
@@ -38,7 +47,7 @@ KEY_PREFIX = "base_model.model."
 
 # PEFT LoRA features minift does not implement: field -> value meaning "not used"
 _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "rank_pattern": {},
-                "alpha_pattern": {}, "layers_to_transform": None, "modules_to_save": None,
+                "alpha_pattern": {}, "layers_to_transform": None,
                 "exclude_modules": None, "bias": "none", "lora_bias": False,
                 "layer_replication": None, "target_parameters": None,
                 "trainable_token_indices": None, "use_qalora": False}
@@ -60,6 +69,21 @@ def _target_names(model, wrapped):
                   if n and (is_linear(m) or isinstance(m, LoRALinear))}
     selected = {n for n in candidates if n.rsplit(".", 1)[-1] in suffixes}
     return suffixes if selected == set(wrapped) else sorted(wrapped)
+
+
+def _saved_keys(model) -> list[str] | None:
+    """The config's modules_to_save: the keys given to lora_wrap when they choose exactly the
+    modules it trains whole here, else their full names (PEFT's suffix rule matches those alone)."""
+    saved = [n for n, _ in saved_modules(model)]
+    if not saved:
+        return None
+    keys = (getattr(model, SETTINGS_ATTR, None) or {}).get("modules_to_save")
+    try:
+        if keys and find_modules_to_save(model, keys) == saved:
+            return list(keys)
+    except ValueError:
+        pass
+    return saved
 
 
 def adapter_config(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict:
@@ -85,6 +109,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: Optional[str] = No
         "revision": None,
     }
     config.update(_UNSUPPORTED)
+    config["modules_to_save"] = _saved_keys(model)
     return config
 
 
@@ -153,6 +178,11 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
                                          and all(isinstance(t, str) for t in targets))):
         raise ValueError(f"{file}: field 'target_modules' must be a string or a list of "
                          f"strings, got {targets!r}")
+    if config.get("modules_to_save") is not None:
+        try:
+            check_modules_to_save(config["modules_to_save"])
+        except TypeError as err:
+            raise ValueError(f"{file}: field 'modules_to_save': {err}") from None
     for field, unused in _UNSUPPORTED.items():
         if field in config and config[field] not in (unused, None, {}, []):
             raise ValueError(f"{file}: field {field!r}={config[field]!r} is not supported "
@@ -216,7 +246,13 @@ def _expected_shapes(model, config):
         return {KEY_PREFIX + k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
     r = config["r"]
     shapes = {}
-    for name in find_targets(model, config["target_modules"]):
+    targets = find_targets(model, config["target_modules"])
+    if config.get("modules_to_save"):
+        own = model.state_dict()
+        for name in find_modules_to_save(model, config["modules_to_save"], targets):
+            shapes.update({f"{KEY_PREFIX}{k}": tuple(v.shape) for k, v in own.items()
+                           if k.startswith(name + ".")})
+    for name in targets:
         layer = model.get_submodule(name)
         shapes[f"{KEY_PREFIX}{name}.lora_A.weight"] = (r, layer.in_features)
         shapes[f"{KEY_PREFIX}{name}.lora_B.weight"] = (layer.out_features, r)
@@ -247,6 +283,15 @@ def _check_settings_match(file, model, config):
             if mine != theirs:
                 raise ValueError(f"{file}: {field}={theirs!r} but the model's adapter {name!r} "
                                  f"has {field}={mine!r}")
+    mine = [n for n, _ in saved_modules(model)]
+    keys = config.get("modules_to_save") or []
+    try:
+        theirs = find_modules_to_save(model, keys) if keys else []
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
+    if mine != theirs:
+        raise ValueError(f"{file}: modules_to_save={keys!r} but the model trains "
+                         f"{mine or 'no modules'} whole")
 
 
 def _same_base(recorded: str, current: str) -> bool:
@@ -307,11 +352,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             lora_wrap(model, r=config["r"], alpha=config["lora_alpha"],
                       dropout=config.get("lora_dropout", 0.0) or 0.0,
                       target_modules=config["target_modules"],
-                      rslora=bool(config.get("use_rslora", False)))
+                      rslora=bool(config.get("use_rslora", False)),
+                      modules_to_save=config.get("modules_to_save") or None)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{file}: {err}") from None
+    own = model.state_dict(keep_vars=True)  # parameters and buffers (a saved module's too)
     with torch.no_grad():
         for key, tensor in tensors.items():
-            model.get_parameter(key[len(KEY_PREFIX):]).copy_(tensor)
+            own[key[len(KEY_PREFIX):]].copy_(tensor)
     apply_rope_record(model, rope, str(path / WEIGHTS_NAME))
     return model

@@ -3,7 +3,9 @@
 A LoRA layer adds a trainable low-rank update to a frozen linear layer (Hu et al. 2021, eq. 3):
 ``y = base(x) + dropout(x) @ A^T @ B^T * scale``. Module and parameter names follow PEFT
 (``base_layer``, ``lora_A``, ``lora_B``, ``lora_dropout``) so adapters map one-to-one onto PEFT
-files; trainability is decided by one predicate, ``"lora_" in name``.
+files; trainability is decided by one predicate, ``"lora_" in name``, plus the modules named by
+``modules_to_save``, which are trained whole, in place (PEFT's "modules_to_save"; LongLoRA's
+trainable embeddings and norms).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from minift.nf4.linear import NF4Linear
 
 # name under which lora_wrap records its settings on the wrapped model
 SETTINGS_ATTR = "_minift_lora"
+# marks a module lora_wrap trains whole (modules_to_save); the mark travels with the module
+SAVED_ATTR = "_minift_trained_whole"
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -237,6 +241,75 @@ def _describe(names: list[str], limit: int = 40) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def check_modules_to_save(modules_to_save) -> list[str]:
+    """The keys as a list without repeats (one string is one key); TypeError unless non-empty strings."""
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    if not isinstance(modules_to_save, (list, tuple)) or not all(
+            isinstance(k, str) and k for k in modules_to_save):
+        raise TypeError(f"modules_to_save must be a list of non-empty module-name suffixes, "
+                        f"got {modules_to_save!r}")
+    return list(dict.fromkeys(modules_to_save))
+
+
+def find_modules_to_save(model: nn.Module, modules_to_save: str | Sequence[str],
+                         targets: Sequence[str] = ()) -> list[str]:
+    """Names of the modules ``lora_wrap(..., modules_to_save=...)`` trains whole.
+
+    The rule is PEFT's (0.21, ``_set_trainable``): a module is chosen when its full name ends with
+    one of the keys, as a plain string, so "norm" picks ``model.norm`` and every
+    ``input_layernorm`` / ``post_attention_layernorm`` (LongLoRA's "embed,norm"), and peft loading
+    the adapter picks the same modules. A module inside another chosen one is covered by it.
+
+    Args:
+        model: any nn.Module.
+        modules_to_save: module-name suffixes, e.g. ``["embed_tokens", "norm"]``.
+        targets: the names of the layers LoRA adapts (none of them may be chosen too).
+
+    Returns:
+        The chosen module names, in module order.
+
+    Raises:
+        ValueError naming the key or module: a key that matches no module, a module without
+        parameters, a LoRA target or NF4 (4-bit) module, or weights tied to a module outside the
+        chosen ones (embed_tokens tied to lm_head: PEFT trains an untied copy of each).
+    """
+    keys = check_modules_to_save(modules_to_save)
+    modules = dict(model.named_modules())
+    chosen = []
+    for key in keys:
+        found = [n for n in modules if n and n.endswith(key)]
+        if not found:
+            with_params = [n for n, m in modules.items() if n and next(m.parameters(False), None) is not None]
+            raise ValueError(f"modules_to_save: {key!r} matches no module (a module is chosen when its "
+                             f"name ends with the key); modules with weights: {_describe(with_params)}")
+        chosen += [n for n in found if n not in chosen]
+    chosen = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen)]
+    for name in chosen:
+        module = modules[name]
+        inner = [f"{name}.{n}".rstrip(".") for n, m in module.named_modules()
+                 if isinstance(m, (LoRALinear, NF4Linear)) or f"{name}.{n}".rstrip(".") in targets]
+        if inner:
+            raise ValueError(f"modules_to_save: {name!r} is (or holds) {inner[0]!r}, a LoRA target or a "
+                             f"4-bit (NF4) layer; a module is either adapted or trained whole, and "
+                             f"4-bit weights cannot be trained")
+        if not any(p.is_floating_point() for p in module.parameters()):
+            raise ValueError(f"modules_to_save: {name!r} has no floating-point parameters to train")
+    inside = {id(p) for n in chosen for p in modules[n].parameters()}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in inside and not any(pname.startswith(n + ".") for n in chosen):
+            owner = next(f"{n}.{q}" for n in chosen for q, t in modules[n].named_parameters() if t is p)
+            raise ValueError(f"modules_to_save: {owner!r} is tied to {pname!r}, which is not trained "
+                             f"whole; PEFT trains an untied copy of the module, so the two would part. "
+                             f"Untie them first (give {pname!r} its own copy) or leave the key out")
+    return chosen
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) pairs that ``lora_wrap`` trains whole (modules_to_save), in module order."""
+    return [(n, m) for n, m in model.named_modules() if getattr(m, SAVED_ATTR, False)]
+
+
 def _replace(module: nn.Module, prefix: str, targets: set[str],
              make: Callable[[nn.Module], nn.Module]) -> None:
     """Recursive named_children/setattr walk swapping each targeted layer for make(layer)."""
@@ -251,7 +324,8 @@ def _replace(module: nn.Module, prefix: str, targets: set[str],
 def lora_wrap(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
               target_modules: str | Sequence[str] = "all-linear",
               exclude: str | Sequence[str] = ("lm_head",), rslora: bool = False,
-              adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
+              adapter_dtype: torch.dtype = torch.float32,
+              modules_to_save: Sequence[str] | None = None) -> nn.Module:
     """Put a LoRA adapter on the chosen linear layers of any module and freeze everything else.
 
     Args:
@@ -265,9 +339,13 @@ def lora_wrap(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
         exclude: name suffixes that "all-linear" leaves alone.
         rslora: use the rank-stabilised scale alpha / sqrt(r).
         adapter_dtype: dtype of the adapter weights.
+        modules_to_save: module-name suffixes of modules trained whole, in place and in their own
+            dtype, e.g. ``["embed_tokens", "norm"]`` (matched as PEFT matches them: see
+            `find_modules_to_save`); saved in the adapter in PEFT's layout.
 
     Returns:
-        The same model, with only ``lora_`` parameters requiring grad.
+        The same model, with only ``lora_`` parameters (and those of ``modules_to_save``)
+        requiring grad.
     """
     r, alpha, dropout = check_settings(r, alpha, dropout)
     if lora_layers(model) or hasattr(model, SETTINGS_ATTR):
@@ -276,15 +354,23 @@ def lora_wrap(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
     if isinstance(exclude, str):
         exclude = (exclude,)
     names = find_targets(model, target_modules, exclude)
+    saved = [] if modules_to_save is None else find_modules_to_save(model, modules_to_save, names)
     _replace(model, "", set(names), lambda layer: LoRALinear(
         layer, r=r, alpha=alpha, dropout=dropout, rslora=rslora, adapter_dtype=adapter_dtype))
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
+    for name in saved:
+        module = model.get_submodule(name)
+        setattr(module, SAVED_ATTR, True)
+        for param in module.parameters():
+            param.requires_grad_(param.is_floating_point())
     setattr(model, SETTINGS_ATTR, {
         "r": r, "alpha": alpha, "dropout": float(dropout), "rslora": bool(rslora),
         "target_modules": target_modules if isinstance(target_modules, str)
         else list(target_modules),
-        "wrapped": list(names), "adapter_dtype": str(adapter_dtype).replace("torch.", "")})
+        "wrapped": list(names), "adapter_dtype": str(adapter_dtype).replace("torch.", ""),
+        "modules_to_save": None if modules_to_save is None else check_modules_to_save(modules_to_save),
+        "saved": saved})
     return model
 
 
@@ -306,6 +392,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         The same model.
     """
     layers = _require_lora(model, "disable_adapters")
+    check_base_kept(model, "disable_adapters")
     before = [m.enabled for _, m in layers]
     try:
         for _, m in layers:
@@ -314,6 +401,16 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for (_, m), state in zip(layers, before):
             m.enabled = state
+
+
+def check_base_kept(model: nn.Module, what: str) -> None:
+    """ValueError when the model trains modules_to_save: they are trained in place, so switching
+    the adapters off would not give the base model back."""
+    saved = saved_modules(model)
+    if saved:
+        raise ValueError(f"{what}: the model trains modules_to_save in place ({saved[0][0]!r} and "
+                         f"{len(saved) - 1} more), so with the adapters off it is not the base model; "
+                         f"use a frozen copy of the base instead")
 
 
 def _merged_linear(layer: LoRALinear) -> nn.Linear:
@@ -346,14 +443,26 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """
     layers = _require_lora(model, "merge_lora")
     _replace(model, "", {n for n, _ in layers}, _merged_linear)
+    for _, module in saved_modules(model):  # already hold their trained weights: part of the base now
+        delattr(module, SAVED_ATTR)
+        module.requires_grad_(False)
     if hasattr(model, SETTINGS_ATTR):
         delattr(model, SETTINGS_ATTR)
     return model
 
 
+def adapter_predicate(model: nn.Module) -> Callable[[str], bool]:
+    """A test of state_dict / parameter names: True for the adapter's (``lora_`` tensors and those
+    of the modules trained whole, modules_to_save)."""
+    saved = tuple(n + "." for n, _ in saved_modules(model))
+    return lambda name: "lora_" in name or name.startswith(saved)
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only, keyed as in ``model.state_dict()``."""
-    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    """The adapter's tensors, keyed as in ``model.state_dict()``: every ``lora_`` tensor and the
+    whole state of each module trained whole (modules_to_save)."""
+    mine = adapter_predicate(model)
+    return {k: v for k, v in model.state_dict().items() if mine(k)}
 
 
 def _logical_numel(module: nn.Module) -> int:

@@ -23,7 +23,7 @@ from minift.checkpoints.steps import data_fingerprint
 from minift.data.preference import check_pairs, pair_batches
 from minift.distributed.parallel import reshard, unwrap
 from minift.files import atomic_write
-from minift.lora.layer import disable_adapters, lora_layers
+from minift.lora.layer import check_base_kept, disable_adapters, lora_layers
 from minift.names import IGNORE_INDEX
 from minift.nf4.linear import quantize_model
 from minift.objectives.loss import chunked_row_logps, supports_chunked_loss
@@ -84,6 +84,7 @@ class AdapterReference:
         if not lora_layers(model):
             raise ValueError("AdapterReference needs a LoRA-wrapped model; with full fine-tuning "
                              "use ModelReference(frozen copy) or precompute_reference")
+        check_base_kept(model, "AdapterReference")  # modules_to_save: adapters off is not the base
         self.model = model
 
     @torch.no_grad()

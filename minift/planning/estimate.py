@@ -32,7 +32,7 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
                     adapter_dtype: torch.dtype = torch.float32, blocksize: int = 64,
                     attention_mask: bool = True, device: str = "cuda", world_size: int = 1,
                     parallel: Optional[str] = None, cpu_offload: bool = False,
-                    lm_head_nf4: bool = False, **train_fields) -> MemoryEstimate:
+                    lm_head_nf4: bool = False, modules_to_save=None, **train_fields) -> MemoryEstimate:
     """The memory of one training step of minift, by category, in bytes: traced, not modelled.
 
     Runs the step ``minift.train`` runs (`minift.training.loop.run_step`) on fake tensors at the
@@ -44,6 +44,9 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
         batch_size: sequences per micro-batch (pairs for objective="dpo").
         seq_len: tokens per sequence.
         r, target_modules, adapter_dtype: the LoRA adapters (lora, qlora), as `minift.lora_wrap`.
+        modules_to_save: modules trained whole beside the adapters (lora, qlora), e.g.
+            ``["embed_tokens", "norm"]``, as `minift.lora_wrap`: their weights, gradients and
+            optimizer states count as trainable.
         optimizer, gradient_checkpointing: as `minift.TrainConfig`.
         dtype: the dtype the model's weights are stored in.
         blocksize: NF4 block size (QLoRA). lm_head_nf4: QLoRA quantizes lm_head too.
@@ -88,7 +91,7 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
     trace = trace_step(config_or_preset, config, batch_size=batch_size, seq_len=seq_len,
                        device=device, dtype=dtype, r=r, target_modules=target_modules,
                        adapter_dtype=adapter_dtype, blocksize=blocksize, padded=attention_mask,
-                       lm_head_nf4=lm_head_nf4, world_size=world_size)
+                       lm_head_nf4=lm_head_nf4, world_size=world_size, modules_to_save=modules_to_save)
     return from_trace(trace, config)
 
 

@@ -28,7 +28,7 @@ import torch
 
 from minift.checks import check_choice, check_flag, check_int
 from minift.distributed import parallel as mdist
-from minift.lora.layer import lora_wrap
+from minift.lora.layer import check_modules_to_save, lora_wrap
 from minift.memory.allocator import replay
 from minift.memory.report import MemoryReport
 from minift.memory.tracker import MemoryTracker
@@ -93,10 +93,12 @@ def targets_of(target_modules) -> Union[str, list]:
 
 def build_model(cfg: ModelConfig, method: str, dtype: torch.dtype, *, r: int = 16,
                 target_modules="all-linear", adapter_dtype: torch.dtype = torch.float32,
-                blocksize: int = 64, lm_head_nf4: bool = False) -> torch.nn.Module:
+                blocksize: int = 64, lm_head_nf4: bool = False,
+                modules_to_save=None) -> torch.nn.Module:
     """The model as a run prepares it: weights in ``dtype``; full trains them all; LoRA freezes
     them and wraps adapters; QLoRA quantizes the decoder linears to NF4 (lm_head stays, as
-    ``minift.load_model(quantize="nf4")`` leaves it) and wraps adapters. Under a fake mode the
+    ``minift.load_model(quantize="nf4")`` leaves it) and wraps adapters. ``modules_to_save``
+    (LoRA, QLoRA) trains those modules whole, as `minift.lora_wrap`. Under a fake mode the
     weights are fake."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in place: .to(dtype) cannot swap fake parameters
@@ -108,11 +110,14 @@ def build_model(cfg: ModelConfig, method: str, dtype: torch.dtype, *, r: int = 1
         raise ValueError("lm_head_nf4 stores lm_head in NF4: it applies to method='qlora' on a model "
                          "whose lm_head is not tied to the embedding")
     if method == "full":
+        if modules_to_save:
+            raise ValueError("modules_to_save applies to method='lora' or 'qlora'; 'full' trains "
+                             "every module already")
         return model.requires_grad_(True)
     if method == "qlora":
         quantize_model(model, skip=() if lm_head_nf4 else ("lm_head",), blocksize=blocksize)
     return lora_wrap(model, r=r, alpha=2 * r, target_modules=target_modules,
-                     adapter_dtype=adapter_dtype)
+                     adapter_dtype=adapter_dtype, modules_to_save=modules_to_save)
 
 
 def make_data(cfg: ModelConfig, config: TrainConfig, batch_size: int, seq_len: int,
@@ -142,7 +147,7 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
                dtype: torch.dtype = torch.bfloat16, r: int = 16, target_modules="all-linear",
                adapter_dtype: torch.dtype = torch.float32, blocksize: int = 64,
                padded: bool = False, lm_head_nf4: bool = False, world_size: int = 1,
-               fake: bool = True) -> Trace:
+               fake: bool = True, modules_to_save=None) -> Trace:
     """Trace one training step of ``config`` (a `TrainConfig`; its micro_batch_size is replaced by
     ``batch_size``) on a model of ``config_or_preset``'s shape, on ``device``'s code path.
 
@@ -153,7 +158,8 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
 
     ``fake=False`` runs the same step on real tensors instead (the CPU path only; with
     world_size > 1 inside an initialized process group of that size): what the agreement tests
-    compare the trace with.
+    compare the trace with. ``modules_to_save`` (LoRA, QLoRA): modules trained whole, as
+    `minift.lora_wrap`'s; their weights, gradients and optimizer states are counted as trainable.
     """
     cfg = resolve_config(config_or_preset)
     config = config if config is not None else TrainConfig()
@@ -204,7 +210,8 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
         _warm_caches()
         seed_everything(config.seed)
         model = build_model(cfg, config.method, dtype, r=r, target_modules=targets_of(target_modules),
-                            adapter_dtype=adapter_dtype, blocksize=blocksize, lm_head_nf4=lm_head_nf4)
+                            adapter_dtype=adapter_dtype, blocksize=blocksize, lm_head_nf4=lm_head_nf4,
+                            modules_to_save=modules_to_save)
         objective = objective_for(model, config, data, distributed=shard is not None) \
             if config.objective == "dpo" else SFTObjective(config.loss_chunk_size)
         if shard is not None:  # as minift.distributed.run.DistRun lays the run out
@@ -239,7 +246,8 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
                     batch_size=batch_size, seq_len=seq_len, grad_accum=config.grad_accum,
                     r=r if config.method != "full" else None, dtype=str(dtype).replace("torch.", ""),
                     device=device, padded=padded, optimizer=config.optimizer, world_size=world_size,
-                    parallel=config.parallel if world_size > 1 else None)
+                    parallel=config.parallel if world_size > 1 else None,
+                    modules_to_save=check_modules_to_save(modules_to_save) if modules_to_save else None)
     return Trace(report=report, reserved=replay(events)["max_reserved"],
                  reserved_expandable=replay(events, expandable_segments=True)["max_reserved"],
                  seconds=seconds, settings=settings)
@@ -253,7 +261,7 @@ def _ddp(cfg: ModelConfig, config: TrainConfig, world_size: int, args: dict) -> 
     then on. torch's DDP cannot be built over fake tensors, so this one closed form stays; the
     buckets are made in C++ and a MemoryTracker on real tensors does not see them either."""
     kw = {k: args[k] for k in ("batch_size", "seq_len", "device", "dtype", "r", "target_modules",
-                               "adapter_dtype", "blocksize", "padded", "lm_head_nf4")}
+                               "adapter_dtype", "blocksize", "padded", "lm_head_nf4", "modules_to_save")}
     trace = trace_step(cfg, dataclasses.replace(config, parallel=None), **kw)
     rep = trace.report
     buckets = rep.trainable_params  # one gradient per trainable value, in its own dtype

@@ -27,7 +27,7 @@ from minift.checkpoints import steps as ckpt
 from minift.data.preference import PAIR_KEYS
 from minift.distributed import parallel as mdist
 from minift.files import atomic_write, reporting_write_errors, stale_temp_files
-from minift.lora.layer import LoRALinear
+from minift.lora.layer import LoRALinear, adapter_predicate
 from minift.names import IGNORE_INDEX
 from minift.nf4.linear import NF4Linear
 
@@ -72,7 +72,8 @@ def check_method(model, method: str) -> None:
     adapters = any(isinstance(m, LoRALinear) for m in model.modules())
     quantized = any(isinstance(m, NF4Linear) for m in model.modules())
     if method in ("lora", "qlora"):
-        others = [n for n in trainable if "lora_" not in n]
+        mine = adapter_predicate(model)  # lora_ tensors and modules_to_save
+        others = [n for n in trainable if not mine(n)]
         if not adapters:
             raise ValueError(f"TrainConfig.method={method!r}, but the model has no LoRA adapters; "
                              f"wrap it with minift.lora_wrap first, or use method='full'")
