@@ -113,7 +113,7 @@ def test_offsets_past_two_to_the_31_elements(monkeypatch):
     monkeypatch.setattr(builder, "create_get_program_id", fake_pid)
     grid = (triton.cdiv(n, 256),)
     kernel_module._adamw8bit_kernel[grid](
-        out[0], g, out[1], out[2], out[3], out[4], *maps, elem + n,
+        out[0], g, out[1], out[2], out[3], out[4], *maps, *kernel_module.requant_tables(*maps), elem + n,
         s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps, s.decay, s.step_size,
         s.inv_bc2_sqrt, s.seed, 0, STOCHASTIC=True, IS_BF16=True, BLOCK=256)
     for name, a, b in zip(NAMES, ref, out):
