@@ -186,13 +186,16 @@ def _scalar_args(s):
             s.inv_bc2_sqrt)
 
 
-def _check_launch(p, g, m_codes, m_absmax, v_codes, v_absmax, s):
+def _blocks(n: int) -> int:
+    return (n + BLOCK - 1) // BLOCK  # plain Python: host time matters with hundreds of slices
+
+
+def _check_launch(p, g, m_codes, m_absmax, v_codes, v_absmax, s, n):
     # Preconditions of a launch, not user errors: minift.optim checks what users pass (on
     # construction, add_param_group and load_state_dict), so these only guard the internal calls.
-    n = p.numel()
     assert p.is_contiguous() and p.dim() == 1 and g.numel() == n and g.is_contiguous()
     assert m_codes.numel() == v_codes.numel() == n
-    assert m_absmax.numel() == v_absmax.numel() == triton.cdiv(n, BLOCK)
+    assert m_absmax.numel() == v_absmax.numel() == _blocks(n)
     assert m_codes.dtype == v_codes.dtype == torch.uint8
     assert m_absmax.dtype == v_absmax.dtype == torch.float32
     assert all(math.isfinite(x) for x in _scalar_args(s)), s
@@ -206,11 +209,11 @@ def adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, map_v, s, 
     ``s`` carries the step scalars (``minift.optim.quant8.StepScalars``); ``offset`` is the element
     offset of the slice in its tensor (multiple of 256) so stochastic rounding matches.
     """
-    _check_launch(p, g, m_codes, m_absmax, v_codes, v_absmax, s)
     n = p.numel()
+    _check_launch(p, g, m_codes, m_absmax, v_codes, v_absmax, s, n)
     if n == 0:
         return
-    grid = (triton.cdiv(n, BLOCK),)
+    grid = (_blocks(n),)
     with device_guard(p.device):
         launch(_adamw8bit_kernel, grid)(
             p, g, m_codes, m_absmax, v_codes, v_absmax, map_m, map_v, *requant_tables(map_m, map_v),
@@ -234,22 +237,23 @@ def adamw8bit_step_many(slices, map_m, map_v) -> int:
     scalars other than the seed (so a param group's parameters at one step are one group) and
     whether the slice allows 16-byte loads; the seed and the offset are per slice. The rows of
     every slice go into one int64 device table per call, ``ROW + 1`` words a non-empty slice,
-    copied in once (from pinned memory on CUDA, without a sync). With fake or meta tensors (a
-    planning trace, the compile check) the table is allocated the same, left unfilled, and
-    nothing is launched. Returns the number of launches.
+    copied in once (from pinned memory on CUDA, without a sync). With fake tensors (a planning
+    trace) the table is allocated the same, left unfilled, and nothing is launched. Returns the
+    number of launches (in a trace: that a real step makes).
     """
     slices = list(slices)
     if not slices:
         return 0
     device = slices[0][0].device
-    fake = any(_is_fake(t) for sl in slices for t in sl[:6])  # no data pointers in a trace
-    groups = {}
+    fake = _is_fake(slices[0][0])  # a planning trace: no data pointers (all its tensors are fake)
+    groups = {}  # key -> [(n, data pointers, offset, seed)], one per non-empty slice
     for sl in slices:
         if len(sl) != 9:
             raise ValueError(f"adamw8bit_step_many: a slice is (p, g, m_codes, m_absmax, v_codes, "
                              f"v_absmax, s, offset, stochastic), got {len(sl)} items")
         p, g, m_codes, m_absmax, v_codes, v_absmax, s, offset, stochastic = sl
-        _check_launch(p, g, m_codes, m_absmax, v_codes, v_absmax, s)
+        n = p.numel()
+        _check_launch(p, g, m_codes, m_absmax, v_codes, v_absmax, s, n)
         if any(t.device != device for t in sl[:6]):
             raise ValueError(f"adamw8bit_step_many: every tensor must be on {device}, got "
                              f"{sorted({str(t.device) for t in sl[:6]})}")
@@ -257,12 +261,13 @@ def adamw8bit_step_many(slices, map_m, map_v) -> int:
             raise ValueError(f"adamw8bit_step_many: parameters and gradients must be float32, "
                              f"bfloat16 or float16, got {p.dtype} and {g.dtype}")
         assert offset >= 0, offset
-        n = p.numel()
         if n == 0:
             continue
         stochastic = bool(stochastic and p.dtype == torch.bfloat16)
-        aligned = n % 16 == 0 and (fake or all(t.data_ptr() % 16 == 0 for t in sl[:6]))
-        groups.setdefault((p.dtype, g.dtype, stochastic, aligned, _scalar_args(s)), []).append(sl)
+        ptrs = () if fake else tuple(t.data_ptr() for t in sl[:6])
+        aligned = n % 16 == 0 and all(x % 16 == 0 for x in ptrs)
+        groups.setdefault((p.dtype, g.dtype, stochastic, aligned, _scalar_args(s)), []).append(
+            (n, ptrs, offset, s.seed))
     parts = [(key, part) for key, items in groups.items() for part in _split(items)]
     if not parts:
         return 0
@@ -271,12 +276,10 @@ def adamw8bit_step_many(slices, map_m, map_v) -> int:
     words, launches, at = [], [], 0  # per launch: first programs, then rows; at: its start
     for key, part in parts:
         first, rows, programs = [], [], 0
-        for p, g, m_codes, m_absmax, v_codes, v_absmax, s, offset, _ in part:
+        for n, ptrs, offset, seed in part:
             first.append(programs)
-            programs += triton.cdiv(p.numel(), BLOCK)
-            if not fake:
-                rows += [t.data_ptr() for t in (p, g, m_codes, m_absmax, v_codes, v_absmax)]
-                rows += [p.numel(), offset, s.seed]
+            programs += _blocks(n)
+            rows += [*ptrs, n, offset, seed]
         launches.append((key, at, len(part), programs))
         words += first + rows
         at += (ROW + 1) * len(part)
@@ -294,15 +297,16 @@ def adamw8bit_step_many(slices, map_m, map_v) -> int:
 
 
 def _split(items):
-    """``items`` cut into runs of at most MAX_PROGRAMS programs (one launch's grid)."""
+    """``items`` ((n, pointers, offset, seed) of slices) cut into runs of at most MAX_PROGRAMS
+    programs (one launch's grid)."""
     part, programs = [], 0
-    for sl in items:
-        blocks = triton.cdiv(sl[0].numel(), BLOCK)
-        assert blocks <= MAX_PROGRAMS, sl[0].numel()
+    for item in items:
+        blocks = _blocks(item[0])
+        assert blocks <= MAX_PROGRAMS, item[0]
         if part and programs + blocks > MAX_PROGRAMS:
             yield part
             part, programs = [], 0
-        part.append(sl)
+        part.append(item)
         programs += blocks
     if part:
         yield part
