@@ -363,10 +363,13 @@ def test_multi_tensor_offsets_past_two_to_the_31_elements(monkeypatch):
 
 # ---- the optimizer's launches -------------------------------------------------------------------
 def _lora_like(dtype=torch.float32, seed=0):
-    """A and B factors of 3 adapted linears (n not a multiple of 256 for some), with gradients."""
+    """A and B factors of 3 adapted linears (n not a multiple of 256 for some; the second one
+    strided, a transposed view, so the flat copy is written back after the launch)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = [(4, 80), (96, 4), (4, 96), (64, 4), (4, 64), (80, 4)]
     ps = [torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype)) for shape in shapes]
+    ps[1] = torch.nn.Parameter(torch.randn(shapes[1][::-1], generator=gen).to(dtype).t())
+    assert not ps[1].is_contiguous()
     return ps, gen
 
 
