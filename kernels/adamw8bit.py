@@ -139,7 +139,7 @@ def _adamw8bit_multi_kernel(table_ptr, num_tensors, map_m_ptr, map_v_ptr, table_
         lo = tl.where(below, mid, lo)
         hi = tl.where(below, hi, mid)
     blk = pid - tl.load(table_ptr + lo)  # block index inside the slice
-    row = table_ptr + num_tensors + lo.to(tl.int64) * 9
+    row = table_ptr + num_tensors + lo.to(tl.int64) * 9  # ROW words a row
     p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
     mq_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
