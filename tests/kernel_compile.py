@@ -128,6 +128,27 @@ def _adamw_cases():
     # past 2**31 elements the element count is passed (and specialised) as a 64-bit integer
     yield "adamw8bit", f"{2**31 + 256} bf16", mod, "_adamw8bit_kernel", launch(2**31 + 256, torch.bfloat16, False)
 
+    def launch_many(shapes, dtype, stochastic):
+        slices = []
+        for rows, cols in shapes:
+            n = rows * cols
+            p, g = _meta(n, dtype=dtype), _meta(n, dtype=dtype)
+            st = (_meta(n, dtype=torch.uint8), _meta(-(-n // 256)), _meta(n, dtype=torch.uint8), _meta(-(-n // 256)))
+            slices.append((p, g, *st, s, 0, stochastic))
+        return lambda: mod.adamw8bit_step_many(slices, *maps)
+
+    # the multi-tensor launch of a LoRA step: r=16 on every linear of Llama-3.1-8B, A and B of
+    # q, k, v, o, gate, up, down in 32 layers = 448 slices; every element count a multiple of 16
+    h, kv, inter, r = 4096, 1024, 14336, 16
+    lora = [(r, h), (h, r), (r, h), (kv, r), (r, h), (kv, r), (r, h), (h, r), (r, h), (inter, r), (r, h),
+            (inter, r), (r, inter), (h, r)] * 32
+    for dtype, stochastic in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        label = f"{len(lora)} LoRA r=16 slices of Llama-3.1-8B {str(dtype)[6:]}" + (" stochastic" if stochastic else "")
+        yield "adamw8bit_multi", label, mod, "_adamw8bit_multi_kernel", launch_many(lora, dtype, stochastic)
+    # element counts that are not a multiple of 16: no 16-byte loads (ALIGNED off)
+    yield "adamw8bit_multi", "2 slices of 4097 float32 (unaligned)", mod, "_adamw8bit_multi_kernel", \
+        launch_many([(17, 241), (4097, 1)], torch.float32, False)
+
 
 def _nf4_cases():
     import minift.kernels.nf4 as mod

@@ -41,8 +41,10 @@ def test_dry_run_runs_every_part(dry_run):
 @pytest.mark.slow  # the whole suite once (module fixture): ~10-30 s on 2 shared cores
 def test_dry_run_checks_the_kernels(dry_run):
     checks = dry_run[1]["results"]["kernel_checks"]  # the interpreter runs them (conftest)
-    assert {"nf4_dequant", "adamw8bit_float32", "adamw8bit_bfloat16"} <= set(checks)
-    assert all(checks[k]["equal"] for k in ("nf4_dequant", "adamw8bit_float32", "adamw8bit_bfloat16"))
+    kernels = ("nf4_dequant", "adamw8bit_float32", "adamw8bit_bfloat16", "adamw8bit_many")
+    assert set(kernels) <= set(checks)
+    assert all(checks[k]["equal"] for k in kernels)
+    assert checks["adamw8bit_many"]["launches"] == 3  # bf16 stochastic, fp32, bf16: three groups
     # fused RMSNorm / RoPE / SwiGLU in bf16: within a few bf16 roundings of the reference
     assert set(checks["fused"]) == {"rmsnorm", "rope", "swiglu"}
     for op in checks["fused"].values():
@@ -64,6 +66,10 @@ def test_dry_run_timings_and_ratios(dry_run):
     assert r["adamw8bit"]["torch_adamw_fused"]["cold_ms"]
     lora = r["adamw8bit"]["adamw8bit_lora_r16"]  # tiny preset: 2 layers x 7 linears x (A, B)
     assert lora["tensors"] == 28 and lora["loop_ms"] and lora["cold_ms"]
+    launches = r["adamw8bit"]["lora_launches"]  # 14 factors of one layer at rank 4 in the dry run
+    h, kv, inter = 64, 16, 128  # the dry run's widths; A factors (4, in), B factors (out, 4)
+    assert launches["tensors"] == 14 and launches["numel"] == (6 * h + inter) * 4 + (h + kv + kv + h + inter + inter + h) * 4
+    assert launches["one_launch_ms"] and launches["per_tensor_launches_ms"] and launches["optimizer_step_ms"]
     for op in ("rmsnorm", "rope", "swiglu"):
         row = r["fused_ops"][op]
         assert row["eager"]["loop_ms"] and row["compiled"]["cold_ms"] and "not on this device" in row["fused"]

@@ -107,3 +107,26 @@ def test_rmsnorm_backward_grid_is_resident_in_one_wave(report):
     for r in records:
         assert r["grid"][0] <= r["programs_per_sm"] * SM_LIMITS[90]["sms"], r
         assert set(r["st_global_widths"]) == {"v4.b32"} and r["ld_global_widths"].get("v4.b32"), r
+
+
+def test_adamw_requantizes_without_a_search(report):
+    # 94 global loads per program with the 8-step binary search over the map (80 of them the
+    # search's); the packed table needs one gather per value: the loads left are the block's
+    # gradient, parameter and codes, two map gathers, two absmax and two table gathers per
+    # element a thread holds, plus the multi-tensor launch's table row
+    cases = [r for r in report["records"] if r["kernel"] in ("adamw8bit", "adamw8bit_multi")]
+    assert {r["kernel"] for r in cases} == {"adamw8bit", "adamw8bit_multi"}
+    for r in cases:
+        if "unaligned" not in r["case"]:
+            assert r["ld_global"] <= 40 and r["ld_global_u8"] == 0, r  # codes come 4 bytes at a time
+        else:  # element counts not a multiple of 16: masked loads element by element
+            assert r["ld_global_u8"] > 0, r
+
+
+def test_a_lora_step_of_448_parameters_is_one_launch(report):
+    lora = [r for r in report["records"] if r["kernel"] == "adamw8bit_multi" and "LoRA" in r["case"]]
+    assert lora and all(r["launch"] == 0 for r in lora)  # no second launch recorded for any case
+    h, kv, inter, r = 4096, 1024, 14336, 16  # Llama-3.1-8B, rank 16
+    per_layer = (6 * h + inter) * r + (h + kv + kv + h + inter + inter + h) * r  # A factors, B factors
+    blocks = 32 * per_layer // 256  # every factor a whole number of 256-element blocks
+    assert all(r["grid"] == [blocks] for r in lora)

@@ -57,10 +57,10 @@ from minift.optim.quant8 import StepScalars, adamw8bit_step_reference, quantize_
 from minift.quantmaps import dynamic_map
 
 try:  # the launchers need Triton; without it the kernel checks are skipped
-    from minift.kernels.adamw8bit import adamw8bit_step
+    from minift.kernels.adamw8bit import adamw8bit_step, adamw8bit_step_many
     from minift.kernels.nf4 import nf4_dequantize
 except ImportError:  # pragma: no cover - platforms without Triton
-    adamw8bit_step = nf4_dequantize = None
+    adamw8bit_step = adamw8bit_step_many = nf4_dequantize = None
 
 
 @dataclass
@@ -82,11 +82,14 @@ class Sizes:
     iters: int = 20  # timed repetitions per measurement, at most (the part's budget may cut)
     loop_calls: int = 20  # kernel calls between one pair of events in a loop timing
     flush_mib: int = 256  # written before each cold-cache kernel call (H100/H200 L2: 50 MB)
+    lora_layers: int = 32  # the 8-bit AdamW step of a LoRA model: r on every linear of these layers
+    lora_rank: int = 16
 
 
 DRY_SIZES = Sizes(nf4_shapes=((64, 64), (64, 192), (128, 256)), adam_numel=4096, copy_mib=1,
                   matmul_n=64, tokens=32, hidden=64, intermediate=128, heads=4, head_dim=16,
-                  preset="tiny", batch=2, seq_len=16, iters=2, loop_calls=2, flush_mib=1)
+                  preset="tiny", batch=2, seq_len=16, iters=2, loop_calls=2, flush_mib=1, lora_layers=1,
+                  lora_rank=4)
 
 
 class Clock:
@@ -213,6 +216,7 @@ def part_kernel_checks(ctx) -> dict:
         diffs = [int((a != b).sum()) for a, b in zip(ref_t, got_t)]
         out[f"adamw8bit_{str(dtype).split('.')[-1]}"] = {"equal": not any(diffs),
                                                          "differing_elements": diffs}
+    out["adamw8bit_many"] = _adam_many_check(ctx.device)
     out["fused"] = _fused_checks(ctx.device)  # bf16: rounding differences, not equality, expected
     return out
 
@@ -225,6 +229,64 @@ def _adam_inputs(n, dtype, device):
     g = torch.randn(n, device=device) * 1e-2
     s = StepScalars.make(1e-3, 0.9, 0.999, 1e-8, 0.01, step=3, seed=7)
     return [p, mc, ma, vc, va], g, (mm, mv), s
+
+
+def _adam_many_check(device) -> dict:
+    """The multi-tensor launch on slices of three dtypes and roundings (and an empty one) against
+    the reference slice by slice."""
+    specs = [(3 * 256 + 37, torch.bfloat16, True), (1000, torch.float32, False), (256, torch.bfloat16, False),
+             (0, torch.float32, False)]
+    slices, refs = [], []
+    for i, (n, dtype, stochastic) in enumerate(specs):
+        tensors, g, maps, s = _adam_inputs(n, dtype, device)
+        s = StepScalars.make(1e-3, 0.9, 0.999, 1e-8, 0.01, step=3, seed=11 + i)
+        got, ref = [t.clone() for t in tensors], [t.clone() for t in tensors]
+        slices.append((got[0], g, *got[1:], s, 256 * i, stochastic))
+        refs.append((ref, g, s, 256 * i, stochastic))
+    launches = adamw8bit_step_many(slices, *maps)
+    diffs = []
+    for sl, (ref, g, s, offset, stochastic) in zip(slices, refs):
+        adamw8bit_step_reference(ref[0], g, *ref[1:], *maps, s, offset=offset, stochastic=stochastic)
+        got = [sl[0], *sl[2:6]]
+        diffs.append([int((a != b).sum()) for a, b in zip(ref, got)])
+    return {"equal": not any(map(any, diffs)), "differing_elements": diffs, "launches": launches}
+
+
+def _lora_shapes(sizes) -> list:
+    """(rows, cols) of the A and B factors of rank-r LoRA on q, k, v, o, gate, up, down of
+    ``lora_layers`` layers (k and v with a quarter of the hidden width: GQA 4:1)."""
+    h, kv, inter, r = sizes.hidden, sizes.hidden // 4, sizes.intermediate, sizes.lora_rank
+    per_layer = [(r, h), (h, r), (r, h), (kv, r), (r, h), (kv, r), (r, h), (h, r),
+                 (r, h), (inter, r), (r, h), (inter, r), (r, inter), (h, r)]
+    return per_layer * sizes.lora_layers
+
+
+def _lora_step(ctx) -> dict:
+    """The 8-bit AdamW step of a LoRA model's fp32 factors: one multi-tensor launch against one
+    launch per tensor (same tensors, same work: the difference is launch overhead), and the
+    whole ``AdamW8bit.step`` (finiteness check and its one sync included)."""
+    if ctx.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"skipped": "Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"}
+    params = [torch.nn.Parameter(torch.randn(shape, device=ctx.device) * 0.02) for shape in _lora_shapes(ctx.sizes)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = AdamW8bit(params, lr=1e-4, min_8bit_size=0)
+    opt.step()  # creates the states
+    maps = (dynamic_map(True, ctx.device), dynamic_map(False, ctx.device))
+    s = StepScalars.make(1e-4, 0.9, 0.999, 1e-8, 0.0, step=2)
+    slices = [(p.view(-1), p.grad.view(-1), *(opt.state[p][k] for k in
+               ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")),
+               StepScalars.make(1e-4, 0.9, 0.999, 1e-8, 0.0, step=2, seed=i), 0, False)
+              for i, p in enumerate(params)]
+    numel = sum(p.numel() for p in params)
+    floor_bytes = numel * (4 + 4 + 4 + 2 + 2) + 4 * 4 * -(-numel // 256)  # as part_adamw8bit, plus scales
+    share = ctx.seconds / 6
+    return {"tensors": len(params), "numel": numel, "floor_bytes": floor_bytes,
+            "floor_ms": floor_bytes / ctx.copy_bytes_per_s * 1e3 if ctx.copy_bytes_per_s else None,
+            "one_launch_ms": ctx.clock.times_ms(lambda: adamw8bit_step_many(slices, *maps), share),
+            "per_tensor_launches_ms": ctx.clock.times_ms(
+                lambda: [adamw8bit_step(*sl[:6], *maps, s, 0, False) for sl in slices], share),
+            "optimizer_step_ms": ctx.clock.times_ms(opt.step, share)}
 
 
 # ---- bandwidth-bound kernels ---------------------------------------------------------------
@@ -283,7 +345,8 @@ def part_adamw8bit(ctx) -> dict:
     """One AdamW8bit step on N fp32 parameters against its floor (the bytes it must move at copy
     bandwidth) and torch's fused fp32 AdamW on the same parameters; then the step over the many
     small tensors of LoRA (rank 16 on every decoder linear of the preset), where launches, not
-    bytes, decide."""
+    bytes, decide, and the same factors as one multi-tensor launch against one launch per tensor
+    (``_lora_step``)."""
     from minift.models.config import ModelConfig
     n = ctx.sizes.adam_numel
     p = torch.nn.Parameter(torch.randn(n, device=ctx.device) * 0.02)
@@ -303,6 +366,7 @@ def part_adamw8bit(ctx) -> dict:
     for q in lora:
         q.grad = torch.randn_like(q) * 1e-3
     out["adamw8bit_lora_r16"] = _adam_step_row(ctx, AdamW8bit(lora, lr=1e-4), lora, ctx.seconds / 3)
+    out["lora_launches"] = _lora_step(ctx)
     return out
 
 

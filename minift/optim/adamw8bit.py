@@ -33,17 +33,33 @@ from minift.quantmaps import dynamic_map
 from minift.tracing import known, on_cuda
 
 if HAS_TRITON:  # the CUDA path; the torch reference serves everywhere else
-    from minift.kernels.adamw8bit import adamw8bit_step
+    from minift.kernels.adamw8bit import adamw8bit_step, adamw8bit_step_many
+
+
+def _fused(p) -> bool:
+    """Whether the 8-bit step of ``p`` is the fused Triton kernel (CUDA), not the CPU step."""
+    return on_cuda(p) and HAS_TRITON
 
 
 def _step8(p, g, states, maps, s: StepScalars, offset: int, stochastic: bool) -> None:
     """One 8-bit step on flat slices: the fused kernel on CUDA, the fast torch step elsewhere."""
     m_codes, m_absmax, v_codes, v_absmax = states
-    if on_cuda(p) and HAS_TRITON:
+    if _fused(p):
         adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset, stochastic)
     else:
         adamw8bit_step_cpu(p, g, m_codes, m_absmax, v_codes, v_absmax, *maps, s, offset,
                            stochastic)
+
+
+def _step8_together(slices, maps) -> None:
+    """The fused step of many slices on one device, ``slices`` as ``adamw8bit_step_many`` takes
+    them: one slice launches alone (a parameter stepped from its gradient hook), more go into
+    one multi-tensor launch per group of like slices (one per param group and dtype)."""
+    if len(slices) == 1:
+        p, g, *states, s, offset, stochastic = slices[0]
+        adamw8bit_step(p, g, *states, *maps, s, offset, stochastic)
+    elif slices:
+        adamw8bit_step_many(slices, *maps)
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -117,6 +133,8 @@ class AdamW8bit(torch.optim.Optimizer):
         if self.check_finite and not self._grads_finite(todo):
             return loss
         streamed = {}  # device -> list of (page, context) for paged parameters
+        together = {}  # device -> fused 8-bit slices, launched together after the loop
+        strided = []  # (parameter, flat copy) to write back after the launches
         for index, group, p in todo:
             state = self.state[p]
             if not state:
@@ -132,10 +150,19 @@ class AdamW8bit(torch.optim.Optimizer):
                 adamw32_step(lp, lg, state["exp_avg"], state["exp_avg_sq"], s, stochastic, base)
             elif self.paged:
                 streamed.setdefault(lp.device, []).append((p, s, stochastic))
+            elif _fused(lp):
+                flat = self._flat(lp, strided)
+                together.setdefault(lp.device, []).append(
+                    (flat, lg.reshape(-1).contiguous(), *[state[k] for k in KEYS_8BIT], s, base,
+                     stochastic))
             else:
                 self._update_flat(lp, lg, lambda fp, fg: _step8(
                     fp, fg, [state[k] for k in KEYS_8BIT], self._maps_on(lp.device), s, base,
                     stochastic))
+        for device, slices in together.items():
+            _step8_together(slices, self._maps_on(device))
+        for lp, flat in strided:
+            lp.copy_(flat.view_as(lp))
         for device, items in streamed.items():
             self._paged_update(device, items)
         return loss
@@ -218,6 +245,16 @@ class AdamW8bit(torch.optim.Optimizer):
                 if self.paged else torch.zeros(num_blocks(n), device=p.device)
 
     @staticmethod
+    def _flat(p, strided: list) -> torch.Tensor:
+        """A flat contiguous view of p, or a flat copy (then ``(p, copy)`` joins ``strided`` to
+        be written back once the update ran)."""
+        if p.is_contiguous():
+            return p.view(-1)
+        flat = p.reshape(-1).clone()
+        strided.append((p, flat))
+        return flat
+
+    @staticmethod
     def _update_flat(p, grad, fn) -> None:
         """Call fn(flat_param, flat_grad) on contiguous 1-D views; copies back if p is strided."""
         flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
@@ -249,14 +286,21 @@ class AdamW8bit(torch.optim.Optimizer):
             grad = sharded.local(p.grad).reshape(-1).contiguous()
             work += [(page, lp, flat, grad, s, stochastic, base) for page in self._pages_of(p, pager)]
         by_key = {w[0].key: w for w in work}
+        kept = []  # fused slices of kept pages: they stay on the device, so they step together
 
         def compute(page, dev):
             _, _, flat, grad, s, stochastic, base = by_key[page.key]
             start = page.key[1] * self.page_size
             end = min(start + self.page_size, flat.numel())
-            _step8(flat[start:end], grad[start:end], dev, maps, s, base + start, stochastic)
+            if page.kept and _fused(flat):
+                kept.append((flat[start:end], grad[start:end], *dev, s, base + start, stochastic))
+            else:  # a streamed page is written back right after its step: it steps alone
+                _step8(flat[start:end], grad[start:end], dev, maps, s, base + start, stochastic)
 
         pager.run([w[0] for w in work], compute)
+        # after run: every kept page's copy-in was waited for on this stream, and nothing reads
+        # kept pages before the next flush, which waits for this stream
+        _step8_together(kept, maps)
         for p, flat in {id(w[1]): (w[1], w[2]) for w in work}.values():
             if not p.is_contiguous():
                 p.copy_(flat.view_as(p))

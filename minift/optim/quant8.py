@@ -250,6 +250,38 @@ def requant_table(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _requant_table_of(code)
 
 
+def packed_requant_table(code: torch.Tensor) -> torch.Tensor:
+    """``requant_table`` in one int32 word per bucket, so the kernel needs one gather per value.
+
+    Word ``b`` holds the low 16 bits of ``threshold[b]`` (bits 0-15), ``codes[b]`` (bits 16-23) and
+    ``codes[b + 65536]`` (bits 24-31). That is all of the table because a bucket's threshold lies
+    in the bucket itself (top 16 bits ``b``: the first value whose code moves, or the infinity of
+    the bucket of inf) or, where it does not, both codes are equal and the compare cannot matter
+    (its low bits are then 0). So, with ``bits`` the float32 bits of ``y`` and ``w`` its word::
+
+        threshold = float32 of (bits & 0xFFFF0000) | (w & 0xFFFF)
+        nearest_code(y) == ((w >> 24) if y >= threshold else (w >> 16)) & 0xFF
+
+    The compare is the same float32 ``>=`` as ``requant_table``'s (false for NaN, -0.0 == 0.0).
+    Returns int32 (65536,) on the CPU, cached per map as ``requant_table``.
+    """
+    return _packed_of(code)
+
+
+@functools.lru_cache(maxsize=16)
+def _packed_of(code: torch.Tensor) -> torch.Tensor:
+    with unset_fake_temporarily():  # a constant, real in a planning trace too
+        threshold, codes = requant_table(code)
+        low, high = codes[:_PREFIXES].to(torch.int64), codes[_PREFIXES:].to(torch.int64)
+        bits = threshold.view(torch.int32).to(torch.int64) & _MASK32
+        split = low != high
+        # holds by construction (a split's threshold is a value of its bucket): checked because
+        # the kernel would silently pick wrong codes otherwise
+        assert torch.equal((bits >> 16)[split], torch.nonzero(split)[:, 0]), "threshold outside its bucket"
+        word = torch.where(split, bits & 0xFFFF, 0) | (low << 16) | (high << 24)
+        return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
 @functools.lru_cache(maxsize=16)
 def _requant_table_of(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Keyed by the map tensor itself (the optimizer keeps one pair of constant maps per device),
