@@ -130,3 +130,15 @@ def test_a_lora_step_of_448_parameters_is_one_launch(report):
     per_layer = (6 * h + inter) * r + (h + kv + kv + h + inter + inter + h) * r  # A factors, B factors
     blocks = 32 * per_layer // 256  # every factor a whole number of 256-element blocks
     assert all(r["grid"] == [blocks] for r in lora)
+
+
+def test_the_roofline_table_in_the_docs_is_the_records():
+    import re
+
+    from kernel_roofline import RECORDS, table
+
+    with open(RECORDS, encoding="utf-8") as f:
+        want = table(json.load(f)["records"])
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "kernels.md").read_text(encoding="utf-8")
+    got = re.search(r"<!-- roofline: python tests/kernel_roofline.py -->\n(.*?)<!-- /roofline -->", docs, re.S)
+    assert got and got.group(1) == want, "docs/kernels.md: rerun python tests/kernel_roofline.py"
