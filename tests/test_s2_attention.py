@@ -285,3 +285,38 @@ def test_traced_s2_memory_is_linear_in_length_on_cuda_and_quadratic_on_the_cpu()
     # and against full attention (flash: no mask), S²-Attn adds only the block tables
     full = _activations("cuda", 4096)
     assert full <= cuda[1] <= full + LONG.num_hidden_layers * 2**20
+
+
+# ---- the command lines -------------------------------------------------------------------------
+def test_train_llama_flags_set_the_fields():
+    from test_example import _script
+    script = _script()
+    def config(*flags):
+        args = script.parse_args(["--device", "cpu", *flags])
+        args.device_type = "cpu"
+        return args, script.make_config(args, pad_id=0)
+
+    args, set_ = config("--s2-attention", "--s2-group-size", "16", "--no-group-by-length")
+    assert (set_.s2_attention, set_.s2_group_size, set_.group_by_length) == (True, 16, False)
+    default = config()[1]
+    assert (default.s2_attention, default.s2_group_size, default.group_by_length) == (False, None, True)
+    args.s2_attention = False
+    with pytest.raises(script.UsageError, match=r"^--s2-group-size is set, but no --s2-attention; "
+                                                r"set --s2-attention as well$"):
+        script.make_config(args, pad_id=0)
+
+
+def test_plan_traces_s2_and_prints_its_flags(capsys):
+    from minift.__main__ import main
+    assert main(["plan", "--model", "tiny", "--gpu-memory", "2GiB", "--seq-len", "128",
+                 "--s2-attention", "--s2-group-size", "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    lora = out["methods"]["lora"]
+    assert "s2_attention=True, s2_group_size=32" in lora["train_config"]
+    assert lora["command"].endswith("--s2-attention --s2-group-size 32")
+    want = estimate_memory("tiny", "lora", 1, 128, attention_mask=False, s2_attention=True,
+                           s2_group_size=32)
+    assert lora["asked"]["total"] == want.total
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "tiny", "--gpu-memory", "2GiB", "--s2-group-size", "32"])
+    assert "s2_group_size is set, but s2_attention=False" in capsys.readouterr().err

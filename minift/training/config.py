@@ -183,7 +183,7 @@ class TrainConfig:
         check_int("TrainConfig.s2_group_size", self.s2_group_size, minimum=2, optional=True)
         if self.s2_group_size is not None and not self.s2_attention:
             raise ValueError("TrainConfig.s2_group_size is set, but s2_attention=False; set "
-                             "s2_attention=True or leave s2_group_size=None")
+                             "s2_attention=True as well")
         if self.s2_attention and self.batching == "pack":
             raise ValueError("TrainConfig.s2_attention=True groups the positions of a row, and "
                              "batching='pack' puts several samples in a row; use batching='bucket'")
