@@ -246,7 +246,10 @@ def _flex_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @_flex_planned.register_fake
 def _(q, k, v, tables):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    # the kernel's output takes the query's memory order (a transposed (B, T, H, D) query gives a
+    # (B, T, H, D)-ordered output, whose reshape to (B, T, H * D) is free)
+    out = torch.empty_like(q) if v.shape[-1] == q.shape[-1] else q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("minift::flex_attention_planned_backward", mutates_args=())
