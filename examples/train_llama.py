@@ -175,6 +175,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--mlp-tile-size", type=_number(int, 1), default=None,
         help="tokens per MLP tile for long sequences: each layer's MLP runs over checkpointed "
              "tiles of the sequence (default: the whole sequence at once)")
+    add("--s2-attention", action="store_true",
+        help="shifted sparse attention (S²-Attn, LongLoRA) while training: half the heads attend "
+             "within groups of tokens, the other half within groups shifted by half a group; "
+             "evaluation and generation attend fully (docs/long_context.md)")
+    add("--s2-group-size", type=_number(int, 2), default=None, metavar="N",
+        help="with --s2-attention: tokens per group (default: a quarter of each micro-batch's length)")
+    add("--no-group-by-length", dest="group_by_length", action="store_false",
+        help="random micro-batches instead of rows of similar length together (more padding)")
     add("--paged-device-budget", type=_budget, default=None, metavar="SIZE",
         help="with --optimizer paged_adamw8bit: device memory for the 8-bit state pages, e.g. "
              "512MiB or 2GB; the rest streams from host memory each step; 0 = stream every page, "
@@ -472,15 +480,18 @@ FLAG_OF_FIELD = {"method": "--method", "learning_rate": "--lr", "epochs": "--epo
                  "optimizer_in_backward": "--optimizer-in-backward", "parallel": "--parallel",
                  "fsdp_cpu_offload": "--fsdp-cpu-offload", "mlp_tile_size": "--mlp-tile-size",
                  "paged_device_budget": "--paged-device-budget", "skip_steps": "--skip-step",
-                 "dist_timeout": "--dist-timeout"}
+                 "dist_timeout": "--dist-timeout", "s2_attention": "--s2-attention",
+                 "s2_group_size": "--s2-group-size", "group_by_length": "--no-group-by-length"}
 # fields set by a switch (store_true): field=True is the flag, field=False its absence
 SWITCHES = {"gradient_checkpointing", "activation_offload", "optimizer_in_backward",
-            "fsdp_cpu_offload", "precompute_reference"}
+            "fsdp_cpu_offload", "precompute_reference", "s2_attention"}
 # values the flags spell their own way
 SPELLED = {("max_grad_norm", "None"): "--max-grad-norm 0",
            ("loss_chunk_size", "None"): "--loss-chunk-size 0",
            ("paged_device_budget", "None"): "--paged-device-budget all",
-           ("resume_from", "latest"): "--resume"}
+           ("resume_from", "latest"): "--resume",
+           ("group_by_length", "False"): "--no-group-by-length",
+           ("group_by_length", "True"): "no --no-group-by-length"}
 _FIELD = re.compile(r"(TrainConfig\.)?\b([a-z][a-z0-9_]*)(=(?:'[^']*'|[^\s,;)]+))?( \(--[a-z-]+\))?")
 
 
@@ -517,7 +528,8 @@ def make_config(args, pad_id) -> TrainConfig:
             max_grad_norm=args.max_grad_norm or None, loss_chunk_size=args.loss_chunk_size or None,
             activation_offload=args.activation_offload,
             optimizer_in_backward=args.optimizer_in_backward, mlp_tile_size=args.mlp_tile_size,
-            paged_device_budget=budget,
+            paged_device_budget=budget, s2_attention=args.s2_attention,
+            s2_group_size=args.s2_group_size, group_by_length=args.group_by_length,
             pad_id=pad_id, output_dir=args.output, seed=args.seed, resume_from=args.resume,
             device=args.device, log_interval=10, save_interval=args.save_interval, keep_last=2,
             parallel=args.parallel, fsdp_cpu_offload=args.fsdp_cpu_offload,

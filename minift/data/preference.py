@@ -183,11 +183,12 @@ def select_pairs(batch, index):
     return {k: v[pairs] if k == "pair_index" else v[rows] for k, v in batch.items()}
 
 
-def pair_batches(pairs, batch_size, *, pad_id, seed=0, shuffle=True):
-    """Pairs in batches of `batch_size`, pairs of similar length together (as SFT's bucketing),
-    in an order fixed by `seed`; the global RNG is neither used nor changed."""
+def pair_batches(pairs, batch_size, *, pad_id, seed=0, shuffle=True, by_length=True):
+    """Pairs in batches of `batch_size`, pairs of similar length together (as SFT's bucketing;
+    `by_length` False: random batches), in an order fixed by `seed`; the global RNG is neither
+    used nor changed."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     lengths = [max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
-    groups = _bucket_groups(lengths, batch_size, random.Random(seed), shuffle)
+    groups = _bucket_groups(lengths, batch_size, random.Random(seed), shuffle, by_length)
     return [collate_pairs([pairs[i] for i in g], pad_id, g) for g in groups]

@@ -197,15 +197,18 @@ def _check_examples(examples, max_length):
                              "tokenize with the same max_length")
 
 
-def _bucket_groups(lengths, batch_size, rng, shuffle):
+def _bucket_groups(lengths, batch_size, rng, shuffle, by_length=True):
     """Index lists, one per batch: similar lengths together, order still random.
 
     Sorting inside shuffled mega-chunks of 50 batches keeps padding low while an epoch still
     mixes short and long batches; sorting the whole set would make batch order follow length.
+    `by_length` False: the shuffled examples cut into batches as they come (random batches).
     """
     order = list(range(len(lengths)))
     if shuffle:
         rng.shuffle(order)
+    if not by_length:
+        return [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
     chunk = 50 * batch_size
     groups = []
     for start in range(0, len(order), chunk):
@@ -269,7 +272,7 @@ def _collate(rows, pad_id, packed):
 
 
 def batch_examples(examples, batch_size, *, pad_id, mode="bucket", max_length=None, seed=0,
-                   shuffle=True, indices=False):
+                   shuffle=True, indices=False, by_length=True):
     """Groups tokenized examples into padded batches, deterministically for a seed.
 
     Args:
@@ -284,6 +287,8 @@ def batch_examples(examples, batch_size, *, pad_id, mode="bucket", max_length=No
         seed: seeds a local random.Random; global RNG state is neither used nor changed.
         shuffle: randomize example and batch order; False keeps a fixed order.
         indices: return each batch's example indices (into `examples`) instead of its tensors.
+        by_length: "bucket" groups examples of similar length (True) or cuts the shuffled
+            examples into batches as they come (False: random batches, more padding).
 
     Returns:
         List of dicts of (B, T) long tensors: input_ids, labels, attention_mask, and for
@@ -299,7 +304,7 @@ def batch_examples(examples, batch_size, *, pad_id, mode="bucket", max_length=No
     rng = random.Random(seed)
     lengths = [len(ex["input_ids"]) for ex in examples]
     if mode == "bucket":
-        groups = _bucket_groups(lengths, batch_size, rng, shuffle)
+        groups = _bucket_groups(lengths, batch_size, rng, shuffle, by_length)
         if indices:
             return [list(g) for g in groups]
         return [_collate([[examples[i]] for i in g], pad_id, packed=False) for g in groups]

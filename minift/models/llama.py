@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minift.models import fused
-from minift.models.attention import ATTENTION_IMPLS, BatchMask, attend, batch_mask
+from minift.models.attention import ATTENTION_IMPLS, BatchMask, attend, batch_mask, s2_group_size
 from minift.models.config import ModelConfig
 from minift.models.fused import uses_triton
 from minift.models.offload import ActivationOffload
@@ -172,6 +172,10 @@ class Llama(nn.Module):
         # "auto": FlexAttention for padded, packed or windowed batches on CUDA, dense SDPA masks
         # elsewhere; "sdpa" / "flex" force one (flex without a cache only; see minift.models.attention).
         self.attention_impl = "auto"
+        # Shifted sparse attention (S²-Attn) in training forwards; the training loop switches it
+        # on for its steps (TrainConfig.s2_attention). Group size None: a quarter of each forward.
+        self.s2_attention = False
+        self.s2_group_size: Optional[int] = None
         # With checkpointing on: each checkpointed layer input waits for backward in host memory
         self.activation_offload = False
         self._offload: dict[torch.device, ActivationOffload] = {}
@@ -265,8 +269,11 @@ class Llama(nn.Module):
             raise ValueError(f"Llama.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
                              f"got {impl!r}")
         use_flex = impl == "flex" or (impl == "auto" and device_is_cuda(device))
+        # S²-Attn only while training without a cache: evaluation and generation attend fully
+        s2 = s2_group_size(t, self.s2_group_size) if self.s2_attention and self.training \
+            and past == 0 else None
         return batch_mask(t, past, attention_mask, segment_ids, sliding_window(self.config),
-                          device, use_flex)
+                          device, use_flex, s2_group=s2, heads=self.config.num_attention_heads)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, segment_ids, kv_cache, past):
         if input_ids.dim() != 2:

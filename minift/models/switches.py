@@ -1,5 +1,6 @@
 """Switches a training step turns on for the block and off again: each is an attribute that
-minift's modules read in their forward (gradient checkpointing, activation offload, MLP tiles)."""
+minift's modules read in their forward (gradient checkpointing, activation offload, MLP tiles,
+shifted sparse attention)."""
 from __future__ import annotations
 
 import contextlib
@@ -45,6 +46,17 @@ def mlp_tiling(model: torch.nn.Module, tile: Optional[int]):
     return module_flag(model, "mlp_tile_size", tile, required=tile is not None,
                        missing="TrainConfig.mlp_tile_size is set, but no module of the model has an "
                                "'mlp_tile_size' attribute (minift's Llama decoder layers have)")
+
+
+@contextlib.contextmanager
+def shifted_sparse_attention(model: torch.nn.Module, enabled: bool, group_size: Optional[int]):
+    """Set the model's ``s2_attention`` flag and ``s2_group_size`` (S²-Attn in training forwards)
+    for the block, then restore them."""
+    with module_flag(model, "s2_attention", enabled, required=enabled,
+                     missing="TrainConfig.s2_attention=True, but no module of the model has an "
+                             "'s2_attention' attribute (minift's Llama has)"), \
+            module_flag(model, "s2_group_size", group_size, required=False, missing=""):
+        yield
 
 
 def decoder_layers(model: nn.Module, why: str) -> nn.ModuleList:

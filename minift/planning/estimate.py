@@ -21,6 +21,7 @@ from minift.training.config import TrainConfig
 _RUN_FIELDS = {"learning_rate", "warmup_ratio", "lr_scheduler", "epochs", "max_steps", "eval_interval",
                "save_interval", "log_interval", "keep_last", "output_dir", "resume_from", "progress",
                "dist_timeout", "skip_steps", "micro_batch_size", "max_length", "device", "method",
+               "group_by_length",  # which rows share a micro-batch; a trace makes its own
                "fsdp_cpu_offload", "parallel"}  # the last two are the cpu_offload / parallel arguments
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in _RUN_FIELDS)
 

@@ -197,6 +197,8 @@ def train_llama_flags(request: Request, method: str, fields: dict, prep: dict) -
         flags.append("--max-grad-norm 0")
     if c.grad_accum != 1:
         flags.append(f"--grad-accum {c.grad_accum}")
+    if c.s2_attention:
+        flags.append("--s2-attention" + (f" --s2-group-size {c.s2_group_size}" if c.s2_group_size else ""))
     if p.get("adapter_dtype") is torch.bfloat16 and method != "full":
         flags.append("--adapter-dtype bfloat16")
     if p.get("lm_head_nf4") and method == "qlora":
@@ -321,6 +323,10 @@ def add_plan_arguments(parser) -> None:
         help="TrainConfig.grad_accum")
     add("--objective", default=DEFAULTS.objective, choices=("sft", "dpo"),
         help="sft, or dpo (--batch-size counts pairs; the reference as TrainConfig.dpo_reference)")
+    add("--s2-attention", action="store_true", dest="s2_attention",
+        help="TrainConfig.s2_attention (shifted sparse attention while training)")
+    add("--s2-group-size", type=int, default=DEFAULTS.s2_group_size, dest="s2_group_size",
+        help="TrainConfig.s2_group_size (tokens per S²-Attn group; default a quarter of --seq-len)")
     add("--padded", action="store_true", help="batches carry padding (the masked attention path)")
     add("--gpus", type=int, default=1, help="GPUs of a torchrun job (memory is per GPU)")
     add("--parallel", choices=("fsdp", "ddp"), default=None, help="with --gpus > 1 (default fsdp)")
@@ -347,7 +353,8 @@ def request_of(args) -> Request:
     fields = dict(optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
                   loss_chunk_size=args.loss_chunk_size or None, activation_offload=args.activation_offload,
                   optimizer_in_backward=args.optimizer_in_backward, mlp_tile_size=args.mlp_tile_size,
-                  grad_accum=args.grad_accum, objective=args.objective)
+                  grad_accum=args.grad_accum, objective=args.objective,
+                  s2_attention=args.s2_attention, s2_group_size=args.s2_group_size)
     if args.optimizer_in_backward:
         fields["max_grad_norm"] = None
     if args.paged_device_budget is not None:

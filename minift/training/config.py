@@ -14,7 +14,11 @@ from minift.training.schedule import SCHEDULES
 BATCHING = ("bucket", "pack")
 OBJECTIVES = ("sft", "dpo")
 # Fields that fix which micro-batches make up step N; a resumed run must keep them.
-DATA_ORDER_FIELDS = ("micro_batch_size", "grad_accum", "batching", "seed", "max_length", "pad_id")
+DATA_ORDER_FIELDS = ("micro_batch_size", "grad_accum", "batching", "seed", "max_length", "pad_id",
+                     "group_by_length")
+# Data-order fields added after checkpoints were first written: the value the runs of older
+# checkpoints (which do not record the field) had.
+DATA_ORDER_BEFORE = {"group_by_length": True}
 
 
 @dataclass
@@ -65,6 +69,9 @@ class TrainConfig:
     | paged_device_budget | 2**30 | paged_adamw8bit: device bytes of state pages kept on the device; None = all kept |
     | dist_timeout | 1800.0 | torchrun: seconds a collective waits for the other ranks before the job fails |
     | skip_steps | () | optimizer steps whose micro-batches are passed over untrained (a batch that gives NaN) |
+    | group_by_length | True | "bucket": rows of similar length share a micro-batch; False = random micro-batches |
+    | s2_attention | False | shifted sparse attention (S²-Attn, LongLoRA) in training forwards; evaluation attends fully |
+    | s2_group_size | None | S²-Attn's group in tokens (>= 2); None = a quarter of each micro-batch's length |
     """
 
     method: str = "lora"
@@ -109,6 +116,9 @@ class TrainConfig:
     mlp_tile_size: Optional[int] = None
     dist_timeout: float = 1800.0
     skip_steps: tuple = ()
+    group_by_length: bool = True
+    s2_attention: bool = False
+    s2_group_size: Optional[int] = None
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZERS),
@@ -162,6 +172,24 @@ class TrainConfig:
                              "and parallel='ddp' has none; use parallel='fsdp'")
         if self.batching == "pack" and self.max_length is None:
             raise ValueError("TrainConfig.max_length must be set when batching='pack' (the row length)")
+        self._check_long_context()
+
+    def _check_long_context(self):
+        for name in ("group_by_length", "s2_attention"):
+            check_flag(f"TrainConfig.{name}", getattr(self, name))
+        if not self.group_by_length and self.batching == "pack":
+            raise ValueError("TrainConfig.group_by_length=False (random micro-batches) applies to "
+                             "batching='bucket'; packing fills rows by length")
+        check_int("TrainConfig.s2_group_size", self.s2_group_size, minimum=2, optional=True)
+        if self.s2_group_size is not None and not self.s2_attention:
+            raise ValueError("TrainConfig.s2_group_size is set, but s2_attention=False; set "
+                             "s2_attention=True as well")
+        if self.s2_attention and self.batching == "pack":
+            raise ValueError("TrainConfig.s2_attention=True groups the positions of a row, and "
+                             "batching='pack' puts several samples in a row; use batching='bucket'")
+        if self.s2_attention and self.objective == "dpo":
+            raise ValueError("TrainConfig.s2_attention=True is for SFT: with objective='dpo' a "
+                             "frozen reference would score the pairs with full attention")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

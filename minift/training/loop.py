@@ -31,7 +31,7 @@ from minift.distributed.run import DistRun
 from minift.files import reporting_write_errors, write_json
 from minift.lora.layer import trainable_parameters
 from minift.memory.tracker import MemoryTracker
-from minift.models.switches import gradient_checkpointing, mlp_tiling, offloading
+from minift.models.switches import gradient_checkpointing, mlp_tiling, offloading, shifted_sparse_attention
 from minift.objectives.dpo import DPOObjective, objective_for
 from minift.objectives.sft import SFTObjective
 from minift.optim.in_backward import StepInBackward
@@ -39,7 +39,7 @@ from minift.placement import default_device
 from minift.tracing import known
 from minift.training import rundir
 from minift.training.compile import compiled_layers
-from minift.training.config import DATA_ORDER_FIELDS, TrainConfig
+from minift.training.config import DATA_ORDER_BEFORE, DATA_ORDER_FIELDS, TrainConfig
 from minift.training.schedule import Schedule, batch_rows, epoch_batches, step_groups, total_steps
 from minift.training.setup import make_optimizer, neftune, peak_memory, seed_everything
 
@@ -111,6 +111,8 @@ def check_resume(config: TrainConfig, model, data) -> Optional[str]:
     # "full" checkpoints hold the whole model, so any base is overwritten on resume
     base = ckpt.base_fingerprint(model) if config.method != "full" else None
     state = ckpt.read_trainer_state(path)
+    if isinstance(state.get("config"), dict):  # written before a data-order field existed
+        state["config"] = {**DATA_ORDER_BEFORE, **state["config"]}
     ckpt.check_compatible(state, path, method=config.method, model=model,
                           config=config.to_dict(), fields=DATA_ORDER_FIELDS,
                           data=ckpt.data_fingerprint(data), base=base)
@@ -236,12 +238,13 @@ def run_step(model, optimizer, objective, group: list, device, config: TrainConf
 @contextlib.contextmanager
 def step_switches(model, config: TrainConfig, stepper=None, compile_layers: bool = True):
     """The model switches a run's steps take: gradient checkpointing, compiled layers, activation
-    offload, MLP tiles, the optimizer step in backward and NEFTune; ``model`` is the plain Llama
-    (inside DDP's wrapper; FSDP2 shards in place)."""
+    offload, MLP tiles, S²-Attn, the optimizer step in backward and NEFTune; ``model`` is the plain
+    Llama (inside DDP's wrapper; FSDP2 shards in place)."""
     with gradient_checkpointing(model, config.gradient_checkpointing), \
             compiled_layers(model, config.compile if compile_layers else False), \
             offloading(model, config.activation_offload), \
             mlp_tiling(model, config.mlp_tile_size), \
+            shifted_sparse_attention(model, config.s2_attention, config.s2_group_size), \
             stepper or contextlib.nullcontext(), \
             neftune(model, config.neftune_alpha):
         yield

@@ -70,9 +70,14 @@ def epoch_batches(train_data, config, epoch: int) -> list:
     """Epoch `epoch`'s micro-batches; the order is fixed by config.seed + epoch."""
     if getattr(config, "objective", "sft") == "dpo":  # (2B, T) batches of preference pairs
         return pair_batches(train_data, config.micro_batch_size, pad_id=config.pad_id,
-                            seed=config.seed + epoch)
+                            seed=config.seed + epoch, by_length=_by_length(config))
     return batch_examples(train_data, config.micro_batch_size, pad_id=config.pad_id,
-                          mode=config.batching, max_length=config.max_length, seed=config.seed + epoch)
+                          mode=config.batching, max_length=config.max_length, seed=config.seed + epoch,
+                          by_length=_by_length(config))
+
+
+def _by_length(config) -> bool:
+    return getattr(config, "group_by_length", True)
 
 
 def batch_rows(train_data, config, epoch: int, start: int, count: int) -> list[int]:
@@ -83,7 +88,7 @@ def batch_rows(train_data, config, epoch: int, start: int, count: int) -> list[i
         return sorted(int(i) for b in batches for i in b["pair_index"])
     groups = batch_examples(train_data, config.micro_batch_size, pad_id=config.pad_id,
                             mode=config.batching, max_length=config.max_length,
-                            seed=config.seed + epoch, indices=True)
+                            seed=config.seed + epoch, indices=True, by_length=_by_length(config))
     return sorted(i for g in groups[start:start + count] for i in g)
 
 
