@@ -273,7 +273,9 @@ def format_plan(result: dict, request: Request, model_name: str) -> str:
                          f"{format_bytes(est.frozen_weights)}); peak at {est.moment}")
         if "longest_seq_batch_1" in res:
             longest = res["longest_seq_batch_1"]
-            beyond = f" (beyond max_position_embeddings {result['max_position_embeddings']})" \
+            beyond = (f" (beyond max_position_embeddings {result['max_position_embeddings']}: memory only; "
+                      f"the model must first be extended, e.g. minift.extend_context(model, {longest}, "
+                      f"method=\"yarn\"), which changes no memory)") \
                 if longest > result["max_position_embeddings"] else ""
             lines.append(f"    longest sequence at batch 1: {longest if longest > 0 else 'none'}{beyond}; "
                          f"largest batch at seq {request.seq_len}: {max(res['largest_batch'], 0) or 'none'}")

@@ -64,19 +64,23 @@ def row(preset: str, method: str, settings: dict, batch_size: int = 2, seq_len: 
             "reserved_gib": round(est.reserved / GIB, 3), "trace_seconds": est.settings["trace_seconds"]}
 
 
-def longest(preset: str, budget: int, settings: dict, step: int = 256, start: int = 32768) -> dict:
+def longest(preset: str, budget: int, settings: dict, step: int = 256, start: int = 32768,
+            method: str = "qlora", memo: dict = None) -> dict:
     """Largest seq_len (a multiple of ``step``) at batch 1 whose traced allocated peak fits
     ``budget``: double from ``start`` to bracket it, then interpolate between the bracket's traced
     peaks (the peak grows almost linearly with the length) and bisect when that stalls. Returns
-    the length, the traced peaks that bracket it and every trace made."""
+    the length, the traced peaks that bracket it and every trace made. ``memo`` (seq_len ->
+    trace) shares traces between searches of the same method and settings."""
     cfg = dataclasses.replace(ModelConfig.from_name(preset), max_position_embeddings=1 << 21)
-    traces = []
+    traces, memo = [], {} if memo is None else memo
 
     def peak(t):
-        est = estimate_memory(cfg, "qlora", 1, t, attention_mask=False, **settings)
-        traces.append({"seq_len": t, "allocated": est.total, "reserved": est.reserved,
-                       "trace_seconds": est.settings["trace_seconds"]})
-        return est.total
+        if t not in memo:
+            est = estimate_memory(cfg, method, 1, t, attention_mask=False, **settings)
+            memo[t] = {"seq_len": t, "allocated": est.total, "reserved": est.reserved,
+                       "trace_seconds": est.settings["trace_seconds"]}
+        traces.append(memo[t])
+        return memo[t]["allocated"]
 
     t = start
     p = peak(t)
