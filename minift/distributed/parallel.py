@@ -350,9 +350,17 @@ class Shard:
         return f"Shard(rank={self.rank}, world={self.world}, device={self.device})"
 
 
-def clip_grad_norm(params: list, max_norm: float) -> float:
-    """``clip_grad_norm_`` over plain or sharded (DTensor) gradients; the global norm as a float."""
+def clip_grad_norm_on_device(params: list, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over plain or sharded (DTensor) gradients; the global norm as a 0-d
+    tensor on the gradients' device, not read: the training step reads it together with the
+    loss (``minift.training.loop.run_step``), one host-device sync for both."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
+        norm = norm.full_tensor()  # the sum over ranks, on the device
+    return norm
+
+
+def clip_grad_norm(params: list, max_norm: float) -> float:
+    """``clip_grad_norm_on_device`` read as a float (a host-device sync on CUDA)."""
+    norm = clip_grad_norm_on_device(params, max_norm)
     return float(known(norm, 0.0))  # a planning trace's norm has no value: assumed finite
