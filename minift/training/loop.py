@@ -337,8 +337,8 @@ class _Run:
         if self._data_to_blame(group):
             raise FloatingPointError(rundir.bad_batch(self.out, step, what, value, rows, self.state.epoch))
         partial = "" if not self.stepper else (
-            " (optimizer_in_backward: parameters whose gradients were finite were already updated "
-            f"in backward; not updated: {', '.join(self.stepper.nonfinite[:3]) or 'none'})")
+            " (optimizer_in_backward: every parameter was already updated in backward, those with "
+            f"non-finite gradients too: {', '.join(self.stepper.nonfinite[:3]) or 'none'})")
         raise FloatingPointError(rundir.divergence(self.out, step, what, value, rows) + partial)
 
     def _data_to_blame(self, group: list) -> bool:
