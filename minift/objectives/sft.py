@@ -17,7 +17,7 @@ from minift.data.sft import batch_examples, check_examples
 from minift.data.transfer import to_device
 from minift.distributed import parallel as mdist
 from minift.names import IGNORE_INDEX
-from minift.objectives.loss import model_loss_sum, supports_chunked_loss, token_loss_sum
+from minift.objectives.loss import model_loss_sum, scored_chunks, supports_chunked_loss, token_loss_sum
 from minift.placement import default_device
 from minift.tracing import known
 
@@ -36,7 +36,8 @@ def _batch_loss_sum(model, batch: dict, device, bf16: bool, chunk=None) -> torch
     labels = inputs.pop("labels")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         if chunk is not None and supports_chunked_loss(model):  # no (B, T, V) logits
-            return model_loss_sum(model, inputs, labels, chunk)
+            # the chunks to run, read from the host labels (no sync)
+            return model_loss_sum(model, inputs, labels, chunk, scored_chunks(batch["labels"], chunk))
         logits = model(**inputs)  # (B, T, V)
     return token_loss_sum(logits, labels)
 
