@@ -282,7 +282,8 @@ def grad_sync(model: nn.Module, enabled: bool):
         yield
 
 
-def accumulate_over_ranks(model: nn.Module, micro_batches: list, device, loss_sum: Callable, count: Callable):
+def accumulate_over_ranks(model: nn.Module, micro_batches: list, device, loss_sum: Callable, count: Callable,
+                          n_total: Optional[int] = None):
     """Forward/backward over this rank's micro-batches of one optimizer step.
 
     Args:
@@ -291,6 +292,10 @@ def accumulate_over_ranks(model: nn.Module, micro_batches: list, device, loss_su
         device: where the batches go.
         loss_sum: (model, batch, device) -> 0-dim summed token loss of the batch.
         count: batch -> trained tokens (label positions that count).
+        n_total: ``count`` summed over the whole step (all ranks' micro-batches), when the
+            caller has it: every rank holds the host batches of the whole step, so the
+            objectives count them there, without a collective or a host-device sync. None:
+            summed over ranks by an all-reduce and read back (one sync before the first forward).
 
     Each micro-batch's loss sum is divided by the trained tokens of all ranks together; DDP and
     FSDP average gradients over ranks, so the backward runs on ``world * loss`` to make the
@@ -302,11 +307,14 @@ def accumulate_over_ranks(model: nn.Module, micro_batches: list, device, loss_su
     """
     device = torch.device(device)
     world = world_size() if dist.is_initialized() else 1
-    mine = sum(count(b) for b in micro_batches)
-    local = torch.tensor(float(mine), dtype=torch.float64, device=device)
-    # counted before any forward; a planning trace's fake collective returns no value: every
-    # rank is taken to hold as many as this one
-    n_trained = int(known(all_reduce_sum(local), mine * world))
+    if n_total is not None:
+        n_trained = n_total
+    else:
+        mine = sum(count(b) for b in micro_batches)
+        local = torch.tensor(float(mine), dtype=torch.float64, device=device)
+        # counted before any forward; a planning trace's fake collective returns no value: every
+        # rank is taken to hold as many as this one
+        n_trained = int(known(all_reduce_sum(local), mine * world))
     total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         with grad_sync(model, i == len(micro_batches) - 1):

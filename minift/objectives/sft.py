@@ -109,8 +109,10 @@ class SFTObjective:
 
         def loss_sum(model, batch, device):
             return _batch_loss_sum(model, batch, device, bf16, self.loss_chunk_size)
+        # every rank has the whole step's host batches: the global count without a collective
+        n_total = sum(trained_tokens(b) for b in micro_batches)
         return (*mdist.accumulate_over_ranks(model, shard.step(micro_batches), device, loss_sum,
-                                            trained_tokens), {})
+                                            trained_tokens, n_total), {})
 
     def evaluate(self, model, examples, config, device, shard=None):
         return evaluate(model, examples, config, device, shard)
