@@ -155,7 +155,7 @@ class StoredReference:
         if "ref_logps" not in batch:
             raise ValueError("StoredReference: the batch has no 'ref_logps'; run "
                              "precompute_reference on the pairs first")
-        return batch["ref_logps"].to(device)
+        return batch["ref_logps"].to(device, non_blocking=True)  # a blocking copy waits for the device
 
 
 @contextlib.contextmanager
