@@ -25,10 +25,12 @@ __all__ = ["SFTObjective", "accumulate_gradients", "evaluate", "trained_tokens"]
 
 
 def trained_tokens(batch: dict) -> int:
-    """Number of label positions that contribute to the loss (after the shift)."""
-    labels = batch["labels"][:, 1:]
+    """Number of label positions that contribute to the loss (after the shift), counted on the
+    host batch: no host-device sync (the step divides by it before its first forward)."""
+    labels = batch["labels"]
     # fake labels (a planning trace) have no values: every position counts
-    return int(known(lambda: (labels != IGNORE_INDEX).sum(), labels.numel()))
+    every = labels.shape[0] * (labels.shape[1] - 1)
+    return int(known(lambda: (labels[:, 1:] != IGNORE_INDEX).sum(), every))
 
 
 def _batch_loss_sum(model, batch: dict, device, bf16: bool, chunk=None) -> torch.Tensor:
