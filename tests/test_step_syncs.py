@@ -24,16 +24,24 @@ they report. A CPU run cannot count these syncs directly (every tensor is a host
 and torch's AdamW reads its host step counters once per parameter), which is why the count runs
 in a trace of the CUDA path.
 """
+import warnings
+
 import pytest
+import torch
 from sync_counter import StepSyncs
 
 import minift.objectives.sft
 from minift import tracing
 from minift.models.config import ModelConfig
 from minift.models.llama import Llama
+from minift.objectives.dpo import objective_for
+from minift.objectives.sft import SFTObjective
 from minift.optim import in_backward
-from minift.planning.trace import trace_step
+from minift.planning.trace import build_model, make_data, trace_step
 from minift.training.config import TrainConfig
+from minift.training.loop import run_step, step_switches
+from minift.training.schedule import step_groups
+from minift.training.setup import make_optimizer
 
 THE_READ = ["minift.training.loop.run_step"]
 
@@ -117,3 +125,44 @@ def test_the_cpu_path_reads_what_the_cuda_path_reads(name):
     cpu = step_syncs(method, fields, world_size, layers=3, device="cpu").log
     assert cuda == THE_READ
     assert cpu == ["minift.models.attention.batch_mask"] + THE_READ  # one padded micro-batch
+
+
+def gpu_step_syncs(name, device, steps=3, sync_debug=True) -> list:
+    """Real steps of case ``name`` on ``device`` (3 layers, padded 2 x 32 micro-batches), each
+    run under ``torch.cuda.set_sync_debug_mode("warn")`` when ``sync_debug``: the syncs CUDA
+    itself reports, per step, as "file:line" of the Python code that made each."""
+    method, fields, _ = CASES[name]
+    config = TrainConfig(method=method, bf16=device.type == "cuda", **fields)
+    torch.manual_seed(0)
+    cfg = model(3)
+    llama = build_model(cfg, method, torch.float32).to(device)
+    data = make_data(cfg, config, 2, 32, padded=True)
+    objective = objective_for(llama, config, data) if config.objective == "dpo" else \
+        SFTObjective(config.loss_chunk_size)
+    optimizer = make_optimizer(llama, config)
+    stepper = in_backward.StepInBackward(optimizer) if config.optimizer_in_backward else None
+    groups, seen = step_groups(data, config), []
+    with step_switches(llama, config, stepper, compile_layers=False):
+        for _ in range(steps):
+            group = next(groups)[2]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if sync_debug:
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    loss, norm, *_ = run_step(llama, optimizer, objective, group, device, config, stepper)
+                finally:
+                    if sync_debug:
+                        torch.cuda.set_sync_debug_mode("default")
+            assert loss == loss and norm == norm  # finite: the optimizer stepped
+            seen.append([f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)])
+    return seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts the syncs CUDA reports, on a GPU")
+@pytest.mark.parametrize("name", ["full-checkpointed-chunked", "full-in-backward-paged", "qlora-all-features",
+                                  "dpo-lora-chunked"])
+def test_on_a_gpu_cuda_reports_one_sync_per_step(name):
+    # the first step also sets up optimizer states (pinned host pages, 8-bit maps): from step 2
+    per_step = gpu_step_syncs(name, torch.device("cuda"))
+    assert [len(s) for s in per_step[1:]] == [1, 1], per_step
