@@ -19,8 +19,8 @@ host only when the states are read (`Pager.flush`, for `state_dict`).
 
 Outside `run_step` the loop reads only host data per step (the token count of the metrics line
 from the host attention mask). Not covered: a run's first step takes the memory tracker, whose
-CUDA branch reads the allocator's statistics (it measures); evaluation and checkpoints read what
-they report. A CPU run cannot count these syncs directly (every tensor is a host tensor there,
+CUDA branch synchronizes the device around the step to read the allocator's statistics (it
+measures); evaluation and checkpoints read what they report. A CPU run cannot count these syncs directly (every tensor is a host tensor there,
 and torch's AdamW reads its host step counters once per parameter), which is why the count runs
 in a trace of the CUDA path.
 """
