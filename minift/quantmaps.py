@@ -53,4 +53,6 @@ def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
 def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
     """The 256-entry dynamic map (signed for values in [-1, 1], unsigned for [0, 1]), float32."""
     with unset_fake_temporarily():  # a constant, real in a planning trace too (as nf4_code)
-        return _dynamic_map_cpu(bool(signed)).to(device)
+        # not blocking: a blocking copy to a GPU waits for all queued work (an 8-bit optimizer
+        # asks for its maps in its first step); the cached host map outlives the copy
+        return _dynamic_map_cpu(bool(signed)).to(device, non_blocking=True)

@@ -11,8 +11,11 @@ real step, and the code asks this module about both:
   instead of ``t.is_cuda``; the kernels themselves are not launched in a trace (their custom ops'
   fake implementations allocate what the kernels return).
 * **Values.** A fake tensor has no values, so code that reads one (a finiteness check, a count of
-  scored tokens) asks ``known(t, assume)``: the value for a real tensor, ``assume`` in a trace,
-  chosen as the case that holds the most memory (every chunk scored, every gradient finite).
+  scored tokens) asks ``known(t, assume)`` (``known_all`` for several at once): the value for a
+  real tensor, ``assume`` in a trace, chosen as the case that holds the most memory (every chunk
+  scored, every gradient finite). Reading a device value on CUDA waits for the device (a
+  host-device sync), so the training step reads the device once a step (docs/training.md);
+  tests/sync_counter.py counts these reads in a trace of the CUDA path.
 """
 from __future__ import annotations
 
@@ -87,6 +90,31 @@ def known(value, assume):
             return out
     except DataDependentOutputException:
         return assume
+
+
+def known_all(values, assume) -> list:
+    """Python floats for ``values`` (0-d tensors or numbers), the tensors of one device read
+    together: one host-device sync for all of them, where ``known`` on each would wait once per
+    tensor. A tensor without values (a planning trace's) gives ``assume``; numbers pass through.
+
+    Every tensor is converted to float64 on its device first (exact for float32, bfloat16 and
+    integer counts), so a value reads exactly as ``float(t)`` would.
+    """
+    out = list(values)
+    by_device: dict = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+    for index in by_device.values():
+        tensors = [values[i].detach().reshape(()) for i in index]
+        stacked = torch.stack([t.double() for t in tensors])
+        if is_fake(stacked):  # a trace: real tensors among them are host values, read as such
+            read = [assume if is_fake(t) else known(lambda t=t: t.double(), assume) for t in tensors]
+        else:
+            read = stacked.tolist()  # the one sync
+        for i, x in zip(index, read):
+            out[i] = x
+    return out
 
 
 @contextlib.contextmanager

@@ -128,16 +128,26 @@ def test_grad_norm_is_the_global_norm():
     assert math.isclose(stepper.grad_norm(), expected, rel_tol=1e-5)
 
 
-def test_nonfinite_gradient_skips_that_parameter_and_is_named():
-    _, b = model_pair()
-    before = b.model.norm.weight.detach().clone()
-    b.model.norm.weight.register_hook(lambda g: g * float("nan"))
+def test_nonfinite_gradient_makes_the_norm_nan_and_is_named():
+    # The hooks do not read a gradient's norm (a sync per parameter on a GPU): every parameter
+    # is stepped, the norm is NaN, and `nonfinite` names the parameters once the step is over.
+    a, b = model_pair()
+    for model in (a, b):
+        model.model.norm.weight.register_hook(lambda g: g * float("nan"))
     ids, labels = data(1)[0]
+    loss_of(a, ids, labels).backward()
+    bad = {id(p) for p in a.parameters() if not torch.isfinite(p.grad).all()}
+    names = {id(p): n for n, p in a.named_parameters()}
     with StepInBackward(torch.optim.AdamW(b.parameters(), lr=1e-3)) as stepper:
         loss_of(b, ids, labels).backward()
-    assert torch.equal(b.model.norm.weight.detach(), before)
-    assert len(stepper.nonfinite) >= 1 and "shape (64,)" in stepper.nonfinite[0]
     assert math.isnan(stepper.grad_norm())
+    by_shape = [f"(shape {tuple(p.shape)})" for p in a.parameters() if id(p) in bad]
+    assert len(stepper.nonfinite) == len(bad) >= 1, (stepper.nonfinite, [names[i] for i in bad])
+    assert sorted(n.split(" ", 1)[1] for n in stepper.nonfinite) == sorted(by_shape)
+    assert "shape (64,)" in stepper.nonfinite[0]  # the final norm's gradient comes first
+    assert not torch.isfinite(b.model.norm.weight).all()  # stepped with its NaN gradient
+    stepper.reset()
+    assert stepper.nonfinite == [] and float(stepper.grad_norm()) == 0.0
 
 
 def test_hooks_removed_on_exit():

@@ -236,7 +236,7 @@ def test_blank_pairs_add_nothing(loss_type):
         objective = DPOObjective(AdapterReference(model), beta=0.5, loss_type=loss_type, sft_weight=0.5)
         loss, scored, extra = objective.step(model, [b], "cpu", shard=mdist.Shard(0, 1, "cpu"))
         grads = [p.grad for p in model.parameters() if p.requires_grad]
-        results.append((float(loss), scored, extra, grads))
+        results.append((float(loss), scored, {k: float(v) for k, v in extra.items()}, grads))
     (l1, s1, e1, g1), (l2, s2, e2, g2) = results
     assert math.isfinite(l2) and l2 == pytest.approx(l1, rel=1e-6)
     assert s1 == s2 and e2["pairs"] == 3
@@ -253,6 +253,7 @@ def test_sharded_step_on_one_process_is_the_plain_step():
         model = _trained_policy()
         objective = DPOObjective(AdapterReference(model), beta=0.5)
         loss, scored, extra = objective.step(model, group, "cpu", shard=shard)
+        extra = {k: float(v) for k, v in extra.items()}  # the means are tensors until the loop reads them
         results.append((float(loss), scored, extra, [p.grad for p in model.parameters() if p.requires_grad]))
     (l1, s1, e1, g1), (l2, s2, e2, g2) = results
     assert (l1, s1, e1) == (l2, s2, e2)

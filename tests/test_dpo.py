@@ -87,6 +87,7 @@ def test_loss_and_gradients_equal_the_paper_formula():
     # two micro-batches of one step (3 + 1 pairs, right-padded): the mean is over all 4 pairs
     micro = [collate_pairs(pairs[:3], 0, range(3)), collate_pairs(pairs[3:], 0, [3])]
     loss, n, metrics = objective.step(policy, micro, torch.device("cpu"))
+    metrics = {k: float(v) for k, v in metrics.items()}  # means stay on the device until the loop reads them
     assert metrics["pairs"] == 4
     assert n == sum(sum(t != -100 for t in p[f"{h}_labels"]) for p in pairs for h in ("chosen", "rejected"))
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
@@ -199,7 +200,7 @@ def test_stored_reference_gives_the_same_step_as_the_live_one():
     torch.testing.assert_close(loss_stored, loss_live, rtol=1e-5, atol=1e-6)
     for name, g in lora_grads(policy).items():
         torch.testing.assert_close(g, grads_live[name], rtol=1e-4, atol=1e-6)
-    assert m_stored["reward_accuracy"] == m_live["reward_accuracy"]
+    assert float(m_stored["reward_accuracy"]) == float(m_live["reward_accuracy"])
 
 
 def test_evaluate_reports_loss_and_accuracy_in_eval_mode():

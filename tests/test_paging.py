@@ -165,43 +165,113 @@ def test_tracker_files_paged_states_under_host():
     assert report.optimizer_states == resident + 2 * 60 * 4
 
 
-class _FakeStream:
-    def __init__(self, log):
-        self.log = log
+class _Recorder:
+    """Stands in for CUDA streams and events (as minift.tracing's stand-ins do in a trace of the
+    CUDA path) and logs, in order, what the pager asks of them and the copies it makes."""
 
-    def wait_stream(self, other):
-        self.log.append(("side waits for", other))
+    def __init__(self, monkeypatch):
+        from minift.optim import paging
+        self.log, self.events = [], 0
+        self.compute = self.side_stream(CPU, "compute")
+        self.active = self.compute
+        for name, fn in (("device_is_cuda", lambda device: True), ("side_stream", self.side_stream),
+                         ("new_event", self.new_event), ("on_stream", self.on_stream),
+                         ("current_stream", lambda device: self.compute),
+                         ("record_stream", lambda t, s: self.log.append(("record_stream", s.name)))):
+            monkeypatch.setattr(paging, name, fn)
+        real_copy = torch.Tensor.copy_
 
-    def synchronize(self):
-        self.log.append("synchronize")
+        def copy(dst, src, non_blocking=False):
+            self.log.append(("copy", self.active.name, non_blocking))
+            return real_copy(dst, src)
+        monkeypatch.setattr(torch.Tensor, "copy_", copy)
+
+    def side_stream(self, device, name=None):
+        log = self.log
+
+        class Stream:
+            def wait_stream(self, other):
+                log.append(("wait_stream", self.name, other.name))
+
+            def wait_event(self, event):
+                log.append(("wait_event", self.name, event.name))
+        stream = Stream()
+        stream.name = name or f"side{id(stream)}"
+        return stream
+
+    def new_event(self):
+        log = self.log
+        self.events += 1
+
+        class Event:
+            name = f"event{self.events}"
+
+            def record(self, stream):
+                log.append(("record", self.name, stream.name))
+
+            def synchronize(self):
+                log.append(("synchronize", self.name))
+        return Event()
+
+    @contextlib.contextmanager
+    def on_stream(self, stream):
+        before, self.active = self.active, stream
+        try:
+            yield
+        finally:
+            self.active = before
 
 
-def test_flush_orders_the_copy_out_after_the_compute(monkeypatch):
-    # CUDA streams are stood in for by recorders: flush must make the side stream wait for the
-    # current (compute) stream before it copies any resident page out.
-    log = []
+def test_fetches_and_write_backs_run_on_their_own_streams_ordered_by_events(monkeypatch):
+    # One stream per direction, events between them and the compute stream, and no host wait in
+    # `run`; the copies themselves run on the CPU, so the values are checked too.
+    rec = _Recorder(monkeypatch)
+    pager, pages, host = _pager(3, budget=0)
+    h2d, d2h = pager._h2d.name, pager._d2h.name
+    assert len({h2d, d2h, "compute"}) == 3
+
+    def compute(page, dev):
+        dev[0].add_(1.0)
+        rec.log.append(("compute", page.key))
+
+    pager.run(pages, compute)
+    first = len(rec.log)
+    pager.run(pages, compute)
+    log = rec.log
+    assert torch.equal(host, torch.arange(3 * 64, dtype=torch.float32) + 2)  # both runs written back
+    assert not [e for e in log if e[0] == "synchronize"]  # the host waits for nothing in run
+    # prefetch order: fetch 0, fetch 1, compute 0, write back 0, fetch 2, ...; each on its stream
+    copies = [e[1] for e in log if e[0] == "copy"]
+    assert copies == [h2d, h2d, d2h, h2d, d2h, d2h] * 2
+    assert all(e[2] for e in log if e[0] == "copy")  # non-blocking
+    fetched = [e[1] for e in log if e[0] == "record" and e[2] == h2d]  # in fetch (= page) order
+    written = [e[1] for e in log if e[0] == "record" and e[2] == d2h]
+    computes = [i for i, e in enumerate(log) if e[0] == "compute"]
+    for n, i in enumerate(computes):  # the compute stream waits for the page's own fetch first
+        assert log[i - 1] == ("wait_event", "compute", fetched[n])
+    for i, e in enumerate(log):
+        if e[:2] == ("copy", d2h):  # after the update on the compute stream, buffer kept alive
+            assert log[i - 2:i] == [("wait_stream", d2h, "compute"), ("record_stream", d2h)]
+        if e[:2] == ("copy", h2d):  # into buffers the compute stream may have used before; in
+            # run 2 also after that page's write-back of run 1 (a page's fetches in page order)
+            n = sum(1 for x in log[:i] if x[:2] == ("copy", h2d))
+            expect = [("wait_stream", h2d, "compute")]
+            if i > first:
+                expect = [("wait_stream", h2d, "compute"), ("wait_event", h2d, written[n - 3])]
+            assert log[i - len(expect):i] == expect, (i, log[i - 3:i + 1])
+
+
+def test_flush_orders_the_copy_out_after_the_compute_and_waits_on_the_host(monkeypatch):
     pager, pages, host = _pager(2, budget=None)
-    pager.run(pages, _add_one)
-    pager._side = _FakeStream(log)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "compute stream")
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-
-    class _Event:
-        def record(self, stream):
-            log.append("event")
-
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
-    real_copy = Pager._copy
-
-    def copy(self, dst, src, direction, key):
-        log.append(("copy", direction))
-        return real_copy(self, dst, src, direction, key)
-
-    monkeypatch.setattr(Pager, "_copy", copy)
+    pager.run(pages, _add_one)  # on the CPU: kept pages, newer on the "device" than on the host
+    rec = _Recorder(monkeypatch)
+    pager._h2d, pager._d2h = rec.side_stream(CPU, "h2d"), rec.side_stream(CPU, "d2h")
     pager.flush()
-    assert log[0] == ("side waits for", "compute stream")
-    assert [e for e in log if isinstance(e, tuple) and e[0] == "copy"] == [("copy", "d2h")] * 2
-    assert log[-1] == "synchronize"
+    log = rec.log
+    assert log[0] == ("wait_stream", "d2h", "compute")  # the update that last wrote the kept pages
+    assert [e for e in log if e[0] == "copy"] == [("copy", "d2h", True)] * 2
+    # then the host waits, on an event after every write-back: its caller reads the host states
+    assert log[-2][0] == "record" and log[-2][2] == "d2h" and log[-1] == ("synchronize", log[-2][1])
     assert torch.equal(host, torch.arange(128, dtype=torch.float32) + 1)
 
 

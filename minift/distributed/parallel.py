@@ -282,7 +282,8 @@ def grad_sync(model: nn.Module, enabled: bool):
         yield
 
 
-def accumulate_over_ranks(model: nn.Module, micro_batches: list, device, loss_sum: Callable, count: Callable):
+def accumulate_over_ranks(model: nn.Module, micro_batches: list, device, loss_sum: Callable, count: Callable,
+                          n_total: Optional[int] = None):
     """Forward/backward over this rank's micro-batches of one optimizer step.
 
     Args:
@@ -291,6 +292,10 @@ def accumulate_over_ranks(model: nn.Module, micro_batches: list, device, loss_su
         device: where the batches go.
         loss_sum: (model, batch, device) -> 0-dim summed token loss of the batch.
         count: batch -> trained tokens (label positions that count).
+        n_total: ``count`` summed over the whole step (all ranks' micro-batches), when the
+            caller has it: every rank holds the host batches of the whole step, so the
+            objectives count them there, without a collective or a host-device sync. None:
+            summed over ranks by an all-reduce and read back (one sync before the first forward).
 
     Each micro-batch's loss sum is divided by the trained tokens of all ranks together; DDP and
     FSDP average gradients over ranks, so the backward runs on ``world * loss`` to make the
@@ -302,11 +307,14 @@ def accumulate_over_ranks(model: nn.Module, micro_batches: list, device, loss_su
     """
     device = torch.device(device)
     world = world_size() if dist.is_initialized() else 1
-    mine = sum(count(b) for b in micro_batches)
-    local = torch.tensor(float(mine), dtype=torch.float64, device=device)
-    # counted before any forward; a planning trace's fake collective returns no value: every
-    # rank is taken to hold as many as this one
-    n_trained = int(known(all_reduce_sum(local), mine * world))
+    if n_total is not None:
+        n_trained = n_total
+    else:
+        mine = sum(count(b) for b in micro_batches)
+        local = torch.tensor(float(mine), dtype=torch.float64, device=device)
+        # counted before any forward; a planning trace's fake collective returns no value: every
+        # rank is taken to hold as many as this one
+        n_trained = int(known(all_reduce_sum(local), mine * world))
     total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         with grad_sync(model, i == len(micro_batches) - 1):
@@ -350,9 +358,17 @@ class Shard:
         return f"Shard(rank={self.rank}, world={self.world}, device={self.device})"
 
 
-def clip_grad_norm(params: list, max_norm: float) -> float:
-    """``clip_grad_norm_`` over plain or sharded (DTensor) gradients; the global norm as a float."""
+def clip_grad_norm_on_device(params: list, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over plain or sharded (DTensor) gradients; the global norm as a 0-d
+    tensor on the gradients' device, not read: the training step reads it together with the
+    loss (``minift.training.loop.run_step``), one host-device sync for both."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
+        norm = norm.full_tensor()  # the sum over ranks, on the device
+    return norm
+
+
+def clip_grad_norm(params: list, max_norm: float) -> float:
+    """``clip_grad_norm_on_device`` read as a float (a host-device sync on CUDA)."""
+    norm = clip_grad_norm_on_device(params, max_norm)
     return float(known(norm, 0.0))  # a planning trace's norm has no value: assumed finite

@@ -105,8 +105,9 @@ class DistRun:
         """What the objective's step and evaluation are told: this rank's place, None on one process."""
         return mdist.Shard(mdist.rank(), self.world_size, self.device) if self.active else None
 
-    def clip(self, params: list, max_norm: float) -> float:
-        return mdist.clip_grad_norm(params, max_norm)
+    def clip(self, params: list, max_norm: float) -> torch.Tensor:
+        """The global gradient norm, clipped to ``max_norm``, as a 0-d device tensor (not read)."""
+        return mdist.clip_grad_norm_on_device(params, max_norm)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save(self, output_dir, step: int, *, model, optimizer, method: str, trainer_state: dict,

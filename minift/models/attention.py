@@ -351,7 +351,8 @@ def batch_mask(t: int, past: int, attention_mask, segment_ids, window, device,
     if window is not None and past + t <= window:
         window = None  # the window cannot cut anything yet
     if (attention_mask is not None and segment_ids is None and past == 0
-            and attention_mask.device.type == "cpu" and known(lambda: attention_mask.all(), False)):
+            and attention_mask.device.type == "cpu" and not on_cuda(attention_mask)
+            and known(lambda: attention_mask.all(), False)):
         attention_mask = None  # nothing padded (read on the host): keep the fused causal kernel
     if attention_mask is None and segment_ids is None and window is None and past == 0 \
             and s2_group is None:

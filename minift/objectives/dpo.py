@@ -47,7 +47,7 @@ from minift.objectives.reference import (
     sequence_logps,
 )
 from minift.placement import default_device
-from minift.tracing import known
+from minift.tracing import host_read, known
 
 LOSS_TYPES = ("sigmoid", "ipo")
 __all__ = ["LOSS_TYPES", "MODEL_KEYS", "REFERENCE_FILE", "AdapterReference", "DPOObjective", "ModelReference",
@@ -131,9 +131,11 @@ class DPOObjective:
         logps, counts = model_logps(model, batch, device, bf16, self.loss_chunk_size)  # (2B,) with grad
         b = logps.shape[0] // 2
         halves = [logps[:b], logps[b:], ref[:b], ref[b:], counts[:b], counts[b:]]
-        real = batch.get("pair_index")
+        real = batch.get("pair_index")  # the host batch's: read without a host-device sync
         if real is not None and known(lambda: (real < 0).any(), False):  # fake: no blanks
-            keep = (real >= 0).to(logps.device)
+            with host_read():  # the real pairs' positions, found on the host
+                keep = (real >= 0).nonzero().squeeze(1)
+            keep = keep.to(logps.device, non_blocking=True)  # an index: no mask read on the device
             halves = [t[keep] for t in halves]
             logps = torch.cat(halves[:2])
         chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected = halves
@@ -155,14 +157,15 @@ class DPOObjective:
 
         Returns:
             (loss, n_scored, metrics): the step's mean loss (0-dim tensor), the reply tokens
-            scored, and the pairs with their reward / log-prob means.
+            scored, and the pairs with their reward / log-prob means (0-d float64 tensors on
+            the device: the loop reads them with the loss, in the step's one host-device sync).
         """
         device = torch.device(device)
         if shard is not None:
             return self._sharded_step(model, micro_batches, device, bf16, shard)
         n_pairs = sum(len(b["pair_index"]) for b in micro_batches)
         n_scored = sum(scored_tokens(b) for b in micro_batches)
-        sums = torch.zeros(N_METRICS, dtype=torch.float64)
+        sums = torch.zeros(N_METRICS, dtype=torch.float64, device=device)
         total = torch.zeros((), device=device)
         for batch in micro_batches:
             losses, cr, rr, logps = self.pair_terms(model, batch, device, bf16)
@@ -174,19 +177,22 @@ class DPOObjective:
 
     def _sharded_step(self, model, micro_batches, device, bf16, shard):
         """`step` under torchrun: the pairs' loss through minift.distributed.parallel.accumulate_over_ranks
-        (normalised by the global pair count), the metric sums added over ranks."""
+        (normalised by the global pair count), the metric sums added over ranks on the device.
+        The counts come from the host batches of the whole step, which every rank holds."""
         local = shard.step(micro_batches)
-        sums = torch.zeros(N_METRICS + 1, dtype=torch.float64)  # the metrics', then scored tokens
+        sums = torch.zeros(N_METRICS, dtype=torch.float64, device=device)
 
         def loss_sum(model, batch, device):
+            nonlocal sums
             losses, cr, rr, logps = self.pair_terms(model, batch, device, bf16)
-            sums[:N_METRICS] += _metric_sums(cr, rr, logps)
+            sums += _metric_sums(cr, rr, logps)
             return losses.sum()
 
-        loss, n_pairs = accumulate_over_ranks(model, local, device, loss_sum, real_pairs)
-        sums[N_METRICS] = sum(scored_tokens(b) for b in local)
+        n_total = sum(real_pairs(b) for b in micro_batches)
+        loss, n_pairs = accumulate_over_ranks(model, local, device, loss_sum, real_pairs, n_total)
+        n_scored = sum(scored_tokens(b) for b in micro_batches)
         sums = shard.sum(sums)
-        return loss, int(known(sums[N_METRICS], 0)), dict(pairs=n_pairs, **_metric_means(sums[:N_METRICS], n_pairs))
+        return loss, n_scored, dict(pairs=n_pairs, **_metric_means(sums, n_pairs))
 
     @torch.no_grad()
     def evaluate(self, model, pairs, config, device, shard=None):
@@ -200,11 +206,11 @@ class DPOObjective:
             for batch in batches if shard is None else shard.eval(batches):
                 losses, cr, rr, logps = self.pair_terms(model, batch, device, config.bf16)
                 loss += float(losses.sum())
-                sums += _metric_sums(cr, rr, logps)
+                sums += _metric_sums(cr, rr, logps).cpu()
         if shard is not None:
             total = shard.sum(torch.cat([torch.tensor([loss], dtype=torch.float64), sums]))
             loss, sums = float(total[0]), total[1:]
-        out = _metric_means(sums, len(pairs))
+        out = {k: float(known(v, 0.0)) for k, v in _metric_means(sums, len(pairs)).items()}
         return {"eval_loss": loss / len(pairs), **{f"eval_{k}": v for k, v in out.items()}}
 
     @torch.no_grad()
@@ -243,8 +249,9 @@ def real_pairs(batch) -> int:
 
 def scored_tokens(batch) -> int:
     """Reply tokens a pair batch scores (label positions after the shift)."""
-    labels = batch["labels"][:, 1:]
-    return int(known(lambda: (labels != IGNORE_INDEX).sum(), labels.numel()))  # fake: all scored
+    labels = batch["labels"]  # the host batch's: counted without a host-device sync
+    every = labels.shape[0] * (labels.shape[1] - 1)  # fake labels: all scored
+    return int(known(lambda: (labels[:, 1:] != IGNORE_INDEX).sum(), every))
 
 
 def _metric_sums(chosen_rewards, rejected_rewards, logps):
@@ -253,7 +260,7 @@ def _metric_sums(chosen_rewards, rejected_rewards, logps):
                         (chosen_rewards > rejected_rewards).sum(),
                         (chosen_rewards - rejected_rewards).sum(),
                         logps[:b].sum(), logps[b:].sum(),
-                        (logps[:b] > logps[b:]).sum()]).double().cpu()
+                        (logps[:b] > logps[b:]).sum()]).double()  # on the device: no sync
 
 
 # reward_accuracy: chosen reward > rejected reward (0 while the policy is the reference: ties);
@@ -263,8 +270,13 @@ METRICS = ("chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin
 N_METRICS = len(METRICS)
 
 
-def _metric_means(sums, n):
-    return {name: float(known(v, 0.0)) / max(n, 1) for name, v in zip(METRICS, sums)}
+def _metric_means(sums, n) -> dict:
+    """The metrics' means over ``n`` pairs as 0-d float64 tensors where ``sums`` lives (the
+    device, in a step: read by the loop with the loss). The divisor is a tensor of ``sums``'s
+    device, so each mean is the correctly rounded quotient ``float(sum) / n`` would give (CUDA
+    multiplies by the reciprocal of a Python number instead)."""
+    means = sums / torch.full((), max(n, 1), dtype=torch.float64, device=sums.device)
+    return dict(zip(METRICS, means.unbind()))
 
 
 def objective_for(model, config, train_data, eval_data=None, *, distributed=False):

@@ -11,6 +11,11 @@ so the backward pass only scales what was kept by the incoming gradient:
 θ are the lm_head's parameters that require grad (a LoRA head's A/B, a full head's weight, the
 embedding when tied). They are inputs of the autograd Function, so autograd sums a tied
 embedding's two gradients before its leaf is updated once.
+
+Chunks without a scored token (a prompt or padding only) are skipped. Which ones those are is
+read from the labels once, before the forward (``scored_chunks``), from the host copy of the
+micro-batch where the caller has it (the training step does): reading device labels chunk by
+chunk would wait for the device once per chunk.
 """
 from __future__ import annotations
 
@@ -52,16 +57,17 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Summed CE of lm_head(hidden) over chunks of rows; gradients formed in forward.
 
-    forward(hidden (N, H), labels (N,), chunk, head, *params) -> fp32 0-d loss sum.
+    forward(hidden (N, H), labels (N,), chunk, starts, head, *params) -> fp32 0-d loss sum, over
+    the chunks beginning at ``starts`` (those with a scored token).
     backward(g) -> g * dL/dhidden, g * dL/dparams (kept from forward, in their own dtypes).
     """
 
     @staticmethod
-    def forward(ctx, hidden, labels, chunk, head, *params):
+    def forward(ctx, hidden, labels, chunk, starts, head, *params):
         want_h = ctx.needs_input_grad[0]
-        want_p = [ctx.needs_input_grad[4 + i] for i in range(len(params))]
+        want_p = [ctx.needs_input_grad[5 + i] for i in range(len(params))]
         grad_h, grad_p, total = _chunk_gradients(
-            hidden, labels, chunk, head, params, want_h, want_p,
+            hidden, labels, chunk, starts, head, params, want_h, want_p,
             lambda logits, y, start: F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum"))
         ctx.grads = (grad_h, grad_p)
         return total
@@ -72,11 +78,33 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         ctx.grads = None  # free the kept gradients as soon as they are handed on
         # t * g with g a 0-d fp32 tensor keeps t's dtype and multiplies in fp32
         scale = lambda t: None if t is None else t * g  # noqa: E731
-        return (scale(grad_h), None, None, None, *[scale(t) for t in grad_p])
+        return (scale(grad_h), None, None, None, None, *[scale(t) for t in grad_p])
+
+
+def scored_chunks(labels: torch.Tensor, chunk_size: int) -> tuple:
+    """Where the chunks of ``chunked_loss_sum`` / ``chunked_row_logps`` over (N, T) unshifted
+    ``labels`` begin that hold a scored token: flat token offsets, every one a multiple of
+    ``chunk_size``.
+
+    One read of the labels: free for the host copy of a micro-batch, one host-device sync for
+    labels on a GPU (the training step passes the host copy). A planning trace's fake labels
+    have no values: every chunk counts as scored.
+    """
+    chunk_size = check_int("loss_chunk_size", chunk_size)
+    n = labels.numel()
+
+    def read():  # on the host, with every dispatch mode off (minift.tracing.known)
+        scored = (shift_labels(labels).reshape(-1) != IGNORE_INDEX)
+        pad = -n % chunk_size
+        if pad:
+            scored = torch.cat([scored, scored.new_zeros(pad)])
+        return tuple(start * chunk_size for start, hit in
+                     enumerate(scored.view(-1, chunk_size).any(1).tolist()) if hit)
+    return known(read, tuple(range(0, n, chunk_size)))
 
 
 def chunked_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
-                     chunk_size: int) -> torch.Tensor:
+                     chunk_size: int, scored: Optional[tuple] = None) -> torch.Tensor:
     """Summed fp32 next-token cross-entropy of ``lm_head(hidden)`` a chunk of tokens at a time.
 
     Args:
@@ -85,6 +113,8 @@ def chunked_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Ten
             whose weight is the tied embedding.
         labels: (B, T) unshifted labels, IGNORE_INDEX (-100) where nothing is trained.
         chunk_size: tokens per chunk (>= 1); need not divide B * T.
+        scored: ``scored_chunks(labels, chunk_size)`` computed from a host copy of the labels;
+            None reads ``labels`` (a host-device sync when they are on a GPU).
 
     Returns:
         0-d fp32 tensor: the same sum as ``token_loss_sum(lm_head(hidden), labels)``.
@@ -98,15 +128,17 @@ def chunked_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Ten
         # one chunk holds every token: the plain loss keeps two (N, V) float32 buffers at its
         # peak, the chunked one three (logits, their gradient formed in forward, its copy)
         return token_loss_sum(lm_head(hidden), labels)
+    starts = scored_chunks(labels, chunk_size) if scored is None else tuple(scored)
     targets = shift_labels(labels).reshape(-1)
     params = [p for p in lm_head.parameters() if p.requires_grad and torch.is_grad_enabled()]
-    return _ChunkedHeadLoss.apply(flat, targets, chunk_size, lm_head, *params)
+    return _ChunkedHeadLoss.apply(flat, targets, chunk_size, starts, lm_head, *params)
 
 
 class _ChunkedRowLogps(torch.autograd.Function):
     """Per-row sums of log p(label) under lm_head(hidden), a chunk of tokens at a time.
 
-    forward(hidden (N*T, H), labels (N*T,), T, N, chunk, head, *params) -> (N,) fp32.
+    forward(hidden (N*T, H), labels (N*T,), T, N, chunk, starts, head, *params) -> (N,) fp32,
+    over the chunks beginning at ``starts``.
     The incoming gradient is a vector (one weight per row), so nothing can be formed ahead:
     backward runs each chunk's lm_head again and back-propagates the weighted log-probs, which
     costs one more lm_head forward but never holds more than (chunk, V) logits. The backward
@@ -115,12 +147,13 @@ class _ChunkedRowLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, labels, t, n, chunk, head, *params):
+    def forward(ctx, hidden, labels, t, n, chunk, starts, head, *params):
         ctx.save_for_backward(hidden, labels)
-        ctx.t, ctx.chunk, ctx.head, ctx.params = t, chunk, head, params
+        ctx.t, ctx.chunk, ctx.starts, ctx.head, ctx.params = t, chunk, starts, head, params
         ctx.rng = _rng_state(hidden.device)
         out = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        for start, y in _scored_chunks(labels, chunk):
+        for start in starts:
+            y = labels[start:start + chunk]
             logits = head(hidden[start:start + chunk]).float()  # (chunk, V)
             nll = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="none")
             out.index_add_(0, _rows(start, y, t), -nll)
@@ -133,15 +166,15 @@ class _ChunkedRowLogps(torch.autograd.Function):
         head, chunk, t, params = ctx.head, ctx.chunk, ctx.t, ctx.params
         ctx.head = ctx.params = None
         want_h = ctx.needs_input_grad[0]
-        want_p = [ctx.needs_input_grad[6 + i] for i in range(len(params))]
+        want_p = [ctx.needs_input_grad[7 + i] for i in range(len(params))]
         weights = g.float()
         with _replayed_rng(ctx.rng, hidden.device):
             grad_h, grad_p, _ = _chunk_gradients(
-                hidden, labels, chunk, head, params, want_h, want_p,
+                hidden, labels, chunk, ctx.starts, head, params, want_h, want_p,
                 lambda logits, y, start: -(F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX,
                                                            reduction="none")
                                            * weights[_rows(start, y, t)]).sum())
-        return (grad_h, None, None, None, None, None, *grad_p)
+        return (grad_h, None, None, None, None, None, None, *grad_p)
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -160,17 +193,18 @@ def _replayed_rng(state: tuple, device: torch.device):
         yield
 
 
-def _chunk_gradients(hidden, labels, chunk, head, params, want_h, want_p, chunk_loss):
+def _chunk_gradients(hidden, labels, chunk, starts, head, params, want_h, want_p, chunk_loss):
     """Gradients of the sum over chunks of ``chunk_loss(logits, labels, start)`` with respect to
     ``hidden`` and the wanted ``params``, holding one chunk's (chunk, V) fp32 logits at a time.
 
     Returns (grad_h (N, H) in hidden's dtype or None, [grad or None per param], fp32 loss sum).
-    Chunks without a scored token add nothing and are skipped.
+    Only the chunks beginning at ``starts`` run: the others have no scored token and add nothing.
     """
     grad_h = torch.zeros_like(hidden) if want_h else None
     grad_p = [torch.zeros_like(p) if w else None for p, w in zip(params, want_p)]
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start, y in _scored_chunks(labels, chunk):
+    for start in starts:
+        y = labels[start:start + chunk]
         h = hidden[start:start + chunk].detach().requires_grad_(want_h)
         with torch.set_grad_enabled(want_h or any(want_p)):
             loss = chunk_loss(head(h).float(), y, start)  # the only logits alive
@@ -187,20 +221,12 @@ def _chunk_gradients(hidden, labels, chunk, head, params, want_h, want_p, chunk_
     return grad_h, grad_p, total
 
 
-def _scored_chunks(labels: torch.Tensor, chunk: int):
-    """(start, labels of the chunk) for every chunk with at least one scored token."""
-    for start in range(0, labels.shape[0], chunk):
-        y = labels[start:start + chunk]
-        if known(lambda: (y != IGNORE_INDEX).any(), True):  # fake labels: every chunk scored
-            yield start, y
-
-
 def _rows(start: int, y: torch.Tensor, t: int) -> torch.Tensor:
     return torch.arange(start, start + y.shape[0], device=y.device) // t
 
 
 def chunked_row_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
-                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk_size: int, scored: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token log-probabilities of each row, without the (N, T, V) logits.
 
     Args:
@@ -208,6 +234,8 @@ def chunked_row_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Te
         lm_head: the head module (its trainable parameters get gradients).
         labels: (N, T) unshifted labels, IGNORE_INDEX where a token is not scored.
         chunk_size: tokens per chunk (>= 1).
+        scored: ``scored_chunks(labels, chunk_size)`` of a host copy of the labels; None reads
+            ``labels`` (a host-device sync when they are on a GPU). The backward reuses it.
 
     Returns:
         (logps, counts): (N,) fp32 sums of log p(label) with gradient, and (N,) token counts —
@@ -218,16 +246,19 @@ def chunked_row_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Te
         raise ValueError(f"hidden must be (N, T, H) and labels (N, T); got {tuple(hidden.shape)} "
                          f"and {tuple(labels.shape)}")
     n, t = labels.shape
+    starts = scored_chunks(labels, chunk_size) if scored is None else tuple(scored)
     targets = shift_labels(labels)
     params = [p for p in lm_head.parameters() if p.requires_grad and torch.is_grad_enabled()]
     logps = _ChunkedRowLogps.apply(hidden.reshape(n * t, -1), targets.reshape(-1), t, n, chunk_size,
-                                   lm_head, *params)
+                                   starts, lm_head, *params)
     return logps, (targets != IGNORE_INDEX).sum(-1)
 
 
 def model_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
-                   chunk_size: Optional[int]) -> torch.Tensor:
+                   chunk_size: Optional[int], scored: Optional[tuple] = None) -> torch.Tensor:
     """Summed token loss of ``model(**inputs)``: chunked when ``chunk_size`` is set, else full logits.
+
+    ``scored`` is ``scored_chunks`` of a host copy of ``labels`` (see ``chunked_loss_sum``).
 
     The chunked path needs a model whose forward takes ``return_hidden=True`` and that has an
     ``lm_head`` module (minift's ``Llama``, also inside DDP). Under FSDP2 the head's parameters
@@ -241,7 +272,7 @@ def model_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
         raise ValueError("loss_chunk_size is set, but the model has no 'lm_head' module; "
                          "set loss_chunk_size=None for models that only return logits")
     hidden = model(**inputs, return_hidden=True)  # (B, T, H); DDP's forward passes the flag on
-    return chunked_loss_sum(hidden, owner.lm_head, labels, chunk_size)
+    return chunked_loss_sum(hidden, owner.lm_head, labels, chunk_size, scored)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

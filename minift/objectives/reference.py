@@ -26,7 +26,7 @@ from minift.files import atomic_write
 from minift.lora.layer import check_base_kept, disable_adapters, lora_layers
 from minift.names import IGNORE_INDEX
 from minift.nf4.linear import quantize_model
-from minift.objectives.loss import chunked_row_logps, supports_chunked_loss
+from minift.objectives.loss import chunked_row_logps, scored_chunks, supports_chunked_loss
 
 REFERENCE_FILE = "reference_logps.safetensors"
 MODEL_KEYS = ("input_ids", "attention_mask")
@@ -59,12 +59,16 @@ def model_logps(model, batch: dict, device, bf16: bool = False, chunk: Optional[
     log-softmax run ``chunk`` tokens at a time (``minift.objectives.loss.chunked_row_logps``): no (2B, T, V)
     logits, for one more lm_head forward in backward.
     """
-    inputs = {k: batch[k].to(device) for k in MODEL_KEYS}
-    labels = batch["labels"].to(device)
+    # copied without blocking, before the forward is queued (a blocking copy waits for the
+    # device to finish all queued work)
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_KEYS}
+    labels = batch["labels"].to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         if chunk is not None and supports_chunked_loss(model):
             hidden = model(**inputs, return_hidden=True)  # (2B, T, H)
-            return chunked_row_logps(hidden, unwrap(model).lm_head, labels, chunk)
+            # the chunks to run, read from the host labels (no sync)
+            return chunked_row_logps(hidden, unwrap(model).lm_head, labels, chunk,
+                                     scored_chunks(batch["labels"], chunk))
         logits = model(**inputs)  # (2B, T, V)
     return sequence_logps(logits, labels)
 
@@ -152,7 +156,7 @@ class StoredReference:
         if "ref_logps" not in batch:
             raise ValueError("StoredReference: the batch has no 'ref_logps'; run "
                              "precompute_reference on the pairs first")
-        return batch["ref_logps"].to(device)
+        return batch["ref_logps"].to(device, non_blocking=True)  # a blocking copy waits for the device
 
 
 @contextlib.contextmanager

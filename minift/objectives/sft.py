@@ -17,7 +17,7 @@ from minift.data.sft import batch_examples, check_examples
 from minift.data.transfer import to_device
 from minift.distributed import parallel as mdist
 from minift.names import IGNORE_INDEX
-from minift.objectives.loss import model_loss_sum, supports_chunked_loss, token_loss_sum
+from minift.objectives.loss import model_loss_sum, scored_chunks, supports_chunked_loss, token_loss_sum
 from minift.placement import default_device
 from minift.tracing import known
 
@@ -25,10 +25,12 @@ __all__ = ["SFTObjective", "accumulate_gradients", "evaluate", "trained_tokens"]
 
 
 def trained_tokens(batch: dict) -> int:
-    """Number of label positions that contribute to the loss (after the shift)."""
-    labels = batch["labels"][:, 1:]
+    """Number of label positions that contribute to the loss (after the shift), counted on the
+    host batch: no host-device sync (the step divides by it before its first forward)."""
+    labels = batch["labels"]
     # fake labels (a planning trace) have no values: every position counts
-    return int(known(lambda: (labels != IGNORE_INDEX).sum(), labels.numel()))
+    every = labels.shape[0] * (labels.shape[1] - 1)
+    return int(known(lambda: (labels[:, 1:] != IGNORE_INDEX).sum(), every))
 
 
 def _batch_loss_sum(model, batch: dict, device, bf16: bool, chunk=None) -> torch.Tensor:
@@ -36,7 +38,8 @@ def _batch_loss_sum(model, batch: dict, device, bf16: bool, chunk=None) -> torch
     labels = inputs.pop("labels")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         if chunk is not None and supports_chunked_loss(model):  # no (B, T, V) logits
-            return model_loss_sum(model, inputs, labels, chunk)
+            # the chunks to run, read from the host labels (no sync)
+            return model_loss_sum(model, inputs, labels, chunk, scored_chunks(batch["labels"], chunk))
         logits = model(**inputs)  # (B, T, V)
     return token_loss_sum(logits, labels)
 
@@ -108,8 +111,10 @@ class SFTObjective:
 
         def loss_sum(model, batch, device):
             return _batch_loss_sum(model, batch, device, bf16, self.loss_chunk_size)
+        # every rank has the whole step's host batches: the global count without a collective
+        n_total = sum(trained_tokens(b) for b in micro_batches)
         return (*mdist.accumulate_over_ranks(model, shard.step(micro_batches), device, loss_sum,
-                                            trained_tokens), {})
+                                            trained_tokens, n_total), {})
 
     def evaluate(self, model, examples, config, device, shard=None):
         return evaluate(model, examples, config, device, shard)

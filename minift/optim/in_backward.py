@@ -14,14 +14,18 @@ What cannot work this way, and is refused by ``check_step_in_backward``:
 * global-norm clipping: the norm needs every gradient before the first update;
 * ``grad_accum > 1``: the gradients would have to be kept across micro-batches.
 The global gradient norm is still reported (accumulated hook by hook, before each update).
+
+No hook reads a device value: a read waits for the device to finish everything queued (one
+host-device sync per parameter, ~580 per backward of a full 8B fine-tune, each stalling the GPU
+while the host queues the next kernels). So a hook cannot see whether its gradient is finite
+before the update: every parameter is stepped, and the squared norms are summed on the device.
+``grad_norm()`` is a 0-d device tensor, NaN when any gradient held NaN/Inf, which the training
+loop reads once, with the loss, and stops on (a non-finite step ends the run). Only then does
+``nonfinite`` name the parameters whose gradients were not finite, in one more read.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-
-from minift.tracing import known
 
 
 def check_step_in_backward(*, max_grad_norm, grad_accum: int) -> None:
@@ -44,8 +48,12 @@ class StepInBackward:
             gradient (torch's AdamW, minift's AdamW8bit / PagedAdamW8bit).
 
     Use as a context manager (hooks are removed on exit). After each backward, ``grad_norm()``
-    is the global gradient norm of that backward and ``nonfinite`` lists the parameters whose
-    gradient had NaN/Inf; those were not updated.
+    is the global gradient norm of that backward, a 0-d float64 tensor on the gradients' device
+    (NaN when a gradient held NaN/Inf), and ``nonfinite`` lists the parameters whose gradient had
+    NaN/Inf. Every parameter is stepped, those too: deciding per parameter would read each
+    gradient's norm on the host, a host-device sync per parameter. (An optimizer's own check,
+    ``AdamW8bit(check_finite=True)``, still skips a non-finite gradient, at one sync per
+    ``step()``, here one per parameter; the training loop builds it with ``check_finite=False``.)
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
@@ -67,19 +75,33 @@ class StepInBackward:
 
     def reset(self) -> None:
         """Start a new backward's norm and non-finite record."""
-        self._norm_sq = 0.0
-        self.nonfinite: list[str] = []
+        self._norm_sq = None  # float64 0-d on the device: squared norms summed in hook order
+        self._norms: list = []  # (parameter, its gradient's float32 norm) in hook order
 
-    def grad_norm(self) -> float:
-        return math.sqrt(self._norm_sq) if not self.nonfinite else math.nan
+    def grad_norm(self) -> torch.Tensor:
+        """The global gradient norm of the last backward as a 0-d float64 tensor on the
+        gradients' device (not read: no sync); NaN when any gradient held NaN/Inf."""
+        if self._norm_sq is None:
+            return torch.zeros((), dtype=torch.float64)
+        # summed over every gradient, a non-finite one makes the sum NaN or Inf (float64 holds
+        # the square of any float32 norm): NaN then, as before the sum went on the device
+        return torch.where(torch.isfinite(self._norm_sq), self._norm_sq.sqrt(), torch.nan)
+
+    @property
+    def nonfinite(self) -> list:
+        """The parameters of the last backward whose gradient held NaN/Inf, by name (one read
+        of all the norms together; ask only once the step is known not to be finite)."""
+        if not self._norms:
+            return []
+        finite = torch.isfinite(torch.stack([n for _, n in self._norms])).tolist()
+        return [self.names[id(p)] for (p, _), ok in zip(self._norms, finite) if not ok]
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         # vector_norm with dtype=float32 reduces bf16 gradients in fp32 without an fp32 copy
-        norm = float(known(torch.linalg.vector_norm(p.grad, dtype=torch.float32), 0.0))  # trace: finite
-        if math.isfinite(norm):
-            self._norm_sq += norm * norm
-            self.optimizer.step()  # only p has a gradient now: every other one is freed
-        else:
-            self.nonfinite.append(self.names[id(p)])
+        norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+        self._norms.append((p, norm))
+        square = norm.double().square()  # exact: float64 holds the square of a float32
+        self._norm_sq = square if self._norm_sq is None else self._norm_sq + square
+        self.optimizer.step()  # only p has a gradient now: every other one is freed
         p.grad = None

@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from minift.optim.quant8 import BLOCK
+from minift.tracing import known
 
 
 def is_sharded(t) -> bool:
@@ -72,18 +73,27 @@ def flat_offset(p: torch.Tensor) -> int:
     return first_row(p) * row_size(p) if isinstance(p, DTensor) else 0
 
 
-def agree_all_finite(finite: bool, params) -> bool:
+def agree_all_finite(finite, params) -> bool:
     """``finite`` on every rank that holds a shard of ``params`` (MIN over the mesh): a NaN in
-    one rank's rows skips the step on all ranks, so none of them drifts from the others."""
+    one rank's rows skips the step on all ranks, so none of them drifts from the others.
+
+    ``finite`` is a bool, or a 0-d bool tensor on the device, not read yet: then the flag is
+    reduced on the device and read once, after the all-reduce, the one host-device sync of the
+    decision (a bool costs no copy to the device either: the flag is filled there).
+    """
     mesh = next((p.device_mesh for p in params if isinstance(p, DTensor)), None)
+    on_device = isinstance(finite, torch.Tensor)
     if mesh is None or not dist.is_initialized():
-        return finite
+        return bool(known(finite, True)) if on_device else finite  # a trace's flag: finite
     device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else \
         torch.device(mesh.device_type)
-    flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=device)
+    if on_device:
+        flag = finite.reshape(1).to(device=device, dtype=torch.int32, non_blocking=True)
+    else:
+        flag = torch.full((1,), 1 if finite else 0, dtype=torch.int32, device=device)
     for dim in range(mesh.ndim):
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=mesh.get_group(dim))
-    return bool(flag.item())
+    return bool(known(flag[0], True))  # the one read
 
 
 def exchange_shape(p: torch.Tensor, key: str) -> tuple:

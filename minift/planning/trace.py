@@ -233,7 +233,7 @@ def trace_step(config_or_preset: Union[ModelConfig, str], config: Optional[Train
             try:
                 with tracker.track():
                     run_step(model, optimizer, objective, group, cpu, config, stepper, shard=shard,
-                             clip=lambda: mdist.clip_grad_norm(params, config.max_grad_norm or math.inf))
+                             clip=lambda: mdist.clip_grad_norm_on_device(params, config.max_grad_norm or math.inf))
             finally:
                 gc.enable()
         report = tracker.report()

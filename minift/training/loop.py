@@ -36,7 +36,7 @@ from minift.objectives.dpo import DPOObjective, objective_for
 from minift.objectives.sft import SFTObjective
 from minift.optim.in_backward import StepInBackward
 from minift.placement import default_device
-from minift.tracing import known
+from minift.tracing import known_all
 from minift.training import rundir
 from minift.training.compile import compiled_layers
 from minift.training.config import DATA_ORDER_BEFORE, DATA_ORDER_FIELDS, TrainConfig
@@ -214,6 +214,12 @@ def run_step(model, optimizer, objective, group: list, device, config: TrainConf
     dropped. Under torchrun ``shard`` names this rank's share. A planning trace
     (``minift.planning.trace``) runs exactly this on fake tensors.
 
+    The step waits for the device once: the loss, the gradient norm (``clip`` returns it as a
+    device tensor) and the objective's tensor metrics are read together, after the backward and
+    before the optimizer step, whose skip on a non-finite loss or norm is the decision that needs
+    them. Nothing else in forward, backward or the optimizer step reads a device value
+    (tests/test_step_syncs.py counts it).
+
     Returns (loss, grad norm, trained tokens, extra metrics, finite).
     """
     if stepper:
@@ -225,9 +231,11 @@ def run_step(model, optimizer, objective, group: list, device, config: TrainConf
         norm = clip()
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-        norm = mdist.clip_grad_norm(params, config.max_grad_norm or math.inf)
-    # one read of each value for the whole step; a planning trace has none and assumes finite
-    loss, norm = float(known(loss, 0.0)), float(known(norm, 0.0))
+        norm = mdist.clip_grad_norm_on_device(params, config.max_grad_norm or math.inf)
+    # the step's one read; a planning trace has no values and assumes finite
+    keys = list(extra)
+    loss, norm, *values = known_all([loss, norm, *extra.values()], 0.0)
+    extra = dict(zip(keys, values))
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite and not stepper:
         optimizer.step()
@@ -332,8 +340,8 @@ class _Run:
         if self._data_to_blame(group):
             raise FloatingPointError(rundir.bad_batch(self.out, step, what, value, rows, self.state.epoch))
         partial = "" if not self.stepper else (
-            " (optimizer_in_backward: parameters whose gradients were finite were already updated "
-            f"in backward; not updated: {', '.join(self.stepper.nonfinite[:3]) or 'none'})")
+            " (optimizer_in_backward: every parameter was already updated in backward, those with "
+            f"non-finite gradients too: {', '.join(self.stepper.nonfinite[:3]) or 'none'})")
         raise FloatingPointError(rundir.divergence(self.out, step, what, value, rows) + partial)
 
     def _data_to_blame(self, group: list) -> bool:

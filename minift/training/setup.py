@@ -16,7 +16,13 @@ from minift.training.config import TrainConfig
 
 
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimizer over the parameters that require grad."""
+    """The configured optimizer over the parameters that require grad.
+
+    The 8-bit optimizers are built with ``check_finite=False``: the loop steps them only once it
+    has read a finite gradient norm (a NaN/Inf in any gradient makes the norm NaN/Inf and stops
+    the run), so their own check would only read every gradient again, with one more
+    host-device sync per step (per parameter with ``optimizer_in_backward``).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameters with requires_grad=True; nothing to train")
@@ -27,8 +33,8 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.learning_rate)
     if config.optimizer == "adamw8bit":
-        return AdamW8bit(groups, lr=config.learning_rate)
-    return PagedAdamW8bit(groups, lr=config.learning_rate,
+        return AdamW8bit(groups, lr=config.learning_rate, check_finite=False)
+    return PagedAdamW8bit(groups, lr=config.learning_rate, check_finite=False,
                           device_budget_bytes=config.paged_device_budget)
 
 
