@@ -173,7 +173,7 @@ def _packed_on(code: torch.Tensor) -> torch.Tensor:
     with host_read():
         if code.device.type == "meta":  # the compile check (tests/kernel_compile.py): no values
             return torch.empty(2**16, dtype=torch.int32, device="meta")
-        return packed_requant_table(code).to(code.device)
+        return packed_requant_table(code).to(code.device, non_blocking=True)  # once per process and map
 
 
 def requant_tables(map_m, map_v):

@@ -200,7 +200,7 @@ class AdamW8bit(torch.optim.Optimizer):
             device = held[0][1].device
             norms = torch._foreach_norm([g for _, g in held], math.inf)
             finite = torch.isfinite(torch.stack([x.float().to(device, non_blocking=True) for x in norms]))
-        if sharded.agree_all_finite(known(finite.all(), True), [p for _, _, p in todo]):  # the one sync
+        if sharded.agree_all_finite(finite.all(), [p for _, _, p in todo]):  # the one sync (read after the all-reduce)
             return True
         bad = [f"#{index} (shape {tuple(p.shape)})" for ((index, _, p), _), ok in zip(held, finite.tolist())
                if not ok]
