@@ -12,11 +12,14 @@ states stepped in backward, bf16 adapters; QLoRA's lm_head in NF4). Past the pre
 nothing of the step's memory. Each card keeps a 1 GiB reserve for the CUDA context.
 
 Every length is found by tracing the step (`minift.planning.tables.longest`); traces are shared
-between the three cards of a method. The JSON is rewritten after every search.
+between the three cards of a method, and with those of an earlier, interrupted run written to the same
+file. The JSON is rewritten after every search.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 from minift.planning.tables import LEAN, RESERVE, _commit, _write, longest
@@ -32,18 +35,30 @@ ASSUMED = ("s2_attention (group: a quarter of the sequence); modules_to_save emb
            "(memory-neutral); the lean memory setting of minift.planning.tables; 1 GiB reserve a card")
 
 
-def run(out: str, step: int = 4096, methods=("qlora", "lora", "full")) -> dict:
+def run(out: str, step: int = 4096, methods=("qlora", "lora", "full"), cards=tuple(CARDS)) -> dict:
+    """Card by card (the smallest first), method by method; traces already in ``out`` (an earlier,
+    interrupted run of the same settings) are reused."""
     started = time.perf_counter()
+    earlier = {}
+    if os.path.exists(out):
+        with open(out, encoding="utf-8") as f:
+            earlier = json.load(f).get("methods", {})
     result = {"what": "longest sequence at batch 1 whose traced step (fake tensors, CUDA path) fits each "
                       "card, Llama-3.1-8B, long-context recipe", "assumed": ASSUMED, "step_tokens": step,
               "code": _commit(), "command": "python -m minift.planning.long_context", "methods": {}}
+    memos = {}
     for method in methods:
-        memo, rows = {}, {}
         settings = {k: (str(v) if k == "adapter_dtype" else v) for k, v in RECIPE[method].items()}
-        result["methods"][method] = {"settings": settings, "cards": rows}
-        for name, card in CARDS.items():
-            found = longest(PRESET, card - RESERVE, RECIPE[method], step=step, method=method, memo=memo)
-            rows[name] = dict(found, card_bytes=card, budget_bytes=card - RESERVE)
+        before = earlier.get(method, {})
+        memos[method] = {t["seq_len"]: t for card in before.get("cards", {}).values() for t in card["traces"]} \
+            if before.get("settings") == settings else {}
+        result["methods"][method] = {"settings": settings, "cards": {}}
+    for name in cards:
+        for method in methods:
+            found = longest(PRESET, CARDS[name] - RESERVE, RECIPE[method], step=step, method=method,
+                            memo=memos[method])
+            result["methods"][method]["cards"][name] = dict(found, card_bytes=CARDS[name],
+                                                            budget_bytes=CARDS[name] - RESERVE)
             _write(out, result)
     result["seconds"] = round(time.perf_counter() - started, 1)
     _write(out, result)
@@ -56,8 +71,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/benchmarks/long_context_traced.json", help="JSON result file")
     parser.add_argument("--step", type=int, default=4096, help="resolution of the search, tokens")
     parser.add_argument("--methods", default="qlora,lora,full", help="comma-separated methods")
+    parser.add_argument("--cards", default=",".join(CARDS), help="comma-separated cards, of " + ", ".join(CARDS))
     args = parser.parse_args(argv)
-    result = run(args.out, args.step, tuple(m for m in args.methods.split(",") if m))
+    result = run(args.out, args.step, tuple(m for m in args.methods.split(",") if m),
+                 tuple(c for c in args.cards.split(",") if c))
     for method, row in result["methods"].items():
         print(method, {name: card["seq_len"] for name, card in row["cards"].items()})
     return 0
