@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 import minift
 from minift.bench.runinfo import git_commit, git_modified, machine_info
 from minift.distributed import parallel as mdist
+from minift.distributed.settled_gloo import init_settled_gloo
 from minift.files import write_json
 from minift.memory.tracker import MemoryTracker
 from minift.models.config import ModelConfig
@@ -70,6 +71,9 @@ def _worker(rank: int, port: int, world: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    # measured ranks: every collective frees its buffers where the step does, not later on gloo's
+    # worker thread (see minift/distributed/settled_gloo.py); init_from_env then finds the group
+    init_settled_gloo(rank, world)
     mdist.init_from_env("cpu")
     try:
         result = {m: measure(m, world, rank) for m in METHODS}

@@ -28,9 +28,9 @@ def test_sharded_step_memory_is_tracked_per_rank_and_estimated(tmp_path):
             # the NF4 code books (16 and 256 floats) stay replicated buffers
             assert rank["frozen_weights"] == pytest.approx(one["frozen_weights"] / 2, abs=4096), method
         # the traced per-GPU estimate against the tracked peak of each rank: the same step on fake
-        # tensors (rank peaks equal to the byte here, the one-process peak within 8 bytes)
-        # (full fine-tuning, measured: rank 0 peaks 98,816 bytes above rank 1, 0.984 of the trace;
-        # the traced rank equals rank 1 to the byte)
+        # tensors, equal to the byte on both ranks (the one-process peak within 8 bytes). The ranks
+        # run the settled gloo group: with plain gloo a late free on its worker thread moved a
+        # rank's peak by up to 5.4% on a busy machine.
         for ratio in case["estimate_over_tracked_per_rank"]:
-            assert ratio == pytest.approx(1, abs=0.03), (method, ratio)
+            assert ratio == pytest.approx(1, abs=1e-3), (method, ratio)
         assert case["estimate_over_tracked_one"] == pytest.approx(1, abs=0.01), method

@@ -94,6 +94,9 @@ def _zero_first_block(g, states):
 # ^ found by this test: torch's float32 sqrt on the CPU was one ulp off the kernel's sqrt_rn
 @example(n=0, dtype=torch.bfloat16, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
          step=1, stochastic=True, offset_blocks=0, seed=0, grad_scale=1.0, zero_block=False)  # empty
+@example(n=0, dtype=torch.float32, lr=0.0625, beta1=0.0, beta2=0.9375, eps=9.7e-07, weight_decay=0.0,
+         step=1, stochastic=False, offset_blocks=0, seed=0, grad_scale=1e-30, zero_block=True)
+# ^ found by this test: empty, with the zero-block setup asked for
 @example(n=600, dtype=torch.float32, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
          step=2, stochastic=False, offset_blocks=3, seed=5, grad_scale=1e15, zero_block=True)
 @example(n=300, dtype=torch.bfloat16, lr=1e-2, beta1=0.5, beta2=0.99, eps=1e-10, weight_decay=0.0,
@@ -107,7 +110,7 @@ def test_kernel_equals_reference_drawn(kernel_device, n, dtype, lr, beta1, beta2
     g_dtype = dtype if grad_scale < torch.finfo(dtype).max / 100 else torch.float32
     g = (torch.randn(n, generator=gen) * grad_scale).to(kernel_device, g_dtype)
     states, maps = _states(n, kernel_device, zero_block=seed % 2 == 0, gen=gen)
-    if zero_block:
+    if zero_block and n:  # an empty tensor has no first block
         _zero_first_block(g, states)
     s = StepScalars.make(lr, beta1, beta2, eps, weight_decay, step, seed=seed)
     ref, out = _both(p, g, states, maps, s, offset_blocks * 256, stochastic)

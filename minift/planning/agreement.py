@@ -122,60 +122,15 @@ def measured(case: dict) -> dict:
             return json.load(f)
 
 
-# gloo runs each collective on a worker thread that holds the collective's tensors until it drops
-# the finished work. On a busy machine that thread can be descheduled past the moment the step drops
-# its own references, and the storage is then freed later, on that thread: the real peak moved by up
-# to 7% in 1 run of 6 (seen as frees on a foreign thread). The ranks below therefore run one worker
-# thread per group, and after every wait issue one more one-element all-reduce on each group: it
-# completes only once the worker has finished with the previous work, so every collective's buffers
-# are released where the step releases them, which is what the trace (fake process group) assumes.
-_SERIAL_GLOO = "minift_serial_gloo"
-
-
-def _serial_gloo(options, backend_options=None):
-    import torch.distributed as dist
-    opts = dist.ProcessGroupGloo._Options()
-    opts._timeout = options.timeout
-    opts._devices = [dist.ProcessGroupGloo.create_default_device()]
-    opts._threads = 1
-    return dist.ProcessGroupGloo(options.store, options.group_rank, options.group_size, opts)
-
-
-def _settle_collectives() -> None:
-    """In a measuring rank's process only: every finished collective's work is released by gloo's
-    worker before the step goes on (see the comment above)."""
-    import threading
-
-    import torch.distributed as dist
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    dist.Backend.register_backend(_SERIAL_GLOO, _serial_gloo, extended_api=True, devices=["cpu"])
-    work_class, inside = torch._C._distributed_c10d.Work, threading.local()
-    wait, one = work_class.wait, torch.zeros(1)
-
-    def settled_wait(work, *args, **kwargs):
-        result = wait(work, *args, **kwargs)
-        if not getattr(inside, "yes", False):
-            inside.yes = True
-            try:
-                with _disable_current_modes():  # not part of the measured step
-                    for group in list(dist.distributed_c10d._world.pg_map):
-                        wait(group.allreduce([one]))
-            finally:
-                inside.yes = False
-        return result
-
-    work_class.wait = settled_wait
-
-
 def _rank(rank: int, case: dict, port: int, out: str) -> None:
     import torch.distributed as dist
 
+    from minift.distributed.settled_gloo import init_settled_gloo
     from minift.planning.trace import trace_step
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    _settle_collectives()
-    dist.init_process_group(_SERIAL_GLOO, rank=rank, world_size=case["world_size"])
+    # collectives free their buffers where the step does (see minift/distributed/settled_gloo.py)
+    init_settled_gloo(rank, case["world_size"])
     try:
         numbers = _numbers(trace_step(model_config(), train_config(case), fake=False, **_trace_kwargs(case)))
         if rank == 0:
