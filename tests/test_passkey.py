@@ -89,6 +89,43 @@ def test_bad_grid_arguments_name_the_field(tok, kwargs, match):
         passkey_grid(Never(tok), tok, **kwargs)
 
 
+SHORT = dict(intro="", needle=" The key is {key}.", question=" The key is")
+
+
+@pytest.mark.parametrize("length, depth", [(40, 0.0), (64, 0.5), (64, 1.0), (255, 0.3)])
+def test_own_texts_make_a_shorter_prompt_of_the_exact_length(tok, length, depth):
+    p = passkey_prompt(tok, length, depth, "417", **SHORT)
+    assert len(p.ids) == length and p.ids[0] == tok.bos_token_id
+    assert p.ids[p.needle_start:p.needle_end] == tok.encode(" The key is 417.")
+    question = tok.encode(" The key is")
+    assert p.ids[-len(question):] == question and p.answer_ids == tok.encode(" 417")
+    longest = max(len(tok.encode(" " + s)) for s in FILLER)
+    n_fill = length - 1 - len(tok.encode(" The key is 417.")) - len(question)
+    assert abs(p.needle_start - (1 + depth * n_fill)) <= longest / 2
+    with pytest.raises(ValueError, match=r"passkey: length 10 is shorter than the prompt without filler \(\d+ tokens"):
+        passkey_prompt(tok, 10, depth, "417", **SHORT)
+
+
+def test_the_grid_uses_its_own_texts(tok):
+    result = passkey_grid(Copier(tok), tok, [48, 64], [0.0, 1.0], trials=2, seed=1, digits=3, **SHORT)
+    assert np.array_equal(result.accuracy, np.ones((2, 2)))  # the stub copies after " The key is"
+    default = passkey_grid(Copier(tok), tok, [130], [0.0], trials=2, seed=1, digits=3)
+    assert result.trials[0].key == default.trials[0].key  # the seed fixes the keys, whatever the texts
+    assert result.trials[0].needle_start < default.trials[0].needle_start  # no intro
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(needle=" The key is 5."), r"passkey: needle must contain '\{key\}'"),
+    (dict(question=""), r"passkey: question must not be empty"),
+    (dict(intro=None), r"passkey: intro must be a string, got None"),
+])
+def test_bad_texts_name_the_field(tok, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        passkey_prompt(tok, 200, 0.5, "12345", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        passkey_grid(Never(tok), tok, [200], **kwargs)
+
+
 # ---- stub models -------------------------------------------------------------------------
 class Copier(nn.Module):
     """An induction head by hand: at each of the last 16 positions it predicts the token that

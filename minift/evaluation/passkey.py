@@ -48,10 +48,21 @@ class PasskeyPrompt:
     answer_ids: list
 
 
-def _pieces(tokenizer):
+def _pieces(tokenizer, intro: str, question: str):
     encode = tokenizer.encode
-    head = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + encode(INTRO)
-    return head, [encode(" " + s) for s in FILLER], encode(QUESTION)
+    head = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + \
+        (encode(intro) if intro else [])
+    return head, [encode(" " + s) for s in FILLER], encode(question)
+
+
+def _check_texts(intro, needle, question) -> None:
+    for name, text in (("intro", intro), ("needle", needle), ("question", question)):
+        if not isinstance(text, str):
+            raise ValueError(f"passkey: {name} must be a string, got {text!r}")
+    if "{key}" not in needle:
+        raise ValueError(f"passkey: needle must contain '{{key}}', got {needle!r}")
+    if not question:
+        raise ValueError("passkey: question must not be empty")
 
 
 def _filler(sentences, n: int) -> tuple[list, list]:
@@ -64,19 +75,25 @@ def _filler(sentences, n: int) -> tuple[list, list]:
     return ids[:n], [p for p in places if p < n] + [n]
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt:
+def passkey_prompt(tokenizer, length: int, depth: float, key: str, *, intro: str = INTRO,
+                   needle: str = NEEDLE, question: str = QUESTION) -> PasskeyPrompt:
     """The passkey prompt of exactly ``length`` tokens with ``key`` at ``depth`` (0..1) of the filler.
+
+    ``intro``, ``needle`` (a text with ``{key}``) and ``question`` replace the default texts, e.g.
+    shorter ones for a model trained on short windows (the defaults take 108 tokens with the
+    example tokenizer); ``intro`` may be empty.
 
     Raises:
         ValueError naming the field: a length shorter than the prompt without filler, a depth
-        outside [0, 1], a key that is not digits.
+        outside [0, 1], a key that is not digits, a needle without ``{key}``, an empty question.
     """
     length = check_int("passkey: length", length)
     depth = _check_depth(depth)
     if not (isinstance(key, str) and key.isdigit()):
         raise ValueError(f"passkey: key must be a string of digits, got {key!r}")
-    head, sentences, question = _pieces(tokenizer)
-    needle = tokenizer.encode(NEEDLE.format(key=key))
+    _check_texts(intro, needle, question)
+    head, sentences, question = _pieces(tokenizer, intro, question)
+    needle = tokenizer.encode(needle.format(key=key))
     n_fill = length - len(head) - len(needle) - len(question)
     if n_fill < 0:
         raise ValueError(f"passkey: length {length} is shorter than the prompt without filler "
@@ -200,7 +217,8 @@ def _run_cell(model, tokenizer, prompts, method, device, batch_size) -> list:
 
 def passkey_grid(model, tokenizer, lengths: Sequence[int],
                  depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 5, seed: int = 0, *, digits: int = 5, method: str = "generate",
-                 batch_size: int = 4, device: Optional[torch.device] = None) -> PasskeyResult:
+                 batch_size: int = 4, device: Optional[torch.device] = None, intro: str = INTRO,
+                 needle: str = NEEDLE, question: str = QUESTION) -> PasskeyResult:
     """Passkey retrieval accuracy of ``model`` over ``lengths`` x ``depths``.
 
     Args:
@@ -217,12 +235,15 @@ def passkey_grid(model, tokenizer, lengths: Sequence[int],
             " <key>" is the argmax after the tokens before it).
         batch_size: prompts per forward.
         device: where the ids go; default the model's.
+        intro, needle, question: the prompt's texts (`passkey_prompt`); default the module's
+            INTRO, NEEDLE and QUESTION.
 
     Returns:
         A `PasskeyResult`: ``accuracy`` (lengths x depths), ``table()``, ``save_png(path)``,
         ``as_dict()`` and every trial with its key and the model's reply.
     """
     lengths, depths = _check_grid(lengths, depths, trials, digits, method, batch_size)
+    _check_texts(intro, needle, question)
     rng = random.Random(seed)
     device = torch.device(device) if device is not None else _device_of(model)
     was = model.training
@@ -232,7 +253,8 @@ def passkey_grid(model, tokenizer, lengths: Sequence[int],
         for length in lengths:
             for depth in depths:
                 keys = [str(rng.randrange(10 ** (digits - 1), 10 ** digits)) for _ in range(trials)]
-                prompts = [passkey_prompt(tokenizer, length, depth, k) for k in keys]
+                prompts = [passkey_prompt(tokenizer, length, depth, k, intro=intro, needle=needle,
+                                          question=question) for k in keys]
                 for p, (reply, ok) in zip(prompts, _run_cell(model, tokenizer, prompts, method, device,
                                                              batch_size)):
                     results.append(PasskeyTrial(length, depth, p.key, p.needle_start, reply, bool(ok)))
