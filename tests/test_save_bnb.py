@@ -54,10 +54,11 @@ def nf4_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
 
 
-@pytest.mark.parametrize("family,dtype,shard", [("qwen2", torch.float32, "40KB"),
-                                                ("llama3.2", torch.bfloat16, "5GB")])
-def test_round_trip_is_bit_equal(tmp_path, family, dtype, shard):
-    model = quantize_model(float_model(family, dtype))
+@pytest.mark.parametrize("family,dtype,shard,double", [("qwen2", torch.float32, "40KB", True),
+                                                       ("llama3.2", torch.bfloat16, "5GB", True),
+                                                       ("llama2", torch.float32, "5GB", False)])
+def test_round_trip_is_bit_equal(tmp_path, family, dtype, shard, double):
+    model = quantize_model(float_model(family, dtype), double_quant=double)
     minift.save_model(model, tmp_path, max_shard_size=shard, quantization="nf4")
     if shard != "5GB":
         assert (tmp_path / "model.safetensors.index.json").exists()  # pieces spread over shards
@@ -79,26 +80,30 @@ def test_round_trip_is_bit_equal(tmp_path, family, dtype, shard):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["torch_dtype"] == str(dtype).removeprefix("torch.")
     assert config["quantization_config"]["bnb_4bit_compute_dtype"] == str(dtype).removeprefix("torch.")
+    assert config["quantization_config"]["bnb_4bit_use_double_quant"] == double
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama3.2"])
-def test_transformers_and_bitsandbytes_read_the_checkpoint(tmp_path, family):
+@pytest.mark.parametrize("family,blocksize,double", [("qwen2", 64, True), ("llama3.2", 64, True),
+                                                     ("llama2", 32, False)])
+def test_transformers_and_bitsandbytes_read_the_checkpoint(tmp_path, family, blocksize, double):
     float32 = float_model(family)
-    model = quantize_model(copy.deepcopy(float32), compute_dtype=torch.float32)
+    model = quantize_model(copy.deepcopy(float32), blocksize=blocksize, double_quant=double,
+                           compute_dtype=torch.float32)
     minift.save_model(model, tmp_path, quantization="nf4")
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert config["llm_int8_skip_modules"] == ["lm_head"] and config["bnb_4bit_use_double_quant"]
+    assert config["llm_int8_skip_modules"] == ["lm_head"] and config["bnb_4bit_use_double_quant"] == double
 
     saved = load_file(tmp_path / "model.safetensors")
     for name, layer in nf4_layers(model).items():
         key = f"{name}.weight"
-        pieces = {s: saved[f"{key}.{s}"] for s in BNB_SUFFIXES}
+        pieces = {s: saved[f"{key}.{s}"] for s in BNB_SUFFIXES if double or not s.startswith("nested")}
+        assert sum(k.startswith(f"{key}.") for k in saved) == len(pieces)
         state = F.QuantState.from_dict(dict(pieces), device="cpu")
         # bitsandbytes' own dequantizer reads our bytes as minift does, bit for bit
         assert torch.equal(F.dequantize_4bit(saved[key], state), dequantize_nf4(layer.quant_weight)), key
         # and its quantizer writes the same tensors from the same float weight
-        packed, theirs = F.quantize_4bit(float32.get_parameter(key), blocksize=64, quant_type="nf4",
-                                         compress_statistics=True)
+        packed, theirs = F.quantize_4bit(float32.get_parameter(key), blocksize=blocksize, quant_type="nf4",
+                                         compress_statistics=double)
         assert torch.equal(packed, saved[key]), key
         for suffix, t in theirs.as_dict(packed=True).items():
             assert t.dtype == pieces[suffix].dtype and torch.equal(t, pieces[suffix]), (key, suffix)

@@ -8,6 +8,7 @@ checkpoint. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -23,7 +24,8 @@ from minift.files import file_mode, read_json, write_json
 from minift.models.config import ModelConfig
 from minift.models.llama import Llama
 from minift.nf4 import quantize as nf4
-from minift.nf4.bnb_format import BNB_SUFFIXES, bnb_piece, bnb_state_dict
+from minift.nf4.bnb_format import BNB_SUFFIXES, UNNESTED_PIECES, bnb_piece, bnb_state_dict
+from minift.nf4.format import MissingKeyError
 from minift.nf4.linear import NF4Linear
 from minift.quantmaps import nf4_code
 from minift.sizes import parse_bytes
@@ -239,6 +241,11 @@ class _Filler:
         self.loaded.add(f"{module_path}.weight")
 
     def finish(self) -> None:
+        for module_path in [m for m, p in self.pending.items() if set(p) == UNNESTED_PIECES]:
+            # no nested pieces come without double quantization; the quant state says if it has one
+            with contextlib.suppress(MissingKeyError):
+                self._build_bnb_linear(module_path, self.pending[module_path])
+                del self.pending[module_path]
         if self.unexpected:
             raise ValueError(f"checkpoint has {len(self.unexpected)} unexpected tensor(s) the model "
                              f"does not have: {_names(self.unexpected)}")

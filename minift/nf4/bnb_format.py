@@ -33,6 +33,8 @@ from minift.nf4.quantize import check_weight
 
 # The serialized pieces next to a `<linear>.weight` of dtype uint8 (the keys to_bnb_state_dict adds).
 BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+# The pieces of a weight without double quantization (keyed as bnb_piece names them).
+UNNESTED_PIECES = frozenset({"weight"} | {f"weight.{s}" for s in BNB_SUFFIXES if not s.startswith("nested")})
 # What save_model(quantization="nf4") keeps in float, as quantize_model's default does.
 FLOAT_MODULES = ("lm_head",)
 
