@@ -8,6 +8,7 @@ checkpoint. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -23,15 +24,14 @@ from minift.files import file_mode, read_json, write_json
 from minift.models.config import ModelConfig
 from minift.models.llama import Llama
 from minift.nf4 import quantize as nf4
+from minift.nf4.bnb_format import BNB_SUFFIXES, UNNESTED_PIECES, bnb_piece, bnb_state_dict
+from minift.nf4.format import MissingKeyError
 from minift.nf4.linear import NF4Linear
 from minift.quantmaps import nf4_code
 from minift.sizes import parse_bytes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# bitsandbytes' serialized NF4 pieces next to a `<linear>.weight` of dtype uint8.
-BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
-                "quant_state.bitsandbytes__nf4")
 # Old Llama checkpoints store RoPE tables; they are recomputed from the config.
 IGNORED_KEYS = re.compile(r".*\.rotary_emb\.inv_freq$")
 # Elements of a weight quantized at once on load. quantize_nf4 holds several float32 copies of
@@ -165,7 +165,7 @@ class _Filler:
             self.tied_head = tensor  # tied: the embedding is the head; compared in finish()
             return
         module_path, _, leaf = name.rpartition(".")
-        bnb_leaf = self._bnb_piece(name)
+        bnb_leaf = bnb_piece(name)
         if bnb_leaf is not None:
             self._add_bnb_piece(*bnb_leaf, tensor)
         elif name not in self.expected:
@@ -196,12 +196,6 @@ class _Filler:
         if shape != self.expected[name]:
             raise ValueError(f"tensor {name!r} has shape {shape} in the checkpoint but the model "
                              f"built from config.json expects {self.expected[name]}")
-
-    def _bnb_piece(self, name):
-        for suffix in BNB_SUFFIXES:
-            if name.endswith(".weight." + suffix):
-                return name[: -len(".weight." + suffix)], "weight." + suffix
-        return None
 
     def _set(self, module_path: str, leaf: str, tensor: torch.Tensor) -> None:
         module = self.model.get_submodule(module_path)
@@ -247,6 +241,11 @@ class _Filler:
         self.loaded.add(f"{module_path}.weight")
 
     def finish(self) -> None:
+        for module_path in [m for m, p in self.pending.items() if set(p) == UNNESTED_PIECES]:
+            # no nested pieces come without double quantization; the quant state says if it has one
+            with contextlib.suppress(MissingKeyError):
+                self._build_bnb_linear(module_path, self.pending[module_path])
+                del self.pending[module_path]
         if self.unexpected:
             raise ValueError(f"checkpoint has {len(self.unexpected)} unexpected tensor(s) the model "
                              f"does not have: {_names(self.unexpected)}")
@@ -316,22 +315,31 @@ def _names(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def save_model(model: Llama, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+def save_model(model: Llama, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+               quantization: Optional[str] = None) -> None:
     """Write `model` as a Hugging Face checkpoint (config.json, safetensors shards, index).
 
     Files are written under temporary names and renamed into place, so an interrupted save never
     leaves a half-written checkpoint that looks complete.
 
     Args:
-        model: a `minift.models.llama.Llama` with plain (unquantized, merged) weights.
+        model: a `minift.models.llama.Llama` with merged weights (plain, or NF4 with quantization).
         path: output directory, created if needed; earlier weight files in it are replaced.
         max_shard_size: bytes per shard, as an int or a string like "5GB", "200MB".
+        quantization: None writes float weights; "nf4" writes bitsandbytes' 4-bit checkpoint
+            (`minift.nf4.bnb_format`): NF4Linear weights as they are, the other linears except
+            lm_head quantized first as quantize_model does (the model is not changed).
     """
-    _check_saveable(model)
+    if quantization not in (None, "nf4"):
+        raise ValueError(f"quantization must be None or 'nf4', got {quantization!r}")
+    _check_saveable(model, quantized=quantization == "nf4")
     limit = parse_bytes(max_shard_size, "max_shard_size")
     state = {n: t.detach().to("cpu").contiguous() for n, t in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # stored once, as the embedding
+    quant_config = None
+    if quantization == "nf4":
+        state, quant_config = bnb_state_dict(model, state, lambda w: quantize_in_slices(w, w.dtype, "cpu"))
     shards = _split(state, limit)
     os.makedirs(path, exist_ok=True)
     files = _shard_names(len(shards))
@@ -342,8 +350,8 @@ def save_model(model: Llama, path: str | os.PathLike, max_shard_size: int | str 
             index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
                      "weight_map": {n: f for f, s in zip(files, shards) for n in s}}
             write_json(os.path.join(tmp, INDEX_FILE), index, sort_keys=True, atomic=False)
-        write_json(os.path.join(tmp, "config.json"), _config_dict(model, state), sort_keys=True,
-                   atomic=False)
+        write_json(os.path.join(tmp, "config.json"), _config_dict(model, state, quant_config),
+                   sort_keys=True, atomic=False)
         write_json(os.path.join(tmp, "generation_config.json"), _generation_dict(model.config),
                    sort_keys=True, atomic=False)
         _remove_stale_weights(path, keep=set(os.listdir(tmp)))
@@ -352,18 +360,18 @@ def save_model(model: Llama, path: str | os.PathLike, max_shard_size: int | str 
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
 
 
-def _check_saveable(model: nn.Module) -> None:
+def _check_saveable(model: nn.Module, quantized: bool = False) -> None:
     names = list(model.state_dict())
     lora = [n for n in names if "lora_" in n]
     if lora:
         raise ValueError(f"model has LoRA adapters (e.g. {lora[0]!r}); call minift.merge_lora(model) "
                          f"first to fold them into the base weights, or save just the adapter with "
                          f"minift.save_adapter")
-    quantized = [n for n in names if n.endswith(".weight.absmax")]
-    if quantized:
-        raise ValueError(f"model has NF4-quantized weights (e.g. {quantized[0][:-len('.absmax')]!r}); "
-                         f"save_model writes plain weights only: load the checkpoint without "
-                         f"quantize, merge the adapter into it, then save")
+    nf4 = [n for n in names if n.endswith(".weight.absmax")]
+    if nf4 and not quantized:
+        raise ValueError(f"model has NF4-quantized weights (e.g. {nf4[0][:-len('.absmax')]!r}); "
+                         f"pass quantization='nf4' to save them as a bitsandbytes checkpoint, or load "
+                         f"the checkpoint without quantize, merge the adapter into it, then save")
 
 
 def _split(state: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
@@ -395,10 +403,12 @@ def _remove_stale_weights(path: str, keep: set[str]) -> None:
             os.remove(os.path.join(path, name))
 
 
-def _config_dict(model: Llama, state: dict[str, torch.Tensor]) -> dict:
+def _config_dict(model: Llama, state: dict[str, torch.Tensor], quant_config: Optional[dict]) -> dict:
     d = model.config.to_hf_dict()
-    d.pop("quantization_config", None)  # the saved weights are plain
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    d.pop("quantization_config", None)  # an earlier one: the saved weights are plain or as below
+    if quant_config is not None:
+        d["quantization_config"] = quant_config
+    dtypes = {t.dtype for n, t in state.items() if t.is_floating_point() and bnb_piece(n) is None}
     if len(dtypes) == 1:
         d["torch_dtype"] = d["dtype"] = str(dtypes.pop()).removeprefix("torch.")
     return d
