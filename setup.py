@@ -19,8 +19,8 @@ setup(
         "jinja2>=3.1",
     ],
     extras_require={
-        # transformers, peft, bitsandbytes and torchao are test oracles only; minift never imports
-        # them. They are pinned to the releases the suite was last checked against: an oracle's
+        # transformers, peft, bitsandbytes, torchao and gguf are test oracles only; minift never
+        # imports them. They are pinned to the releases the suite was last checked against: an oracle's
         # new release can change its numbers (bitsandbytes 0.50 added a CPU dequant kernel that
         # disagrees with its own format on some shapes), and CI must not turn red on its own.
         "test": [
@@ -30,6 +30,7 @@ setup(
             "peft==0.21.2",
             "bitsandbytes==0.50.2",
             "torchao==0.18.0",
+            "gguf==0.19.0",
             "matplotlib>=3.7",
         ],
         "plot": ["matplotlib>=3.7"],

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLOORS = {
     "names": 0, "checks": 0, "sizes": 0, "files": 0, "cli": 0, "placement": 0, "quantmaps": 0,
     "tracing": 0, "kernels": 0,
-    "nf4": 1, "optim": 1,
+    "nf4": 1, "optim": 1, "gguf": 1,
     "models": 2,
     "lora": 3, "data": 3,
     "checkpoints": 4,

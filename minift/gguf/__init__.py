@@ -1,0 +1,1 @@
+"""GGUF: the file format llama.cpp and Ollama read, and its block quantizations."""
