@@ -156,3 +156,48 @@ def test_warns_when_the_adapters_do_not_share_a_start(base, tmp_path):
     with pytest.warns(UserWarning, match=r"other and .*x do not share a starting point \(their A "
                                          r"matrices have a mean cosine similarity of -?0\.\d\d\)"):
         average_adapters([tmp_path / "x", tmp_path / "other"])
+
+
+def _minift_adapter(path, seed, extend):
+    """An adapter of a small minift Llama, trained (here: drawn) under extend_context or not."""
+    torch.manual_seed(0)
+    model = minift.Llama(minift.ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, max_position_embeddings=64))
+    if extend:
+        minift.extend_context(model, 256, method="yarn")
+    model = lora_wrap(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(std=0.3)
+    minift.save_adapter(model, path, base_model_name_or_path="tiny-minift")
+
+
+def test_soup_carries_the_rope_record_and_refuses_a_mix(tmp_path):
+    from safetensors import safe_open
+
+    from minift.models.context import ROPE_METADATA_KEY
+    for name, seed, extend in (("a", 1, True), ("b", 2, True), ("plain", 3, False)):
+        _minift_adapter(tmp_path / name, seed, extend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # independently drawn adapters: the other-start warning
+        out = soup([tmp_path / "a", tmp_path / "b"], tmp_path / "soup")
+        with pytest.raises(ValueError, match=f"{ROPE_METADATA_KEY}=None.*only adapters trained on one base "
+                                             "under one RoPE"):
+            average_adapters([tmp_path / "a", tmp_path / "plain"])
+
+    def meta(path):
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+            return f.metadata()
+    assert meta(out)[ROPE_METADATA_KEY] == meta(tmp_path / "a")[ROPE_METADATA_KEY]
+    assert meta(out)["base_model_type"] == meta(tmp_path / "a")["base_model_type"]
+    # loading the soup onto the unextended base stretches its RoPE as each adapter's would
+    torch.manual_seed(0)
+    base = minift.Llama(minift.ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, max_position_embeddings=64))
+    minift.load_adapter(base, out)
+    assert base.config.max_position_embeddings == 256
+    assert base.config.rope_scaling["rope_type"] == "yarn"

@@ -17,11 +17,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minift.checks import check_number
 from minift.files import atomic_write, write_json
 from minift.lora.adapter import CONFIG_NAME, WEIGHTS_NAME, _load_tensors, read_adapter_config
+from minift.models.context import ROPE_METADATA_KEY
 
 # adapter_config.json fields that must agree for the A and B matrices to mean the same thing
 MATCHING_FIELDS = ("base_model_name_or_path", "r", "lora_alpha", "use_rslora", "target_modules")
@@ -69,10 +71,27 @@ def _check_same(first_path, first, path, config, tensors, first_tensors):
                              f"{first_path}")
 
 
-def read_soup(paths, weights=None):
-    """(averaged tensors, the config they go with) of the PEFT adapters in `paths`.
+# safetensors metadata an adapter's weights carry (adapter.write_adapter) that must agree across a
+# soup and travel with it: the base's architecture and the stretched RoPE the adapters trained under
+CARRIED_METADATA = ("base_model_type", ROPE_METADATA_KEY)
 
-    See `average_adapters`; the config is the first adapter's.
+
+def _metadata(path: Path) -> dict:
+    try:
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+            found = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"average_adapters: {path / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
+    return {k: found[k] for k in CARRIED_METADATA if k in found}
+
+
+def read_soup(paths, weights=None):
+    """(averaged tensors, the config they go with, the weights' metadata) of the PEFT adapters in
+    `paths`.
+
+    See `average_adapters`; the config is the first adapter's. The metadata (base architecture,
+    stretched RoPE) must be the same in every adapter: an adapter trained under
+    `minift.extend_context` averaged with one that was not would be loaded under one RoPE.
     """
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if not paths:
@@ -82,17 +101,29 @@ def read_soup(paths, weights=None):
         if not p.is_dir():
             raise FileNotFoundError(f"average_adapters: adapter directory not found: {p}")
     first_config, first_tensors = read_adapter_config(paths[0]), _load_tensors(paths[0])
+    first_meta = _metadata(paths[0])
     sums = {k: t.double() * weights[0] for k, t in first_tensors.items()}
     for path, w in zip(paths[1:], weights[1:]):
         config, tensors = read_adapter_config(path), _load_tensors(path)
         _check_same(paths[0], first_config, path, config, tensors, first_tensors)
+        meta = _metadata(path)
+        for key in CARRIED_METADATA:
+            mine, theirs = first_meta.get(key), meta.get(key)
+            if key == "base_model_type" and None in (mine, theirs):  # PEFT's own files lack it
+                if theirs is not None:
+                    first_meta[key] = theirs
+                continue
+            if mine != theirs:
+                raise ValueError(f"average_adapters: {path} has {key}={theirs!r} in its weights' "
+                                 f"metadata but {paths[0]} has {mine!r}; only adapters "
+                                 f"trained on one base under one RoPE can be averaged")
         _warn_other_start(paths[0], first_tensors, path, tensors)
         for k, t in tensors.items():
             sums[k] += t.double() * w
     # float64 sums, stored back in each tensor's own dtype: k copies of one adapter average to
     # bit-identical tensors (w * x summed k times with w = 1/k rounds back to x in float32/16)
     state = {k: v.to(first_tensors[k].dtype).contiguous() for k, v in sums.items()}
-    return state, first_config
+    return state, first_config, first_meta
 
 
 # Below this mean cosine similarity of their A matrices, two adapters did not start from one
@@ -134,19 +165,21 @@ def average_adapters(paths, weights=None):
     return read_soup(paths, weights)[0]
 
 
-def save_soup(state, config, path):
-    """Write averaged tensors and their adapter config as a PEFT adapter directory."""
+def save_soup(state, config, path, metadata=None):
+    """Write averaged tensors and their adapter config as a PEFT adapter directory; `metadata`
+    (read_soup's third value) goes into the weights' safetensors metadata beside "format"."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    meta = {"format": "pt", **(metadata or {})}
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
     write_json(path / CONFIG_NAME, config, sort_keys=True)
 
 
 def soup(paths, out, weights=None):
     """`average_adapters` + `save_soup`; returns the output directory."""
-    state, config = read_soup(paths, weights)
-    save_soup(state, config, out)
+    state, config, metadata = read_soup(paths, weights)
+    save_soup(state, config, out, metadata)
     return Path(out)
 
 
