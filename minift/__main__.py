@@ -1,7 +1,8 @@
 """Command line: ``python -m minift plan ...`` (will it fit?), ``python -m minift bench``
 (with ``memory`` and ``trace``: the traced tables and the trace against the real step)
 (full vs LoRA vs QLoRA, measured), ``python -m minift bench gpu --out DIR`` (the GPU suite),
-``python -m minift bench cpu`` (minift's CPU paths against the peers, interleaved) and
+``python -m minift bench cpu`` (minift's CPU paths against the peers, interleaved),
+``python -m minift bench infer MODEL_DIR`` (decoding latency and throughput beside transformers) and
 ``python -m minift soup a b c --out d`` (adapter soup) and ``python -m minift eval MODEL_DIR``
 (passkey retrieval and perplexity by context length).
 Each command lives in its own module; this one parses and dispatches."""
@@ -12,6 +13,7 @@ import sys
 
 from minift.bench import cpu as bench_cpu
 from minift.bench import gpu as bench_gpu
+from minift.bench import infer as bench_infer
 from minift.bench import methods as bench
 from minift.cli import OneLineParser, ShowDefaults
 from minift.evaluation import command as eval_command
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=shown)
     bench.add_bench_arguments(b)
     # `bench` alone is the CPU comparison above; `bench gpu` is a mode of its own with its options
-    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="{gpu,cpu,memory,trace}")
+    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="{gpu,cpu,memory,trace,infer}")
     g = modes.add_parser("gpu", help="the GPU suite: kernels, bandwidth, 8B-shaped training steps",
                          description="Kernel checks and timings, NF4 dequant and 8-bit AdamW "
                                      "against bandwidth, Llama-3.1-8B-shaped training steps per "
@@ -56,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Every agreement case on fake and on real tensors (FSDP on two gloo "
                                      "processes); JSON with the largest relative difference.")
     t.add_argument("--out", default="docs/benchmarks/trace_agreement.json", help="JSON result file")
+    i = modes.add_parser("infer", help="greedy decoding timed: TTFT, per-token P50/P99, tokens/s, memory",
+                         description="Decode random prompts with minift (fp32 / NF4, adapter unmerged) and "
+                                     "transformers side by side, interleaved; JSON and a table.")
+    bench_infer.add_infer_arguments(i)
     s = sub.add_parser("soup", help="average several LoRA adapters of one base (PEFT format)",
                        description="Average PEFT-format LoRA adapters tensor by tensor into a new "
                                    "adapter; adapters of other bases, ranks or targets are refused.")
@@ -83,7 +89,7 @@ def _bench_trace(args, parser) -> int:
 
 
 COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "bench gpu": bench_gpu.run_bench_gpu,
-            "bench cpu": bench_cpu.run_cpu, "bench memory": _bench_memory, "bench trace": _bench_trace,
+            "bench cpu": bench_cpu.run_cpu, "bench infer": bench_infer.run_infer, "bench memory": _bench_memory, "bench trace": _bench_trace,
             "soup": soup.run_soup, "eval": eval_command.run_eval}
 
 

@@ -173,6 +173,25 @@ def _nf4_cases():
         launch(BIG, torch.bfloat16, 4096, False)
 
 
+def _nf4_gemv_cases():
+    import minift.kernels.nf4_gemv as mod
+    import torch
+
+    def launch(m, shape, dtype):
+        n, k = shape
+        blocks = n * k // 64
+        x, packed = _meta(m, k, dtype=dtype), _meta(n * k // 2, dtype=torch.uint8)
+        return lambda: mod.nf4_gemv(x, packed, _meta(blocks, dtype=torch.uint8), _meta(16), shape, 64,
+                                    nested_absmax=_meta(-(-blocks // 256)), nested_code=_meta(256), offset=0.0)
+
+    # decoding at Llama-3.1-8B shapes: q / o (4096 x 4096), k / v (1024 x 4096), gate / up, down
+    for shape in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+        for m, dtype in ((1, torch.bfloat16), (16, torch.bfloat16), (1, torch.float16), (1, torch.float32),
+                         (16, torch.float32)):
+            label = f"x {m}x{shape[1]} {str(dtype)[6:]} @ nf4 {shape[0]}x{shape[1]} blocksize 64 double-quant"
+            yield "nf4_gemv", label, mod, "_nf4_gemv_kernel", launch(m, shape, dtype)
+
+
 def _rmsnorm_cases():
     import minift.kernels.rmsnorm as mod
     import torch
@@ -223,6 +242,7 @@ def _cases():
     """(kernel name, case label, module, attribute, launch) for every kernel and config."""
     yield from _adamw_cases()
     yield from _nf4_cases()
+    yield from _nf4_gemv_cases()
     yield from _rmsnorm_cases()
     yield from _rope_cases()
     yield from _swiglu_cases()

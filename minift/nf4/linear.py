@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from minift.nf4.format import FLOAT_DTYPES, MissingKeyError, NF4Weight, from_bnb_state_dict
+from minift.nf4.inference import linear_no_grad
 from minift.nf4.quantize import check_blocksize, check_weight, dequantize_nf4, quantize_nf4
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class NF4Linear(nn.Module):
         self.compute_dtype = compute_dtype
         self._set_weight(weight)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self._inference_weight = None  # the dequantized weight inside minift.nf4.inference's cache
 
     def _set_weight(self, q: NF4Weight) -> None:
         self.weight_dtype, self.blocksize, self.offset = q.dtype, q.blocksize, q.offset
@@ -159,7 +161,11 @@ class NF4Linear(nn.Module):
         if not x.is_floating_point():
             # nn.Linear refuses integer input too; casting it would hide a wrong tensor (token ids)
             raise TypeError(f"NF4Linear: input must be a floating-point tensor, got dtype {x.dtype}")
-        return NF4MatMul.apply(x, self.quant_weight, self.bias, self._pick_dtype(x))
+        dtype = self._pick_dtype(x)
+        if not torch.is_grad_enabled():  # decoding: no autograd context (minift.nf4.inference)
+            with _autocast_off(x.device.type):
+                return linear_no_grad(x, self.quant_weight, self.bias, dtype, self._inference_weight)
+        return NF4MatMul.apply(x, self.quant_weight, self.bias, dtype)
 
     def _apply(self, fn, recurse=True):
         # The quantization tensors are a fixed format, not float weights: letting a dtype
