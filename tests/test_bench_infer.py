@@ -68,3 +68,7 @@ def test_adapter_run_times_the_merged_side(tiny):
     record = _run(tiny, "--adapter", str(tiny / "adapter"))
     _check(record, {"minift", "minift merged"})
     assert record["settings"]["adapter"].endswith("adapter")
+    assert "steps" not in record["settings"]  # the parent bench command's options stay out
+    # the recorded command names the run's own options
+    assert record["command"].startswith("python -m minift bench infer ")
+    assert f"--adapter {tiny / 'adapter'}" in record["command"]

@@ -19,6 +19,7 @@ the call (Linux' VmHWM, reset before each call), which includes every side loade
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import statistics
@@ -35,6 +36,29 @@ from minift.lora.layer import merge_lora
 from minift.models.generation import generate
 from minift.models.loading import load_model
 from minift.nf4.inference import nf4_inference_cache
+
+
+def _infer_actions() -> list:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_infer_arguments(parser)
+    return parser._actions
+
+
+def infer_settings(args) -> dict:
+    """The values of `bench infer`'s own arguments (not the parent `bench` command's)."""
+    return {a.dest: getattr(args, a.dest) for a in _infer_actions() if hasattr(args, a.dest)}
+
+
+def infer_command(settings: dict) -> str:
+    """The command line that reproduces these settings (options at their defaults left out)."""
+    words = ["python", "-m", "minift", "bench", "infer"]
+    for a in _infer_actions():
+        value = settings.get(a.dest, a.default)
+        if not a.option_strings:
+            words.append(str(value))
+        elif value != a.default:
+            words += [a.option_strings[0]] if value is True else [a.option_strings[0], str(value)]
+    return " ".join(words)
 
 
 def add_infer_arguments(parser) -> None:
@@ -80,11 +104,12 @@ def run_infer(args, parser) -> int:
         ids = torch.randint(0, vocab, (batch, args.prompt_tokens), generator=gen).to(args.device)
         print(f"minift bench infer: batch {batch} ...", file=sys.stderr, flush=True)
         results[f"batch_{batch}"] = time_sides(sides, ids, args)
-    record = {"command": "python -m minift " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+    settings = infer_settings(args)
+    record = {"command": infer_command(settings),
               "machine": machine_info(), "device": args.device, "torch_threads": torch.get_num_threads(),
               "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
               "git_commit": git_commit(), "git_modified": git_modified(),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("func",)},
+              "settings": settings,
               "memory_measure": "cuda max_memory_allocated" if args.device.startswith("cuda")
               else "process peak RSS (VmHWM) during the call, every loaded side included",
               "sides": {name: {"weight_bytes": weight_bytes(model)} | notes.get(name, {})
