@@ -72,3 +72,17 @@ def test_adapter_run_times_the_merged_side(tiny):
     # the recorded command names the run's own options
     assert record["command"].startswith("python -m minift bench infer ")
     assert f"--adapter {tiny / 'adapter'}" in record["command"]
+
+
+def test_peer_decodes_every_token_past_an_end_of_text_argmax(tiny):
+    """transformers' side decodes the same tokens as minift's even where the end-of-text token is
+    the argmax: it neither stops there nor forbids it."""
+    transformers = pytest.importorskip("transformers")
+    from minift.bench.infer import _peer_generate
+    from minift.models.generation import generate
+    from minift.models.loading import load_model
+    ids = torch.tensor([[5, 17, 3, 99]])
+    mine = generate(load_model(tiny / "base", dtype=torch.float32), ids, max_new_tokens=6, eos_token_id=[])
+    peer = transformers.LlamaForCausalLM.from_pretrained(tiny / "base", dtype=torch.float32).eval()
+    peer.generation_config.eos_token_id = int(mine[0, ids.shape[1] + 1])  # greedy picks it at step 2
+    assert torch.equal(_peer_generate(peer, 6)(ids), mine)

@@ -181,10 +181,14 @@ def _peer_model(args, quant):
 
 
 def _peer_generate(model, new_tokens: int):
+    # no end-of-text id, as on minift's side: every row decodes new_tokens tokens. (min_new_tokens
+    # would instead forbid the end-of-text token, and the greedy tokens would part at its first argmax.)
+    model.generation_config.eos_token_id = None
+
     def run(ids):
         with torch.no_grad():
             return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+                                  max_new_tokens=new_tokens, pad_token_id=0)
     return run
 
 
