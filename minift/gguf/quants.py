@@ -19,8 +19,15 @@ bytes. ``BLOCKS`` gives (elements, bytes) per block. Multi-byte fields are littl
   qh byte 32 h + l holds, from its low bits up, the high bits of elements 128 h + l + 32 k, k = 0..3.
 
 The dequantizers compute in float32 with the same operation order as ggml, so they agree with
-the `gguf` package exactly (tests/test_gguf_quants.py). Work runs in chunks of blocks, so a
-100M-element tensor needs a few tens of MB of temporaries beyond its input and output.
+the `gguf` package exactly (tests/test_gguf_quants.py); so do the Q8_0, Q4_0 and Q4_1 encoders,
+byte for byte. The Q4_K and Q6_K encoders are our own: each sub-block tries a few scales around
+the plain one (range / 15 levels, or absmax at level -32), refits scale and min to each
+candidate's rounded levels by least squares, and keeps the lowest squared error, never worse than
+the plain fit; the super-block then stores the sub-block scales in 6 (Q4_K) or 8 (Q6_K) bits, and
+every element is re-rounded to the nearest level of the scales as stored. Hence, per element,
+|x - x^| <= sqrt(plain fit's squared error over the sub-block) + 15 d / 2 + dmin / 2 for Q4_K and
++ 16 d for Q6_K (d, dmin the fp16 super-block scales), which the tests check. Work runs in chunks
+of blocks, so a 100M-element tensor needs some tens of MB of temporaries beyond input and output.
 """
 from __future__ import annotations
 
@@ -140,3 +147,220 @@ def dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.ndarra
     for i in range(0, len(blocks), step):
         out[i:i + step] = _DEQUANT[qtype](blocks[i:i + step])
     return out.reshape(shape)
+
+
+# -------------------------------------------------------------------------------- quantize
+# Q8_0, Q4_0 and Q4_1 follow ggml's reference encoders operation for operation in float32, so the
+# bytes equal llama.cpp's (and the gguf package's). Q4_K and Q6_K search each sub-block's scale.
+
+
+def _to_f16(v: np.ndarray) -> np.ndarray:
+    """(nb, 1) float32 -> (nb, 2) uint8 little-endian fp16."""
+    return v.astype("<f2").view(np.uint8)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d)
+
+
+def _round_half_away(v: np.ndarray) -> np.ndarray:
+    """C's roundf: halves go away from zero (np.rint would go to even)."""
+    a = np.abs(v)
+    f = np.floor(a)
+    return np.copysign(f + (a - f >= 0.5), v)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """(..., 2, k) values < 16 -> (..., k) bytes: the first half low, the second high."""
+    return q[..., 0, :] | (q[..., 1, :] << 4)
+
+
+def _q8_0(x: np.ndarray) -> np.ndarray:
+    d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
+    q = _round_half_away(x * _inverse(d)).astype(np.int8).view(np.uint8)
+    return np.concatenate([_to_f16(d), q], axis=1)
+
+
+def _q4_0(x: np.ndarray) -> np.ndarray:
+    # the scale maps the element of largest magnitude (the first one, on a tie) to -8
+    peak = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+    d = peak / np.float32(-8)
+    q = np.minimum(np.trunc(x * _inverse(d) + np.float32(8.5)), 15).astype(np.uint8)
+    return np.concatenate([_to_f16(d), _pack_nibbles(q.reshape(-1, 2, 16))], axis=1)
+
+
+def _q4_1(x: np.ndarray) -> np.ndarray:
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    d = (hi - lo) / np.float32(15)
+    q = np.minimum(np.trunc((x - lo) * _inverse(d) + np.float32(0.5)), 15).astype(np.uint8)
+    return np.concatenate([_to_f16(d), _to_f16(lo), _pack_nibbles(q.reshape(-1, 2, 16))], axis=1)
+
+
+def _sums(x: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per candidate: the sums of L, L * L and L * x over a row ((ns, K) each)."""
+    return (levels.sum(axis=2), np.einsum("ikn,ikn->ik", levels, levels),
+            np.einsum("ikn,in->ik", levels, x))
+
+
+def _pick(x: np.ndarray, levels: np.ndarray, s: np.ndarray, b: np.ndarray, sums: tuple,
+          first: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Among candidate fits ``s * L + b`` of the rows of x (ns, n) pick the lowest squared error.
+
+    ``levels`` (ns, K, n) are the candidates' integer levels, ``s`` and ``b`` (ns, K) their fits,
+    ``sums`` their `_sums`; ``first`` is the plain min/max (or absmax) fit (s0, b0, L0). The errors of the K candidates come
+    from sums (cheap, but prone to cancellation), so the winner's error is recomputed element by
+    element and compared with the plain fit's: the pick's error is never above the plain fit's.
+    Returns (s, b), each (ns,).
+    """
+    n, (sl, sll, slx) = x.shape[1], sums
+    sx, sxx = x.sum(axis=1, keepdims=True), np.einsum("in,in->i", x, x)[:, None]
+    err = sxx - 2 * (s * slx + b * sx) + s * s * sll + 2 * s * b * sl + n * b * b
+    rows = np.arange(len(x))
+    k = err.argmin(axis=1)
+    s, b = s[rows, k], b[rows, k]
+    err = np.square(s[:, None] * levels[rows, k] + b[:, None] - x).sum(axis=1)
+    s0, b0, l0 = first
+    use_first = np.square(s0 * l0 + b0 - x).sum(axis=1) <= err
+    return np.where(use_first, s0[:, 0], s), np.where(use_first, b0[:, 0], b)
+
+
+def _levels(x: np.ndarray, coef: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """rint(x (ns, n) * coef (ns, K)) clipped to lo..hi, as (ns, K, n)."""
+    levels = x[:, None, :] * coef[:, :, None]
+    np.rint(levels, out=levels)
+    return np.clip(levels, lo, hi, out=levels)
+
+
+def _fit_affine(x: np.ndarray, nmax: int, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of x (ns, n): s >= 0, b <= 0 with x ~ s * L + b, L in 0..nmax, near-least squares.
+
+    Each candidate maps the row's range [min(x, 0), max(x)] onto nmax + t levels (t from
+    ``steps``), rounds, and then refits s and b to those levels by least squares (b pinned to 0
+    when the fit wants it positive: the format stores -b as a non-negative min).
+    """
+    n = x.shape[1]
+    lo = np.minimum(x.min(axis=1, keepdims=True), 0)
+    span = x.max(axis=1, keepdims=True) - lo
+    inv = _inverse(span)
+    l0 = np.clip(np.rint((x - lo) * (nmax * inv)), 0, nmax)
+    levels = _levels(x - lo, (nmax + steps) * inv, 0, nmax)
+    sl, sll, slx = sums = _sums(x, levels)
+    sx = x.sum(axis=1, keepdims=True)
+    det = n * sll - sl * sl
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = (n * slx - sl * sx) / det
+        b = (sx - s * sl) / n
+        pinned = ~(det > 0) | (b > 0)
+        s = np.where(pinned, slx / sll, s)
+    s = np.where(np.isfinite(s), np.maximum(s, 0), 0).astype(np.float32)
+    b = np.where(pinned, 0, b).astype(np.float32)
+    return _pick(x, levels, s, b, sums, (span / nmax, lo, l0))
+
+
+def _fit_symmetric(x: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Per row of x (ns, n): s with x ~ s * L, L in -32..31, near-least squares.
+
+    The element of largest magnitude goes to the -32 end (the one with a level to spare), as
+    -(32 + t) for each t in ``steps``; s is then refit to the rounded levels by least squares.
+    """
+    peak = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+    inv = _inverse(peak)
+    l0 = np.clip(np.rint(x * (-32 * inv)), -32, 31)
+    levels = _levels(x, -(32 + steps) * inv, -32, 31)
+    sums = _sums(x, levels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = sums[2] / sums[1]
+    s = np.where(np.isfinite(s), s, 0).astype(np.float32)
+    zero = np.zeros_like(x[:, :1])
+    return _pick(x, levels, s, np.zeros_like(s), sums, (peak / np.float32(-32), zero, l0))[0]
+
+
+def _requantize(x: np.ndarray, scale: np.ndarray, offset: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The nearest level L in lo..hi of each x for the stored x = scale * L - offset (0 if scale is 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = np.clip(np.rint((x + offset) / scale), lo, hi)
+    return np.where(scale != 0, levels, max(lo, 0))
+
+
+_STEPS_Q4_K = np.linspace(-1, 1, 9, dtype=np.float32)
+_STEPS_Q6_K = np.linspace(-8, 0, 9, dtype=np.float32)
+
+
+def _q4_k(x: np.ndarray) -> np.ndarray:
+    nb = len(x)
+    s, b = _fit_affine(x.reshape(nb * 8, 32), 15, _STEPS_Q4_K)
+    s, m = s.reshape(nb, 8), -b.reshape(nb, 8)
+    # the super-block scales map the largest sub-block scale and min to the top 6-bit code, 63
+    d = (s.max(axis=1, keepdims=True) / np.float32(63)).astype(np.float16).astype(np.float32)
+    dmin = (m.max(axis=1, keepdims=True) / np.float32(63)).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.rint(s * _inverse(d)), 0, 63).astype(np.uint8)
+    mn = np.clip(np.rint(m * _inverse(dmin)), 0, 63).astype(np.uint8)
+    scale = (d * sc.astype(np.float32))[:, :, None]  # exactly what the decoder multiplies by
+    offset = (dmin * mn.astype(np.float32))[:, :, None]
+    levels = _requantize(x.reshape(nb, 8, 32), scale, offset, 0, 15).astype(np.uint8)
+    packed_scales = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                                    (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], axis=1)
+    qs = _pack_nibbles(levels.reshape(nb, 4, 2, 32)).reshape(nb, 128)
+    return np.concatenate([_to_f16(d), _to_f16(dmin), packed_scales, qs], axis=1)
+
+
+def _q6_k(x: np.ndarray) -> np.ndarray:
+    nb = len(x)
+    s = _fit_symmetric(x.reshape(nb * 16, 16), _STEPS_Q6_K).reshape(nb, 16)
+    d = (np.abs(s).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.rint(s * _inverse(d)), -127, 127).astype(np.int8)
+    scale = (d * sc.astype(np.float32))[:, :, None]
+    levels = (_requantize(x.reshape(nb, 16, 16), scale, np.float32(0), -32, 31) + 32).astype(np.uint8)
+    halves = levels.reshape(nb, 2, 128)
+    ql = ((halves[:, :, :64] & 15) | ((halves[:, :, 64:] & 15) << 4)).reshape(nb, 128)
+    top = (halves >> 4).reshape(nb, 2, 4, 32)
+    qh = (top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)).reshape(nb, 64)
+    return np.concatenate([ql, qh, sc.view(np.uint8), _to_f16(d)], axis=1)
+
+
+_QUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q6_K": _q6_k}
+_SCALE_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}  # fp16 byte offsets
+_CANDIDATES = {"Q4_K": len(_STEPS_Q4_K) + 2, "Q6_K": len(_STEPS_Q6_K) + 2}  # temporaries per element
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, rounding to nearest even as torch does; a NaN keeps its sign and top
+    payload bits and is made quiet (ggml's rule: torch's NaN bits differ between its code paths)."""
+    bits = x.view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
+    return np.where(np.isnan(x), (bits >> 16) | 0x40, rounded).astype("<u2").view(np.uint8)
+
+
+def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
+    """float32 (..., n) -> the GGUF bytes of ``qtype``, uint8 (..., n // block * bytes per block).
+
+    Block types need finite input whose block scales fit fp16; F16 needs values within its range.
+    """
+    block, size = _check_type(qtype)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    nbytes(qtype, x.shape)  # checks the shape
+    out_shape = (*x.shape[:-1], x.shape[-1] // block * size)
+    if qtype == "F32":
+        return x.astype("<f4").view(np.uint8).reshape(out_shape)
+    if qtype == "BF16":
+        return _bf16(x.reshape(-1)).reshape(out_shape)
+    if qtype == "F16":
+        with np.errstate(over="ignore"):
+            half = x.astype("<f2")
+        if np.isinf(half).sum() != np.isinf(x).sum():
+            raise ValueError(f"F16: values beyond fp16's range (largest |x| {np.abs(x).max():.6g} > 65504)")
+        return half.view(np.uint8).reshape(out_shape)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{qtype}: input holds {int((~np.isfinite(x)).sum())} NaN/Inf value(s)")
+    blocks = x.reshape(-1, block)
+    out = np.empty((len(blocks), size), np.uint8)
+    step = max(1, _CHUNK // block // _CANDIDATES.get(qtype, 1))
+    with np.errstate(over="ignore"):
+        for i in range(0, len(blocks), step):
+            out[i:i + step] = _QUANT[qtype](blocks[i:i + step])
+    for at in _SCALE_FIELDS[qtype]:
+        if np.isinf(out[:, at:at + 2].copy().view("<f2")).any():
+            raise ValueError(f"{qtype}: values too large for the fp16 block scales "
+                             f"(largest |x| {np.abs(x).max():.6g})")
+    return out.reshape(out_shape)
