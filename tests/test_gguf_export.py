@@ -9,11 +9,10 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_gguf_loading import BASE, IDS, TEXTS, converter_permute
+from test_gguf_loading import BASE, IDS, TEXTS, converter_permute, logits, random_model
 
 import minift
 from minift.__main__ import main
-from minift.models.config import ModelConfig
 from minift.models.gguf_loading import gguf_name
 from minift.models.llama import Llama
 
@@ -31,11 +30,6 @@ ELEMENT_BOUND = {"F32": (0.0, 0.0), "F16": (2.0**-11, 2.0**-25), "BF16": (2.0**-
 @pytest.fixture(scope="module")
 def base():
     return minift.load_model(BASE, dtype=torch.float32)
-
-
-def logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(ids)
 
 
 def reference_weights(model: Llama) -> dict[str, np.ndarray]:
@@ -110,13 +104,8 @@ def test_export_base_at_each_quant(tmp_path, base, quant):
 
 
 def test_k_quant_mix_on_rows_that_fill_blocks(tmp_path):
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32")
-    model = Llama(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
+    model = random_model(0.05, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
     path = tmp_path / "k.gguf"
     minift.export_gguf(model, path, quant="q4_k_m", tokenizer=minift.load_tokenizer(BASE))
     types = check_against_gguf_package(path, model)
@@ -141,14 +130,9 @@ def test_transformers_runs_our_export(tmp_path, base):
 
 
 def test_qwen2_export_round_trip(tmp_path):
-    torch.manual_seed(0)
-    config = ModelConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=96,
+    model = random_model(0.2, model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=96,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         attention_bias=True, tie_word_embeddings=True, torch_dtype="float32")
-    model = Llama(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
+                         attention_bias=True, tie_word_embeddings=True)
     path = tmp_path / "q.gguf"
     minift.export_gguf(model, path, quant="f32", tokenizer=minift.load_tokenizer(BASE))
     fields = gguf.GGUFReader(str(path)).fields

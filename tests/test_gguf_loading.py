@@ -76,6 +76,16 @@ def base():
     return minift.load_model(BASE, dtype=torch.float32)
 
 
+def random_model(std: float, **config) -> Llama:
+    """A float32 model of `config` with every parameter drawn from N(0, std^2) (seeded)."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(torch_dtype="float32", **config)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
 def logits(model, ids=IDS):
     with torch.no_grad():
         return model(ids)
@@ -118,21 +128,15 @@ def test_nf4_load_equals_nf4_of_the_checkpoint(tmp_path, base):
 
 
 def test_qwen2_with_biases_and_tied_embeddings(tmp_path):
-    torch.manual_seed(0)
-    config = ModelConfig(model_type="qwen2", vocab_size=96, hidden_size=64, intermediate_size=96,
+    model = random_model(0.2, model_type="qwen2", vocab_size=96, hidden_size=64, intermediate_size=96,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         attention_bias=True, tie_word_embeddings=True, rms_norm_eps=1e-6,
-                         rope_theta=1e6, torch_dtype="float32")
-    model = Llama(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
+                         attention_bias=True, tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1e6)
     path = write_like_llama_cpp(tmp_path / "qwen.gguf", model, arch="qwen2")
     loaded = minift.load_model(path, dtype=torch.float32)
     assert loaded.config.model_type == "qwen2" and loaded.config.attention_bias
     assert loaded.config.tie_word_embeddings and loaded.config.rope_theta == 1e6
     ids = torch.tensor([[1, 5, 9, 60, 3]])
-    assert torch.equal(logits(loaded, ids), logits(model.eval(), ids))
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
 @pytest.mark.parametrize("extra, want", [
