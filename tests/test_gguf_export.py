@@ -224,3 +224,8 @@ def test_command_line_errors_are_one_line(capsys, argv, match):
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert err.startswith("minift export: error: ") or err.startswith("minift: error: ")
     assert re.search(match, err), err
+
+
+def test_missing_output_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"output folder .*no_such_dir does not exist"):
+        minift.export_gguf(BASE, tmp_path / "no_such_dir" / "x.gguf", quant="f32")

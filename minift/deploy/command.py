@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-from minift.deploy.gguf_export import QUANTS, check_quant, export_gguf
+from minift.deploy.gguf_export import QUANTS, check_quant, export_gguf, load_for_export
 from minift.files import WriteError
 from minift.lora.adapter import load_adapter
 from minift.lora.layer import merge_lora
-from minift.models.loading import load_model
 from minift.models.tokenizer import load_tokenizer
 
 
@@ -28,7 +25,7 @@ def run_export(args, parser) -> int:
         check_quant(args.quant)
         if not os.path.isdir(args.model):
             raise FileNotFoundError(f"model folder {args.model} does not exist")
-        model = load_model(args.model, dtype=torch.float32)
+        model = load_for_export(args.model)
         if args.adapter is not None:
             merge_lora(load_adapter(model, args.adapter))  # NF4 bases are dequantized by the merge
         info = export_gguf(model, args.out, args.quant, tokenizer=load_tokenizer(args.model),

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from minift.files import reporting_write_errors
 from minift.gguf import mix, quants
 from minift.gguf.format import FLOAT32, UINT32, Field, TensorData, read_gguf, write_gguf
-from minift.models.config import rope_type
+from minift.models.config import ModelConfig, rope_type
 from minift.models.context import context_length
 from minift.models.gguf_loading import PERMUTED_ARCHITECTURES, gguf_name, permute_qk
 from minift.models.gguf_tokenizer import gguf_tokenizer_metadata
@@ -121,7 +122,7 @@ def export_gguf(model_or_path, path: str | os.PathLike, quant: str = "q4_k_m",
 
     Args:
         model_or_path: a minift Llama (plain, NF4 or merged; not with unmerged LoRA adapters), or
-            a Hugging Face checkpoint folder, which is loaded in float32.
+            a Hugging Face checkpoint folder, loaded in the dtype its config.json declares.
         path: the .gguf file to write (atomically: a finished file or none).
         quant: "q4_k_m" (Q4_K with Q6_K where llama.cpp's Q4_K_M mix puts it), "q8_0", "q4_0", "q4_1",
             "q6_k", "f16", "bf16" or "f32"; norms stay F32 and tensors whose rows do not fill a
@@ -135,10 +136,13 @@ def export_gguf(model_or_path, path: str | os.PathLike, quant: str = "q4_k_m",
         (tensor bytes * 8 / parameters), "types" (ggml type -> tensor count)}.
     """
     check_quant(quant)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder {folder} does not exist")
     source = None
     if isinstance(model_or_path, (str, os.PathLike)):
         source = os.fspath(model_or_path)
-        model = load_model(source, dtype=torch.float32)
+        model = load_for_export(source)
     elif isinstance(model_or_path, Llama):
         model = model_or_path
     else:
@@ -163,8 +167,16 @@ def export_gguf(model_or_path, path: str | os.PathLike, quant: str = "q4_k_m",
                  config.num_key_value_heads if ".attn_k." in g else None)
         tensors.append(TensorData(g, shapes[g], types[g],
                                   _encoder(weights[g][1], types[g], heads if permuted else None)))
-    write_gguf(path, meta, tensors)
+    needed = sum(quants.nbytes(types[g], shapes[g]) for g in order)  # the tensor data, about the file
+    with reporting_write_errors(f"writing {path}", folder, needed=needed):
+        write_gguf(path, meta, tensors)
     return _summary(path, quant)
+
+
+def load_for_export(folder: str) -> Llama:
+    """A checkpoint folder loaded in the dtype its config.json declares: exact, and half the
+    memory of float32 for the usual bf16 checkpoints (each tensor becomes float32 when written)."""
+    return load_model(folder, dtype=ModelConfig.from_json(folder).torch_dtype)
 
 
 def _shape(model: Llama, name: str) -> torch.Size:
