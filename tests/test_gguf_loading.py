@@ -238,3 +238,15 @@ def test_real_file_tokenizer_matches_transformers(smollm):
     assert ours.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True) == \
         ref.encode(text, add_special_tokens=False)
     assert (ours.bos_token, ours.eos_token, ours.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
+
+
+@pytest.mark.slow
+def test_real_file_reexport_keeps_architecture_and_tokenizer(smollm, tmp_path):
+    from minift.gguf.format import read_gguf
+    model = minift.load_model(smollm, dtype=torch.float32)
+    minift.export_gguf(model, tmp_path / "again.gguf", quant="q8_0")  # tokenizer from the .gguf
+    before, after = read_gguf(smollm).metadata, read_gguf(tmp_path / "again.gguf").metadata
+    kept = [k for k in before if k.startswith(("llama.", "tokenizer."))]
+    assert len(kept) == 22  # 10 llama.* keys, 12 tokenizer.* keys
+    assert {k: after.get(k) for k in kept if k != "tokenizer.ggml.add_space_prefix"} == \
+        {k: before[k] for k in kept if k != "tokenizer.ggml.add_space_prefix"}

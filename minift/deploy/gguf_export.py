@@ -153,6 +153,7 @@ def export_gguf(model_or_path, path: str | os.PathLike, quant: str = "q4_k_m",
     rope_meta, rope_tensor = _rope_metadata(model, arch)
     tok = _tokenizer_for(model, source, tokenizer)
     default_name = os.path.basename(os.path.normpath(source or getattr(model, "name_or_path", "") or "model"))
+    default_name = default_name.removesuffix(".gguf")
     meta = _model_metadata(model, arch, quant, name or default_name)
     meta.update(rope_meta)
     meta.update(gguf_tokenizer_metadata(tok, config.vocab_size))

@@ -90,6 +90,7 @@ def _key(f: GGUFFile, key: str, kinds, default=None, required=True):
     value = f.metadata.get(key, default)
     if value is None and required:
         raise ValueError(f"{f.path}: metadata {key!r} is missing")
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
         raise ValueError(f"{f.path}: metadata {key!r} has {value!r}, of the wrong type")
     return value
