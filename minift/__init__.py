@@ -1,4 +1,5 @@
 """minift: fine-tune Llama-family models three ways (full, LoRA, QLoRA) on the GPU you have."""
+from minift.deploy.gguf_export import export_gguf
 from minift.evaluation.forgetting import evaluate
 from minift.lora.adapter import load_adapter, save_adapter
 from minift.lora.layer import (
@@ -30,7 +31,7 @@ __all__ = [
     "AdamW8bit", "Llama", "LlamaConfig", "LoRALinear", "MemoryEstimate", "MemoryTracker",
     "ModelConfig", "NF4Linear", "NF4Weight", "PRESETS", "PagedAdamW8bit", "TrainConfig",
     "average_adapters", "check_resume", "dequantize_nf4", "disable_adapters", "estimate_memory",
-    "evaluate", "extend_context", "generate", "load_adapter", "load_model", "load_tokenizer",
+    "evaluate", "export_gguf", "extend_context", "generate", "load_adapter", "load_model", "load_tokenizer",
     "lora_wrap", "merge_lora", "quantize_model", "quantize_nf4", "save_adapter", "save_model", "train",
     "trainable_parameters", "trainable_summary",
 ]

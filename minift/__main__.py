@@ -2,9 +2,10 @@
 (with ``memory`` and ``trace``: the traced tables and the trace against the real step)
 (full vs LoRA vs QLoRA, measured), ``python -m minift bench gpu --out DIR`` (the GPU suite),
 ``python -m minift bench cpu`` (minift's CPU paths against the peers, interleaved),
-``python -m minift bench infer MODEL_DIR`` (decoding latency and throughput beside transformers) and
-``python -m minift soup a b c --out d`` (adapter soup) and ``python -m minift eval MODEL_DIR``
-(passkey retrieval and perplexity by context length).
+``python -m minift bench infer MODEL_DIR`` (decoding latency and throughput beside transformers),
+``python -m minift soup a b c --out d`` (adapter soup), ``python -m minift eval MODEL_DIR``
+(passkey retrieval and perplexity by context length) and ``python -m minift export MODEL_DIR
+--to gguf -o FILE`` (a GGUF file for llama.cpp / Ollama).
 Each command lives in its own module; this one parses and dispatches."""
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from minift.bench import gpu as bench_gpu
 from minift.bench import infer as bench_infer
 from minift.bench import methods as bench
 from minift.cli import OneLineParser, ShowDefaults
+from minift.deploy import command as export_command
 from minift.evaluation import command as eval_command
 from minift.lora import soup
 from minift.planning import agreement, plan, tables
@@ -71,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "perplexity of held-out text by window length; tables, PNGs, JSON.",
                        formatter_class=shown)
     eval_command.add_eval_arguments(e)
+    x = sub.add_parser("export", help="write a checkpoint (and a merged adapter) as a GGUF file",
+                       description="Export a checkpoint, optionally with a LoRA adapter merged in, as "
+                                   "one GGUF file for llama.cpp and Ollama.", formatter_class=shown)
+    export_command.add_export_arguments(x)
     return parser
 
 
@@ -89,8 +95,9 @@ def _bench_trace(args, parser) -> int:
 
 
 COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "bench gpu": bench_gpu.run_bench_gpu,
-            "bench cpu": bench_cpu.run_cpu, "bench infer": bench_infer.run_infer, "bench memory": _bench_memory, "bench trace": _bench_trace,
-            "soup": soup.run_soup, "eval": eval_command.run_eval}
+            "bench cpu": bench_cpu.run_cpu, "bench infer": bench_infer.run_infer, "bench memory": _bench_memory,
+            "bench trace": _bench_trace, "soup": soup.run_soup, "eval": eval_command.run_eval,
+            "export": export_command.run_export}
 
 
 def main(argv=None) -> int:

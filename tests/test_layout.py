@@ -22,7 +22,7 @@ FLOORS = {
     "models": 2,
     "lora": 3, "data": 3,
     "checkpoints": 4,
-    "distributed": 5,
+    "distributed": 5, "deploy": 5,
     "objectives": 6,
     "evaluation": 7, "memory": 7,
     "training": 8,

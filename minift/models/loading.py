@@ -47,7 +47,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, dev
 
     Args:
         path: directory with config.json and model.safetensors (or the sharded files and
-            model.safetensors.index.json).
+            model.safetensors.index.json), or a llama.cpp .gguf file (minift.models.gguf_loading).
         dtype: dtype of the weights that stay in floating point (and NF4 compute dtype).
         device: where the weights go (default cpu).
         quantize: None, or "nf4" to quantize every linear weight except lm_head while loading.
@@ -61,6 +61,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, dev
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     dtype = as_dtype(dtype)
+    if path.endswith(".gguf") and not os.path.isdir(path):  # llama.cpp's single-file format
+        from minift.models.gguf_loading import load_gguf_model  # imports this module
+        return load_gguf_model(path, dtype, torch.device(device if device is not None else "cpu"), quantize)
     if not os.path.isdir(path):
         raise FileNotFoundError(_not_a_folder(path))
     config_path = os.path.join(path, "config.json")

@@ -239,7 +239,8 @@ def load_tokenizer(path: str | os.PathLike, chat_template: Optional[str] = None)
 
     Args:
         path: folder holding tokenizer.json and, usually, tokenizer_config.json (optionally
-            special_tokens_map.json and chat_template.jinja).
+            special_tokens_map.json and chat_template.jinja); or a .gguf file with a byte-level
+            BPE tokenizer in its metadata (minift.models.gguf_tokenizer).
         chat_template: None to use the checkpoint's template (tokenizer_config.json or
             chat_template.jinja), falling back to a built-in picked from the vocabulary
             ("llama-3" if it has <|start_header_id|>/<|eot_id|>, "chatml" if <|im_start|>/
@@ -252,6 +253,9 @@ def load_tokenizer(path: str | os.PathLike, chat_template: Optional[str] = None)
             template is malformed.
     """
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():  # the tokenizer in a llama.cpp file's metadata
+        from minift.models.gguf_tokenizer import load_gguf_tokenizer  # imports this module
+        return load_gguf_tokenizer(path, chat_template)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {path}")
     tokenizer_file = path / "tokenizer.json"
