@@ -1,6 +1,7 @@
 """minift: fine-tune Llama-family models three ways (full, LoRA, QLoRA) on the GPU you have."""
 from minift.deploy.gguf_export import export_gguf
 from minift.evaluation.forgetting import evaluate
+from minift.evaluation.multiple_choice import multiple_choice
 from minift.lora.adapter import load_adapter, save_adapter
 from minift.lora.layer import (
                          LoRALinear,
@@ -32,6 +33,7 @@ __all__ = [
     "ModelConfig", "NF4Linear", "NF4Weight", "PRESETS", "PagedAdamW8bit", "TrainConfig",
     "average_adapters", "check_resume", "dequantize_nf4", "disable_adapters", "estimate_memory",
     "evaluate", "export_gguf", "extend_context", "generate", "load_adapter", "load_model", "load_tokenizer",
-    "lora_wrap", "merge_lora", "quantize_model", "quantize_nf4", "save_adapter", "save_model", "train",
+    "lora_wrap", "merge_lora", "multiple_choice", "quantize_model", "quantize_nf4", "save_adapter",
+    "save_model", "train",
     "trainable_parameters", "trainable_summary",
 ]

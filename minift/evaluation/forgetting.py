@@ -4,7 +4,9 @@ and a general-text check.
 The general-ability check is the perplexity of plain text the fine-tune never trained on
 (examples/data/general.jsonl), before and after training. Its relative change after / before - 1
 is compared with a budget (5% by default, the "acceptable drop" of a general benchmark): a
-fine-tune that raises it more has overwritten what the base knew.
+fine-tune that raises it more has overwritten what the base knew. Beside it, multiple-choice
+questions (examples/data/general_mc.jsonl, scored by minift.evaluation.multiple_choice) give
+acc / acc_norm, whose drop is compared with a budget in percentage points (5 by default).
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ from minift.checks import check_int, check_number
 from minift.data.sft import _read_jsonl
 from minift.evaluation.length_perplexity import perplexity_by_length
 from minift.evaluation.metrics import task_metrics
+from minift.evaluation.multiple_choice import multiple_choice
 from minift.evaluation.passkey import passkey_grid
 from minift.models.generation import generate
 from minift.names import IGNORE_INDEX
 from minift.objectives.loss import model_loss_sum, supports_chunked_loss
 
 FORGETTING_BUDGET = 0.05  # largest acceptable relative rise of the general-text perplexity
+ACCURACY_BUDGET = 0.05  # largest acceptable multiple-choice accuracy drop, absolute (5 points)
 
 
 # ---- generation --------------------------------------------------------------------------
@@ -111,10 +115,24 @@ def forgetting(before: dict, after: dict, budget=FORGETTING_BUDGET) -> dict:
             "relative_change": change, "budget": budget, "within_budget": change <= budget}
 
 
+def accuracy_drop(before: dict, after: dict, budget=ACCURACY_BUDGET) -> dict:
+    """Drop of the multiple-choice acc and acc_norm (before - after, absolute: 0.05 is five
+    percentage points), and whether the acc drop stays within `budget`.
+
+    Absolute, not relative: near chance (25% on four choices) a relative budget would allow
+    almost nothing (5% of 25% is 1.25 points, about one question of 100).
+    """
+    check_number("accuracy_drop: budget", budget, ">= 0", lambda v: v >= 0)
+    out = {m: {"before": before[m], "after": after[m], "drop": before[m] - after[m]}
+           for m in ("acc", "acc_norm")}
+    return {**out, "budget": budget, "within_budget": out["acc"]["drop"] <= budget + 1e-12}
+
+
 # ---- all of it ---------------------------------------------------------------------------
 def evaluate(model, tokenizer, conversations=None, references=None, *, general_texts=None,
              device="cpu", max_new_tokens=None, max_length=256, bf16=False,
-             loss_chunk_size=1024, passkey=None, by_length=None) -> dict:
+             loss_chunk_size=1024, passkey=None, by_length=None, mc_rows=None, mc_fewshot=0,
+             mc_seed=0) -> dict:
     """Task metrics of greedy replies, general-text perplexity, and the long-context tasks.
 
     Args:
@@ -131,12 +149,17 @@ def evaluate(model, tokenizer, conversations=None, references=None, *, general_t
         by_length: perplexity of ``general_texts`` by context length, as keyword arguments of
             `minift.evaluation.length_perplexity.perplexity_by_length`, e.g.
             ``{"lengths": [512, 2048, 8192], "buckets": 4}``.
+        mc_rows, mc_fewshot, mc_seed: multiple-choice questions (see
+            `minift.evaluation.multiple_choice.multiple_choice`), with that many few-shot
+            examples drawn from the other rows with that seed.
 
     Returns:
         {"task": {...}, "samples": [...3 first replies...], "general": {...}, "passkey":
         PasskeyResult, "perplexity_by_length": PerplexityCurve}, each part present when its
         inputs were given (the last two have ``table()``, ``save_png(path)``, ``as_dict()``).
-        Compare two with `forgetting(before["general"], after["general"])`.
+        "multiple_choice": {"acc", "acc_norm", ...}. Compare two with
+        `forgetting(before["general"], after["general"])` and
+        `accuracy_drop(before["multiple_choice"], after["multiple_choice"])`.
     """
     out = {}
     if conversations is not None:
@@ -149,6 +172,9 @@ def evaluate(model, tokenizer, conversations=None, references=None, *, general_t
     if general_texts is not None:
         out["general"] = perplexity(model, tokenizer, general_texts, device, max_length, bf16=bf16,
                                     loss_chunk_size=loss_chunk_size)
+    if mc_rows is not None:
+        out["multiple_choice"] = multiple_choice(model, tokenizer, mc_rows, mc_fewshot, seed=mc_seed,
+                                                 device=device, bf16=bf16, loss_chunk_size=loss_chunk_size)
     if passkey is not None:
         if not isinstance(passkey, dict) or "lengths" not in passkey:
             raise ValueError(f"evaluate: passkey must be a dict of passkey_grid arguments with "
