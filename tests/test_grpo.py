@@ -140,3 +140,17 @@ def test_bad_settings_name_the_field():
         GRPOObjective(None, None)
     with pytest.raises(ValueError, match="rows\\[0\\]"):
         prompt_rows([{"text": "hi"}], None, "rows")
+
+
+def test_rule_rewards_and_combine():
+    from minift.objectives import rewards as R
+    rows = [{"answer": "42"}, {"answer": "7"}, {"answer": "x"}]
+    comps = [" 42\n", "seven", '{"a": 1}']
+    assert R.exact_match()(None, comps, rows) == [1.0, 0.0, 0.0]
+    assert R.regex_match(r"\d+")(None, comps, rows) == [1.0, 0.0, 1.0]
+    assert R.json_parses()(None, comps, rows) == [1.0, 0.0, 1.0]  # " 42\n" is JSON
+    assert R.length_penalty(4)(None, comps, rows) == [0.0, -0.25, -1.0]
+    both = R.combine(R.exact_match(), (R.length_penalty(4), 0.5))
+    assert both(None, comps, rows) == [1.0, -0.125, -0.5]
+    with pytest.raises(ValueError, match="row 0 has no 'answer'"):
+        R.exact_match()(None, ["a"], [{}])
