@@ -94,3 +94,17 @@ def test_bad_grpo_input_is_one_line(tmp_path):
         minift.train(tiny_model(), [{"question": "hi"}], config(tmp_path), reward_fn=share_of_target)
     with pytest.raises(ValueError, match="one number per completion"):
         minift.train(tiny_model(), PROMPTS, config(tmp_path), reward_fn=lambda p, c, r: [1.0])
+
+
+@pytest.mark.slow
+def test_example_quick_mode_reports_before_and_after(tmp_path):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import train_grpo
+    out = tmp_path / "grpo.json"
+    result = train_grpo.main(["--quick", "--output-dir", str(tmp_path / "run"), "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["steps"] == 3 and result["eval_prompts"] == 16 and result["final_kl"] >= 0
+    for when in ("before", "after"):
+        assert 0 <= result[when]["exact_match"] <= 1 and result[when]["mean_reward"] <= 1
