@@ -254,6 +254,29 @@ def chunked_row_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Te
     return logps, (targets != IGNORE_INDEX).sum(-1)
 
 
+def chunked_token_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
+                        chunk_size: int, scored: Optional[tuple] = None) -> torch.Tensor:
+    """Next-token log-probabilities of every position, without the (N, T, V) logits.
+
+    ``chunked_row_logps`` with one "row" per token: position t of the result is
+    log p(labels[t + 1]) under ``lm_head(hidden[t])``, 0 where that label is IGNORE_INDEX (and
+    in the last column). The gradient flows to ``hidden`` and the head's trainable parameters,
+    one (chunk, V) block of logits at a time in forward and again in backward.
+
+    Args and ``scored``: as ``chunked_row_logps``. Returns (N, T) fp32.
+    """
+    chunk_size = check_int("loss_chunk_size", chunk_size)
+    if hidden.dim() != 3 or tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"hidden must be (N, T, H) and labels (N, T); got {tuple(hidden.shape)} "
+                         f"and {tuple(labels.shape)}")
+    n, t = labels.shape
+    starts = scored_chunks(labels, chunk_size) if scored is None else tuple(scored)
+    params = [p for p in lm_head.parameters() if p.requires_grad and torch.is_grad_enabled()]
+    logps = _ChunkedRowLogps.apply(hidden.reshape(n * t, -1), shift_labels(labels).reshape(-1), 1, n * t,
+                                   chunk_size, starts, lm_head, *params)
+    return logps.view(n, t)
+
+
 def model_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
                    chunk_size: Optional[int], scored: Optional[tuple] = None) -> torch.Tensor:
     """Summed token loss of ``model(**inputs)``: chunked when ``chunk_size`` is set, else full logits.

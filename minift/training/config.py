@@ -12,7 +12,7 @@ from minift.optim.paging import DEFAULT_DEVICE_BUDGET
 from minift.training.schedule import SCHEDULES
 
 BATCHING = ("bucket", "pack")
-OBJECTIVES = ("sft", "dpo")
+OBJECTIVES = ("sft", "dpo", "grpo")
 # Fields that fix which micro-batches make up step N; a resumed run must keep them.
 DATA_ORDER_FIELDS = ("micro_batch_size", "grad_accum", "batching", "seed", "max_length", "pad_id",
                      "group_by_length")
@@ -56,12 +56,17 @@ class TrainConfig:
     | progress | True | show a progress bar (only when stdout is a terminal) and print reports |
     | parallel | None | "fsdp" or "ddp" under torchrun; None = "fsdp" when the world size is > 1 |
     | fsdp_cpu_offload | False | FSDP: keep sharded parameters, gradients and optimizer states in host memory |
-    | objective | "sft" | "sft" (token cross-entropy) or "dpo" (train_data holds preference pairs) |
+    | objective | "sft" | "sft" (token cross-entropy), "dpo" (train_data holds preference pairs) or "grpo" (prompts, online RL) |
     | dpo_beta | 0.1 | DPO's beta: how strongly the policy is held near the reference |
     | dpo_loss | "sigmoid" | "sigmoid" (DPO) or "ipo" |
     | dpo_sft_weight | 0.0 | weight of the chosen replies' per-token NLL added to the loss (RPO) |
     | dpo_reference | "auto" | "auto" (LoRA/QLoRA: adapters off; full: a frozen copy) or "copy_nf4" |
     | precompute_reference | False | score the pairs with the reference once, before step 1 (on disk) |
+    | grpo_group_size | 4 | GRPO: completions sampled per prompt (>= 2), normalised within their group |
+    | grpo_max_new_tokens | 32 | GRPO: tokens per completion at most (eos ends one earlier) |
+    | grpo_kl_beta | 0.04 | GRPO: weight of the k3 KL to the reference; 0 = no reference forward |
+    | grpo_clip_eps | 0.2 | GRPO: the probability ratio is clipped to [1 - eps, 1 + eps] |
+    | grpo_temperature | 1.0 | GRPO: sampling temperature of the rollouts (> 0) |
     | loss_chunk_size | 1024 | tokens per chunk of the lm_head + loss (no (B, T, V) logits); None = full logits |
     | activation_offload | False | checkpointed layer inputs wait in host memory (needs gradient_checkpointing) |
     | optimizer_in_backward | False | step each parameter in backward and free its gradient (needs max_grad_norm=None, grad_accum=1) |
@@ -109,6 +114,11 @@ class TrainConfig:
     dpo_sft_weight: float = 0.0
     dpo_reference: str = "auto"
     precompute_reference: bool = False
+    grpo_group_size: int = 4
+    grpo_max_new_tokens: int = 32
+    grpo_kl_beta: float = 0.04
+    grpo_clip_eps: float = 0.2
+    grpo_temperature: float = 1.0
     loss_chunk_size: Optional[int] = 1024
     activation_offload: bool = False
     optimizer_in_backward: bool = False
@@ -135,9 +145,13 @@ class TrainConfig:
                 ("neftune_alpha", "> 0", lambda v: v > 0, True),
                 ("dpo_beta", "> 0", lambda v: v > 0, False),
                 ("dpo_sft_weight", ">= 0", lambda v: v >= 0, False),
-                ("dist_timeout", "> 0", lambda v: v > 0, False)):
+                ("dist_timeout", "> 0", lambda v: v > 0, False),
+                ("grpo_kl_beta", ">= 0", lambda v: v >= 0, False),
+                ("grpo_clip_eps", "in (0, 1)", lambda v: 0 < v < 1, False),
+                ("grpo_temperature", "> 0", lambda v: v > 0, False)):
             check_number(f"TrainConfig.{name}", getattr(self, name), rule, ok, optional=optional)
-        for name in ("epochs", "micro_batch_size", "grad_accum", "log_interval"):
+        check_int("TrainConfig.grpo_group_size", self.grpo_group_size, minimum=2)
+        for name in ("epochs", "micro_batch_size", "grad_accum", "log_interval", "grpo_max_new_tokens"):
             check_int(f"TrainConfig.{name}", getattr(self, name))
         for name in ("max_steps", "eval_interval", "save_interval", "keep_last", "max_length"):
             check_int(f"TrainConfig.{name}", getattr(self, name), optional=True)
@@ -150,6 +164,9 @@ class TrainConfig:
         if self.objective == "dpo" and self.batching != "bucket":
             raise ValueError("TrainConfig.batching must be 'bucket' with objective='dpo' (a pair's "
                              "two sequences are padded side by side, never packed)")
+        if self.objective == "grpo" and self.batching != "bucket":
+            raise ValueError("TrainConfig.batching must be 'bucket' with objective='grpo' (prompts are "
+                             "left-padded for generation, never packed)")
         check_int("TrainConfig.loss_chunk_size", self.loss_chunk_size, optional=True)
         check_int("TrainConfig.mlp_tile_size", self.mlp_tile_size, optional=True)
         check_int("TrainConfig.paged_device_budget", self.paged_device_budget, minimum=0,
@@ -187,9 +204,9 @@ class TrainConfig:
         if self.s2_attention and self.batching == "pack":
             raise ValueError("TrainConfig.s2_attention=True groups the positions of a row, and "
                              "batching='pack' puts several samples in a row; use batching='bucket'")
-        if self.s2_attention and self.objective == "dpo":
-            raise ValueError("TrainConfig.s2_attention=True is for SFT: with objective='dpo' a "
-                             "frozen reference would score the pairs with full attention")
+        if self.s2_attention and self.objective != "sft":
+            raise ValueError(f"TrainConfig.s2_attention=True is for SFT: with objective="
+                             f"'{self.objective}' a frozen reference would score with full attention")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

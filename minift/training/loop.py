@@ -32,6 +32,7 @@ from minift.files import reporting_write_errors, write_json
 from minift.lora.layer import trainable_parameters
 from minift.memory.tracker import MemoryTracker
 from minift.models.switches import gradient_checkpointing, mlp_tiling, offloading, shifted_sparse_attention
+from minift.objectives import grpo
 from minift.objectives.dpo import DPOObjective, objective_for
 from minift.objectives.sft import SFTObjective
 from minift.optim.in_backward import StepInBackward
@@ -133,7 +134,7 @@ def _check_skips(state: dict, path, config: TrainConfig) -> None:
 
 
 # ---- the loop ----------------------------------------------------------------------------
-def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
+def train(model, train_data, config: TrainConfig, eval_data=None, *, reward_fn=None, tokenizer=None) -> dict:
     """Fine-tune `model` on `train_data`; write metrics, checkpoints and a summary.
 
     Args:
@@ -142,6 +143,12 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
         train_data: tokenized examples, each {"input_ids": [...], "labels": [...]}.
         config: a TrainConfig.
         eval_data: optional held-out examples; evaluated every eval_interval steps and at the end.
+        reward_fn: objective="grpo" only: reward_fn(prompts, completions, rows) -> list[float], one
+            reward per completion (``minift.objectives.rewards`` has rule rewards). train_data and
+            eval_data are then prompt rows: {"prompt": text} or {"input_ids": ids}, plus any keys
+            the reward reads ("answer").
+        tokenizer: objective="grpo": tokenizes "prompt" text and decodes completions for
+            reward_fn (without it, ids are passed).
 
     Returns:
         The summary dict, also written to ``<output_dir>/summary.json``.
@@ -152,11 +159,19 @@ def train(model, train_data, config: TrainConfig, eval_data=None) -> dict:
         ValueError: bad data or token ids, a method that does not match what is trainable, another
             run's output_dir, or a resume checkpoint from another method, model or data order.
     """
-    check = DPOObjective.check if config.objective == "dpo" else SFTObjective.check
-    check(train_data, "train_data")
-    if eval_data is not None:
-        check(eval_data, "eval_data")
-    run = _Run(model, train_data, config, eval_data)
+    if config.objective == "grpo":
+        if not callable(reward_fn):
+            raise ValueError("objective='grpo' needs reward_fn=(prompts, completions, rows) -> list[float]")
+        train_data = grpo.prompt_rows(train_data, tokenizer, "train_data")
+        eval_data = None if eval_data is None else grpo.prompt_rows(eval_data, tokenizer, "eval_data")
+    elif reward_fn is not None:
+        raise ValueError(f"reward_fn is for objective='grpo'; this config trains objective='{config.objective}'")
+    else:
+        check = DPOObjective.check if config.objective == "dpo" else SFTObjective.check
+        check(train_data, "train_data")
+        if eval_data is not None:
+            check(eval_data, "eval_data")
+    run = _Run(model, train_data, config, eval_data, (reward_fn, tokenizer))
     model, st, opt = run.model, run.state, run.optimizer  # model: FSDP/DDP-prepared under torchrun
     with run.session() as log:
         groups = step_groups(train_data, config, st.epoch, st.batch_index)
@@ -262,7 +277,7 @@ class _Run:
     """The resources of one `train` call (device, optimizer, schedule, output files, progress
     bar) and the phases around the loop's step: resume, evaluation, saving, the summary."""
 
-    def __init__(self, model, train_data, config: TrainConfig, eval_data):
+    def __init__(self, model, train_data, config: TrainConfig, eval_data, rewards=(None, None)):
         self.dist = DistRun(config)  # joins the process group under torchrun; else inactive
         self.data, self.config, self.eval_data = train_data, self.dist.config, eval_data
         config = self.config
@@ -281,8 +296,14 @@ class _Run:
         self.base_fp = ckpt.base_fingerprint(model) if config.method != "full" else None
         self.counts = trainable_parameters(model)  # NF4 weights by their logical size
         # before any checkpoint is loaded: a DPO reference is the model as it was passed in
-        self.objective = (objective_for(model, config, train_data, eval_data, distributed=self.dist.active)
-                          if config.objective == "dpo" else SFTObjective(config.loss_chunk_size))
+        if config.objective == "grpo":
+            if self.dist.active:
+                raise ValueError("objective='grpo' runs in one process; torchrun is not supported yet")
+            self.objective = grpo.objective_for(model, config, *rewards)
+        elif config.objective == "dpo":
+            self.objective = objective_for(model, config, train_data, eval_data, distributed=self.dist.active)
+        else:
+            self.objective = SFTObjective(config.loss_chunk_size)
         self.resumed = check_resume(config, model, train_data)
         self.model = model = self.dist.prepare(model, self.device)
         if self.dist.active:  # a frozen reference copy sharded like the model, log-probs scored

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from minift.data.preference import pair_batches
 from minift.data.sft import batch_examples
+from minift.objectives.grpo import prompt_batches
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -68,6 +69,8 @@ class Schedule:
 # ---- which micro-batches make up each optimizer step --------------------------------------
 def epoch_batches(train_data, config, epoch: int) -> list:
     """Epoch `epoch`'s micro-batches; the order is fixed by config.seed + epoch."""
+    if getattr(config, "objective", "sft") == "grpo":  # left-padded prompts, rolled out in the step
+        return prompt_batches(train_data, config.micro_batch_size, config.pad_id, config.seed + epoch)
     if getattr(config, "objective", "sft") == "dpo":  # (2B, T) batches of preference pairs
         return pair_batches(train_data, config.micro_batch_size, pad_id=config.pad_id,
                             seed=config.seed + epoch, by_length=_by_length(config))
@@ -86,6 +89,8 @@ def batch_rows(train_data, config, epoch: int, start: int, count: int) -> list[i
     if getattr(config, "objective", "sft") == "dpo":
         batches = epoch_batches(train_data, config, epoch)[start:start + count]
         return sorted(int(i) for b in batches for i in b["pair_index"])
+    if getattr(config, "objective", "sft") == "grpo":
+        return sorted(i for b in epoch_batches(train_data, config, epoch)[start:start + count] for i in b["row_index"])
     groups = batch_examples(train_data, config.micro_batch_size, pad_id=config.pad_id,
                             mode=config.batching, max_length=config.max_length,
                             seed=config.seed + epoch, indices=True, by_length=_by_length(config))
