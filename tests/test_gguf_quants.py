@@ -163,7 +163,7 @@ def test_q8_0_error_is_half_a_step_plus_the_fp16_scale_rounding():
 # is always a candidate. The stored scale d * sc is within d / 2 of s (and dmin * mn within
 # dmin / 2 of -b), and the stored levels are the nearest ones for the stored scales, so they do no
 # worse than L*: per element |x - x^| <= sqrt(plain fit's squared error over the sub-block)
-# + max|L*| * d / 2 (+ dmin / 2). It needs fp16 scales that are normal numbers (|x| >~ 1e-3).
+# + max|L*| * d / 2 (+ dmin / 2). It needs an fp16 scale d that is a normal number.
 
 
 def plain_fit_error(x: np.ndarray, qtype: str) -> np.ndarray:
@@ -189,12 +189,21 @@ def check_k_quant(x: np.ndarray, qtype: str) -> np.ndarray:
     assert np.array_equal(out, gq.dequantize(raw, GT[qtype]))
     per_block = x.size // 256
     if qtype == "Q4_K":
-        rounding = 7.5 * f16_field(raw, qtype, 0) + 0.5 * f16_field(raw, qtype, 2)
+        scales = [f16_field(raw, qtype, 0), f16_field(raw, qtype, 2)]
+        rounding = 7.5 * scales[0] + 0.5 * scales[1]
     else:
-        rounding = 16 * f16_field(raw, qtype, 208)
+        scales = [f16_field(raw, qtype, 208)]
+        rounding = 16 * scales[0]
     bound = plain_fit_error(x, qtype) + np.repeat(rounding, 256).reshape(x.shape)
-    slack = 1e-5 * np.abs(x).reshape(per_block, 256).max(axis=1).repeat(256).reshape(x.shape)
-    assert (np.abs(out - x) <= bound + slack).all()
+    peak = np.abs(x).reshape(per_block, 256).max(axis=1).repeat(256).reshape(x.shape)
+    # the proof needs normal fp16 super-block scales: a subnormal one (Q6_K's d below 2^-14, i.e. a
+    # block's absmax below about 0.25; found by the drawn test at a constant 0.01) is rounded by up
+    # to a few percent, and those blocks get the loose bound of the tiny rows
+    # (a scale that rounds to 0 under a nonzero block is one of them; the all-zero block is exact)
+    normal = np.all([f >= 2.0**-14 for f in scales[:1]], axis=0).repeat(256).reshape(x.shape) | (peak == 0)
+    err = np.abs(out - x)
+    assert (err[normal] <= (bound + 1e-5 * peak)[normal]).all()
+    assert (err[~normal] <= 2 * peak[~normal]).all()
     return out
 
 
@@ -214,8 +223,6 @@ def test_k_quants_structured_rows(qtype):
 def test_k_quants_random_rows(qtype, rows, blocks, exponent, data):
     x = data.draw(hnp.arrays(np.float32, (rows, 256 * blocks), elements=st.floats(-30.0, 30.0, width=32)))
     x = (x * np.float32(10.0 ** exponent)).astype(np.float32)
-    if 0 < np.abs(x).max() < 1e-2:
-        return  # fp16-subnormal scales: covered above
     check_k_quant(x, qtype)
 
 
