@@ -159,6 +159,20 @@ def _to_f16(v: np.ndarray) -> np.ndarray:
     return v.astype("<f2").view(np.uint8)
 
 
+def _f16_at_least(v: np.ndarray) -> np.ndarray:
+    """The fp16 value nearest to v, moved one fp16 step up where it fell below v (as float32).
+
+    A super-block scale rounded down would push the largest sub-block scale past the top code
+    (63, 127) and clip it; rounded up, every sub-block scale stays within half a step of its code.
+    That matters most where the scale is an fp16 subnormal (Q6_K: a block absmax below about
+    0.25), whose rounding is coarse: a constant block of 0.01 came back 0.7% off when clipped.
+    """
+    h = v.astype(np.float16)
+    low = h.astype(np.float32) < v
+    h[low] = np.nextafter(h[low], np.float16(np.inf))
+    return h.astype(np.float32)
+
+
 def _inverse(d: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.where(d == 0, np.float32(0), np.float32(1) / d)
@@ -292,8 +306,8 @@ def _q4_k(x: np.ndarray) -> np.ndarray:
     s, b = _fit_affine(x.reshape(nb * 8, 32), 15, _STEPS_Q4_K)
     s, m = s.reshape(nb, 8), -b.reshape(nb, 8)
     # the super-block scales map the largest sub-block scale and min to the top 6-bit code, 63
-    d = (s.max(axis=1, keepdims=True) / np.float32(63)).astype(np.float16).astype(np.float32)
-    dmin = (m.max(axis=1, keepdims=True) / np.float32(63)).astype(np.float16).astype(np.float32)
+    d = _f16_at_least(s.max(axis=1, keepdims=True) / np.float32(63))
+    dmin = _f16_at_least(m.max(axis=1, keepdims=True) / np.float32(63))
     sc = np.clip(np.rint(s * _inverse(d)), 0, 63).astype(np.uint8)
     mn = np.clip(np.rint(m * _inverse(dmin)), 0, 63).astype(np.uint8)
     scale = (d * sc.astype(np.float32))[:, :, None]  # exactly what the decoder multiplies by
@@ -308,7 +322,7 @@ def _q4_k(x: np.ndarray) -> np.ndarray:
 def _q6_k(x: np.ndarray) -> np.ndarray:
     nb = len(x)
     s = _fit_symmetric(x.reshape(nb * 16, 16), _STEPS_Q6_K).reshape(nb, 16)
-    d = (np.abs(s).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float16).astype(np.float32)
+    d = _f16_at_least(np.abs(s).max(axis=1, keepdims=True) / np.float32(127))
     sc = np.clip(np.rint(s * _inverse(d)), -127, 127).astype(np.int8)
     scale = (d * sc.astype(np.float32))[:, :, None]
     levels = (_requantize(x.reshape(nb, 16, 16), scale, np.float32(0), -32, 31) + 32).astype(np.uint8)
