@@ -103,8 +103,11 @@ def test_example_quick_mode_reports_before_and_after(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import train_grpo
     out = tmp_path / "grpo.json"
-    result = train_grpo.main(["--quick", "--output-dir", str(tmp_path / "run"), "--out", str(out)])
+    # a short SFT run first (the adapter is missing there), then 3 GRPO steps on the SFT model
+    result = train_grpo.main(["--quick", "--sft-adapter", str(tmp_path / "sft" / "adapter"), "--sft-steps", "5",
+                              "--output-dir", str(tmp_path / "run"), "--out", str(out)])
     assert json.loads(out.read_text()) == result
     assert result["steps"] == 3 and result["eval_prompts"] == 16 and result["final_kl"] >= 0
+    assert result["sft_trained_in_this_run"] and (tmp_path / "sft" / "adapter").exists()
     for when in ("before", "after"):
         assert 0 <= result[when]["exact_match"] <= 1 and result[when]["mean_reward"] <= 1

@@ -41,6 +41,7 @@ from minift.models.generation import generate
 from minift.names import IGNORE_INDEX
 from minift.objectives.loss import chunked_token_logps, shift_labels, supports_chunked_loss
 from minift.objectives.reference import AdapterReference, ModelReference, eval_mode
+from minift.tracing import known
 
 __all__ = ["GRPOObjective", "group_advantages", "grpo_loss", "prompt_batches", "prompt_rows",
            "token_logps"]
@@ -309,7 +310,9 @@ class GRPOObjective:
         metrics = {"completions": n, "reward_mean": reward.mean(), "reward_std": reward.std() if n > 1 else 0.0,
                    "kl": torch.cat(kls).mean(), "clip_fraction": torch.cat(clips).mean(),
                    "completion_length": length.mean()}
-        return total, int(length.sum()), metrics
+        # the trained token count: read on the host (a planning trace's replayed lengths are real)
+        trained = known(lambda: torch.cat(lengths).sum(), n * self.max_new_tokens)
+        return total, int(trained), metrics
 
     @torch.no_grad()
     def evaluate(self, model, rows, config, device, shard=None) -> dict:

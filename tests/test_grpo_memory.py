@@ -1,0 +1,57 @@
+"""The GRPO step's memory by stage: the trace (fake tensors) against the MemoryTracker of the same
+stages on real tensors, the rollout through minift.models.generation.generate (CPU, small shapes)."""
+import pytest
+import torch
+
+from minift.memory.report import CATEGORIES
+from minift.models.config import ModelConfig
+from minift.planning.grpo_memory import STAGES, kv_cache_bytes, trace_grpo_step
+from minift.training.config import TrainConfig
+
+CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+SHAPE = dict(prompts=2, prompt_len=8, new_tokens=16, device="cpu", dtype=torch.float32, r=4)
+
+
+def both(method):
+    config = TrainConfig(objective="grpo", method=method, grpo_group_size=4, loss_chunk_size=32, bf16=False)
+    return (trace_grpo_step(CFG, config, fake=True, **SHAPE).stages,
+            trace_grpo_step(CFG, config, fake=False, **SHAPE).stages)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full", "qlora"])
+def test_each_stage_traced_within_ten_percent_of_the_tracker(method):
+    fake, real = both(method)
+    for stage in STAGES:
+        f, m = fake[stage], real[stage]
+        assert m.peak > 0
+        assert f.peak == pytest.approx(m.peak, rel=0.10), (stage, f.peak, m.peak)
+        # what the stage adds on top of the weights and states alive all along
+        static = m.frozen_weights + m.trainable_params + m.optimizer_states
+        assert m.peak - static > 0
+        assert f.peak - static == pytest.approx(m.peak - static, rel=0.10), (stage, f.peak, m.peak, static)
+        for key in CATEGORIES:
+            assert getattr(f, key) == pytest.approx(getattr(m, key), rel=0.10, abs=1024), (stage, key)
+    # the update trains: activations and gradients; rollout and scoring keep no graph
+    assert real["update"].activations > 0 and real["update"].gradients > 0
+    assert real["rollout"].activations == 0 and real["scoring"].activations == 0
+    assert real["rollout"].optimizer_states == real["update"].optimizer_states > 0
+
+
+def test_rollout_holds_the_kv_cache_of_every_sequence():
+    config = TrainConfig(objective="grpo", method="lora", grpo_group_size=4, loss_chunk_size=32, bf16=False)
+    trace = trace_grpo_step(CFG, config, fake=False, **SHAPE)
+    rollout = trace.stages["rollout"]
+    kv = kv_cache_bytes(CFG, 8, 8 + 16, torch.float32)
+    # 2 (k, v) x 2 layers x 8 sequences x 24 positions x 2 kv heads x 16 dims x 4 bytes
+    assert trace.kv_cache == kv == 2 * 2 * 8 * 24 * 2 * 16 * 4
+    # the cache is alive at the rollout's peak, on top of weights and states
+    assert rollout.other >= kv
+
+
+def test_bad_shapes_are_one_line_errors():
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        trace_grpo_step(CFG, TrainConfig(objective="grpo"), prompt_len=100, new_tokens=100, device="cpu")
+    with pytest.raises(ValueError, match="CPU path only"):
+        trace_grpo_step(CFG, TrainConfig(objective="grpo"), device="cuda", fake=False)
