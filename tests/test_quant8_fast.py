@@ -188,3 +188,41 @@ def test_optimizer_on_cpu_takes_the_fast_step(monkeypatch):
     assert len(calls) == 3
     assert torch.equal(w.detach().view(-1), ref_w)
     assert torch.equal(opt.state[w]["exp_avg_codes"], ref_states[0])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fast_step_on_several_threads_equals_the_reference(threads):
+    # with several torch threads the chunks run on Python threads: contiguous ranges, each in
+    # chunks of THREAD_CHUNK, a range boundary inside a chunk of the one-thread walk
+    n = 37 * BLOCK + 5
+    gen = torch.Generator().manual_seed(threads)
+    states = _states(n, gen, 1e-3, 1e-6, True)
+    s = StepScalars.make(1e-3, 0.9, 0.999, 1e-8, 0.1, 3, seed=11)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(quant8, "THREAD_CHUNK", 4 * BLOCK)
+            p = torch.randn(n, generator=gen).to(torch.bfloat16)
+            _assert_same(*_both(p, torch.randn(n, generator=gen), states, s, stochastic=True))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_finite_flags_find_every_nan_and_inf_and_pass_huge_values():
+    from minift.optim.quant8 import finite_flags
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(quant8, "THREAD_CHUNK", 512)
+            gs = [torch.full((5000,), 3e38), torch.randn(4099).to(torch.bfloat16)]  # a 2-norm overflows
+            assert finite_flags(gs).tolist() == [True, True]
+            for pos in (0, 2047, 4098):
+                for bad in (math.nan, math.inf, -math.inf):
+                    g = torch.randn(4099)
+                    g[pos] = bad
+                    assert finite_flags([torch.ones(3), g]).tolist() == [True, False]
+    finally:
+        torch.set_num_threads(before)

@@ -87,6 +87,7 @@ def run_cpu(args, parser) -> int:
               "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
               "git_commit": git_commit(), "git_modified": git_modified(),
               "settings": vars(args) | {"dtype": args.dtype}, "peers": peer_versions(),
+              "cpu_dispatch": cpu_dispatch(),
               "results": results}
     write_json(args.out, record)
     print(results_markdown(record))
@@ -132,6 +133,23 @@ def peer_versions() -> dict:
             out[name] = getattr(module, "__version__", "unknown")
         except ImportError:
             out[name] = None
+    return out
+
+
+def cpu_dispatch() -> dict:
+    """Which vector code each side ran: torch's kernels follow ``ATEN_CPU_CAPABILITY`` (so one
+    AVX-512 CPU can run its AVX2 or scalar kernels), bitsandbytes' native CPU library does not:
+    it reads the CPU's AVX-512F bit itself (its NF4 dequantizer has an AVX-512 loop and a scalar
+    one, no AVX2 one; its 8-bit blockwise (de)quantizers use no AVX-512). Its optimizer
+    arithmetic is torch ops, which do follow the variable."""
+    out = {name: os.environ.get(name) for name in ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")}
+    out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    try:
+        from bitsandbytes.cextension import lib
+
+        out["bitsandbytes_native_avx512f"] = bool(lib.has_avx512f_cpu())
+    except (ImportError, AttributeError, OSError, RuntimeError):
+        out["bitsandbytes_native_avx512f"] = None
     return out
 
 
@@ -312,7 +330,12 @@ def results_markdown(record: dict) -> str:
                         f"{res['train']['batch'][0]}×{res['train']['batch'][1]} | "
                         f"{_cell(t['minift'])} | transformers+peft | "
                         f"{_cell(t['transformers+peft'])} | {entry['ratio_vs_peer']:.2f} |")
-    return "\n".join(rows + ["", machine_line(record["machine"], record.get("torch_threads"))])
+    lines = ["", machine_line(record["machine"], record.get("torch_threads"))]
+    dispatch = record.get("cpu_dispatch") or {}
+    if dispatch.get("ATEN_CPU_CAPABILITY"):
+        lines.append(f"ATEN_CPU_CAPABILITY={dispatch['ATEN_CPU_CAPABILITY']}; bitsandbytes' native "
+                     f"library AVX-512F: {dispatch.get('bitsandbytes_native_avx512f')}")
+    return "\n".join(rows + lines)
 
 
 def machine_line(machine: dict, threads=None) -> str:

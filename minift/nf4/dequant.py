@@ -19,6 +19,12 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 # Values per slice: a float32 slice of 1 MiB sits in a core's 2 MiB L2 while it is scaled and
 # converted (measured on a 2-core Xeon: 256 Ki values was the fastest of 16 Ki .. 1 Mi).
 SLICE = 1 << 18
+# With several torch threads the slices shrink below torch's grain size (32768 elements), so
+# every op runs inline on the calling thread: a slice op above it opens a parallel region whose
+# barrier, on a busy CPU, waits for a descheduled thread (measured 5-30x slower with 2 threads
+# than with 1 on a loaded 2-core EPYC, AVX2 and AVX-512 kernels alike). Running the small slices
+# on Python threads instead measured no faster there: each op is too short to hide the GIL.
+THREAD_SLICE = 3 << 13
 
 
 def _pair_table_cached_impl(code_bytes: bytes) -> torch.Tensor:
@@ -56,7 +62,8 @@ def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Te
     flat, data = out.view(-1), packed.reshape(-1)
     table = pair_table(code)
     full = n - n % blocksize if blocksize % 2 == 0 else 0  # whole blocks, each a whole byte run
-    step = max(SLICE // blocksize, 1) * blocksize  # a multiple of the block size: scales align
+    per_slice = SLICE if torch.get_num_threads() == 1 else min(SLICE, THREAD_SLICE)
+    step = max(per_slice // blocksize, 1) * blocksize  # a multiple of the block size: scales align
     idx = torch.empty(min(step, full) // 2, dtype=torch.int32)  # index_select wants int32/int64
     direct = dtype == torch.float32 and flat.storage_offset() % 2 == 0  # int64 view of the output
     words = None if direct else torch.empty(min(step, full) // 2, dtype=torch.int64)
