@@ -47,12 +47,16 @@ def run(out: str, step: int = 4096, methods=("qlora", "lora", "full"), cards=tup
                       "card, Llama-3.1-8B, long-context recipe", "assumed": ASSUMED, "step_tokens": step,
               "code": _commit(), "command": "python -m minift.planning.long_context", "methods": {}}
     memos = {}
+    # methods and cards not searched this time keep their earlier results (same settings only)
+    result["methods"].update({m: row for m, row in earlier.items() if m not in methods})
     for method in methods:
         settings = {k: (str(v) if k == "adapter_dtype" else v) for k, v in RECIPE[method].items()}
         before = earlier.get(method, {})
+        same = before.get("settings") == settings
         memos[method] = {t["seq_len"]: t for card in before.get("cards", {}).values() for t in card["traces"]} \
-            if before.get("settings") == settings else {}
-        result["methods"][method] = {"settings": settings, "cards": {}}
+            if same else {}
+        kept = {name: card for name, card in before.get("cards", {}).items() if same and name not in cards}
+        result["methods"][method] = {"settings": settings, "cards": kept}
     for name in cards:
         for method in methods:
             found = longest(PRESET, CARDS[name] - RESERVE, RECIPE[method], step=step, method=method,
