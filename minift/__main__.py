@@ -3,6 +3,7 @@
 (full vs LoRA vs QLoRA, measured), ``python -m minift bench gpu --out DIR`` (the GPU suite),
 ``python -m minift bench cpu`` (minift's CPU paths against the peers, interleaved),
 ``python -m minift bench infer MODEL_DIR`` (decoding latency and throughput beside transformers),
+``python -m minift bench quality --model M`` (task quality of the three methods on a pretrained model),
 ``python -m minift soup a b c --out d`` (adapter soup), ``python -m minift eval MODEL_DIR``
 (passkey retrieval and perplexity by context length) and ``python -m minift export MODEL_DIR
 --to gguf -o FILE`` (a GGUF file for llama.cpp / Ollama).
@@ -16,6 +17,7 @@ from minift.bench import cpu as bench_cpu
 from minift.bench import gpu as bench_gpu
 from minift.bench import infer as bench_infer
 from minift.bench import methods as bench
+from minift.bench import quality as bench_quality
 from minift.cli import OneLineParser, ShowDefaults
 from minift.deploy import command as export_command
 from minift.evaluation import command as eval_command
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=shown)
     bench.add_bench_arguments(b)
     # `bench` alone is the CPU comparison above; `bench gpu` is a mode of its own with its options
-    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="{gpu,cpu,memory,trace,infer}")
+    modes = b.add_subparsers(dest="bench_mode", required=False, metavar="{gpu,cpu,memory,trace,infer,quality}")
     g = modes.add_parser("gpu", help="the GPU suite: kernels, bandwidth, 8B-shaped training steps",
                          description="Kernel checks and timings, NF4 dequant and 8-bit AdamW "
                                      "against bandwidth, Llama-3.1-8B-shaped training steps per "
@@ -64,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Decode random prompts with minift (fp32 / NF4, adapter unmerged) and "
                                      "transformers side by side, interleaved; JSON and a table.")
     bench_infer.add_infer_arguments(i)
+    q = modes.add_parser("quality", help="task quality of full vs LoRA vs QLoRA on a pretrained model",
+                         description="Fine-tune one model full, LoRA and QLoRA on a task for N seeds; "
+                                     "task score, held-out loss, forgetting, memory and step time per "
+                                     "method; a table, JSON and a PNG.", formatter_class=shown)
+    bench_quality.add_quality_arguments(q)
     s = sub.add_parser("soup", help="average several LoRA adapters of one base (PEFT format)",
                        description="Average PEFT-format LoRA adapters tensor by tensor into a new "
                                    "adapter; adapters of other bases, ranks or targets are refused.")
@@ -95,7 +102,8 @@ def _bench_trace(args, parser) -> int:
 
 
 COMMANDS = {"plan": plan.run_plan, "bench": bench.run_bench, "bench gpu": bench_gpu.run_bench_gpu,
-            "bench cpu": bench_cpu.run_cpu, "bench infer": bench_infer.run_infer, "bench memory": _bench_memory,
+            "bench cpu": bench_cpu.run_cpu, "bench infer": bench_infer.run_infer,
+            "bench quality": bench_quality.run_quality, "bench memory": _bench_memory,
             "bench trace": _bench_trace, "soup": soup.run_soup, "eval": eval_command.run_eval,
             "export": export_command.run_export}
 
