@@ -89,6 +89,10 @@ class NF4Linear(nn.Module):
             dtype when autocast is on, else the input's dtype.
     """
 
+    # the dequantized weight inside minift.nf4.inference's cache; a class attribute, so that
+    # subclasses built without NF4Linear.__init__ (ShardedNF4Linear) have it too
+    _inference_weight: torch.Tensor | None = None
+
     def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None, compute_dtype=None):
         super().__init__()
         if not isinstance(weight, NF4Weight):
@@ -103,7 +107,6 @@ class NF4Linear(nn.Module):
         self.compute_dtype = compute_dtype
         self._set_weight(weight)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self._inference_weight = None  # the dequantized weight inside minift.nf4.inference's cache
 
     def _set_weight(self, q: NF4Weight) -> None:
         self.weight_dtype, self.blocksize, self.offset = q.dtype, q.blocksize, q.offset
