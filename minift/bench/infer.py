@@ -29,7 +29,7 @@ import time
 import torch
 
 from minift.bench.cpu import machine_line
-from minift.bench.runinfo import git_commit, git_modified, machine_info
+from minift.bench.runinfo import git_commit, git_modified, machine_info, portable_paths
 from minift.files import write_json
 from minift.lora.adapter import load_adapter
 from minift.lora.layer import merge_lora
@@ -115,6 +115,7 @@ def run_infer(args, parser) -> int:
               "sides": {name: {"weight_bytes": weight_bytes(model)} | notes.get(name, {})
                         for name, (model, _) in sides.items()},
               "notes": notes.get("", {}), "results": results}
+    record = portable_paths(record)
     write_json(args.out, record)
     print(results_markdown(record))
     return 0

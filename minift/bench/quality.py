@@ -28,7 +28,7 @@ import time
 import torch
 
 from minift.bench.methods import EXAMPLES, _untracked_speed
-from minift.bench.runinfo import git_commit, git_modified, machine_info
+from minift.bench.runinfo import git_commit, git_modified, machine_info, portable_paths
 from minift.data.sft import load_jsonl, row_to_messages, tokenize_rows
 from minift.evaluation.forgetting import accuracy_drop, evaluate, forgetting, generate_replies, load_texts
 from minift.evaluation.metrics import is_json, task_metrics
@@ -374,6 +374,7 @@ def run_quality(args, parser) -> int:
               "wall_seconds": time.perf_counter() - t0, **result}
     png = args.png or os.path.splitext(args.out)[0] + ".png"
     record["png"] = png
+    record = portable_paths(record)
     write_json(args.out, record)
     chart(record, png)
     print(markdown(record) + f"\n\nJSON: {args.out}\nPNG: {png}")

@@ -72,3 +72,33 @@ def git_modified(paths=("minift", "kernels", "examples")) -> list:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line[3:] for line in out.stdout.splitlines() if line.strip()]
+
+
+def portable_paths(value):
+    """``value`` (a result record) with its absolute paths made machine-neutral: a path under
+    the source checkout becomes relative to it, one inside an installed package's
+    ``site-packages`` becomes ``<site-packages>/...``; other strings, numbers and paths as they
+    are. Dicts, lists and tuples are walked."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v) for v in value]
+    return _portable_words(value) if isinstance(value, str) else value
+
+
+def _portable_words(text: str) -> str:
+    """Each absolute path among the space-separated words of ``text``, made portable."""
+    return " ".join(_portable_path(w) if os.path.isabs(w) else w for w in text.split(" "))
+
+
+def _portable_path(path: str) -> str:
+    path = os.path.normpath(path)
+    marker = os.sep + "site-packages" + os.sep  # first: a virtual environment may sit in the checkout
+    if marker in path:
+        return "<site-packages>/" + path.split(marker, 1)[1].replace(os.sep, "/")
+    root = os.path.normpath(SOURCE_ROOT)
+    if path == root:
+        return "."
+    if path.startswith(root + os.sep):
+        return os.path.relpath(path, root)
+    return path
