@@ -6,7 +6,7 @@ the same tokens as the same prompt alone.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -19,7 +19,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
              eos_token_id: Union[int, Sequence[int], None] = None,
              pad_token_id: Optional[int] = None,
              attention_mask: Optional[torch.Tensor] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None,
+             stop: Optional[Callable[[torch.Tensor], bool]] = None) -> torch.Tensor:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
     Args:
@@ -33,10 +34,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
         pad_token_id: fills a row after it ended; default the first eos id (or 0).
         attention_mask: (B, T), 1 for tokens and 0 for left padding; default all ones.
         generator: torch.Generator for reproducible sampling.
+        stop: stop(ended) -> whether to stop decoding, given the 0-d bool tensor "every row of
+            this batch has ended", after each new token; default ``bool(ended)``. Under torchrun
+            a function that is True only once every rank's rows have ended keeps the ranks'
+            forwards in step (rows that ended get ``pad_token_id``, as usual).
 
     Returns:
         LongTensor (B, T + n) with the prompts followed by n <= max_new_tokens new tokens (n is
-        smaller when every row ended early).
+        smaller when decoding stopped early).
     """
     attention_mask = _check_args(input_ids, max_new_tokens, temperature, top_p, attention_mask)
     eos = _eos_ids(model, eos_token_id, input_ids.device)
@@ -48,12 +53,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
     try:
         with torch.no_grad():
             return _decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p,
-                           eos, pad_token_id, generator)
+                           eos, pad_token_id, generator, stop or bool)
     finally:
         model.train(was_training)
 
 
-def _decode(model, ids, mask, max_new_tokens, temperature, top_p, eos, pad_id, generator):
+def _decode(model, ids, mask, max_new_tokens, temperature, top_p, eos, pad_id, generator, stop=bool):
     cache = KVCache(model.config.num_hidden_layers)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -64,7 +69,7 @@ def _decode(model, ids, mask, max_new_tokens, temperature, top_p, eos, pad_id, g
         token = torch.where(done, torch.full_like(token, pad_id), token)
         out.append(token[:, None])
         done = done | torch.isin(token, eos)
-        if bool(done.all()):
+        if stop(done.all()):
             break
         step_ids = token[:, None]
         step_pos = step_pos[:, -1:] + 1
