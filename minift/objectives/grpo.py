@@ -26,6 +26,13 @@ ratio is 1 in value and its gradient is that of the policy's log-prob (nothing i
 The reference costs no second model with LoRA/QLoRA (the adapters switched off) and is a frozen
 copy for full fine-tuning, as for DPO (``minift.objectives.reference``). Per-token log-probs run
 the lm_head a chunk of tokens at a time (``minift.objectives.loss.chunked_token_logps``).
+
+Under torchrun the step's prompt micro-batches are dealt out to the ranks (``split_prompts``):
+whole micro-batches when their number divides by the world size (the rollouts are then those of
+one process), else each micro-batch's prompts, with a sample seed per rank (``rank_seed``). A
+group of G completions always stays on one rank, so its advantages need no other rank. The loss
+is divided by the completions of all ranks and the metrics are sums over ranks; decoding stops
+when every rank's rows have ended, so that FSDP's gathers stay in step.
 """
 from __future__ import annotations
 
@@ -35,18 +42,20 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from minift.checks import check_int, check_number
-from minift.distributed.parallel import unwrap
+from minift.distributed.parallel import accumulate_over_ranks, reshard, unwrap
 from minift.lora.layer import disable_adapters, lora_layers
 from minift.models.generation import generate
 from minift.names import IGNORE_INDEX
 from minift.objectives.loss import chunked_token_logps, shift_labels, supports_chunked_loss
 from minift.objectives.reference import AdapterReference, ModelReference, eval_mode
-from minift.tracing import known
+from minift.tracing import host_read, known
 
-__all__ = ["GRPOObjective", "group_advantages", "grpo_loss", "prompt_batches", "prompt_rows",
-           "token_logps"]
+__all__ = ["GRPOObjective", "blank_prompts", "completions", "eval_share", "group_advantages", "grpo_loss",
+           "prompt_batches", "prompt_rows", "rank_seed", "select_prompts", "split_prompts", "token_logps"]
 
 METRICS = ("reward_mean", "reward_std", "kl", "clip_fraction", "completion_length")
+# what a step adds up over its completions (and, under torchrun, over ranks) to give METRICS
+SUMS = ("reward", "reward_squared", "kl", "clipped", "length")
 
 
 # ---- the loss ----------------------------------------------------------------------------
@@ -173,6 +182,73 @@ def prompt_batches(rows: list, batch_size: int, pad_id: int = 0, seed: int = 0, 
     return batches
 
 
+# ---- prompts across ranks ------------------------------------------------------------------
+def rank_seed(seed: int, rank: int) -> int:
+    """The sample seed of rank ``rank``'s share of a prompt micro-batch whose prompts were split
+    between ranks: a function of the batch's seed and the rank alone, so a resumed run samples
+    the same completions."""
+    return (int(seed) * 1_000_003 + 1 + rank) % 2**63
+
+
+def select_prompts(batch: dict, index: Sequence[int], seed: int) -> dict:
+    """Prompts ``index`` of a prompt micro-batch as a batch of their own (left padding trimmed
+    to the longest of them), its rollouts sampled with ``seed``."""
+    mask = batch["attention_mask"][list(index)]
+    width = int(mask.sum(-1).max())
+    return {"input_ids": batch["input_ids"][list(index), -width:], "attention_mask": mask[:, -width:],
+            "row_index": [batch["row_index"][i] for i in index], "rows": [batch["rows"][i] for i in index],
+            "sample_seed": seed}
+
+
+def blank_prompts(batch: dict, seed: int) -> dict:
+    """The first prompt of ``batch``, marked blank: its completions are sampled, scored and
+    back-propagated like any (FSDP's collectives need every rank to run as many forwards and
+    backwards as the others) but carry no weight: no loss, no metric, no completion counted."""
+    return dict(select_prompts(batch, [0], seed), blank=True)
+
+
+def completions(batch: dict, group_size: int) -> int:
+    """Completions of a prompt micro-batch that count (none for a blank one)."""
+    return 0 if batch.get("blank") else len(batch["rows"]) * group_size
+
+
+def split_prompts(group: list, rank: int, world: int) -> list:
+    """This rank's part of one step's prompt micro-batches (every rank passes the same group).
+
+    When their number divides by ``world``, rank r takes micro-batches r, r + world, ... whole,
+    with their own seeds: the ranks sample exactly the completions of one process. Otherwise each
+    micro-batch's prompts are dealt out (rank r takes prompts r, r + world, ...), sampled with
+    ``rank_seed`` (another sample than one process's, as deterministic), and a rank left without
+    a prompt runs ``blank_prompts``. Either way every rank runs as many micro-batches as the
+    others and a prompt's G completions stay on one rank.
+    """
+    if world == 1:
+        return group
+    if len(group) % world == 0:
+        return group[rank::world]
+    out = []
+    for batch in group:
+        n, seed = len(batch["rows"]), rank_seed(batch["sample_seed"], rank)
+        out.append(select_prompts(batch, range(rank, n, world), seed) if rank < n else blank_prompts(batch, seed))
+    return out
+
+
+def eval_share(batches: list, rank: int, world: int) -> list:
+    """This rank's part of an evaluation: batches rank, rank + world, ..., then blank ones up to
+    ceil(len(batches) / world), so that every rank runs as many rollouts as the others."""
+    if world == 1:
+        return batches
+    mine = batches[rank::world]
+    missing = -(-len(batches) // world) - len(mine)
+    return mine + [blank_prompts(batches[0], batches[0]["sample_seed"]) for _ in range(missing)]
+
+
+def ranks_ended(shard) -> Callable[[torch.Tensor], bool]:
+    """``generate``'s stop decision taken by all ranks: True once no rank has a row left running
+    (one all-reduce per new token, where one process reads its own flag anyway)."""
+    return lambda ended: float(shard.sum((~ended).float())) == 0
+
+
 # ---- the objective the loop calls ----------------------------------------------------------
 class GRPOObjective:
     """What one GRPO optimizer step computes: rollouts, rewards, advantages, the loss.
@@ -219,9 +295,11 @@ class GRPOObjective:
         return prompt_batches(rows, batch_size, pad_id, seed, shuffle)
 
     # ---- rollouts ----
-    def rollout(self, model, batch, device, bf16=False, greedy=False) -> dict:
+    def rollout(self, model, batch, device, bf16=False, greedy=False, stop=None) -> dict:
         """G completions per prompt of ``batch`` (one with ``greedy``), sampled by ``model`` with
-        the batch's seed, and their rewards.
+        the batch's seed, and their rewards (0 for a blank batch: ``reward_fn`` is not asked).
+        ``stop`` is ``generate``'s (``ranks_ended`` under torchrun); a DDP model generates with
+        its module (no gradient to synchronise).
 
         Returns input_ids / attention_mask / labels (N, T) of prompt + completion (labels: the
         completion tokens up to and including eos, IGNORE_INDEX elsewhere), rewards (N,) and the
@@ -232,9 +310,9 @@ class GRPOObjective:
         pmask = batch["attention_mask"].repeat_interleave(g, 0).to(device)
         gen = torch.Generator(device=device).manual_seed(int(batch["sample_seed"]))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = generate(model, prompt, self.max_new_tokens, temperature=0.0 if greedy else self.temperature,
+            out = generate(unwrap(model), prompt, self.max_new_tokens, temperature=0.0 if greedy else self.temperature,
                            top_p=self.top_p, eos_token_id=self.eos, pad_token_id=self.pad_id,
-                           attention_mask=pmask, generator=gen)
+                           attention_mask=pmask, generator=gen, stop=stop)
         width = prompt.shape[1]
         completion = out[:, width:]  # (N, n)
         eos = _eos_tensor(model, self.eos, device)
@@ -244,7 +322,14 @@ class GRPOObjective:
         labels = torch.full_like(out, IGNORE_INDEX)
         labels[:, width:] = torch.where(keep, completion, torch.full_like(completion, IGNORE_INDEX))
         mask = torch.cat([pmask, keep.long()], dim=1)
-        rows = [r for r in batch["rows"] for _ in range(g)]
+        rewards = (torch.zeros(len(out), device=device) if batch.get("blank") else
+                   self.rewards(batch["rows"], g, prompt, pmask, completion, keep, device))
+        return {"input_ids": out, "attention_mask": mask, "labels": labels, "rewards": rewards,
+                "lengths": keep.sum(-1)}
+
+    def rewards(self, rows, g, prompt, pmask, completion, keep, device) -> torch.Tensor:
+        """``reward_fn``'s rewards of the completions, checked: one finite number each."""
+        rows = [r for r in rows for _ in range(g)]
         texts = [self._decode(c[k]) for c, k in zip(completion.cpu(), keep.cpu())]
         prompts = [r.get("prompt", self._decode(p[m.bool()])) for r, p, m in zip(rows, prompt.cpu(), pmask.cpu())]
         rewards = self.reward_fn(prompts, texts, rows)
@@ -254,8 +339,7 @@ class GRPOObjective:
         rewards = torch.tensor([float(r) for r in rewards], dtype=torch.float32, device=device)
         if not bool(torch.isfinite(rewards).all()):
             raise ValueError("reward_fn returned a NaN or infinite reward")
-        return {"input_ids": out, "attention_mask": mask, "labels": labels, "rewards": rewards,
-                "lengths": keep.sum(-1)}
+        return rewards
 
     def _decode(self, ids: torch.Tensor):
         ids = ids.tolist()
@@ -272,14 +356,16 @@ class GRPOObjective:
                 with eval_mode(model), disable_adapters(model):
                     return token_logps(model, *args)
             model = self.reference.model
-            if any(p.device != r["input_ids"].device for p in model.parameters()):
+            if not self.reference.placed and any(p.device != r["input_ids"].device for p in model.parameters()):
                 model.to(r["input_ids"].device)
-            return token_logps(model, *args)
+            out = token_logps(model, *args)
+            reshard(model)  # a sharded copy's root stays gathered after its forward (for its lm_head)
+            return out
 
-    def batch_terms(self, model, batch, device, bf16=False):
+    def batch_terms(self, model, batch, device, bf16=False, stop=None):
         """Rollouts of one prompt micro-batch and their per-completion (losses, kl, clipped),
         rewards and lengths."""
-        r = self.rollout(model, batch, device, bf16)
+        r = self.rollout(model, batch, device, bf16, stop=stop)
         ref = self.reference_logps(r, bf16)
         logps = token_logps(model, r["input_ids"], r["attention_mask"], r["labels"], bf16, self.loss_chunk_size)
         mask = shift_labels(r["labels"]) != IGNORE_INDEX
@@ -291,42 +377,71 @@ class GRPOObjective:
         """Rollouts, forward and backward over one step's prompt micro-batches; the loss is the
         mean over all completions of the step (each completion's own token mean first).
 
-        Returns (loss, completion tokens trained, metrics: reward mean/std, KL, clip fraction,
-        mean completion length, all as 0-d tensors read with the loss).
+        Args:
+            shard: under torchrun, this rank's `minift.distributed.parallel.Shard` (every rank
+                passes the same ``micro_batches``): the rank runs its share (``split_prompts``),
+                each completion's loss is divided by the completions of all ranks and
+                back-propagated times the world size (FSDP / DDP average gradients), decoding
+                stops when every rank's rows have ended, and the returned numbers are global.
+
+        Returns (loss, completion tokens trained, metrics: the completions, reward mean/std, KL,
+        clip fraction, mean completion length, the means as 0-d tensors read with the loss).
         """
-        if shard is not None:
-            raise ValueError("objective='grpo' runs in one process; torchrun is not supported yet")
         device = torch.device(device)
-        n = sum(len(b["rows"]) for b in micro_batches) * self.group_size
-        total = torch.zeros((), device=device)
-        kls, clips, rewards, lengths = [], [], [], []
-        for batch in micro_batches:
-            losses, kl, clipped, reward, length = self.batch_terms(model, batch, device, bf16)
-            loss = losses.sum() / n
-            loss.backward()
-            total += loss.detach()
-            kls.append(kl), clips.append(clipped), rewards.append(reward), lengths.append(length)
-        reward, length = torch.cat(rewards), torch.cat(lengths).float()
-        metrics = {"completions": n, "reward_mean": reward.mean(), "reward_std": reward.std() if n > 1 else 0.0,
-                   "kl": torch.cat(kls).mean(), "clip_fraction": torch.cat(clips).mean(),
-                   "completion_length": length.mean()}
-        # the trained token count: read on the host (a planning trace's replayed lengths are real)
-        trained = known(lambda: torch.cat(lengths).sum(), n * self.max_new_tokens)
-        return total, int(trained), metrics
+        n = sum(completions(b, self.group_size) for b in micro_batches)  # of all ranks: host batches
+        sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
+        lengths = []
+        stop = None if shard is None else ranks_ended(shard)
+
+        def loss_sum(model, batch, device):
+            nonlocal sums
+            losses, kl, clipped, reward, length = self.batch_terms(model, batch, device, bf16, stop)
+            if batch.get("blank"):
+                return losses.sum() * 0  # the backward still runs: FSDP reduce-scatters in it
+            sums = sums + torch.stack([reward.sum(), (reward * reward).sum(), kl.sum(), clipped.sum(),
+                                       length.sum()]).double()  # on the device: no sync
+            lengths.append(length)
+            return losses.sum()
+
+        if shard is None:
+            total = torch.zeros((), device=device)
+            for batch in micro_batches:
+                loss = loss_sum(model, batch, device) / n
+                loss.backward()
+                total += loss.detach()
+            # read on the host: a planning trace's replayed lengths are real
+            trained = known(lambda: torch.cat(lengths).sum(), n * self.max_new_tokens)
+        else:
+            with host_read():  # prompts of host batches
+                local = split_prompts(micro_batches, shard.rank, shard.world)
+            total, _ = accumulate_over_ranks(model, local, device, loss_sum,
+                                             lambda b: completions(b, self.group_size), n)
+            sums = shard.sum(sums)
+            trained = known(sums[SUMS.index("length")], n * self.max_new_tokens)
+        return total, int(trained), dict(completions=n, **_metric_means(sums, n))
 
     @torch.no_grad()
     def evaluate(self, model, rows, config, device, shard=None) -> dict:
         """Mean reward of one greedy completion per prompt of ``rows``; eval_loss is its negative
-        (the loop tracks a loss)."""
+        (the loop tracks a loss). With a ``shard`` (torchrun; every rank calls it) each rank
+        rolls out its share of the batches (``eval_share``) and every rank returns the global
+        means."""
         device = torch.device(device)
-        rewards, lengths = [], []
-        for batch in self.batches(rows, config.micro_batch_size, config.pad_id, shuffle=False):
-            r = self.rollout(model, batch, device, config.bf16, greedy=True)
-            rewards += r["rewards"].tolist()
-            lengths += r["lengths"].tolist()
-        mean = sum(rewards) / len(rewards)
-        return {"eval_loss": -mean, "eval_reward": mean,
-                "eval_completion_length": sum(lengths) / len(lengths)}
+        batches = self.batches(rows, config.micro_batch_size, config.pad_id, shuffle=False)
+        stop = None
+        if shard is not None:
+            with host_read():
+                batches = eval_share(batches, shard.rank, shard.world)
+            stop = ranks_ended(shard)
+        sums = torch.zeros(2, dtype=torch.float64)
+        for batch in batches:
+            r = self.rollout(model, batch, device, config.bf16, greedy=True, stop=stop)
+            if not batch.get("blank"):
+                sums += torch.stack([r["rewards"].double().sum(), r["lengths"].double().sum()]).cpu()
+        if shard is not None:
+            sums = shard.sum(sums)
+        reward, length = (float(v) / len(rows) for v in sums)
+        return {"eval_loss": -reward, "eval_reward": reward, "eval_completion_length": length}
 
     @torch.no_grad()
     def finite_on(self, model, batch, device, config) -> bool:
@@ -337,7 +452,21 @@ class GRPOObjective:
         return (self.reference.model,) if isinstance(self.reference, ModelReference) else ()
 
     def distribute(self, shard, place):
-        raise ValueError("objective='grpo' runs in one process; torchrun is not supported yet")
+        """Under torchrun, once the policy is sharded (every rank calls it): a frozen reference
+        copy is laid out like the policy by ``place`` (FSDP-sharded, or on the rank's device
+        under DDP); the adapters-off reference is the policy itself and needs nothing."""
+        if isinstance(self.reference, ModelReference):
+            self.reference.place(place)
+
+
+def _metric_means(sums: torch.Tensor, n: int) -> dict:
+    """METRICS from the step's SUMS over ``n`` completions, as 0-d float64 tensors where ``sums``
+    lives (read by the loop with the loss); the reward's std with Bessel's correction."""
+    count = torch.full((), max(n, 1), dtype=torch.float64, device=sums.device)
+    reward, squared, kl, clipped, length = sums.unbind()
+    mean = reward / count
+    std = ((squared - reward * mean) / (count - 1).clamp(min=1)).clamp(min=0).sqrt()
+    return dict(zip(METRICS, (mean, std, kl / count, clipped / count, length / count)))
 
 
 def _eos_tensor(model, eos, device) -> torch.Tensor:

@@ -297,8 +297,6 @@ class _Run:
         self.counts = trainable_parameters(model)  # NF4 weights by their logical size
         # before any checkpoint is loaded: a DPO reference is the model as it was passed in
         if config.objective == "grpo":
-            if self.dist.active:
-                raise ValueError("objective='grpo' runs in one process; torchrun is not supported yet")
             self.objective = grpo.objective_for(model, config, *rewards)
         elif config.objective == "dpo":
             self.objective = objective_for(model, config, train_data, eval_data, distributed=self.dist.active)
