@@ -4,7 +4,11 @@ The sharded SFT evaluation (FSDP full, DDP LoRA) with its forwards counted; a DP
 laid out for FSDP; ``minift.train`` with ``objective="dpo"``: LoRA under FSDP (adapters-off
 reference, pairs split between the ranks, a blank pair, a checkpoint and an exact resume), QLoRA
 under FSDP, full fine-tuning under DDP (a replicated frozen copy) and under FSDP with precomputed
-reference log-probs scored by both ranks. Every rank writes its results to ``rank<r>.json``.
+reference log-probs scored by both ranks; ``objective="grpo"``: LoRA under FSDP (whole prompt
+micro-batches per rank, a checkpoint and an exact resume), full fine-tuning with its KL copy under
+the default parallel, and LoRA under DDP with prompts that do not divide between the ranks. Every
+rank writes its results to ``rank<r>.json``; the GRPO runs' final trainable weights go to
+``grpo-<name>-w<world>.safetensors`` (rank 0).
 """
 import json
 import random
@@ -15,11 +19,14 @@ import dist_cases
 import torch
 import torch.distributed as dist
 from dist_cases import WORLD, join
+from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 import minift
 from minift.distributed import parallel as mdist
 from minift.distributed.run import DistRun
+from minift.models.config import ModelConfig
+from minift.objectives import grpo
 from minift.objectives.dpo import ModelReference, objective_for
 from minift.objectives.sft import evaluate
 from minift.training.config import TrainConfig
@@ -140,6 +147,97 @@ def sharded_reference(out: Path, world):
             "separate": not any(p is q for p in params for q in model.parameters())}
 
 
+# ---- GRPO ------------------------------------------------------------------------------------
+# name -> (parallel, method, TrainConfig fields). fsdp-lora and full: 8 prompts, 2 micro-batches of 2
+# a step, one per rank: the 1-process rollouts exactly. full: parallel None, FSDP by default on 2
+# processes, its KL reference a sharded frozen copy. ddp-uneven: 7 prompts in micro-batches of 3, one
+# a step: 2 + 1 prompts per rank, then the epoch's last prompt and a blank batch on rank 1.
+GRPO_CASES = {
+    "fsdp-lora": ("fsdp", "lora", dict(micro_batch_size=2, grad_accum=2, max_steps=3, save_interval=2)),
+    "full": (None, "full", dict(micro_batch_size=2, grad_accum=2, max_steps=2, learning_rate=1e-3)),
+    "ddp-uneven": ("ddp", "lora", dict(micro_batch_size=3, grad_accum=1, max_steps=3)),
+}
+GRPO_PROMPTS = {"fsdp-lora": 8, "full": 8, "ddp-uneven": 7}
+GRPO_RESUMED = "fsdp-lora"  # resumed from its step-2 checkpoint on 2 processes
+TARGETS = (3, 4, 5, 6)  # rewarded tokens: a quarter of the vocabulary, so most groups' rewards differ
+# half the vocabulary ends a completion: a batch's rows have mostly all ended before
+# grpo_max_new_tokens, at a step that differs between the ranks' batches, so decoding must stop on
+# all ranks together (``waited`` counts the tokens a rank decoded for the other's rows)
+GRPO_EOS = [2, 7, 8, 9, 10, 11, 12, 13]
+
+
+def grpo_model(method):
+    """A 2-layer model of 16 tokens; LoRA on every linear, the head too, adapters fresh (zero)."""
+    torch.manual_seed(0)
+    model = minift.Llama(ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, eos_token_id=GRPO_EOS))
+    return minift.lora_wrap(model, r=4, alpha=8, exclude=()) if method == "lora" else model
+
+
+def prompts(n):
+    """Prompt rows of token ids, 1 to 3 tokens long (left padding in every batch)."""
+    return [{"input_ids": [3 + i % 7, 4, 6 + i % 5][:1 + i % 3]} for i in range(n)]
+
+
+def share_of_targets(prompts, completions, rows):
+    """A rule reward on token ids: the share of a completion's tokens that are TARGETS."""
+    return [sum(t in TARGETS for t in c) / max(len(c), 1) for c in completions]
+
+
+def grpo_config(out: Path, name, world, **kw):
+    parallel, method, fields = GRPO_CASES[name]
+    base = dict(method=method, objective="grpo", learning_rate=3e-2, bf16=False, seed=0, warmup_ratio=0.0,
+                lr_scheduler="constant", device="cpu", progress=False, keep_last=None, grpo_group_size=4,
+                grpo_max_new_tokens=6, loss_chunk_size=5, output_dir=str(out / f"grpo-{name}-w{world}"),
+                parallel=parallel if world > 1 else None)
+    return TrainConfig(**base | fields | kw)
+
+
+def trained_weights(model) -> dict:
+    """The trainable parameters, whole (an FSDP shard gathered: every rank must call it)."""
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def run_grpo(out: Path, name, world, rank, tag="", **kw):
+    """minift.train(objective="grpo") evaluated on 5 prompts (3 batches of 2: rank 1 rolls out one
+    and a blank one); the metrics lines (rank 0) and the policy's forwards. Rank 0 writes the
+    final weights to ``<output_dir><tag>.safetensors``."""
+    _, method, _ = GRPO_CASES[name]
+    config = grpo_config(out, name, world, **kw)
+    model = grpo_model(method)
+    forwards, waited = [], []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    ranks_ended = grpo.ranks_ended
+
+    def counted(shard):  # the decisions of the stop rule, recorded
+        decide = ranks_ended(shard)
+
+        def stop(ended):
+            together = decide(ended)
+            waited.append(bool(ended) and not together)  # this rank's rows had ended, another's not
+            return together
+        return stop
+
+    grpo.ranks_ended = counted
+    try:
+        summary = minift.train(model, prompts(GRPO_PROMPTS[name]), config, eval_data=prompts(5),
+                               reward_fn=share_of_targets)
+    finally:
+        grpo.ranks_ended, _ = ranks_ended, hook.remove()
+    weights = trained_weights(model)
+    if rank == 0:
+        save_file(weights, config.output_dir + tag + ".safetensors")
+    lines = metrics(Path(config.output_dir)) if rank == 0 else None
+    return {"summary": summary, "lines": lines, "forwards": len(forwards), "waited": sum(waited)}
+
+
+def resume_grpo(out: Path, name, world, rank):
+    config = grpo_config(out, name, world)
+    result = run_grpo(out, name, world, rank, "-resumed", resume_from=str(Path(config.output_dir) / "step-2"))
+    return {k: result[k] for k in ("summary", "lines")}
+
+
 def worker(rank, port, out):
     join(rank, port, WORLD)
     out = Path(out)
@@ -149,6 +247,8 @@ def worker(rank, port, out):
                    "reference": sharded_reference(out, WORLD)}
         results["dpo"] = {name: run_dpo(out, name, WORLD, rank) for name in DPO_CASES}
         results["resumed"] = resume_dpo(out, RESUMED, WORLD, rank)
+        results["grpo"] = {name: run_grpo(out, name, WORLD, rank) for name in GRPO_CASES}
+        results["grpo_resumed"] = resume_grpo(out, GRPO_RESUMED, WORLD, rank)
         (out / f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()

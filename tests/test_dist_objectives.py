@@ -1,4 +1,4 @@
-"""Evaluation and DPO under torchrun: 2 gloo processes against 1-process runs of the same code.
+"""Evaluation, DPO and GRPO under torchrun: 2 gloo processes against 1-process runs of the same code.
 
 One spawn of 2 CPU processes (the `runs` fixture) runs every case of tests/dist_objectives_cases.py;
 the 1-process runs happen in this process. The pieces at the end need no process group.
@@ -13,12 +13,16 @@ import torch.multiprocessing as mp
 from dist_cases import LOSS_RTOL, WORLD, free_port
 from dist_objectives_cases import (
     DPO_CASES,
+    GRPO_CASES,
+    GRPO_RESUMED,
     RESUMED,
     SFT_EVAL,
     dpo_config,
+    grpo_config,
     make_model,
     pairs,
     run_dpo,
+    run_grpo,
     sft_eval,
     worker,
 )
@@ -162,6 +166,99 @@ def test_frozen_reference_copy_is_sharded(runs):
         assert ref["kind"] == "ModelReference" and ref["placed"] and ref["separate"]
         assert ref["dtensor"] and ref["trainable"] == 0
         assert ref["local"] * WORLD == ref["full"]  # each rank holds its half (tiny's dims divide by 2)
+
+
+# ---- GRPO -------------------------------------------------------------------------------------
+GRPO_EXACT = ("step", "completions", "tokens", "trained_tokens", "lr")
+GRPO_CLOSE = ("loss", "grad_norm", "reward_mean", "reward_std", "kl", "clip_fraction", "completion_length")
+GRPO_EVAL = ("eval_loss", "eval_reward", "eval_completion_length")
+GRPO_SUMMARY = ("first_loss", "last_loss", "tokens", "trained_tokens", "eval")
+DIVIDED = [name for name in GRPO_CASES if name != "ddp-uneven"]
+
+
+@pytest.fixture(scope="module")
+def grpo_single(tmp_path_factory):
+    """The GRPO runs on one process, no process group."""
+    out = tmp_path_factory.mktemp("grpo-one-process")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return out, {name: run_grpo(out, name, 1, 0) for name in GRPO_CASES}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def grpo_close(got, want):
+    # the step-1 loss is a sum of advantages that cancel (about 1e-8): an absolute floor
+    return got == pytest.approx(want, rel=LOSS_RTOL, abs=1e-7)
+
+
+def grpo_weights(out, name, world, tag=""):
+    return load_file(grpo_config(out, name, world).output_dir + tag + ".safetensors")
+
+
+@pytest.mark.parametrize("name", DIVIDED)
+def test_grpo_two_processes_match_one(runs, grpo_single, name):
+    """Whole micro-batches per rank: the rollouts of one process, so every metric, the evaluation
+    and the final weights are the 1-process run's (summation order aside)."""
+    out, results = runs
+    two, one = results[0]["grpo"][name], grpo_single[1][name]
+    parallel, _, fields = GRPO_CASES[name]
+    assert [line["step"] for line in two["lines"]] == list(range(1, fields["max_steps"] + 1))
+    assert two["lines"][0]["kl"] == 0.0 and two["lines"][-1]["kl"] > 0  # it trained away from the reference
+    for got, want in zip(two["lines"], one["lines"], strict=True):
+        assert {k: got[k] for k in GRPO_EXACT} == {k: want[k] for k in GRPO_EXACT}
+        for key in GRPO_CLOSE:
+            assert grpo_close(got[key], want[key]), (got["step"], key, got[key], want[key])
+    s2, s1 = two["summary"], one["summary"]
+    assert (s2["world_size"], s2["parallel"]) == (WORLD, parallel or "fsdp")  # None: FSDP by default
+    for got, want in zip(s2["eval"], s1["eval"], strict=True):  # the sharded evaluation, a blank batch on rank 1
+        assert got["step"] == want["step"]
+        for key in GRPO_EVAL:
+            assert grpo_close(got[key], want[key]), (key, got, want)
+    w2, w1 = grpo_weights(out, name, WORLD), grpo_weights(grpo_single[0], name, 1)
+    assert w2.keys() == w1.keys() and len(w1) > 0
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=LOSS_RTOL, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(GRPO_CASES))
+def test_grpo_ranks_run_in_step_and_agree(runs, grpo_single, name):
+    """Both ranks ran the same forwards (FSDP's gathers need it; rows end at different tokens, so
+    decoding ran on for the other rank's rows at least once) and returned the same global numbers."""
+    _, results = runs
+    r0, r1 = (r["grpo"][name] for r in results)
+    assert r0["forwards"] == r1["forwards"] < grpo_single[1][name]["forwards"]  # each rank: its share
+    assert r0["waited"] + r1["waited"] > 0
+    assert {k: r0["summary"][k] for k in GRPO_SUMMARY} == {k: r1["summary"][k] for k in GRPO_SUMMARY}
+
+
+def test_grpo_prompts_that_do_not_divide(runs, grpo_single):
+    """7 prompts in micro-batches of 3 on 2 ranks: each micro-batch's prompts are dealt out (2 + 1,
+    then 1 + a blank batch), sampled with the ranks' own seeds: every completion counted once, the
+    rollouts another sample than one process's."""
+    _, results = runs
+    two, one = results[0]["grpo"]["ddp-uneven"], grpo_single[1]["ddp-uneven"]
+    assert [line["completions"] for line in two["lines"]] == [line["completions"] for line in one["lines"]] \
+        == [12, 12, 4]
+    assert [line["tokens"] for line in two["lines"]] == [line["tokens"] for line in one["lines"]]
+    assert two["lines"] != one["lines"]
+    for line in two["lines"]:
+        assert 1 <= line["completion_length"] <= 6 and 0 <= line["reward_mean"] <= 1
+        assert line["trained_tokens"] == pytest.approx(line["completion_length"] * line["completions"])
+    assert two["summary"]["trained_tokens"] == sum(line["trained_tokens"] for line in two["lines"])
+
+
+def test_grpo_resume_on_two_processes_is_exact(runs):
+    out, results = runs
+    first, again = results[0]["grpo"][GRPO_RESUMED], results[0]["grpo_resumed"]
+    assert again["summary"]["resumed_from"].endswith("step-2")
+    timing = ("tokens_per_s", "elapsed")
+    assert [{k: v for k, v in line.items() if k not in timing} for line in again["lines"]] == \
+        [{k: v for k, v in line.items() if k not in timing} for line in first["lines"]]
+    assert again["summary"]["eval"][-1] == first["summary"]["eval"][-1]
+    straight, resumed = grpo_weights(out, GRPO_RESUMED, WORLD), grpo_weights(out, GRPO_RESUMED, WORLD, "-resumed")
+    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
 
 
 # ---- one-process pieces: no process group needed -------------------------------------------
