@@ -1,5 +1,6 @@
 """GRPO's loss against numbers worked by hand, its gradient against autograd on the direct
-formula, the chunked per-token log-probs, and the rollouts' masking."""
+formula, the chunked per-token log-probs, the rollouts' masking, and the torchrun pieces that need
+no process group: the prompts dealt out to ranks, blank batches, the shared stop of decoding."""
 import math
 
 import pytest
@@ -8,15 +9,23 @@ import torch
 import minift
 from minift.models.config import ModelConfig
 from minift.names import IGNORE_INDEX
+from minift.distributed.parallel import Shard
 from minift.objectives.grpo import (
     GRPOObjective,
+    blank_prompts,
+    completions,
+    eval_share,
     group_advantages,
     grpo_loss,
     prompt_batches,
     prompt_rows,
+    rank_seed,
+    ranks_ended,
+    split_prompts,
     token_logps,
 )
 from minift.objectives.loss import chunked_token_logps
+from minift.objectives.reference import AdapterReference
 
 
 def test_group_advantages_by_hand():
@@ -154,3 +163,129 @@ def test_rule_rewards_and_combine():
     assert both(None, comps, rows) == [1.0, -0.125, -0.5]
     with pytest.raises(ValueError, match="row 0 has no 'answer'"):
         R.exact_match()(None, ["a"], [{}])
+
+
+# ---- under torchrun: the pieces that need no process group ----------------------------------
+def test_split_prompts_deals_out_whole_batches_or_prompts():
+    rows = prompt_rows([{"input_ids": list(range(3, 4 + i % 3))} for i in range(7)], None, "rows")
+    group = prompt_batches(rows, 3, pad_id=0, seed=1)  # 3 + 3 + 1 prompts
+    assert [len(b["rows"]) for b in group] == [3, 3, 1]
+    # micro-batches that divide go whole, with their own seeds: one process's rollouts
+    assert split_prompts(group[:2], 1, 2) == [group[1]] and split_prompts(group, 0, 1) is group
+    parts = [split_prompts(group, r, 2) for r in range(2)]
+    assert [len(p) for p in parts] == [3, 3]  # as many micro-batches (forwards) on every rank
+    for batch, rank0, rank1 in zip(group, *parts):
+        assert rank0["row_index"] == batch["row_index"][0::2]
+        assert rank0["sample_seed"] == rank_seed(batch["sample_seed"], 0) != rank_seed(batch["sample_seed"], 1)
+        for part in (rank0, rank1):  # a rank's share is the batch of its prompts, padding trimmed
+            if not part.get("blank"):
+                alone = prompt_batches([rows[i] for i in part["row_index"]], 3, shuffle=False)[0]
+                assert torch.equal(part["input_ids"], alone["input_ids"])
+                assert torch.equal(part["attention_mask"], alone["attention_mask"])
+    assert [p["row_index"] for p in parts[1][:2]] == [group[0]["row_index"][1:2], group[1]["row_index"][1:2]]
+    blank = parts[1][2]  # the epoch's last prompt went to rank 0; rank 1 runs a blank batch
+    assert blank["blank"] and blank["row_index"] == group[2]["row_index"]
+    counted = sum(completions(b, 4) for p in parts for b in p)
+    assert counted == sum(completions(b, 4) for b in group) == 28 and completions(blank, 4) == 0
+    shares = [eval_share(group, r, 2) for r in range(2)]
+    assert [len(s) for s in shares] == [2, 2] and shares[0] == group[0::2] and shares[1][1]["blank"]
+
+
+def early_ending_model():
+    torch.manual_seed(0)
+    # half the vocabulary ends a row: most rows end within a few tokens, at different tokens
+    return minift.Llama(ModelConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1,
+                                    eos_token_id=[2, 7, 8, 9, 10, 11, 12, 13]))
+
+
+def test_generation_stops_when_the_stop_rule_says():
+    """``stop`` sees "every row has ended" after each token; a rule that waits for another rank
+    (here: never ends) decodes on with pad tokens and leaves the rows' tokens as they were."""
+    model = early_ending_model()
+    prompt = torch.tensor([[3, 4, 5], [6, 3, 4]])
+    seen = []
+    alone = minift.generate(model, prompt, 12, temperature=1.0, pad_token_id=0,
+                            generator=torch.Generator().manual_seed(0),
+                            stop=lambda ended: seen.append(bool(ended)) or bool(ended))
+    assert alone.shape[1] - 3 == len(seen) < 12 and seen[-1] and not any(seen[:-1])  # it stopped early
+    plain = minift.generate(model, prompt, 12, temperature=1.0, pad_token_id=0,
+                            generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain, alone)  # the default rule: this batch's own flag
+    waiting = minift.generate(model, prompt, 12, temperature=1.0, pad_token_id=0,
+                              generator=torch.Generator().manual_seed(0), stop=lambda ended: False)
+    assert waiting.shape[1] == 3 + 12
+    assert torch.equal(waiting[:, :alone.shape[1]], alone) and (waiting[:, alone.shape[1]:] == 0).all()
+
+
+def test_ranks_ended_asks_every_rank():
+    """The stop rule of a sharded step, with a fake Shard whose sum adds another rank's flag."""
+    class TwoRanks:
+        def __init__(self, other_running):
+            self.other = other_running
+
+        def sum(self, value):
+            return value + self.other
+
+    assert ranks_ended(TwoRanks(0.0))(torch.tensor(True)) is True
+    assert ranks_ended(TwoRanks(1.0))(torch.tensor(True)) is False  # the other rank still decodes
+    assert ranks_ended(TwoRanks(0.0))(torch.tensor(False)) is False
+
+
+def _policy():
+    model = minift.lora_wrap(early_ending_model(), r=4, alpha=8, exclude=())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    return model
+
+
+def _objective(model, calls):
+    def reward(prompts, completions, rows):
+        calls.append(len(completions))
+        return [sum(t in (3, 4, 5, 6) for t in c) / len(c) for c in completions]
+    return GRPOObjective(AdapterReference(model), reward, group_size=4, max_new_tokens=6, loss_chunk_size=5)
+
+
+def test_a_blank_batch_adds_nothing_and_the_sharded_step_is_the_plain_one():
+    """The torchrun code path on one process (a 1-rank Shard) with a blank batch added equals the
+    plain step: loss, metrics, gradients; the blank batch's completions are never scored."""
+    rows = prompt_rows([{"input_ids": [3 + i, 4, 6][:1 + i % 3]} for i in range(5)], None, "rows")
+    group = prompt_batches(rows, 3, pad_id=0, seed=2)
+    results = []
+    for shard, batches in ((None, group), (Shard(0, 1, "cpu"), group + [blank_prompts(group[0], 7)])):
+        model, calls = _policy(), []
+        loss, trained, extra = _objective(model, calls).step(model, batches, "cpu", shard=shard)
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        results.append((float(loss), trained, {k: float(v) for k, v in extra.items()}, grads, calls))
+    (l1, t1, e1, g1, c1), (l2, t2, e2, g2, c2) = results
+    assert c1 == c2 == [12, 8]  # the blank batch's 4 completions were not scored
+    assert (l2, t2, e2["completions"]) == (l1, t1, 20) and e1["reward_std"] > 0 and e1["kl"] > 0
+    assert e2 == pytest.approx(e1, rel=1e-12, abs=0)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_metrics_are_the_means_over_completions():
+    """reward mean / std (Bessel), KL, clip fraction and length from the step's sums equal the
+    statistics of the completions' own numbers."""
+    model, rows = _policy(), prompt_rows([{"input_ids": [3 + i, 4]} for i in range(3)], None, "rows")
+    batch = prompt_batches(rows, 3, pad_id=0, shuffle=False)[0]
+    objective = _objective(model, [])
+    _, kl, clipped, rewards, lengths = objective.batch_terms(model, batch, torch.device("cpu"))
+    model.zero_grad()
+    _, trained, extra = objective.step(model, [batch], "cpu")
+    assert trained == int(lengths.sum())
+    want = {"reward_mean": rewards.double().mean(), "reward_std": rewards.double().std(), "kl": kl.double().mean(),
+            "clip_fraction": clipped.double().mean(), "completion_length": lengths.double().mean()}
+    for key, value in want.items():
+        assert float(extra[key]) == pytest.approx(float(value), rel=1e-6, abs=1e-12), key
+
+
+def test_sharded_evaluation_on_one_process_is_the_plain_one():
+    model, rows = _policy(), prompt_rows([{"input_ids": [3 + i, 4]} for i in range(5)], None, "rows")
+    config = minift.TrainConfig(micro_batch_size=2, bf16=False, device="cpu")
+    objective = _objective(model, [])
+    plain = objective.evaluate(model, rows, config, "cpu")
+    assert objective.evaluate(model, rows, config, "cpu", shard=Shard(0, 1, "cpu")) == plain
+    assert 0 <= plain["eval_reward"] == -plain["eval_loss"] <= 1 and 1 <= plain["eval_completion_length"] <= 6
