@@ -212,7 +212,7 @@ def test_grpo_two_processes_match_one(runs, grpo_single, name):
             assert grpo_close(got[key], want[key]), (got["step"], key, got[key], want[key])
     s2, s1 = two["summary"], one["summary"]
     assert (s2["world_size"], s2["parallel"]) == (WORLD, parallel or "fsdp")  # None: FSDP by default
-    for got, want in zip(s2["eval"], s1["eval"], strict=True):  # the sharded evaluation, a blank batch on rank 1
+    for got, want in zip(s2["eval"], s1["eval"], strict=True):  # sharded: a blank batch on rank 1
         assert got["step"] == want["step"]
         for key in GRPO_EVAL:
             assert grpo_close(got[key], want[key]), (key, got, want)
@@ -257,8 +257,9 @@ def test_grpo_resume_on_two_processes_is_exact(runs):
     assert [{k: v for k, v in line.items() if k not in timing} for line in again["lines"]] == \
         [{k: v for k, v in line.items() if k not in timing} for line in first["lines"]]
     assert again["summary"]["eval"][-1] == first["summary"]["eval"][-1]
-    straight, resumed = grpo_weights(out, GRPO_RESUMED, WORLD), grpo_weights(out, GRPO_RESUMED, WORLD, "-resumed")
-    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+    straight = grpo_weights(out, GRPO_RESUMED, WORLD)
+    resumed = grpo_weights(out, GRPO_RESUMED, WORLD, "-resumed")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], v) for k, v in straight.items())
 
 
 # ---- one-process pieces: no process group needed -------------------------------------------

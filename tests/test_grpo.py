@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import minift
+from minift.distributed.parallel import Shard
 from minift.models.config import ModelConfig
 from minift.names import IGNORE_INDEX
-from minift.distributed.parallel import Shard
 from minift.objectives.grpo import (
     GRPOObjective,
     blank_prompts,
@@ -176,7 +176,8 @@ def test_split_prompts_deals_out_whole_batches_or_prompts():
     assert [len(p) for p in parts] == [3, 3]  # as many micro-batches (forwards) on every rank
     for batch, rank0, rank1 in zip(group, *parts):
         assert rank0["row_index"] == batch["row_index"][0::2]
-        assert rank0["sample_seed"] == rank_seed(batch["sample_seed"], 0) != rank_seed(batch["sample_seed"], 1)
+        seed = batch["sample_seed"]
+        assert rank0["sample_seed"] == rank_seed(seed, 0) != rank_seed(seed, 1) == rank1["sample_seed"]
         for part in (rank0, rank1):  # a rank's share is the batch of its prompts, padding trimmed
             if not part.get("blank"):
                 alone = prompt_batches([rows[i] for i in part["row_index"]], 3, shuffle=False)[0]
@@ -276,8 +277,9 @@ def test_metrics_are_the_means_over_completions():
     model.zero_grad()
     _, trained, extra = objective.step(model, [batch], "cpu")
     assert trained == int(lengths.sum())
-    want = {"reward_mean": rewards.double().mean(), "reward_std": rewards.double().std(), "kl": kl.double().mean(),
-            "clip_fraction": clipped.double().mean(), "completion_length": lengths.double().mean()}
+    want = {"reward_mean": rewards.double().mean(), "reward_std": rewards.double().std(),
+            "kl": kl.double().mean(), "clip_fraction": clipped.double().mean(),
+            "completion_length": lengths.double().mean()}
     for key, value in want.items():
         assert float(extra[key]) == pytest.approx(float(value), rel=1e-6, abs=1e-12), key
 

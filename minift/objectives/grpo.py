@@ -51,7 +51,8 @@ from minift.objectives.reference import AdapterReference, ModelReference, eval_m
 from minift.tracing import host_read, known
 
 __all__ = ["GRPOObjective", "blank_prompts", "completions", "eval_share", "group_advantages", "grpo_loss",
-           "prompt_batches", "prompt_rows", "rank_seed", "select_prompts", "split_prompts", "token_logps"]
+           "prompt_batches", "prompt_rows", "rank_seed", "ranks_ended", "select_prompts", "split_prompts",
+           "token_logps"]
 
 METRICS = ("reward_mean", "reward_std", "kl", "clip_fraction", "completion_length")
 # what a step adds up over its completions (and, under torchrun, over ranks) to give METRICS
@@ -229,7 +230,8 @@ def split_prompts(group: list, rank: int, world: int) -> list:
     out = []
     for batch in group:
         n, seed = len(batch["rows"]), rank_seed(batch["sample_seed"], rank)
-        out.append(select_prompts(batch, range(rank, n, world), seed) if rank < n else blank_prompts(batch, seed))
+        out.append(select_prompts(batch, range(rank, n, world), seed) if rank < n
+                   else blank_prompts(batch, seed))
     return out
 
 
@@ -310,9 +312,10 @@ class GRPOObjective:
         pmask = batch["attention_mask"].repeat_interleave(g, 0).to(device)
         gen = torch.Generator(device=device).manual_seed(int(batch["sample_seed"]))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = generate(unwrap(model), prompt, self.max_new_tokens, temperature=0.0 if greedy else self.temperature,
-                           top_p=self.top_p, eos_token_id=self.eos, pad_token_id=self.pad_id,
-                           attention_mask=pmask, generator=gen, stop=stop)
+            out = generate(unwrap(model), prompt, self.max_new_tokens,
+                           temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
+                           eos_token_id=self.eos, pad_token_id=self.pad_id, attention_mask=pmask,
+                           generator=gen, stop=stop)
         width = prompt.shape[1]
         completion = out[:, width:]  # (N, n)
         eos = _eos_tensor(model, self.eos, device)
@@ -356,8 +359,9 @@ class GRPOObjective:
                 with eval_mode(model), disable_adapters(model):
                     return token_logps(model, *args)
             model = self.reference.model
-            if not self.reference.placed and any(p.device != r["input_ids"].device for p in model.parameters()):
-                model.to(r["input_ids"].device)
+            device = r["input_ids"].device
+            if not self.reference.placed and any(p.device != device for p in model.parameters()):
+                model.to(device)
             out = token_logps(model, *args)
             reshard(model)  # a sharded copy's root stays gathered after its forward (for its lm_head)
             return out
