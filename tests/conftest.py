@@ -1,6 +1,8 @@
-"""Shared test set-up: seeds, the `gpu` marker, and Triton's interpreter on CPU-only machines."""
+"""Shared test set-up: seeds, the `gpu` marker, Triton's interpreter on CPU-only machines, and a tiny
+saved model for the command-line bench tests."""
 import os
 import random
+import shutil
 
 # Triton decides at decoration time (@triton.jit) whether a kernel is compiled or interpreted, so
 # the switch must be set before anything imports minift.kernels. Without CUDA, kernels run in
@@ -71,3 +73,22 @@ def one_thread():
 def kernel_device():
     """Where kernel tests put their tensors: CUDA when present, else CPU under the interpreter."""
     return torch.device("cuda" if _HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face directory, with the example tokenizer (vocabulary
+    512): what ``bench infer`` and ``bench quality`` load. Read-only for its users."""
+    from minift.models.config import ModelConfig
+    from minift.models.llama import Llama
+    from minift.models.loading import save_model
+
+    path = tmp_path_factory.mktemp("tiny") / "base"
+    torch.manual_seed(0)
+    save_model(Llama(ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 torch_dtype="float32", bos_token_id=1, eos_token_id=2, pad_token_id=0)), path)
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "base")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(examples, name), path / name)
+    return path

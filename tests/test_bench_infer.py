@@ -7,19 +7,15 @@ import torch
 from minift.__main__ import main
 from minift.lora.adapter import save_adapter
 from minift.lora.layer import lora_layers, lora_wrap
-from minift.models.config import ModelConfig
-from minift.models.llama import Llama
-from minift.models.loading import save_model
+from minift.models.loading import load_model
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_model_dir, tmp_path_factory):
+    """A work directory with a LoRA adapter of the shared tiny model as ``adapter``."""
     root = tmp_path_factory.mktemp("infer")
     torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                              torch_dtype="float32", bos_token_id=1, eos_token_id=2))
-    save_model(model, root / "base")
+    model = load_model(tiny_model_dir, dtype=torch.float32)
     lora_wrap(model, r=2, alpha=4)
     for _, layer in lora_layers(model):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
@@ -27,9 +23,9 @@ def tiny(tmp_path_factory):
     return root
 
 
-def _run(tiny, *extra):
+def _run(base, tiny, *extra):
     out = tiny / "out.json"
-    assert main(["bench", "infer", str(tiny / "base"), "--batch", "1,2", "--new-tokens", "4", "--rounds", "2",
+    assert main(["bench", "infer", str(base), "--batch", "1,2", "--new-tokens", "4", "--rounds", "2",
                  "--prompt-tokens", "3", "--no-peer", "--price-per-hour", "2.0", "--out", str(out), *extra]) == 0
     return json.loads(out.read_text())
 
@@ -55,8 +51,8 @@ def _check(record, sides):
         assert result["minift"]["p50_ratio_vs_minift"] == 1.0
 
 
-def test_nf4_run_times_the_float32_and_cached_sides(tiny):
-    record = _run(tiny, "--quant", "nf4")
+def test_nf4_run_times_the_float32_and_cached_sides(tiny_model_dir, tiny):
+    record = _run(tiny_model_dir, tiny, "--quant", "nf4")
     _check(record, {"minift", "minift float32", "minift nf4 cache"})
     cache = record["sides"]["minift nf4 cache"]["cache"]
     assert cache["layers"] == 14 and cache["bytes"] == 4 * 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)
@@ -64,8 +60,8 @@ def test_nf4_run_times_the_float32_and_cached_sides(tiny):
     assert all(r["minift nf4 cache"]["same_tokens_as_minift"] for r in record["results"].values())
 
 
-def test_adapter_run_times_the_merged_side(tiny):
-    record = _run(tiny, "--adapter", str(tiny / "adapter"))
+def test_adapter_run_times_the_merged_side(tiny_model_dir, tiny):
+    record = _run(tiny_model_dir, tiny, "--adapter", str(tiny / "adapter"))
     _check(record, {"minift", "minift merged"})
     assert record["settings"]["adapter"].endswith("adapter")
     assert "steps" not in record["settings"]  # the parent bench command's options stay out
@@ -74,15 +70,14 @@ def test_adapter_run_times_the_merged_side(tiny):
     assert f"--adapter {tiny / 'adapter'}" in record["command"]
 
 
-def test_peer_decodes_every_token_past_an_end_of_text_argmax(tiny):
+def test_peer_decodes_every_token_past_an_end_of_text_argmax(tiny_model_dir):
     """transformers' side decodes the same tokens as minift's even where the end-of-text token is
     the argmax: it neither stops there nor forbids it."""
     transformers = pytest.importorskip("transformers")
     from minift.bench.infer import _peer_generate
     from minift.models.generation import generate
-    from minift.models.loading import load_model
     ids = torch.tensor([[5, 17, 3, 99]])
-    mine = generate(load_model(tiny / "base", dtype=torch.float32), ids, max_new_tokens=6, eos_token_id=[])
-    peer = transformers.LlamaForCausalLM.from_pretrained(tiny / "base", dtype=torch.float32).eval()
+    mine = generate(load_model(tiny_model_dir, dtype=torch.float32), ids, max_new_tokens=6, eos_token_id=[])
+    peer = transformers.LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     peer.generation_config.eos_token_id = int(mine[0, ids.shape[1] + 1])  # greedy picks it at step 2
     assert torch.equal(_peer_generate(peer, 6)(ids), mine)

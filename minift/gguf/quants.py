@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import numpy as np
 
-TYPES: dict[str, int] = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14,
-                         "BF16": 30}
-BLOCKS: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210),
-}
+from minift.gguf.format import GGML_TYPE_IDS, GGML_TYPES
+
+# the types this module converts; ids, block elements and block bytes come from the container's table
+_HANDLED = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
+TYPES: dict[str, int] = {name: GGML_TYPE_IDS[name] for name in sorted(_HANDLED, key=GGML_TYPE_IDS.get)}
+BLOCKS: dict[str, tuple[int, int]] = {name: GGML_TYPES[GGML_TYPE_IDS[name]][1:] for name in _HANDLED}
 _NAMES = {v: k for k, v in TYPES.items()}
 _CHUNK = 1 << 20  # elements per chunk of work: large enough for numpy, small for memory
 

@@ -241,16 +241,7 @@ def chunked_row_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Te
         (logps, counts): (N,) fp32 sums of log p(label) with gradient, and (N,) token counts —
         what ``minift.objectives.dpo.sequence_logps`` gives from full logits.
     """
-    chunk_size = check_int("loss_chunk_size", chunk_size)
-    if hidden.dim() != 3 or tuple(labels.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"hidden must be (N, T, H) and labels (N, T); got {tuple(hidden.shape)} "
-                         f"and {tuple(labels.shape)}")
-    n, t = labels.shape
-    starts = scored_chunks(labels, chunk_size) if scored is None else tuple(scored)
-    targets = shift_labels(labels)
-    params = [p for p in lm_head.parameters() if p.requires_grad and torch.is_grad_enabled()]
-    logps = _ChunkedRowLogps.apply(hidden.reshape(n * t, -1), targets.reshape(-1), t, n, chunk_size,
-                                   starts, lm_head, *params)
+    logps, targets = _chunked_logps(hidden, lm_head, labels, chunk_size, scored, per_token=False)
     return logps, (targets != IGNORE_INDEX).sum(-1)
 
 
@@ -265,16 +256,29 @@ def chunked_token_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.
 
     Args and ``scored``: as ``chunked_row_logps``. Returns (N, T) fp32.
     """
+    logps, targets = _chunked_logps(hidden, lm_head, labels, chunk_size, scored, per_token=True)
+    return logps.view(targets.shape)
+
+
+def _chunked_logps(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, chunk_size: int,
+                   scored: Optional[tuple], per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checks and chunk set-up shared by ``chunked_row_logps`` and ``chunked_token_logps``.
+
+    Returns the flat fp32 log-prob sums (one per row of ``labels``, or one per token when
+    ``per_token``) and the (N, T) shifted labels they score.
+    """
     chunk_size = check_int("loss_chunk_size", chunk_size)
     if hidden.dim() != 3 or tuple(labels.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"hidden must be (N, T, H) and labels (N, T); got {tuple(hidden.shape)} "
                          f"and {tuple(labels.shape)}")
     n, t = labels.shape
     starts = scored_chunks(labels, chunk_size) if scored is None else tuple(scored)
+    targets = shift_labels(labels)
     params = [p for p in lm_head.parameters() if p.requires_grad and torch.is_grad_enabled()]
-    logps = _ChunkedRowLogps.apply(hidden.reshape(n * t, -1), shift_labels(labels).reshape(-1), 1, n * t,
-                                   chunk_size, starts, lm_head, *params)
-    return logps.view(n, t)
+    row_len, rows = (1, n * t) if per_token else (t, n)
+    logps = _ChunkedRowLogps.apply(hidden.reshape(n * t, -1), targets.reshape(-1), row_len, rows, chunk_size,
+                                   starts, lm_head, *params)
+    return logps, targets
 
 
 def model_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
