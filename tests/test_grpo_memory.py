@@ -75,3 +75,48 @@ def test_bad_shapes_are_one_line_errors():
         trace_grpo_step(CFG, TrainConfig(objective="grpo"), prompt_len=100, new_tokens=100, device="cpu")
     with pytest.raises(ValueError, match="CPU path only"):
         trace_grpo_step(CFG, TrainConfig(objective="grpo"), device="cuda", fake=False)
+
+
+def test_skipping_the_middle_decode_steps_changes_no_byte():
+    """A fake rollout runs the prefill, the first decode step and the last two; the whole loop runs
+    them all. Shapes where the decode steps hold the peak (a short prompt, a long completion) and
+    where the prefill's logits do."""
+    for method in ("lora", "qlora"):
+        for prompt_len, new_tokens in ((2, 5), (2, 40), (8, 16)):
+            config = TrainConfig(objective="grpo", method=method, grpo_group_size=4, bf16=False)
+            shape = dict(SHAPE, prompt_len=prompt_len, new_tokens=new_tokens)
+            fast = trace_grpo_step(CFG, config, skip_middle=True, **shape).stages["rollout"]
+            whole = trace_grpo_step(CFG, config, skip_middle=False, **shape).stages["rollout"]
+            assert (fast.peak, fast.moment) == (whole.peak, whole.moment), (method, prompt_len, new_tokens)
+            for key in CATEGORIES:
+                assert getattr(fast, key) == getattr(whole, key), (method, prompt_len, new_tokens, key)
+    # the cache grows with the completion: a longer one is a larger rollout
+    assert trace_grpo_step(CFG, config, **dict(SHAPE, prompt_len=2, new_tokens=80)).stages["rollout"].peak > \
+        trace_grpo_step(CFG, config, **dict(SHAPE, prompt_len=2, new_tokens=40)).stages["rollout"].peak
+
+
+@pytest.mark.parametrize("features", [dict(gradient_checkpointing=True),
+                                      dict(optimizer="paged_adamw8bit", paged_device_budget=0),
+                                      dict(optimizer_in_backward=True, max_grad_norm=None)],
+                         ids=["checkpointing", "paged", "in_backward"])
+def test_memory_features_are_traced_as_they_run(features):
+    config = TrainConfig(objective="grpo", method="lora", grpo_group_size=4, loss_chunk_size=32, bf16=False,
+                         **features)
+    fake = trace_grpo_step(CFG, config, fake=True, **SHAPE)
+    real = trace_grpo_step(CFG, config, fake=False, **SHAPE)
+    for stage in STAGES:
+        assert fake.stages[stage].peak == pytest.approx(real.stages[stage].peak, rel=0.01), stage
+    # the allocator replays a whole steady-state step: it reserves at least the allocated peak
+    assert fake.reserved >= fake.peak and fake.reserved_expandable >= fake.peak
+
+
+def test_a_cuda_rollout_decodes_nf4_through_the_gemv_kernel(monkeypatch):
+    """On the CUDA path a decoding step's NF4 matmul is the fused kernel's launcher (its workspace
+    and output), not a dequantized weight."""
+    from minift.nf4 import inference
+    calls = []
+    real = inference.nf4_gemv
+    monkeypatch.setattr(inference, "nf4_gemv", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    config = TrainConfig(objective="grpo", method="qlora", grpo_group_size=4, bf16=True)
+    trace_grpo_step(CFG, config, **dict(SHAPE, device="cuda", dtype=torch.bfloat16, prompt_len=2, new_tokens=6))
+    assert calls and all(shape[0] * shape[1] <= 16 for shape in calls)

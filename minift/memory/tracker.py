@@ -434,6 +434,16 @@ class MemoryTracker:
         trainable tensor, gradient and optimizer state alive before the step (and the states the
         first step creates, which are alive from the second step on), then the step's own
         allocations and frees in order."""
+        before, made, step = self._event_parts()
+        return before + made + step
+
+    def step_events(self) -> list:
+        """The tracked step's own allocations and frees, in order (``record_events=True``): what
+        `events` lists after the tensors alive before the step and the optimizer states it made,
+        to follow another step's events in one replay."""
+        return self._event_parts()[2]
+
+    def _event_parts(self) -> tuple:
         if self._events is None:
             raise RuntimeError("MemoryTracker.events(): create the tracker with record_events=True")
         before, seen = [], set()
@@ -445,7 +455,7 @@ class MemoryTracker:
                   if st is not None and id(st) in self._serial_of}
         step = [e for e in self._events if e[1] not in states]
         made = [("alloc", e[1], e[2]) for e in self._events if e[0] == "alloc" and e[1] in states]
-        return before + made + step
+        return before, made, step
 
     def report(self) -> MemoryReport:
         """The breakdown of the last tracked step."""

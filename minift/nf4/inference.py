@@ -57,12 +57,14 @@ def linear_no_grad(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None, dty
     if cached is not None and cached.dtype == dtype and cached.device == x.device:
         return nn.functional.linear(x, cached, b)
     rows = x.numel() // max(q.shape[-1], 1)
-    if rows <= SMALL_M and not is_fake(x):
+    if rows <= SMALL_M:
+        # a CUDA trace takes the kernel's launcher too: it allocates its workspace and output, and
+        # launches nothing on fake tensors
         if HAS_TRITON and on_cuda(q.packed) and supported(x, q.shape, q.blocksize):
             y = nf4_gemv(x, q.packed, q.absmax, q.code, q.shape, q.blocksize, nested_absmax=q.nested_absmax,
                          nested_code=q.nested_code, offset=q.offset, nested_blocksize=q.nested_blocksize)
             return y if b is None else y + b
-        if q.packed.device.type == "cpu":
+        if q.packed.device.type == "cpu" and not is_fake(x):  # the scratch buffer outlives a trace
             w = dequantize_nf4(q, dtype, out=_buffer(q.numel, dtype, x.device).view(q.shape))
             return nn.functional.linear(x, w, b)
     return nn.functional.linear(x, dequantize_nf4(q, dtype), b)

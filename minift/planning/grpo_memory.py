@@ -40,9 +40,10 @@ import torch
 
 from minift.checks import check_choice, check_int
 from minift.distributed import parallel as mdist
+from minift.memory.allocator import replay
 from minift.memory.tracker import MemoryTracker
 from minift.models.config import ModelConfig
-from minift.models.generation import _pick, generate
+from minift.models.generation import _pick, generate, next_logits
 from minift.models.llama import KVCache
 from minift.names import IGNORE_INDEX
 from minift.objectives import grpo
@@ -63,6 +64,13 @@ class GRPOTrace:
     kv_cache: int  # bytes of the rollout's KV cache at its longest (closed form, ``kv_cache_bytes``)
     seconds: float
     settings: dict = field(default_factory=dict)
+    reserved: Optional[int] = None  # the caching allocator's peak over a steady-state step (replayed)
+    reserved_expandable: Optional[int] = None  # the same with expandable_segments:True
+
+    @property
+    def peak_stage(self) -> str:
+        """The stage whose allocated peak is the step's (the first of STAGES on a tie)."""
+        return max(STAGES, key=lambda k: (self.stages[k].peak, -STAGES.index(k)))
 
     @property
     def peak(self) -> int:
@@ -70,6 +78,8 @@ class GRPOTrace:
 
     def as_dict(self) -> dict:
         return {"stages": {k: r.as_dict() for k, r in self.stages.items()}, "peak": int(self.peak),
+                "peak_stage": self.peak_stage, "reserved": self.reserved,
+                "reserved_expandable": self.reserved_expandable,
                 "kv_cache": int(self.kv_cache), "trace_seconds": round(self.seconds, 2),
                 "settings": self.settings}
 
@@ -98,9 +108,20 @@ def replayed_rollout(vocab: int, prompts: int, group: int, prompt_len: int, new_
 
 
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, temperature: float,
-           top_p: float, pad_id: int) -> torch.Tensor:
+           top_p: float, pad_id: int, skip_middle: bool = False) -> torch.Tensor:
     """``minift.models.generation``'s decode loop for exactly ``new_tokens`` steps (no row ends):
-    what a trace runs in generate's place, on tensors without values to stop on."""
+    what a trace runs in generate's place, on tensors without values to stop on.
+
+    ``skip_middle`` runs the prefill, the first decode step and the last two: before the third step
+    the KV cache jumps to the length it has before the second-to-last, one layer at a time (each
+    layer's old tensors freed first), and the token columns of the skipped steps are made as the
+    loop makes them. From the second decode step on, each step holds at least what the one before
+    it held (a longer cache, a longer mask, one more token column, larger attention scores; the
+    previous step's logits of one position), so the skipped steps do not hold the peak: the
+    rollout's allocated peak and each category equal the whole loop's, which
+    tests/test_grpo_memory.py checks. An 8B trace of hundreds of new tokens takes seconds instead
+    of minutes.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -109,8 +130,9 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, temper
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
             step_ids, step_pos, out = ids, positions, [ids]
-            for i in range(new_tokens):
-                logits = model(step_ids, attention_mask=mask, position_ids=step_pos, kv_cache=cache)
+            i = 0
+            while i < new_tokens:
+                logits = next_logits(model, step_ids, mask, step_pos, cache)
                 token = _pick(logits[:, -1].float(), temperature, top_p, None)
                 token = torch.where(done, torch.full_like(token, pad_id), token)
                 out.append(token[:, None])
@@ -119,6 +141,20 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, temper
                 step_ids = token[:, None]
                 step_pos = step_pos[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                i += 1
+                if skip_middle and i == 2 and new_tokens > 4:
+                    skip = new_tokens - 4  # steps 2 .. new_tokens - 3 are not run
+                    for layer in range(len(cache.layers)):  # the old tensors go first: the jump
+                        k, v = cache.layers[layer]  # itself is no moment of the real loop
+                        shape, dtype, kv_device = (*k.shape[:2], k.shape[2] + skip, k.shape[3]), k.dtype, k.device
+                        cache.layers[layer] = None
+                        del k, v
+                        cache.layers[layer] = tuple(torch.empty(shape, dtype=dtype, device=kv_device)
+                                                    for _ in range(2))
+                    out += [torch.full_like(token[:, None], pad_id) for _ in range(skip)]
+                    step_pos = step_pos + skip
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, skip)], dim=1)
+                    i += skip
             return torch.cat(out, dim=1)
     finally:
         model.train(was_training)
@@ -128,14 +164,21 @@ def trace_grpo_step(config_or_preset: Union[ModelConfig, str], config: Optional[
                     prompts: int = 1, prompt_len: int = 64, new_tokens: Optional[int] = None,
                     device: str = "cuda", dtype: torch.dtype = torch.bfloat16, r: int = 16,
                     target_modules="all-linear", adapter_dtype: torch.dtype = torch.float32,
-                    fake: bool = True) -> GRPOTrace:
+                    blocksize: int = 64, lm_head_nf4: bool = False, modules_to_save=None,
+                    fake: bool = True, skip_middle: bool = True) -> GRPOTrace:
     """The rollout, scoring and update stages of one GRPO step of ``config`` (objective "grpo";
     its micro_batch_size is replaced by ``prompts``, its grpo_max_new_tokens by ``new_tokens``
     when given) on a model of ``config_or_preset``'s shape, on ``device``'s code path.
 
     Each prompt is ``prompt_len`` tokens and gets ``config.grpo_group_size`` completions of
     ``new_tokens`` tokens: the update trains sequences of prompt_len + new_tokens tokens.
-    ``fake=False`` runs the stages on real tensors (the CPU path only).
+    The model is prepared as `minift.planning.trace.build_model` does (``blocksize``,
+    ``lm_head_nf4``, ``modules_to_save`` as there). ``fake=False`` runs the stages on real
+    tensors (the CPU path only). A fake rollout skips the middle decode steps
+    (``decode(skip_middle=True)``: the same allocated peak, in a fraction of the time) unless
+    ``skip_middle=False``. The ``reserved`` figures replay one steady-state update, then the
+    next step's rollout, scoring and update, through the caching allocator simulation
+    (`minift.memory.allocator.replay`): what the rollout's KV cache leaves cached is reused later.
     """
     cfg = resolve_config(config_or_preset)
     config = config if config is not None else TrainConfig(objective="grpo")
@@ -151,8 +194,7 @@ def trace_grpo_step(config_or_preset: Union[ModelConfig, str], config: Optional[
                          f"max_position_embeddings ({cfg.max_position_embeddings})")
     if not fake and device != "cpu":
         raise ValueError("stages on real tensors run the CPU path only (device='cpu')")
-    for name in ("compile", "gradient_checkpointing", "activation_offload", "optimizer_in_backward",
-                 "fsdp_cpu_offload"):
+    for name in ("compile", "fsdp_cpu_offload"):  # as trace_step refuses them
         if getattr(config, name):
             raise ValueError(f"{name} is not traced for objective='grpo'; trace without it")
     config = dataclasses.replace(config, objective="grpo", micro_batch_size=prompts,
@@ -168,39 +210,49 @@ def trace_grpo_step(config_or_preset: Union[ModelConfig, str], config: Optional[
         _warm_caches()
         seed_everything(config.seed)
         model = build_model(cfg, config.method, dtype, r=r, target_modules=targets_of(target_modules),
-                            adapter_dtype=adapter_dtype)
+                            adapter_dtype=adapter_dtype, blocksize=blocksize, lm_head_nf4=lm_head_nf4,
+                            modules_to_save=modules_to_save)
         objective = grpo.objective_for(model, config, lambda p, c, rows: [0.0] * len(c))
         objective.rollout = lambda *args, **kwargs: rollout  # the sampled tokens, replayed
         optimizer = make_optimizer(model, config)
+        stepper = None
+        if config.optimizer_in_backward:
+            from minift.optim.in_backward import StepInBackward
+            stepper = StepInBackward(optimizer)
         frozen = objective.frozen_models()
         params = [p for p in model.parameters() if p.requires_grad]
         model.train()
+        trackers = {}
+
+        def tracked(stage):
+            trackers[stage] = MemoryTracker(model, optimizer, frozen=frozen, record_events=True)
+            return trackers[stage].track()
+
         gc.collect()  # what a stage frees, it frees where the code says, not when the collector runs
         gc.disable()
         try:
             # the update first: it creates the optimizer states, alive in every later step's stages
-            tracker = MemoryTracker(model, optimizer, frozen=frozen)
-            with step_switches(model, config, None, compile_layers=False), tracker.track():
-                run_step(model, optimizer, objective, [batch], cpu, config,
+            with step_switches(model, config, stepper, compile_layers=False), tracked("update"):
+                run_step(model, optimizer, objective, [batch], cpu, config, stepper,
                          clip=lambda: mdist.clip_grad_norm_on_device(params, config.max_grad_norm or math.inf))
-            stages["update"] = tracker.report()
-            tracker = MemoryTracker(model, optimizer, frozen=frozen)
-            with tracker.track():
+            with tracked("scoring"):
                 objective.reference_logps(rollout, config.bf16)
-            stages["scoring"] = tracker.report()
             prompt = batch["input_ids"].repeat_interleave(group, 0)
             pmask = torch.ones_like(prompt)
-            tracker = MemoryTracker(model, optimizer, frozen=frozen)
-            with tracker.track(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            with tracked("rollout"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                 if fake:
-                    decode(model, prompt, pmask, new_tokens, config.grpo_temperature, 1.0, config.pad_id)
+                    decode(model, prompt, pmask, new_tokens, config.grpo_temperature, 1.0, config.pad_id,
+                           skip_middle=skip_middle)
                 else:
                     generate(model, prompt, new_tokens, temperature=config.grpo_temperature,
                              eos_token_id=[], pad_token_id=config.pad_id, attention_mask=pmask,
                              generator=torch.Generator().manual_seed(0))
-            stages["rollout"] = tracker.report()
         finally:
             gc.enable()
+        stages = {k: t.report() for k, t in trackers.items()}
+        # one steady-state update (weights, states, its step), then a whole step's stages in order
+        sequence = trackers["update"].events() + [
+            (e[0], (stage, e[1]), *e[2:]) for stage in STAGES for e in trackers[stage].step_events()]
     for report in stages.values():
         report.device = device
     name = config_or_preset if isinstance(config_or_preset, str) else cfg.model_type
@@ -212,4 +264,7 @@ def trace_grpo_step(config_or_preset: Union[ModelConfig, str], config: Optional[
     kv_dtype = torch.bfloat16 if config.bf16 else dtype  # autocast's projections are bf16
     return GRPOTrace(stages={k: stages[k] for k in STAGES},
                      kv_cache=kv_cache_bytes(cfg, prompts * group, prompt_len + new_tokens, kv_dtype),
-                     seconds=time.perf_counter() - started, settings=settings)
+                     seconds=time.perf_counter() - started, settings=settings,
+                     reserved=replay(sequence)["max_reserved"],
+                     reserved_expandable=replay(sequence, expandable_segments=True)["max_reserved"])
+
