@@ -214,3 +214,20 @@ def test_checkpointing_and_batch_size():
     assert small(gradient_checkpointing=True).activations < base.activations / 2
     assert small(batch_size=4).activations > 1.8 * base.activations
     assert small(batch_size=4).total > base.total
+
+
+def test_a_grpo_estimate_is_the_largest_stage_of_the_grpo_trace():
+    from minift.planning.grpo_memory import trace_grpo_step
+    cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    est = estimate_memory(cfg, "lora", batch_size=2, seq_len=8, r=4, objective="grpo", grpo_group_size=4,
+                          grpo_max_new_tokens=16, gradient_checkpointing=True, device="cpu")
+    trace = trace_grpo_step(cfg, TrainConfig(method="lora", objective="grpo", grpo_group_size=4,
+                                             grpo_max_new_tokens=16, gradient_checkpointing=True),
+                            prompts=2, prompt_len=8, r=4, device="cpu")
+    assert est.total == trace.peak and est.settings["peak_stage"] == trace.peak_stage
+    assert set(est.settings["stages"]) == {"rollout", "scoring", "update"}
+    assert est.moment.startswith(trace.peak_stage + ": ")
+    assert "objective='grpo'" in est.settings["train_config"] and est.reserved >= est.total
+    with pytest.raises(ValueError, match="world_size=1"):
+        estimate_memory(cfg, "lora", objective="grpo", world_size=2)

@@ -168,6 +168,9 @@ def test_plan_function_recommends_the_best_method_that_fits():
     (["--gpu-memory", "1GB", "--loss-chunk-size", "-1"], "--loss-chunk-size"),
     (["--gpu-memory", "1GB", "--seq-len", "64", "--reserve", "2GB"], "--reserve"),
     (["--gpu-memory", "1GB", "--paged-device-budget", "some"], "--paged-device-budget"),
+    (["--gpu-memory", "1GB", "--grpo-group-size", "8"], "apply to --objective grpo"),
+    (["--gpu-memory", "1GB", "--objective", "grpo", "--gpus", "2"], "plan one GPU"),
+    (["--gpu-memory", "1GB", "--objective", "grpo", "--grpo-group-size", "1"], "grpo_group_size"),
 ])
 def test_bad_flags_are_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
@@ -190,3 +193,15 @@ def test_fsdp_plan_is_per_gpu(capsys):
     two = _json(capsys, "--model", "tiny", "--gpu-memory", "2GiB", "--seq-len", "64", "--gpus", "2")
     assert two["methods"]["full"]["asked"]["trainable_params"] < one["methods"]["full"]["asked"]["trainable_params"]
     assert two["methods"]["full"]["command"].startswith("torchrun --nproc_per_node 2 ")
+
+
+def test_a_grpo_plan_traces_the_largest_stage(capsys):
+    out = _json(capsys, "--model", "tiny", "--gpu-memory", "2GiB", "--seq-len", "32", "--reserve", "0GB",
+                "--objective", "grpo", "--grpo-group-size", "4", "--grpo-max-new-tokens", "16")
+    for method in ("lora", "qlora"):
+        entry = out["methods"][method]
+        est = estimate_memory("tiny", method, 1, 32, attention_mask=False, objective="grpo",
+                              grpo_group_size=4, grpo_max_new_tokens=16)
+        assert entry["asked"]["total"] == est.total
+        assert entry["asked"]["moment"].split(":")[0] in ("rollout", "scoring", "update")
+        assert "objective='grpo'" in entry["train_config"] and entry["command"].startswith("minift.train(")

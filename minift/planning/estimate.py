@@ -14,6 +14,7 @@ import torch
 from minift.checks import check_flag
 from minift.memory.report import CATEGORIES, MemoryEstimate, breakdown_table  # noqa: F401
 from minift.models.config import ModelConfig
+from minift.planning.grpo_memory import GRPOTrace, trace_grpo_step
 from minift.planning.trace import Trace, trace_step
 from minift.training.config import TrainConfig
 
@@ -42,8 +43,11 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
     Args:
         config_or_preset: a `ModelConfig` or a preset name from `minift.models.config.PRESETS`.
         method: "full", "lora" or "qlora".
-        batch_size: sequences per micro-batch (pairs for objective="dpo").
-        seq_len: tokens per sequence.
+        batch_size: sequences per micro-batch (pairs for objective="dpo", prompts for
+            objective="grpo", each sampled ``grpo_group_size`` times).
+        seq_len: tokens per sequence (the prompt's for objective="grpo", which adds
+            ``grpo_max_new_tokens`` sampled tokens: `minift.planning.grpo_memory`'s stages, the
+            estimate the largest of rollout, scoring and update).
         r, target_modules, adapter_dtype: the LoRA adapters (lora, qlora), as `minift.lora_wrap`.
         modules_to_save: modules trained whole beside the adapters (lora, qlora), e.g.
             ``["embed_tokens", "norm"]``, as `minift.lora_wrap`: their weights, gradients and
@@ -89,6 +93,15 @@ def estimate_memory(config_or_preset: Union[ModelConfig, str], method: str = "lo
     config = TrainConfig(method=method, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
                          parallel=parallel if world_size != 1 else None,
                          fsdp_cpu_offload=check_flag("cpu_offload", cpu_offload), **train_fields)
+    if config.objective == "grpo":
+        if world_size != 1:
+            raise ValueError("objective='grpo': the trace runs one process; estimate with world_size=1 "
+                             "(each rank of a torchrun job samples and trains its own share of the prompts)")
+        grpo = trace_grpo_step(config_or_preset, config, prompts=batch_size, prompt_len=seq_len,
+                               device=device, dtype=dtype, r=r, target_modules=target_modules,
+                               adapter_dtype=adapter_dtype, blocksize=blocksize, lm_head_nf4=lm_head_nf4,
+                               modules_to_save=modules_to_save)
+        return from_grpo_trace(grpo, config)
     trace = trace_step(config_or_preset, config, batch_size=batch_size, seq_len=seq_len,
                        device=device, dtype=dtype, r=r, target_modules=target_modules,
                        adapter_dtype=adapter_dtype, blocksize=blocksize, padded=attention_mask,
@@ -106,6 +119,23 @@ def from_trace(trace: Trace, config: TrainConfig) -> MemoryEstimate:
         gradients=rep.gradients, optimizer_states=rep.optimizer_states, activations=rep.activations,
         other=rep.other, total=rep.peak, settings=settings, host=rep.host, moment=rep.moment,
         host_parts=dict(rep.host_parts),
+        reserved=trace.reserved, reserved_expandable=trace.reserved_expandable)
+
+
+def from_grpo_trace(trace: GRPOTrace, config: TrainConfig) -> MemoryEstimate:
+    """A `MemoryEstimate` of a GRPO step: the categories of its largest stage (``total`` the step's
+    peak); ``settings["stages"]`` holds every stage's peak and moment."""
+    rep = trace.stages[trace.peak_stage]
+    stages = {k: {"peak": int(r.peak), "moment": r.moment} for k, r in trace.stages.items()}
+    settings = dict(trace.settings, objective="grpo", batch_size=trace.settings["prompts"],
+                    seq_len=trace.settings["prompt_len"], train_config=config_text(config),
+                    trace_seconds=round(trace.seconds, 2), stages=stages, peak_stage=trace.peak_stage,
+                    kv_cache=int(trace.kv_cache))
+    return MemoryEstimate(
+        frozen_weights=rep.frozen_weights, trainable_params=rep.trainable_params,
+        gradients=rep.gradients, optimizer_states=rep.optimizer_states, activations=rep.activations,
+        other=rep.other, total=rep.peak, settings=settings, host=rep.host,
+        moment=f"{trace.peak_stage}: {rep.moment}", host_parts=dict(rep.host_parts),
         reserved=trace.reserved, reserved_expandable=trace.reserved_expandable)
 
 

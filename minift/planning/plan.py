@@ -203,6 +203,9 @@ def train_llama_flags(request: Request, method: str, fields: dict, prep: dict) -
         flags.append("--adapter-dtype bfloat16")
     if p.get("lm_head_nf4") and method == "qlora":
         flags.append("--quantize-lm-head")
+    if c.objective == "grpo":  # no example script takes every method and feature for GRPO
+        return ("minift.train(model, prompts, config, reward_fn=..., tokenizer=...) with config the "
+                "TrainConfig above (examples/train_grpo.py shows the whole run)")
     script = "examples/train_dpo.py" if c.objective == "dpo" else "examples/train_llama.py"
     launch = f"torchrun --nproc_per_node {request.world_size} " if request.world_size > 1 else "python "
     if request.world_size > 1:
@@ -323,8 +326,14 @@ def add_plan_arguments(parser) -> None:
              "or 'all' (default 1GiB)")
     add("--grad-accum", type=int, default=DEFAULTS.grad_accum, dest="grad_accum",
         help="TrainConfig.grad_accum")
-    add("--objective", default=DEFAULTS.objective, choices=("sft", "dpo"),
-        help="sft, or dpo (--batch-size counts pairs; the reference as TrainConfig.dpo_reference)")
+    add("--objective", default=DEFAULTS.objective, choices=("sft", "dpo", "grpo"),
+        help="sft; dpo (--batch-size counts pairs; the reference as TrainConfig.dpo_reference); or "
+             "grpo (--batch-size counts prompts of --seq-len tokens, each sampled --grpo-group-size "
+             "times for --grpo-max-new-tokens tokens; the peak of rollout, scoring and update)")
+    add("--grpo-group-size", type=int, default=DEFAULTS.grpo_group_size, dest="grpo_group_size",
+        help="TrainConfig.grpo_group_size (completions per prompt, with --objective grpo)")
+    add("--grpo-max-new-tokens", type=int, default=DEFAULTS.grpo_max_new_tokens, dest="grpo_max_new_tokens",
+        help="TrainConfig.grpo_max_new_tokens (tokens per completion, with --objective grpo)")
     add("--s2-attention", action="store_true", dest="s2_attention",
         help="TrainConfig.s2_attention (shifted sparse attention while training)")
     add("--s2-group-size", type=int, default=DEFAULTS.s2_group_size, dest="s2_group_size",
@@ -356,7 +365,13 @@ def request_of(args) -> Request:
                   loss_chunk_size=args.loss_chunk_size or None, activation_offload=args.activation_offload,
                   optimizer_in_backward=args.optimizer_in_backward, mlp_tile_size=args.mlp_tile_size,
                   grad_accum=args.grad_accum, objective=args.objective,
-                  s2_attention=args.s2_attention, s2_group_size=args.s2_group_size)
+                  s2_attention=args.s2_attention, s2_group_size=args.s2_group_size,
+                  grpo_group_size=args.grpo_group_size, grpo_max_new_tokens=args.grpo_max_new_tokens)
+    if args.objective != "grpo" and (args.grpo_group_size, args.grpo_max_new_tokens) != \
+            (DEFAULTS.grpo_group_size, DEFAULTS.grpo_max_new_tokens):
+        raise ValueError("--grpo-group-size / --grpo-max-new-tokens apply to --objective grpo")
+    if args.objective == "grpo" and args.gpus > 1:
+        raise ValueError("--objective grpo: plan one GPU (each rank samples and trains its own prompts)")
     if args.optimizer_in_backward:
         fields["max_grad_norm"] = None
     if args.paged_device_budget is not None:
