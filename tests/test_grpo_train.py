@@ -63,6 +63,17 @@ def test_full_grpo_uses_a_frozen_copy(tmp_path):
     assert log[0]["kl"] == 0.0 and log[1]["kl"] > 0  # step 2's policy has moved from its copy
 
 
+def test_a_step_without_any_reward_signal_is_no_dead_model(tmp_path):
+    """Every completion scores alike: advantages 0, the fresh adapters' policy equals the reference,
+    so the gradient is exactly 0, which is no sign of a dead model in GRPO."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the dead-model watch would warn
+        minift.train(tiny_model(), PROMPTS, config(tmp_path, max_steps=1, grad_accum=1),
+                     reward_fn=lambda p, c, rows: [1.0] * len(c))
+    assert lines(tmp_path)[0]["grad_norm"] == 0.0
+
+
 @pytest.mark.slow
 def test_resume_continues_a_grpo_run_exactly(tmp_path):
     whole = tiny_model()

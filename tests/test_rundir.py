@@ -119,6 +119,13 @@ def test_dead_model_watch():
     assert "stayed at ln(vocab) = 3.4657 for 3 steps" in watch.update(12, uniform, 0.1)
 
 
+def test_dead_model_watch_of_grpo_takes_a_zero_norm():
+    """GRPO: groups that each scored their completions alike give no gradient; the loss is no
+    cross-entropy (no vocab)."""
+    watch = rundir.DeadModelWatch(None, zero_norm_can_be_fine=True)
+    assert [watch.update(s, 0.0, 0.0) for s in range(5)] == [None] * 5
+
+
 def test_a_trim_killed_midway_leaves_no_temporary_file_behind(tmp_path):
     from test_trainer import cfg, make_examples
 

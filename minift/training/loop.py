@@ -316,7 +316,10 @@ class _Run:
             self.state = RunState.from_saved(saved)
         # checkpoints of this run carry its id: pruning leaves any other run's alone
         self.run_id = saved.get("run_id") if self.resumed else rundir.new_run_id()
-        self.watch = rundir.DeadModelWatch(rundir.vocab_size_of(model))
+        # GRPO's loss is no cross-entropy (ln(vocab) means nothing) and a zero gradient is normal
+        online_rl = config.objective == "grpo"
+        self.watch = rundir.DeadModelWatch(None if online_rl else rundir.vocab_size_of(model),
+                                           zero_norm_can_be_fine=online_rl)
         self.saved_at = self.state.step if self.resumed else None
         self.last_path, self.memory = self.resumed, None
         self.total = total_steps(train_data, config)

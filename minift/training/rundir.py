@@ -230,17 +230,23 @@ class DeadModelWatch:
     """Warns once when training has stopped doing anything: a gradient norm of exactly 0 (every
     gradient vanished, e.g. after a huge step saturated the activations), or the loss pinned at
     ln(vocab) — uniform predictions — for `patience` steps in a row. A random-init model starts
-    near ln(vocab) too, but its loss moves by far more than `tolerance` from step to step."""
+    near ln(vocab) too, but its loss moves by far more than `tolerance` from step to step.
 
-    def __init__(self, vocab_size: Optional[int], patience: int = 3, tolerance: float = 1e-4):
+    ``zero_norm_can_be_fine``: a zero gradient norm is no sign of a dead model (GRPO: a step whose
+    groups each scored all their completions the same, with the policy still equal to its
+    reference, has no gradient at all), so only the loss is watched."""
+
+    def __init__(self, vocab_size: Optional[int], patience: int = 3, tolerance: float = 1e-4,
+                 zero_norm_can_be_fine: bool = False):
         self.uniform = math.log(vocab_size) if vocab_size else None
         self.patience, self.tolerance = patience, tolerance
+        self.watch_norm = not zero_norm_can_be_fine
         self.pinned, self.warned = 0, set()
 
     def update(self, step: int, loss: float, grad_norm: float) -> Optional[str]:
         """The warning to show after `step` (each kind once); None otherwise."""
         found = []
-        if grad_norm == 0.0 and "norm" not in self.warned:
+        if self.watch_norm and grad_norm == 0.0 and "norm" not in self.warned:
             self.warned.add("norm")
             found.append(f"step {step}: gradient norm is exactly 0, so no weight changes any more; "
                          f"the model has likely died (a too-high learning rate saturates it); lower "
