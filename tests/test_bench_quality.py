@@ -82,6 +82,22 @@ def test_record_fields_ratios_and_png(tiny, tiny_model_dir, capsys):
     assert table.count("\n| ") >= 3 and "qlora" in table
 
 
+def test_a_sweep_adds_seed_zero_runs_at_other_rates_and_ranks(tiny, tiny_model_dir, capsys):
+    out = tiny / "sweep.json"
+    assert _bench(tiny_model_dir, tiny / "t_train.jsonl", out, "--methods", "full,lora", "--sweep-lr-lora",
+                  "1e-3", "--sweep-r", "2", "--sweep-lr-full", "1e-4") == 0
+    record = json.loads(out.read_text())
+    assert [(s["method"], s["learning_rate"], s["r"]) for s in record["sweep"]] == [
+        ("lora", 1e-3, 16), ("lora", 2e-4, 2), ("full", 1e-4, None)]
+    for s in record["sweep"]:
+        assert 0 <= s["task_score"] <= 1 and s["eval_loss"] > 0 and s["peak_memory_bytes"] > 0
+    # rank 2 trains fewer numbers than rank 16: a smaller tracked peak
+    lora16 = next(r for r in record["runs"] if r["method"] == "lora" and r["seed"] == 0)
+    assert record["sweep"][1]["peak_memory_bytes"] < lora16["memory"]["peak"]
+    table = capsys.readouterr().out
+    assert "Sweep (seed 0" in table and "| lora | 0.001 | 16 |" in table and "| full | 0.0001 | — |" in table
+
+
 def test_bad_input_is_one_line(tiny, tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as err:
         main(["bench", "quality", "--model", str(tiny_model_dir), "--methods", "full,dora"])
@@ -93,6 +109,9 @@ def test_bad_input_is_one_line(tiny, tiny_model_dir, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "quality", "--model", str(tiny_model_dir), "--task", "no_such_task"])
     assert "no_such_task_train.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "quality", "--model", str(tiny_model_dir), "--sweep-r", "8,x"])
+    assert "--sweep-r" in capsys.readouterr().err
 
 
 def test_field_accuracy():

@@ -17,6 +17,7 @@ the weights were rounded, before any training).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -78,11 +79,30 @@ def add_quality_arguments(parser) -> None:
                         help="multiple-choice JSONL of the forgetting check")
     parser.add_argument("--mc-rows", type=int, default=None, dest="mc_rows",
                         help="score the first N multiple-choice questions (default all)")
+    parser.add_argument("--sweep-lr-lora", type=_numbers(float), default=[], dest="sweep_lr_lora",
+                        help="extra seed-0 LoRA runs at these learning rates (comma-separated)")
+    parser.add_argument("--sweep-r", type=_numbers(int), default=[], dest="sweep_r",
+                        help="extra seed-0 LoRA runs at these ranks (alpha = 2 r), at --lr-lora")
+    parser.add_argument("--sweep-lr-full", type=_numbers(float), default=[], dest="sweep_lr_full",
+                        help="extra seed-0 full fine-tuning runs at these learning rates")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--work-dir", default="runs/bench_quality", dest="work_dir",
                         help="training runs (replaced on every bench)")
     parser.add_argument("--out", default="runs/bench_quality/quality.json", help="JSON result file")
     parser.add_argument("--png", default=None, help="bar chart (default: the --out path with .png)")
+
+
+def _numbers(kind):
+    """argparse type: a comma-separated list of positive finite numbers of ``kind``."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: every value must be a finite number > 0")
+        return values
+    return parse
 
 
 def task_files(task: str) -> tuple[str, str]:
@@ -165,15 +185,18 @@ def _load(args, method):
     return load_model(args.model, dtype=torch.float32, quantize="nf4" if method == "qlora" else None)
 
 
-def run_one(args, method, seed, tok, task, general, mc_rows) -> dict:
-    """Fine-tune one method with one seed, then score it."""
+def run_one(args, method, seed, tok, task, general, mc_rows, lr=None, r=None) -> dict:
+    """Fine-tune one method with one seed (at ``lr`` and rank ``r``, default the flags'), then
+    score it."""
+    r = args.r if r is None else r
     run_dir = os.path.join(args.work_dir, f"{method}-seed{seed}")
     shutil.rmtree(run_dir, ignore_errors=True)  # the bench owns its run folders: never resumed
     torch.manual_seed(seed)
     model = _load(args, method)
     if method != "full":
-        lora_wrap(model, r=args.r, alpha=2 * args.r)
-    lr = args.lr_full if method == "full" else args.lr_lora
+        lora_wrap(model, r=r, alpha=2 * r)
+    if lr is None:
+        lr = args.lr_full if method == "full" else args.lr_lora
     config = TrainConfig(method=method, optimizer="adamw", max_steps=args.steps, learning_rate=lr,
                          micro_batch_size=args.batch_size, bf16=False, device="cpu", seed=seed,
                          pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
@@ -185,7 +208,8 @@ def run_one(args, method, seed, tok, task, general, mc_rows) -> dict:
     after = score(model, tok, task, args, general, mc_rows)
     shutil.rmtree(os.path.join(run_dir), ignore_errors=True)  # checkpoints of a 135M model: not kept
     del model
-    return {"method": method, "seed": seed, "learning_rate": lr, "train_seconds": train_s,
+    return {"method": method, "seed": seed, "learning_rate": lr, "r": None if method == "full" else r,
+            "train_seconds": train_s,
             "step_time_s": step_s, "tokens_per_s": tok_s, "final_train_loss": summary["last_loss"],
             "eval_loss": summary["eval_loss"], "trainable_params": summary["trainable_params"],
             "memory": summary["memory"], "after": after}
@@ -253,9 +277,22 @@ def measure(args) -> dict:
             r = runs[-1]
             _progress(f"seed {seed}: {method}: {metric} {r['after']['task'][metric]:.3f}, eval loss "
                       f"{r['eval_loss']:.4f}, {r['step_time_s']:.1f} s/step")
+    sweep = []
+    for method, lr, r in sweep_points(args):
+        _progress(f"sweep: {method} lr {lr:g}" + (f" r {r}" if method != "full" else "") + ", seed 0 ...")
+        run = run_one(args, method, 0, tok, task, general, mc_rows, lr=lr, r=r)
+        sweep.append({k: run[k] for k in ("method", "learning_rate", "r", "eval_loss", "step_time_s")}
+                     | {"task_score": run["after"]["task"][metric], "peak_memory_bytes": (run["memory"] or {}).get("peak")})
     return {"metric": metric, "task": {k: task[k] for k in ("train_path", "eval_path", "train_rows",
                                                                 "eval_rows", "json")},
-            "before": before, "runs": runs, "methods": summarize(runs, before, metric)}
+            "before": before, "runs": runs, "methods": summarize(runs, before, metric), "sweep": sweep}
+
+
+def sweep_points(args) -> list:
+    """(method, lr, r) of the extra seed-0 runs the --sweep-* flags ask for: LoRA at each
+    --sweep-lr-lora (rank --r), LoRA at each --sweep-r (lr --lr-lora), full at each --sweep-lr-full."""
+    return ([("lora", lr, args.r) for lr in args.sweep_lr_lora] + [("lora", args.lr_lora, r) for r in args.sweep_r]
+            + [("full", lr, None) for lr in args.sweep_lr_full])
 
 
 # ---- output ------------------------------------------------------------------------------
@@ -287,6 +324,16 @@ def markdown(record: dict) -> str:
     seeds = max(m["task_score"]["n"] for m in record["methods"].values())
     lines.append(f"\n± is the standard deviation over {seeds} seeds" if seeds > 1 else
                  "\none seed: no spread")
+    if record.get("sweep"):
+        lines += ["", "Sweep (seed 0; the main runs' seed 0 beside it):", "",
+                  f"| method | lr | r | {metric} | held-out loss | peak MiB | s/step |", "|---|---:|---:|---:|---:|---:|---:|"]
+        main = [{**r, "task_score": r["after"]["task"][record["metric"]],
+                 "peak_memory_bytes": (r["memory"] or {}).get("peak")}
+                for r in record["runs"] if r["seed"] == 0 and r["method"] in ("full", "lora")]
+        for r in sorted(main + record["sweep"], key=lambda r: (r["method"], r["r"] or 0, r["learning_rate"])):
+            peak = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
+            lines.append(f"| {r['method']} | {r['learning_rate']:g} | {r['r'] or '—'} | {r['task_score']:.3f} | "
+                         f"{r['eval_loss']:.4f} | {peak} | {r['step_time_s']:.2f} |")
     return "\n".join(lines)
 
 
