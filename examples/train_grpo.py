@@ -51,14 +51,17 @@ def rows_of(path: Path, limit=None) -> list:
 
 
 def score(model, tokenizer, rows, config) -> dict:
-    """Mean reward and exact match of greedy replies to ``rows``."""
-    out = {}
-    for key, fn in (("mean_reward", task_reward), ("exact_match", exact_reward)):
-        objective = GRPOObjective(None, fn, tokenizer, max_new_tokens=config.grpo_max_new_tokens,
-                                  kl_beta=0.0, pad_id=config.pad_id)
-        out[key] = round(objective.evaluate(model, prompt_rows(rows, tokenizer, "rows"), config, "cpu")
-                         ["eval_reward"], 4)
-    return out
+    """Mean reward and exact match of greedy replies to ``rows``, from one pass of generation."""
+    exact = []
+
+    def reward(prompts, completions, rows_):
+        exact.extend(exact_reward(prompts, completions, rows_))
+        return task_reward(prompts, completions, rows_)
+
+    objective = GRPOObjective(None, reward, tokenizer, max_new_tokens=config.grpo_max_new_tokens,
+                              kl_beta=0.0, pad_id=config.pad_id)
+    mean = objective.evaluate(model, prompt_rows(rows, tokenizer, "rows"), config, "cpu")["eval_reward"]
+    return {"mean_reward": round(mean, 4), "exact_match": round(sum(exact) / len(exact), 4)}
 
 
 def parse_args(argv=None):
