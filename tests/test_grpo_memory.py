@@ -28,7 +28,8 @@ def both(method):
 def both_in_a_fresh_process(method):
     """`both` in a new interpreter: the real stages' bytes must not depend on what earlier tests left
     in this process (in one full-suite run the QLoRA rollout measured 23% above the trace, which a
-    run alone never reproduced)."""
+    run alone never reproduced; the likely cause, NF4's CPU decoding scratch buffer kept for the
+    whole process, is now dropped when each generation ends)."""
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_grpo_memory as t; "
             "f, r = t.both(sys.argv[2]); "
             "print(json.dumps([{k: v.as_dict() for k, v in d.items()} for d in (f, r)]))")

@@ -29,6 +29,15 @@ def test_no_grad_forward_has_the_training_forwards_bits(rows, dtype):
     assert scratch_bytes() >= 96 * 128 * 2  # the small-M path reused a buffer (bf16 at least)
 
 
+def test_generation_drops_the_scratch_buffer_when_it_ends():
+    model = quantize_model(_tiny_llama())
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))  # a no-grad forward of 3 rows fills the scratch
+    assert scratch_bytes() > 0
+    generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=3)
+    assert scratch_bytes() == 0
+
+
 def _tiny_llama(seed=0):
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

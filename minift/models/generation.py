@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from minift.models.llama import KVCache
+from minift.nf4.inference import release_scratch
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32,
@@ -56,6 +57,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
                            eos, pad_token_id, generator, stop or bool)
     finally:
         model.train(was_training)
+        release_scratch()  # NF4's CPU decoding buffer: one weight's worth, not kept past the call
 
 
 def _decode(model, ids, mask, max_new_tokens, temperature, top_p, eos, pad_id, generator, stop=bool):

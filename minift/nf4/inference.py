@@ -5,7 +5,8 @@ Under ``torch.no_grad()`` an ``NF4Linear`` needs no autograd context, so its for
 * CUDA, at most 16 rows of x (a decoding step): the fused Triton kernel ``minift.kernels.nf4_gemv``
   reads the packed weight and never writes the dequantized (out, in) matrix;
 * CPU, at most 16 rows: the weight is dequantized into one scratch buffer per thread, device and
-  dtype, reused by every layer (no allocation per layer and token), then one matmul;
+  dtype, reused by every layer (no allocation per layer and token), then one matmul; generation
+  drops the buffers when it ends (``release_scratch``);
 * otherwise, and inside ``nf4_inference_cache``: as in training, or from the cached matrix.
 
 Every path gives the values training's forward gives (the CPU and cached paths the same bits;
@@ -41,6 +42,12 @@ def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     if buf is None or buf.numel() < numel:
         buf = buffers[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
+
+
+def release_scratch() -> None:
+    """Drop this thread's dequantization scratch buffers (`minift.models.generation.generate` does
+    at its end: the buffers live for one generation, not for the process)."""
+    _scratch.__dict__.pop("buffers", None)
 
 
 def scratch_bytes() -> int:
