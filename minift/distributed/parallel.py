@@ -230,7 +230,8 @@ def blank_batch(batch: dict) -> dict:
     return blank
 
 
-def shard_group(group: list, rank: int, world: int) -> list:
+def shard_group(group: list, rank: int, world: int, size: Callable = None, take: Callable = None,
+                blank: Callable = None) -> list:
     """This rank's part of one optimizer step's micro-batches (every rank passes the same group).
 
     When the micro-batches divide evenly, rank r takes micro-batches r, r + world, ...; otherwise
@@ -238,15 +239,21 @@ def shard_group(group: list, rank: int, world: int) -> list:
     together see exactly the 1-process step, and all of them run the same number of forwards (the
     collectives need that): a rank left without a row gets ``blank_batch``, which adds no loss
     and no tokens. A DPO pair batch is split by pairs, never between a pair's two rows.
+
+    ``size`` (batch -> rows), ``take`` (batch, rows as a range -> the batch of those rows) and
+    ``blank`` (batch -> a blank batch) replace the defaults for batches of another layout
+    (GRPO's prompt batches).
     """
     if world == 1:
         return group
     if len(group) % world == 0:
         return group[rank::world]
+    size, blank = size or _size, blank or blank_batch
+    take = take or (lambda batch, rows: _rows(batch, slice(rows.start, rows.stop, rows.step)))
     out = []
     for batch in group:
-        n = _size(batch)
-        out.append(_rows(batch, slice(rank, n, world)) if rank < n else blank_batch(batch))
+        n = size(batch)
+        out.append(take(batch, range(rank, n, world)) if rank < n else blank(batch))
     return out
 
 

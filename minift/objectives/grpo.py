@@ -42,7 +42,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from minift.checks import check_int, check_number
-from minift.distributed.parallel import accumulate_over_ranks, reshard, unwrap
+from minift.distributed.parallel import accumulate_over_ranks, reshard, shard_group, unwrap
 from minift.lora.layer import disable_adapters, lora_layers
 from minift.models.generation import generate
 from minift.names import IGNORE_INDEX
@@ -223,16 +223,9 @@ def split_prompts(group: list, rank: int, world: int) -> list:
     a prompt runs ``blank_prompts``. Either way every rank runs as many micro-batches as the
     others and a prompt's G completions stay on one rank.
     """
-    if world == 1:
-        return group
-    if len(group) % world == 0:
-        return group[rank::world]
-    out = []
-    for batch in group:
-        n, seed = len(batch["rows"]), rank_seed(batch["sample_seed"], rank)
-        out.append(select_prompts(batch, range(rank, n, world), seed) if rank < n
-                   else blank_prompts(batch, seed))
-    return out
+    return shard_group(group, rank, world, size=lambda batch: len(batch["rows"]),
+                       take=lambda batch, rows: select_prompts(batch, rows, rank_seed(batch["sample_seed"], rank)),
+                       blank=lambda batch: blank_prompts(batch, rank_seed(batch["sample_seed"], rank)))
 
 
 def eval_share(batches: list, rank: int, world: int) -> list:
