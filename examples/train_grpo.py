@@ -17,6 +17,7 @@ nothing unless --out is given). Bad input: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from train_dpo import sft_policy
 from train_llama import HERE, UsageError, _number
 
 import minift
+from minift.bench.runinfo import git_commit, machine_info
 from minift.data.sft import load_jsonl
 from minift.evaluation import metrics
 from minift.objectives.grpo import GRPOObjective, prompt_rows
@@ -96,6 +98,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    load_before = os.getloadavg()[0]  # other work on the machine slows the timings
     out = args.out or (None if args.quick else "docs/benchmarks/grpo_cpu.json")
     train_rows = rows_of(HERE / "data" / "train.jsonl")
     eval_rows = rows_of(HERE / "data" / "eval.jsonl", args.eval_rows)
@@ -118,6 +121,7 @@ def main(argv=None) -> dict:
     t2 = time.perf_counter()
     after = score(model, tokenizer, eval_rows, config)
     t3 = time.perf_counter()
+    load_after = os.getloadavg()[0]
     log = [json.loads(x) for x in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()]
     head, tail = log[:5], log[-5:]
     result = {"device": "cpu", "start": "SFT model (adapter merged) + fresh LoRA", "sft_adapter": args.sft_adapter,
@@ -132,7 +136,10 @@ def main(argv=None) -> dict:
               "train_reward_last_steps": round(sum(x["reward_mean"] for x in tail) / len(tail), 4),
               "train_seconds": round(t2 - t1, 1), "eval_seconds": round(t1 - t0 + t3 - t2, 1),
               "grpo_seconds": round(t3 - t0, 1),
-              "sft_seconds": round(sft_seconds, 1), "sft_trained_in_this_run": trained_sft}
+              "sft_seconds": round(sft_seconds, 1), "sft_trained_in_this_run": trained_sft,
+              "command": "python examples/train_grpo.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "machine": machine_info(), "torch_threads": torch.get_num_threads(),
+              "load_average_1min": {"before": load_before, "after": load_after}, "git_commit": git_commit()}
     print(json.dumps(result, indent=1))
     if out:
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
