@@ -411,13 +411,14 @@ def run_quality(args, parser) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    commit, modified = git_commit(), git_modified()  # the code that runs: taken before the hour it may take
     try:
         result = measure(args)
     except (ValueError, KeyError, OSError) as err:
         parser.error(f"--model/--task: {err}")
     record = {"command": "python -m minift " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
               "machine": machine_info(), "torch_threads": torch.get_num_threads(),
-              "git_commit": git_commit(), "git_modified": git_modified(), "settings": vars(args),
+              "git_commit": commit, "git_modified": modified, "settings": vars(args),
               "wall_seconds": time.perf_counter() - t0, **result}
     png = args.png or os.path.splitext(args.out)[0] + ".png"
     record["png"] = png
