@@ -109,6 +109,7 @@ def sft_policy(args, device, say=print):
     model = sft_model(args, device, say)
     if args.method == "qlora":
         model = minift.quantize_model(model)
+    torch.manual_seed(args.seed)  # the fresh adapter's A: the same whether or not SFT trained just now
     return minift.lora_wrap(model, r=args.r, alpha=args.alpha)
 
 

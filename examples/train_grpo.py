@@ -1,6 +1,6 @@
 """GRPO after SFT: sample answers to the shipped chat questions and reward the right ones.
 
-    python examples/train_grpo.py              # CPU, LoRA on the SFT model, a few minutes
+    python examples/train_grpo.py              # CPU, LoRA on the SFT model, 3 seeds, about a minute
     python examples/train_grpo.py --quick      # a handful of steps (the slow-marked test)
 
 The policy starts from the SFT model, as in examples/train_dpo.py: the SFT adapter of
@@ -9,9 +9,10 @@ with a fresh LoRA adapter on top; the reference is that model with the new adapt
 training question (examples/data/train.jsonl, its last assistant message the answer) gets G
 sampled completions; the reward gives partial credit, 0.5 x exact match + 0.5 x token F1
 (minift.evaluation.metrics, as the SFT run scores its replies), so a group of near misses still
-has a signal. Before and after training it reports, on the held-out questions
-(examples/data/eval.jsonl), the mean reward and the exact match of greedy replies, and the KL of
-the last steps, and writes them to --out (default docs/benchmarks/grpo_cpu.json; --quick writes
+has a signal. Each of --seeds runs draws its fresh adapter from its own seed. Before and after
+training it reports, on the held-out questions (examples/data/eval.jsonl), the mean reward and
+the exact match of greedy replies (after: each run's and their mean), and the KL of the last
+steps, and writes them to --out (default docs/benchmarks/grpo_cpu.json; --quick writes
 nothing unless --out is given). Bad input: one line on stderr, exit code 2.
 """
 from __future__ import annotations
@@ -84,16 +85,49 @@ def parse_args(argv=None):
     add("--r", type=_number(int, 1), default=8)
     add("--alpha", type=_number(float, 0, strict=True), default=16.0)
     add("--eval-rows", type=_number(int, 1), default=100)
-    add("--seed", type=_number(int, 0, maximum=2**32), default=0)
+    add("--seed", type=_number(int, 0, maximum=2**32), default=0, help="the first run's seed")
+    add("--seeds", type=_number(int, 1), default=3, help="runs, seeds --seed, --seed + 1, ...")
     add("--output-dir", default="runs/train_grpo")
     add("--out", default=None, help="JSON of the measured numbers")
     add("--quick", action="store_true", help="3 steps, 16 held-out prompts")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.eval_rows = 3, 16
+        args.steps, args.eval_rows, args.seeds = 3, 16, 1
     # what train_dpo.sft_model / sft_policy read besides the flags above
     args.method, args.device, args.parallel, args.eval_samples = "lora", "cpu", None, None
     return args
+
+
+def run_seed(args, seed: int, train_rows, eval_rows, tokenizer, output_dir: str) -> dict:
+    """One GRPO run from the SFT model with its fresh adapter drawn from ``seed``."""
+    args.seed = seed
+    t0 = time.perf_counter()
+    trained_sft = not Path(args.sft_adapter).exists()
+    model = sft_policy(args, torch.device("cpu"))
+    sft_seconds = time.perf_counter() - t0
+    config = minift.TrainConfig(method="lora", objective="grpo", learning_rate=args.lr, max_steps=args.steps,
+                                micro_batch_size=args.prompts_per_step, grpo_group_size=args.group_size,
+                                grpo_max_new_tokens=args.max_new_tokens, grpo_kl_beta=args.kl_beta,
+                                grpo_temperature=args.temperature, bf16=False, device="cpu",
+                                warmup_ratio=0.0, lr_scheduler="constant", output_dir=output_dir,
+                                progress=False, seed=seed, pad_id=tokenizer.pad_token_id or 0)
+    t0 = time.perf_counter()
+    before = score(model, tokenizer, eval_rows, config)
+    t1 = time.perf_counter()
+    summary = minift.train(model, train_rows, config, reward_fn=task_reward, tokenizer=tokenizer)
+    t2 = time.perf_counter()
+    after = score(model, tokenizer, eval_rows, config)
+    t3 = time.perf_counter()
+    log = [json.loads(x) for x in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    head, tail = log[:5], log[-5:]
+    return {"seed": seed, "steps": summary["steps"], "before": before, "after": after,
+            "final_kl": round(log[-1]["kl"], 5),
+            "kl_last_steps": round(sum(x["kl"] for x in tail) / len(tail), 5),
+            "train_reward_first_steps": round(sum(x["reward_mean"] for x in head) / len(head), 4),
+            "train_reward_last_steps": round(sum(x["reward_mean"] for x in tail) / len(tail), 4),
+            "train_seconds": round(t2 - t1, 1), "eval_seconds": round(t1 - t0 + t3 - t2, 1),
+            "grpo_seconds": round(t3 - t0, 1), "sft_seconds": round(sft_seconds, 1),
+            "sft_trained_in_this_run": trained_sft}
 
 
 def main(argv=None) -> dict:
@@ -103,44 +137,26 @@ def main(argv=None) -> dict:
     train_rows = rows_of(HERE / "data" / "train.jsonl")
     eval_rows = rows_of(HERE / "data" / "eval.jsonl", args.eval_rows)
     tokenizer = minift.load_tokenizer(args.model)
-    t0 = time.perf_counter()
-    trained_sft = not Path(args.sft_adapter).exists()
-    model = sft_policy(args, torch.device("cpu"))
-    sft_seconds = time.perf_counter() - t0
-    torch.manual_seed(args.seed)
-    config = minift.TrainConfig(method="lora", objective="grpo", learning_rate=args.lr, max_steps=args.steps,
-                                micro_batch_size=args.prompts_per_step, grpo_group_size=args.group_size,
-                                grpo_max_new_tokens=args.max_new_tokens, grpo_kl_beta=args.kl_beta,
-                                grpo_temperature=args.temperature, bf16=False, device="cpu",
-                                warmup_ratio=0.0, lr_scheduler="constant", output_dir=args.output_dir,
-                                progress=False, seed=args.seed, pad_id=tokenizer.pad_token_id or 0)
-    t0 = time.perf_counter()
-    before = score(model, tokenizer, eval_rows, config)
-    t1 = time.perf_counter()
-    summary = minift.train(model, train_rows, config, reward_fn=task_reward, tokenizer=tokenizer)
-    t2 = time.perf_counter()
-    after = score(model, tokenizer, eval_rows, config)
-    t3 = time.perf_counter()
-    load_after = os.getloadavg()[0]
-    log = [json.loads(x) for x in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    head, tail = log[:5], log[-5:]
+    first = args.seed
+    runs = [run_seed(args, first + k, train_rows, eval_rows, tokenizer,
+                     args.output_dir if args.seeds == 1 else str(Path(args.output_dir) / f"seed{first + k}"))
+            for k in range(args.seeds)]
+    mean = {key: round(sum(r["after"][key] for r in runs) / len(runs), 4) for key in runs[0]["after"]}
     result = {"device": "cpu", "start": "SFT model (adapter merged) + fresh LoRA", "sft_adapter": args.sft_adapter,
               "reward": "0.5 x exact match + 0.5 x token F1 (minift.evaluation.metrics)",
-              "steps": summary["steps"], "prompts_per_step": args.prompts_per_step,
+              "steps": runs[0]["steps"], "prompts_per_step": args.prompts_per_step,
               "group_size": args.group_size, "temperature": args.temperature, "kl_beta": args.kl_beta,
               "max_new_tokens": args.max_new_tokens, "learning_rate": args.lr, "r": args.r,
-              "eval_prompts": len(eval_rows), "before": before, "after": after,
-              "final_kl": round(log[-1]["kl"], 5),
-              "kl_last_steps": round(sum(x["kl"] for x in tail) / len(tail), 5),
-              "train_reward_first_steps": round(sum(x["reward_mean"] for x in head) / len(head), 4),
-              "train_reward_last_steps": round(sum(x["reward_mean"] for x in tail) / len(tail), 4),
-              "train_seconds": round(t2 - t1, 1), "eval_seconds": round(t1 - t0 + t3 - t2, 1),
-              "grpo_seconds": round(t3 - t0, 1),
-              "sft_seconds": round(sft_seconds, 1), "sft_trained_in_this_run": trained_sft,
+              "eval_prompts": len(eval_rows), "seeds": [r["seed"] for r in runs],
+              "before": runs[0]["before"], "after": mean,  # the mean over the seeds' runs
+              "final_kl": round(sum(r["final_kl"] for r in runs) / len(runs), 5),
+              "train_seconds": round(sum(r["train_seconds"] for r in runs) / len(runs), 1),
+              "sft_trained_in_this_run": runs[0]["sft_trained_in_this_run"], "runs": runs,
               "command": "python examples/train_grpo.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine_info(), "torch_threads": torch.get_num_threads(),
-              "load_average_1min": {"before": load_before, "after": load_after}, "git_commit": git_commit()}
-    print(json.dumps(result, indent=1))
+              "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+              "git_commit": git_commit()}
+    print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "machine")}, indent=1))
     if out:
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
     return result
