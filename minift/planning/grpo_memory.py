@@ -144,8 +144,9 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, temper
                 i += 1
                 if skip_middle and i == 2 and new_tokens > 4:
                     skip = new_tokens - 4  # steps 2 .. new_tokens - 3 are not run
-                    for layer in range(len(cache.layers)):  # the old tensors go first: the jump
-                        k, v = cache.layers[layer]  # itself is no moment of the real loop
+                    # layer by layer, the old tensors freed first: the jump is no moment of the loop
+                    for layer in range(len(cache.layers)):
+                        k, v = cache.layers[layer]
                         shape, dtype, kv_device = (*k.shape[:2], k.shape[2] + skip, k.shape[3]), k.dtype, k.device
                         cache.layers[layer] = None
                         del k, v
@@ -204,7 +205,6 @@ def trace_grpo_step(config_or_preset: Union[ModelConfig, str], config: Optional[
     batch, rollout = replayed_rollout(cfg.vocab_size, prompts, group, prompt_len, new_tokens)
     mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     cpu = torch.device("cpu")
-    stages = {}
     with planning(device), mode, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         _warm_caches()
