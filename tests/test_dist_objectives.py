@@ -243,8 +243,11 @@ def test_grpo_prompts_that_do_not_divide(runs, grpo_single):
         == [12, 12, 4]
     assert [line["tokens"] for line in two["lines"]] == [line["tokens"] for line in one["lines"]]
     assert two["lines"] != one["lines"]
+    # half the vocabulary ends a completion: some end before grpo_max_new_tokens (6), so the end
+    # token is counted and what follows it is not; the target-token reward tells completions apart
+    assert min(line["completion_length"] for line in two["lines"]) < 6
+    assert any(line["reward_std"] > 0 for line in two["lines"])
     for line in two["lines"]:
-        assert 1 <= line["completion_length"] <= 6 and 0 <= line["reward_mean"] <= 1
         assert line["trained_tokens"] == pytest.approx(line["completion_length"] * line["completions"])
     assert two["summary"]["trained_tokens"] == sum(line["trained_tokens"] for line in two["lines"])
 
