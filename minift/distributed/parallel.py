@@ -257,12 +257,15 @@ def shard_group(group: list, rank: int, world: int, size: Callable = None, take:
     return out
 
 
-def shard_batches(batches: list, rank: int, world: int) -> list:
+def shard_batches(batches: list, rank: int, world: int, blank: Callable = None) -> list:
     """This rank's part of an evaluation: batches rank, rank + world, ..., then blank batches up
-    to ceil(len(batches) / world), so that every rank runs the same number of forwards."""
+    to ceil(len(batches) / world), so that every rank runs the same number of forwards. ``blank``
+    (batch -> a blank batch, default ``blank_batch``) serves batches of another layout."""
+    if world == 1:
+        return batches
     mine = batches[rank::world]
     missing = -(-len(batches) // world) - len(mine)
-    return batches if world == 1 else mine + [blank_batch(batches[0]) for _ in range(missing)]
+    return mine + [(blank or blank_batch)(batches[0]) for _ in range(missing)]
 
 
 # ---- one step across ranks ---------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from minift.checks import check_int, check_number
-from minift.distributed.parallel import accumulate_over_ranks, reshard, shard_group, unwrap
+from minift.distributed.parallel import accumulate_over_ranks, reshard, shard_batches, shard_group, unwrap
 from minift.lora.layer import disable_adapters, lora_layers
 from minift.models.generation import generate
 from minift.names import IGNORE_INDEX
@@ -229,13 +229,8 @@ def split_prompts(group: list, rank: int, world: int) -> list:
 
 
 def eval_share(batches: list, rank: int, world: int) -> list:
-    """This rank's part of an evaluation: batches rank, rank + world, ..., then blank ones up to
-    ceil(len(batches) / world), so that every rank runs as many rollouts as the others."""
-    if world == 1:
-        return batches
-    mine = batches[rank::world]
-    missing = -(-len(batches) // world) - len(mine)
-    return mine + [blank_prompts(batches[0], batches[0]["sample_seed"]) for _ in range(missing)]
+    """This rank's part of an evaluation (``shard_batches``), its blank batches GRPO's."""
+    return shard_batches(batches, rank, world, blank=lambda batch: blank_prompts(batch, batch["sample_seed"]))
 
 
 def ranks_ended(shard) -> Callable[[torch.Tensor], bool]:
