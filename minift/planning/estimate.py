@@ -114,12 +114,7 @@ def from_trace(trace: Trace, config: TrainConfig) -> MemoryEstimate:
     rep = trace.report
     settings = dict(trace.settings, train_config=config_text(config),
                     trace_seconds=round(trace.seconds, 2))
-    return MemoryEstimate(
-        frozen_weights=rep.frozen_weights, trainable_params=rep.trainable_params,
-        gradients=rep.gradients, optimizer_states=rep.optimizer_states, activations=rep.activations,
-        other=rep.other, total=rep.peak, settings=settings, host=rep.host, moment=rep.moment,
-        host_parts=dict(rep.host_parts),
-        reserved=trace.reserved, reserved_expandable=trace.reserved_expandable)
+    return _estimate(rep, settings, rep.moment, trace)
 
 
 def from_grpo_trace(trace: GRPOTrace, config: TrainConfig) -> MemoryEstimate:
@@ -131,11 +126,16 @@ def from_grpo_trace(trace: GRPOTrace, config: TrainConfig) -> MemoryEstimate:
                     seq_len=trace.settings["prompt_len"], train_config=config_text(config),
                     trace_seconds=round(trace.seconds, 2), stages=stages, peak_stage=trace.peak_stage,
                     kv_cache=int(trace.kv_cache))
+    return _estimate(rep, settings, f"{trace.peak_stage}: {rep.moment}", trace)
+
+
+def _estimate(rep, settings: dict, moment, trace) -> MemoryEstimate:
+    """The estimate of a tracker report ``rep`` and a trace's simulated reserved peaks."""
     return MemoryEstimate(
         frozen_weights=rep.frozen_weights, trainable_params=rep.trainable_params,
         gradients=rep.gradients, optimizer_states=rep.optimizer_states, activations=rep.activations,
-        other=rep.other, total=rep.peak, settings=settings, host=rep.host,
-        moment=f"{trace.peak_stage}: {rep.moment}", host_parts=dict(rep.host_parts),
+        other=rep.other, total=rep.peak, settings=settings, host=rep.host, moment=moment,
+        host_parts=dict(rep.host_parts),
         reserved=trace.reserved, reserved_expandable=trace.reserved_expandable)
 
 
