@@ -242,7 +242,7 @@ def parse(argv):
     p.add_argument("--png", default=None, help="the full recipe's passkey heatmap after training")
     p.add_argument("--steps", type=int, default=None, help="stage 2: optimizer steps up to 4L per arm (300)")
     p.add_argument("--task-steps", type=int, default=None,
-                   help="stage 1: optimizer steps at L per RoPE setting (1000)")
+                   help="stage 1: optimizer steps at L per RoPE setting (2000)")
     p.add_argument("--quick", action="store_true", help="a short run: few steps, rows and trials")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--trained-length", type=int, default=TRAINED_LENGTH)
@@ -259,7 +259,7 @@ def parse(argv):
                    help="stage 2 needles within about this many tokens before the question "
                         "(default half the S²-Attn group)")
     p.add_argument("--digits", type=int, default=4)
-    p.add_argument("--text-share", type=float, default=0.25, help="stage 1 prose rows per passkey row")
+    p.add_argument("--text-share", type=float, default=0.1, help="stage 1 prose rows per passkey row")
     p.add_argument("--text-share2", type=float, default=0.1, help="stage 2 prose rows per passkey row")
     p.add_argument("--trials", type=int, default=6, help="passkey trials per length x depth")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
@@ -272,7 +272,7 @@ def parse(argv):
         args.steps, args.task_steps = args.steps or 6, args.task_steps or 6
         args.trials, args.depths = 2, "0,1"
     args.steps = 300 if args.steps is None else args.steps
-    args.task_steps = 1000 if args.task_steps is None else args.task_steps
+    args.task_steps = 2000 if args.task_steps is None else args.task_steps
     args.depths = [float(d) for d in args.depths.split(",")]
     args.group_size = args.group_size or args.trained_length
     args.near = args.group_size // 2 if args.near is None else args.near
