@@ -21,8 +21,8 @@ the base's own kind of prose (`make_base.prose_document`, every token trained):
    evaluation uses full attention, so its needles at depth 0..1 of 4L lie up to 4L away.
 
 Keys have 4 digits (one token each), drawn afresh for every row from the 9,000 keys less the
-evaluation's: a key is almost never trained on twice, so the model has to copy it, it cannot
-learn the keys. No evaluated key is ever trained on (the JSON records the check). Each length n
+evaluation's. No evaluated key is ever trained on (the JSON records the check), so a right answer
+is a copy of the key the model read, not a key it learned. Each length n
 of the evaluation (`passkey_grid`, greedy generation) is the prompt and its answer together:
 the prompt has n minus the answer's tokens, so at L the whole trial fits the trained length.
 Passkey accuracy at L, 2L and 4L is printed for the base, the extended base, after stage 1 and
