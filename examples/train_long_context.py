@@ -85,6 +85,13 @@ def draw_key(rng: random.Random, digits: int, excluded: set) -> str:
     return key
 
 
+def passkey_row(tokenizer, n: int, depth: float, key: str) -> dict:
+    """A passkey prompt and its answer " <key>.", n tokens together; only the answer is trained."""
+    answer = answer_ids(tokenizer, key)
+    p = passkey_prompt(tokenizer, n - len(answer), depth, key, **TEXTS)
+    return {"input_ids": p.ids + answer, "labels": [IGNORE_INDEX] * len(p.ids) + answer}
+
+
 def passkey_rows(tokenizer, count: int, lengths: tuple, digits: int, excluded: set,
                  rng: random.Random, near: int | None = None) -> tuple[list, set]:
     """`count` passkey prompts, each followed by " <key>." (only those tokens trained) and exactly
@@ -94,13 +101,11 @@ def passkey_rows(tokenizer, count: int, lengths: tuple, digits: int, excluded: s
     rows, used = [], set()
     for _ in range(count):
         key = draw_key(rng, digits, excluded)
-        answer = answer_ids(tokenizer, key)
         n = rng.randint(*lengths)
         depth = rng.random()
         if near is not None:
             depth = 1.0 - depth * min(1.0, near / n)
-        p = passkey_prompt(tokenizer, n - len(answer), depth, key, **TEXTS)
-        rows.append({"input_ids": p.ids + answer, "labels": [IGNORE_INDEX] * len(p.ids) + answer})
+        rows.append(passkey_row(tokenizer, n, depth, key))
         used.add(key)
     return rows, used
 
@@ -124,12 +129,8 @@ def datasets(tokenizer, eval_keys: set, args) -> tuple[dict, set]:
                                args.digits, eval_keys, rng)
     ext, used2 = passkey_rows(tokenizer, args.steps * args.batch, (short // 2, long), args.digits,
                               eval_keys, rng, near=args.near)
-    held_rng, held = random.Random(args.seed + 2), []
-    for i in range(32):
-        key = sorted(eval_keys)[i % len(eval_keys)]
-        answer = answer_ids(tokenizer, key)
-        p = passkey_prompt(tokenizer, long - len(answer), held_rng.random(), key, **TEXTS)
-        held.append({"input_ids": p.ids + answer, "labels": [IGNORE_INDEX] * len(p.ids) + answer})
+    held_rng, keys = random.Random(args.seed + 2), sorted(eval_keys)
+    held = [passkey_row(tokenizer, long, held_rng.random(), keys[i % len(keys)]) for i in range(32)]
     return {"task": task + text_rows(tokenizer, round(len(task) * args.text_share), short, args.seed + 100),
             "extend": ext + text_rows(tokenizer, round(len(ext) * args.text_share2), long, args.seed + 200),
             "heldout_answers_4x": held, "heldout_text_4x": text_rows(tokenizer, 8, long, args.seed + 300)
