@@ -195,7 +195,7 @@ def report(label: str, accuracy: dict) -> str:
 def run_arms(names, base, tokenizer, data, args, out, write) -> None:
     """Stage 1 once per RoPE setting (the look-up at L, full fine-tuning), then each arm's stage 2
     on a copy of it."""
-    after_task = {}  # extend -> the model after stage 1
+    after_task = {}  # RoPE setting ("yarn" or "none") -> the model after stage 1
     for name in names:
         arm, t0 = ARMS[name], time.perf_counter()
         setting = args.rope if arm["extend"] else "none"

@@ -81,3 +81,14 @@ def test_the_full_recipe_s_loss_at_4x_falls(quick_run):
     assert math.isfinite(after["text"]) and math.isfinite(before["text"])
     losses = full["stage2_extend_to_4L"]["losses"]
     assert len(losses) == full["stage2_extend_to_4L"]["steps"] and all(map(math.isfinite, losses))
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
+    script = importlib.import_module("train_long_context")
+    for argv, message in ((["--digits", "1"], "--digits must be 2..6, got 1"),
+                          (["--arms", "full,nope"], "--arms: unknown ['nope']")):
+        with pytest.raises(SystemExit) as exit_:
+            script.parse(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
